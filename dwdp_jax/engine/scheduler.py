@@ -1,0 +1,384 @@
+"""Per-rank continuous-batching scheduler with chunked prefill, and a loop that drives it.
+
+One `Scheduler` per data-parallel rank; ranks never coordinate (DWDP's point: a slow rank does not hold up
+the others). The scheduler owns a queue and `max_batch_size` cache slots of `max_seq_len` tokens each. Every
+step it plans, within `token_budget` tokens:
+  1. one decode token for every running request whose prompt is fully cached (decode first, so running
+     requests are never starved by new prompts);
+  2. the next chunk of a request whose prompt is partly cached;
+  3. FCFS admission of arrived requests into free slots, each with a first prompt chunk,
+     until the budget or the slots run out.
+The engine executes the `StepPlan` (see `run_engine` for the contract of a step function) and reports the
+sampled tokens with `complete_step`, which retires finished requests and frees their slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
+
+import numpy as np
+
+from dwdp_jax.engine.metrics import StepRecord
+from dwdp_jax.engine.workload import Request, RequestError, validate_request
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """max_batch_size: cache slots (requests in flight); max_seq_len: tokens per slot (prompt + output);
+    token_budget: tokens per step (prefill chunk tokens + 1 per decode), >= max_batch_size so that every
+    running request decodes every step; eos_id: a sampled id that ends a request early (kept in its output);
+    vocab_size: when set, prompts with ids outside [0, vocab_size) are rejected."""
+
+    max_batch_size: int
+    max_seq_len: int
+    token_budget: int
+    eos_id: int | None = None
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        if self.max_batch_size < 1 or self.max_seq_len < 2:
+            raise ValueError(
+                f"SchedulerConfig needs max_batch_size >= 1 and max_seq_len >= 2, got "
+                f"{self.max_batch_size}, {self.max_seq_len}"
+            )
+        if self.token_budget < self.max_batch_size:
+            raise ValueError(
+                f"SchedulerConfig.token_budget ({self.token_budget}) must be >= max_batch_size "
+                f"({self.max_batch_size}) so that all running requests decode each step"
+            )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PrefillChunk:
+    """Prompt tokens [start, start + len(tokens)) of a request, written to its slot's cache.
+
+    start == 0 means the slot begins a new sequence: whatever it held before is stale.
+    is_last: the chunk completes the prompt, so the step must return the request's first output token.
+    """
+
+    request_id: str
+    slot: int
+    start: int
+    tokens: np.ndarray  # int32 [chunk_len]
+    is_last: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeItem:
+    """Feed `token` (the request's latest output) at `position` (== tokens already cached in `slot`)."""
+
+    request_id: str
+    slot: int
+    token: int
+    position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What one step of one rank computes. Every request appears at most once and owns a distinct slot."""
+
+    step: int
+    rank: int
+    prefill: tuple[PrefillChunk, ...]
+    decode: tuple[DecodeItem, ...]
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.prefill)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + len(self.decode)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+    def decode_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(slots, tokens, positions), each int32 [num_decode], in plan order."""
+        d = self.decode
+        return (
+            np.array([x.slot for x in d], dtype=np.int32),
+            np.array([x.token for x in d], dtype=np.int32),
+            np.array([x.position for x in d], dtype=np.int32),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishedRequest:
+    """A retired request. Times are seconds on the run's clock; token_times_s[i] is when output i arrived."""
+
+    request_id: str
+    rank: int
+    prompt_len: int
+    max_new_tokens: int
+    output_tokens: tuple[int, ...]
+    arrival_s: float
+    admitted_s: float  # the step that first scheduled it (slot allocated)
+    first_token_s: float
+    last_token_s: float
+    token_times_s: tuple[float, ...]
+    finish_reason: Literal["length", "eos"]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_tokens)
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """Mutable state of a request that holds a slot."""
+
+    request: Request
+    slot: int
+    admitted_s: float
+    num_prefilled: int = 0
+    output: list[int] = dataclasses.field(default_factory=list)
+    token_times_s: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def prefill_done(self) -> bool:
+        return self.num_prefilled == self.request.prompt_len
+
+
+class Scheduler:
+    """Continuous batching for one rank; one plan in flight at a time (`schedule`, then `complete_step`)."""
+
+    def __init__(self, config: SchedulerConfig, rank: int = 0):
+        self.config = config
+        self.rank = rank
+        self.finished: list[FinishedRequest] = []
+        self._waiting: list[tuple[float, int, Request]] = []  # heap on (arrival_s, submit order)
+        self._running: list[_Sequence] = []  # admission order
+        self._free_slots = list(range(config.max_batch_size))  # heap: lowest slot first
+        self._seen_ids: set[str] = set()
+        self._submitted = 0
+        self._step = 0
+        self._inflight: StepPlan | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting, running or in flight."""
+        return not self._waiting and not self._running and self._inflight is None
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def next_arrival_s(self) -> float | None:
+        """Arrival time of the next request to admit, None when the queue is empty."""
+        return self._waiting[0][0] if self._waiting else None
+
+    def submit(self, req: Request) -> None:
+        """Queues `req`, or raises `RequestError` (leaving the scheduler unchanged) if it cannot be served."""
+        validate_request(req, self.config.max_seq_len, self.config.vocab_size)
+        if req.rank is not None and req.rank != self.rank:
+            raise RequestError(f"request {req.request_id!r} is for rank {req.rank}, submitted to rank {self.rank}")
+        if req.request_id in self._seen_ids:
+            raise RequestError(f"request {req.request_id!r}: duplicate request_id")
+        self._seen_ids.add(req.request_id)
+        heapq.heappush(self._waiting, (float(req.arrival_s), self._submitted, req))
+        self._submitted += 1
+
+    def schedule(self, now_s: float) -> StepPlan:
+        """The next step's plan at time `now_s`. A non-empty plan must be passed to `complete_step` next."""
+        if self._inflight is not None:
+            raise RuntimeError(f"step {self._inflight.step} is still in flight: call complete_step first")
+        budget = self.config.token_budget
+        decode = []
+        for seq in self._running:
+            if seq.prefill_done:
+                decode.append(
+                    DecodeItem(seq.request.request_id, seq.slot, seq.output[-1], seq.request.prompt_len + len(seq.output) - 1)
+                )
+        budget -= len(decode)
+        prefill = []
+        for seq in self._running:
+            if not seq.prefill_done and budget > 0:
+                prefill.append(self._chunk(seq, budget))
+                budget -= len(prefill[-1].tokens)
+        while budget > 0 and self._free_slots and self._waiting and self._waiting[0][0] <= now_s:
+            _, _, req = heapq.heappop(self._waiting)
+            seq = _Sequence(req, heapq.heappop(self._free_slots), admitted_s=now_s)
+            self._running.append(seq)
+            prefill.append(self._chunk(seq, budget))
+            budget -= len(prefill[-1].tokens)
+        plan = StepPlan(self._step, self.rank, tuple(prefill), tuple(decode))
+        if not plan.is_empty:
+            self._inflight = plan
+        return plan
+
+    @staticmethod
+    def _chunk(seq: _Sequence, budget: int) -> PrefillChunk:
+        start = seq.num_prefilled
+        end = min(seq.request.prompt_len, start + budget)
+        return PrefillChunk(seq.request.request_id, seq.slot, start, seq.request.prompt[start:end], end == seq.request.prompt_len)
+
+    def complete_step(
+        self, plan: StepPlan, new_tokens: Mapping[str, int | None], now_s: float
+    ) -> list[FinishedRequest]:
+        """Applies an executed plan: `new_tokens` maps each decoded request and each request whose last prompt
+        chunk ran to its sampled token; tokens for partial chunks are ignored. Returns the requests retired
+        by this step (also appended to `finished`); their slots are free for the next `schedule`."""
+        if plan.is_empty:
+            return []
+        if plan is not self._inflight:
+            raise ValueError(f"plan of step {plan.step} is not the plan in flight")
+        in_plan = {c.request_id for c in plan.prefill} | {d.request_id for d in plan.decode}
+        unknown = set(new_tokens) - in_plan
+        if unknown:
+            raise ValueError(f"step {plan.step}: tokens for requests not in the plan: {sorted(unknown)}")
+        expect = [c.request_id for c in plan.prefill if c.is_last] + [d.request_id for d in plan.decode]
+        missing = [rid for rid in expect if new_tokens.get(rid) is None]
+        if missing:
+            raise ValueError(f"step {plan.step}: no token for {missing}")
+
+        by_id = {seq.request.request_id: seq for seq in self._running}
+        for chunk in plan.prefill:
+            by_id[chunk.request_id].num_prefilled += len(chunk.tokens)
+        retired = []
+        for rid in expect:
+            seq = by_id[rid]
+            token = int(new_tokens[rid])
+            seq.output.append(token)
+            seq.token_times_s.append(float(now_s))
+            if token == self.config.eos_id or len(seq.output) >= seq.request.max_new_tokens:
+                retired.append(self._retire(seq, "eos" if token == self.config.eos_id else "length"))
+        self._inflight = None
+        self._step += 1
+        return retired
+
+    def _retire(self, seq: _Sequence, reason: Literal["length", "eos"]) -> FinishedRequest:
+        self._running.remove(seq)
+        heapq.heappush(self._free_slots, seq.slot)
+        req = seq.request
+        record = FinishedRequest(
+            request_id=req.request_id,
+            rank=self.rank,
+            prompt_len=req.prompt_len,
+            max_new_tokens=req.max_new_tokens,
+            output_tokens=tuple(seq.output),
+            arrival_s=float(req.arrival_s),
+            admitted_s=seq.admitted_s,
+            first_token_s=seq.token_times_s[0],
+            last_token_s=seq.token_times_s[-1],
+            token_times_s=tuple(seq.token_times_s),
+            finish_reason=reason,
+        )
+        self.finished.append(record)
+        return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Driving loop
+
+
+class FakeClock:
+    """A clock for tests and dry runs: time moves only by `advance` (or `sleep`, the same)."""
+
+    def __init__(self, start_s: float = 0.0):
+        self.now_s = float(start_s)
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, dt_s: float) -> None:
+        if dt_s < 0:
+            raise ValueError(f"FakeClock cannot go back ({dt_s} s)")
+        self.now_s += dt_s
+
+    sleep = advance
+
+
+def wall_clock() -> Callable[[], float]:
+    """Seconds since this call (time.perf_counter), the clock request arrival times are measured on."""
+    t0 = time.perf_counter()
+    return lambda: time.perf_counter() - t0
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineRun:
+    """What `run_engine` observed: its time span, every executed step, and rejected (request_id, reason)."""
+
+    start_s: float
+    end_s: float
+    steps: tuple[StepRecord, ...]
+    rejected: tuple[tuple[str, str], ...]
+
+    @property
+    def wall_s(self) -> float:
+        return self.end_s - self.start_s
+
+
+StepFn = Callable[[StepPlan], Mapping[str, int | None]]
+
+
+def run_engine(
+    scheduler: Scheduler,
+    step_fn: StepFn,
+    clock: Callable[[], float],
+    *,
+    requests: Iterable[Request] = (),
+    concurrency: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    max_steps: int | None = None,
+) -> EngineRun:
+    """Runs `scheduler` until every request is served (or `max_steps` steps ran).
+
+    step_fn(plan) executes a non-empty plan and returns {request_id: token} for every decode item and every
+    last prefill chunk (see `Scheduler.complete_step`). It must return only when the step's results are on the
+    host, so that clock() after it is the step's end.
+    clock(): seconds on the clock the requests' `arrival_s` use (`wall_clock()`, or a `FakeClock`).
+    requests: submitted at the start (open loop: each is admitted once clock() >= its arrival_s); or, when
+      `concurrency` is set, a closed loop: a request is submitted, with arrival_s set to now, whenever fewer
+      than `concurrency` requests are waiting or running. Requests that `submit` rejects are recorded in
+      `rejected` and skipped.
+    sleep(dt_s): waits when nothing can run before the next arrival (`FakeClock.sleep` in tests).
+    """
+    if concurrency is not None and concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    start_s = clock()
+    rejected: list[tuple[str, str]] = []
+    steps: list[StepRecord] = []
+
+    def submit(req: Request) -> None:
+        try:
+            scheduler.submit(req)
+        except RequestError as e:
+            rejected.append((req.request_id, str(e)))
+
+    pending = list(requests)[::-1]  # closed loop pops from the end
+    if concurrency is None:
+        while pending:
+            submit(pending.pop())
+    while max_steps is None or len(steps) < max_steps:
+        now = clock()
+        while pending and scheduler.num_waiting + scheduler.num_running < concurrency:
+            submit(dataclasses.replace(pending.pop(), arrival_s=now))
+        if scheduler.idle and not pending:
+            break
+        plan = scheduler.schedule(now)
+        if plan.is_empty:
+            next_s = scheduler.next_arrival_s()
+            if next_s is None or next_s <= now:
+                raise RuntimeError("scheduler made no progress with work queued")  # a scheduler bug
+            sleep(next_s - now)
+            continue
+        t0 = clock()
+        tokens = step_fn(plan)
+        t1 = clock()
+        scheduler.complete_step(plan, tokens, t1)
+        steps.append(StepRecord(scheduler.rank, t0, t1, plan.num_tokens))
+    return EngineRun(start_s, clock(), tuple(steps), tuple(rejected))
