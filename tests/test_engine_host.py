@@ -52,7 +52,8 @@ def test_trace_round_trip_is_exact(tmp_path):
     reqs = generate(WorkloadSpec(20, LognormalLength(100, 1.0, 1, 500), FixedLength(8), vocab_size=50000,
                                  split=RankSplit(2, "hot", factor=3.0), arrival_rate_rps=3.0, seed=1))
     explicit = Request("hand", [5, 4, 3], 2, arrival_s=0.1 + 0.2, rank=1)
-    tampered = dataclasses.replace(reqs[0], request_id="tampered", prompt=reqs[0].prompt[::-1])  # source no longer matches
+    # its source no longer matches its prompt:
+    tampered = dataclasses.replace(reqs[0], request_id="tampered", prompt=reqs[0].prompt[::-1])
     reqs += [explicit, tampered]
     path = tmp_path / "trace.jsonl"
     save_trace(path, reqs)
@@ -228,7 +229,8 @@ def test_retirement_at_max_new_tokens_and_slot_reuse():
         s.complete_step(plan, {c.request_id: 1 for c in plan.prefill} | {d.request_id: 2 for d in plan.decode}, t)
     assert slots_and_starts == [("a", 0, 0), ("b", 0, 0)]  # b reuses a's slot from position 0
     a, b = s.finished
-    assert (a.request_id, a.output_tokens, a.token_times_s, a.finish_reason) == ("a", (1, 2, 2), (1.0, 2.0, 3.0), "length")
+    assert (a.request_id, a.output_tokens, a.token_times_s) == ("a", (1, 2, 2), (1.0, 2.0, 3.0))
+    assert a.finish_reason == "length"
     assert (b.request_id, b.output_tokens, b.admitted_s, b.first_token_s) == ("b", (1,), 3.0, 4.0)
 
 
@@ -342,7 +344,8 @@ def test_greedy_is_deterministic_with_ties_to_lowest_id():
     greedy = sampling.SamplingParams()
     for key in [jax.random.key(0), jax.random.key(1)]:
         np.testing.assert_array_equal(sampling.sample(logits, greedy, key), [1, 0, 2])
-        np.testing.assert_array_equal(sampling.sample_per_row(logits, *sampling.stack_params([greedy] * 3), key), [1, 0, 2])
+        per_row = sampling.sample_per_row(logits, *sampling.stack_params([greedy] * 3), key)
+        np.testing.assert_array_equal(per_row, [1, 0, 2])
 
 
 def test_top_k_1_equals_greedy():
@@ -350,7 +353,8 @@ def test_top_k_1_equals_greedy():
     greedy = jnp.argmax(logits, -1)
     p = sampling.SamplingParams(temperature=1.5, top_k=1)
     np.testing.assert_array_equal(sampling.sample(logits, p, jax.random.key(4)), greedy)
-    np.testing.assert_array_equal(sampling.sample_per_row(logits, *sampling.stack_params([p] * 64), jax.random.key(4)), greedy)
+    per_row = sampling.sample_per_row(logits, *sampling.stack_params([p] * 64), jax.random.key(4))
+    np.testing.assert_array_equal(per_row, greedy)
 
 
 def empirical_freqs(ids: np.ndarray, vocab: int) -> np.ndarray:

@@ -129,7 +129,7 @@ class FinishedRequest:
         return len(self.output_tokens)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Sequence:
     """Mutable state of a request that holds a slot."""
 
@@ -197,12 +197,12 @@ class Scheduler:
         if self._inflight is not None:
             raise RuntimeError(f"step {self._inflight.step} is still in flight: call complete_step first")
         budget = self.config.token_budget
-        decode = []
-        for seq in self._running:
-            if seq.prefill_done:
-                decode.append(
-                    DecodeItem(seq.request.request_id, seq.slot, seq.output[-1], seq.request.prompt_len + len(seq.output) - 1)
-                )
+        decode = [
+            # the cache holds the prompt and every output but the latest, which this step feeds in
+            DecodeItem(seq.request.request_id, seq.slot, seq.output[-1], seq.request.prompt_len + len(seq.output) - 1)
+            for seq in self._running
+            if seq.prefill_done
+        ]
         budget -= len(decode)
         prefill = []
         for seq in self._running:
@@ -222,9 +222,9 @@ class Scheduler:
 
     @staticmethod
     def _chunk(seq: _Sequence, budget: int) -> PrefillChunk:
-        start = seq.num_prefilled
-        end = min(seq.request.prompt_len, start + budget)
-        return PrefillChunk(seq.request.request_id, seq.slot, start, seq.request.prompt[start:end], end == seq.request.prompt_len)
+        req, start = seq.request, seq.num_prefilled
+        end = min(req.prompt_len, start + budget)
+        return PrefillChunk(req.request_id, seq.slot, start, req.prompt[start:end], end == req.prompt_len)
 
     def complete_step(
         self, plan: StepPlan, new_tokens: Mapping[str, int | None], now_s: float

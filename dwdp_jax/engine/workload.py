@@ -252,7 +252,7 @@ class WorkloadSpec:
 
 
 def generate(spec: WorkloadSpec) -> list[Request]:
-    """The requests of `spec`, in arrival order, ids "r000000", "r000001", ..."""
+    """The requests of `spec`, in arrival order, ids "r000000", "r000001", ...; rank None when num_ranks == 1."""
     n, num_ranks = spec.num_requests, spec.split.num_ranks
     rng = np.random.default_rng(spec.seed)
     loads = spec.split.loads(rng)
