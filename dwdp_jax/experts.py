@@ -1,0 +1,143 @@
+"""Routed-expert computation: the one narrow interface between the model and a parallel strategy.
+
+The MoE layer routes tokens and then calls an `ExpertExecutor`:
+
+    executor(x_td, expert_ids_tk, weights_tk, experts) -> y_td
+
+with x_td [tokens, hidden], expert_ids_tk / weights_tk [tokens, top_k] (global expert ids, combine weights),
+and `experts` the `ExpertWeights` that the layer holds on this device (all experts on a single device, the
+local shard under DWDP). Strategies (single device, DWDP, DEP) differ only in the executor they plug in.
+
+The jnp path sorts the (token, expert) pairs by expert and runs two grouped GEMMs (`jax.lax.ragged_dot`). With
+split weights (DWDP) the pairs are sorted by (buffer, slot): each weight buffer's rows form one contiguous run
+and each buffer is multiplied where it lies, never merged into one tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from dwdp_jax import quant
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertWeights:
+    """Weights of a set of routed experts in one buffer.
+
+    w_gate_up: [E, hidden, 2 * inter] (gate columns first, then up); w_down: [E, inter, hidden].
+    For FP8 weights, the scales are [E, hidden/bk, 2*inter/bn] and [E, inter/bk, hidden/bn] float32 and `block`
+    is the (bk, bn) block shape; otherwise scales are None.
+    """
+
+    w_gate_up: jax.Array
+    w_down: jax.Array
+    s_gate_up: jax.Array | None = None
+    s_down: jax.Array | None = None
+    block: tuple[int, int] | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_gate_up.shape[0]
+
+    def dequantized(self, dtype) -> "ExpertWeights":
+        if self.s_gate_up is None:
+            return ExpertWeights(self.w_gate_up.astype(dtype), self.w_down.astype(dtype))
+        return ExpertWeights(
+            quant.dequantize(self.w_gate_up, self.s_gate_up, self.block, dtype),
+            quant.dequantize(self.w_down, self.s_down, self.block, dtype),
+        )
+
+    def nbytes(self) -> int:
+        leaves = [self.w_gate_up, self.w_down, self.s_gate_up, self.s_down]
+        return sum(int(a.size) * a.dtype.itemsize for a in leaves if a is not None)
+
+
+class ExpertExecutor(Protocol):
+    def __call__(
+        self, x_td: jax.Array, expert_ids_tk: jax.Array, weights_tk: jax.Array, experts: ExpertWeights
+    ) -> jax.Array: ...
+
+
+def _swiglu_ffn(x_md, group_sizes, w: ExpertWeights, compute_dtype) -> jax.Array:
+    """Grouped SwiGLU FFN over rows sorted by expert. x_md [M, hidden] -> [M, hidden] float32.
+
+    Rows past sum(group_sizes) come out as zeros (ragged_dot leaves them unassigned to any group).
+    """
+    w = w.dequantized(compute_dtype)
+    h = jax.lax.ragged_dot(x_md.astype(compute_dtype), w.w_gate_up, group_sizes, preferred_element_type=jnp.float32)
+    gate, up = jnp.split(h, 2, axis=-1)
+    a = (jax.nn.silu(gate) * up).astype(compute_dtype)
+    return jax.lax.ragged_dot(a, w.w_down, group_sizes, preferred_element_type=jnp.float32)
+
+
+def split_weight_ffn(
+    x_td: jax.Array,
+    expert_ids_tk: jax.Array,
+    weights_tk: jax.Array,
+    buffers: Sequence[ExpertWeights],
+    expert_buffer: jax.Array,
+    expert_slot: jax.Array,
+    compute_dtype=None,
+) -> jax.Array:
+    """Routed-expert output with experts spread over several weight buffers.
+
+    expert_buffer, expert_slot: [n_routed_experts] int32: global expert e lives in buffers[expert_buffer[e]]
+    at index expert_slot[e]. Every routed expert must be present in some buffer (DWDP guarantees this by
+    fetching misses on demand). Returns y_td [tokens, hidden] in x's dtype.
+    """
+    compute_dtype = compute_dtype or x_td.dtype
+    t, k = expert_ids_tk.shape
+    flat_ids = expert_ids_tk.reshape(-1)
+    offsets = []
+    total = 0
+    for b in buffers:
+        offsets.append(total)
+        total += b.num_experts
+    offsets_b = jnp.asarray(offsets, jnp.int32)
+    key = offsets_b[expert_buffer[flat_ids]] + expert_slot[flat_ids]  # position in the virtual concatenation
+    order = jnp.argsort(key, stable=True)
+    token_of_row = order // k
+    x_sorted = x_td[token_of_row]
+    counts = jnp.zeros((total,), jnp.int32).at[key].add(1)
+    y_sorted = jnp.zeros((t * k, x_td.shape[-1]), jnp.float32)
+    for buf, start in zip(buffers, offsets):
+        sizes = counts[start : start + buf.num_experts]
+        row_start = jnp.sum(counts[:start]) if start else 0
+        # Bring this buffer's run of rows to the front, multiply, and put the result back in place.
+        x_b = jnp.roll(x_sorted, -row_start, axis=0) if start else x_sorted
+        y_b = _swiglu_ffn(x_b, sizes, buf, compute_dtype)
+        y_sorted = y_sorted + (jnp.roll(y_b, row_start, axis=0) if start else y_b)
+    w_sorted = weights_tk.reshape(-1)[order].astype(jnp.float32)
+    y = jnp.zeros((t, x_td.shape[-1]), jnp.float32).at[token_of_row].add(y_sorted * w_sorted[:, None])
+    return y.astype(x_td.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalExecutor:
+    """All routed experts are in the layer's own buffer (single device, replicated DP)."""
+
+    compute_dtype: object = None
+
+    def __call__(self, x_td, expert_ids_tk, weights_tk, experts: ExpertWeights):
+        n = experts.num_experts
+        return split_weight_ffn(
+            x_td, expert_ids_tk, weights_tk, [experts],
+            jnp.zeros((n,), jnp.int32), jnp.arange(n, dtype=jnp.int32), self.compute_dtype,
+        )
+
+
+def dense_reference(x_td, expert_ids_tk, weights_tk, experts: ExpertWeights) -> jax.Array:
+    """Obviously-correct reference: gathers each (token, slot)'s expert weights. Small sizes only."""
+    w = experts.dequantized(jnp.float32)
+    x = x_td.astype(jnp.float32)
+    wgu = w.w_gate_up[expert_ids_tk]  # [T, k, hidden, 2*inter]
+    h = jnp.einsum("td,tkdn->tkn", x, wgu, precision=jax.lax.Precision.HIGHEST)
+    gate, up = jnp.split(h, 2, axis=-1)
+    a = jax.nn.silu(gate) * up
+    y = jnp.einsum("tkn,tknd->tkd", a, w.w_down[expert_ids_tk], precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("tkd,tk->td", y, weights_tk.astype(jnp.float32)).astype(x_td.dtype)

@@ -1,0 +1,340 @@
+"""DeepSeek-V3/R1 in Flax NNX: MLA attention, DeepSeekMoE, dense first layers, YaRN RoPE, FP8 weights, MTP.
+
+Weights are stored as [in, out] (y = x @ w). A linear layer's FP8 weight carries a block `scale`; everything
+else (embeddings, norms, router, LM head) stays unquantized, as in the published checkpoints.
+
+The routed experts are reached only through an `ExpertExecutor` (see `experts.py`), passed down with each
+call: the single-device path, DWDP and DEP plug different executors into this same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dwdp_jax import quant, rope
+from dwdp_jax.config import ModelConfig
+from dwdp_jax.experts import ExpertExecutor, ExpertWeights, LocalExecutor
+from dwdp_jax.routing import expert_histogram, route
+
+INIT_STD = 0.02
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=INIT_STD):
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+def _quantized_normal(rngs: nnx.Rngs, shape, block, std=INIT_STD):
+    """Random FP8 weight with uniform block scales: values ~ N(0, 1) in e4m3, scale = std."""
+    value = jax.random.normal(rngs.params(), shape, jnp.bfloat16).astype(quant.FP8)
+    nk, nn = -(-shape[-2] // block[0]), -(-shape[-1] // block[1])
+    return value, jnp.full(shape[:-2] + (nk, nn), std, jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(jnp.float32) * xf.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel; kernel [in, out], FP8 with block `scale` [ceil(in/bk), ceil(out/bn)] when `block` is set."""
+
+    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype, block: tuple[int, int] | None = None):
+        self.block = block
+        if block is None:
+            self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))
+            self.scale = None
+        else:
+            value, scale = _quantized_normal(rngs, (d_in, d_out), block)
+            self.kernel = nnx.Param(value)
+            self.scale = nnx.Param(scale)
+
+    def weight(self, dtype):
+        """The [in, out] weight in `dtype` (dequantized if FP8)."""
+        if self.scale is None:
+            return self.kernel[...].astype(dtype)
+        return quant.dequantize(self.kernel[...], self.scale[...], self.block, dtype)
+
+    def __call__(self, x):
+        return jnp.dot(x, self.weight(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: dense layers and shared experts."""
+
+    def __init__(self, d_model: int, d_inter: int, *, rngs, dtype, block):
+        self.gate_proj = Linear(d_model, d_inter, rngs=rngs, dtype=dtype, block=block)
+        self.up_proj = Linear(d_model, d_inter, rngs=rngs, dtype=dtype, block=block)
+        self.down_proj = Linear(d_inter, d_model, rngs=rngs, dtype=dtype, block=block)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class RoutedExperts(nnx.Module):
+    """Routed expert weights held by this device: [E, hidden, 2*inter] and [E, inter, hidden] (+ FP8 scales)."""
+
+    def __init__(self, n_experts: int, d_model: int, d_inter: int, *, rngs, dtype, block):
+        self.block = block
+        shapes = dict(w_gate_up=(n_experts, d_model, 2 * d_inter), w_down=(n_experts, d_inter, d_model))
+        if block is not None and (d_inter % block[1] or d_model % block[1] or d_inter % block[0]):
+            raise ValueError(
+                f"FP8 experts need hidden and moe_intermediate_size divisible by weight_block_size {block}"
+            )
+        for name, shape in shapes.items():
+            if block is None:
+                setattr(self, name, nnx.Param(_normal(rngs, shape, dtype)))
+                setattr(self, "s_" + name[2:], None)
+            else:
+                value, scale = _quantized_normal(rngs, shape, block)
+                setattr(self, name, nnx.Param(value))
+                setattr(self, "s_" + name[2:], nnx.Param(scale))
+
+    def weights(self) -> ExpertWeights:
+        get = lambda p: None if p is None else p[...]
+        return ExpertWeights(
+            self.w_gate_up[...], self.w_down[...], get(self.s_gate_up), get(self.s_down), self.block
+        )
+
+
+class MoE(nnx.Module):
+    """DeepSeekMoE: shared experts plus routed experts chosen by the bias-corrected group-limited router."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, block, n_local_experts: int | None = None):
+        self.cfg = cfg
+        e, d = cfg.n_routed_experts, cfg.hidden_size
+        self.router = nnx.Param(_normal(rngs, (d, e), jnp.float32))  # HF `gate.weight` transposed
+        self.bias = nnx.Param(jnp.zeros((e,), jnp.float32))  # `e_score_correction_bias`
+        self.experts = RoutedExperts(
+            e if n_local_experts is None else n_local_experts, d, cfg.moe_intermediate_size,
+            rngs=rngs, dtype=dtype, block=block,
+        )
+        self.shared = (
+            MLP(d, cfg.moe_intermediate_size * cfg.n_shared_experts, rngs=rngs, dtype=dtype, block=block)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def route(self, x_td):
+        return route(x_td, self.router[...], self.bias[...], self.cfg)
+
+    def __call__(self, x_bsd, executor: ExpertExecutor, stats: dict | None = None):
+        b, s, d = x_bsd.shape
+        x_td = x_bsd.reshape(b * s, d)
+        expert_ids, weights = self.route(x_td)
+        if stats is not None:
+            stats["expert_counts"] = expert_histogram(expert_ids, self.cfg.n_routed_experts)
+        y = executor(x_td, expert_ids, weights, self.experts.weights())
+        if self.shared is not None:
+            y = y + self.shared(x_td)
+        return y.reshape(b, s, d)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerKV:
+    """One layer's MLA cache: the compressed latent and the rope key of every cached token.
+
+    latent: [batch, max_len, kv_lora_rank] (after kv_a_layernorm); k_pe: [batch, max_len, qk_rope_head_dim]
+    (rotated, interleaved layout). Cache index = token position.
+    """
+
+    latent: jax.Array
+    k_pe: jax.Array
+
+
+class MLA(nnx.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs, dtype, block):
+        self.cfg = cfg
+        d, h = cfg.hidden_size, cfg.num_heads
+        lin = lambda i, o: Linear(i, o, rngs=rngs, dtype=dtype, block=block)
+        if cfg.q_lora_rank is None:
+            self.q_proj = lin(d, h * cfg.qk_head_dim)
+            self.q_a_proj = self.q_a_layernorm = self.q_b_proj = None
+        else:
+            self.q_proj = None
+            self.q_a_proj = lin(d, cfg.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = lin(cfg.q_lora_rank, h * cfg.qk_head_dim)
+        self.kv_a_proj_with_mqa = lin(d, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = lin(cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim))
+        self.o_proj = lin(h * cfg.v_head_dim, d)
+
+    def _queries(self, x, cos, sin):
+        cfg = self.cfg
+        q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.reshape(*x.shape[:2], cfg.num_heads, cfg.qk_head_dim)
+        q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
+        return q_nope, rope.apply_rope(q_pe, cos, sin)
+
+    def _latent(self, x, cos, sin):
+        cfg = self.cfg
+        kv = self.kv_a_proj_with_mqa(x)
+        latent = self.kv_a_layernorm(kv[..., : cfg.kv_lora_rank])
+        k_pe = rope.apply_rope(kv[..., None, cfg.kv_lora_rank :], cos, sin)[..., 0, :]
+        return latent, k_pe
+
+    def _kv_b(self, dtype):
+        """kv_b weight as [kv_lora, heads, nope + v]."""
+        cfg = self.cfg
+        return self.kv_b_proj.weight(dtype).reshape(cfg.kv_lora_rank, cfg.num_heads, -1)
+
+    def _attend_expanded(self, q_nope, q_pe, latent, k_pe, mask):
+        """Expanded form: keys/values up-projected from the latent. mask [b, s_q, s_k] (True = attend)."""
+        cfg = self.cfg
+        kv = jnp.einsum("bkc,chn->bkhn", latent, self._kv_b(latent.dtype), preferred_element_type=jnp.float32)
+        k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
+        scores = jnp.einsum("bqhn,bkhn->bhqk", q_nope.astype(jnp.float32), k_nope)
+        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe.astype(jnp.float32), k_pe.astype(jnp.float32))
+        probs = self._softmax(scores, mask)
+        return jnp.einsum("bhqk,bkhv->bqhv", probs, v)
+
+    def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask):
+        """Weight-absorbed form (decode): queries projected into the latent space, attention over the latent."""
+        cfg = self.cfg
+        w = self._kv_b(jnp.float32)
+        w_k, w_v = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim :]
+        q_lat = jnp.einsum("bqhn,chn->bqhc", q_nope.astype(jnp.float32), w_k)
+        lat = latent.astype(jnp.float32)
+        scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, lat)
+        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe.astype(jnp.float32), k_pe.astype(jnp.float32))
+        probs = self._softmax(scores, mask)
+        out_lat = jnp.einsum("bhqk,bkc->bqhc", probs, lat)
+        return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v)
+
+    def _softmax(self, scores, mask):
+        scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, -jnp.inf)
+        return jax.nn.softmax(scores, axis=-1)
+
+    def __call__(self, x_bsd, positions_bs, kv: LayerKV | None = None, absorbed: bool = False):
+        """Attention over x's own tokens (kv None, causal by position), or over a cache that x's tokens are
+        first written into at their positions (then every cached position <= the query's is attended).
+
+        Returns (output [b, s, hidden], updated LayerKV or None).
+        """
+        cos, sin = rope.cos_sin(self.cfg, positions_bs)
+        q_nope, q_pe = self._queries(x_bsd, cos, sin)
+        latent, k_pe = self._latent(x_bsd, cos, sin)
+        if kv is None:
+            mask = positions_bs[:, None, :] <= positions_bs[:, :, None]
+        else:
+            rows = jnp.arange(x_bsd.shape[0])[:, None]
+            kv = LayerKV(
+                kv.latent.at[rows, positions_bs].set(latent.astype(kv.latent.dtype)),
+                kv.k_pe.at[rows, positions_bs].set(k_pe.astype(kv.k_pe.dtype)),
+            )
+            latent, k_pe = kv.latent, kv.k_pe
+            mask = jnp.arange(latent.shape[1])[None, None, :] <= positions_bs[:, :, None]
+        attend = self._attend_absorbed if absorbed else self._attend_expanded
+        out = attend(q_nope, q_pe, latent, k_pe, mask).astype(x_bsd.dtype)
+        return self.o_proj(out.reshape(*x_bsd.shape[:2], -1)), kv
+
+
+class Block(nnx.Module):
+    """One decoder layer: pre-norm MLA and pre-norm dense MLP or MoE, both residual."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype, n_local_experts=None):
+        block = cfg.weight_block_size
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg, rngs=rngs, dtype=dtype, block=block)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer):
+            self.mlp = MoE(cfg, rngs=rngs, dtype=dtype, block=block, n_local_experts=n_local_experts)
+        else:
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype, block=block)
+        self.is_moe = cfg.is_moe_layer(layer)
+
+    def attention(self, x, positions, kv=None, absorbed=False):
+        """Residual attention half. Returns (x after attention, updated cache)."""
+        h, kv = self.self_attn(self.input_layernorm(x), positions, kv, absorbed)
+        return x + h, kv
+
+    def ffn(self, x, executor: ExpertExecutor, stats: dict | None = None):
+        """Residual MLP/MoE half."""
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, executor, stats) if self.is_moe else self.mlp(h))
+
+    def __call__(self, x, positions, executor, kv=None, absorbed=False, stats=None):
+        x, kv = self.attention(x, positions, kv, absorbed)
+        return self.ffn(x, executor, stats), kv
+
+
+class MTP(nnx.Module):
+    """Multi-token prediction module: from the main model's hidden state at i and the embedding of token i+1,
+    predicts token i+2 (DeepSeek-V3 §2.2). Shares the embedding with the main model."""
+
+    def __init__(self, cfg: ModelConfig, layer: int, *, rngs, dtype):
+        d = cfg.hidden_size
+        self.enorm = RMSNorm(d, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
+        # Unquantized: published checkpoints differ on whether eh_proj is FP8; the loader dequantizes if so.
+        self.eh_proj = Linear(2 * d, d, rngs=rngs, dtype=dtype)
+        self.block = Block(cfg, layer, rngs=rngs, dtype=dtype)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.head = Linear(d, cfg.vocab_size, rngs=rngs, dtype=dtype)
+
+    def __call__(self, hidden_bsd, next_embed_bsd, positions, executor):
+        x = jnp.concatenate([self.enorm(next_embed_bsd), self.hnorm(hidden_bsd)], axis=-1)
+        x, _ = self.block(self.eh_proj(x), positions, executor)
+        return self.head(self.norm(x))
+
+
+class DeepseekV3(nnx.Module):
+    """The whole model. `model(token_ids [b, s]) -> logits [b, s, vocab]` (float32)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, n_local_experts: int | None = None):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.embed_tokens = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.hidden_size), dtype))
+        self.layers = nnx.List(
+            [Block(cfg, i, rngs=rngs, dtype=dtype, n_local_experts=n_local_experts) for i in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, rngs=rngs, dtype=dtype)
+        self.mtp = nnx.List(
+            [MTP(cfg, cfg.num_layers + i, rngs=rngs, dtype=dtype) for i in range(cfg.num_mtp_layers)]
+        )
+
+    def embed(self, token_ids):
+        return self.embed_tokens[...][token_ids]
+
+    def logits(self, hidden_bsd):
+        return self.lm_head(self.norm(hidden_bsd)).astype(jnp.float32)
+
+    def hidden(self, token_ids, positions=None, executor: ExpertExecutor | None = None):
+        """Final hidden states before the last norm: [b, s, hidden]."""
+        executor = executor or LocalExecutor()
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape)
+        x = self.embed(token_ids)
+        for layer in self.layers:
+            x, _ = layer(x, positions, executor)
+        return x
+
+    def __call__(self, token_ids, positions=None, executor: ExpertExecutor | None = None):
+        return self.logits(self.hidden(token_ids, positions, executor))
+
+    def mtp_logits(self, hidden_bsd, next_token_ids, positions=None, executor=None, depth: int = 0):
+        """Logits of MTP module `depth` for token i+2+depth from hidden[i] and token i+1+depth."""
+        executor = executor or LocalExecutor()
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(next_token_ids.shape[1]), next_token_ids.shape)
+        module = self.mtp[depth]
+        return module(hidden_bsd, self.embed(next_token_ids), positions, executor).astype(jnp.float32)
+
+
+def init_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, n_local_experts=None) -> DeepseekV3:
+    """Random model for tests and benchmarks (FP8 weights with uniform block scales when the config asks)."""
+    return DeepseekV3(cfg, rngs=nnx.Rngs(seed), dtype=dtype, n_local_experts=n_local_experts)

@@ -1,0 +1,200 @@
+"""Loading HF-format DeepSeek-V3/R1 checkpoints into the Flax model.
+
+Every parameter of `DeepseekV3` is named by its path in the NNX state, e.g. ('layers', 3, 'self_attn',
+'q_a_proj', 'kernel'). `hf_source(path, cfg)` says which HF tensors make it and how: transpose ([out, in] ->
+[in, out]), or stack the per-expert gate/up/down matrices of a MoE layer into [E, in, out]. The same table
+serves the loader here and the checkpoint converter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+
+from dwdp_jax import config as config_lib
+from dwdp_jax import quant
+from dwdp_jax.model import DeepseekV3
+from dwdp_jax.safetensors_io import CheckpointDir, CheckpointError
+
+Path = tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """How one model parameter is built from HF tensors.
+
+    kind: 'copy' (as is), 'transpose' (an [out, in] matrix or its block scales), 'experts' (stack over experts
+    of the transposed matrices named by `names`, each a list of per-expert names; gate and up are
+    concatenated along the output axis).
+    """
+
+    kind: str
+    names: tuple  # tensor names; for 'experts' a tuple of per-matrix tuples of per-expert names
+    scale_names: tuple | None = None  # FP8: the matching weight_scale_inv names (same structure)
+
+
+def _hf_linear(prefix: str) -> tuple[str, str]:
+    return prefix + ".weight", prefix + ".weight_scale_inv"
+
+
+def hf_source(path: Path, cfg: config_lib.ModelConfig, expert_ids: Sequence[int] | None = None) -> Source:
+    """The HF tensors behind one parameter path. `expert_ids`: which routed experts this model holds."""
+    if path == ("embed_tokens",):
+        return Source("copy", ("model.embed_tokens.weight",))
+    if path == ("norm", "weight"):
+        return Source("copy", ("model.norm.weight",))
+    if path == ("lm_head", "kernel"):
+        name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+        return Source("transpose", (name,))
+    if path[0] == "layers":
+        return _layer_source(f"model.layers.{path[1]}", path[2:], cfg, expert_ids)
+    if path[0] == "mtp":
+        prefix = f"model.layers.{cfg.num_layers + path[1]}"
+        rest = path[2:]
+        if rest[0] == "block":
+            return _layer_source(prefix, rest[1:], cfg, expert_ids)
+        if rest in (("enorm", "weight"), ("hnorm", "weight")):
+            return Source("copy", (f"{prefix}.{rest[0]}.weight",))
+        if rest == ("norm", "weight"):
+            return Source("copy", (f"{prefix}.shared_head.norm.weight",))
+        if rest == ("head", "kernel"):
+            return Source("transpose", (f"{prefix}.shared_head.head.weight",))
+        if rest[0] == "eh_proj":
+            w, s = _hf_linear(f"{prefix}.eh_proj")
+            return Source("transpose", (s if rest[-1] == "scale" else w,))
+    raise KeyError(f"no HF source known for parameter {'.'.join(map(str, path))}")
+
+
+def _layer_source(prefix: str, rest: Path, cfg, expert_ids) -> Source:
+    if rest[-1] == "weight":  # RMSNorm
+        return Source("copy", (f"{prefix}.{'.'.join(rest)}",))
+    if rest == ("mlp", "router"):
+        return Source("transpose", (f"{prefix}.mlp.gate.weight",))
+    if rest == ("mlp", "bias"):
+        return Source("copy", (f"{prefix}.mlp.gate.e_score_correction_bias",))
+    if rest[:2] == ("mlp", "experts"):
+        ids = range(cfg.n_routed_experts) if expert_ids is None else expert_ids
+        matrices = ("gate_proj", "up_proj") if rest[2].endswith("gate_up") else ("down_proj",)
+        suffix = "weight_scale_inv" if rest[2].startswith("s_") else "weight"
+        names = tuple(tuple(f"{prefix}.mlp.experts.{e}.{m}.{suffix}" for e in ids) for m in matrices)
+        return Source("experts", names)
+    if rest[-1] in ("kernel", "scale"):
+        module = ".".join("shared_experts" if p == "shared" else str(p) for p in rest[:-1])
+        w, s = _hf_linear(f"{prefix}.{module}")
+        return Source("transpose", (s if rest[-1] == "scale" else w,))
+    raise KeyError(f"no HF source known for parameter {prefix}.{'.'.join(map(str, rest))}")
+
+
+def _dequantized_if_fp8(ckpt: CheckpointDir, name: str, block) -> np.ndarray:
+    """Reads an [out, in] weight; an FP8 one is dequantized with its weight_scale_inv (float32)."""
+    w = ckpt.read(name)
+    if w.dtype == quant.FP8 or w.dtype.name.startswith("float8"):
+        scale_name = name[: -len("weight")] + "weight_scale_inv"
+        if block is None:
+            raise CheckpointError(f"{ckpt.file_of(name)}: {name} is FP8 but config.json has no weight_block_size")
+        scale = ckpt.read(scale_name).astype(np.float32)
+        full = np.repeat(np.repeat(scale, block[0], 0), block[1], 1)[: w.shape[0], : w.shape[1]]
+        return w.astype(np.float32) * full
+    return w
+
+
+def assemble(src: Source, ckpt: CheckpointDir, *, keep_fp8: bool, block) -> np.ndarray:
+    """Builds one parameter (numpy) from the checkpoint."""
+    read = ckpt.read if keep_fp8 else (lambda n: _dequantized_if_fp8(ckpt, n, block))
+    if src.kind == "copy":
+        return np.asarray(read(src.names[0]))
+    if src.kind == "transpose":
+        return np.ascontiguousarray(np.asarray(read(src.names[0])).T)
+    if src.kind == "experts":
+        per_matrix = [np.stack([np.asarray(read(n)).T for n in names]) for names in src.names]
+        return np.concatenate(per_matrix, axis=-1) if len(per_matrix) > 1 else per_matrix[0]
+    raise ValueError(src.kind)
+
+
+def _cast(array: np.ndarray, target: jax.ShapeDtypeStruct, name: str, path: Path) -> np.ndarray:
+    if tuple(array.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"tensor {name!r} gives shape {tuple(array.shape)} for {'.'.join(map(str, path))},"
+            f" the config expects {tuple(target.shape)}"
+        )
+    src_fp8 = array.dtype.name.startswith("float8")
+    dst_fp8 = jnp.dtype(target.dtype).name.startswith("float8")
+    if src_fp8 != dst_fp8:
+        raise CheckpointError(f"tensor {name!r} has dtype {array.dtype}, the model expects {target.dtype}")
+    return array.astype(target.dtype)
+
+
+def load_state(
+    model_abstract: DeepseekV3,
+    ckpt: CheckpointDir,
+    *,
+    expert_ids: Callable[[int], Sequence[int]] | None = None,
+    device: jax.Device | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> DeepseekV3:
+    """Fills an abstract model (from `nnx.eval_shape`) with checkpoint tensors, one parameter at a time.
+
+    expert_ids(layer) -> the routed experts this model holds for that decoder layer (all when None); MTP
+    modules use layer index num_layers + depth.
+    """
+    cfg = model_abstract.cfg
+    ckpt_block = _checkpoint_block(ckpt)
+    graphdef, state = nnx.split(model_abstract)
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+    out = {}
+    for path, target in flat.items():
+        layer = path[1] if path[0] == "layers" else (cfg.num_layers + path[1] if path[0] == "mtp" else None)
+        ids = expert_ids(layer) if (expert_ids is not None and layer is not None) else None
+        src = hf_source(path, cfg, ids)
+        first = src.names[0] if src.kind != "experts" else src.names[0][0]
+        keep_fp8 = jnp.dtype(target.dtype).name.startswith("float8")  # else FP8 sources are dequantized
+        array = assemble(src, ckpt, keep_fp8=keep_fp8, block=ckpt_block)
+        array = _cast(array, target, first, path)
+        out[path] = jax.device_put(array, device) if device is not None else jnp.asarray(array)
+        if progress:
+            progress(first)
+    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(out))
+    return nnx.merge(graphdef, state)
+
+
+def _checkpoint_block(ckpt: CheckpointDir):
+    with open(os.path.join(ckpt.path, "config.json")) as f:
+        quant_cfg = json.load(f).get("quantization_config") or {}
+    block = quant_cfg.get("weight_block_size")
+    return tuple(block) if block else None
+
+
+def load_model(
+    path: str,
+    *,
+    dtype=jnp.bfloat16,
+    dequantize: bool = False,
+    with_mtp: bool | None = None,
+    expert_ids: Callable[[int], Sequence[int]] | None = None,
+    n_local_experts: int | None = None,
+    device: jax.Device | None = None,
+) -> DeepseekV3:
+    """Loads an HF DeepSeek-V3/R1 directory (`config.json` + safetensors shards) into `DeepseekV3`.
+
+    dtype: dtype of the unquantized weights (embeddings, attention when not FP8, LM head). FP8 checkpoints
+    stay FP8 with their block scales unless `dequantize=True`. `expert_ids` / `n_local_experts` load only a
+    subset of each MoE layer's routed experts (a DWDP rank's shard). with_mtp: load the MTP modules (None:
+    when the checkpoint has them; HF `save_pretrained` drops them).
+    """
+    cfg = config_lib.from_hf_json(path)
+    if dequantize:
+        cfg = cfg.replace(weight_block_size=None)
+    ckpt = CheckpointDir(path)
+    if with_mtp is None:
+        with_mtp = f"model.layers.{cfg.num_layers}.eh_proj.weight" in ckpt
+    if not with_mtp:
+        cfg = cfg.replace(num_mtp_layers=0)
+    abstract = nnx.eval_shape(lambda: DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=dtype, n_local_experts=n_local_experts))
+    return load_state(abstract, ckpt, expert_ids=expert_ids, device=device)
