@@ -1,0 +1,1 @@
+"""Pallas Mosaic GPU kernels for DWDP: grouped expert GEMM and remote expert DMA."""
