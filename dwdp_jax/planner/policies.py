@@ -184,11 +184,14 @@ def _order(selected: Sequence[int], source: dict[int, int], rank: int, num_ranks
     else:
         keys = sorted(by_source, key=lambda s: (s - rank) % num_ranks)
     if order == "interleaved":
-        out, queues = [], [list(by_source[s]) for s in keys]
-        while any(queues):
-            for s, q in zip(keys, queues):
-                if q:
-                    out.append((q.pop(0), s))
+        # Slot t aims at the source at offset 1 + t mod (G-1) from this rank, or the next one that still has
+        # experts: the aim is the same for every rank, so ranks with similar plans stay on distinct sources.
+        out = []
+        offsets = {(s - rank) % num_ranks: list(by_source[s]) for s in keys}
+        while len(out) < len(selected):
+            aim = 1 + len(out) % max(num_ranks - 1, 1)
+            off = min((o for o in offsets if offsets[o]), key=lambda o: (o - aim) % num_ranks)
+            out.append((offsets[off].pop(0), (rank + off) % num_ranks))
         return tuple(out)
     return tuple((e, s) for s in keys for e in by_source[s])
 
