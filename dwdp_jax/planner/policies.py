@@ -11,8 +11,9 @@ T*k independent draws, 1 - (1 - p_e) ** (T * k): the two agree for small p_e, an
 under-count hot experts, which a token picks at most once.) Policies:
 
 * `fetch_all`: every remote expert (the paper's default).
-* `top_k`: the max(k, ceil(expected distinct remote experts needed)) remote experts of largest h_e; in a long
-  prefill every h_e -> 1 and this becomes fetch_all.
+* `top_k`: the max(k, ceil(expected distinct remote experts needed)) remote experts of largest h_e (k is a floor:
+  fetching fewer than the step is expected to need guarantees misses); in a long prefill every h_e -> 1 and this
+  becomes fetch_all.
 * `coverage`: remote experts in decreasing h_e until the fetched ones carry a fraction >= p of the expected
   number of needed remote experts, i.e. the expected miss rate is <= 1 - p. For T = 1 this is the share of
   routed tokens covered; as T grows it tends to a fraction p of all remote experts with nonzero share.
@@ -50,9 +51,9 @@ class FetchPolicy:
     experts_per_token: routed experts per token (`ModelConfig.num_experts_per_tok`).
     smoothing: weight of a uniform share mixed into the prediction, so rarely seen experts keep a chance.
     prefill_fetch_all: in prefill steps behave as fetch_all whatever `kind` says.
-    source_order: `rotated` (blocks per source, rank r starts at r+1), `interleaved` (one expert per source in
-      rotated order, round robin: the sliced round-robin pull), `naive` (sources 0, 1, ... for every rank; the
-      baseline that makes a hot source).
+    source_order: `rotated` (one block per source, rank r starts at r+1), `interleaved` (one expert at a time,
+      slot t aiming at offset 1 + t mod (G-1) or the next source with experts left: a sliced round-robin pull),
+      `naive` (sources 0, 1, ... for every rank; the baseline that makes a hot source).
     source_choice: among several holders, `least_loaded` (fewest experts already taken from it by this plan,
       ties by hash) or `hash` (a fixed hash of (rank, layer, expert)).
     """
@@ -243,8 +244,8 @@ def plan_fetch(
         n = min(len(priority), max(policy.k, math.ceil(expected - 1e-9)))
     else:
         cum = np.cumsum(h[priority])
-        n = int(np.searchsorted(cum, policy.coverage * expected * (1 - 1e-12), side="left")) + 1 if expected > 0 else 0
-        n = min(n, len(priority))
+        target = policy.coverage * expected * (1 - 1e-12)
+        n = min(int(np.searchsorted(cum, target, side="left")) + 1, len(priority)) if expected > 0 else 0
     chosen = [int(e) for e in priority[:n]]
     cap = len(chosen) if staging_budget_experts is None else min(len(chosen), staging_budget_experts)
     chosen, dropped = chosen[:cap], tuple(chosen[cap:])
@@ -265,7 +266,9 @@ def plan_fetch(
     )
 
 
-def account(plan: FetchPlan, routed_experts_needed: Iterable[int] | np.ndarray, bytes_per_expert: int = 1) -> Accounting:
+def account(
+    plan: FetchPlan, routed_experts_needed: Iterable[int] | np.ndarray, bytes_per_expert: int = 1
+) -> Accounting:
     """Scores `plan` against the experts the step routed to (ids, any shape, e.g. `expert_ids` [T, k]).
 
     Local experts are neither hits nor misses. fetched_bytes = prefetched experts * bytes_per_expert.

@@ -193,7 +193,6 @@ def calibrate_bias(
     floor = 0.1 / (num_tokens * cfg.num_experts_per_tok)
     log_target = jnp.asarray(np.log(np.maximum(target, floor)), jnp.float32)
     return np.asarray(_calibrate_loop(logits, log_target, floor, lr, iters, cfg))
-    return bias
 
 
 def make_skew(
@@ -226,20 +225,19 @@ def make_skew(
     if routers_lde.shape != (num_layers, d, e):
         raise ValueError(f"routers_lde must be [{num_layers}, {d}, {e}], got {routers_lde.shape}")
     cap = 1.0 / cfg.num_experts_per_tok
-    shared = np.stack([zipf_shares(e, exponent, max_share=cap, permutation=rng.permutation(e)) for _ in range(num_layers)])
-    if rank_mix > 0:
-        own = np.stack(
-            [
-                np.stack([zipf_shares(e, exponent, max_share=cap, permutation=rng.permutation(e)) for _ in range(num_layers)])
-                for _ in range(num_ranks)
-            ]
-        )
-        targets = np.stack([cap_shares_rows((1 - rank_mix) * shared + rank_mix * own[r], cap) for r in range(num_ranks)])
+
+    def zipf_per_layer():  # [L, E], a fresh hot-expert permutation per layer
+        perms = [rng.permutation(e) for _ in range(num_layers)]
+        return np.stack([zipf_shares(e, exponent, max_share=cap, permutation=p) for p in perms])
+
+    shared = zipf_per_layer()
+    if rank_mix > 0:  # a convex mix of capped shares stays under the cap
+        targets = np.stack([(1 - rank_mix) * shared + rank_mix * zipf_per_layer() for _ in range(num_ranks)])
     else:
         targets = shared[None]
-    scales = np.array(
-        [1.0 if logit_std is None else router_scale_for(routers_lde[l], logit_std, seed=seed) for l in range(num_layers)]
-    )
+    scales = np.ones(num_layers)
+    if logit_std is not None:
+        scales = np.array([router_scale_for(router, logit_std, seed=seed) for router in routers_lde])
     bias = np.zeros(targets.shape, np.float32)
     achieved = np.zeros(targets.shape)
     for r in range(targets.shape[0]):
@@ -250,8 +248,3 @@ def make_skew(
     squeeze = (lambda a: a[0]) if rank_mix == 0 else (lambda a: a)
     return SkewSpec(squeeze(bias), scales, squeeze(targets), squeeze(achieved), float(exponent))
 
-
-def cap_shares_rows(shares_le: np.ndarray, max_share: float) -> np.ndarray:
-    """`cap_shares` applied to each row of a [..., E] array."""
-    flat = np.asarray(shares_le, np.float64).reshape(-1, shares_le.shape[-1])
-    return np.stack([cap_shares(row, max_share) for row in flat]).reshape(shares_le.shape)

@@ -204,5 +204,6 @@ class RouterStats:
             stats.step = int(z["current_step"])
             stats.decayed_le = decayed.astype(np.float64)
             stats.last_step_l = z["last_step_l"].astype(np.int64)
-            stats._records = [(int(s), int(l), c.astype(np.int64)) for s, l, c in zip(z["step"], z["layer"], z["counts"])]
+            records = zip(z["step"], z["layer"], z["counts"], strict=True)
+            stats._records = [(int(s), int(layer), c.astype(np.int64)) for s, layer, c in records]
         return stats

@@ -86,7 +86,7 @@ def summarize(trace: Trace, top: int = 5) -> TraceSummary:
     totals = per_layer.sum(1, keepdims=True)
     share = np.divide(per_layer, totals, out=np.zeros_like(per_layer), where=totals > 0)
     layers = []
-    for l, (c, p) in enumerate(zip(per_layer, share)):
+    for l, (c, p) in enumerate(zip(per_layer, share, strict=True)):
         order = np.argsort(-c, kind="stable")[:top]
         h = _entropy_bits(p)
         layers.append(
@@ -118,7 +118,8 @@ def summarize(trace: Trace, top: int = 5) -> TraceSummary:
 def format_table(summary: TraceSummary) -> str:
     """The summary as fixed-width text tables."""
     lines = [
-        f"{'layer':>5} {'routed':>10} {'entropy_bits':>12} {'entropy_frac':>12} {'max/mean':>9} {'cv':>6}  hot experts (share)",
+        f"{'layer':>5} {'routed':>10} {'entropy_bits':>12} {'entropy_frac':>12} {'max/mean':>9} {'cv':>6}"
+        "  hot experts (share)"
     ]
     for s in summary.layers:
         hot = " ".join(f"{e}({p:.3f})" for e, p in s.hot)
