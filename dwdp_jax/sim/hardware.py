@@ -1,0 +1,158 @@
+"""Hardware profiles for the DWDP/DEP performance model: achieved (not datasheet) rates per GPU.
+
+Every number is either measured on our machines (`/work/shared/device-facts.md`, 2026-11-22, 4x H200 on
+`nvidia-h200-x4`) or, for GB200 NVL72, a datasheet number scaled by the fraction of the datasheet that we
+achieved on H200. Units: rates in TFLOP/s, bandwidths in GB/s (1 GB = 1e9 bytes), capacities in GB.
+
+H200 datasheet numbers used to form the achieved fractions (NVIDIA H200 SXM product brief): dense bf16
+989 TFLOP/s, dense FP8 1979 TFLOP/s, HBM3e 4.8 TB/s, 141 GB; NVLink 4 with 18 links.
+
+GB200 NVL72 (datasheet: NVIDIA GB200 NVL72 product page, rack totals divided by 72 GPUs, sparse figures halved;
+cross-checked with glennklockwood.com/garden/processors/B200, "GB200 variant of B200 at 1200 W"):
+  * dense bf16 2500, FP8 5000, FP4 10000 TFLOP/s per GPU   [datasheet]
+  * HBM3e 8 TB/s (576 TB/s rack), 186 GB (13.4 TB rack)     [datasheet]
+  * NVLink 5: 1.8 TB/s bidirectional per GPU = 900 GB/s per direction (130 TB/s rack); 72 GPUs in one
+    NVLink domain                                            [datasheet]
+  * achieved fractions (matmul, HBM, copy engine, all ranks pulling, all-to-all bandwidth) copied from H200
+    [assumption: nothing measured on GB200]; all-to-all latency [assumption, see GB200_NVL72 below].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class AllToAll:
+    """Achieved time of one all-to-all (e.g. MoE dispatch): `latency_s + bytes_out / bandwidth`.
+
+    `bytes_out` counts the bytes one rank sends to other ranks (its own share stays local).
+    """
+
+    latency_s: float
+    bw_gbps: float
+
+    def __post_init__(self):
+        if self.latency_s < 0 or self.bw_gbps <= 0:
+            raise ValueError(f"AllToAll needs latency_s >= 0 and bw_gbps > 0, got {self}")
+
+    def time_s(self, bytes_out: float) -> float:
+        return self.latency_s + bytes_out / (self.bw_gbps * 1e9)
+
+    @staticmethod
+    def fit(points: list[tuple[float, float]]) -> "AllToAll":
+        """Latency + size/bw through two (bytes_out, seconds) points."""
+        (b0, t0), (b1, t1) = points
+        bw = (b1 - b0) / (t1 - t0)
+        return AllToAll(latency_s=t0 - b0 / bw, bw_gbps=bw / 1e9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """One GPU of a system, with its NVLink domain. All rates are achieved rates.
+
+    Peer copies (DWDP fetch) are modelled by two limits: a destination can take in at most
+    `fetch_in_gbps` while every rank of the group pulls at once, and a source can emit at most
+    `source_out_gbps` in total, shared by the ranks reading from it at that moment.
+    """
+
+    name: str
+    gpus_per_domain: int
+    bf16_tflops: float
+    fp8_tflops: float
+    fp4_tflops: float | None  # None: no FP4 tensor cores (FP4 weights then run at the FP8 rate)
+    hbm_gbps: float  # bytes moved per second, reads and writes counted
+    hbm_gb: float
+    nvlink_gbps: float  # link rate, per direction per GPU
+    copy_engine_frac: float  # one pair, cudaMemcpyPeerAsync / nvlink_gbps
+    all_pull_frac: float  # per-rank fetch rate with all ranks pulling (one reader per source) / nvlink_gbps
+    all_to_all: AllToAll
+
+    def __post_init__(self):
+        if self.gpus_per_domain < 1:
+            raise ValueError("gpus_per_domain must be >= 1")
+        for field in ("bf16_tflops", "fp8_tflops", "hbm_gbps", "hbm_gb", "nvlink_gbps"):
+            if getattr(self, field) <= 0:
+                raise ValueError(f"{field} must be > 0")
+        for field in ("copy_engine_frac", "all_pull_frac"):
+            if not 0 < getattr(self, field) <= 1:
+                raise ValueError(f"{field} must be in (0, 1]")
+
+    @property
+    def source_out_gbps(self) -> float:
+        return self.nvlink_gbps * self.copy_engine_frac
+
+    @property
+    def fetch_in_gbps(self) -> float:
+        return self.nvlink_gbps * self.all_pull_frac
+
+    def matmul_tflops(self, dtype: str) -> float:
+        """Achieved dense matmul rate for weights of `dtype` ('bf16', 'fp8' or 'nvfp4')."""
+        if dtype == "bf16":
+            return self.bf16_tflops
+        if dtype == "fp8":
+            return self.fp8_tflops
+        if dtype == "nvfp4":
+            return self.fp4_tflops or self.fp8_tflops
+        raise ValueError(f"unknown dtype {dtype!r}")
+
+    def replace(self, **changes) -> "Hardware":
+        return dataclasses.replace(self, **changes)
+
+    def with_nvlink_scale(self, scale: float) -> "Hardware":
+        """The same GPU with `scale` x the NVLink rate: fetches and all-to-all bandwidth scale, latency does not."""
+        a2a = AllToAll(self.all_to_all.latency_s, self.all_to_all.bw_gbps * scale)
+        return self.replace(name=f"{self.name}x{scale:g}nvl", nvlink_gbps=self.nvlink_gbps * scale, all_to_all=a2a)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# H200 HGX: measured on our machines (device-facts.md).
+
+_R1_DISPATCH_BYTES_PER_TOKEN = 8 * 7168 * 2  # top-8 copies of a bf16 row of 7168, as in the probe
+# Probe 3, one `jax.lax.all_to_all` on 4 GPUs; 3/4 of the bytes leave the rank (this reproduces the quoted
+# 104 and 265 GB/s "per rank out"): 1024 tokens/rank in 0.85 ms, 8192 tokens/rank in 2.66 ms.
+_H200_A2A = AllToAll.fit([
+    (0.75 * 1024 * _R1_DISPATCH_BYTES_PER_TOKEN, 0.85e-3),
+    (0.75 * 8192 * _R1_DISPATCH_BYTES_PER_TOKEN, 2.66e-3),
+])  # -> latency 0.59 ms, 341 GB/s. The intercept is XLA/NCCL's, measured, and large.
+
+H200_HGX = Hardware(
+    name="H200_HGX",
+    gpus_per_domain=8,  # one HGX board; our test machine exposes 4 of them
+    bf16_tflops=799.0,  # cuBLAS dense 8192^3 bf16 (probe 3); datasheet 989 -> 0.81
+    fp8_tflops=1454.0,  # torch._scaled_mm e4m3 8192^3 (probe 3); datasheet 1979 -> 0.73
+    fp4_tflops=None,
+    hbm_gbps=4300.0,  # device-to-device copy, read+write counted (device docs); datasheet 4800 -> 0.90
+    hbm_gb=141.0,
+    nvlink_gbps=478.0,  # nvidia-smi topo: NV18, 18 links x 26.6 GB/s per direction
+    copy_engine_frac=396.0 / 478.0,  # cudaMemcpyPeerAsync GPU0->GPU1, 4 GiB, one pair: 396 GB/s
+    all_pull_frac=240.0 / 478.0,  # probe 4 fetch-only, all 4 ranks pulling 2.11 GB/layer: 225-252 GB/s per rank
+    all_to_all=_H200_A2A,
+)
+
+# --------------------------------------------------------------------------------------------------------------
+# GB200 NVL72: datasheet rates times the fractions achieved on H200 (see the module docstring).
+
+_BF16_FRAC = 799.0 / 989.0
+_FP8_FRAC = 1454.0 / 1979.0
+_HBM_FRAC = 4300.0 / 4800.0
+_A2A_BW_FRAC = _H200_A2A.bw_gbps / 478.0
+
+GB200_NVL72 = Hardware(
+    name="GB200_NVL72",
+    gpus_per_domain=72,
+    bf16_tflops=2500.0 * _BF16_FRAC,
+    fp8_tflops=5000.0 * _FP8_FRAC,
+    fp4_tflops=10000.0 * _FP8_FRAC,  # FP4 fraction unmeasured: the FP8 one is assumed
+    hbm_gbps=8000.0 * _HBM_FRAC,
+    hbm_gb=186.0,
+    nvlink_gbps=900.0,
+    copy_engine_frac=H200_HGX.copy_engine_frac,
+    all_pull_frac=H200_HGX.all_pull_frac,
+    # Bandwidth: the H200 fraction of the link rate. Latency: the H200 fit's 0.59 ms intercept belongs to XLA's
+    # all-to-all; the NVL72 baseline is TensorRT-LLM's NVLink all-to-all kernels, assumed at 50 us per call
+    # (order of DeepEP's published low-latency dispatch/combine times). Sensitivity in `predict_nvl72`.
+    all_to_all=AllToAll(latency_s=50e-6, bw_gbps=900.0 * _A2A_BW_FRAC),
+)
+
+PROFILES = {p.name: p for p in (H200_HGX, GB200_NVL72)}

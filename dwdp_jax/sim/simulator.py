@@ -1,0 +1,494 @@
+"""Discrete-event simulation of DWDP and DEP serving of DeepSeek-R1, per rank and per layer.
+
+Read it top to bottom:
+  1. configs: the workload (arrivals, lengths), the per-rank scheduler, and the two strategies;
+  2. one step, given each rank's per-layer times: `dwdp_rank_step` (one rank alone: prefetch overlapped with
+     compute) and `dep_step` (all ranks in lockstep: every MoE layer waits for the slowest rank);
+  3. `step_costs`: from a rank's batch to those per-layer times, through `costs.CostModel`;
+  4. `simulate`: requests arrive, a router gives each to a rank, each rank's scheduler builds batches with
+     continuous batching, and steps run (DWDP: every rank on its own clock; DEP: one clock for the group).
+
+One group is simulated (G ranks); groups of a larger system are independent, so per-GPU rates carry over.
+Not modelled: KV-cache capacity (`max_batch` bounds the batch), MTP, routing skew across experts, host
+overheads between steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import math
+from typing import Literal
+
+import numpy as np
+
+from dwdp_jax.config import ModelConfig
+from dwdp_jax.sim import costs
+from dwdp_jax.sim.hardware import Hardware
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Configs.
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Requests for one group. Lengths: fixed, or lognormal with mean `input_len`/`output_len` and CV `length_cv`."""
+
+    num_requests: int = 128
+    input_len: int = 8192
+    output_len: int = 1024
+    length_cv: float = 0.0  # 0: fixed lengths
+    arrival: Literal["closed", "poisson"] = "closed"
+    concurrency: int = 32  # closed loop: requests in flight in the group
+    rate_per_s: float = 1.0  # poisson: arrivals per second to the group
+    rank_weights: tuple[float, ...] | None = None  # skewed split: a request goes to rank r with this probability
+    prefill_only: bool = False  # context server: a request ends with its first token
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_requests < 1 or self.input_len < 1 or self.output_len < 1 or self.concurrency < 1:
+            raise ValueError("num_requests, input_len, output_len and concurrency must be >= 1")
+        if self.length_cv < 0 or self.rate_per_s <= 0:
+            raise ValueError("length_cv must be >= 0 and rate_per_s > 0")
+        if self.arrival not in ("closed", "poisson"):
+            raise ValueError(f"arrival must be 'closed' or 'poisson', got {self.arrival!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-rank continuous batching: decode tokens first, then prefill (FCFS) up to the token budget."""
+
+    token_budget: int = 8192  # new tokens per rank per step
+    max_batch: int = 128  # requests per rank per step
+    chunked_prefill: bool = True  # False: a prompt is prefilled whole (alone if it exceeds the budget)
+
+
+@dataclasses.dataclass(frozen=True)
+class DWDPConfig:
+    """DWDP: each rank holds E/G routed experts per MoE layer and prefetches the rest from its G-1 peers.
+
+    The interference factors are calibrated on probe 4 (see `validate.py`): compute runs `1 + compute_slowdown`
+    times slower while a copy is in flight, and a copy `1 + copy_slowdown` times slower while compute runs.
+    """
+
+    group_size: int = 4
+    prefetch_depth: int = 1  # layer l+d's fetch may start once layer l's compute starts; d+1 staging buffers
+    schedule: Literal["staggered", "same_order"] = "staggered"
+    fetch_frac: float | None = 1.0  # experts prefetched / all experts; None: the expected routed set (planner)
+    miss_rate: float = 0.0  # routed remote experts not prefetched, pulled on the critical path
+    compute_slowdown: float = 0.232  # validate.probe4_default_slowdown: H200, device_put, same peer order
+    copy_slowdown: float = 0.232
+
+    def __post_init__(self):
+        if self.group_size < 1 or self.prefetch_depth < 1:
+            raise ValueError("group_size and prefetch_depth must be >= 1")
+        if self.schedule not in ("staggered", "same_order"):
+            raise ValueError(f"schedule must be 'staggered' or 'same_order', got {self.schedule!r}")
+        if self.fetch_frac is not None and not 0 <= self.fetch_frac <= 1:
+            raise ValueError("fetch_frac must be in [0, 1] or None")
+        if not 0 <= self.miss_rate <= 1 or self.compute_slowdown < 0 or self.copy_slowdown < 0:
+            raise ValueError("miss_rate must be in [0, 1]; slowdowns must be >= 0")
+
+    name = "dwdp"
+
+
+@dataclasses.dataclass(frozen=True)
+class DEPConfig:
+    """DEP: attention data-parallel, experts split over the group, dispatch and combine all-to-all per MoE layer."""
+
+    group_size: int = 4
+    dispatch_bytes: float = 2.0  # per activation element (bf16; 1.0 for FP8 dispatch)
+    combine_bytes: float = 2.0
+
+    def __post_init__(self):
+        if self.group_size < 1:
+            raise ValueError("group_size must be >= 1")
+
+    name = "dep"
+
+
+Strategy = DWDPConfig | DEPConfig
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. One step, from per-layer times.
+
+@dataclasses.dataclass
+class RankStep:
+    """Where one rank's step time went (seconds). time_s = compute + interference + exposed_fetch + comm + wait."""
+
+    time_s: float
+    compute_s: float
+    interference_s: float = 0.0  # compute slowed by copies beside it
+    exposed_fetch_s: float = 0.0  # compute waiting for a fetch (prefetch late, or on-demand misses)
+    comm_s: float = 0.0  # all-to-all
+    wait_s: float = 0.0  # waiting for the slowest rank at DEP barriers
+
+
+def fetch_time_s(bytes_: float, group_size: int, hw: Hardware, schedule: str = "staggered") -> float:
+    """Time for one rank to pull `bytes_` evenly from its G-1 peers while every rank of the group pulls.
+
+    staggered: at any moment each source has one reader (round-robin offsets), so the destination's inbound
+    rate binds. same_order: all ranks read the same source at once, so G-1 readers share its outbound rate.
+    """
+    if bytes_ <= 0 or group_size <= 1:
+        return 0.0
+    readers = 1 if schedule == "staggered" else group_size - 1
+    rate_gbps = min(hw.fetch_in_gbps, hw.source_out_gbps / readers)
+    return bytes_ / (rate_gbps * 1e9)
+
+
+def dwdp_rank_step(compute_s, fetch_s, depth: int = 1, compute_slowdown: float = 0.0,
+                   copy_slowdown: float = 0.0, miss_s=None) -> RankStep:
+    """One rank's pass over its layers: a compute chain and a copy-engine chain, coupled by two rules.
+
+    compute_s[l]: layer l's compute at full speed; fetch_s[l]: its expert prefetch alone (0: nothing to fetch);
+    miss_s[l]: on-demand pulls after layer l's routing, on the critical path.
+    Rules: layer l computes once its fetch is done; layer l's fetch starts once the copy engine is free and
+    layer l-depth's compute has started (there are depth+1 staging buffers). While both run, each is slowed.
+    """
+    compute_s = np.asarray(compute_s, dtype=np.float64).tolist()  # plain floats: this loop is the hot path
+    fetch_s = np.asarray(fetch_s, dtype=np.float64).tolist()
+    miss_s = [0.0] * len(compute_s) if miss_s is None else np.asarray(miss_s, dtype=np.float64).tolist()
+    num_layers = len(compute_s)
+    t = interference = exposed = 0.0
+    ci, c_left, m_left, started = 0, None, None, -1  # compute chain: layer, work left, miss left, last started
+    fi, f_left = 0, None  # copy chain: layer being (or next to be) fetched; layers < fi are fetched
+    while ci < num_layers:
+        if f_left is None:
+            while fi < num_layers and fetch_s[fi] <= 0:
+                fi += 1
+        if c_left is None and m_left is None and ci < fi:
+            c_left, started = compute_s[ci], ci
+        if f_left is None and fi < num_layers and fi - depth <= started:
+            f_left = fetch_s[fi]
+        c_rate = 1.0 / (1.0 + compute_slowdown) if f_left is not None else 1.0
+        f_rate = 1.0 / (1.0 + copy_slowdown) if c_left is not None else 1.0
+        dts = [x for x in (c_left and c_left / c_rate, m_left, f_left and f_left / f_rate) if x is not None]
+        if not dts:  # zero-length work: complete it without advancing time
+            dt = 0.0
+        else:
+            dt = min(dts)
+        if c_left is not None:
+            interference += dt * (1.0 - c_rate)
+            c_left -= dt * c_rate
+        else:
+            exposed += dt  # waiting for a fetch, or doing an on-demand one
+            if m_left is not None:
+                m_left -= dt
+        if f_left is not None:
+            f_left -= dt * f_rate
+        t += dt
+        eps = 1e-15 + 1e-12 * t
+        if f_left is not None and f_left <= eps:
+            f_left, fi = None, fi + 1
+        if c_left is not None and c_left <= eps:
+            c_left = None
+            if miss_s[ci] > 0:
+                m_left = miss_s[ci]
+            else:
+                ci += 1
+        elif m_left is not None and m_left <= eps:
+            m_left, ci = None, ci + 1
+    return RankStep(time_s=t, compute_s=sum(compute_s), interference_s=interference, exposed_fetch_s=exposed)
+
+
+def dep_step(local_s, expert_s, comm_s) -> list[RankStep]:
+    """All ranks in lockstep. local_s, expert_s: [ranks, layers]; comm_s: [layers] (dispatch + combine).
+
+    A layer with comm_s > 0 is a MoE layer: every rank waits for the slowest one's local work (attention, and
+    any layers since the last barrier), exchanges tokens, waits for the slowest expert compute, combines.
+    """
+    local_s = np.atleast_2d(np.asarray(local_s, dtype=np.float64))
+    expert_s = np.atleast_2d(np.asarray(expert_s, dtype=np.float64))
+    comm_s = np.asarray(comm_s, dtype=np.float64)
+    since_barrier = np.zeros(local_s.shape[0])
+    t = 0.0
+    for layer in range(local_s.shape[1]):
+        since_barrier += local_s[:, layer]
+        if comm_s[layer] > 0:
+            t += since_barrier.max() + expert_s[:, layer].max() + comm_s[layer]
+            since_barrier[:] = 0.0
+    t += since_barrier.max()
+    comm = float(comm_s.sum())
+    busy = local_s.sum(axis=1) + expert_s.sum(axis=1)
+    return [RankStep(time_s=t, compute_s=float(b), comm_s=comm, wait_s=t - float(b) - comm) for b in busy]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. From a rank's batch to per-layer times.
+
+@dataclasses.dataclass(frozen=True)
+class RankBatch:
+    """One rank's work in one step: request i processes new_tokens[i] tokens after context[i] cached ones."""
+
+    new_tokens: np.ndarray  # [n]
+    context: np.ndarray  # [n]
+    sampled: int  # tokens emitted this step (LM head rows)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.new_tokens.sum())
+
+
+def _local_layer_times(cm: costs.CostModel, batch: RankBatch) -> tuple[float, float]:
+    """(dense layer, MoE layer without routed experts) time of one rank's batch."""
+    if batch.tokens == 0:
+        return 0.0, 0.0
+    attn = cm.attention_s(batch.new_tokens, batch.context) + cm.eff.layer_overhead_s
+    return attn + cm.dense_mlp_s(batch.tokens), attn + cm.shared_expert_s(batch.tokens)
+
+
+def step_costs(cm: costs.CostModel, hw: Hardware, strategy: Strategy, batches: list[RankBatch]) -> list[RankStep]:
+    """Per-rank step breakdown for the batches of one group's ranks (for DWDP each rank is independent)."""
+    cfg = cm.cfg
+    is_moe = np.array([cfg.is_moe_layer(layer) for layer in range(cfg.num_layers)])
+    k, e, g = cfg.num_experts_per_tok, cfg.n_routed_experts, strategy.group_size
+    local = np.zeros((len(batches), cfg.num_layers))
+    for r, b in enumerate(batches):
+        dense_s, moe_s = _local_layer_times(cm, b)
+        local[r] = np.where(is_moe, moe_s, dense_s)
+        local[r, -1] += cm.head_s(b.sampled)
+    if isinstance(strategy, DEPConfig):
+        tokens = np.array([b.tokens for b in batches], dtype=np.float64)
+        # Uniform routing spreads every rank's tokens over all experts: expert load is the group mean.
+        expert_s = cm.routed_experts_s(tokens.sum() * k / g, cm.experts_touched(tokens.sum()) / g)
+        a2a = hw.all_to_all
+        comm = (a2a.time_s(costs.dep_a2a_bytes(cfg, tokens.max(), g, strategy.dispatch_bytes))
+                + a2a.time_s(costs.dep_a2a_bytes(cfg, tokens.max(), g, strategy.combine_bytes)))
+        return dep_step(local, np.where(is_moe, expert_s, 0.0)[None, :].repeat(len(batches), 0),
+                        np.where(is_moe, comm, 0.0))
+    steps = []
+    for r, b in enumerate(batches):
+        if b.tokens == 0:
+            steps.append(RankStep(time_s=0.0, compute_s=0.0))
+            continue
+        touched = cm.experts_touched(b.tokens)
+        fetched = touched if strategy.fetch_frac is None else strategy.fetch_frac * e
+        fetch = fetch_time_s(costs.dwdp_fetch_bytes(cfg, g, fetched, cm.expert_format), g, hw, strategy.schedule)
+        miss_bytes = costs.dwdp_fetch_bytes(cfg, g, strategy.miss_rate * touched, cm.expert_format)
+        miss = miss_bytes / (hw.fetch_in_gbps * 1e9)
+        compute = local[r] + np.where(is_moe, cm.routed_experts_s(b.tokens * k, touched), 0.0)
+        steps.append(dwdp_rank_step(compute, np.where(is_moe, fetch, 0.0), strategy.prefetch_depth,
+                                    strategy.compute_slowdown, strategy.copy_slowdown, np.where(is_moe, miss, 0.0)))
+    return steps
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. Serving.
+
+@dataclasses.dataclass
+class _Request:
+    rid: int
+    arrival_s: float
+    input_len: int
+    output_len: int
+    rank: int = -1
+    prefilled: int = 0
+    generated: int = 0
+    first_token_s: float = math.nan
+    finish_s: float = math.nan
+
+
+def _schedule(queue: list[_Request], sched: SchedulerConfig) -> list[tuple[_Request, int]]:
+    """A rank's batch: (request, new tokens). Decoding requests first, then prefill in arrival order."""
+    batch, budget = [], sched.token_budget
+    for req in queue:
+        if len(batch) == sched.max_batch or budget == 0:
+            break
+        if req.prefilled == req.input_len:
+            batch.append((req, 1))
+            budget -= 1
+    for req in queue:
+        if len(batch) == sched.max_batch or budget == 0:
+            break
+        todo = req.input_len - req.prefilled
+        if todo == 0:
+            continue
+        if sched.chunked_prefill:
+            n = min(todo, budget)
+        elif todo <= budget or not batch:
+            n = todo
+        else:
+            break
+        batch.append((req, n))
+        budget -= min(n, budget)
+    return batch
+
+
+@dataclasses.dataclass
+class RunResult:
+    """Outcome of one `simulate` run (one group; rates are per GPU)."""
+
+    strategy: str
+    num_gpus: int
+    ttft_s: np.ndarray  # [requests]
+    tpot_s: np.ndarray  # [requests] (nan when output_len == 1)
+    output_tps_per_gpu: float
+    input_tps_per_gpu: float
+    step_times_s: list[np.ndarray]  # per rank
+    breakdown_s: dict[str, np.ndarray]  # per rank totals: compute, interference, exposed_fetch, comm, wait
+    fits_memory: bool
+    makespan_s: float
+
+    @property
+    def ttft_median_s(self) -> float:
+        return float(np.nanmedian(self.ttft_s))
+
+    @property
+    def tpot_median_s(self) -> float:
+        return float(np.nanmedian(self.tpot_s)) if np.isfinite(self.tpot_s).any() else math.nan
+
+    @property
+    def tps_per_user(self) -> float:
+        return 1.0 / self.tpot_median_s
+
+    def breakdown_frac(self) -> dict[str, float]:
+        """Share of the ranks' busy time spent in each part."""
+        total = sum(v.sum() for v in self.breakdown_s.values())
+        return {k: float(v.sum() / total) for k, v in self.breakdown_s.items()}
+
+
+def _lengths(rng: np.random.Generator, mean: int, cv: float, n: int) -> np.ndarray:
+    if cv == 0:
+        return np.full(n, mean, dtype=np.int64)
+    sigma2 = math.log1p(cv * cv)
+    x = rng.lognormal(math.log(mean) - sigma2 / 2, math.sqrt(sigma2), n)
+    return np.maximum(1, np.rint(x)).astype(np.int64)
+
+
+def _window_rate(times: np.ndarray, counts: np.ndarray, lo: float = 0.1, hi: float = 0.9) -> float:
+    """Tokens per second between the moments `lo` and `hi` of all tokens were done (drops ramp-up and drain)."""
+    if counts.sum() == 0:
+        return 0.0
+    order = np.argsort(times, kind="stable")
+    t, c = times[order], np.cumsum(counts[order])
+    i0, i1 = np.searchsorted(c, lo * c[-1]), np.searchsorted(c, hi * c[-1])
+    if t[i1] <= t[i0]:
+        return float(c[-1] / t[-1])
+    return float((c[i1] - c[i0]) / (t[i1] - t[i0]))
+
+
+def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workload,
+             sched: SchedulerConfig = SchedulerConfig(), eff: costs.Efficiency = costs.Efficiency(),
+             expert_format: str = "fp8") -> RunResult:
+    """Serves `workload` on one group of `strategy.group_size` GPUs of `hw` and measures it."""
+    g = strategy.group_size
+    if g > hw.gpus_per_domain:
+        raise ValueError(f"group_size={g} exceeds the NVLink domain of {hw.name} ({hw.gpus_per_domain} GPUs)")
+    if workload.rank_weights is not None and len(workload.rank_weights) != g:
+        raise ValueError(f"rank_weights needs {g} entries, got {len(workload.rank_weights)}")
+    cm = costs.CostModel(cfg, hw, eff, expert_format=expert_format)
+    rng = np.random.default_rng(workload.seed)
+    n = workload.num_requests
+    out_len = np.ones(n, np.int64) if workload.prefill_only else _lengths(rng, workload.output_len, workload.length_cv, n)
+    reqs = [_Request(i, math.nan, int(a), int(b))
+            for i, (a, b) in enumerate(zip(_lengths(rng, workload.input_len, workload.length_cv, n), out_len))]
+    staging = (strategy.prefetch_depth + 1) if isinstance(strategy, DWDPConfig) else 0
+    fits = costs.weight_memory_gb(cfg, g, staging, expert_format) < hw.hbm_gb
+
+    # Events: (time, seq, kind, payload). An executor is one rank (DWDP) or the whole group (DEP).
+    executors = [[r] for r in range(g)] if isinstance(strategy, DWDPConfig) else [list(range(g))]
+    busy = [False] * len(executors)
+    queues: list[list[_Request]] = [[] for _ in range(g)]
+    events, seq = [], 0
+
+    def push(t, kind, payload):
+        nonlocal seq
+        heapq.heappush(events, (t, seq, kind, payload))
+        seq += 1
+
+    issued = 0
+    if workload.arrival == "closed":
+        for _ in range(min(workload.concurrency, n)):
+            push(0.0, "arrive", issued)
+            issued += 1
+    else:
+        for i, t in enumerate(np.cumsum(rng.exponential(1.0 / workload.rate_per_s, n))):
+            push(float(t), "arrive", i)
+        issued = n
+
+    step_log: list[list[float]] = [[] for _ in range(g)]
+    parts = ("compute", "interference", "exposed_fetch", "comm", "wait")
+    breakdown = {p: np.zeros(g) for p in parts}
+    out_events, in_events = [], []  # (time, tokens)
+
+    def start(ex: int, t: float):
+        ranks = executors[ex]
+        plans = [_schedule(queues[r], sched) for r in ranks]
+        if not any(plans):
+            busy[ex] = False
+            return
+        batches = [RankBatch(np.array([m for _, m in p], np.int64),
+                             np.array([q.prefilled + max(q.generated - 1, 0) for q, _ in p], np.int64),
+                             sum(1 for q, m in p if q.prefilled + m == q.input_len)) for p in plans]
+        steps = step_costs(cm, hw, strategy, batches)
+        duration = max(s.time_s for s in steps)
+        for r, s in zip(ranks, steps):
+            step_log[r].append(s.time_s)
+            for p in parts:
+                breakdown[p][r] += getattr(s, f"{p}_s")
+        busy[ex] = True
+        push(t + duration, "step_end", (ex, plans))
+
+    done = 0
+    while events:
+        t, _, kind, payload = heapq.heappop(events)
+        if kind == "arrive":
+            req = reqs[payload]
+            req.arrival_s = t
+            if workload.rank_weights is not None:
+                w = np.asarray(workload.rank_weights, dtype=np.float64)
+                req.rank = int(rng.choice(g, p=w / w.sum()))
+            else:
+                req.rank = int(np.argmin([len(q) for q in queues]))
+            queues[req.rank].append(req)
+            ex = next(i for i, ranks in enumerate(executors) if req.rank in ranks)
+            if not busy[ex]:
+                start(ex, t)
+            continue
+        ex, plans = payload
+        for plan in plans:
+            prefill_tokens = 0
+            for req, m in plan:
+                if req.prefilled < req.input_len:
+                    req.prefilled += m
+                    prefill_tokens += m
+                    if req.prefilled == req.input_len:
+                        req.first_token_s, req.generated = t, 1
+                        out_events.append((t, 1))
+                else:
+                    req.generated += 1
+                    out_events.append((t, 1))
+                if req.generated == req.output_len:
+                    req.finish_s = t
+                    queues[req.rank].remove(req)
+                    done += 1
+                    if workload.arrival == "closed" and issued < n:
+                        push(t, "arrive", issued)
+                        issued += 1
+            in_events.append((t, prefill_tokens))
+        start(ex, t)
+        for other, ranks in enumerate(executors):  # arrivals at the same instant may have found it busy
+            if not busy[other]:
+                start(other, t)
+    if done != n:
+        raise RuntimeError(f"simulation ended with {n - done} of {n} requests unfinished")
+
+    ttft = np.array([r.first_token_s - r.arrival_s for r in reqs])
+    tpot = np.array([(r.finish_s - r.first_token_s) / (r.output_len - 1) if r.output_len > 1 else math.nan
+                     for r in reqs])
+    out_t, out_c = (np.array(x, dtype=np.float64) for x in zip(*out_events))
+    in_t, in_c = (np.array(x, dtype=np.float64) for x in zip(*in_events))
+    return RunResult(
+        strategy=strategy.name,
+        num_gpus=g,
+        ttft_s=ttft,
+        tpot_s=tpot,
+        output_tps_per_gpu=_window_rate(out_t, out_c) / g,
+        input_tps_per_gpu=_window_rate(in_t, in_c) / g,
+        step_times_s=[np.array(s) for s in step_log],
+        breakdown_s=breakdown,
+        fits_memory=bool(fits),
+        makespan_s=float(max(r.finish_s for r in reqs)),
+    )
