@@ -1,0 +1,254 @@
+"""Benchmark the grouped expert GEMM against XLA's ragged_dot, jax's example Mosaic GPU ragged_dot
+and a dense matmul of equal FLOPs, on DeepSeek-R1 expert shapes; writes a results JSON (part "kernels").
+
+  python experiments/bench_kernels.py --device_kind nvidia-h200 --out experiments/results/kernels-...json
+
+All ratios are measured in the same run as their baselines. Times: median over repeats of the mean of
+back-to-back calls after warm-up (block_until_ready); weights are far larger than L2, so no rotation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pallas_kernels import grouped_gemm as gg  # noqa: E402
+
+SHAPES = {"gate_up": (7168, 4096), "down": (2048, 7168)}  # (K, N) of DeepSeek-R1's experts
+
+
+REPS, INNER, WARMUP = 5, 5, 2
+
+
+def bench(f, *args, reps=None, inner=None, warmup=None):
+  reps, inner, warmup = reps or REPS, inner or INNER, WARMUP if warmup is None else warmup
+  if REPS == 1:  # smoke mode
+    reps, inner, warmup = 1, 1, 0
+  for _ in range(warmup):
+    jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    for _ in range(inner):
+      out = f(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / inner)
+  return statistics.median(times)
+
+
+def hbm_copy_gbps(small=False):
+  """Read+write bandwidth of a large elementwise pass (the HBM ceiling for the memory-bound ratio)."""
+  a = jax.random.normal(jax.random.key(0), (16 if small else 1024, 1024 * 1024), jnp.bfloat16)
+  f = jax.jit(lambda v: v * 2)
+  t = bench(f, a, reps=5, inner=5)
+  return 2 * a.nbytes / t / 1e9
+
+
+def make_case(key, groups, tokens, k, n, fp8):
+  kx, kw, ks = jax.random.split(key, 3)
+  m = groups * tokens
+  x = jax.random.normal(kx, (m, k), jnp.bfloat16)
+  sizes = jnp.full((groups,), tokens, jnp.int32)
+  half = max(groups // 2, 1)
+  if fp8:
+    w = jax.random.normal(kw, (groups, n, k), jnp.float32).astype(jnp.float8_e4m3fn)
+    s = jax.random.uniform(ks, (groups, n // 128, k // 128), jnp.float32, 0.5, 2.0) / np.sqrt(k)
+  else:
+    w = (jax.random.normal(kw, (groups, k, n), jnp.float32) / np.sqrt(k)).astype(jnp.bfloat16)
+    s = None
+  # Two buffers (e.g. local experts and experts fetched from a peer), as the executors use it.
+  bufs = (w[:half], w[half:]) if groups > 1 else (w,)
+  sbufs = None if s is None else ((s[:half], s[half:]) if groups > 1 else (s,))
+  g = jnp.arange(groups, dtype=jnp.int32)
+  slot = jnp.stack([jnp.where(g < half, 0, 1), jnp.where(g < half, g, g - half)], axis=1)
+  if groups == 1:
+    slot = jnp.zeros((1, 2), jnp.int32)
+  return x, sizes, w, s, bufs, sbufs, slot
+
+
+def rel_err(out, ref):
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--device_kind", required=True)
+  p.add_argument("--out", default="")
+  p.add_argument("--quick", action="store_true", help="a few cases only")
+  p.add_argument("--tag", default="")
+  p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
+  args = p.parse_args()
+  shapes, interp = SHAPES, False
+  global REPS
+  if args.smoke:
+    REPS = 1
+    shapes, interp = {"tiny": (256, 256)}, True
+
+  from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
+  copy_gbps = hbm_copy_gbps(small=args.smoke)
+  print(f"HBM copy (read+write): {copy_gbps:.0f} GB/s", flush=True)
+
+  decode = [(8, 8), (32, 8), (256, 8), (32, 1), (32, 32)]
+  prefill = [(8, 1024), (32, 256), (32, 1024), (8, 4096)]
+  if args.quick:
+    decode, prefill = [(32, 8), (256, 8)], [(32, 1024)]
+  if args.smoke:
+    decode, prefill = [(3, 8)], [(2, 128)]
+  cfg_variants = {
+      "ws_decode": gg.DECODE_CONFIG,
+      "ws_prefill": gg.PREFILL_CONFIG,
+      "ws_128x128": gg.GroupedGemmConfig(block_m=128, block_n=128, block_k=64,
+                                         max_concurrent_steps=4),
+      "simple_128x128": gg.GroupedGemmConfig(block_m=128, block_n=128, block_k=64,
+                                             max_concurrent_steps=4, num_compute_wgs=1,
+                                             warp_specialized=False),
+  }
+  rows = []
+  key = jax.random.key(1)
+  for regime, cases in (("decode", decode), ("prefill", prefill)):
+    for shape_name, (k, n) in shapes.items():
+      for groups, tokens in cases:
+        key, sub = jax.random.split(key)
+        x, sizes, w, _, bufs, _, slot = make_case(sub, groups, tokens, k, n, fp8=False)
+        m = groups * tokens
+        flops = 2 * m * k * n
+        wbytes = groups * k * n * 2
+        row = dict(regime=regime, shape=shape_name, groups=groups, tokens_per_group=tokens, m=m,
+                   k=k, n=n, flops=flops, weight_bytes=wbytes)
+        variants = {}
+        for name, cfg in cfg_variants.items():
+          if args.smoke:
+            cfg = dataclasses.replace(cfg, block_n=128, max_concurrent_steps=2)
+          if regime == "decode" and name == "ws_prefill":
+            continue
+          if regime == "prefill" and name == "ws_decode":
+            continue
+          variants[name] = jax.jit(lambda x, s, b, sl, cfg=cfg: gg.grouped_gemm(x, s, b, sl, config=cfg,
+                                                                         interpret=interp))
+        results = {}
+        for name, f in variants.items():
+          try:
+            t = bench(f, x, sizes, bufs, slot)
+            results[name] = t
+          except Exception as e:  # a config that fails must not hide the others
+            print(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            results[name] = None
+        try:
+          rd = jax.jit(lambda x, w, s: ragged_dot_mgpu.ragged_dot(
+              x, w, group_sizes=s, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
+              grid_block_n=1))
+          results["jax_ragged_dot_mgpu"] = bench(rd, x, w, sizes)
+        except Exception as e:
+          print(f"  jax_ragged_dot_mgpu failed: {str(e)[:200]}", flush=True)
+          results["jax_ragged_dot_mgpu"] = None
+        if flops <= 3e11:
+          xla = jax.jit(lambda x, w, s: jax.lax.ragged_dot(x, w, s))
+          results["xla_ragged_dot"] = bench(xla, x, w, sizes, reps=3, inner=2)
+        dense = jax.jit(lambda x, b: x @ b)  # [M, K] @ [K, N]: the same FLOPs
+        results["dense"] = bench(dense, x, w[0])
+        # Correctness of the best config on this case (rows of 4 groups vs the f32 reference).
+        best = min((v, kname) for kname, v in results.items()
+                   if v is not None and kname in variants)
+        out = variants[best[1]](x, sizes, bufs, slot)
+        ref_rows = min(m, 4 * tokens)
+        ref = jnp.einsum("gtk,gkn->gtn", x[:ref_rows].astype(jnp.float32).reshape(-1, tokens, k),
+                         w[:ref_rows // tokens].astype(jnp.float32)).reshape(ref_rows, n)
+        row["rel_err_best"] = rel_err(out[:ref_rows], ref)
+        # FP8 on the same case.
+        try:
+          key, sub = jax.random.split(key)
+          _, _, _, _, fbufs, fsbufs, _ = make_case(sub, groups, tokens, k, n, fp8=True)
+          f8 = jax.jit(lambda x, s, b, sb, sl: gg.grouped_gemm_fp8(x, s, b, sb, sl,
+                                                                            interpret=interp))
+          results["fp8"] = bench(f8, x, sizes, fbufs, fsbufs, slot)
+          del fbufs, fsbufs
+        except Exception as e:
+          print(f"  fp8 failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+          results["fp8"] = None
+        row["time_s"] = results
+        ours = {kk: v for kk, v in results.items() if kk in variants and v is not None}
+        best_name, best_t = min(ours.items(), key=lambda kv: kv[1]) if ours else (None, None)
+        row["best_variant"] = best_name
+        if best_t:
+          row["ours_tflops"] = flops / best_t / 1e12
+          row["dense_tflops"] = flops / results["dense"] / 1e12
+          row["frac_of_dense"] = results["dense"] / best_t
+          row["weight_gbps"] = wbytes / best_t / 1e9
+          row["frac_of_hbm"] = wbytes / best_t / 1e9 / copy_gbps
+          if results.get("fp8"):
+            row["fp8_over_bf16"] = best_t / results["fp8"]
+            row["fp8_weight_gbps"] = wbytes / 2 / results["fp8"] / 1e9
+          for base in ("jax_ragged_dot_mgpu", "xla_ragged_dot"):
+            if results.get(base):
+              row[f"speedup_vs_{base}"] = results[base] / best_t
+        rows.append(row)
+        fmt = lambda v: "-" if v is None else f"{v * 1e3:8.3f}"
+        print(f"{regime:7s} {shape_name:7s} G={groups:3d} T={tokens:4d} "
+              + " ".join(f"{kk}={fmt(v)}ms" for kk, v in results.items())
+              + f" | best {best_name} {row.get('ours_tflops', 0):.0f} TF/s"
+              f" dense {row.get('frac_of_dense', 0):.2f} hbm {row.get('frac_of_hbm', 0):.2f}"
+              f" fp8x {row.get('fp8_over_bf16', 0):.2f} err {row['rel_err_best']:.1e}", flush=True)
+        del x, w, bufs
+
+  dec = [r for r in rows if r["regime"] == "decode" and "frac_of_hbm" in r]
+  pre = [r for r in rows if r["regime"] == "prefill" and "frac_of_dense" in r]
+  metrics = {
+      "hbm_copy_gbps": copy_gbps,
+      "grouped_gemm_bf16_frac_of_dense": max((r["frac_of_dense"] for r in pre), default=None),
+      "grouped_gemm_bf16_frac_of_dense_median": statistics.median([r["frac_of_dense"] for r in pre]) if pre else None,
+      "grouped_gemm_bf16_frac_of_hbm": max((r["frac_of_hbm"] for r in dec), default=None),
+      "grouped_gemm_bf16_frac_of_hbm_median": statistics.median([r["frac_of_hbm"] for r in dec]) if dec else None,
+      "grouped_gemm_fp8_over_bf16": max((r.get("fp8_over_bf16", 0) for r in pre), default=None),
+      "max_rel_err": max((r["rel_err_best"] for r in rows), default=None),
+  }
+  print("\n== summary ==")
+  print(f"{'regime':8s}{'shape':8s}{'G':>5s}{'T':>6s}{'best':>16s}{'TF/s':>7s}{'dense':>7s}{'hbm':>6s}{'fp8x':>6s}")
+  for r in rows:
+    print(f"{r['regime']:8s}{r['shape']:8s}{r['groups']:5d}{r['tokens_per_group']:6d}"
+          f"{str(r.get('best_variant')):>16s}{r.get('ours_tflops', 0):7.0f}"
+          f"{r.get('frac_of_dense', 0):7.2f}{r.get('frac_of_hbm', 0):6.2f}{r.get('fp8_over_bf16', 0):6.2f}")
+  print(json.dumps(metrics, indent=1))
+  try:
+    commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True,
+                                     cwd=os.path.dirname(os.path.abspath(__file__))).strip()
+  except Exception:
+    commit = os.environ.get("GIT_COMMIT", "unknown")
+  result = {
+      "part": "kernels",
+      "date": datetime.date.today().isoformat(),
+      "commit": commit,
+      "command": " ".join(["python"] + sys.argv),
+      "device_kind": args.device_kind,
+      "num_devices": jax.device_count(),
+      "jax_version": jax.__version__,
+      "config": {"shapes": shapes, "decode_cases": decode, "prefill_cases": prefill,
+                 "configs": {kk: dataclasses.asdict(v) for kk, v in cfg_variants.items()},
+                 "fp8_config": dataclasses.asdict(gg.FP8_CONFIG), "weight_buffers": 2},
+      "metrics": metrics,
+      "rows": rows,
+  }
+  out = args.out or (f"experiments/results/kernels-{datetime.date.today():%Y%m%d}-{args.device_kind}"
+                     + (f"-{args.tag}" if args.tag else "") + ".json")
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out, "w") as fh:
+    json.dump(result, fh, indent=1)
+  print("wrote", out)
+
+
+if __name__ == "__main__":
+  main()

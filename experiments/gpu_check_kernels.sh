@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU check of the Pallas kernels: tests on the GPU backend, then the benchmark; pass/fail table last.
+#   bash experiments/gpu_check_kernels.sh [--quick] [device_kind]
+# Writes logs and the results JSON to $OUT (device tool) or experiments/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+QUICK=""
+if [[ "${1:-}" == "--quick" ]]; then QUICK="--quick"; shift; fi
+KIND="${1:-nvidia-h200}"
+OUTDIR="${OUT:-experiments/results}"
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"
+NGPU=$($PY -c "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))" 2>/dev/null || echo 0)
+echo "GPUs: $NGPU"
+declare -A STATUS
+
+$PY -m pytest -q -p no:cacheprovider tests/test_grouped_gemm.py 2>&1 | tee "$OUTDIR/test_grouped_gemm.log"
+STATUS[test_grouped_gemm]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo FAIL)
+
+if [[ "$NGPU" -ge 2 ]]; then
+  $PY -m pytest -q -p no:cacheprovider tests/test_remote_dma.py 2>&1 | tee "$OUTDIR/test_remote_dma.log"
+  STATUS[test_remote_dma]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo FAIL)
+  $PY -m pallas_kernels.remote_dma --bench --device_kind "$KIND" --out "$OUTDIR/remote_dma-$KIND.json" \
+    2>&1 | tee "$OUTDIR/bench_remote_dma.log"
+  STATUS[bench_remote_dma]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo FAIL)
+else
+  STATUS[test_remote_dma]="skipped (needs >= 2 GPUs)"
+fi
+
+JSON="$OUTDIR/kernels-$(date -u +%Y%m%d)-$KIND${QUICK:+-quick}.json"
+$PY experiments/bench_kernels.py --device_kind "$KIND" $QUICK --out "$JSON" 2>&1 | tee "$OUTDIR/bench_kernels.log"
+STATUS[bench_kernels]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo FAIL)
+
+echo
+echo "== kernels GPU check =="
+for k in "${!STATUS[@]}"; do printf '%-20s %s\n' "$k" "${STATUS[$k]}"; done

@@ -1,0 +1,143 @@
+"""Grouped expert GEMM: kernel vs f32 reference, in GPU interpret mode on CPU, natively on a GPU."""
+
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _compat
+from pallas_kernels import grouped_gemm as gg
+
+ON_GPU = _compat.on_gpu()
+INTERPRET = not ON_GPU
+BACKEND = "gpu" if ON_GPU else "interpret"
+
+# Tiny tiles for interpret mode (slow: every TMA and barrier is simulated); the GPU runs the presets.
+WS = gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2)
+WS_ONE_WG = dataclasses.replace(WS, num_compute_wgs=1)
+SIMPLE = gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2,
+                              num_compute_wgs=1, warp_specialized=False)
+FP8 = dataclasses.replace(gg.FP8_CONFIG, block_n=128, max_concurrent_steps=2)
+if ON_GPU:
+  WS, FP8 = gg.PREFILL_CONFIG, gg.FP8_CONFIG
+
+
+def rel_err(out, ref):
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def make_inputs(seed, m, k, n, sizes, buffer_sizes, fp8=False):
+  """Random x (never zeros), weights split over buffers, and a random group -> (buffer, slot) map."""
+  rng = np.random.default_rng(seed)
+  keys = jax.random.split(jax.random.key(seed), 2 + 2 * len(buffer_sizes))
+  x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(jnp.bfloat16)
+  weights, scales = [], []
+  for i, e in enumerate(buffer_sizes):
+    if fp8:
+      weights.append(jax.random.normal(keys[2 + 2 * i], (e, n, k)).astype(jnp.float8_e4m3fn))
+      scales.append(jax.random.uniform(keys[3 + 2 * i], (e, n // 128, k // 128), jnp.float32,
+                                       0.5, 2.0) / np.sqrt(k))
+    else:
+      weights.append((jax.random.normal(keys[2 + 2 * i], (e, k, n)) / np.sqrt(k)).astype(jnp.bfloat16))
+  buf = rng.integers(0, len(buffer_sizes), len(sizes))
+  slot = np.array([rng.integers(0, buffer_sizes[b]) for b in buf])
+  expert_slot = jnp.asarray(np.stack([buf, slot], 1), jnp.int32)
+  return x, jnp.asarray(sizes, jnp.int32), tuple(weights), tuple(scales), expert_slot
+
+
+def poison_device_memory(shape, dtype):
+  """Best effort on the GPU: leave NaNs where the kernel's output buffer is likely to be allocated."""
+  if ON_GPU:
+    jnp.full(shape, jnp.nan, dtype).block_until_ready()
+
+
+def check_rows(out, ref, total):
+  out = np.asarray(out, np.float32)
+  assert np.isfinite(out).all(), "unwritten or NaN rows"
+  assert (out[total:] == 0).all(), "rows past sum(group_sizes) must be 0"
+  assert rel_err(out[:total], ref[:total]) <= 1e-2
+  # Every valid row individually (a row left unwritten or written with the wrong expert shows here).
+  row_err = np.linalg.norm(out[:total] - np.asarray(ref[:total], np.float32), axis=1)
+  row_ref = np.linalg.norm(np.asarray(ref[:total], np.float32), axis=1)
+  assert (row_err <= 3e-2 * row_ref + 1e-3).all()
+
+
+CASES = [
+    # (name, config, m, k, n, sizes, buffer_sizes)
+    ("ws_two_buffers_empty_group_tail_rows", WS, 203, 128, 128, [37, 0, 90, 50], (3, 2)),
+    ("ws_one_wg_decode_one_buffer", WS_ONE_WG, 40, 128, 128, [1, 5, 0, 3, 8, 2, 7], (7,)),
+    ("simple_three_buffers", SIMPLE, 150, 128, 128, [64, 1, 0, 70], (1, 2, 2)),
+]
+
+
+@pytest.mark.parametrize("name,cfg,m,k,n,sizes,bufs", CASES, ids=[c[0] for c in CASES])
+def test_grouped_gemm_bf16(name, cfg, m, k, n, sizes, bufs):
+  if ON_GPU:  # real tiles on the GPU; sizes scaled so tiles are partially filled there too
+    k, n = 512, 512
+  x, gs, w, _, es = make_inputs(zlib.crc32(name.encode()) % 1000, m, k, n, sizes, bufs)
+  poison_device_memory((max(m, 256), n), jnp.bfloat16)
+  out = gg.grouped_gemm(x, gs, w, es, config=cfg, interpret=INTERPRET)
+  assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+  check_rows(out, gg.reference(x, gs, w, es, out_dtype=jnp.float32), int(sum(sizes)))
+
+
+def test_grouped_gemm_fp8():
+  m, k, n = 100, 256, 128 if not ON_GPU else 512
+  if ON_GPU:
+    k = 1024
+  sizes = [30, 0, 45, 10]
+  x, gs, w, s, es = make_inputs(7, m, k, n, sizes, (2, 3), fp8=True)
+  poison_device_memory((max(m, 256), n), jnp.bfloat16)
+  out = gg.grouped_gemm_fp8(x, gs, w, s, es, config=FP8, interpret=INTERPRET)
+  # Same quantized operands, f32 math: only accumulation order and the bf16 output rounding differ
+  # (the kernel promotes each 128-wide K block into f32, so fp8 tensor-core accumulation error stays
+  # per block), hence the bf16 bound.
+  check_rows(out, gg.reference_fp8(x, gs, w, s, es, out_dtype=jnp.float32), int(sum(sizes)))
+
+
+def test_reference_fp8_close_to_unquantized():
+  """Block scales bound the quantization error: e4m3 keeps 3 mantissa bits (relative step <= 2^-4
+  per element after per-block scaling), and over K-long dot products the errors add up like a random
+  walk, so the result's relative error is a few percent, well under 0.1."""
+  m, k, n = 64, 256, 128
+  x, gs, w, s, es = make_inputs(3, m, k, n, [20, 44], (2,), fp8=True)
+  deq = tuple(jnp.swapaxes(gg.dequantize_weight(wi, si), 1, 2) for wi, si in zip(w, s))
+  exact = gg.reference(x, gs, deq, es, out_dtype=jnp.float32)
+  assert rel_err(gg.reference_fp8(x, gs, w, s, es, out_dtype=jnp.float32), exact) < 0.1
+
+
+def test_schedule_covers_every_row_once():
+  m, bm = 300, 64
+  sizes = jnp.array([0, 70, 1, 0, 129, 3, 0], jnp.int32)  # sum 203, rows 203..299 are zero rows
+  es = jnp.zeros((7, 2), jnp.int32)
+  sched = np.asarray(gg.tile_schedule(sizes, es, m=m, m_pad=304, block_m=bm, buffer_sizes=(7,)))
+  n_tiles = sched[-1, 0]
+  cover = np.zeros(m, int)
+  for is_mm, _, _, load_row, off, n_valid, g, _ in sched[:n_tiles]:
+    assert load_row % 8 == 0 and 0 <= load_row <= 304 - bm and off + n_valid <= bm
+    rows = np.arange(load_row + off, load_row + off + n_valid)
+    cover[rows] += 1
+    if is_mm:
+      ends = np.cumsum(np.asarray(sizes))
+      assert ((rows >= ends[g] - sizes[g]) & (rows < ends[g])).all()
+  assert (cover == 1).all()
+  assert (sched[n_tiles:-1, 5] == 0).all()
+
+
+def test_validation_errors():
+  x = jnp.ones((8, 128), jnp.bfloat16)
+  gs = jnp.array([8], jnp.int32)
+  es = jnp.zeros((1, 2), jnp.int32)
+  with pytest.raises(ValueError, match="K mismatch"):
+    gg.grouped_gemm(x, gs, (jnp.ones((1, 64, 128), jnp.bfloat16),), es, interpret=True)
+  with pytest.raises(ValueError, match="same K, N"):
+    gg.grouped_gemm(x, gs, (jnp.ones((1, 128, 128), jnp.bfloat16),
+                            jnp.ones((1, 128, 256), jnp.bfloat16)), es, interpret=True)
+  with pytest.raises(ValueError, match="expert_slot"):
+    gg.grouped_gemm(x, gs, (jnp.ones((1, 128, 128), jnp.bfloat16),), es[:, :1], interpret=True)
+  with pytest.raises(ValueError, match="block_n"):
+    gg.GroupedGemmConfig(block_n=96)
