@@ -421,7 +421,7 @@ def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workl
             return
         batches = [RankBatch(np.array([m for _, m in p], np.int64),
                              np.array([q.prefilled + max(q.generated - 1, 0) for q, _ in p], np.int64),
-                             sum(1 for q, m in p if q.prefilled + m == q.input_len)) for p in plans]
+                             sum(1 for q, m in p if q.prefilled + m >= q.input_len)) for p in plans]
         steps = step_costs(cm, hw, strategy, batches)
         duration = max(s.time_s for s in steps)
         for r, s in zip(ranks, steps):
@@ -469,9 +469,6 @@ def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workl
                         issued += 1
             in_events.append((t, prefill_tokens))
         start(ex, t)
-        for other, ranks in enumerate(executors):  # arrivals at the same instant may have found it busy
-            if not busy[other]:
-                start(other, t)
     if done != n:
         raise RuntimeError(f"simulation ended with {n - done} of {n} requests unfinished")
 

@@ -60,6 +60,7 @@ from dwdp_jax.sim.simulator import (DEPConfig, DWDPConfig, RankBatch, SchedulerC
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "experiments" / "results"
 PAPER_DWDP_OVER_DEP = 1.088  # +8.8% TPS/GPU, GB200 NVL72, R1, 8K/1K, 20-100 TPS/user
+PAPER_CTX_ITERATION_SPEEDUP = 1319.85 / 1131.58  # TensorRT-LLM blog: context-only, 4 GPUs, iteration time
 Kind = Literal["validation", "calibration", "out_of_scope"]
 
 
@@ -327,50 +328,63 @@ def decode_point(cfg: ModelConfig, hw: Hardware, tps_per_user: float, context_le
     return lo, lo / step_s(lo)
 
 
+def context_capacity(cfg: ModelConfig, hw: Hardware, strategy: DWDPConfig | DEPConfig, input_len: int = 8192,
+                     length_cv: float = 0.2, token_budgets: tuple[int, ...] = (16384, 32768), num_requests: int = 192,
+                     eff: costs.Efficiency = costs.Efficiency(), expert_format: str = "nvfp4",
+                     seed: int = 0) -> tuple[SchedulerConfig, RunResult]:
+    """A context server group kept full (closed loop, prompts batched whole): its best budget and run."""
+    best = None
+    for budget in token_budgets:
+        sched = SchedulerConfig(token_budget=budget, chunked_prefill=False)
+        work = Workload(num_requests=num_requests, input_len=input_len, length_cv=length_cv, prefill_only=True,
+                        concurrency=strategy.group_size * (budget // input_len + 2), seed=seed)
+        run = simulate(cfg, hw, strategy, work, sched, eff, expert_format)
+        if best is None or run.input_tps_per_gpu > best[1].input_tps_per_gpu:
+            best = (sched, run)
+    return best
+
+
+def disaggregated_tps_per_gpu(gen_tps_per_gpu: float, ctx_requests_per_s_per_gpu: float, output_len: int) -> float:
+    """Output tokens/s per GPU of context and generation servers sized to each other."""
+    return 1.0 / (1.0 / gen_tps_per_gpu + 1.0 / (output_len * ctx_requests_per_s_per_gpu))
+
+
 def predict_nvl72(cfg: ModelConfig | None = None, hw: Hardware = GB200_NVL72, group_size: int = 4,
                   expert_format: str = "nvfp4", input_len: int = 8192, output_len: int = 1024,
                   length_cv: float = 0.2, token_budgets: tuple[int, ...] = (8192, 16384, 32768),
                   tps_per_user: tuple[float, ...] = (20, 30, 40, 50, 60, 70, 80, 90, 100),
-                  gen_group_size: int = 16, num_requests: int = 192, dwdp: DWDPConfig | None = None,
+                  gen_group_size: int = 16, num_requests: int = 768, dwdp: DWDPConfig | None = None,
                   dep: DEPConfig | None = None, eff: costs.Efficiency = costs.Efficiency(), seed: int = 0) -> dict:
     """Predicted DWDP/DEP output TPS/GPU for R1 8K/1K on `hw`, in the paper's disaggregated setting.
 
     Context servers (groups of `group_size` GPUs, prompts batched whole under a token budget) run DWDP or DEP;
     generation servers run DEP in both arms (the paper's DWDP is context-only), so per-GPU output throughput
-    at a TPS/user point u is 1 / (1/gen_tps(u) + 1/(output_len * ctx_requests_per_s_per_gpu)), with the
-    context and generation GPUs sized to each other. Each strategy's context servers use the token budget
-    that maximizes its own throughput; TTFT (context side only) is measured with Poisson arrivals at 80% of
-    DEP's context capacity.
+    at a TPS/user point u is `disaggregated_tps_per_gpu(gen_tps(u), ctx requests/s/GPU)`. Each strategy's
+    context servers use the token budget that maximizes its own throughput; TTFT (context side only) is
+    measured with Poisson arrivals at 80% of DEP's context capacity. TPS/user points that the generation
+    servers cannot reach (no MTP in the model) are left out.
     """
     cfg = cfg or preset("deepseek-r1")
     dwdp = dwdp or DWDPConfig(group_size=group_size)
     dep = dep or DEPConfig(group_size=group_size, dispatch_bytes=1.0)
     ctx = {}
     for strat in (dep, dwdp):
-        best = None
-        for budget in token_budgets:
-            sched = SchedulerConfig(token_budget=budget, chunked_prefill=False)
-            per_rank = budget // input_len + 2
-            work = Workload(num_requests=num_requests, input_len=input_len, length_cv=length_cv, prefill_only=True,
-                            concurrency=group_size * per_rank, seed=seed)
-            run = simulate(cfg, hw, strat, work, sched, eff, expert_format)
-            if best is None or run.input_tps_per_gpu > best[1].input_tps_per_gpu:
-                best = (sched, run)
-        ctx[strat.name] = {"token_budget": best[0].token_budget, "run": best[1],
-                           "requests_per_s_per_gpu": best[1].input_tps_per_gpu / input_len}
+        sched, run = context_capacity(cfg, hw, strat, input_len, length_cv, token_budgets, num_requests, eff,
+                                      expert_format, seed)
+        ctx[strat.name] = {"sched": sched, "run": run, "requests_per_s_per_gpu": run.input_tps_per_gpu / input_len}
     rate = 0.8 * ctx["dep"]["requests_per_s_per_gpu"] * group_size
     for strat in (dep, dwdp):
         work = Workload(num_requests=num_requests, input_len=input_len, length_cv=length_cv, prefill_only=True,
                         arrival="poisson", rate_per_s=rate, seed=seed + 1)
-        sched = SchedulerConfig(token_budget=ctx[strat.name]["token_budget"], chunked_prefill=False)
-        ctx[strat.name]["ttft_median_s"] = simulate(cfg, hw, strat, work, sched, eff, expert_format).ttft_median_s
+        run = simulate(cfg, hw, strat, work, ctx[strat.name]["sched"], eff, expert_format)
+        ctx[strat.name]["ttft_median_s"] = run.ttft_median_s
     ratios, gen = {}, {}
     for u in tps_per_user:
         point = decode_point(cfg, hw, u, input_len + output_len // 2, gen_group_size, eff, expert_format)
         if point is None:
             continue
         gen[u] = point
-        per_gpu = {k: 1.0 / (1.0 / point[1] + 1.0 / (output_len * v["requests_per_s_per_gpu"]))
+        per_gpu = {k: disaggregated_tps_per_gpu(point[1], v["requests_per_s_per_gpu"], output_len)
                    for k, v in ctx.items()}
         ratios[u] = per_gpu["dwdp"] / per_gpu["dep"]
     dep_run, dwdp_run = ctx["dep"]["run"], ctx["dwdp"]["run"]
@@ -379,7 +393,8 @@ def predict_nvl72(cfg: ModelConfig | None = None, hw: Hardware = GB200_NVL72, gr
         "ratio_by_tps_per_user": ratios,
         "paper_dwdp_over_dep": PAPER_DWDP_OVER_DEP,
         "ctx_dwdp_over_dep": ctx["dwdp"]["requests_per_s_per_gpu"] / ctx["dep"]["requests_per_s_per_gpu"],
-        "ctx_token_budget": {k: v["token_budget"] for k, v in ctx.items()},
+        "paper_ctx_iteration_speedup": PAPER_CTX_ITERATION_SPEEDUP,
+        "ctx_token_budget": {k: v["sched"].token_budget for k, v in ctx.items()},
         "ctx_ttft_median_s": {k: v["ttft_median_s"] for k, v in ctx.items()},
         "ctx_breakdown_frac": {"dep": dep_run.breakdown_frac(), "dwdp": dwdp_run.breakdown_frac()},
         "gen_batch_and_tps_per_gpu": gen,

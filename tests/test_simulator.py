@@ -1,0 +1,267 @@
+"""Tests of the DWDP/DEP performance model (dwdp_jax/sim): hand-computable steps, cost arithmetic, the
+probe-4 validation within its documented tolerance, serving bookkeeping, and the sensitivity notebook."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from dwdp_jax.config import preset
+from dwdp_jax.sim import costs, hardware
+from dwdp_jax.sim.simulator import (DEPConfig, DWDPConfig, RankBatch, SchedulerConfig, Workload, dep_step,
+                                    dwdp_rank_step, fetch_time_s, simulate, step_costs)
+from dwdp_jax.sim import validate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+R1 = preset("deepseek-r1")
+# A GPU whose destination and source peer rates are equal, so contention arithmetic is exact.
+FLAT = hardware.H200_HGX.replace(name="flat", copy_engine_frac=0.5, all_pull_frac=0.5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One step.
+
+def test_dep_step_is_slowest_rank_plus_comm():
+    steps = dep_step(local_s=[[3.0], [5.0]], expert_s=[[0.0], [0.0]], comm_s=[1.0])
+    assert [s.time_s for s in steps] == [6.0, 6.0]
+    assert steps[0].wait_s == pytest.approx(2.0) and steps[1].wait_s == pytest.approx(0.0)
+    assert steps[0].comm_s == 1.0
+
+
+def test_dep_step_barriers_only_at_moe_layers():
+    # Layer 0 dense (no comm), layer 1 MoE: the barrier sees the sum since the last one: max(1+3, 2+1) = 4.
+    steps = dep_step(local_s=[[1.0, 3.0], [2.0, 1.0]], expert_s=[[0.0, 0.5], [0.0, 0.25]], comm_s=[0.0, 1.0])
+    assert steps[0].time_s == pytest.approx(4.0 + 0.5 + 1.0)
+
+
+@pytest.mark.parametrize("layers", [1, 4, 10])
+def test_dwdp_fetch_shorter_than_compute_is_compute_bound(layers):
+    # The first fetch is exposed, every later one hides behind the previous layer's compute.
+    step = dwdp_rank_step([1.0] * layers, [0.5] * layers)
+    assert step.time_s == pytest.approx(0.5 + layers * 1.0)
+    assert step.exposed_fetch_s == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_dwdp_fetch_longer_than_compute_is_fetch_bound(depth):
+    step = dwdp_rank_step([1.0] * 10, [2.0] * 10, depth=depth)
+    assert step.time_s == pytest.approx(10 * 2.0 + 1.0)
+    assert step.exposed_fetch_s == pytest.approx(step.time_s - 10.0)
+
+
+def test_dwdp_interference_closed_form():
+    # While both run, compute and copy each go 1.5x slower: a middle layer takes
+    # C + F (1 + b) a / (1 + a) = 1 + 0.5 * 1.5 * 0.5 / 1.5 = 1.25.
+    step = dwdp_rank_step([1.0] * 4, [0.5] * 4, compute_slowdown=0.5, copy_slowdown=0.5)
+    assert step.time_s == pytest.approx(0.5 + 3 * 1.25 + 1.0)
+    assert step.interference_s == pytest.approx(3 * 0.25)
+
+
+def test_dwdp_layers_without_fetch_and_misses():
+    # Dense layer 0 hides layer 1's fetch; a miss after layer 1 sits on the critical path.
+    step = dwdp_rank_step([1.0, 1.0, 1.0], [0.0, 0.8, 0.0], miss_s=[0.0, 0.3, 0.0])
+    assert step.time_s == pytest.approx(3.3)
+    assert step.exposed_fetch_s == pytest.approx(0.3)
+
+
+def test_deeper_prefetch_absorbs_uneven_layers():
+    compute = [0.2, 2.0] * 5
+    fetch = [1.0] * 10
+    shallow, deep = dwdp_rank_step(compute, fetch, depth=1), dwdp_rank_step(compute, fetch, depth=3)
+    assert deep.time_s < shallow.time_s
+    assert deep.time_s >= max(sum(compute), sum(fetch))
+
+
+@pytest.mark.parametrize("group_size", [2, 3, 5, 8])
+def test_contention_same_source_is_k_times_slower(group_size):
+    bytes_ = 8e9
+    staggered = fetch_time_s(bytes_, group_size, FLAT, "staggered")
+    same = fetch_time_s(bytes_, group_size, FLAT, "same_order")
+    assert staggered == pytest.approx(bytes_ / (FLAT.fetch_in_gbps * 1e9))
+    assert same == pytest.approx((group_size - 1) * staggered)
+
+
+def test_imbalance_slows_dep_normal_ranks_but_not_dwdp():
+    cfg, hw = preset("r1-layers-4"), hardware.H200_HGX
+    cm = costs.CostModel(cfg, hw)
+    normal = RankBatch(np.array([4096]), np.array([0]), 1)
+    heavy = RankBatch(np.array([8192]), np.array([0]), 1)
+    for strategy in (DEPConfig(group_size=2), DWDPConfig(group_size=2)):
+        balanced = step_costs(cm, hw, strategy, [normal, normal])[1]
+        skewed = step_costs(cm, hw, strategy, [heavy, normal])[1]
+        if isinstance(strategy, DEPConfig):
+            assert skewed.time_s > 1.2 * balanced.time_s
+            assert skewed.wait_s > 0 and balanced.wait_s == pytest.approx(0.0, abs=1e-12)
+        else:
+            assert skewed.time_s == balanced.time_s
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cost arithmetic.
+
+def test_expert_and_mla_arithmetic():
+    assert costs.expert_params(R1) == 3 * 7168 * 2048
+    assert costs.expert_flops(R1, 1000) == 2 * 3 * 7168 * 2048 * 1000
+    q = 7168 * 1536 + 1536 * 128 * 192
+    assert costs.mla_params(R1) == q + 7168 * 576 + 512 * 128 * 256 + 128 * 128 * 7168
+    # One prefill token at position 0 attends to itself; a decode token to context + 1 latent rows.
+    assert costs.mla_core_flops(R1, [1], [0])[0] == 2 * 128 * (2 * 512 + 64)
+    assert costs.mla_core_flops(R1, [4], [0])[0] == 2 * 128 * (192 + 128) * 10
+
+
+def test_fetch_and_all_to_all_bytes():
+    expert_fp8 = 3 * 7168 * 2048 * (1 + 4 / 128**2)
+    assert costs.dwdp_fetch_bytes(R1, 4, 256) == pytest.approx(0.75 * 256 * expert_fp8)
+    assert costs.dwdp_fetch_bytes(R1, 4, 256) == pytest.approx(8.46e9, rel=1e-3)  # paper-notes: ~8.5 GB
+    assert costs.dep_a2a_bytes(R1, 8192, 4) == 8192 * 8 * 7168 * 2 * 0.75
+    assert costs.expected_experts_touched(R1, 1) == pytest.approx(8.0)
+    assert costs.expected_experts_touched(R1, 8192) == pytest.approx(256.0)
+
+
+def test_roofline_regimes():
+    cm = costs.CostModel(R1, hardware.H200_HGX)
+    eff = cm.eff
+    one_token = cm.routed_experts_s(8, 8)  # memory-bound: read 8 experts
+    assert one_token == pytest.approx(8 * cm.expert_bytes / (4300e9 * eff.hbm))
+    many = cm.routed_experts_s(8192 * 8, 256)  # compute-bound
+    assert many == pytest.approx(costs.expert_flops(R1, 8192 * 8) / (1454e12 * eff.grouped_gemm))
+
+
+def test_all_to_all_fit_reproduces_probe3():
+    a2a = hardware.H200_HGX.all_to_all
+    per_token = 8 * 7168 * 2 * 0.75
+    assert a2a.time_s(1024 * per_token) == pytest.approx(0.85e-3)
+    assert a2a.time_s(8192 * per_token) == pytest.approx(2.66e-3)
+
+
+def test_memory_fit():
+    assert costs.weight_memory_gb(R1, 8, 2) < hardware.H200_HGX.hbm_gb < costs.weight_memory_gb(R1, 4, 2)
+    assert costs.weight_memory_gb(R1, 4, 2, "nvfp4") < hardware.GB200_NVL72.hbm_gb
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation against device-facts (documented tolerances: overlap hold-outs 10%, peer bandwidths 25%).
+
+def test_probe4_validation_within_tolerance():
+    report = validate.validate()
+    rows = [c for c in report.comparisons if c.kind == "validation"]
+    overlap = [c for c in rows if c.name.startswith("probe4")]
+    p2p = [c for c in rows if c.name.startswith("p2p")]
+    assert len(overlap) == 2 and len(p2p) == 2
+    assert all(abs(c.rel_err) <= 0.10 for c in overlap), report.table()
+    assert all(abs(c.rel_err) <= 0.25 for c in p2p), report.table()
+    assert report.max_rel_err() <= 0.25
+
+
+def test_default_slowdown_is_the_probe4_fit():
+    path = REPO / "experiments/results/sim_calibration/device_facts_probe4.json"
+    record = json.loads(path.read_text())
+    assert validate.probe4_default_slowdown(record) == pytest.approx(DWDPConfig().compute_slowdown, abs=0.01)
+
+
+def test_comparisons_read_future_result_files(tmp_path):
+    results = tmp_path / "experiments" / "results"
+    results.mkdir(parents=True)
+    common = {"date": "2026-12-01", "device_kind": "nvidia-h200-x4", "num_devices": 4}
+    files = {
+        "engine": {"config": {"preset": "r1-layers-4"},
+                   "rows": [{"phase": "prefill", "batch": 1, "seq_len": 4096, "step_time_s": 0.05},
+                            {"phase": "decode", "batch": 32, "context_len": 4096, "step_time_s": 0.01}]},
+        "dwdp": {"config": {"preset": "r1-layers-4", "group_size": 4, "tokens_per_rank": 8192},
+                 "metrics": {"imbalance_slowdown_dwdp": 1.0, "imbalance_slowdown_dep": 1.5},
+                 "rows": [{"strategy": "dwdp", "tokens_per_rank": 8192, "layer_time_s": 0.02}]},
+        "e2e": {"config": {"preset": "r1-layers-4", "group_size": 2, "input_len": 512, "output_len": 8},
+                "rows": [{"strategy": s, "concurrency": 4, "output_tps_per_gpu": 100.0} for s in ("dwdp", "dep")],
+                "metrics": {"dwdp_over_dep_tps_per_gpu": 1.0}},
+    }
+    for part, body in files.items():
+        (results / f"{part}-20261201-nvidia-h200-x4.json").write_text(json.dumps({"part": part, **common, **body}))
+    report = validate.validate(results)
+    assert not report.skipped, report.skipped
+    names = " ".join(c.name for c in report.comparisons)
+    for expected in ("engine prefill", "engine decode", "imbalance_slowdown_dwdp", "imbalance_slowdown_dep",
+                     "layer_time_s", "e2e dwdp concurrency=4", "dwdp_over_dep_tps_per_gpu"):
+        assert expected in names
+    dwdp_imbalance = next(c for c in report.comparisons if c.name.startswith("dwdp imbalance_slowdown_dwdp"))
+    assert dwdp_imbalance.predicted == pytest.approx(1.0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Serving.
+
+def _single_rank():
+    return preset("r1-layers-4"), hardware.H200_HGX, DWDPConfig(group_size=1)
+
+
+def test_prefill_queue_ttft_is_multiples_of_the_step():
+    cfg, hw, strategy = _single_rank()
+    work = Workload(num_requests=4, input_len=2048, output_len=1, prefill_only=True, concurrency=4)
+    run = simulate(cfg, hw, strategy, work, SchedulerConfig(token_budget=2048))
+    step = step_costs(costs.CostModel(cfg, hw), hw, strategy,
+                      [RankBatch(np.array([2048]), np.array([0]), 1)])[0].time_s
+    assert np.allclose(np.sort(run.ttft_s), step * np.arange(1, 5))
+    assert run.input_tps_per_gpu == pytest.approx(2048 / step)
+
+
+def test_decode_tpot_is_the_mean_decode_step():
+    cfg, hw, strategy = _single_rank()
+    work = Workload(num_requests=1, input_len=100, output_len=5, concurrency=1)
+    run = simulate(cfg, hw, strategy, work)
+    cm = costs.CostModel(cfg, hw)
+    prefill = step_costs(cm, hw, strategy, [RankBatch(np.array([100]), np.array([0]), 1)])[0].time_s
+    decode = [step_costs(cm, hw, strategy, [RankBatch(np.array([1]), np.array([100 + i]), 1)])[0].time_s
+              for i in range(4)]
+    assert run.ttft_s[0] == pytest.approx(prefill)
+    assert run.tpot_s[0] == pytest.approx(sum(decode) / 4)
+    assert run.tps_per_user == pytest.approx(4 / sum(decode))
+
+
+def test_length_variation_hurts_dep_more_than_compute_bound_dwdp():
+    # Context servers with budgets large enough that DWDP's fetch hides (GB200, NVFP4 experts). In a fetch-bound
+    # regime DWDP suffers from uneven batches too: its step time is the fetch, whatever the tokens.
+    cfg, hw = preset("r1-layers-4"), hardware.GB200_NVL72
+    sched = SchedulerConfig(token_budget=32768, chunked_prefill=False)
+    kept = {}
+    for strategy in (DEPConfig(group_size=4), DWDPConfig(group_size=4)):
+        tps = [simulate(cfg, hw, strategy, Workload(num_requests=192, input_len=8192, length_cv=cv, prefill_only=True,
+                                                    concurrency=24, seed=3), sched, expert_format="nvfp4")
+               for cv in (0.0, 0.4)]
+        kept[strategy.name] = tps[1].input_tps_per_gpu / tps[0].input_tps_per_gpu
+        if strategy.name == "dep":
+            assert tps[1].breakdown_frac()["wait"] > tps[0].breakdown_frac()["wait"] + 0.05
+    assert kept["dep"] < kept["dwdp"] - 0.03
+
+
+def test_rank_weights_skew_the_split():
+    cfg, hw = preset("r1-layers-4"), hardware.H200_HGX
+    work = Workload(num_requests=64, input_len=1024, prefill_only=True, arrival="poisson", rate_per_s=50.0,
+                    rank_weights=(3.0, 1.0), seed=1)
+    run = simulate(cfg, hw, DWDPConfig(group_size=2), work, SchedulerConfig(token_budget=1024))
+    assert len(run.step_times_s[0]) > 2 * len(run.step_times_s[1])
+    assert np.isfinite(run.ttft_s).all()
+
+
+def test_group_must_fit_the_nvlink_domain():
+    with pytest.raises(ValueError, match="NVLink domain"):
+        simulate(R1, hardware.H200_HGX, DEPConfig(group_size=16), Workload(num_requests=1))
+
+
+def test_predict_nvl72_runs_and_is_near_one():
+    result = validate.predict_nvl72(num_requests=96, tps_per_user=(20, 50, 80))
+    assert result["fits_memory"]
+    assert 0.8 < result["nvl72_dwdp_over_dep"] < 1.6
+    assert set(result["ratio_by_tps_per_user"]) <= {20, 50, 80}
+    # Context servers carry the gain; generation servers are the same in both arms, so it is diluted.
+    assert abs(result["nvl72_dwdp_over_dep"] - 1) < abs(result["ctx_dwdp_over_dep"] - 1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+def test_notebook_executes():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = REPO / "experiments/notebooks/simulator_sensitivity.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "store the notebook without outputs"
+    nbclient.NotebookClient(nb, timeout=120, resources={"metadata": {"path": str(REPO)}}).execute()
