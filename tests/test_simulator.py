@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 
 from dwdp_jax.config import preset
-from dwdp_jax.sim import costs, hardware
+from dwdp_jax.sim import costs, hardware, validate
 from dwdp_jax.sim.simulator import (DEPConfig, DWDPConfig, RankBatch, SchedulerConfig, Workload, dep_step,
                                     dwdp_rank_step, fetch_time_s, simulate, step_costs)
-from dwdp_jax.sim import validate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 R1 = preset("deepseek-r1")

@@ -13,7 +13,7 @@ from dwdp_jax.sim.simulator import (DEPConfig, DWDPConfig, RankBatch, RankStep, 
                                     dep_step, dwdp_rank_step, fetch_time_s, simulate, step_costs)
 
 __all__ = [
-    "AllToAll", "CostModel", "DEPConfig", "DWDPConfig", "Efficiency", "GB200_NVL72", "H200_HGX", "Hardware",
-    "PROFILES", "RankBatch", "RankStep", "RunResult", "SchedulerConfig", "Workload", "dep_step", "dwdp_rank_step",
-    "fetch_time_s", "simulate", "step_costs",
+    "GB200_NVL72", "H200_HGX", "PROFILES", "AllToAll", "CostModel", "DEPConfig", "DWDPConfig", "Efficiency", "Hardware",
+    "RankBatch", "RankStep", "RunResult", "SchedulerConfig", "Workload", "dep_step", "dwdp_rank_step", "fetch_time_s",
+    "simulate", "step_costs",
 ]

@@ -22,6 +22,7 @@ import dataclasses
 import numpy as np
 
 from dwdp_jax.config import ModelConfig
+from dwdp_jax.sim.hardware import Hardware
 
 # Bytes per weight element, block scales included: FP8 with one fp32 scale per 128x128 block (R1's checkpoint),
 # NVFP4 with one FP8 scale per 16 elements (the paper's shipped format).
@@ -132,7 +133,7 @@ class CostModel:
     """Seconds per operation of one layer on one GPU of `hw`, for the model `cfg`."""
 
     cfg: ModelConfig
-    hw: "object"  # hardware.Hardware (kept loose to avoid an import cycle in type hints)
+    hw: Hardware
     eff: Efficiency = Efficiency()
     expert_format: str = "fp8"  # routed experts: 'fp8' (R1 checkpoint) or 'nvfp4' (the paper)
     dense_format: str = "fp8"  # attention projections, shared expert, dense MLP

@@ -40,7 +40,7 @@ class AllToAll:
         return self.latency_s + bytes_out / (self.bw_gbps * 1e9)
 
     @staticmethod
-    def fit(points: list[tuple[float, float]]) -> "AllToAll":
+    def fit(points: list[tuple[float, float]]) -> AllToAll:
         """Latency + size/bw through two (bytes_out, seconds) points."""
         (b0, t0), (b1, t1) = points
         bw = (b1 - b0) / (t1 - t0)
@@ -96,10 +96,10 @@ class Hardware:
             return self.fp4_tflops or self.fp8_tflops
         raise ValueError(f"unknown dtype {dtype!r}")
 
-    def replace(self, **changes) -> "Hardware":
+    def replace(self, **changes) -> Hardware:
         return dataclasses.replace(self, **changes)
 
-    def with_nvlink_scale(self, scale: float) -> "Hardware":
+    def with_nvlink_scale(self, scale: float) -> Hardware:
         """The same GPU with `scale` x the NVLink rate: fetches and all-to-all bandwidth scale, latency does not."""
         a2a = AllToAll(self.all_to_all.latency_s, self.all_to_all.bw_gbps * scale)
         return self.replace(name=f"{self.name}x{scale:g}nvl", nvlink_gbps=self.nvlink_gbps * scale, all_to_all=a2a)

@@ -164,11 +164,9 @@ def dwdp_rank_step(compute_s, fetch_s, depth: int = 1, compute_slowdown: float =
             f_left = fetch_s[fi]
         c_rate = 1.0 / (1.0 + compute_slowdown) if f_left is not None else 1.0
         f_rate = 1.0 / (1.0 + copy_slowdown) if c_left is not None else 1.0
-        dts = [x for x in (c_left and c_left / c_rate, m_left, f_left and f_left / f_rate) if x is not None]
-        if not dts:  # zero-length work: complete it without advancing time
-            dt = 0.0
-        else:
-            dt = min(dts)
+        # Advance to the next completion. Something always runs: layer ci waits only for fetch ci, which may
+        # start because layer ci-1 >= ci-depth has started.
+        dt = min(x for x in (c_left and c_left / c_rate, m_left, f_left and f_left / f_rate) if x is not None)
         if c_left is not None:
             interference += dt * (1.0 - c_rate)
             c_left -= dt * c_rate

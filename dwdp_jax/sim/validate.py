@@ -54,8 +54,8 @@ import numpy as np
 from dwdp_jax.config import ModelConfig, preset
 from dwdp_jax.sim import costs
 from dwdp_jax.sim.hardware import GB200_NVL72, H200_HGX, Hardware
-from dwdp_jax.sim.simulator import (DEPConfig, DWDPConfig, RankBatch, SchedulerConfig, Workload, dwdp_rank_step,
-                                    fetch_time_s, simulate, step_costs)
+from dwdp_jax.sim.simulator import (DEPConfig, DWDPConfig, RankBatch, RunResult, SchedulerConfig, Workload,
+                                    dwdp_rank_step, fetch_time_s, simulate, step_costs)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "experiments" / "results"
@@ -400,11 +400,11 @@ def predict_nvl72(cfg: ModelConfig | None = None, hw: Hardware = GB200_NVL72, gr
         "gen_batch_and_tps_per_gpu": gen,
         "fits_memory": dwdp_run.fits_memory,
         "assumptions": [
-            f"{hw.name}: datasheet rates x H200 achieved fractions; all-to-all {hw.all_to_all.latency_s * 1e6:.0f} us"
-            f" + bytes / {hw.all_to_all.bw_gbps:.0f} GB/s (assumed)",
-            f"routed experts {expert_format}, other weights fp8; context groups of {group_size} GPUs; DWDP prefetch"
-            f" depth {dwdp.prefetch_depth}, {dwdp.schedule} pulls, fetch_frac {dwdp.fetch_frac}, slowdowns"
-            f" {dwdp.compute_slowdown}/{dwdp.copy_slowdown} (H200 probe 4)",
+            (f"{hw.name}: datasheet rates x H200 achieved fractions; all-to-all"
+             f" {hw.all_to_all.latency_s * 1e6:.0f} us + bytes / {hw.all_to_all.bw_gbps:.0f} GB/s (assumed)"),
+            (f"routed experts {expert_format}, other weights fp8; context groups of {group_size} GPUs; DWDP prefetch"
+             f" depth {dwdp.prefetch_depth}, {dwdp.schedule} pulls, fetch_frac {dwdp.fetch_frac}, slowdowns"
+             f" {dwdp.compute_slowdown}/{dwdp.copy_slowdown} (H200 probe 4)"),
             f"DEP dispatch {dep.dispatch_bytes:g} B/elem, combine {dep.combine_bytes:g} B/elem; uniform routing",
             f"input lognormal mean {input_len}, CV {length_cv}; whole prompts per step, budget from {token_budgets}",
             f"generation: DEP{gen_group_size} in both arms, no MTP, context {input_len + output_len // 2}",
