@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,9 +18,11 @@ from dwdp_jax.planner import (
     optimize_placement,
     placement_cost,
     plan_fetch,
+    skew,
     source_schedule,
+    summarize,
 )
-from dwdp_jax.planner import skew, summarize
+from dwdp_jax.routing import expert_histogram, route
 
 
 def _plan(policy, placement, rank, share, tokens=1, budget=None, layer=0, prefill=False, step=0):
@@ -365,12 +368,20 @@ def test_zipf_shares_capped_and_permuted():
     ids=["tiny-16", "64-experts"],
 )
 def test_skew_calibration_matches_zipf(cfg):
-    spec = skew.make_skew(cfg, num_tokens=4096, iters=100, seed=0)
+    rng = np.random.default_rng(0)
+    routers = rng.standard_normal((cfg.num_moe_layers, cfg.hidden_size, cfg.n_routed_experts)) * 0.02
+    spec = skew.make_skew(cfg, routers, num_tokens=4096, iters=100, seed=0)
     assert spec.bias_le.shape == (cfg.num_moe_layers, cfg.n_routed_experts)
     assert spec.max_total_variation < 0.1, spec.max_total_variation
-    # Different hot experts per layer, and a clearly skewed (not uniform) achieved load.
-    assert np.argmax(spec.target_le[0]) != np.argmax(spec.target_le[1])
-    assert spec.achieved_le.max() > 2.0 / cfg.n_routed_experts
+    # The real thing: fresh hidden states through the scaled router and `route`, group-limited top-k included.
+    x = rng.standard_normal((4096, cfg.hidden_size)).astype(np.float32)
+    for layer in range(cfg.num_moe_layers):
+        w = jnp.asarray(routers[layer] * spec.router_scale_l[layer], jnp.float32)
+        ids, _ = route(jnp.asarray(x), w, jnp.asarray(spec.bias_le[layer]), cfg)
+        share = np.asarray(expert_histogram(ids, cfg.n_routed_experts)) / ids.size
+        assert skew.total_variation(share, spec.target_le[layer]) < 0.1
+    # Different hot experts per layer, and a clearly skewed (not uniform) load.
+    assert not np.array_equal(np.argsort(spec.target_le[0]), np.argsort(spec.target_le[1]))
     uniform = np.full(cfg.n_routed_experts, 1.0 / cfg.n_routed_experts)
     assert skew.total_variation(spec.achieved_le[0], uniform) > 0.1
 
