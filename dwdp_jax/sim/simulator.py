@@ -289,7 +289,8 @@ class _Request:
 
 
 def _schedule(queue: list[_Request], sched: SchedulerConfig) -> list[tuple[_Request, int]]:
-    """A rank's batch: (request, new tokens). Decoding requests first, then prefill in arrival order."""
+    """A rank's batch: (request, new tokens). Decoding requests first, then prefill in arrival order
+    (the policy of `dwdp_jax/engine/scheduler.py`, without its cache slots)."""
     batch, budget = [], sched.token_budget
     for req in queue:
         if len(batch) == sched.max_batch or budget == 0:

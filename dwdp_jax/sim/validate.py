@@ -104,7 +104,7 @@ def load_measurements(results_dir: pathlib.Path = RESULTS_DIR) -> list[dict]:
         with open(path) as f:
             record = json.load(f)
         if isinstance(record, dict) and record.get("part") in ("dwdp", "e2e", "engine"):
-            record["_path"] = str(path.relative_to(results_dir.parent.parent) if REPO in path.parents else path)
+            record["_path"] = str(path.relative_to(REPO) if REPO in path.parents else path)
             records.append(record)
     return records
 
@@ -206,7 +206,7 @@ def compare_engine(record: dict, hw: Hardware) -> list[Comparison]:
             batch = RankBatch(np.full(b, row["seq_len"], np.int64), np.zeros(b, np.int64), b)
         else:
             batch = RankBatch(np.ones(b, np.int64), np.full(b, row["context_len"], np.int64), b)
-        step = step_costs(cm, hw, DWDPConfig(group_size=1), [batch])[0]
+        step = step_costs(cm, hw, DWDPConfig(group_size=1), [batch])[0]  # one GPU: no fetch, no all-to-all
         out.append(Comparison(f"engine {row['phase']} batch={b} step", row["step_time_s"], step.time_s, "s",
                               "validation", record["_path"]))
     return out
