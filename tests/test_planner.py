@@ -212,6 +212,8 @@ def test_stats_save_load_round_trip(tmp_path):
     assert trace.num_records == 24 and trace.num_ranks == 2 and trace.num_layers == 3
     load = trace.load_lge()
     assert load.shape == (3, 2, 8) and load.sum() == trace.counts.sum()
+    freq = trace.use_frequency_lge()
+    np.testing.assert_allclose(freq, (trace.counts > 0).reshape(2, 4, 3, 8).mean(1).transpose(1, 0, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------------

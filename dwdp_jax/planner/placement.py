@@ -2,8 +2,9 @@
 
 A `Placement` covers the MoE layers of a model, indexed 0..num_layers-1 in MoE-layer order (model layer
 `first_k_dense_replace + i` is placement layer `i`). For each layer every expert has one *home* rank and may
-have *replicas* on other ranks (redundant copies that cost staging-free memory on the holder and spare it the
-fetch). A rank holds its home experts plus its replicas; it must fetch every other expert it routes to.
+have *replicas* on other ranks: redundant resident copies, which cost the holder memory, spare it the fetch and
+give other ranks a second source. A rank holds its home experts plus its replicas; it must fetch every other
+expert it routes to.
 
 Nothing here assumes a group size of 8 or less: ranks are plain ints in [0, num_ranks).
 """

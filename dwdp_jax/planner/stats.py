@@ -66,6 +66,18 @@ class Trace:
         np.add.at(out, (self.layer, self.rank), self.counts)
         return out
 
+    def use_frequency_lge(self, num_layers: int | None = None, num_ranks: int | None = None) -> np.ndarray:
+        """[num_layers, num_ranks, num_experts]: fraction of a rank's recorded steps in which it routed any token
+        to the expert, i.e. how often selective prefetch needs it (the better `optimize_placement` input when
+        policies fetch only what is used)."""
+        num_layers = self.num_layers if num_layers is None else num_layers
+        num_ranks = self.num_ranks if num_ranks is None else num_ranks
+        used = np.zeros((num_layers, num_ranks, self.num_experts))
+        records = np.zeros((num_layers, num_ranks))
+        np.add.at(used, (self.layer, self.rank), self.counts > 0)
+        np.add.at(records, (self.layer, self.rank), 1)
+        return np.divide(used, records[..., None], out=np.zeros_like(used), where=records[..., None] > 0)
+
     @classmethod
     def concat(cls, traces: Sequence["Trace"]) -> "Trace":
         if not traces:
