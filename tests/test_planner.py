@@ -2,6 +2,7 @@
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -379,7 +380,7 @@ def test_skew_calibration_matches_zipf(cfg):
     x = rng.standard_normal((4096, cfg.hidden_size)).astype(np.float32)
     for layer in range(cfg.num_moe_layers):
         w = jnp.asarray(routers[layer] * spec.router_scale_l[layer], jnp.float32)
-        ids, _ = route(jnp.asarray(x), w, jnp.asarray(spec.bias_le[layer]), cfg)
+        ids, _ = jax.jit(route, static_argnums=3)(jnp.asarray(x), w, jnp.asarray(spec.bias_le[layer]), cfg)
         share = np.asarray(expert_histogram(ids, cfg.n_routed_experts)) / ids.size
         assert skew.total_variation(share, spec.target_le[layer]) < 0.1
     # Different hot experts per layer, and a clearly skewed (not uniform) load.
