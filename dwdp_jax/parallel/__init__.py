@@ -1,0 +1,1 @@
+"""Parallel strategies: DWDP (this package's subject), and the DEP and replicated-DP baselines."""

@@ -1,0 +1,311 @@
+"""DWDP: Distributed Weight Data Parallelism.
+
+Each device (rank) of a group of G serves its own batch with its own host thread and its own jit-compiled
+programs. Where each weight lives:
+
+  * replicated on every rank: embeddings, attention, norms, dense layers, routers, shared experts, LM head;
+  * split across the group: each MoE layer's routed experts, by a `Placement` (rank r holds
+    `placement.local_experts(layer, r)` in one [E_r, ...] buffer per layer; replicas allowed).
+
+What moves, and when: the model runs one jitted program per decoder layer. Before the host dispatches layer
+l's program it issues the fetch of MoE layer l+depth's remote experts: one copy per peer of that peer's
+whole expert buffer, peers visited in an order rotated by rank (rank r reads r+1, r+2, ...) so that the ranks
+of a group do not all read one source at once. The copies land in fresh staging buffers on this rank (at
+most `depth` layers of them are alive: ring buffering by reference lifetime) and layer l+depth's program
+consumes local and staged buffers where they lie (`experts.split_weight_ffn`): no merge copy, no collective,
+no barrier. A fetch backend decides which engine moves the bytes (`fetch.py`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dwdp_jax.config import ModelConfig
+from dwdp_jax.experts import ExpertWeights, split_weight_ffn
+from dwdp_jax.model import Block, DeepseekV3, LayerKV
+from dwdp_jax.parallel.fetch import DevicePutFetch, FetchBackend
+from dwdp_jax.planner.placement import Placement
+
+
+@dataclasses.dataclass(frozen=True)
+class DwdpConfig:
+    """Group size, prefetch depth (layers ahead) and the fetch backend."""
+
+    group_size: int
+    prefetch_depth: int = 1
+    staggered: bool = True  # rank-rotated source order; False: every rank reads peers 0, 1, ... in order
+
+    def __post_init__(self):
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if self.prefetch_depth < 0:
+            raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
+
+
+def source_order(rank: int, group_size: int, staggered: bool = True) -> list[int]:
+    """Peers in the order rank `rank` reads them: rotated by rank so that at each step the ranks read
+    distinct sources (a permutation), or the same fixed order for all ranks."""
+    if staggered:
+        return [(rank + i) % group_size for i in range(1, group_size)]
+    return [p for p in range(group_size) if p != rank]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotMap:
+    """Where each global expert is found at run time: expert e is `buffers[buffer[e]][slot[e]]`."""
+
+    buffer: jax.Array  # [n_routed_experts] int32
+    slot: jax.Array  # [n_routed_experts] int32
+
+
+def slot_map(placement: Placement, moe_layer: int, rank: int, peers: Sequence[int]) -> tuple[SlotMap, list[int]]:
+    """Buffer 0 is the local buffer; then one buffer per peer that supplies at least one expert, in the order
+    of `peers`. A locally held expert is always read locally; otherwise from the first peer holding it.
+    Returns the map and the peers to fetch from (in order)."""
+    n = placement.num_experts
+    buffer = np.full(n, -1, np.int32)
+    slot = np.zeros(n, np.int32)
+    for s, e in enumerate(placement.local_experts(moe_layer, rank)):
+        buffer[e], slot[e] = 0, s
+    used = []
+    for owner in peers:
+        supplied = [(s, e) for s, e in enumerate(placement.local_experts(moe_layer, owner)) if buffer[e] < 0]
+        if supplied:
+            used.append(owner)
+            for s, e in supplied:
+                buffer[e], slot[e] = len(used), s
+    if (buffer < 0).any():
+        raise ValueError(f"layer {moe_layer}: experts {np.flatnonzero(buffer < 0)} are held by no rank")
+    return SlotMap(jnp.asarray(buffer), jnp.asarray(slot)), used
+
+
+def _layer_step(graphdef, state, buffers, slots, x, positions, kv, absorbed):
+    """One decoder layer on one rank (jit-compiled per layer shape). Returns (x, kv, expert_counts)."""
+    layer: Block = nnx.merge(graphdef, state)
+    x, kv = layer.attention(x, positions, kv, absorbed)
+    stats = {}
+    if layer.is_moe:
+
+        def executor(x_td, ids, weights, local: ExpertWeights):
+            return split_weight_ffn(x_td, ids, weights, [local, *buffers], slots.buffer, slots.slot)
+
+        x = layer.ffn(x, executor, stats)
+    else:
+        x = layer.ffn(x, None)
+    return x, kv, stats.get("expert_counts")
+
+
+_layer_step_jit = jax.jit(_layer_step, static_argnums=(0, 7))
+
+
+def _embed(state_graph, state, ids):
+    return nnx.merge(state_graph, state).embed(ids)
+
+
+def _logits(graph, state, hidden):
+    return nnx.merge(graph, state).logits(hidden)
+
+
+_embed_jit = jax.jit(_embed, static_argnums=0)
+_logits_jit = jax.jit(_logits, static_argnums=0)
+
+
+class _Head(nnx.Module):
+    """The replicated non-layer weights: embedding, final norm, LM head."""
+
+    def __init__(self, model: DeepseekV3):
+        self.embed_tokens = model.embed_tokens
+        self.norm = model.norm
+        self.lm_head = model.lm_head
+
+    def embed(self, ids):
+        return self.embed_tokens[...][ids]
+
+    def logits(self, hidden):
+        return self.lm_head(self.norm(hidden)).astype(jnp.float32)
+
+
+class DwdpRank:
+    """One rank: its weights on its device, and a forward pass that prefetches remote experts."""
+
+    def __init__(self, cfg: ModelConfig, rank: int, device: jax.Device, head: _Head, layers: list[Block],
+                 placement: Placement, dwdp: DwdpConfig, fetch: FetchBackend):
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self.placement, self.dwdp, self.fetch = placement, dwdp, fetch
+        self.head_graph, self.head_state = nnx.split(head)
+        self.layers = [nnx.split(layer) for layer in layers]
+        self.expert_buffers = {i: layer.mlp.experts.weights() for i, layer in enumerate(layers) if layer.is_moe}
+        order = source_order(rank, dwdp.group_size, dwdp.staggered)
+        self.slot_maps, self.fetch_peers = {}, {}
+        for i in range(cfg.num_layers):
+            if cfg.is_moe_layer(i):
+                slots, peers = slot_map(placement, i - cfg.first_k_dense_replace, rank, order)
+                self.slot_maps[i], self.fetch_peers[i] = jax.device_put(slots, device), peers
+        self.group: list[DwdpRank] = []  # set by DwdpGroup
+
+    def local_experts(self, layer: int) -> ExpertWeights:
+        """This rank's expert buffer of decoder layer `layer` (what peers copy from)."""
+        return self.expert_buffers[layer]
+
+    def issue_fetch(self, layer: int) -> list[ExpertWeights]:
+        """Starts the copies of `layer`'s remote expert buffers, peers in this rank's source order."""
+        return [self.fetch(self.group[p].local_experts(layer), self.device) for p in self.fetch_peers[layer]]
+
+    def forward(self, token_ids, positions=None, kv: list[LayerKV] | None = None, absorbed: bool = False,
+                stats: list | None = None):
+        """Logits [b, s, vocab] for this rank's batch (and the updated per-layer caches when kv is given).
+
+        Host loop over layers: issue layer l+depth's fetch, then dispatch layer l. JAX dispatch is
+        asynchronous, so the host runs ahead of the device and the copies overlap earlier layers' compute.
+        """
+        cfg = self.cfg
+        token_ids = jax.device_put(token_ids, self.device)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape)
+        positions = jax.device_put(positions, self.device)
+        moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+        depth = self.dwdp.prefetch_depth
+        staged: dict[int, list[ExpertWeights]] = collections.OrderedDict()
+        for j in moe_layers[:depth]:
+            staged[j] = self.issue_fetch(j)
+        x = _embed_jit(self.head_graph, self.head_state, token_ids)
+        new_kv = []
+        for i in range(cfg.num_layers):
+            if cfg.is_moe_layer(i):
+                ahead = moe_layers.index(i) + depth
+                if ahead < len(moe_layers) and depth > 0:
+                    staged[moe_layers[ahead]] = self.issue_fetch(moe_layers[ahead])
+                buffers = staged.pop(i) if depth > 0 else self.issue_fetch(i)
+                slots = self.slot_maps[i]
+            else:
+                buffers, slots = [], None
+            graph, state = self.layers[i]
+            x, layer_kv, counts = _layer_step_jit(graph, state, buffers, slots, x, positions,
+                                                  None if kv is None else kv[i], absorbed)
+            new_kv.append(layer_kv)
+            if stats is not None and counts is not None:
+                stats.append((i, counts))
+            del buffers  # the staging buffers die with the last reference: at most `depth` layers alive
+        logits = _logits_jit(self.head_graph, self.head_state, x)
+        return (logits, new_kv) if kv is not None else logits
+
+
+    def compiled_programs(self, batch: int, seq: int) -> list[str]:
+        """Compiled HLO text of this rank's per-layer step programs (for inspection: no collectives)."""
+        x = jax.device_put(jnp.zeros((batch, seq, self.cfg.hidden_size), jnp.float32), self.device)
+        positions = jax.device_put(jnp.zeros((batch, seq), jnp.int32), self.device)
+        texts = []
+        for i, (graph, state) in enumerate(self.layers):
+            buffers = self.issue_fetch(i) if self.cfg.is_moe_layer(i) else []
+            lowered = _layer_step_jit.lower(graph, state, buffers, self.slot_maps.get(i), x, positions, None, False)
+            texts.append(lowered.compile().as_text())
+        return texts
+
+
+class DwdpGroup:
+    """G ranks built from one model; each rank runs from its own host thread."""
+
+    def __init__(self, model: DeepseekV3, devices: Sequence[jax.Device], placement: Placement | None = None,
+                 dwdp: DwdpConfig | None = None, fetch: FetchBackend | None = None):
+        cfg = model.cfg
+        dwdp = dwdp or DwdpConfig(group_size=len(devices))
+        if dwdp.group_size != len(devices):
+            raise ValueError(f"group_size={dwdp.group_size} but {len(devices)} devices were given")
+        if len(set(devices)) != len(devices):
+            raise ValueError("devices must be distinct")
+        placement = placement or Placement.from_config(cfg, dwdp.group_size)
+        if placement.num_ranks != dwdp.group_size or placement.num_layers != cfg.num_moe_layers:
+            raise ValueError(
+                f"placement is for {placement.num_ranks} ranks x {placement.num_layers} MoE layers; the group has"
+                f" {dwdp.group_size} ranks and the model {cfg.num_moe_layers} MoE layers"
+            )
+        self.cfg, self.placement, self.dwdp = cfg, placement, dwdp
+        fetch = fetch or DevicePutFetch()
+        self.ranks = []
+        for r, device in enumerate(devices):
+            layers = [_rank_layer(model.layers[i], cfg, placement, i, r) for i in range(cfg.num_layers)]
+            head = _Head(model)
+            head, layers = jax.device_put((head, layers), device)
+            self.ranks.append(DwdpRank(cfg, r, device, head, layers, placement, dwdp, fetch))
+        for rank in self.ranks:
+            rank.group = self.ranks
+
+    def run_parallel(self, fn, args_per_rank: Sequence) -> list:
+        """Runs fn(rank, arg) for every rank, each in its own host thread; returns results in rank order."""
+        results = [None] * len(self.ranks)
+        errors = []
+
+        def work(r):
+            try:
+                results[r] = fn(self.ranks[r], args_per_rank[r])
+            except BaseException as e:  # surfaced below, in the caller's thread
+                errors.append(e)
+
+        threads = [threading.Thread(target=work, args=(r,), name=f"dwdp-rank-{r}") for r in range(len(self.ranks))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+def replicated_placement(cfg: ModelConfig, group_size: int) -> Placement:
+    """Every rank holds every expert: replicated data parallelism (DP), the no-fetch upper bound."""
+    base = Placement.from_config(cfg, group_size)
+    replicas = tuple(
+        tuple(tuple(r for r in range(group_size) if r != home) for home in layer) for layer in base.home_le.tolist()
+    )
+    return Placement(num_ranks=group_size, home_le=base.home_le, replicas=replicas)
+
+
+def _rank_layer(layer: Block, cfg: ModelConfig, placement: Placement, i: int, rank: int) -> Block:
+    """A copy of decoder layer i holding only `rank`'s routed experts (the rest is shared, unchanged)."""
+    copy = nnx.merge(*nnx.split(layer))
+    if cfg.is_moe_layer(i):
+        ids = placement.local_experts(i - cfg.first_k_dense_replace, rank)
+        experts = copy.mlp.experts
+        for name in ("w_gate_up", "w_down", "s_gate_up", "s_down"):
+            if getattr(experts, name) is not None:
+                setattr(experts, name, nnx.Param(getattr(experts, name)[...][ids]))
+    return copy
+
+
+def memory_per_device(cfg: ModelConfig, group_size: int, prefetch_depth: int = 1,
+                      weight_bytes: float = 1.0) -> dict[str, float]:
+    """Bytes per device under DWDP with a contiguous split (the largest rank's share).
+
+    weight_bytes: bytes per parameter of the linear weights (FP8: 1, bf16: 2; block scales, 4/128^2 per
+    parameter, are ignored). Embedding and LM head are bf16, routers f32. Staging holds `prefetch_depth`
+    layers' remote experts.
+    """
+    d, e, h = cfg.hidden_size, cfg.n_routed_experts, cfg.num_heads
+    if cfg.q_lora_rank:
+        q = d * cfg.q_lora_rank + cfg.q_lora_rank * h * cfg.qk_head_dim
+    else:
+        q = d * h * cfg.qk_head_dim
+    kv = d * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) + cfg.kv_lora_rank * h * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    attn = q + kv + h * cfg.v_head_dim * d
+    dense_mlp = 3 * d * cfg.intermediate_size
+    shared = 3 * d * cfg.moe_intermediate_size * cfg.n_shared_experts
+    replicated = (
+        (cfg.num_layers * attn + cfg.first_k_dense_replace * dense_mlp + cfg.num_moe_layers * shared) * weight_bytes
+        + cfg.num_moe_layers * d * e * 4
+        + 2 * cfg.vocab_size * d * 2
+    )
+    one_expert = cfg.expert_bytes(weight_bytes)
+    local = -(-e // group_size)
+    experts = cfg.num_moe_layers * local * one_expert
+    staging = prefetch_depth * (e - local) * one_expert
+    return dict(replicated_bytes=replicated, local_expert_bytes=experts, staging_bytes=staging,
+                total_bytes=replicated + experts + staging)
