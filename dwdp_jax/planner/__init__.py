@@ -8,7 +8,6 @@ from dwdp_jax.planner.placement import (
     Placement,
     PlacementCost,
     PlacementError,
-    load_from_counts,
     optimize_placement,
     placement_cost,
 )
@@ -36,7 +35,6 @@ __all__ = [
     "Trace",
     "account",
     "hit_probability",
-    "load_from_counts",
     "optimize_placement",
     "placement_cost",
     "plan_fetch",

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Sequence
 
 import numpy as np
 
@@ -395,9 +394,3 @@ def optimize_placement(
         max_experts_per_rank=int(capacity.max()) + replica_budget,
     )
 
-
-def load_from_counts(counts_lge: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-    """Normalizes per-rank token counts [L, G, E] to per-rank routed shares (each rank's row sums to 1 or 0)."""
-    counts = np.asarray(counts_lge, dtype=np.float64)
-    totals = counts.sum(-1, keepdims=True)
-    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
