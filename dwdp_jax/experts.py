@@ -29,9 +29,10 @@ from dwdp_jax import quant
 class ExpertWeights:
     """Weights of a set of routed experts in one buffer.
 
-    w_gate_up: [E, hidden, 2 * inter] (gate columns first, then up); w_down: [E, inter, hidden].
-    For FP8 weights, the scales are [E, hidden/bk, 2*inter/bn] and [E, inter/bk, hidden/bn] float32 and `block`
-    is the (bk, bn) block shape; otherwise scales are None.
+    Unquantized: w_gate_up [E, hidden, 2 * inter] (gate columns first, then up), w_down [E, inter, hidden].
+    FP8 (scales set): the checkpoint's [out, in] layout, which Hopper's FP8 tensor cores read K-major:
+    w_gate_up [E, 2 * inter, hidden], w_down [E, hidden, inter] (float8_e4m3fn) with block scales
+    s_gate_up [E, 2*inter/bo, hidden/bi], s_down [E, hidden/bo, inter/bi] (float32), block = (bo, bi).
     """
 
     w_gate_up: jax.Array
@@ -48,8 +49,8 @@ class ExpertWeights:
         if self.s_gate_up is None:
             return ExpertWeights(self.w_gate_up.astype(dtype), self.w_down.astype(dtype))
         return ExpertWeights(
-            quant.dequantize(self.w_gate_up, self.s_gate_up, self.block, dtype),
-            quant.dequantize(self.w_down, self.s_down, self.block, dtype),
+            jnp.swapaxes(quant.dequantize(self.w_gate_up, self.s_gate_up, self.block, dtype), 1, 2),
+            jnp.swapaxes(quant.dequantize(self.w_down, self.s_down, self.block, dtype), 1, 2),
         )
 
     def nbytes(self) -> int:
@@ -75,6 +76,41 @@ def _swiglu_ffn(x_md, group_sizes, w: ExpertWeights, compute_dtype) -> jax.Array
     return jax.lax.ragged_dot(a, w.w_down, group_sizes, preferred_element_type=jnp.float32)
 
 
+def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where) -> jax.Array:
+    """GPU path: SwiGLU FFN over rows sorted by group with the Mosaic GPU grouped GEMMs of
+    `pallas_kernels.grouped_gemm`, which read every weight buffer in place. where: [groups, 2] (buffer, slot).
+    Rows past sum(sizes) come out as zeros. Returns [M, hidden] float32."""
+    from pallas_kernels import grouped_gemm as gg
+
+    x_sorted = x_sorted.astype(jnp.bfloat16)
+    if buffers[0].s_gate_up is not None:
+        h = gg.grouped_gemm_fp8(x_sorted, sizes, [b.w_gate_up for b in buffers], [b.s_gate_up for b in buffers],
+                                where, out_dtype=jnp.float32)
+        gate, up = jnp.split(h, 2, axis=-1)
+        a = (jax.nn.silu(gate) * up).astype(jnp.bfloat16)
+        return gg.grouped_gemm_fp8(a, sizes, [b.w_down for b in buffers], [b.s_down for b in buffers], where,
+                                   out_dtype=jnp.float32)
+    h = gg.grouped_gemm(x_sorted, sizes, [b.w_gate_up.astype(jnp.bfloat16) for b in buffers], where,
+                        out_dtype=jnp.float32)
+    gate, up = jnp.split(h, 2, axis=-1)
+    a = (jax.nn.silu(gate) * up).astype(jnp.bfloat16)
+    return gg.grouped_gemm(a, sizes, [b.w_down.astype(jnp.bfloat16) for b in buffers], where,
+                           out_dtype=jnp.float32)
+
+
+def _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot) -> jax.Array:
+    t, k = expert_ids_tk.shape
+    flat_ids = expert_ids_tk.reshape(-1)
+    order = jnp.argsort(flat_ids, stable=True)
+    token_of_row = order // k
+    sizes = jnp.zeros((expert_buffer.shape[0],), jnp.int32).at[flat_ids].add(1)
+    where = jnp.stack([expert_buffer, expert_slot], axis=-1)
+    y = pallas_sorted_ffn(x_td[token_of_row], sizes, buffers, where)
+    w_sorted = weights_tk.reshape(-1)[order].astype(jnp.float32)
+    out = jnp.zeros((t, x_td.shape[-1]), jnp.float32).at[token_of_row].add(y * w_sorted[:, None])
+    return out.astype(x_td.dtype)
+
+
 def split_weight_ffn(
     x_td: jax.Array,
     expert_ids_tk: jax.Array,
@@ -83,6 +119,7 @@ def split_weight_ffn(
     expert_buffer: jax.Array,
     expert_slot: jax.Array,
     compute_dtype=None,
+    backend: str = "jnp",
 ) -> jax.Array:
     """Routed-expert output with experts spread over several weight buffers.
 
@@ -90,6 +127,10 @@ def split_weight_ffn(
     at index expert_slot[e]. Every routed expert must be present in some buffer (DWDP guarantees this by
     fetching misses on demand). Returns y_td [tokens, hidden] in x's dtype.
     """
+    if backend == "pallas":
+        return _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot)
+    if backend != "jnp":
+        raise ValueError(f"expert backend must be 'jnp' or 'pallas', got {backend!r}")
     compute_dtype = compute_dtype or x_td.dtype
     t, k = expert_ids_tk.shape
     flat_ids = expert_ids_tk.reshape(-1)
@@ -122,12 +163,13 @@ class LocalExecutor:
     """All routed experts are in the layer's own buffer (single device, replicated DP)."""
 
     compute_dtype: object = None
+    backend: str = "jnp"
 
     def __call__(self, x_td, expert_ids_tk, weights_tk, experts: ExpertWeights):
         n = experts.num_experts
         return split_weight_ffn(
             x_td, expert_ids_tk, weights_tk, [experts],
-            jnp.zeros((n,), jnp.int32), jnp.arange(n, dtype=jnp.int32), self.compute_dtype,
+            jnp.zeros((n,), jnp.int32), jnp.arange(n, dtype=jnp.int32), self.compute_dtype, self.backend,
         )
 
 

@@ -81,15 +81,22 @@ class MLP(nnx.Module):
 
 
 class RoutedExperts(nnx.Module):
-    """Routed expert weights held by this device: [E, hidden, 2*inter] and [E, inter, hidden] (+ FP8 scales)."""
+    """Routed expert weights held by this device (see `ExpertWeights` for the layouts).
+
+    Unquantized: [E, hidden, 2*inter] and [E, inter, hidden]. FP8: the checkpoint's [out, in] layout,
+    [E, 2*inter, hidden] and [E, hidden, inter], with block scales.
+    """
 
     def __init__(self, n_experts: int, d_model: int, d_inter: int, *, rngs, dtype, block):
         self.block = block
-        shapes = dict(w_gate_up=(n_experts, d_model, 2 * d_inter), w_down=(n_experts, d_inter, d_model))
-        if block is not None and (d_inter % block[1] or d_model % block[1] or d_inter % block[0]):
-            raise ValueError(
-                f"FP8 experts need hidden and moe_intermediate_size divisible by weight_block_size {block}"
-            )
+        if block is None:
+            shapes = dict(w_gate_up=(n_experts, d_model, 2 * d_inter), w_down=(n_experts, d_inter, d_model))
+        else:
+            if d_inter % block[0] or d_model % block[0] or d_model % block[1] or d_inter % block[1]:
+                raise ValueError(
+                    f"FP8 experts need hidden and moe_intermediate_size divisible by weight_block_size {block}"
+                )
+            shapes = dict(w_gate_up=(n_experts, 2 * d_inter, d_model), w_down=(n_experts, d_model, d_inter))
         for name, shape in shapes.items():
             if block is None:
                 setattr(self, name, nnx.Param(_normal(rngs, shape, dtype)))

@@ -31,8 +31,9 @@ class Source:
     """How one model parameter is built from HF tensors.
 
     kind: 'copy' (as is), 'transpose' (an [out, in] matrix or its block scales), 'experts' (stack over experts
-    of the transposed matrices named by `names`, each a list of per-expert names; gate and up are
-    concatenated along the output axis).
+    of the matrices named by `names`, each a tuple of per-expert names; gate and up are concatenated along
+    the output axis). Unquantized experts are transposed to [E, in, out]; FP8 experts and their scales keep
+    the checkpoint's [E, out, in] layout (what the FP8 grouped GEMM reads).
     """
 
     kind: str
@@ -105,14 +106,18 @@ def _dequantized_if_fp8(ckpt: CheckpointDir, name: str, block) -> np.ndarray:
     return w
 
 
-def assemble(src: Source, ckpt: CheckpointDir, *, keep_fp8: bool, block) -> np.ndarray:
-    """Builds one parameter (numpy) from the checkpoint."""
+def assemble(src: Source, ckpt: CheckpointDir, *, keep_fp8: bool, block, fp8_experts: bool = False) -> np.ndarray:
+    """Builds one parameter (numpy) from the checkpoint. fp8_experts: the model keeps its routed experts in
+    FP8 (then expert weights and scales are stacked in [E, out, in] without transposing)."""
     read = ckpt.read if keep_fp8 else (lambda n: _dequantized_if_fp8(ckpt, n, block))
     if src.kind == "copy":
         return np.asarray(read(src.names[0]))
     if src.kind == "transpose":
         return np.ascontiguousarray(np.asarray(read(src.names[0])).T)
     if src.kind == "experts":
+        if fp8_experts:
+            per_matrix = [np.stack([np.asarray(read(n)) for n in names]) for names in src.names]
+            return np.concatenate(per_matrix, axis=-2) if len(per_matrix) > 1 else per_matrix[0]
         per_matrix = [np.stack([np.asarray(read(n)).T for n in names]) for names in src.names]
         return np.concatenate(per_matrix, axis=-1) if len(per_matrix) > 1 else per_matrix[0]
     raise ValueError(src.kind)
@@ -155,7 +160,7 @@ def load_state(
         src = hf_source(path, cfg, ids)
         first = src.names[0] if src.kind != "experts" else src.names[0][0]
         keep_fp8 = jnp.dtype(target.dtype).name.startswith("float8")  # else FP8 sources are dequantized
-        array = assemble(src, ckpt, keep_fp8=keep_fp8, block=ckpt_block)
+        array = assemble(src, ckpt, keep_fp8=keep_fp8, block=ckpt_block, fp8_experts=cfg.weight_block_size is not None)
         array = _cast(array, target, first, path)
         out[path] = jax.device_put(array, device) if device is not None else jnp.asarray(array)
         if progress:

@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dwdp_jax.experts import ExpertWeights, _swiglu_ffn
+from dwdp_jax.experts import ExpertWeights, _swiglu_ffn, pallas_sorted_ffn
 from dwdp_jax.model import DeepseekV3
 
 AXIS = "ep"
@@ -33,6 +33,7 @@ class DepExecutor:
 
     group_size: int
     capacity: int | None = None
+    backend: str = "jnp"  # expert GEMMs: 'jnp' (ragged_dot) or 'pallas' (Mosaic GPU grouped GEMM)
 
     def __call__(self, x_td, expert_ids_tk, weights_tk, local: ExpertWeights):
         t, k = expert_ids_tk.shape
@@ -54,7 +55,11 @@ class DepExecutor:
         by_expert = jnp.argsort(key, stable=True)
         sizes = jnp.zeros((e_local + 1,), jnp.int32).at[key].add(1)[:e_local]
         rows = recv_x.reshape(g * cap, -1)[by_expert]
-        y_sorted = _swiglu_ffn(rows, sizes, local, x_td.dtype).astype(x_td.dtype)
+        if self.backend == "pallas":
+            where = jnp.stack([jnp.zeros((e_local,), jnp.int32), jnp.arange(e_local, dtype=jnp.int32)], -1)
+            y_sorted = pallas_sorted_ffn(rows, sizes, [local], where).astype(x_td.dtype)
+        else:
+            y_sorted = _swiglu_ffn(rows, sizes, local, x_td.dtype).astype(x_td.dtype)
         y = jnp.zeros_like(y_sorted).at[by_expert].set(y_sorted).reshape(g, cap, -1)
         back = jax.lax.all_to_all(y, AXIS, 0, 0)
         y_pairs = back[dest_sorted, jnp.minimum(row, cap - 1)] * (row < cap)[:, None]
@@ -78,7 +83,7 @@ class DepModel:
 
     Device g serves rows [g*b, (g+1)*b) of the batch (its own requests)."""
 
-    def __init__(self, model: DeepseekV3, devices, capacity: int | None = None):
+    def __init__(self, model: DeepseekV3, devices, capacity: int | None = None, backend: str = "jnp"):
         cfg = model.cfg
         g = len(devices)
         if cfg.n_routed_experts % g:
@@ -87,7 +92,7 @@ class DepModel:
         self.graph, state = nnx.split(model)
         specs = _state_specs(state)
         self.state = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs))
-        executor = DepExecutor(g, capacity)
+        executor = DepExecutor(g, capacity, backend)
         graph = self.graph
 
         def per_device(state, ids, positions):
@@ -95,6 +100,37 @@ class DepModel:
 
         mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=(specs, P(AXIS), P(AXIS)), out_specs=P(AXIS))
         self._forward = jax.jit(mapped)
+
+    @classmethod
+    def from_rank_models(cls, models, capacity: int | None = None, backend: str = "jnp") -> "DepModel":
+        """DEP over per-device models that each hold a contiguous 1/G of the experts (e.g. the ranks of a
+        DWDP group): the expert shards become one global array sharded over the mesh without any copy;
+        the replicated weights are rank 0's."""
+        self = cls.__new__(cls)
+        devices = [next(iter(m.embed_tokens[...].devices())) for m in models]
+        g = len(devices)
+        self.mesh = Mesh(np.asarray(devices), (AXIS,))
+        self.graph, state0 = nnx.split(models[0])
+        specs = _state_specs(state0)
+        shards = [nnx.split(m)[1] for m in models]
+
+        def place(spec, *leaves):
+            sharding = NamedSharding(self.mesh, spec)
+            if spec == P():
+                return jax.device_put(leaves[0], sharding)
+            shape = (leaves[0].shape[0] * g,) + leaves[0].shape[1:]
+            return jax.make_array_from_single_device_arrays(shape, sharding, list(leaves))
+
+        self.state = jax.tree.map(place, specs, *shards)
+        executor = DepExecutor(g, capacity, backend)
+        graph = self.graph
+
+        def per_device(state, ids, positions):
+            return nnx.merge(graph, state)(ids, positions, executor=executor)
+
+        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=(specs, P(AXIS), P(AXIS)), out_specs=P(AXIS))
+        self._forward = jax.jit(mapped)
+        return self
 
     def forward(self, token_ids, positions=None):
         if positions is None:

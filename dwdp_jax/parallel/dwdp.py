@@ -42,6 +42,7 @@ class DwdpConfig:
     group_size: int
     prefetch_depth: int = 1
     staggered: bool = True  # rank-rotated source order; False: every rank reads peers 0, 1, ... in order
+    expert_backend: str = "jnp"  # 'jnp' (ragged_dot, any platform) or 'pallas' (Mosaic GPU grouped GEMM)
 
     def __post_init__(self):
         if self.group_size < 1:
@@ -88,7 +89,7 @@ def slot_map(placement: Placement, moe_layer: int, rank: int, peers: Sequence[in
     return SlotMap(jnp.asarray(buffer), jnp.asarray(slot)), used
 
 
-def _layer_step(graphdef, state, buffers, slots, x, positions, kv, absorbed):
+def _layer_step(graphdef, state, buffers, slots, x, positions, kv, absorbed, backend):
     """One decoder layer on one rank (jit-compiled per layer shape). Returns (x, kv, expert_counts)."""
     layer: Block = nnx.merge(graphdef, state)
     x, kv = layer.attention(x, positions, kv, absorbed)
@@ -96,7 +97,7 @@ def _layer_step(graphdef, state, buffers, slots, x, positions, kv, absorbed):
     if layer.is_moe:
 
         def executor(x_td, ids, weights, local: ExpertWeights):
-            return split_weight_ffn(x_td, ids, weights, [local, *buffers], slots.buffer, slots.slot)
+            return split_weight_ffn(x_td, ids, weights, [local, *buffers], slots.buffer, slots.slot, backend=backend)
 
         x = layer.ffn(x, executor, stats)
     else:
@@ -104,7 +105,7 @@ def _layer_step(graphdef, state, buffers, slots, x, positions, kv, absorbed):
     return x, kv, stats.get("expert_counts")
 
 
-_layer_step_jit = jax.jit(_layer_step, static_argnums=(0, 7))
+_layer_step_jit = jax.jit(_layer_step, static_argnums=(0, 7, 8))
 
 
 def _embed(state_graph, state, ids):
@@ -190,7 +191,7 @@ class DwdpRank:
                 buffers, slots = [], None
             graph, state = self.layers[i]
             x, layer_kv, counts = _layer_step_jit(graph, state, buffers, slots, x, positions,
-                                                  None if kv is None else kv[i], absorbed)
+                                                  None if kv is None else kv[i], absorbed, self.dwdp.expert_backend)
             new_kv.append(layer_kv)
             if stats is not None and counts is not None:
                 stats.append((i, counts))
@@ -206,7 +207,8 @@ class DwdpRank:
         texts = []
         for i, (graph, state) in enumerate(self.layers):
             buffers = self.issue_fetch(i) if self.cfg.is_moe_layer(i) else []
-            lowered = _layer_step_jit.lower(graph, state, buffers, self.slot_maps.get(i), x, positions, None, False)
+            lowered = _layer_step_jit.lower(graph, state, buffers, self.slot_maps.get(i), x, positions, None, False,
+                                            self.dwdp.expert_backend)
             texts.append(lowered.compile().as_text())
         return texts
 
@@ -229,13 +231,28 @@ class DwdpGroup:
                 f" {dwdp.group_size} ranks and the model {cfg.num_moe_layers} MoE layers"
             )
         self.cfg, self.placement, self.dwdp = cfg, placement, dwdp
-        fetch = fetch or DevicePutFetch()
-        self.ranks = []
+        rank_models = []
         for r, device in enumerate(devices):
             layers = [_rank_layer(model.layers[i], cfg, placement, i, r) for i in range(cfg.num_layers)]
-            head = _Head(model)
-            head, layers = jax.device_put((head, layers), device)
-            self.ranks.append(DwdpRank(cfg, r, device, head, layers, placement, dwdp, fetch))
+            rank_models.append(jax.device_put((_Head(model), layers), device))
+        self._build(cfg, devices, rank_models, placement, dwdp, fetch or DevicePutFetch())
+
+    @classmethod
+    def from_rank_models(cls, models: Sequence[DeepseekV3], placement: Placement, dwdp: DwdpConfig,
+                         fetch: FetchBackend | None = None) -> "DwdpGroup":
+        """A group from per-rank models that already live on their devices and hold only their local experts
+        (e.g. built with `init_model(..., n_local_experts=...)` under `jax.default_device`, or loaded with
+        `load_model(..., expert_ids=...)`)."""
+        self = cls.__new__(cls)
+        self.cfg, self.placement, self.dwdp = models[0].cfg, placement, dwdp
+        devices = [next(iter(m.embed_tokens[...].devices())) for m in models]
+        self._build(self.cfg, devices, [(_Head(m), list(m.layers)) for m in models], placement, dwdp,
+                    fetch or DevicePutFetch())
+        return self
+
+    def _build(self, cfg, devices, rank_models, placement, dwdp, fetch):
+        self.ranks = [DwdpRank(cfg, r, device, head, layers, placement, dwdp, fetch)
+                      for r, (device, (head, layers)) in enumerate(zip(devices, rank_models))]
         for rank in self.ranks:
             rank.group = self.ranks
 

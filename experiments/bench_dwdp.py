@@ -1,0 +1,199 @@
+"""DWDP on real GPUs: fetch bandwidth, exposed fetch time, and a slow rank's effect, against DEP.
+
+Random R1-shaped weights (`r1-layers-N`: real layer sizes, FP8 experts), every rank serving its own prefill
+batch. Measured in one process, each figure next to its baseline:
+  * copy-engine ceiling: cudaMemcpyPeerAsync (CuPy), every GPU pulling from a peer at once;
+  * DWDP fetch: one MoE layer's remote expert buffers pulled by every rank at once through the fetch backend;
+  * exposed fetch: the DWDP step with real fetches vs the same programs reading staged copies made once
+    (`CachedFetch`): the difference is fetch time the prefetch did not hide;
+  * imbalance: one rank gets 2x the tokens; the other rank's step time vs balanced (DWDP: independent
+    programs; DEP: one SPMD program, so every rank computes the padded 2x shape and waits at each all-to-all).
+
+Run on a 2+ GPU machine: python experiments/bench_dwdp.py --device_kind=nvidia-h200-x2 --out=$OUT
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from dwdp_jax.config import preset  # noqa: E402
+from dwdp_jax.model import init_model  # noqa: E402
+from dwdp_jax.parallel.dep import DepModel  # noqa: E402
+from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup  # noqa: E402
+from dwdp_jax.parallel.fetch import CachedFetch, DevicePutFetch  # noqa: E402
+from dwdp_jax.planner.placement import Placement  # noqa: E402
+from experiments.results_io import write_result  # noqa: E402
+
+FLAGS = flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
+flags.DEFINE_integer("group_size", 0, "GPUs in the DWDP group (0: all)")
+flags.DEFINE_list("tokens", ["4096", "8192", "16384"], "prefill tokens per rank per step")
+flags.DEFINE_integer("seq", 1024, "sequence length of each prefill request")
+flags.DEFINE_integer("repeats", 5, "timed repeats per point (median)")
+flags.DEFINE_string("backend", "pallas", "expert GEMMs: pallas or jnp")
+flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the results file")
+flags.DEFINE_string("out", "experiments/results", "results directory")
+flags.DEFINE_bool("dep", True, "also measure DEP")
+F = flags.FLAGS
+
+
+def copy_engine_gbps(devices, nbytes=2 << 30, repeats=5) -> float:
+    """Per-GPU bandwidth of cudaMemcpyPeerAsync with every GPU pulling from its next peer at once."""
+    import cupy as cp
+
+    g = len(devices)
+    ids = [d.id for d in devices]
+    bufs, streams = [], []
+    for i in ids:
+        with cp.cuda.Device(i):
+            for j in ids:
+                if j != i:
+                    try:
+                        cp.cuda.runtime.deviceEnablePeerAccess(j)
+                    except cp.cuda.runtime.CUDARuntimeError:
+                        pass
+            bufs.append((cp.empty(nbytes, cp.uint8), cp.ones(nbytes, cp.uint8)))
+            streams.append(cp.cuda.Stream(non_blocking=True))
+    times = []
+    for _ in range(repeats + 1):
+        for i in ids:
+            cp.cuda.Device(i).synchronize()
+        t0 = time.perf_counter()
+        for r, i in enumerate(ids):
+            src_rank = (r + 1) % g
+            with cp.cuda.Device(i):
+                cp.cuda.runtime.memcpyPeerAsync(bufs[r][0].data.ptr, i, bufs[src_rank][1].data.ptr, ids[src_rank],
+                                                nbytes, streams[r].ptr)
+        for r, i in enumerate(ids):
+            streams[r].synchronize()
+        times.append(time.perf_counter() - t0)
+    del bufs
+    return nbytes / statistics.median(times[1:]) / 1e9
+
+
+def timed(fn, repeats):
+    fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def concurrent_step_times(group, batches, repeats):
+    """Each rank runs `repeats` forward steps on its own batch, from its own thread; median step time per rank."""
+
+    def loop(rank, ids):
+        rank.forward(ids).block_until_ready()
+        out = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            rank.forward(ids).block_until_ready()
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out)
+
+    return group.run_parallel(loop, batches)
+
+
+def main(_):
+    cfg = preset(F.preset)
+    devices = jax.devices()[: F.group_size or jax.device_count()]
+    g = len(devices)
+    if g < 2:
+        raise SystemExit(f"bench_dwdp needs >= 2 GPUs, found {jax.device_count()}")
+    e_local = cfg.n_routed_experts // g
+    rows, metrics = [], {}
+
+    try:
+        ce = copy_engine_gbps(devices)
+    except ImportError:  # CPU smoke runs: no CuPy, no copy engine
+        ce = float("nan")
+    print(f"copy engine (cudaMemcpyPeerAsync, {g} GPUs pulling at once): {ce:.1f} GB/s per GPU", flush=True)
+
+    models = []
+    for r, dev in enumerate(devices):
+        with jax.default_device(dev):
+            models.append(init_model(cfg, seed=0, dtype=jnp.bfloat16, n_local_experts=e_local))
+    placement = Placement.from_config(cfg, g)
+    dw = DwdpConfig(g, prefetch_depth=1, staggered=True, expert_backend=F.backend)
+    group = DwdpGroup.from_rank_models(models, placement, dw, DevicePutFetch())
+    cached = DwdpGroup.from_rank_models(models, placement, dw, CachedFetch())
+    moe_layer = cfg.first_k_dense_replace
+    layer_bytes = sum(group.ranks[0].local_experts(moe_layer).nbytes() for _ in range(g - 1))
+
+    def fetch_all_ranks():
+        group.run_parallel(lambda rank, _: jax.block_until_ready(rank.issue_fetch(moe_layer)), [None] * g)
+
+    t_fetch = timed(fetch_all_ranks, F.repeats)
+    fetch_gbps = layer_bytes / t_fetch / 1e9
+    metrics["copy_engine_gbps"] = ce
+    metrics["fetch_gbps_per_gpu"] = fetch_gbps
+    metrics["fetch_frac_of_copy_engine"] = fetch_gbps / ce
+    print(f"DWDP fetch (device_put, all ranks): {layer_bytes / 1e9:.2f} GB/layer in {t_fetch * 1e3:.2f} ms ="
+          f" {fetch_gbps:.1f} GB/s per GPU ({fetch_gbps / ce:.2f} of copy engine)", flush=True)
+
+    n_moe = cfg.num_moe_layers
+    exposed = []
+    for tokens in map(int, F.tokens):
+        batch = [jnp.asarray(np.random.RandomState(r).randint(0, cfg.vocab_size, (tokens // F.seq, F.seq)))
+                 for r in range(g)]
+        t_real = concurrent_step_times(group, batch, F.repeats)
+        t_cached = concurrent_step_times(cached, batch, F.repeats)
+        frac = [(a - b) / a for a, b in zip(t_real, t_cached)]
+        per_layer_exposed = [(a - b) / n_moe for a, b in zip(t_real, t_cached)]
+        row = dict(kind="prefill", tokens_per_rank=tokens, step_s=t_real, step_cached_s=t_cached,
+                   exposed_frac_of_step=frac, exposed_per_moe_layer_s=per_layer_exposed,
+                   fetch_per_layer_s=t_fetch)
+        rows.append(row)
+        exposed.append((tokens, max(frac)))
+        print(f"T={tokens:6d}: step {max(t_real) * 1e3:8.2f} ms (cached {max(t_cached) * 1e3:8.2f} ms), exposed"
+              f" fetch {max(frac) * 100:5.1f}% of the step, {max(per_layer_exposed) * 1e3:.2f} ms per MoE layer"
+              f" (fetch alone {t_fetch * 1e3:.2f} ms)", flush=True)
+    metrics["exposed_fetch_frac"] = {str(t): f for t, f in exposed}
+
+    base = int(F.tokens[len(F.tokens) // 2])
+    normal = [jnp.asarray(np.random.RandomState(r).randint(0, cfg.vocab_size, (base // F.seq, F.seq)))
+              for r in range(g)]
+    heavy = [jnp.asarray(np.random.RandomState(9).randint(0, cfg.vocab_size, (2 * base // F.seq, F.seq)))] + normal[1:]
+    bal = concurrent_step_times(group, normal, F.repeats)
+    imb = concurrent_step_times(group, heavy, F.repeats)
+    slow_dwdp = statistics.mean(imb[1:]) / statistics.mean(bal[1:])
+    metrics["imbalance_slowdown_dwdp"] = slow_dwdp
+    rows.append(dict(kind="imbalance", strategy="dwdp", tokens_per_rank=base, balanced_step_s=bal, imbalanced_step_s=imb))
+    print(f"DWDP: normal ranks' step {statistics.mean(bal[1:]) * 1e3:.2f} ms balanced, "
+          f"{statistics.mean(imb[1:]) * 1e3:.2f} ms when rank 0 has 2x: slowdown {slow_dwdp:.3f}", flush=True)
+
+    if F.dep:
+        cap = int(2 * base * cfg.num_experts_per_tok / g)
+        dep = DepModel.from_rank_models(models, capacity=cap, backend=F.backend)
+        ids_bal = jnp.concatenate(normal)
+        ids_imb = jnp.concatenate([heavy[0]] + [jnp.concatenate([n, n]) for n in normal[1:]])  # SPMD: padded to 2x
+        dep_cap2 = DepModel.from_rank_models(models, capacity=2 * cap, backend=F.backend)
+        t_bal = timed(lambda: dep.forward(ids_bal).block_until_ready(), F.repeats)
+        t_imb = timed(lambda: dep_cap2.forward(ids_imb).block_until_ready(), F.repeats)
+        metrics["imbalance_slowdown_dep"] = t_imb / t_bal
+        metrics["dep_step_s"] = t_bal
+        rows.append(dict(kind="imbalance", strategy="dep", tokens_per_rank=base, balanced_step_s=t_bal,
+                         imbalanced_step_s=t_imb))
+        print(f"DEP: step {t_bal * 1e3:.2f} ms balanced, {t_imb * 1e3:.2f} ms when one rank has 2x "
+              f"(every rank waits): slowdown {t_imb / t_bal:.3f}; DWDP balanced step {statistics.mean(bal) * 1e3:.2f} ms",
+              flush=True)
+
+    config = dict(preset=F.preset, group_size=g, prefetch_depth=1, staggered=True, backend=F.backend,
+                  fetch_backend="device_put", seq=F.seq, tokens=F.tokens, experts="fp8 random")
+    path = write_result(F.out, "dwdp", F.device_kind, config, metrics, rows)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    app.run(main)
