@@ -45,7 +45,8 @@ _MEMORY_REGISTERS = 40
 class GroupedGemmConfig:
   """Tile sizes of the grouped GEMM (per CTA).
 
-  block_n is split evenly over `num_compute_wgs` compute warpgroups (warp specialized path).
+  The CTA tile (block_m, block_n) is split evenly over `num_compute_wgs` compute warpgroups along
+  `wg_split` ("n": each owns block_m x block_n/2; "m": each owns block_m/2 x block_n).
   """
   block_m: int = 128
   block_n: int = 256
@@ -53,6 +54,7 @@ class GroupedGemmConfig:
   max_concurrent_steps: int = 3
   num_compute_wgs: int = 2
   warp_specialized: bool = True
+  wg_split: str = "n"
   num_sms: int | None = None  # persistent CTAs; None: the device's SM count (2 in interpret mode)
 
   def __post_init__(self):
@@ -62,30 +64,53 @@ class GroupedGemmConfig:
       raise ValueError(f"num_compute_wgs must be 1 or 2, got {self.num_compute_wgs}")
     if not self.warp_specialized and self.num_compute_wgs != 1:
       raise ValueError("the non-warp-specialized path has one compute warpgroup")
-    wg_n = self.block_n // self.num_compute_wgs
+    if self.wg_split not in ("m", "n"):
+      raise ValueError(f"wg_split must be 'm' or 'n', got {self.wg_split!r}")
+    if self.wg_m % 64 or self.wg_m * self.num_compute_wgs != self.block_m and self.wg_split == "m":
+      raise ValueError(f"block_m / num_compute_wgs must be a multiple of 64, got {self.wg_m}")
+    wg_n = self.wg_n
     if self.block_n % self.num_compute_wgs or wg_n % 64 or wg_n > 256:
-      raise ValueError(f"block_n / num_compute_wgs must be a multiple of 64 and <= 256, got {wg_n}")
+      raise ValueError(f"the warpgroup's N ({wg_n}) must be a multiple of 64 and <= 256")
     if self.block_k % 32:
       raise ValueError(f"block_k must be a multiple of 32, got {self.block_k}")
     if self.max_concurrent_steps < 2:
       raise ValueError("max_concurrent_steps must be >= 2")
 
   @property
+  def wg_m(self) -> int:
+    return self.block_m // self.num_compute_wgs if self.wg_split == "m" else self.block_m
+
+  @property
   def wg_n(self) -> int:
-    return self.block_n // self.num_compute_wgs
+    return self.block_n // self.num_compute_wgs if self.wg_split == "n" else self.block_n
+
+  def wg_origin(self, wg):
+    """(row, column) of warpgroup wg's sub-tile inside the CTA tile."""
+    if self.num_compute_wgs == 1:
+      return 0, 0
+    return (wg * self.wg_m, 0) if self.wg_split == "m" else (0, wg * self.wg_n)
 
 
 # Memory-bound decode (a few tokens per expert): the smallest wgmma M, wide N, deep pipeline.
 DECODE_CONFIG = GroupedGemmConfig(block_m=64, block_n=256, block_k=64, max_concurrent_steps=4)
 # Compute-bound prefill: 128x256 CTA tile, two consumer warpgroups of 128x128.
 PREFILL_CONFIG = GroupedGemmConfig(block_m=128, block_n=256, block_k=64, max_concurrent_steps=3)
-# FP8: block_k is one 128-wide scale block; each warpgroup owns 64x128 (accumulator plus the
-# per-block partial product fit in registers).
-FP8_CONFIG = GroupedGemmConfig(block_m=64, block_n=256, block_k=128, max_concurrent_steps=4)
+# Compute-bound, the CUTLASS "cooperative" shape: each warpgroup owns 64x256.
+PREFILL_M_SPLIT_CONFIG = GroupedGemmConfig(block_m=128, block_n=256, block_k=64,
+                                           max_concurrent_steps=3, wg_split="m")
+# FP8: block_k is one 128-wide scale block and a warpgroup's N lies inside one weight scale block;
+# a warpgroup owns 64x128 so that the accumulator and the per-block partial product (64 + 64
+# registers per thread) fit.
+FP8_DECODE_CONFIG = GroupedGemmConfig(block_m=64, block_n=256, block_k=128, max_concurrent_steps=4)
+FP8_PREFILL_CONFIG = GroupedGemmConfig(block_m=128, block_n=128, block_k=128,
+                                       max_concurrent_steps=4, wg_split="m")
 
 
-def default_config(m: int, num_groups: int) -> GroupedGemmConfig:
-  return DECODE_CONFIG if m <= 64 * num_groups else PREFILL_CONFIG
+def default_config(m: int, num_groups: int, fp8: bool = False) -> GroupedGemmConfig:
+  """Decode tiles when groups average <= 64 rows (memory-bound), prefill tiles otherwise."""
+  if m <= 64 * num_groups:
+    return FP8_DECODE_CONFIG if fp8 else DECODE_CONFIG
+  return FP8_PREFILL_CONFIG if fp8 else PREFILL_CONFIG
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,12 +259,15 @@ def _store_rows(o_smem, out_ref, *, row, smem_off, n_valid, block_m):
     p //= 2
 
 
-def _epilogue(acc, o_smem, out_ref, *, row, smem_off, n_valid, col, wg_n, block_m):
+def _epilogue(acc, o_smem, out_ref, *, load_row, smem_off, n_valid, row0, col, cfg):
+  """Stores the warpgroup's sub-tile (rows row0 + [0, wg_m) of the CTA tile) where valid."""
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem's last stores have read it
   o_smem[...] = acc.astype(o_smem.dtype)
   plgpu.commit_smem()
-  _store_rows(o_smem, out_ref.at[:, pl.ds(col, wg_n)], row=row, smem_off=smem_off,
-              n_valid=n_valid, block_m=block_m)
+  lo = jnp.maximum(smem_off, row0)
+  cnt = jnp.maximum(jnp.minimum(smem_off + n_valid, row0 + cfg.wg_m) - lo, 0)
+  _store_rows(o_smem, out_ref.at[:, pl.ds(col, cfg.wg_n)], row=load_row + lo, smem_off=lo - row0,
+              n_valid=cnt, block_m=cfg.wg_m)
 
 
 def _memory_loop(sched_ref, num_tiles, n_blocks, num_k, steps, issue_copies, free):
@@ -300,14 +328,14 @@ def _bf16_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n, out_dt
   w_refs, out_ref = refs[:num_buffers], refs[num_buffers]
   bm, bn, bk, steps, nwg = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.max_concurrent_steps,
                             cfg.num_compute_wgs)
-  num_k, n_blocks, wg_n = k // bk, n // bn, cfg.wg_n
+  num_k, n_blocks, wg_m, wg_n = k // bk, n // bn, cfg.wg_m, cfg.wg_n
   dtype = x_ref.dtype
 
   @functools.partial(
       pl.run_scoped,
       a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_smem_transforms(bk, dtype)),
       b_smem=plgpu.SMEM((steps, bk, bn), dtype, transforms=_smem_transforms(bn, dtype)),
-      o_smem=plgpu.SMEM((nwg, bm, wg_n), out_dtype),
+      o_smem=plgpu.SMEM((nwg, wg_m, wg_n), out_dtype),
       full=plgpu.Barrier(num_arrivals=2, num_barriers=steps),
       free=plgpu.Barrier(num_arrivals=nwg, num_barriers=steps),
       collective_axes="wg",
@@ -340,23 +368,26 @@ def _bf16_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n, out_dt
         t, j = info.index
         is_mm, _, _, load_row, smem_off, n_valid, _ = _tile_fields(sched_ref, t)
         nk = jnp.where(is_mm != 0, num_k, 0)
+        row0, col0 = cfg.wg_origin(wg)
 
         def mm(acc_ref):
           def step(kk, _):
             slot = lax.rem(carry + kk, steps)
             plgpu.barrier_wait(full.at[slot])
-            b_tile = b_smem.at[slot]
-            if nwg > 1:
-              b_tile = b_tile.at[:, pl.ds(wg * wg_n, wg_n)]
-            plgpu.wgmma(acc_ref, a_smem.at[slot], b_tile)
+            a_tile, b_tile = a_smem.at[slot], b_smem.at[slot]
+            if wg_m != bm:
+              a_tile = a_tile.at[pl.ds(row0, wg_m)]
+            if wg_n != bn:
+              b_tile = b_tile.at[:, pl.ds(col0, wg_n)]
+            plgpu.wgmma(acc_ref, a_tile, b_tile)
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
           lax.fori_loop(0, nk, step, None)
           return acc_ref[...]
 
-        acc = pl.run_scoped(mm, plgpu.ACC((bm, wg_n), jnp.float32))
-        _epilogue(acc, o_smem.at[wg], out_ref, row=load_row + smem_off, smem_off=smem_off,
-                  n_valid=n_valid, col=j * bn + wg * wg_n, wg_n=wg_n, block_m=bm)
+        acc = pl.run_scoped(mm, plgpu.ACC((wg_m, wg_n), jnp.float32))
+        _epilogue(acc, o_smem.at[wg], out_ref, load_row=load_row, smem_off=smem_off,
+                  n_valid=n_valid, row0=row0, col=j * bn + col0, cfg=cfg)
         return carry + nk
 
       plgpu.wait_smem_to_gmem(0)
@@ -396,8 +427,8 @@ def _bf16_simple_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n, ou
         return acc_ref[...]
 
       acc = pl.run_scoped(mm, plgpu.ACC((bm, bn), jnp.float32))
-      _epilogue(acc, o_smem, out_ref, row=load_row + smem_off, smem_off=smem_off,
-                n_valid=n_valid, col=j * bn, wg_n=bn, block_m=bm)
+      _epilogue(acc, o_smem, out_ref, load_row=load_row, smem_off=smem_off, n_valid=n_valid,
+                row0=0, col=j * bn, cfg=cfg)
 
     plgpu.wait_smem_to_gmem(0)
 
@@ -478,7 +509,7 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
   w_refs, out_ref = refs[:num_buffers], refs[num_buffers]
   bm, bn, bk, steps, nwg = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.max_concurrent_steps,
                             cfg.num_compute_wgs)
-  num_k, n_blocks, wg_n = k // bk, n // bn, cfg.wg_n
+  num_k, n_blocks, wg_m, wg_n = k // bk, n // bn, cfg.wg_m, cfg.wg_n
   dtype = x_ref.dtype
 
   @functools.partial(
@@ -486,7 +517,7 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
       a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_smem_transforms(bk, dtype)),
       b_smem=plgpu.SMEM((steps, bn, bk), dtype, transforms=_smem_transforms(bk, dtype)),
       s_smem=plgpu.SMEM((steps, bm), jnp.float32),
-      o_smem=plgpu.SMEM((nwg, bm, wg_n), out_dtype),
+      o_smem=plgpu.SMEM((nwg, wg_m, wg_n), out_dtype),
       full=plgpu.Barrier(num_arrivals=3, num_barriers=steps),
       free=plgpu.Barrier(num_arrivals=nwg, num_barriers=steps),
       collective_axes="wg",
@@ -520,39 +551,42 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
         t, j = info.index
         is_mm, _, _, load_row, smem_off, n_valid, g = _tile_fields(sched_ref, t)
         nk = jnp.where(is_mm != 0, num_k, 0)
-        nb = (j * bn + wg * wg_n) // FP8_BLOCK
+        row0, col0 = cfg.wg_origin(wg)
+        nb = (j * bn + col0) // FP8_BLOCK
 
         def step(kk, acc):
           slot = lax.rem(carry + kk, steps)
           w_scale = ws_ref[g, nb, kk]
           plgpu.barrier_wait(full.at[slot])
-          b_tile = b_smem.at[slot]
-          if nwg > 1:
-            b_tile = b_tile.at[pl.ds(wg * wg_n, wg_n)]
+          a_tile, b_tile, s_tile = a_smem.at[slot], b_smem.at[slot], s_smem.at[slot]
+          if wg_m != bm:
+            a_tile, s_tile = a_tile.at[pl.ds(row0, wg_m)], s_tile.at[pl.ds(row0, wg_m)]
+          if wg_n != bn:
+            b_tile = b_tile.at[pl.ds(col0, wg_n)]
           if interpret:  # interpret-mode wgmma ignores transposed operands; same math
-            part = jnp.dot(a_smem[slot].astype(jnp.float32), b_tile[...].astype(jnp.float32).T)
+            part = jnp.dot(a_tile[...].astype(jnp.float32), b_tile[...].astype(jnp.float32).T)
           else:
             def mm(tmp_ref):
-              plgpu.wgmma(tmp_ref, a_smem.at[slot], _compat.transpose_ref(b_tile, (1, 0)))
+              plgpu.wgmma(tmp_ref, a_tile, _compat.transpose_ref(b_tile, (1, 0)))
               return tmp_ref[...]
-            part = pl.run_scoped(mm, plgpu.ACC((bm, wg_n), jnp.float32))
-          row_scale = s_smem[slot] * w_scale
+            part = pl.run_scoped(mm, plgpu.ACC((wg_m, wg_n), jnp.float32))
+          row_scale = s_tile[...] * w_scale
           plgpu.barrier_arrive(free.at[slot])
           return acc + part * lax.broadcast_in_dim(row_scale, part.shape, [0])
 
-        acc0 = jnp.zeros((bm, wg_n), jnp.float32)
+        acc0 = jnp.zeros((wg_m, wg_n), jnp.float32)
         if not interpret:
           acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
         acc = lax.fori_loop(0, nk, step, acc0)
-        _epilogue(acc, o_smem.at[wg], out_ref, row=load_row + smem_off, smem_off=smem_off,
-                  n_valid=n_valid, col=j * bn + wg * wg_n, wg_n=wg_n, block_m=bm)
+        _epilogue(acc, o_smem.at[wg], out_ref, load_row=load_row, smem_off=smem_off,
+                  n_valid=n_valid, row0=row0, col=j * bn + col0, cfg=cfg)
         return carry + nk
 
       plgpu.wait_smem_to_gmem(0)
 
 
 def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Sequence[jax.Array],
-                     expert_slot, *, config: GroupedGemmConfig = FP8_CONFIG,
+                     expert_slot, *, config: GroupedGemmConfig | None = None,
                      out_dtype=jnp.bfloat16, interpret: bool = False):
   """Grouped FP8 GEMM with DeepSeek-V3 block scales.
 
@@ -576,13 +610,13 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
       s.shape != (w.shape[0], n // FP8_BLOCK, k // FP8_BLOCK) for s, w in zip(scales, weights)):
     raise ValueError("scales must be one [E_i, N/128, K/128] array per weight buffer, got "
                      f"{[s.shape for s in scales]}")
-  cfg = config
-  if cfg.block_k != FP8_BLOCK or FP8_BLOCK % cfg.wg_n and cfg.wg_n != FP8_BLOCK:
-    raise ValueError("FP8 needs block_k == 128 and block_n / num_compute_wgs dividing 128")
+  cfg = config or default_config(x.shape[0], group_sizes.shape[0], fp8=True)
+  if cfg.block_k != FP8_BLOCK or FP8_BLOCK % cfg.wg_n:
+    raise ValueError("FP8 needs block_k == 128 and a warpgroup N (64 or 128) inside one scale block")
   if not cfg.warp_specialized:
     raise ValueError("the FP8 kernel is warp specialized only")
-  if k % FP8_BLOCK or n % cfg.block_n:
-    raise ValueError(f"K={k} must divide by 128 and N={n} by block_n={cfg.block_n}")
+  if k % FP8_BLOCK or n % FP8_BLOCK or n % cfg.block_n:
+    raise ValueError(f"K={k} and N={n} must divide by 128, and N by block_n={cfg.block_n}")
   m = x.shape[0]
   m_pad = _padded_rows(m, cfg.block_m)
   xq, xs = quantize_activations(x)

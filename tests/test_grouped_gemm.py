@@ -16,13 +16,18 @@ INTERPRET = not ON_GPU
 BACKEND = "gpu" if ON_GPU else "interpret"
 
 # Tiny tiles for interpret mode (slow: every TMA and barrier is simulated); the GPU runs the presets.
-WS = gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2)
-WS_ONE_WG = dataclasses.replace(WS, num_compute_wgs=1)
+if ON_GPU:
+  WS_N, WS_M, WS_ONE_WG = gg.PREFILL_CONFIG, gg.PREFILL_M_SPLIT_CONFIG, gg.DECODE_CONFIG
+  FP8_CONFIGS = [gg.FP8_DECODE_CONFIG, gg.FP8_PREFILL_CONFIG]
+else:
+  WS_N = gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2)
+  WS_M = gg.GroupedGemmConfig(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
+                              wg_split="m")
+  WS_ONE_WG = dataclasses.replace(WS_N, num_compute_wgs=1)
+  FP8_CONFIGS = [gg.GroupedGemmConfig(block_m=128, block_n=64, block_k=128,
+                                      max_concurrent_steps=2, wg_split="m")]
 SIMPLE = gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2,
                               num_compute_wgs=1, warp_specialized=False)
-FP8 = dataclasses.replace(gg.FP8_CONFIG, block_n=128, max_concurrent_steps=2)
-if ON_GPU:
-  WS, FP8 = gg.PREFILL_CONFIG, gg.FP8_CONFIG
 
 
 def rel_err(out, ref):
@@ -67,17 +72,18 @@ def check_rows(out, ref, total):
 
 
 CASES = [
-    # (name, config, m, k, n, sizes, buffer_sizes)
-    ("ws_two_buffers_empty_group_tail_rows", WS, 203, 128, 128, [37, 0, 90, 50], (3, 2)),
-    ("ws_one_wg_decode_one_buffer", WS_ONE_WG, 40, 128, 128, [1, 5, 0, 3, 8, 2, 7], (7,)),
-    ("simple_three_buffers", SIMPLE, 150, 128, 128, [64, 1, 0, 70], (1, 2, 2)),
+    # (name, config, m, sizes, buffer_sizes)
+    ("ws_nsplit_two_buffers_empty_group_tail_rows", WS_N, 100, [37, 0, 40, 10], (3, 2)),
+    ("ws_msplit_decode_one_buffer_m_lt_block", WS_M, 40, [1, 5, 0, 3, 8, 2, 7], (7,)),
+    ("simple_three_buffers", SIMPLE, 150, [64, 1, 0, 70], (1, 2, 2)),
 ]
+if ON_GPU:
+  CASES.append(("ws_one_wg_decode", WS_ONE_WG, 300, [3, 9, 0, 33, 100, 1, 64, 90], (5, 3)))
 
 
-@pytest.mark.parametrize("name,cfg,m,k,n,sizes,bufs", CASES, ids=[c[0] for c in CASES])
-def test_grouped_gemm_bf16(name, cfg, m, k, n, sizes, bufs):
-  if ON_GPU:  # real tiles on the GPU; sizes scaled so tiles are partially filled there too
-    k, n = 512, 512
+@pytest.mark.parametrize("name,cfg,m,sizes,bufs", CASES, ids=[c[0] for c in CASES])
+def test_grouped_gemm_bf16(name, cfg, m, sizes, bufs):
+  k, n = (512, 512) if ON_GPU else (128, 128)
   x, gs, w, _, es = make_inputs(zlib.crc32(name.encode()) % 1000, m, k, n, sizes, bufs)
   poison_device_memory((max(m, 256), n), jnp.bfloat16)
   out = gg.grouped_gemm(x, gs, w, es, config=cfg, interpret=INTERPRET)
@@ -85,14 +91,13 @@ def test_grouped_gemm_bf16(name, cfg, m, k, n, sizes, bufs):
   check_rows(out, gg.reference(x, gs, w, es, out_dtype=jnp.float32), int(sum(sizes)))
 
 
-def test_grouped_gemm_fp8():
-  m, k, n = 100, 256, 128 if not ON_GPU else 512
-  if ON_GPU:
-    k = 1024
-  sizes = [30, 0, 45, 10]
+@pytest.mark.parametrize("cfg", FP8_CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}_{c.wg_split}")
+def test_grouped_gemm_fp8(cfg):
+  m, k, n = (300, 1024, 512) if ON_GPU else (60, 256, 128)
+  sizes = [30, 0, 25, 3] if not ON_GPU else [30, 0, 125, 3, 64]
   x, gs, w, s, es = make_inputs(7, m, k, n, sizes, (2, 3), fp8=True)
   poison_device_memory((max(m, 256), n), jnp.bfloat16)
-  out = gg.grouped_gemm_fp8(x, gs, w, s, es, config=FP8, interpret=INTERPRET)
+  out = gg.grouped_gemm_fp8(x, gs, w, s, es, config=cfg, interpret=INTERPRET)
   # Same quantized operands, f32 math: only accumulation order and the bf16 output rounding differ
   # (the kernel promotes each 128-wide K block into f32, so fp8 tensor-core accumulation error stays
   # per block), hence the bf16 bound.
@@ -139,5 +144,5 @@ def test_validation_errors():
                             jnp.ones((1, 128, 256), jnp.bfloat16)), es, interpret=True)
   with pytest.raises(ValueError, match="expert_slot"):
     gg.grouped_gemm(x, gs, (jnp.ones((1, 128, 128), jnp.bfloat16),), es[:, :1], interpret=True)
-  with pytest.raises(ValueError, match="block_n"):
+  with pytest.raises(ValueError, match="multiple of 64"):
     gg.GroupedGemmConfig(block_n=96)
