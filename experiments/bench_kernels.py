@@ -171,6 +171,8 @@ def main():
             print(f"  {name} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
             results[name] = None
         try:
+          if args.smoke:
+            raise RuntimeError("GPU only")
           rd = jax.jit(lambda x, w, s: ragged_dot_mgpu.ragged_dot(
               x, w, group_sizes=s, block_m=128, block_n=128, block_k=64, max_concurrent_steps=4,
               grid_block_n=1))

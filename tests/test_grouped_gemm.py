@@ -24,10 +24,14 @@ else:
   WS_M = gg.GroupedGemmConfig(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
                               wg_split="m")
   WS_ONE_WG = dataclasses.replace(WS_N, num_compute_wgs=1)
-  FP8_CONFIGS = [gg.GroupedGemmConfig(block_m=128, block_n=64, block_k=128,
+  FP8_CONFIGS = [gg.GroupedGemmConfig(block_m=128, block_n=128, block_k=128,
                                       max_concurrent_steps=2, wg_split="m")]
 SIMPLE = gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2,
                               num_compute_wgs=1, warp_specialized=False)
+
+
+reference = jax.jit(gg.reference, static_argnames="out_dtype")
+reference_fp8 = jax.jit(gg.reference_fp8, static_argnames="out_dtype")
 
 
 def rel_err(out, ref):
@@ -88,7 +92,7 @@ def test_grouped_gemm_bf16(name, cfg, m, sizes, bufs):
   poison_device_memory((max(m, 256), n), jnp.bfloat16)
   out = gg.grouped_gemm(x, gs, w, es, config=cfg, interpret=INTERPRET)
   assert out.shape == (m, n) and out.dtype == jnp.bfloat16
-  check_rows(out, gg.reference(x, gs, w, es, out_dtype=jnp.float32), int(sum(sizes)))
+  check_rows(out, reference(x, gs, w, es, out_dtype=jnp.float32), int(sum(sizes)))
 
 
 @pytest.mark.parametrize("cfg", FP8_CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}_{c.wg_split}")
@@ -101,7 +105,7 @@ def test_grouped_gemm_fp8(cfg):
   # Same quantized operands, f32 math: only accumulation order and the bf16 output rounding differ
   # (the kernel promotes each 128-wide K block into f32, so fp8 tensor-core accumulation error stays
   # per block), hence the bf16 bound.
-  check_rows(out, gg.reference_fp8(x, gs, w, s, es, out_dtype=jnp.float32), int(sum(sizes)))
+  check_rows(out, reference_fp8(x, gs, w, s, es, out_dtype=jnp.float32), int(sum(sizes)))
 
 
 def test_reference_fp8_close_to_unquantized():
@@ -111,15 +115,16 @@ def test_reference_fp8_close_to_unquantized():
   m, k, n = 64, 256, 128
   x, gs, w, s, es = make_inputs(3, m, k, n, [20, 44], (2,), fp8=True)
   deq = tuple(jnp.swapaxes(gg.dequantize_weight(wi, si), 1, 2) for wi, si in zip(w, s))
-  exact = gg.reference(x, gs, deq, es, out_dtype=jnp.float32)
-  assert rel_err(gg.reference_fp8(x, gs, w, s, es, out_dtype=jnp.float32), exact) < 0.1
+  exact = reference(x, gs, deq, es, out_dtype=jnp.float32)
+  assert rel_err(reference_fp8(x, gs, w, s, es, out_dtype=jnp.float32), exact) < 0.1
 
 
 def test_schedule_covers_every_row_once():
   m, bm = 300, 64
   sizes = jnp.array([0, 70, 1, 0, 129, 3, 0], jnp.int32)  # sum 203, rows 203..299 are zero rows
   es = jnp.zeros((7, 2), jnp.int32)
-  sched = np.asarray(gg.tile_schedule(sizes, es, m=m, m_pad=304, block_m=bm, buffer_sizes=(7,)))
+  schedule = jax.jit(gg.tile_schedule, static_argnames=("m", "m_pad", "block_m", "buffer_sizes"))
+  sched = np.asarray(schedule(sizes, es, m=m, m_pad=304, block_m=bm, buffer_sizes=(7,)))
   n_tiles = sched[-1, 0]
   cover = np.zeros(m, int)
   for is_mm, _, _, load_row, off, n_valid, g, _ in sched[:n_tiles]:
