@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the Pallas kernels: tests on the GPU backend, then the benchmark; pass/fail table last.
-#   bash experiments/gpu_check_kernels.sh [--quick] [device_kind]
-# Writes logs and the results JSON to $OUT (device tool) or experiments/results/.
+#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_kernels.sh [--quick] [device_kind]
+# Writes logs and the results JSONs to $OUT (device tool) or experiments/results/. The device
+# machine's copy of the tree has no git history: pass GIT_COMMIT so the JSONs name the code.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=""
@@ -10,6 +11,7 @@ KIND="${1:-nvidia-h200}"
 OUTDIR="${OUT:-experiments/results}"
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 PY="${PYTHON:-python3}"
 NGPU=$($PY -c "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))" 2>/dev/null || echo 0)
 echo "GPUs: $NGPU"
@@ -21,7 +23,8 @@ STATUS[test_grouped_gemm]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo FAI
 if [[ "$NGPU" -ge 2 ]]; then
   $PY -m pytest -q -p no:cacheprovider tests/test_remote_dma.py 2>&1 | tee "$OUTDIR/test_remote_dma.log"
   STATUS[test_remote_dma]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo FAIL)
-  $PY -m pallas_kernels.remote_dma --bench --device_kind "$KIND" --out "$OUTDIR/remote_dma-$KIND.json" \
+  $PY -m pallas_kernels.remote_dma --bench --device_kind "$KIND" \
+    --out "$OUTDIR/kernels-$(date -u +%Y%m%d)-$KIND-remote-dma.json" \
     2>&1 | tee "$OUTDIR/bench_remote_dma.log"
   STATUS[bench_remote_dma]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo FAIL)
 else
