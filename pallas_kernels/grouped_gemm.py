@@ -263,15 +263,24 @@ def _store_rows(o_smem, out_ref, *, row, smem_off, n_valid, block_m):
     p //= 2
 
 
+def _epilogue_cols(wg_n, out_dtype):
+  """Columns per epilogue chunk: the whole warpgroup tile for 16-bit outputs; 64 for f32 outputs so
+  that the output staging buffer never outgrows the bf16 one (the pipeline stages keep the SMEM)."""
+  return wg_n if jnp.dtype(out_dtype).itemsize <= 2 else min(wg_n, 64)
+
+
 def _epilogue(acc, o_smem, out_ref, *, load_row, smem_off, n_valid, row0, col, cfg):
-  """Stores the warpgroup's sub-tile (rows row0 + [0, wg_m) of the CTA tile) where valid."""
-  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem's last stores have read it
-  o_smem[...] = acc.astype(o_smem.dtype)
-  plgpu.commit_smem()
+  """Stores the warpgroup's sub-tile (rows row0 + [0, wg_m) of the CTA tile) where valid, in
+  column chunks of o_smem's width."""
   lo = jnp.maximum(smem_off, row0)
   cnt = jnp.maximum(jnp.minimum(smem_off + n_valid, row0 + cfg.wg_m) - lo, 0)
-  _store_rows(o_smem, out_ref.at[:, pl.ds(col, cfg.wg_n)], row=load_row + lo, smem_off=lo - row0,
-              n_valid=cnt, block_m=cfg.wg_m)
+  epi_n = o_smem.shape[-1]
+  for c in range(acc.shape[1] // epi_n):
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem's last stores have read it
+    o_smem[...] = acc[:, c * epi_n:(c + 1) * epi_n].astype(o_smem.dtype)
+    plgpu.commit_smem()
+    _store_rows(o_smem, out_ref.at[:, pl.ds(col + c * epi_n, epi_n)], row=load_row + lo,
+                smem_off=lo - row0, n_valid=cnt, block_m=cfg.wg_m)
 
 
 def _memory_loop(sched_ref, num_tiles, n_blocks, num_k, steps, issue_copies, free):
@@ -339,7 +348,7 @@ def _bf16_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n, out_dt
       pl.run_scoped,
       a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_smem_transforms(bk, dtype)),
       b_smem=plgpu.SMEM((steps, bk, bn), dtype, transforms=_smem_transforms(bn, dtype)),
-      o_smem=plgpu.SMEM((nwg, wg_m, wg_n), out_dtype),
+      o_smem=plgpu.SMEM((nwg, wg_m, _epilogue_cols(wg_n, out_dtype)), out_dtype),
       full=plgpu.Barrier(num_arrivals=2, num_barriers=steps),
       free=plgpu.Barrier(num_arrivals=nwg, num_barriers=steps),
       collective_axes="wg",
@@ -404,7 +413,7 @@ def _bf16_simple_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n, ou
   num_k, n_blocks = k // bk, n // bn
   dtype = x_ref.dtype
 
-  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, bn), out_dtype))
+  @functools.partial(pl.run_scoped, o_smem=plgpu.SMEM((bm, _epilogue_cols(bn, out_dtype)), out_dtype))
   def _scope(o_smem):
     num_tiles = sched_ref[t_max, 0]
 
@@ -521,7 +530,7 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
       a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_smem_transforms(bk, dtype)),
       b_smem=plgpu.SMEM((steps, bn, bk), dtype, transforms=_smem_transforms(bk, dtype)),
       s_smem=plgpu.SMEM((steps, bm), jnp.float32),
-      o_smem=plgpu.SMEM((nwg, wg_m, wg_n), out_dtype),
+      o_smem=plgpu.SMEM((nwg, wg_m, _epilogue_cols(wg_n, out_dtype)), out_dtype),
       full=plgpu.Barrier(num_arrivals=3, num_barriers=steps),
       free=plgpu.Barrier(num_arrivals=nwg, num_barriers=steps),
       collective_axes="wg",

@@ -80,6 +80,7 @@ CASES = [
     ("ws_nsplit_two_buffers_empty_group_tail_rows", WS_N, 100, [37, 0, 40, 10], (3, 2)),
     ("ws_msplit_decode_one_buffer_m_lt_block", WS_M, 40, [1, 5, 0, 3, 8, 2, 7], (7,)),
     ("simple_three_buffers", SIMPLE, 150, [64, 1, 0, 70], (1, 2, 2)),
+    ("ws_nsplit_f32_out", WS_N, 70, [20, 33, 0, 9], (2,)),
 ]
 if ON_GPU:
   CASES.append(("ws_one_wg_decode", WS_ONE_WG, 300, [3, 9, 0, 33, 100, 1, 64, 90], (5, 3)))
@@ -88,10 +89,11 @@ if ON_GPU:
 @pytest.mark.parametrize("name,cfg,m,sizes,bufs", CASES, ids=[c[0] for c in CASES])
 def test_grouped_gemm_bf16(name, cfg, m, sizes, bufs):
   k, n = (512, 512) if ON_GPU else (128, 128)
+  out_dtype = jnp.float32 if name.endswith("f32_out") else jnp.bfloat16
   x, gs, w, _, es = make_inputs(zlib.crc32(name.encode()) % 1000, m, k, n, sizes, bufs)
-  poison_device_memory((max(m, 256), n), jnp.bfloat16)
-  out = gg.grouped_gemm(x, gs, w, es, config=cfg, interpret=INTERPRET)
-  assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+  poison_device_memory((max(m, 256), n), out_dtype)
+  out = gg.grouped_gemm(x, gs, w, es, config=cfg, out_dtype=out_dtype, interpret=INTERPRET)
+  assert out.shape == (m, n) and out.dtype == out_dtype
   check_rows(out, reference(x, gs, w, es, out_dtype=jnp.float32), int(sum(sizes)))
 
 
@@ -100,8 +102,8 @@ def test_grouped_gemm_fp8(cfg):
   m, k, n = (300, 1024, 512) if ON_GPU else (60, 256, 128)
   sizes = [30, 0, 25, 3] if not ON_GPU else [30, 0, 125, 3, 64]
   x, gs, w, s, es = make_inputs(7, m, k, n, sizes, (2, 3), fp8=True)
-  poison_device_memory((max(m, 256), n), jnp.bfloat16)
-  out = gg.grouped_gemm_fp8(x, gs, w, s, es, config=cfg, interpret=INTERPRET)
+  poison_device_memory((max(m, 256), n), jnp.float32)
+  out = gg.grouped_gemm_fp8(x, gs, w, s, es, config=cfg, out_dtype=jnp.float32, interpret=INTERPRET)
   # Same quantized operands, f32 math: only accumulation order and the bf16 output rounding differ
   # (the kernel promotes each 128-wide K block into f32, so fp8 tensor-core accumulation error stays
   # per block), hence the bf16 bound.
