@@ -106,15 +106,24 @@ FP8_PREFILL_CONFIG = GroupedGemmConfig(block_m=128, block_n=128, block_k=128,
                                        max_concurrent_steps=4, wg_split="m")
 
 
-def default_config(m: int, num_groups: int, fp8: bool = False) -> GroupedGemmConfig:
-  """Decode tiles when groups average <= 64 rows (memory-bound), prefill tiles otherwise.
+def default_config(m: int, num_groups: int, n: int | None = None,
+                   fp8: bool = False) -> GroupedGemmConfig:
+  """Decode tiles when groups average <= 64 rows (memory-bound), prefill tiles otherwise; a narrower
+  block_n when N does not divide (small test models).
 
   Only configurations measured on an H200 are defaults (experiments/KERNELS.md); FP8_PREFILL_CONFIG
   and PREFILL_M_SPLIT_CONFIG pass the interpret-mode tests and lower for the GPU but await their
   first GPU run."""
   if fp8:
-    return FP8_DECODE_CONFIG
-  return DECODE_CONFIG if m <= 64 * num_groups else PREFILL_CONFIG
+    cfg = FP8_DECODE_CONFIG
+  else:
+    cfg = DECODE_CONFIG if m <= 64 * num_groups else PREFILL_CONFIG
+  if n is not None and n % cfg.block_n:
+    if n % 128 == 0:
+      cfg = dataclasses.replace(cfg, block_n=128)
+    elif not fp8 and n % 64 == 0:
+      cfg = dataclasses.replace(cfg, block_n=64, num_compute_wgs=1)
+  return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,7 +504,7 @@ def grouped_gemm(x, group_sizes, weights: Sequence[jax.Array], expert_slot, *,
   if x.dtype != jnp.bfloat16 or weights[0].dtype != jnp.bfloat16:
     raise ValueError(f"x and weights must be bfloat16, got {x.dtype} and {weights[0].dtype}")
   m = x.shape[0]
-  cfg = config or default_config(m, group_sizes.shape[0])
+  cfg = config or default_config(m, group_sizes.shape[0], n)
   if k % cfg.block_k or n % cfg.block_n:
     raise ValueError(f"K={k} must divide by block_k={cfg.block_k} and N={n} by block_n={cfg.block_n}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -623,7 +632,7 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
       s.shape != (w.shape[0], n // FP8_BLOCK, k // FP8_BLOCK) for s, w in zip(scales, weights)):
     raise ValueError("scales must be one [E_i, N/128, K/128] array per weight buffer, got "
                      f"{[s.shape for s in scales]}")
-  cfg = config or default_config(x.shape[0], group_sizes.shape[0], fp8=True)
+  cfg = config or default_config(x.shape[0], group_sizes.shape[0], n, fp8=True)
   if cfg.block_k != FP8_BLOCK or FP8_BLOCK % cfg.wg_n:
     raise ValueError("FP8 needs block_k == 128 and a warpgroup N (64 or 128) inside one scale block")
   if not cfg.warp_specialized:
