@@ -30,7 +30,7 @@ from dwdp_jax.config import preset  # noqa: E402
 from dwdp_jax.model import init_model  # noqa: E402
 from dwdp_jax.parallel.dep import DepModel  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup  # noqa: E402
-from dwdp_jax.parallel.fetch import CachedFetch, DevicePutFetch  # noqa: E402
+from dwdp_jax.parallel.fetch import CachedFetch, CopyEnginePull, DevicePutFetch  # noqa: E402
 from dwdp_jax.planner.placement import Placement  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
 
@@ -43,6 +43,7 @@ flags.DEFINE_string("backend", "pallas", "expert GEMMs: pallas or jnp")
 flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the results file")
 flags.DEFINE_string("out", "experiments/results", "results directory")
 flags.DEFINE_bool("dep", True, "also measure DEP")
+flags.DEFINE_list("fetch", ["device_put", "copy_engine"], "fetch backends to measure")
 F = flags.FLAGS
 
 
@@ -126,58 +127,85 @@ def main(_):
             models.append(init_model(cfg, seed=0, dtype=jnp.bfloat16, n_local_experts=e_local))
     placement = Placement.from_config(cfg, g)
     dw = DwdpConfig(g, prefetch_depth=1, staggered=True, expert_backend=F.backend)
-    group = DwdpGroup.from_rank_models(models, placement, dw, DevicePutFetch())
     cached = DwdpGroup.from_rank_models(models, placement, dw, CachedFetch())
     moe_layer = cfg.first_k_dense_replace
-    layer_bytes = sum(group.ranks[0].local_experts(moe_layer).nbytes() for _ in range(g - 1))
-
-    def fetch_all_ranks():
-        group.run_parallel(lambda rank, _: jax.block_until_ready(rank.issue_fetch(moe_layer)), [None] * g)
-
-    t_fetch = timed(fetch_all_ranks, F.repeats)
-    fetch_gbps = layer_bytes / t_fetch / 1e9
+    layer_bytes = (g - 1) * cached.ranks[0].local_experts(moe_layer).nbytes()
     metrics["copy_engine_gbps"] = ce
-    metrics["fetch_gbps_per_gpu"] = fetch_gbps
-    metrics["fetch_frac_of_copy_engine"] = fetch_gbps / ce
-    print(f"DWDP fetch (device_put, all ranks): {layer_bytes / 1e9:.2f} GB/layer in {t_fetch * 1e3:.2f} ms ="
-          f" {fetch_gbps:.1f} GB/s per GPU ({fetch_gbps / ce:.2f} of copy engine)", flush=True)
-
     n_moe = cfg.num_moe_layers
-    exposed = []
-    for tokens in map(int, F.tokens):
-        batch = [jnp.asarray(np.random.RandomState(r).randint(0, cfg.vocab_size, (tokens // F.seq, F.seq)))
-                 for r in range(g)]
-        t_real = concurrent_step_times(group, batch, F.repeats)
-        t_cached = concurrent_step_times(cached, batch, F.repeats)
-        frac = [(a - b) / a for a, b in zip(t_real, t_cached)]
-        per_layer_exposed = [(a - b) / n_moe for a, b in zip(t_real, t_cached)]
-        row = dict(kind="prefill", tokens_per_rank=tokens, step_s=t_real, step_cached_s=t_cached,
-                   exposed_frac_of_step=frac, exposed_per_moe_layer_s=per_layer_exposed,
-                   fetch_per_layer_s=t_fetch)
-        rows.append(row)
-        exposed.append((tokens, max(frac)))
-        print(f"T={tokens:6d}: step {max(t_real) * 1e3:8.2f} ms (cached {max(t_cached) * 1e3:8.2f} ms), exposed"
-              f" fetch {max(frac) * 100:5.1f}% of the step, {max(per_layer_exposed) * 1e3:.2f} ms per MoE layer"
-              f" (fetch alone {t_fetch * 1e3:.2f} ms)", flush=True)
-    metrics["exposed_fetch_frac"] = {str(t): f for t, f in exposed}
-
     base = int(F.tokens[len(F.tokens) // 2])
-    normal = [jnp.asarray(np.random.RandomState(r).randint(0, cfg.vocab_size, (base // F.seq, F.seq)))
-              for r in range(g)]
-    heavy = [jnp.asarray(np.random.RandomState(9).randint(0, cfg.vocab_size, (2 * base // F.seq, F.seq)))] + normal[1:]
-    bal = concurrent_step_times(group, normal, F.repeats)
-    imb = concurrent_step_times(group, heavy, F.repeats)
-    slow_dwdp = statistics.mean(imb[1:]) / statistics.mean(bal[1:])
-    metrics["imbalance_slowdown_dwdp"] = slow_dwdp
-    rows.append(dict(kind="imbalance", strategy="dwdp", tokens_per_rank=base, balanced_step_s=bal, imbalanced_step_s=imb))
-    print(f"DWDP: normal ranks' step {statistics.mean(bal[1:]) * 1e3:.2f} ms balanced, "
-          f"{statistics.mean(imb[1:]) * 1e3:.2f} ms when rank 0 has 2x: slowdown {slow_dwdp:.3f}", flush=True)
+    # Host (numpy) batches: each rank copies its own to its own device.
+    batches = {t: [np.random.RandomState(r).randint(0, cfg.vocab_size, (t // F.seq, F.seq)).astype(np.int32)
+                   for r in range(g)] for t in set(map(int, F.tokens)) | {base}}
+    heavy = [np.random.RandomState(9).randint(0, cfg.vocab_size, (2 * base // F.seq, F.seq)).astype(np.int32)]
+    heavy += batches[base][1:]
+    t_cached = {t: concurrent_step_times(cached, batches[t], F.repeats) for t in batches}
+    bal_cached = t_cached[base]
+    imb_cached = concurrent_step_times(cached, heavy, F.repeats)
+    metrics["imbalance_slowdown_no_fetch"] = statistics.mean(imb_cached[1:]) / statistics.mean(bal_cached[1:])
+    rows.append(dict(kind="imbalance", strategy="dwdp-cached", tokens_per_rank=base, balanced_step_s=bal_cached,
+                     imbalanced_step_s=imb_cached))
+    print(f"no fetch (cached staging): normal ranks {statistics.mean(bal_cached[1:]) * 1e3:.2f} ms balanced,"
+          f" {statistics.mean(imb_cached[1:]) * 1e3:.2f} ms when rank 0 has 2x", flush=True)
+
+    outputs = {}
+    for name in F.fetch:
+        fetch = DevicePutFetch() if name == "device_put" else CopyEnginePull()
+        group = DwdpGroup.from_rank_models(models, placement, dw, fetch)
+        probe = batches[min(batches)]
+        outputs[name] = [group.run_parallel(lambda rank, ids: np.asarray(rank.forward(ids[:1])), probe)
+                         for _ in range(2)]
+
+        def fetch_all_ranks():
+            group.run_parallel(lambda rank, _: jax.block_until_ready(
+                [rank.fetch.ready(h) for h in rank.issue_fetch(moe_layer)]), [None] * g)
+
+        t_fetch = timed(fetch_all_ranks, F.repeats)
+        gbps = layer_bytes / t_fetch / 1e9
+        metrics[f"fetch_gbps_per_gpu_{name}"] = gbps
+        metrics[f"fetch_frac_of_copy_engine_{name}"] = gbps / ce
+        print(f"[{name}] fetch, all ranks at once: {layer_bytes / 1e9:.2f} GB/layer in {t_fetch * 1e3:.2f} ms ="
+              f" {gbps:.1f} GB/s per GPU ({gbps / ce:.2f} of cudaMemcpyPeerAsync)", flush=True)
+        exposed = {}
+        for tokens in map(int, F.tokens):
+            t_real = concurrent_step_times(group, batches[tokens], F.repeats)
+            frac = [(a - b) / a for a, b in zip(t_real, t_cached[tokens])]
+            per_layer = [(a - b) / n_moe for a, b in zip(t_real, t_cached[tokens])]
+            moe_layer_s = [b / cfg.num_layers for b in t_cached[tokens]]
+            rows.append(dict(kind="prefill", fetch=name, tokens_per_rank=tokens, step_s=t_real,
+                             step_cached_s=t_cached[tokens], exposed_per_moe_layer_s=per_layer,
+                             layer_s_estimate=moe_layer_s, fetch_per_layer_s=t_fetch))
+            exposed[str(tokens)] = max(p / m for p, m in zip(per_layer, moe_layer_s))
+            print(f"[{name}] T={tokens:6d}: step {max(t_real) * 1e3:8.2f} ms (no fetch {max(t_cached[tokens]) * 1e3:8.2f}"
+                  f" ms): exposed {max(per_layer) * 1e3:6.2f} ms per MoE layer = {exposed[str(tokens)] * 100:5.1f}%"
+                  f" of a layer; {max(frac) * 100:5.1f}% of the step (fetch alone {t_fetch * 1e3:.2f} ms)", flush=True)
+        metrics[f"exposed_fetch_frac_{name}"] = exposed
+        bal = concurrent_step_times(group, batches[base], F.repeats)
+        imb = concurrent_step_times(group, heavy, F.repeats)
+        slow = statistics.mean(imb[1:]) / statistics.mean(bal[1:])
+        metrics[f"imbalance_slowdown_dwdp_{name}"] = slow
+        rows.append(dict(kind="imbalance", strategy="dwdp", fetch=name, tokens_per_rank=base, balanced_step_s=bal,
+                         imbalanced_step_s=imb))
+        print(f"[{name}] DWDP normal ranks: {statistics.mean(bal[1:]) * 1e3:.2f} ms balanced,"
+              f" {statistics.mean(imb[1:]) * 1e3:.2f} ms when rank 0 has 2x: slowdown {slow:.3f}", flush=True)
+        del group
+    rel = lambda a, b: max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(a, b))
+    for name, (first, second) in outputs.items():
+        metrics[f"rerun_rel_diff_{name}"] = rel(first, second)
+        print(f"logits, {name} run twice: max rel diff {rel(first, second):.3g} (atomic scatter-add order)")
+    if len(outputs) == 2:
+        a, b = (v[0] for v in outputs.values())
+        metrics["copy_engine_vs_device_put_rel_diff"] = rel(a, b)
+        print(f"logits, copy_engine vs device_put: max rel diff {rel(a, b):.3g}", flush=True)
+    best = "copy_engine" if "copy_engine" in F.fetch else F.fetch[0]
+    metrics["fetch_frac_of_copy_engine"] = metrics[f"fetch_frac_of_copy_engine_{best}"]
+    metrics["exposed_fetch_frac"] = metrics[f"exposed_fetch_frac_{best}"]
+    metrics["imbalance_slowdown_dwdp"] = metrics[f"imbalance_slowdown_dwdp_{best}"]
 
     if F.dep:
         cap = int(2 * base * cfg.num_experts_per_tok / g)
         dep = DepModel.from_rank_models(models, capacity=cap, backend=F.backend)
-        ids_bal = jnp.concatenate(normal)
-        ids_imb = jnp.concatenate([heavy[0]] + [jnp.concatenate([n, n]) for n in normal[1:]])  # SPMD: padded to 2x
+        ids_bal = np.concatenate(batches[base])
+        ids_imb = np.concatenate([heavy[0]] + [np.concatenate([n, n]) for n in batches[base][1:]])  # SPMD pads
         dep_cap2 = DepModel.from_rank_models(models, capacity=2 * cap, backend=F.backend)
         t_bal = timed(lambda: dep.forward(ids_bal).block_until_ready(), F.repeats)
         t_imb = timed(lambda: dep_cap2.forward(ids_imb).block_until_ready(), F.repeats)
@@ -186,11 +214,11 @@ def main(_):
         rows.append(dict(kind="imbalance", strategy="dep", tokens_per_rank=base, balanced_step_s=t_bal,
                          imbalanced_step_s=t_imb))
         print(f"DEP: step {t_bal * 1e3:.2f} ms balanced, {t_imb * 1e3:.2f} ms when one rank has 2x "
-              f"(every rank waits): slowdown {t_imb / t_bal:.3f}; DWDP balanced step {statistics.mean(bal) * 1e3:.2f} ms",
+              f"(SPMD: every rank runs the padded shape and waits at each all-to-all): slowdown {t_imb / t_bal:.3f}",
               flush=True)
 
     config = dict(preset=F.preset, group_size=g, prefetch_depth=1, staggered=True, backend=F.backend,
-                  fetch_backend="device_put", seq=F.seq, tokens=F.tokens, experts="fp8 random")
+                  fetch_backends=F.fetch, seq=F.seq, tokens=F.tokens, repeats=F.repeats, experts="fp8 random")
     path = write_result(F.out, "dwdp", F.device_kind, config, metrics, rows)
     print("wrote", path)
 

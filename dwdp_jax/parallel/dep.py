@@ -136,7 +136,7 @@ class DepModel:
 
     def forward(self, token_ids, positions=None):
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape)
+            positions = np.broadcast_to(np.arange(token_ids.shape[1], dtype=np.int32), token_ids.shape)
         sharding = NamedSharding(self.mesh, P(AXIS))
         return self._forward(self.state, jax.device_put(token_ids, sharding), jax.device_put(positions, sharding))
 

@@ -152,13 +152,15 @@ class DwdpRank:
                 slots, peers = slot_map(placement, i - cfg.first_k_dense_replace, rank, order)
                 self.slot_maps[i], self.fetch_peers[i] = jax.device_put(slots, device), peers
         self.group: list[DwdpRank] = []  # set by DwdpGroup
+        self._carry = None  # staged fetches of the next step's first MoE layers
 
     def local_experts(self, layer: int) -> ExpertWeights:
         """This rank's expert buffer of decoder layer `layer` (what peers copy from)."""
         return self.expert_buffers[layer]
 
-    def issue_fetch(self, layer: int) -> list[ExpertWeights]:
-        """Starts the copies of `layer`'s remote expert buffers, peers in this rank's source order."""
+    def issue_fetch(self, layer: int) -> list:
+        """Starts the copies of `layer`'s remote expert buffers, peers in this rank's source order; returns
+        the backend's staged handles (`self.fetch.ready(handle)` gives the weights)."""
         return [self.fetch(self.group[p].local_experts(layer), self.device) for p in self.fetch_peers[layer]]
 
     def forward(self, token_ids, positions=None, kv: list[LayerKV] | None = None, absorbed: bool = False,
@@ -167,17 +169,20 @@ class DwdpRank:
 
         Host loop over layers: issue layer l+depth's fetch, then dispatch layer l. JAX dispatch is
         asynchronous, so the host runs ahead of the device and the copies overlap earlier layers' compute.
+        After the last layer, the next step's first `depth` MoE layers are fetched (fetch-all needs the same
+        experts every step), so no step starts with an unhidden fetch.
         """
         cfg = self.cfg
-        token_ids = jax.device_put(token_ids, self.device)
+        # Step inputs are made on the host (or must already be on this rank's device): an array computed on
+        # another device would order this rank's step after that device's queued work.
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(token_ids.shape[1]), token_ids.shape)
-        positions = jax.device_put(positions, self.device)
+            positions = np.broadcast_to(np.arange(token_ids.shape[1], dtype=np.int32), token_ids.shape)
+        token_ids, positions = jax.device_put((token_ids, positions), self.device)
         moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
         depth = self.dwdp.prefetch_depth
-        staged: dict[int, list[ExpertWeights]] = collections.OrderedDict()
-        for j in moe_layers[:depth]:
-            staged[j] = self.issue_fetch(j)
+        # The first `depth` MoE layers' fetches were issued at the end of the previous step (same experts).
+        staged = self._carry or collections.OrderedDict((j, self.issue_fetch(j)) for j in moe_layers[:depth])
+        self._carry = None
         x = _embed_jit(self.head_graph, self.head_state, token_ids)
         new_kv = []
         for i in range(cfg.num_layers):
@@ -185,18 +190,23 @@ class DwdpRank:
                 ahead = moe_layers.index(i) + depth
                 if ahead < len(moe_layers) and depth > 0:
                     staged[moe_layers[ahead]] = self.issue_fetch(moe_layers[ahead])
-                buffers = staged.pop(i) if depth > 0 else self.issue_fetch(i)
+                pending = staged.pop(i) if depth > 0 else self.issue_fetch(i)
+                buffers = [self.fetch.ready(p) for p in pending]
                 slots = self.slot_maps[i]
             else:
-                buffers, slots = [], None
+                pending, buffers, slots = [], [], None
             graph, state = self.layers[i]
             x, layer_kv, counts = _layer_step_jit(graph, state, buffers, slots, x, positions,
                                                   None if kv is None else kv[i], absorbed, self.dwdp.expert_backend)
+            for p in pending:
+                self.fetch.consumed(p, x)
             new_kv.append(layer_kv)
             if stats is not None and counts is not None:
                 stats.append((i, counts))
-            del buffers  # the staging buffers die with the last reference: at most `depth` layers alive
+            del buffers, pending  # staging dies with its last reference (or returns to the backend's ring)
         logits = _logits_jit(self.head_graph, self.head_state, x)
+        if depth > 0:  # prefetch across steps: the next step's first MoE layers start copying now
+            self._carry = collections.OrderedDict((j, self.issue_fetch(j)) for j in moe_layers[:depth])
         return (logits, new_kv) if kv is not None else logits
 
 
@@ -206,7 +216,7 @@ class DwdpRank:
         positions = jax.device_put(jnp.zeros((batch, seq), jnp.int32), self.device)
         texts = []
         for i, (graph, state) in enumerate(self.layers):
-            buffers = self.issue_fetch(i) if self.cfg.is_moe_layer(i) else []
+            buffers = [self.fetch.ready(p) for p in self.issue_fetch(i)] if self.cfg.is_moe_layer(i) else []
             lowered = _layer_step_jit.lower(graph, state, buffers, self.slot_maps.get(i), x, positions, None, False,
                                             self.dwdp.expert_backend)
             texts.append(lowered.compile().as_text())
