@@ -199,27 +199,30 @@ class MLA(nnx.Module):
         return self.kv_b_proj.weight(dtype).reshape(cfg.kv_lora_rank, cfg.num_heads, -1)
 
     def _attend_expanded(self, q_nope, q_pe, latent, k_pe, mask):
-        """Expanded form: keys/values up-projected from the latent. mask [b, s_q, s_k] (True = attend)."""
+        """Expanded form: keys/values up-projected from the latent. mask [b, s_q, s_k] (True = attend).
+        Matmuls in the activation dtype with float32 accumulation; softmax in float32."""
         cfg = self.cfg
-        kv = jnp.einsum("bkc,chn->bkhn", latent, self._kv_b(latent.dtype), preferred_element_type=jnp.float32)
+        dt = q_nope.dtype
+        kv = jnp.einsum("bkc,chn->bkhn", latent, self._kv_b(dt), preferred_element_type=jnp.float32).astype(dt)
         k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
-        scores = jnp.einsum("bqhn,bkhn->bhqk", q_nope.astype(jnp.float32), k_nope)
-        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe.astype(jnp.float32), k_pe.astype(jnp.float32))
-        probs = self._softmax(scores, mask)
-        return jnp.einsum("bhqk,bkhv->bqhv", probs, v)
+        scores = jnp.einsum("bqhn,bkhn->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
+        probs = self._softmax(scores, mask).astype(dt)
+        return jnp.einsum("bhqk,bkhv->bqhv", probs, v, preferred_element_type=jnp.float32)
 
     def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask):
         """Weight-absorbed form (decode): queries projected into the latent space, attention over the latent."""
         cfg = self.cfg
-        w = self._kv_b(jnp.float32)
+        dt = q_nope.dtype
+        w = self._kv_b(dt)
         w_k, w_v = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim :]
-        q_lat = jnp.einsum("bqhn,chn->bqhc", q_nope.astype(jnp.float32), w_k)
-        lat = latent.astype(jnp.float32)
-        scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, lat)
-        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe.astype(jnp.float32), k_pe.astype(jnp.float32))
-        probs = self._softmax(scores, mask)
-        out_lat = jnp.einsum("bhqk,bkc->bqhc", probs, lat)
-        return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v)
+        q_lat = jnp.einsum("bqhn,chn->bqhc", q_nope, w_k, preferred_element_type=jnp.float32).astype(dt)
+        lat = latent.astype(dt)
+        scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, lat, preferred_element_type=jnp.float32)
+        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
+        probs = self._softmax(scores, mask).astype(dt)
+        out_lat = jnp.einsum("bhqk,bkc->bqhc", probs, lat, preferred_element_type=jnp.float32).astype(dt)
+        return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
 
     def _softmax(self, scores, mask):
         scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, -jnp.inf)
