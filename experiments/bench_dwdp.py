@@ -95,11 +95,11 @@ def concurrent_step_times(group, batches, repeats):
     """Each rank runs `repeats` forward steps on its own batch, from its own thread; median step time per rank."""
 
     def loop(rank, ids):
-        rank.forward(ids).block_until_ready()
+        rank.forward(ids, last_only=True).block_until_ready()
         out = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            rank.forward(ids).block_until_ready()
+            rank.forward(ids, last_only=True).block_until_ready()
             out.append(time.perf_counter() - t0)
         return statistics.median(out)
 

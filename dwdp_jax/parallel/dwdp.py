@@ -164,8 +164,9 @@ class DwdpRank:
         return [self.fetch(self.group[p].local_experts(layer), self.device) for p in self.fetch_peers[layer]]
 
     def forward(self, token_ids, positions=None, kv: list[LayerKV] | None = None, absorbed: bool = False,
-                stats: list | None = None):
-        """Logits [b, s, vocab] for this rank's batch (and the updated per-layer caches when kv is given).
+                stats: list | None = None, last_only: bool = False):
+        """Logits [b, s, vocab] ([b, 1, vocab] with last_only, as prefill needs) for this rank's batch (and the
+        updated per-layer caches when kv is given).
 
         Host loop over layers: issue layer l+depth's fetch, then dispatch layer l. JAX dispatch is
         asynchronous, so the host runs ahead of the device and the copies overlap earlier layers' compute.
@@ -204,7 +205,7 @@ class DwdpRank:
             if stats is not None and counts is not None:
                 stats.append((i, counts))
             del buffers, pending  # staging dies with its last reference (or returns to the backend's ring)
-        logits = _logits_jit(self.head_graph, self.head_state, x)
+        logits = _logits_jit(self.head_graph, self.head_state, x[:, -1:] if last_only else x)
         if depth > 0:  # prefetch across steps: the next step's first MoE layers start copying now
             self._carry = collections.OrderedDict((j, self.issue_fetch(j)) for j in moe_layers[:depth])
         return (logits, new_kv) if kv is not None else logits
