@@ -76,6 +76,18 @@ def _swiglu_ffn(x_md, group_sizes, w: ExpertWeights, compute_dtype) -> jax.Array
     return jax.lax.ragged_dot(a, w.w_down, group_sizes, preferred_element_type=jnp.float32)
 
 
+def combine_sorted(y_sorted, order, weights_tk) -> jax.Array:
+    """Routed output per token from per-(token, slot) rows sorted by `order` (a permutation of t*k).
+
+    Un-sorts with a gather and sums the k slots in a fixed order: deterministic on every backend (a
+    scatter-add would use atomics on GPUs, whose order flips near-tie routing decisions between runs).
+    Returns [t, hidden] float32."""
+    t, k = weights_tk.shape
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    y_tkd = y_sorted.astype(jnp.float32)[inverse].reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
 def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where) -> jax.Array:
     """GPU path: SwiGLU FFN over rows sorted by group with the Mosaic GPU grouped GEMMs of
     `pallas_kernels.grouped_gemm`, which read every weight buffer in place. where: [groups, 2] (buffer, slot).
@@ -106,9 +118,7 @@ def _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_
     sizes = jnp.zeros((expert_buffer.shape[0],), jnp.int32).at[flat_ids].add(1)
     where = jnp.stack([expert_buffer, expert_slot], axis=-1)
     y = pallas_sorted_ffn(x_td[token_of_row], sizes, buffers, where)
-    w_sorted = weights_tk.reshape(-1)[order].astype(jnp.float32)
-    out = jnp.zeros((t, x_td.shape[-1]), jnp.float32).at[token_of_row].add(y * w_sorted[:, None])
-    return out.astype(x_td.dtype)
+    return combine_sorted(y, order, weights_tk).astype(x_td.dtype)
 
 
 def split_weight_ffn(
@@ -153,9 +163,7 @@ def split_weight_ffn(
         x_b = jnp.roll(x_sorted, -row_start, axis=0) if start else x_sorted
         y_b = _swiglu_ffn(x_b, sizes, buf, compute_dtype)
         y_sorted = y_sorted + (jnp.roll(y_b, row_start, axis=0) if start else y_b)
-    w_sorted = weights_tk.reshape(-1)[order].astype(jnp.float32)
-    y = jnp.zeros((t, x_td.shape[-1]), jnp.float32).at[token_of_row].add(y_sorted * w_sorted[:, None])
-    return y.astype(x_td.dtype)
+    return combine_sorted(y_sorted, order, weights_tk).astype(x_td.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

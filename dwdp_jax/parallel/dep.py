@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from dwdp_jax.experts import ExpertWeights, _swiglu_ffn, pallas_sorted_ffn
+from dwdp_jax.experts import ExpertWeights, _swiglu_ffn, combine_sorted, pallas_sorted_ffn
 from dwdp_jax.model import DeepseekV3
 
 AXIS = "ep"
@@ -62,10 +62,8 @@ class DepExecutor:
             y_sorted = _swiglu_ffn(rows, sizes, local, x_td.dtype).astype(x_td.dtype)
         y = jnp.zeros_like(y_sorted).at[by_expert].set(y_sorted).reshape(g, cap, -1)
         back = jax.lax.all_to_all(y, AXIS, 0, 0)
-        y_pairs = back[dest_sorted, jnp.minimum(row, cap - 1)] * (row < cap)[:, None]
-        w_sorted = weights_tk.reshape(-1)[order].astype(jnp.float32)
-        out = jnp.zeros((t, x_td.shape[-1]), jnp.float32).at[order // k].add(y_pairs.astype(jnp.float32) * w_sorted[:, None])
-        return out.astype(x_td.dtype)
+        y_pairs = back[dest_sorted, jnp.minimum(row, cap - 1)] * (row < cap)[:, None]  # overflow pairs: 0
+        return combine_sorted(y_pairs, order, weights_tk).astype(x_td.dtype)
 
 
 def _state_specs(state):
