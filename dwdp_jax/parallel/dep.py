@@ -90,7 +90,10 @@ class DepModel:
         self.graph, state = nnx.split(model)
         specs = _state_specs(state)
         self.state = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs))
-        executor = DepExecutor(g, capacity, backend)
+        self._forward = self._compile(specs, DepExecutor(g, capacity, backend))
+
+    def _compile(self, specs, executor: DepExecutor):
+        """The SPMD forward: every device runs the whole model on its rows, experts through `executor`."""
         graph = self.graph
 
         def per_device(state, ids, positions):
@@ -98,7 +101,7 @@ class DepModel:
 
         mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=(specs, P(AXIS), P(AXIS)), out_specs=P(AXIS),
                                check_vma=False)  # Pallas calls carry no varying-axis types
-        self._forward = jax.jit(mapped)
+        return jax.jit(mapped)
 
     @classmethod
     def from_rank_models(cls, models, capacity: int | None = None, backend: str = "jnp") -> "DepModel":
@@ -121,15 +124,7 @@ class DepModel:
             return jax.make_array_from_single_device_arrays(shape, sharding, list(leaves))
 
         self.state = jax.tree.map(place, specs, *shards)
-        executor = DepExecutor(g, capacity, backend)
-        graph = self.graph
-
-        def per_device(state, ids, positions):
-            return nnx.merge(graph, state)(ids, positions, executor=executor)
-
-        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=(specs, P(AXIS), P(AXIS)), out_specs=P(AXIS),
-                               check_vma=False)  # Pallas calls carry no varying-axis types
-        self._forward = jax.jit(mapped)
+        self._forward = self._compile(specs, DepExecutor(g, capacity, backend))
         return self
 
     def forward(self, token_ids, positions=None):
