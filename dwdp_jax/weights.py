@@ -193,6 +193,11 @@ def load_model(
     subset of each MoE layer's routed experts (a DWDP rank's shard). with_mtp: load the MTP modules (None:
     when the checkpoint has them; HF `save_pretrained` drops them).
     """
+    from dwdp_jax import checkpoint  # our converted format (dwdp_jax.convert); imports this module
+
+    if checkpoint.is_checkpoint(path):
+        return checkpoint.restore_model(path, dtype=dtype, dequantize=dequantize, with_mtp=with_mtp,
+                                        expert_ids=expert_ids, n_local_experts=n_local_experts, device=device)
     cfg = config_lib.from_hf_json(path)
     if dequantize:
         cfg = cfg.replace(weight_block_size=None)

@@ -1,0 +1,714 @@
+"""Converts an HF DeepSeek-V3/R1 checkpoint into our format (`dwdp_jax.checkpoint`), streaming.
+
+    python -m dwdp_jax.convert --input=HF_DIR --output=OUT_DIR [--dtype_policy=keep_fp8|bf16]
+        [--group_size=G | --placement=placement.json] [--mtp|--nomtp] [--inspect] [--verify]
+
+Every model parameter is built from its HF tensors by the same table the loader uses (`weights.hf_source`),
+one output chunk at a time (at most 64 MiB, or one expert): source bytes are read with `pread` into a fresh
+buffer (no memmap, whose resident pages would count against the process), transposed or stacked, and handed to
+the writer, which keeps at most two chunk writes in flight. Peak memory is a few chunks plus the interpreter,
+whatever the checkpoint size.
+
+Routed experts are laid out for a DWDP group: with group size G (contiguous split) or a planner placement,
+each MoE layer's expert parameters become one array per rank holding that rank's experts (replicas included),
+so a rank restores only its own files (`checkpoint.rank_experts`). The MTP modules, which the placement does
+not cover, use the contiguous split.
+
+dtype policies: keep_fp8 stores FP8 weights with their block scales as in the source; bf16 dequantizes them
+(value * scale in float32, rounded to bfloat16). Everything else keeps its source dtype, except a weight the
+model keeps unquantized but the source has in FP8 (the MTP eh_proj): dequantized, float32 under keep_fp8.
+
+--inspect lists the parameters the conversion would write (or a converted checkpoint holds), with shapes,
+dtypes and per-kind byte totals, and writes nothing. --verify re-derives every tensor from the source through
+`weights.hf_source`/`weights.assemble` and compares it bit-exactly with the stored one (after converting, or
+alone when OUT_DIR already holds a converted checkpoint).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from absl import app, flags
+from flax import nnx, traverse_util
+from tqdm import tqdm
+
+from dwdp_jax import checkpoint
+from dwdp_jax import config as config_lib
+from dwdp_jax import weights
+from dwdp_jax.model import DeepseekV3
+from dwdp_jax.planner.placement import Placement, PlacementError
+from dwdp_jax.safetensors_io import INDEX_NAME, CheckpointDir, CheckpointError
+
+CONVERTER_VERSION = "1.0"
+POLICIES = ("keep_fp8", "bf16")
+CHUNK_BYTES = 64 << 20  # target size of one output chunk (an expert matrix is one chunk whatever its size)
+_HASH_READ = 16 << 20
+
+
+class VerifyError(CheckpointError):
+    """A converted checkpoint does not match its source."""
+
+
+def _is_fp8(dtype) -> bool:
+    return np.dtype(dtype).name.startswith("float8")
+
+
+def _prod(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def param_kind(path: tuple, cfg: config_lib.ModelConfig) -> str:
+    """Coarse kind of a parameter, for the --inspect totals."""
+    if path[0] == "mtp":
+        return "mtp"
+    if path[0] == "embed_tokens":
+        return "embedding"
+    if path[0] == "lm_head":
+        return "lm_head"
+    if path[-1] == "weight":  # RMSNorm weights
+        return "norm"
+    rest = path[2:]
+    if rest[0] == "self_attn":
+        return "attention"
+    if rest[:2] == ("mlp", "experts"):
+        return "routed_experts"
+    if rest[:2] in (("mlp", "router"), ("mlp", "bias")):
+        return "router"
+    if rest[:2] == ("mlp", "shared"):
+        return "shared_experts"
+    return "dense_mlp"
+
+
+# --------------------------------------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One output array: a whole parameter, or one rank's share of a routed-expert parameter."""
+
+    key: str  # array name under arrays/
+    path: tuple  # model parameter path
+    shape: tuple
+    dtype: np.dtype  # stored dtype
+    chunk_shape: tuple
+    source: weights.Source
+    dequantize: bool  # FP8 source, unquantized parameter
+    source_bytes: int
+    rank: int | None = None
+    experts: tuple | None = None
+
+    def array_entry(self) -> dict:
+        entry = dict(key=self.key, shape=list(self.shape), dtype=self.dtype.name, chunk_shape=list(self.chunk_shape))
+        if self.experts is not None:
+            entry.update(rank=self.rank, experts=list(self.experts))
+        return entry
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything a conversion will write, checked against the source before anything is written."""
+
+    source_cfg: config_lib.ModelConfig  # from config.json
+    cfg: config_lib.ModelConfig  # what the output holds (no FP8 under bf16, no MTP under --nomtp)
+    dtype_policy: str
+    group_size: int
+    placement: Placement | None
+    mtp: bool
+    params: list  # metadata entries, one per model parameter, in model order
+    pieces: list  # arrays, in writing order
+    ignored: list  # source tensors deliberately not converted (dropped MTP, MTP copy of the embedding)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(p.source_bytes for p in self.pieces)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(_prod(p.shape) * p.dtype.itemsize for p in self.pieces)
+
+
+def make_plan(
+    ckpt: CheckpointDir,
+    hf_config: dict,
+    *,
+    dtype_policy: str = "keep_fp8",
+    group_size: int | None = None,
+    placement: Placement | None = None,
+    mtp: bool | None = None,
+) -> Plan:
+    """Maps every parameter of the output model to its source tensors and checks them all (present, shapes,
+    dtypes, nothing left over). Raises CheckpointError / PlacementError naming the file and tensor."""
+    if dtype_policy not in POLICIES:
+        raise ValueError(f"dtype_policy must be one of {POLICIES}, got {dtype_policy!r}")
+    source_cfg = config_lib.from_hf_dict(hf_config)
+    cfg = source_cfg if dtype_policy == "keep_fp8" else source_cfg.replace(weight_block_size=None)
+    has_mtp = f"model.layers.{cfg.num_layers}.eh_proj.weight" in ckpt
+    if mtp is None:
+        mtp = has_mtp
+    if mtp and not (has_mtp and cfg.num_mtp_layers):
+        raise CheckpointError(
+            f"{ckpt.path}: MTP requested but the checkpoint has no MTP module (no tensor"
+            f" 'model.layers.{cfg.num_layers}.eh_proj.weight' or num_nextn_predict_layers = 0)"
+        )
+    if not mtp:
+        cfg = cfg.replace(num_mtp_layers=0)
+    if placement is None:
+        group_size = group_size or 1
+        placement = Placement.from_config(cfg, group_size) if cfg.num_moe_layers else None
+    else:
+        if group_size is not None and group_size != placement.num_ranks:
+            raise PlacementError(f"--group_size={group_size} but the placement has {placement.num_ranks} ranks")
+        group_size = placement.num_ranks
+        if (placement.num_layers, placement.num_experts) != (cfg.num_moe_layers, cfg.n_routed_experts):
+            raise PlacementError(
+                f"placement covers {placement.num_layers} MoE layers x {placement.num_experts} experts, the model"
+                f" has {cfg.num_moe_layers} x {cfg.n_routed_experts}"
+            )
+    mtp_split = Placement.contiguous(1, cfg.n_routed_experts, group_size) if cfg.num_mtp_layers else None
+
+    abstract = nnx.eval_shape(lambda: DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32))
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.split(abstract)[1]))
+    builder = _PieceBuilder(ckpt, cfg, source_cfg.weight_block_size, dtype_policy)
+    params, pieces = [], []
+    for path, target in flat.items():
+        key = checkpoint.param_key(path)
+        target_fp8 = _is_fp8(target.dtype)
+        if checkpoint.is_expert_param(path):
+            layer = checkpoint.layer_of(path, cfg)
+            group = []
+            for rank in range(group_size):
+                if path[0] == "layers":
+                    ids = placement.local_experts(layer - cfg.first_k_dense_replace, rank)
+                else:
+                    ids = mtp_split.local_experts(0, rank)
+                ids = tuple(int(e) for e in ids)
+                shape = (len(ids),) + tuple(target.shape[1:])
+                src = weights.hf_source(path, cfg, ids)
+                group.append(builder.piece(f"{key}.rank{rank}", path, shape, src, target_fp8, rank, ids))
+        else:
+            group = [builder.piece(key, path, tuple(target.shape), weights.hf_source(path, cfg), target_fp8)]
+        pieces += group
+        first = group[0]
+        params.append(dict(
+            key=key, path=list(path), kind=param_kind(path, cfg), shape=list(target.shape), dtype=first.dtype.name,
+            source_dtype=builder.source_dtype[first.key], dequantized=first.dequantize,
+            source_tensors=sum(len(_names(p.source)) for p in group),
+            source_bytes=sum(p.source_bytes for p in group), arrays=[p.array_entry() for p in group],
+        ))
+    ignored, unexpected = [], []
+    for name in ckpt.names():
+        if name in builder.consumed:
+            continue
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        if match and int(match.group(1)) >= cfg.num_layers:
+            # Dropped MTP modules; and the published MTP layer's copy of the embedding (the model shares it).
+            if not cfg.num_mtp_layers or name.endswith(f"layers.{match.group(1)}.embed_tokens.weight"):
+                ignored.append(name)
+                continue
+        unexpected.append(name)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"{ckpt.file_of(unexpected[0])}: unexpected tensor {unexpected[0]!r}: no model parameter uses it{more}"
+        )
+    return Plan(source_cfg, cfg, dtype_policy, group_size, placement, bool(mtp), params, pieces, ignored)
+
+
+def _names(src: weights.Source) -> list[str]:
+    return [n for names in src.names for n in names] if src.kind == "experts" else list(src.names)
+
+
+def _scale_name(name: str) -> str:
+    return name[: -len("weight")] + "weight_scale_inv"
+
+
+class _PieceBuilder:
+    """Checks one array's source tensors and decides its stored dtype and chunking."""
+
+    def __init__(self, ckpt: CheckpointDir, cfg, block, dtype_policy):
+        self.ckpt, self.cfg, self.block, self.policy = ckpt, cfg, block, dtype_policy
+        self.consumed: set[str] = set()
+        self.source_dtype: dict[str, str] = {}
+
+    def _info(self, name: str, key: str):
+        if name not in self.ckpt:
+            raise CheckpointError(f"{self.ckpt.path}: missing tensor {name!r} (needed for parameter {key})")
+        return self.ckpt.info(name)
+
+    def _expect(self, name: str, key: str, expected: tuple):
+        _, shape = self._info(name, key)
+        if tuple(shape) != tuple(expected):
+            raise CheckpointError(
+                f"{self.ckpt.file_of(name)}: tensor {name!r} has shape {tuple(shape)}, parameter {key} needs"
+                f" {tuple(expected)}"
+            )
+
+    def piece(self, key, path, shape, src: weights.Source, target_fp8: bool, rank=None, experts=None) -> Piece:
+        names = _names(src)
+        dtypes = {n: self._info(n, key)[0] for n in names}
+        src_dtype = dtypes[names[0]] if names else np.dtype(np.float32)
+        for n, d in dtypes.items():
+            if d != src_dtype:
+                raise CheckpointError(
+                    f"{self.ckpt.file_of(n)}: tensor {n!r} has dtype {d}, the other tensors of parameter {key}"
+                    f" have {src_dtype}"
+                )
+        if target_fp8 and not _is_fp8(src_dtype):
+            raise CheckpointError(
+                f"{self.ckpt.file_of(names[0])}: tensor {names[0]!r} has dtype {src_dtype}, parameter {key} is"
+                " float8_e4m3fn (config.json declares FP8 block quantization)"
+            )
+        dequantize = _is_fp8(src_dtype) and not target_fp8
+        if dequantize and self.block is None:
+            raise CheckpointError(
+                f"{self.ckpt.file_of(names[0])}: tensor {names[0]!r} is FP8 but config.json has no"
+                " quantization_config.weight_block_size"
+            )
+        stored = np.dtype(src_dtype)
+        if dequantize:
+            stored = np.dtype(np.float32 if self.policy == "keep_fp8" else ml_dtypes.bfloat16)
+
+        if src.kind == "copy":
+            expected = shape
+        elif src.kind == "transpose":
+            expected = shape[::-1]
+        else:
+            m = len(src.names)
+            fp8_layout = self.cfg.weight_block_size is not None
+            split_axis = -2 if fp8_layout else -1
+            if shape[split_axis] % m:
+                raise CheckpointError(f"parameter {key}: shape {shape} does not split into {m} matrices")
+            expected = (shape[-2] // m, shape[-1]) if fp8_layout else (shape[-1] // m, shape[-2])
+        source_bytes = 0
+        for n in names:
+            self._expect(n, key, expected)
+            source_bytes += _prod(expected) * np.dtype(src_dtype).itemsize
+            if dequantize:
+                bo, bi = self.block
+                scale = _scale_name(n)
+                self._expect(scale, key, (-(-expected[0] // bo), -(-expected[1] // bi)))
+                self.consumed.add(scale)
+                source_bytes += _prod(self.ckpt.info(scale)[1]) * self.ckpt.info(scale)[0].itemsize
+        self.consumed.update(names)
+        self.source_dtype[key] = np.dtype(src_dtype).name
+        return Piece(key, path, tuple(shape), stored, self._chunks(path, shape, stored, src, dequantize), src,
+                     dequantize, source_bytes, rank, experts)
+
+    def _chunks(self, path, shape, dtype, src, dequantize) -> tuple:
+        """Routed-expert weights: one expert per chunk; expert scales: one chunk. Otherwise about CHUNK_BYTES,
+        split along the axis the source is read in (rows of a copy, columns of a transposed matrix), in whole
+        FP8 blocks when dequantizing."""
+        if src.kind == "experts":
+            return (1,) + shape[1:] if path[-1].startswith("w_") else shape
+        if len(shape) < 2:
+            return shape
+        axis = 0 if src.kind == "copy" else 1
+        other = _prod(shape) // max(1, shape[axis])
+        n = max(1, CHUNK_BYTES // max(1, other * dtype.itemsize))
+        if dequantize:
+            n = max(self.block[0], n // self.block[0] * self.block[0])
+        chunk = list(shape)
+        chunk[axis] = min(n, shape[axis])
+        return tuple(chunk)
+
+
+# ---------------------------------------------------------------------------------------------------- streaming
+
+
+class SourceReader:
+    """Reads tensors (or row ranges of them) of an HF checkpoint into fresh numpy arrays with pread.
+
+    Quacks like `CheckpointDir` for `weights.assemble` (read, file_of). Unlike the memmap reads of
+    `CheckpointDir`, nothing stays mapped, so resident memory is only what the caller keeps."""
+
+    def __init__(self, ckpt: CheckpointDir, block=None):
+        self.ckpt, self.block = ckpt, block
+        self._fds: dict[str, int] = {}
+
+    def __enter__(self) -> "SourceReader":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def file_of(self, name: str) -> str:
+        return self.ckpt.file_of(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self.rows(name, 0, self.ckpt.info(name)[1][0])
+
+    def rows(self, name: str, r0: int, r1: int, dequantize: bool = False) -> np.ndarray:
+        """Rows [r0, r1) of a tensor; dequantize: an FP8 [out, in] weight times its block scales (float32,
+        exactly as `weights.assemble` computes it; r0 must start a block)."""
+        shard = self.ckpt.shards[self.ckpt.location[name]] if name in self.ckpt else None
+        if shard is None:
+            raise CheckpointError(f"{self.ckpt.path}: missing tensor {name!r}")
+        dtype, shape, begin = shard.tensors[name]
+        out = np.empty((r1 - r0,) + tuple(shape[1:]), dtype)
+        row_bytes = _prod(shape[1:]) * dtype.itemsize
+        self._pread(shard.path, name, out, shard.data_start + begin + r0 * row_bytes)
+        if not dequantize:
+            return out
+        bo, bi = self.block
+        assert r0 % bo == 0, (name, r0, bo)
+        scale = self.rows(_scale_name(name), r0 // bo, -(-r1 // bo)).astype(np.float32)
+        full = np.repeat(np.repeat(scale, bo, 0), bi, 1)[: r1 - r0, : out.shape[1]]
+        return out.astype(np.float32) * full
+
+    def _pread(self, path: str, name: str, out: np.ndarray, offset: int):
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot open shard: {e}") from e
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(buf):
+            try:
+                n = os.preadv(fd, [buf[done:]], offset + done)
+            except OSError as e:
+                raise CheckpointError(f"{path}: reading tensor {name!r} failed: {e}") from e
+            if n == 0:
+                raise CheckpointError(f"{path}: truncated: tensor {name!r} ends past the end of the file")
+            done += n
+
+
+def _chunk_stream(piece: Piece, reader: SourceReader, fp8_layout: bool):
+    """Yields (index, array, source bytes) covering `piece` chunk by chunk, as `weights.assemble` lays it out."""
+    src, shape = piece.source, piece.shape
+    if src.kind == "experts":
+        per = piece.chunk_shape[0]
+        per_expert = piece.source_bytes // max(1, shape[0])
+        for s0 in range(0, shape[0], per):
+            slots = range(s0, min(s0 + per, shape[0]))
+            stacked = []
+            for s in slots:
+                mats = [reader.rows(names[s], 0, reader.ckpt.info(names[s])[1][0], piece.dequantize)
+                        for names in src.names]
+                stacked.append(np.concatenate(mats, 0) if fp8_layout else np.concatenate([m.T for m in mats], 1))
+            yield (slice(s0, s0 + len(slots)),), np.stack(stacked).astype(piece.dtype, copy=False), per_expert * len(slots)
+        return
+    name = src.names[0]
+    axis = 0 if src.kind == "copy" else 1
+    if len(shape) < 2:
+        yield (slice(None),) * len(shape), reader.read(name).astype(piece.dtype, copy=False), piece.source_bytes
+        return
+    step = piece.chunk_shape[axis]
+    for a in range(0, shape[axis], step):
+        b = min(a + step, shape[axis])
+        rows = reader.rows(name, a, b, piece.dequantize)
+        index = (slice(a, b),) if axis == 0 else (slice(None), slice(a, b))
+        yield index, (rows if axis == 0 else rows.T).astype(piece.dtype, copy=False), piece.source_bytes * (b - a) // shape[axis]
+
+
+def _source_files(ckpt: CheckpointDir) -> list[str]:
+    names = ["config.json"] + ([INDEX_NAME] if os.path.exists(os.path.join(ckpt.path, INDEX_NAME)) else [])
+    return names + sorted(ckpt.shards)
+
+
+def _hash_files(root: str, names: list[str], stop: threading.Event | None = None) -> list[dict]:
+    """[{name, bytes, sha256}] of the files (hashlib releases the GIL, so this overlaps the conversion)."""
+    out = []
+    for name in names:
+        digest, size = hashlib.sha256(), 0
+        with open(os.path.join(root, name), "rb") as f:
+            while block := f.read(_HASH_READ):
+                if stop is not None and stop.is_set():
+                    return out
+                digest.update(block)
+                size += len(block)
+        out.append(dict(name=name, bytes=size, sha256=digest.hexdigest()))
+    return out
+
+
+def _read_hf_config(path: str) -> dict:
+    config_path = os.path.join(path, "config.json")
+    try:
+        with open(config_path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{config_path}: missing (an HF checkpoint directory needs its config.json)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{config_path}: cannot read: {e}") from e
+
+
+def convert(
+    input_dir: str,
+    output_dir: str,
+    *,
+    dtype_policy: str = "keep_fp8",
+    group_size: int | None = None,
+    placement: Placement | None = None,
+    placement_source: str = "contiguous",
+    mtp: bool | None = None,
+    progress: bool = True,
+) -> dict:
+    """Converts HF_DIR into OUT_DIR (which must not exist). Returns the metadata written."""
+    input_dir = os.path.abspath(input_dir)
+    ckpt = CheckpointDir(input_dir)
+    hf_config = _read_hf_config(input_dir)
+    plan = make_plan(ckpt, hf_config, dtype_policy=dtype_policy, group_size=group_size, placement=placement, mtp=mtp)
+    fp8_layout = plan.cfg.weight_block_size is not None
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool, checkpoint.Writer(output_dir) as writer:
+        hashes = pool.submit(_hash_files, input_dir, _source_files(ckpt), stop)
+        try:
+            with SourceReader(ckpt, plan.source_cfg.weight_block_size) as reader, tqdm(
+                total=plan.source_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="dwdp-convert",
+                disable=not progress, mininterval=1.0, file=sys.stderr,
+            ) as bar:
+                for piece in plan.pieces:
+                    writer.create(piece.key, piece.shape, piece.dtype, piece.chunk_shape)
+                    for index, array, nbytes in _chunk_stream(piece, reader, fp8_layout):
+                        writer.write(piece.key, index, array)
+                        bar.update(nbytes)
+            metadata = _metadata(plan, input_dir, hf_config, hashes.result(), placement_source)
+        finally:
+            stop.set()
+        writer.commit(metadata)
+    return metadata
+
+
+def _metadata(plan: Plan, input_dir: str, hf_config: dict, files: list[dict], placement_source: str) -> dict:
+    return {
+        "format": checkpoint.FORMAT,
+        "format_version": checkpoint.FORMAT_VERSION,
+        "converter": {"name": "dwdp_jax.convert", "version": CONVERTER_VERSION},
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"path": input_dir, "files": files, "ignored_tensors": plan.ignored},
+        "hf_config": hf_config,
+        "model_config": checkpoint.config_to_json(plan.cfg),
+        "dtype_policy": plan.dtype_policy,
+        "group_size": plan.group_size,
+        "placement_source": placement_source,
+        "placement": plan.placement.to_json_dict() if plan.placement is not None else None,
+        "mtp": plan.mtp,
+        "source_bytes": plan.source_bytes,
+        "output_bytes": plan.output_bytes,
+        "params": plan.params,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- verify
+
+
+def verify(output_dir: str, input_dir: str | None = None, *, check_hashes: bool = True, progress: bool = True) -> dict:
+    """Re-derives every stored tensor from the source (`weights.hf_source` + `weights.assemble`) and compares
+    it bit-exactly; also checks that the source files still have the recorded sizes and sha256 and that the
+    stored arrays are exactly the planned ones. Raises VerifyError naming the array; returns a summary."""
+    meta = checkpoint.read_metadata(output_dir)
+    input_dir = os.path.abspath(input_dir or meta["source"]["path"])
+    ckpt = CheckpointDir(input_dir)
+    if check_hashes:
+        recorded = {f["name"]: f for f in meta["source"]["files"]}
+        for now in _hash_files(input_dir, list(recorded)):
+            then = recorded[now["name"]]
+            if (now["bytes"], now["sha256"]) != (then["bytes"], then["sha256"]):
+                raise VerifyError(
+                    f"{os.path.join(input_dir, now['name'])}: changed since conversion ({now['bytes']} bytes,"
+                    f" sha256 {now['sha256'][:16]}..., recorded {then['bytes']} bytes, {then['sha256'][:16]}...)"
+                )
+    placement = Placement.from_json_dict(meta["placement"]) if meta["placement"] else None
+    plan = make_plan(ckpt, _read_hf_config(input_dir), dtype_policy=meta["dtype_policy"],
+                     group_size=meta["group_size"], placement=placement, mtp=meta["mtp"])
+    stored = {p["key"]: p for p in meta["params"]}
+    planned = {p["key"]: p for p in plan.params}
+    odd = sorted(set(stored) ^ set(planned))
+    if odd:
+        raise VerifyError(f"{output_dir}: parameter {odd[0]} is {'missing' if odd[0] in planned else 'unexpected'}")
+    for key, p in planned.items():
+        if p["arrays"] != stored[key]["arrays"] or p["dtype"] != stored[key]["dtype"]:
+            raise VerifyError(f"{output_dir}: parameter {key}: stored arrays differ from the planned ones")
+    expected = {piece.key for piece in plan.pieces}
+    odd = sorted(set(os.listdir(os.path.join(output_dir, checkpoint.ARRAYS_DIR))) ^ expected)
+    if odd:
+        raise VerifyError(f"{output_dir}: array {odd[0]} is {'missing' if odd[0] in expected else 'unexpected'}")
+
+    fp8_layout = plan.cfg.weight_block_size is not None
+    block = plan.source_cfg.weight_block_size
+    compared = 0
+    with SourceReader(ckpt, block) as reader, tqdm(
+        total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="dwdp-verify",
+        disable=not progress, mininterval=1.0, file=sys.stderr,
+    ) as bar:
+        for piece in plan.pieces:
+            entry = piece.array_entry()
+            where = os.path.join(output_dir, checkpoint.ARRAYS_DIR, piece.key)
+            try:
+                store = checkpoint.open_array(output_dir, entry)
+            except CheckpointError as e:
+                raise VerifyError(str(e)) from e
+            assemble = lambda src: weights.assemble(
+                src, reader, keep_fp8=not piece.dequantize, block=block, fp8_experts=fp8_layout
+            ).astype(piece.dtype, copy=False)
+            if piece.experts is not None:
+                for slot, expert in enumerate(piece.experts):
+                    ref = assemble(weights.hf_source(piece.path, plan.cfg, [expert]))
+                    _compare(where, f"expert {expert} (slot {slot})", _read(store, (slice(slot, slot + 1),), where), ref)
+                    bar.update(ref.nbytes)
+            else:
+                ref = assemble(piece.source)
+                if ref.ndim < 2:
+                    _compare(where, "all", _read(store, (slice(None),) * ref.ndim, where), ref)
+                else:
+                    axis = 0 if piece.source.kind == "copy" else 1
+                    step = piece.chunk_shape[axis]
+                    for a in range(0, ref.shape[axis], step):
+                        index = (slice(None),) * axis + (slice(a, a + step),)
+                        what = f"{'rows' if axis == 0 else 'columns'} {a}:{min(a + step, ref.shape[axis])}"
+                        _compare(where, what, _read(store, index, where), ref[index])
+                bar.update(ref.nbytes)
+            compared += 1
+    return {"arrays": compared, "bytes": plan.output_bytes, "source_bytes": plan.source_bytes}
+
+
+def _read(store, index, where) -> np.ndarray:
+    try:
+        return store[index].read().result()
+    except ValueError as e:  # checksum mismatch, truncated chunk
+        raise VerifyError(f"{where}: cannot read stored data: {e}") from e
+
+
+def _compare(where: str, what: str, got: np.ndarray, ref: np.ndarray):
+    if got.shape != ref.shape or got.dtype != ref.dtype:
+        raise VerifyError(f"{where}: {what}: stored {got.dtype}{got.shape}, source gives {ref.dtype}{ref.shape}")
+    a, b = got.reshape(-1).view(np.uint8), np.ascontiguousarray(ref).reshape(-1).view(np.uint8)
+    if not np.array_equal(a, b):
+        raise VerifyError(f"{where}: {what}: {int((a != b).sum())} of {a.size} bytes differ from the source")
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+
+
+def inspect(
+    path: str,
+    *,
+    dtype_policy: str = "keep_fp8",
+    group_size: int | None = None,
+    placement: Placement | None = None,
+    mtp: bool | None = None,
+) -> str:
+    """A table of the parameters a conversion of HF dir `path` would write (or converted checkpoint `path`
+    holds): shape, stored and source dtype, bytes, arrays; then totals per kind. Writes nothing."""
+    if checkpoint.is_checkpoint(path):
+        meta = checkpoint.read_metadata(path)
+        params = meta["params"]
+        header = (f"{path}: converted checkpoint (dtype_policy={meta['dtype_policy']}, group_size="
+                  f"{meta['group_size']}, placement={meta['placement_source']}, mtp={meta['mtp']})")
+    else:
+        ckpt = CheckpointDir(path)
+        plan = make_plan(ckpt, _read_hf_config(path), dtype_policy=dtype_policy, group_size=group_size,
+                         placement=placement, mtp=mtp)
+        params = plan.params
+        files = len(ckpt.shards)
+        header = (f"{path}: HF checkpoint, {len(ckpt.names())} tensors in {files} shard(s); conversion with"
+                  f" dtype_policy={dtype_policy}, group_size={plan.group_size}, mtp={plan.mtp}"
+                  + (f"; {len(plan.ignored)} tensors not converted" if plan.ignored else ""))
+    lines = [header, f"{'parameter':<48} {'kind':<15} {'shape':<22} {'dtype':<14} {'source':<14} {'bytes':>11}  arrays"]
+    totals: dict[str, list] = {}
+    for p in params:
+        out_bytes = sum(_prod(a["shape"]) * np.dtype(a["dtype"]).itemsize for a in p["arrays"])
+        arrays = f"{len(p['arrays'])} ranks" if len(p["arrays"]) > 1 else "1"
+        lines.append(f"{p['key']:<48} {p['kind']:<15} {str(p['shape']):<22} {p['dtype']:<14} {p['source_dtype']:<14}"
+                     f" {_fmt_bytes(out_bytes):>11}  {arrays}")
+        t = totals.setdefault(p["kind"], [0, 0, 0])
+        t[0] += 1
+        t[1] += p["source_bytes"]
+        t[2] += out_bytes
+    lines.append("")
+    lines.append(f"{'kind':<16} {'params':>7} {'source bytes':>14} {'output bytes':>14}")
+    for kind, (n, src, out) in sorted(totals.items()):
+        lines.append(f"{kind:<16} {n:>7} {_fmt_bytes(src):>14} {_fmt_bytes(out):>14}")
+    n, src, out = (sum(t[i] for t in totals.values()) for i in range(3))
+    lines.append(f"{'total':<16} {n:>7} {_fmt_bytes(src):>14} {_fmt_bytes(out):>14}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------- CLI
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    if "dtype_policy" in FLAGS:
+        return
+    flags.DEFINE_string("input", None, "HF checkpoint directory: config.json + *.safetensors (+ index if sharded).")
+    flags.DEFINE_string("output", None, "Output directory; must not exist (written to a temporary sibling).")
+    flags.DEFINE_enum("dtype_policy", "keep_fp8", POLICIES, "keep_fp8: FP8 + block scales as in the source; "
+                      "bf16: dequantize FP8 weights to bfloat16.")
+    flags.DEFINE_integer("group_size", None, "DWDP group size: routed experts split contiguously over this many "
+                         "ranks (default 1, or the placement's rank count).")
+    flags.DEFINE_string("placement", None, "Placement JSON from the planner (Placement.save) instead of the "
+                        "contiguous split.")
+    flags.DEFINE_bool("mtp", None, "Convert the MTP modules (default: when the checkpoint has them).")
+    flags.DEFINE_bool("inspect", False, "List parameters, shapes, dtypes and per-kind bytes; write nothing.")
+    flags.DEFINE_bool("verify", False, "Compare every stored tensor bit-exactly with the source (after converting, "
+                      "or alone when --output already holds a converted checkpoint).")
+    flags.DEFINE_bool("progress", True, "Show a progress bar (bytes, throughput).")
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        print(f"dwdp-convert: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return 2
+    try:
+        placement = Placement.load(FLAGS.placement) if FLAGS.placement else None
+        if FLAGS.inspect:
+            target = FLAGS.input or FLAGS.output
+            if not target:
+                print("dwdp-convert: --inspect needs --input (or a converted --output)", file=sys.stderr)
+                return 2
+            print(inspect(target, dtype_policy=FLAGS.dtype_policy, group_size=FLAGS.group_size,
+                          placement=placement, mtp=FLAGS.mtp))
+            return 0
+        if not FLAGS.output or not (FLAGS.input or FLAGS.verify):
+            print("dwdp-convert: needs --input and --output", file=sys.stderr)
+            return 2
+        if not (FLAGS.verify and checkpoint.is_checkpoint(FLAGS.output)):
+            meta = convert(FLAGS.input, FLAGS.output, dtype_policy=FLAGS.dtype_policy, group_size=FLAGS.group_size,
+                           placement=placement, placement_source=FLAGS.placement or "contiguous", mtp=FLAGS.mtp,
+                           progress=FLAGS.progress)
+            print(f"dwdp-convert: wrote {FLAGS.output}: {len(meta['params'])} parameters, "
+                  f"{_fmt_bytes(meta['output_bytes'])} from {_fmt_bytes(meta['source_bytes'])} of source")
+        if FLAGS.verify:
+            summary = verify(FLAGS.output, FLAGS.input, progress=FLAGS.progress)
+            print(f"dwdp-convert: verified {FLAGS.output}: {summary['arrays']} arrays, "
+                  f"{_fmt_bytes(summary['bytes'])} bit-exact with the source")
+        return 0
+    except (ValueError, OSError) as e:  # CheckpointError, ConfigError, PlacementError are ValueErrors
+        print(f"dwdp-convert: error: {e}", file=sys.stderr)
+        return 1
+
+
+def run(argv=None):
+    """Console-script entry point (`dwdp-convert`)."""
+    _define_flags()
+    app.run(main, argv=argv)
+
+
+if __name__ == "__main__":
+    run()
