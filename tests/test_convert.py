@@ -1,0 +1,423 @@
+"""The HF -> dwdp_jax checkpoint converter: round trips, per-rank restore, --inspect, --verify, and every error.
+
+The per-rank tests need 8 host devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set here
+too, which takes effect when this module is the first to start JAX).
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+from flax import nnx, traverse_util  # noqa: E402
+
+torch = pytest.importorskip("torch")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from dwdp_jax import checkpoint, convert, load_model  # noqa: E402
+from dwdp_jax.planner.placement import Placement  # noqa: E402
+from dwdp_jax.safetensors_io import CheckpointError  # noqa: E402
+from tests import hf_fixtures as hf  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def _cli(*args) -> int:
+    """Runs the dwdp-convert entry point in-process; returns its exit code."""
+    flags.FLAGS.unparse_flags()
+    with pytest.raises(SystemExit) as exit_info:
+        convert.run(["dwdp-convert", *map(str, args), "--noprogress"])
+    return exit_info.value.code
+
+
+def _flat(model) -> dict:
+    return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.split(model)[1]))
+
+
+def _assert_same_params(a, b):
+    fa, fb = _flat(a), _flat(b)
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        x, y = np.asarray(fa[k]), np.asarray(fb[k])
+        assert x.dtype == y.dtype and x.shape == y.shape, k
+        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), k
+
+
+def _logits(models, ids):
+    """Logits of models with one structure, through one jitted forward."""
+    graphdef = nnx.split(models[0])[0]
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+    return [np.asarray(forward(nnx.split(m)[1], jnp.asarray(ids))) for m in models]
+
+
+def _rewrite(src, dst, edit):
+    """Copies HF checkpoint `src` to `dst` with its tensors edited by edit(dict) (torch: handles FP8)."""
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
+
+
+def _leftovers(out):
+    return glob.glob(os.path.join(os.path.dirname(str(out)), f".{os.path.basename(str(out))}.tmp-*"))
+
+
+# ----------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    fp32_model = hf.random_hf_model(hf.hf_config(), seed=1)
+    paths = {"fp32": hf.save_hf(fp32_model, str(root / "fp32"))}
+    paths["bf16"] = hf.save_hf(hf.random_hf_model(hf.hf_config(), seed=2).to(torch.bfloat16), str(root / "bf16"))
+    fp8_model = hf.random_hf_model(hf.hf_config(), seed=7)
+    paths["fp8"] = hf.write_fp8_checkpoint(fp8_model, str(root / "fp8"), block=(16, 16))
+
+    # Two shards with an index (the published layout).
+    two = root / "two_shards"
+    shutil.copytree(paths["fp32"], two)
+    tensors = load_file(str(two / "model.safetensors"))
+    os.remove(two / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, shard_names in shards.items():
+        save_file({n: tensors[n] for n in shard_names}, str(two / shard), metadata={"format": "pt"})
+    weight_map = {n: shard for shard, shard_names in shards.items() for n in shard_names}
+    (two / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    paths["two_shards"] = str(two)
+
+    # An MTP module (layer 2 of a 3-layer model serves as it) plus the published MTP copy of the embedding.
+    mtp = root / "mtp"
+    hf.random_hf_model(hf.hf_config(num_hidden_layers=3), seed=3).save_pretrained(mtp)
+    tensors = load_file(str(mtp / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    d = hf.BASE["hidden_size"]
+    extra = {
+        "enorm.weight": 1 + 0.1 * torch.randn(d, generator=g), "hnorm.weight": 1 + 0.1 * torch.randn(d, generator=g),
+        "eh_proj.weight": 0.1 * torch.randn(d, 2 * d, generator=g),
+        "shared_head.norm.weight": 1 + 0.1 * torch.randn(d, generator=g),
+        "shared_head.head.weight": 0.1 * torch.randn(hf.BASE["vocab_size"], d, generator=g),
+        "embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+    }
+    tensors.update({f"model.layers.2.{k}": v.contiguous() for k, v in extra.items()})
+    save_file(tensors, str(mtp / "model.safetensors"), metadata={"format": "pt"})
+    cfg_json = json.loads((mtp / "config.json").read_text())
+    cfg_json.update(num_hidden_layers=2, num_nextn_predict_layers=1)
+    (mtp / "config.json").write_text(json.dumps(cfg_json))
+    paths["mtp"] = str(mtp)
+    paths["fp8_model"] = fp8_model
+    return paths
+
+
+@pytest.fixture(scope="module")
+def converted(ckpts, tmp_path_factory):
+    """Each source converted once with default flags (contiguous, group size 2)."""
+    root = tmp_path_factory.mktemp("out")
+    out = {}
+    for name in ("fp32", "bf16", "fp8"):
+        out[name] = str(root / name)
+        assert _cli(f"--input={ckpts[name]}", f"--output={out[name]}", "--group_size=2") == 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("source, dtype", [("bf16", jnp.bfloat16), ("fp8", jnp.float32)])
+def test_round_trip_logits(ckpts, converted, source, dtype):
+    ours = load_model(converted[source], dtype=dtype)
+    ref = load_model(ckpts[source], dtype=dtype)
+    _assert_same_params(ours, ref)
+    if source == "fp8":
+        assert ours.layers[1].mlp.experts.w_gate_up.dtype == jnp.float8_e4m3fn  # [E, out, in] with block scales
+    ids = np.random.RandomState(0).randint(0, hf.BASE["vocab_size"], (2, 12))
+    got, want = _logits([ours, ref], ids)
+    np.testing.assert_array_equal(got, want)
+    if source == "fp8":  # and the dequantized HF model agrees, as for the HF loader
+        torch_ref = hf.hf_logits(ckpts["fp8_model"], ids)
+        assert np.abs(got - torch_ref).max() / np.abs(torch_ref).max() <= 1e-4
+
+
+def test_fp32_and_two_shard_round_trip(ckpts, converted, tmp_path):
+    ref = load_model(ckpts["fp32"], dtype=jnp.float32)
+    _assert_same_params(load_model(converted["fp32"], dtype=jnp.float32), ref)
+    out = tmp_path / "two"
+    assert _cli(f"--input={ckpts['two_shards']}", f"--output={out}", "--verify") == 0
+    _assert_same_params(load_model(str(out), dtype=jnp.float32), ref)
+    files = {f["name"] for f in checkpoint.read_metadata(out)["source"]["files"]}
+    assert files == {"config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                     "model-00002-of-00002.safetensors"}
+
+
+def test_bf16_policy_matches_dequantizing_loader(ckpts, tmp_path):
+    out = tmp_path / "bf16"
+    assert _cli(f"--input={ckpts['fp8']}", f"--output={out}", "--dtype_policy=bf16", "--verify") == 0
+    meta = checkpoint.read_metadata(out)
+    assert meta["dtype_policy"] == "bf16" and meta["model_config"]["weight_block_size"] is None
+    experts = next(p for p in meta["params"] if p["key"] == "layers.1.mlp.experts.w_gate_up")
+    assert experts["dtype"] == "bfloat16" and experts["dequantized"] and experts["source_dtype"] == "float8_e4m3fn"
+    ours = load_model(str(out), dtype=jnp.bfloat16)
+    _assert_same_params(ours, load_model(ckpts["fp8"], dtype=jnp.bfloat16, dequantize=True))
+
+
+def test_dequantize_request_on_fp8_checkpoint_is_refused(converted):
+    with pytest.raises(CheckpointError, match="dtype_policy=bf16"):
+        load_model(converted["fp8"], dequantize=True)
+
+
+def test_mtp_kept_or_dropped(ckpts, tmp_path):
+    ref = load_model(ckpts["mtp"], dtype=jnp.float32)
+    assert len(ref.mtp) == 1
+    assert _cli(f"--input={ckpts['mtp']}", f"--output={tmp_path / 'with'}", "--group_size=2") == 0
+    with_mtp = load_model(str(tmp_path / "with"), dtype=jnp.float32)
+    _assert_same_params(with_mtp, ref)
+    meta = checkpoint.read_metadata(tmp_path / "with")
+    assert meta["mtp"] and meta["source"]["ignored_tensors"] == ["model.layers.2.embed_tokens.weight"]
+    ids_fn, n_local = checkpoint.rank_experts(meta, 1)
+    np.testing.assert_array_equal(ids_fn(2), [4, 5, 6, 7])  # MTP module: contiguous split
+
+    assert _cli(f"--input={ckpts['mtp']}", f"--output={tmp_path / 'without'}", "--nomtp") == 0
+    without = load_model(str(tmp_path / "without"), dtype=jnp.float32)
+    assert len(without.mtp) == 0
+    _assert_same_params(without, load_model(ckpts["mtp"], dtype=jnp.float32, with_mtp=False))
+    assert all(n.startswith("model.layers.2.") for n in checkpoint.read_metadata(tmp_path / "without")["source"]["ignored_tensors"])
+
+
+def test_mtp_requested_but_absent(ckpts, tmp_path, capsys):
+    assert _cli(f"--input={ckpts['fp32']}", f"--output={tmp_path / 'o'}", "--mtp") == 1
+    assert "MTP" in capsys.readouterr().err and not os.path.exists(tmp_path / "o")
+
+
+# ------------------------------------------------------------------------------------------------ per-rank restore
+
+
+def _placement(kind: str, num_moe_layers: int, num_experts: int, g: int) -> Placement:
+    if kind == "contiguous":
+        return Placement.contiguous(num_moe_layers, num_experts, g)
+    rng = np.random.RandomState(g)
+    base = Placement.contiguous(1, num_experts, g).home_le[0]
+    return Placement(num_ranks=g, home_le=np.stack([rng.permutation(base) for _ in range(num_moe_layers)]))
+
+
+@pytest.mark.parametrize("source, g, kind", [("fp8", 2, "contiguous"), ("fp32", 4, "planner")])
+def test_per_rank_restore_reads_only_its_experts(ckpts, tmp_path, source, g, kind):
+    devices = jax.devices()
+    if len(devices) < g:
+        pytest.skip(f"needs {g} devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+    full = load_model(ckpts[source], dtype=jnp.float32)
+    cfg = full.cfg
+    placement = _placement(kind, cfg.num_moe_layers, cfg.n_routed_experts, g)
+    out = tmp_path / "out"
+    if kind == "contiguous":
+        assert _cli(f"--input={ckpts[source]}", f"--output={out}", f"--group_size={g}") == 0
+    else:
+        placement.save(tmp_path / "placement.json")
+        assert _cli(f"--input={ckpts[source]}", f"--output={out}", f"--placement={tmp_path / 'placement.json'}") == 0
+    assert Placement.from_json_dict(checkpoint.read_metadata(out)["placement"]) == placement
+    for rank in range(g):
+        # A copy holding only this rank's expert arrays: the restore must not need any other rank's files.
+        mine = tmp_path / f"rank{rank}"
+        shutil.copytree(out, mine)
+        for d in glob.glob(str(mine / "arrays" / "*.rank*")):
+            if not d.endswith(f".rank{rank}"):
+                shutil.rmtree(d)
+        expert_ids = lambda layer, rank=rank: placement.local_experts(layer - cfg.first_k_dense_replace, rank)
+        n_local = len(expert_ids(cfg.first_k_dense_replace))
+        ids_fn, n_stored = checkpoint.rank_experts(str(mine), rank)
+        assert n_stored == n_local
+        model = load_model(str(mine), dtype=jnp.float32, expert_ids=expert_ids, n_local_experts=n_local,
+                           device=devices[rank])
+        for layer in range(cfg.first_k_dense_replace, cfg.num_layers):
+            ids = expert_ids(layer)
+            np.testing.assert_array_equal(ids_fn(layer), ids)
+            got, ref = model.layers[layer].mlp.experts, full.layers[layer].mlp.experts
+            for name in ("w_gate_up", "w_down", "s_gate_up", "s_down"):
+                if getattr(ref, name) is None:
+                    continue
+                np.testing.assert_array_equal(np.asarray(getattr(got, name)[...]).view(np.uint8),
+                                              np.asarray(getattr(ref, name)[...])[ids].view(np.uint8))
+        assert {d for leaf in jax.tree.leaves(nnx.split(model)[1]) for d in leaf.devices()} == {devices[rank]}
+        shutil.rmtree(mine)
+    # Any subset of experts (not a rank's set) comes from the arrays holding them.
+    subset = lambda layer: [7, 0, 3]
+    some = load_model(str(out), dtype=jnp.float32, expert_ids=subset, n_local_experts=3)
+    np.testing.assert_array_equal(np.asarray(some.layers[2].mlp.experts.w_down[...]).view(np.uint8),
+                                  np.asarray(full.layers[2].mlp.experts.w_down[...])[[7, 0, 3]].view(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- inspect, verify
+
+
+def test_inspect_lists_parameters_and_writes_nothing(ckpts, converted, tmp_path, capsys):
+    out = tmp_path / "never"
+    assert _cli(f"--input={ckpts['fp8']}", f"--output={out}", "--inspect", "--group_size=4") == 0
+    text = capsys.readouterr().out
+    assert not os.path.exists(out) and not _leftovers(out)
+    assert "layers.1.mlp.experts.w_gate_up" in text and "[8, 32, 32]" in text and "4 ranks" in text
+    assert "float8_e4m3fn" in text and "lm_head.kernel" in text
+    for kind in ("attention", "routed_experts", "shared_experts", "dense_mlp", "router", "norm", "embedding", "total"):
+        assert f"\n{kind} " in text
+    assert _cli(f"--input={converted['fp8']}", "--inspect") == 0  # a converted checkpoint, from its metadata
+    assert "converted checkpoint" in capsys.readouterr().out
+
+
+def _chunk_file(out, key):
+    files = sorted(f for f in glob.glob(os.path.join(out, "arrays", key, "c", "**"), recursive=True)
+                   if os.path.isfile(f))
+    return files[0]
+
+
+def test_verify_passes_then_catches_corruption(ckpts, converted, tmp_path, capsys):
+    assert _cli(f"--input={ckpts['fp8']}", f"--output={converted['fp8']}", "--verify") == 0
+    assert "bit-exact" in capsys.readouterr().out
+
+    # A flipped byte: the chunk checksum fails.
+    flipped = tmp_path / "flipped"
+    shutil.copytree(converted["fp8"], flipped)
+    chunk = _chunk_file(flipped, "layers.1.mlp.experts.w_gate_up.rank0")
+    data = bytearray(open(chunk, "rb").read())
+    data[5] ^= 0xFF
+    open(chunk, "wb").write(bytes(data))
+    assert _cli(f"--input={ckpts['fp8']}", f"--output={flipped}", "--verify") == 1
+    assert "layers.1.mlp.experts.w_gate_up.rank0" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="w_gate_up.rank0"):
+        load_model(str(flipped))
+
+    # Different but well-formed data (valid checksum): the comparison with the source fails.
+    rewritten = tmp_path / "rewritten"
+    shutil.copytree(converted["fp8"], rewritten)
+    import tensorstore as ts
+
+    store = ts.open(checkpoint._spec(str(rewritten / "arrays" / "layers.0.self_attn.o_proj.kernel")), open=True).result()
+    value = store.read().result()
+    value[0, 0] = -value[0, 0] if value[0, 0] != 0 else np.float32(1).astype(value.dtype)
+    store.write(value).result()
+    assert _cli(f"--input={ckpts['fp8']}", f"--output={rewritten}", "--verify") == 1
+    err = capsys.readouterr().err
+    assert "layers.0.self_attn.o_proj.kernel" in err and "differ from the source" in err
+
+    # A missing chunk file (zarr would read zeros): restore and verify refuse.
+    holed = tmp_path / "holed"
+    shutil.copytree(converted["fp8"], holed)
+    os.remove(_chunk_file(holed, "layers.2.mlp.experts.w_down.rank1"))
+    with pytest.raises(CheckpointError, match="chunk files"):
+        load_model(str(holed))
+    assert _cli(f"--input={ckpts['fp8']}", f"--output={holed}", "--verify") == 1
+    assert "w_down.rank1" in capsys.readouterr().err
+
+
+def test_verify_detects_a_changed_source(ckpts, converted, tmp_path, capsys):
+    src = tmp_path / "src"
+    _rewrite(ckpts["fp32"], src, lambda t: t["model.norm.weight"].mul_(2))
+    assert _cli(f"--input={src}", f"--output={converted['fp32']}", "--verify") == 1
+    assert "changed since conversion" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------- errors
+
+FP32_EDITS = {
+    "missing": (lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"),
+                ["model.layers.1.mlp.experts.3.up_proj.weight", "layers.1.mlp.experts.w_gate_up"]),
+    "unexpected": (lambda t: t.__setitem__("model.layers.0.mlp.extra.weight", torch.zeros(2)),
+                   ["unexpected tensor", "model.layers.0.mlp.extra.weight", "model.safetensors"]),
+    "shape": (lambda t: t.__setitem__("model.layers.0.self_attn.o_proj.weight", torch.zeros(3, 3)),
+              ["model.layers.0.self_attn.o_proj.weight", "shape (3, 3)", "model.safetensors"]),
+}
+FP8_EDITS = {
+    "dtype": (lambda t: t.__setitem__("model.layers.0.self_attn.q_a_proj.weight",
+                                      t["model.layers.0.self_attn.q_a_proj.weight"].to(torch.bfloat16)),
+              ["model.layers.0.self_attn.q_a_proj.weight", "bfloat16", "float8_e4m3fn", "model.safetensors"]),
+    "missing_scale": (lambda t: t.pop("model.layers.2.mlp.experts.5.down_proj.weight_scale_inv"),
+                      ["model.layers.2.mlp.experts.5.down_proj.weight_scale_inv"]),
+}
+
+
+def _damage(kind, ckpts, dst):
+    if kind in FP32_EDITS:
+        return _rewrite(ckpts["fp32"], dst, FP32_EDITS[kind][0]), FP32_EDITS[kind][1]
+    if kind in FP8_EDITS:
+        return _rewrite(ckpts["fp8"], dst, FP8_EDITS[kind][0]), FP8_EDITS[kind][1]
+    if kind == "truncated":
+        shutil.copytree(ckpts["fp32"], dst)
+        f = dst / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+        return str(dst), ["truncated", "model.safetensors"]
+    if kind == "corrupt_header":
+        shutil.copytree(ckpts["fp32"], dst)
+        f = dst / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[8:16] = b"\x00garbage"
+        f.write_bytes(bytes(data))
+        return str(dst), ["model.safetensors", "header"]
+    if kind == "no_index":
+        shutil.copytree(ckpts["two_shards"], dst)
+        os.remove(dst / "model.safetensors.index.json")
+        return str(dst), ["2 safetensors shards but no model.safetensors.index.json"]
+    if kind == "missing_shard":
+        shutil.copytree(ckpts["two_shards"], dst)
+        os.remove(dst / "model-00002-of-00002.safetensors")
+        return str(dst), ["model-00002-of-00002.safetensors", "missing"]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", sorted(FP32_EDITS) + sorted(FP8_EDITS) +
+                         ["truncated", "corrupt_header", "no_index", "missing_shard"])
+def test_source_errors_are_named_and_leave_nothing(ckpts, tmp_path, capsys, kind):
+    src, expected = _damage(kind, ckpts, tmp_path / "src")
+    out = tmp_path / "out"
+    assert _cli(f"--input={src}", f"--output={out}") == 1
+    err = capsys.readouterr().err
+    for text in expected:
+        assert text in err, (text, err)
+    assert not os.path.exists(out) and not _leftovers(out)
+
+
+def test_existing_output_is_refused(ckpts, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _cli(f"--input={ckpts['fp32']}", f"--output={out}") == 1
+    assert "already exists" in capsys.readouterr().err
+    assert os.listdir(out) == ["keep.txt"] and not _leftovers(out)
+
+
+def test_failure_while_writing_removes_the_temporary_directory(ckpts, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = convert.SourceReader.rows
+
+    def failing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise CheckpointError("disk on fire")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(convert.SourceReader, "rows", failing)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="disk on fire"):
+        convert.convert(ckpts["fp8"], str(out), group_size=2, progress=False)
+    assert calls["n"] == 20 and not os.path.exists(out) and not _leftovers(out)
+
+
+def test_module_entry_point_exits_nonzero(ckpts, tmp_path):
+    src, _ = _damage("no_index", ckpts, tmp_path / "src")
+    result = subprocess.run(
+        [sys.executable, "-m", "dwdp_jax.convert", f"--input={src}", f"--output={tmp_path / 'out'}"],
+        cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+    )
+    assert result.returncode == 1 and "no model.safetensors.index.json" in result.stderr
+    assert not os.path.exists(tmp_path / "out")
