@@ -19,6 +19,7 @@ from dwdp_jax.engine.runner import (Buckets, DepRunner, DwdpRankRunner, Lockstep
 from dwdp_jax.engine.scheduler import DecodeItem, FakeClock, PrefillChunk, Scheduler, SchedulerConfig, run_engine
 from dwdp_jax.engine.workload import Request, split_by_rank
 from dwdp_jax.model import init_model
+from dwdp_jax.parallel.dep import DepModel
 from dwdp_jax.parallel.dwdp import DwdpGroup
 
 CFG = TINY
@@ -244,7 +245,7 @@ def test_dwdp_rank_runners_match_single_device(model, single_tokens):
 
 
 def test_dep_lockstep_runner_matches_single_device(model, single_tokens):
-    dep = DepRunner(model, jax.devices()[:2], SLOTS, MAX_LEN, buckets=BUCKETS)
+    dep = DepRunner(DepModel(model, jax.devices()[:2]), SLOTS, MAX_LEN, buckets=BUCKETS)
     sched = LockstepScheduler([Scheduler(sched_config(), rank=r) for r in range(2)])
     run = run_engine(sched, dep.step_fn, FakeClock(), requests=engine_requests())
     assert not run.rejected

@@ -39,7 +39,7 @@ from dwdp_jax.engine.scheduler import DecodeItem, FinishedRequest, PrefillChunk,
 from dwdp_jax.engine.workload import Request
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
 from dwdp_jax.model import DeepseekV3, LayerKV
-from dwdp_jax.parallel.dep import AXIS, DepExecutor, _state_specs
+from dwdp_jax.parallel.dep import AXIS, DepExecutor, DepModel, _state_specs
 from dwdp_jax.parallel.dwdp import DwdpRank
 
 
@@ -193,11 +193,6 @@ class _SlotRunner:
     def _call(self, token_ids, positions, slots, absorbed: bool) -> jax.Array:
         raise NotImplementedError
 
-    @property
-    def cache_bytes(self) -> int:
-        """Cache bytes per device."""
-        return self.spec.total_bytes
-
     # -- execution -------------------------------------------------------------------------------------------
 
     def _run_block(self, groups: Sequence[Sequence[tuple[int, _Row]]], length: int, absorbed: bool) -> _Call:
@@ -334,26 +329,24 @@ class DwdpRankRunner(_SlotRunner):
 
 
 class DepRunner(_SlotRunner):
-    """DEP (attention data parallel + expert parallel all-to-all) as one SPMD program over `devices`, each
-    device with its own slot group of `num_slots` x `max_len` tokens. `step_fn` takes a `LockstepPlan`."""
+    """DEP (attention data parallel + expert parallel all-to-all) as one SPMD program over a `DepModel`'s
+    devices, each device with its own slot group of `num_slots` x `max_len` tokens. `step_fn` takes a
+    `LockstepPlan`. capacity, backend: of the `DepExecutor` (as for `DepModel`)."""
 
-    def __init__(self, model: DeepseekV3, devices: Sequence[jax.Device], num_slots: int, max_len: int, *,
-                 buckets: Buckets | None = None, capacity: int | None = None, backend: str = "jnp",
-                 cache_dtype=None, sampling: SamplingParams = SamplingParams(), seed: int = 0):
-        cfg = model.cfg
-        g = len(devices)
-        if cfg.n_routed_experts % g:
-            raise ValueError(f"DEP needs n_routed_experts={cfg.n_routed_experts} divisible by {g} devices")
-        spec = CacheSpec.for_model(cfg, num_slots, max_len, cache_dtype or model.dtype)
+    def __init__(self, dep: DepModel, num_slots: int, max_len: int, *, buckets: Buckets | None = None,
+                 capacity: int | None = None, backend: str = "jnp", cache_dtype=None,
+                 sampling: SamplingParams = SamplingParams(), seed: int = 0):
+        graph = dep.graph
+        model = nnx.merge(graph, dep.state)  # for its config and dtype only
+        g = dep.mesh.devices.size
+        spec = CacheSpec.for_model(model.cfg, num_slots, max_len, cache_dtype or model.dtype)
         super().__init__(spec, buckets, sampling, seed)
         self.num_groups = g
-        self.mesh = Mesh(np.asarray(devices), (AXIS,))
-        graph, state = nnx.split(model)
-        specs = _state_specs(state)
-        self.state = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs))
+        self.mesh, self.state = dep.mesh, dep.state
         self.cache = kv_cache.allocate(spec, NamedSharding(self.mesh, P(AXIS)), num_groups=g)
         executor = DepExecutor(g, capacity, backend)
-        cache_specs = [LayerKV(P(AXIS), P(AXIS))] * cfg.num_layers
+        specs = _state_specs(dep.state)
+        cache_specs = [LayerKV(P(AXIS), P(AXIS))] * model.cfg.num_layers
 
         def per_device(state, cache, ids, positions, slots, absorbed):
             return cached_forward(nnx.merge(graph, state), cache, ids, positions, slots, absorbed, executor)
@@ -368,10 +361,6 @@ class DepRunner(_SlotRunner):
             for absorbed in (False, True)
         }
         self._block = NamedSharding(self.mesh, P(AXIS))
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.spec.total_bytes  # per device: each holds its own slot group
 
     def _call(self, token_ids, positions, slots, absorbed):
         args = jax.device_put((token_ids, positions, slots), self._block)
