@@ -165,8 +165,10 @@ class Writer:
             raise CheckpointError(f"{self.tmp}: cannot create array {key}: {e}") from e
 
     def write(self, key: str, index: tuple, array: np.ndarray):
-        """Writes `array` into region `index` of array `key` (asynchronously; errors surface by `commit`)."""
-        self._pending.append((key, self._stores[key][index].write(array)))
+        """Writes `array` into region `index` of array `key`, asynchronously (errors surface here or in
+        `commit`). TensorStore reads `array` in place, without a copy: the caller must not modify it after."""
+        future = self._stores[key][index].write(array, can_reference_source_data_indefinitely=True)
+        self._pending.append((key, future))
         while len(self._pending) > self.max_inflight:
             self._wait(*self._pending.popleft())
 

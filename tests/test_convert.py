@@ -175,6 +175,21 @@ def test_bf16_policy_matches_dequantizing_loader(ckpts, tmp_path):
     _assert_same_params(ours, load_model(ckpts["fp8"], dtype=jnp.bfloat16, dequantize=True))
 
 
+@pytest.mark.parametrize("policy", ["keep_fp8", "bf16"])
+def test_many_chunks_per_array(ckpts, tmp_path, monkeypatch, policy):
+    """Tiny chunks: copies split by rows, transposes by columns, dequantized slabs in whole FP8 blocks."""
+    monkeypatch.setattr(convert, "CHUNK_BYTES", 300)
+    out = tmp_path / "out"
+    assert _cli(f"--input={ckpts['fp8']}", f"--output={out}", f"--dtype_policy={policy}", "--verify") == 0
+    arrays = {p["key"]: p["arrays"][0] for p in checkpoint.read_metadata(out)["params"]}
+    assert arrays["embed_tokens"]["chunk_shape"][0] < hf.BASE["vocab_size"]
+    q_b = arrays["layers.0.self_attn.q_b_proj.kernel"]
+    assert q_b["chunk_shape"][1] < q_b["shape"][1] and (policy == "keep_fp8" or q_b["chunk_shape"][1] % 16 == 0)
+    dequantize = policy == "bf16"
+    ref = load_model(ckpts["fp8"], dtype=jnp.bfloat16 if dequantize else jnp.float32, dequantize=dequantize)
+    _assert_same_params(load_model(str(out), dtype=jnp.bfloat16 if dequantize else jnp.float32), ref)
+
+
 def test_dequantize_request_on_fp8_checkpoint_is_refused(converted):
     with pytest.raises(CheckpointError, match="dtype_policy=bf16"):
         load_model(converted["fp8"], dequantize=True)

@@ -1,0 +1,273 @@
+"""Converter memory and throughput on a multi-GB synthetic FP8 checkpoint with DeepSeek-R1's real shapes.
+
+    PYTHONPATH=. python experiments/bench_convert.py [--layers=2 --experts=128 --group_size=8]
+
+Writes an HF-layout checkpoint (config.json, FP8 [out, in] weights with float32 block scales, bf16 embeddings,
+sharded with an index) of random bytes straight to disk, never holding a tensor in memory; syncs it and drops
+it from the page cache (posix_fadvise), so the conversion reads from disk. Then runs the real CLI
+(`dwdp_jax.convert.run`, the `dwdp-convert` entry point) in a child process that reports its own peak RSS
+(getrusage ru_maxrss) at exit, and takes its wall time; then `convert.verify` the same way, and the RSS of a
+child that only imports the converter (the fixed overhead). Source and output are deleted afterwards.
+
+Headline metrics (results schema, part "converter"): `peak_rss_over_largest_tensor` = the converter's peak
+resident memory / the largest single output array (here the bf16 embedding, also the largest source tensor);
+`throughput_gbps` = source GB converted per second of wall time (process start to exit, fsync included), and
+`throughput_frac_of_copy` = that / the speed of copying the same shards on the same disk (cold, fsynced) in the
+same run, the ceiling for a conversion that reads and writes every byte once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx, traverse_util
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from dwdp_jax import checkpoint, config as config_lib, weights  # noqa: E402
+from dwdp_jax.model import DeepseekV3  # noqa: E402
+from experiments.results_io import write_result  # noqa: E402
+
+flags.DEFINE_integer("layers", 2, "decoder layers (the first dense, the rest MoE), R1 shapes")
+flags.DEFINE_integer("experts", 128, "routed experts per MoE layer (R1: 256; 128 keeps the source near 10 GB)")
+flags.DEFINE_integer("vocab_size", 129280, "vocabulary (R1's by default; smaller for a quick smoke run)")
+flags.DEFINE_integer("group_size", 8, "DWDP group size of the converted layout")
+flags.DEFINE_float("shard_gb", 4.0, "maximum source shard size, GB")
+flags.DEFINE_string("workdir", None, "where to write the synthetic checkpoint and the output (default: a temp dir)")
+flags.DEFINE_list("policies", ["keep_fp8"], "dtype policies to convert with, one run each")
+flags.DEFINE_bool("verify", True, "also time --verify on the first converted output")
+flags.DEFINE_string("out_dir", os.path.join(REPO, "experiments", "results"), "results directory")
+FLAGS = flags.FLAGS
+
+_POOL = np.random.default_rng(0).integers(0, 256, 64 << 20, dtype=np.uint8)  # random bytes, reused at offsets
+
+
+def bench_config(layers: int, experts: int, vocab_size: int) -> config_lib.ModelConfig:
+    return config_lib.preset(f"r1-layers-{layers}").replace(n_routed_experts=experts, vocab_size=vocab_size)
+
+
+def hf_config_json(cfg: config_lib.ModelConfig) -> dict:
+    rope = cfg.rope_scaling
+    return {
+        "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_heads, "q_lora_rank": cfg.q_lora_rank,
+        "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
+        "n_routed_experts": cfg.n_routed_experts, "n_shared_experts": cfg.n_shared_experts,
+        "num_experts_per_tok": cfg.num_experts_per_tok, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+        "norm_topk_prob": cfg.norm_topk_prob, "routed_scaling_factor": cfg.routed_scaling_factor,
+        "first_k_dense_replace": cfg.first_k_dense_replace, "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_scaling": {"type": "yarn", "factor": rope.factor, "beta_fast": rope.beta_fast,
+                         "beta_slow": rope.beta_slow, "mscale": rope.mscale, "mscale_all_dim": rope.mscale_all_dim,
+                         "original_max_position_embeddings": rope.original_max_position_embeddings},
+        "tie_word_embeddings": False, "num_nextn_predict_layers": 0,
+        "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                "weight_block_size": list(cfg.weight_block_size)},
+    }
+
+
+def hf_tensors(cfg: config_lib.ModelConfig) -> list[tuple[str, str, tuple]]:
+    """(name, safetensors dtype, shape) of every tensor of an HF checkpoint for `cfg`, from `weights.hf_source`."""
+    abstract = nnx.eval_shape(lambda: DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16))
+    flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.split(abstract)[1]))
+    out = {}
+    for path, target in flat.items():
+        src = weights.hf_source(path, cfg)
+        shape = tuple(target.shape)
+        if jnp.dtype(target.dtype).name.startswith("float8"):
+            dtype = "F8_E4M3"
+        elif path[-1] in ("scale", "s_gate_up", "s_down", "bias"):
+            dtype = "F32"
+        else:
+            dtype = "BF16"
+        if src.kind == "experts":
+            m = len(src.names)
+            for names in src.names:
+                for name in names:
+                    out[name] = (dtype, (shape[-2] // m, shape[-1]))
+        else:
+            out[src.names[0]] = (dtype, shape if src.kind == "copy" else shape[::-1])
+    return [(name, dtype, shape) for name, (dtype, shape) in out.items()]
+
+
+_ITEMSIZE = {"F8_E4M3": 1, "BF16": 2, "F32": 4}
+
+
+def write_synthetic_checkpoint(path: str, cfg: config_lib.ModelConfig, shard_bytes: float) -> int:
+    """Writes the checkpoint tensor by tensor from a pool of random bytes (scales: small positive floats).
+    Returns total tensor bytes."""
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_config_json(cfg), f, indent=1)
+    shards, current, size = [], [], 0
+    for name, dtype, shape in hf_tensors(cfg):
+        nbytes = int(np.prod(shape)) * _ITEMSIZE[dtype]
+        if current and size + nbytes > shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, dtype, shape, nbytes))
+        size += nbytes
+    shards.append(current)
+    rng = np.random.default_rng(1)
+    weight_map, total, cursor = {}, 0, 0
+    for i, tensors in enumerate(shards):
+        shard = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {}, 0
+        for name, dtype, shape, nbytes in tensors:
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+            weight_map[name] = shard
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(path, shard), "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for name, dtype, shape, nbytes in tensors:
+                if dtype == "F32":
+                    f.write(rng.uniform(1e-4, 1e-2, shape).astype(np.float32).tobytes())
+                    continue
+                left = nbytes
+                while left:
+                    n = min(left, _POOL.size - cursor)
+                    f.write(memoryview(_POOL)[cursor : cursor + n])
+                    cursor = (cursor + n) % _POOL.size
+                    left -= n
+            total += offset
+            f.flush()
+            os.fsync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # cold reads in the conversion
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    return total
+
+
+def _drop_cache(root: str):
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _measured(code: str) -> tuple[float, int, str]:
+    """Runs `code` in a child Python that prints its own peak RSS at exit (after any sys.exit).
+    Returns (wall seconds, peak RSS bytes, stdout)."""
+    prologue = ("import atexit, resource; atexit.register(lambda: print('peak_rss_kib',"
+                " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)); ")
+    t0 = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", prologue + code], cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if result.returncode:
+        raise RuntimeError(f"{code} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    rss = int(result.stdout.strip().splitlines()[-1].split()[-1]) * 1024
+    return wall, rss, result.stdout
+
+
+def copy_baseline(source: str, dst: str) -> float:
+    """Seconds to copy the source shards (kernel copy, cold cache) and fsync them: the disk's own ceiling for
+    a conversion that reads and writes every byte once."""
+    _drop_cache(source)
+    os.makedirs(dst)
+    t0 = time.perf_counter()
+    for name in sorted(os.listdir(source)):
+        shutil.copyfile(os.path.join(source, name), os.path.join(dst, name))
+        fd = os.open(os.path.join(dst, name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    wall = time.perf_counter() - t0
+    shutil.rmtree(dst)
+    return wall
+
+
+def main(argv):
+    del argv
+    cfg = bench_config(FLAGS.layers, FLAGS.experts, FLAGS.vocab_size)
+    work = tempfile.mkdtemp(prefix="dwdp_bench_convert_", dir=FLAGS.workdir)
+    source = os.path.join(work, "hf")
+    rows = []
+    try:
+        t0 = time.perf_counter()
+        source_bytes = write_synthetic_checkpoint(source, cfg, FLAGS.shard_gb * 1e9)
+        print(f"synthetic checkpoint: {source_bytes / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
+        copy_s = [copy_baseline(source, os.path.join(work, "copy"))]
+        for i, policy in enumerate(FLAGS.policies):
+            _drop_cache(source)
+            out = os.path.join(work, f"out_{policy}")
+            argv = ["dwdp-convert", f"--input={source}", f"--output={out}", f"--dtype_policy={policy}",
+                    f"--group_size={FLAGS.group_size}", "--noprogress"]
+            # The console-script entry point itself (absl app.run, exits through sys.exit).
+            wall, peak, stdout = _measured(f"from dwdp_jax import convert; convert.run({argv!r})")
+            print(stdout.strip().splitlines()[0])
+            meta = checkpoint.read_metadata(out)
+            arrays = [a for p in meta["params"] for a in p["arrays"]]
+            largest_array = max(int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize for a in arrays)
+            largest_source = max(int(np.prod(s)) * _ITEMSIZE[d] for _, d, s in hf_tensors(cfg))
+            row = dict(
+                dtype_policy=policy, source_bytes=meta["source_bytes"], output_bytes=meta["output_bytes"],
+                arrays=len(arrays), wall_s=wall, peak_rss_bytes=peak, largest_output_array_bytes=largest_array,
+                largest_source_tensor_bytes=largest_source, peak_rss_over_largest_tensor=peak / largest_array,
+                throughput_gbps=meta["source_bytes"] / wall / 1e9, command=" ".join(argv),
+            )
+            if FLAGS.verify and i == 0:
+                _drop_cache(source)
+                _drop_cache(out)
+                v_wall, v_peak, _ = _measured(f"from dwdp_jax import convert; convert.verify({out!r}, progress=False)")
+                row.update(verify_wall_s=v_wall, verify_peak_rss_bytes=v_peak,
+                           verify_gbps=(meta["source_bytes"] + meta["output_bytes"]) / v_wall / 1e9)
+            shutil.rmtree(out)
+            rows.append(row)
+        copy_s.append(copy_baseline(source, os.path.join(work, "copy")))
+        copy_gbps = source_bytes / min(copy_s) / 1e9
+        print(f"copy baseline: {copy_s[0]:.1f} s before, {copy_s[1]:.1f} s after the conversions")
+        _, baseline, _ = _measured("from dwdp_jax import convert")
+        for row in rows:
+            row["import_baseline_rss_bytes"] = baseline
+            row["copy_baseline_gbps"] = copy_gbps
+            row["throughput_frac_of_copy"] = row["throughput_gbps"] / copy_gbps
+            row["peak_rss_minus_baseline_over_largest_tensor"] = (row["peak_rss_bytes"] - baseline) / row[
+                "largest_output_array_bytes"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    head = rows[0]
+    config = dict(preset=f"r1-layers-{FLAGS.layers}", n_routed_experts=FLAGS.experts, vocab_size=FLAGS.vocab_size, group_size=FLAGS.group_size,
+                  shard_gb=FLAGS.shard_gb, source="synthetic FP8 (random bytes), page cache dropped before each run",
+                  cpu_count=os.cpu_count())
+    metrics = {k: head[k] for k in ("peak_rss_over_largest_tensor", "throughput_gbps", "peak_rss_bytes",
+                                    "largest_output_array_bytes", "import_baseline_rss_bytes", "wall_s",
+                                    "source_bytes", "peak_rss_minus_baseline_over_largest_tensor",
+                                    "copy_baseline_gbps", "throughput_frac_of_copy")}
+    for k in ("verify_wall_s", "verify_gbps", "verify_peak_rss_bytes"):
+        if k in head:
+            metrics[k] = head[k]
+    path = write_result(FLAGS.out_dir, "converter", "cpu", config, metrics, rows)
+    print(f"\n{'policy':<10} {'source GB':>9} {'out GB':>7} {'wall s':>7} {'GB/s':>6} {'of copy':>7}"
+          f" {'peak RSS GB':>11} {'largest GB':>10} {'RSS/largest':>11} {'verify GB/s':>11}")
+    for r in rows:
+        print(f"{r['dtype_policy']:<10} {r['source_bytes'] / 1e9:>9.2f} {r['output_bytes'] / 1e9:>7.2f}"
+              f" {r['wall_s']:>7.1f} {r['throughput_gbps']:>6.2f} {r['throughput_frac_of_copy']:>7.2f}"
+              f" {r['peak_rss_bytes'] / 1e9:>11.2f}"
+              f" {r['largest_output_array_bytes'] / 1e9:>10.2f} {r['peak_rss_over_largest_tensor']:>11.2f}"
+              f" {r.get('verify_gbps', float('nan')):>11.2f}")
+    print(f"copy baseline {copy_gbps:.2f} GB/s (best of before/after); import-only RSS {baseline / 1e9:.2f} GB;"
+          f" wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
