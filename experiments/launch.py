@@ -7,8 +7,8 @@ bar, a summary table, and one results JSON (part `e2e`) under `--out`.
 
 Demo (tiny random model, two simulated CPU devices, well under a minute):
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.launch --preset=tiny \
-      --strategy=dwdp --num_devices=2 --num_requests=8 --input_len=32 --output_len=16
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.launch --preset=tiny
+      --strategy=dwdp --num_devices=2 --num_requests=8 --input_len=32 --output_len=16   (one line)
 
 Concurrency is the number of requests in flight over all GPUs (split evenly over the data-parallel ranks);
 0 queues every request at the start (offline batch).
@@ -57,39 +57,62 @@ STRATEGIES = ["single", "dwdp", "dp", "dep"]
 # same weights); larger presets get random weights built directly on each rank.
 FULL_MODEL_MAX_BYTES = 4e9
 
-flags.DEFINE_string("preset", "tiny", "model preset with random weights: tiny, r1-layers-N, deepseek-r1")
-flags.DEFINE_string("checkpoint", None, "HF DeepSeek-V3/R1 directory (overrides --preset)")
-flags.DEFINE_enum("dtype", None, ["bfloat16", "float32"],
-                  "activation / unquantized weight dtype (default: float32 on CPU, whose XLA backend lacks "
-                  "bf16 x bf16 -> f32 batched dots; bfloat16 elsewhere)")
-flags.DEFINE_enum("strategy", "dwdp", STRATEGIES, "single device, DWDP, replicated data parallel, or DEP")
-flags.DEFINE_integer("num_devices", 0, "devices to use (0: 1 for single, every visible device otherwise)")
-flags.DEFINE_integer("group_size", 0, "DWDP group size (0: num_devices); num_devices / group_size groups")
-flags.DEFINE_enum("fetch", "device_put", ["device_put", "copy_engine"], "DWDP fetch backend")
-flags.DEFINE_enum("expert_backend", "jnp", ["jnp", "pallas"], "expert GEMMs: ragged_dot or Mosaic GPU kernels")
-flags.DEFINE_integer("prefetch_depth", 1, "DWDP: MoE layers fetched ahead")
-flags.DEFINE_string("workload", "fixed", "fixed (--input_len/--output_len), fixed-<I>-<O> (e.g. fixed-8k-1k), "
-                    "lognormal (medians --input_len/--output_len), or a JSONL trace path")
-flags.DEFINE_integer("num_requests", 8, "requests to generate (a trace: the first N when given)")
-flags.DEFINE_integer("input_len", 32, "prompt tokens (median for lognormal)")
-flags.DEFINE_integer("output_len", 16, "output tokens (median for lognormal)")
-flags.DEFINE_float("lognormal_sigma", 0.5, "sigma of the lognormal lengths")
-flags.DEFINE_list("concurrency", ["0"], "requests in flight over all GPUs, one timed pass each (0: all queued)")
-flags.DEFINE_integer("max_batch_size", 8, "cache slots (requests in flight) per rank")
-flags.DEFINE_integer("token_budget", 0, "tokens per step per rank (0: max(max_batch_size, 2048))")
-flags.DEFINE_integer("max_seq_len", 0, "tokens per cache slot (0: the longest request's prompt + output)")
-flags.DEFINE_float("temperature", 0.0, "sampling temperature (0: greedy)")
-flags.DEFINE_integer("seed", 0, "seed of the weights, the workload and sampling")
-flags.DEFINE_enum("warmup", "run", ["run", "buckets", "none"],
-                  "before each timed pass: run the same pass untimed (exactly its programs), compile every "
-                  "bucket, or nothing")
-flags.DEFINE_integer("show_requests", 8, "requests whose first generated tokens are printed")
-flags.DEFINE_bool("progress", True, "show a progress bar")
-flags.DEFINE_string("device_kind", "", "the device tool's kind for the results file (default: cpu, or the "
-                    "platform's device kind)")
-flags.DEFINE_string("out", "experiments/results", "results directory")
-flags.DEFINE_string("tag", "", "extra file-name tag")
 FLAGS = flags.FLAGS
+
+# (define function, name, default, help, extra keyword arguments). Defined on absl's global FLAGS by
+# `define_flags`, at run time (not import time), so that importing this module defines nothing.
+_FLAGS = [
+    (flags.DEFINE_string, "preset", "tiny", "model preset with random weights: tiny, r1-layers-N, deepseek-r1", {}),
+    (flags.DEFINE_string, "checkpoint", None, "HF DeepSeek-V3/R1 directory (overrides --preset)", {}),
+    (flags.DEFINE_enum, "dtype", None, "activation / unquantized weight dtype (default: float32 on CPU, whose XLA "
+     "backend lacks bf16 x bf16 -> f32 batched dots; bfloat16 elsewhere)", dict(enum_values=["bfloat16", "float32"])),
+    (flags.DEFINE_enum, "strategy", "dwdp", "single device, DWDP, replicated data parallel, or DEP",
+     dict(enum_values=STRATEGIES)),
+    (flags.DEFINE_integer, "num_devices", 0, "devices to use (0: 1 for single, every visible device otherwise)", {}),
+    (flags.DEFINE_integer, "group_size", None, "DWDP group size (default: num_devices); num_devices / group_size "
+     "groups", {}),
+    (flags.DEFINE_enum, "fetch", "device_put", "DWDP fetch backend", dict(enum_values=["device_put", "copy_engine"])),
+    (flags.DEFINE_enum, "expert_backend", "jnp", "expert GEMMs: ragged_dot or Mosaic GPU kernels",
+     dict(enum_values=["jnp", "pallas"])),
+    (flags.DEFINE_integer, "prefetch_depth", 1, "DWDP: MoE layers fetched ahead", {}),
+    (flags.DEFINE_string, "workload", "fixed", "fixed (--input_len/--output_len), fixed-<I>-<O> (e.g. fixed-8k-1k), "
+     "lognormal (medians --input_len/--output_len), or a JSONL trace path", {}),
+    (flags.DEFINE_integer, "num_requests", 8, "requests to generate (a trace: the first N when given)", {}),
+    (flags.DEFINE_integer, "input_len", 32, "prompt tokens (median for lognormal)", {}),
+    (flags.DEFINE_integer, "output_len", 16, "output tokens (median for lognormal)", {}),
+    (flags.DEFINE_float, "lognormal_sigma", 0.5, "sigma of the lognormal lengths", {}),
+    (flags.DEFINE_list, "concurrency", ["0"], "requests in flight over all GPUs, one timed pass each (0: all "
+     "queued at the start)", {}),
+    (flags.DEFINE_integer, "max_batch_size", 8, "cache slots (requests in flight) per rank", {}),
+    (flags.DEFINE_integer, "token_budget", 0, "tokens per step per rank (0: max(max_batch_size, 2048))", {}),
+    (flags.DEFINE_integer, "max_seq_len", 0, "tokens per cache slot (0: the longest request's prompt + output)", {}),
+    (flags.DEFINE_float, "temperature", 0.0, "sampling temperature (0: greedy)", {}),
+    (flags.DEFINE_integer, "seed", 0, "seed of the weights, the workload and sampling", {}),
+    (flags.DEFINE_enum, "warmup", "run", "before each timed pass: run the same pass untimed (exactly its "
+     "programs), compile every bucket, or nothing", dict(enum_values=["run", "buckets", "none"])),
+    (flags.DEFINE_integer, "show_requests", 8, "requests whose first generated tokens are printed", {}),
+    (flags.DEFINE_bool, "progress", True, "show a progress bar", {}),
+    (flags.DEFINE_string, "device_kind", "", "the device tool's kind for the results file (default: cpu, or the "
+     "platform's device kind)", {}),
+    (flags.DEFINE_string, "out", "experiments/results", "results directory", {}),
+    (flags.DEFINE_string, "tag", "", "file-name tag (default: <strategy>-<model>-g<devices>)", {}),
+]
+_defined: list[str] = []
+
+
+def define_flags() -> None:
+    """Defines the launcher's flags once. A flag that another entry point in this process already defined
+    under the same name (`--group_size`, `--progress` of dwdp-convert) is shared, not redefined."""
+    for define, name, default, help_text, extra in _FLAGS:
+        if name not in FLAGS:
+            define(name, default, help=help_text, **extra)
+            _defined.append(name)
+
+
+def undefine_flags() -> None:
+    """Removes the flags `define_flags` added (in-process tests share absl's global FLAGS)."""
+    while _defined:
+        delattr(FLAGS, _defined.pop())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -490,6 +513,7 @@ def launch(f, argv: list[str]) -> dict:
 
 def run_main(argv: list[str]) -> dict:
     """Parses `argv` (argv[0] is the program name) into fresh flags and runs; for tests and notebooks."""
+    define_flags()
     FLAGS.unparse_flags()
     FLAGS(argv)
     return launch(FLAGS, argv)
@@ -503,6 +527,7 @@ def main(argv):
 
 def run():
     """Console script `dwdp-launch`."""
+    define_flags()
     app.run(main)
 
 

@@ -218,9 +218,18 @@ def outputs(finished):
 
 @pytest.fixture(scope="module")
 def single_tokens(model):
-    sched = Scheduler(sched_config())
-    run = run_engine(sched, runner(model).step_fn, FakeClock(), requests=engine_requests())
+    sched, r = Scheduler(sched_config()), runner(model)
+    shapes = set()
+    call = r._call
+
+    def spy(ids, positions, slots, absorbed):
+        shapes.add((ids.shape, absorbed))
+        return call(ids, positions, slots, absorbed)
+
+    r._call = spy
+    run = run_engine(sched, r.step_fn, FakeClock(), requests=engine_requests())
     assert not run.rejected and len(sched.finished) == len(REQUESTS)
+    assert shapes == {((4, 8), False), ((4, 1), True)}  # the buckets' two programs, nothing per request
     return outputs(sched.finished)
 
 

@@ -203,15 +203,18 @@ class _SlotRunner:
         members = {(g, idx): g * nb + j for g, group in enumerate(groups) for j, (idx, _) in enumerate(group)}
         return _Call(logits, members)
 
-    def _execute(self, rows_per_group: Sequence[Sequence[_Row]], absorbed: bool) -> list[_Call]:
-        """Runs every group's rows (distinct slots within a group) in bucketed calls."""
-        max_len = self.buckets.length[-1]
+    def _execute(self, rows_per_group: Sequence[Sequence[_Row]], decode: bool) -> list[_Call]:
+        """Runs every group's rows (distinct slots within a group): decode rows (one token each) in one
+        absorbed call of length 1, prefill rows in expanded calls of their length buckets."""
         rows = [list(rows) for rows in rows_per_group]
+        if decode:
+            return [self._run_block([list(enumerate(group)) for group in rows], 1, True)]
+        max_len = self.buckets.length[-1]
         # Chunks longer than the largest bucket: their leading pieces first, in rounds.
         while any(len(r.tokens) > max_len for group in rows for r in group):
             pieces = [[(i, _Row(r.slot, r.start, r.tokens[:max_len])) for i, r in enumerate(group)
                        if len(r.tokens) > max_len] for group in rows]
-            self._run_block(pieces, max_len, absorbed)
+            self._run_block(pieces, max_len, False)
             rows = [[_Row(r.slot, r.start + max_len, r.tokens[max_len:]) if len(r.tokens) > max_len else r
                      for r in group] for group in rows]
         lengths = sorted({self.buckets.length_for(len(r.tokens)) for group in rows for r in group})
@@ -219,7 +222,7 @@ class _SlotRunner:
         for length in lengths:
             groups = [[(i, r) for i, r in enumerate(group) if self.buckets.length_for(len(r.tokens)) == length]
                       for group in rows]
-            calls.append(self._run_block(groups, length, absorbed))
+            calls.append(self._run_block(groups, length, False))
         return calls
 
     @staticmethod
@@ -237,12 +240,12 @@ class _SlotRunner:
     def prefill(self, chunks: Sequence[PrefillChunk]) -> jax.Array:
         """Writes the chunks into their slots (expanded MLA). Returns each chunk's last-token logits
         [len(chunks), vocab] float32, in chunk order."""
-        calls = self._execute([[_Row(c.slot, c.start, np.asarray(c.tokens, np.int32)) for c in chunks]], False)
+        calls = self._execute([[_Row(c.slot, c.start, np.asarray(c.tokens, np.int32)) for c in chunks]], decode=False)
         return self._gather_logits(calls, [(0, i) for i in range(len(chunks))])
 
     def decode(self, items: Sequence[DecodeItem]) -> jax.Array:
         """One token per request at its position (weight-absorbed MLA). Returns logits [len(items), vocab]."""
-        calls = self._execute([[_Row(d.slot, d.position, np.array([d.token], np.int32)) for d in items]], True)
+        calls = self._execute([[_Row(d.slot, d.position, np.array([d.token], np.int32)) for d in items]], decode=True)
         return self._gather_logits(calls, [(0, i) for i in range(len(items))])
 
     def _sample(self, logits):
@@ -252,10 +255,10 @@ class _SlotRunner:
     def _step_groups(self, plans: Sequence[StepPlan]) -> dict[str, int]:
         """Executes one plan per group; samples a token for every last chunk and decode item."""
         sampled = []  # (tokens [rows] on device, {padded row: request_id})
-        for absorbed in (False, True):
+        for decode in (False, True):
             rows, wanted = [], {}
             for g, plan in enumerate(plans):
-                if absorbed:
+                if decode:
                     rows.append([_Row(d.slot, d.position, np.array([d.token], np.int32)) for d in plan.decode])
                     wanted.update({(g, i): d.request_id for i, d in enumerate(plan.decode)})
                 else:
@@ -263,7 +266,7 @@ class _SlotRunner:
                     wanted.update({(g, i): c.request_id for i, c in enumerate(plan.prefill) if c.is_last})
             if not any(rows):
                 continue
-            for call in self._execute(rows, absorbed):
+            for call in self._execute(rows, decode):
                 picked = {call.members[k]: rid for k, rid in wanted.items() if k in call.members}
                 if picked:
                     sampled.append((self._sample(call.logits), picked))
