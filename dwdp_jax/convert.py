@@ -183,7 +183,6 @@ def make_plan(
     params, pieces = [], []
     for path, target in flat.items():
         key = checkpoint.param_key(path)
-        target_fp8 = _is_fp8(target.dtype)
         if checkpoint.is_expert_param(path):
             layer = checkpoint.layer_of(path, cfg)
             group = []
@@ -195,9 +194,9 @@ def make_plan(
                 ids = tuple(int(e) for e in ids)
                 shape = (len(ids),) + tuple(target.shape[1:])
                 src = weights.hf_source(path, cfg, ids)
-                group.append(builder.piece(f"{key}.rank{rank}", path, shape, src, target_fp8, rank, ids))
+                group.append(builder.piece(f"{key}.rank{rank}", path, shape, src, target.dtype, rank, ids))
         else:
-            group = [builder.piece(key, path, tuple(target.shape), weights.hf_source(path, cfg), target_fp8)]
+            group = [builder.piece(key, path, tuple(target.shape), weights.hf_source(path, cfg), target.dtype)]
         pieces += group
         first = group[0]
         params.append(dict(
@@ -254,10 +253,11 @@ class _PieceBuilder:
                 f" {tuple(expected)}"
             )
 
-    def piece(self, key, path, shape, src: weights.Source, target_fp8: bool, rank=None, experts=None) -> Piece:
+    def piece(self, key, path, shape, src: weights.Source, target_dtype, rank=None, experts=None) -> Piece:
         names = _names(src)
         dtypes = {n: self._info(n, key)[0] for n in names}
-        src_dtype = dtypes[names[0]] if names else np.dtype(np.float32)
+        src_dtype = dtypes[names[0]] if names else np.dtype(target_dtype)  # a rank holding no expert
+        target_fp8 = _is_fp8(target_dtype)
         for n, d in dtypes.items():
             if d != src_dtype:
                 raise CheckpointError(
@@ -357,9 +357,9 @@ class SourceReader:
         """Rows [r0, r1) of a tensor, into `out` (C-contiguous, the tensor's dtype) when given; dequantize: an
         FP8 [out, in] weight times its block scales (float32, exactly as `weights.assemble` computes it; r0
         must start a block)."""
-        shard = self.ckpt.shards[self.ckpt.location[name]] if name in self.ckpt else None
-        if shard is None:
+        if name not in self.ckpt:
             raise CheckpointError(f"{self.ckpt.path}: missing tensor {name!r}")
+        shard = self.ckpt.shards[self.ckpt.location[name]]
         dtype, shape, begin = shard.tensors[name]
         if out is None:
             out = np.empty((r1 - r0,) + tuple(shape[1:]), dtype)
