@@ -506,7 +506,7 @@ def launch(f, argv: list[str]) -> dict:
                   device_kind=_device_kind(f, setup.devices), num_devices=n, jax_version=jax.__version__,
                   config=config, metrics=metrics, rows=rows)
     tag = f.tag or f"{setup.strategy}-{setup.model_name}-g{n}"
-    record["path"] = write_record(f.out, {k: v for k, v in record.items()}, tag)
+    record["path"] = write_record(f.out, record, tag)
     print(f"wrote {record['path']}")
     return record
 

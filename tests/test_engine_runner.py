@@ -16,6 +16,7 @@ from dwdp_jax.config import TINY
 from dwdp_jax.engine import kv_cache
 from dwdp_jax.engine.runner import (Buckets, DepRunner, DwdpRankRunner, LockstepScheduler, ModelRunner, _Row,
                                     pack_rows)
+from dwdp_jax.engine.sampling import SamplingParams
 from dwdp_jax.engine.scheduler import DecodeItem, FakeClock, PrefillChunk, Scheduler, SchedulerConfig, run_engine
 from dwdp_jax.engine.workload import Request, split_by_rank
 from dwdp_jax.model import init_model
@@ -260,3 +261,15 @@ def test_dep_lockstep_runner_matches_single_device(model, single_tokens):
     assert not run.rejected
     assert outputs(sched.finished) == single_tokens
     assert {f.rank for f in sched.finished} == {0, 1}  # both devices served requests
+
+
+def test_temperature_sampling_is_reproducible_per_seed(model, single_tokens):
+    def serve(seed):
+        sched = Scheduler(sched_config())
+        r = runner(model, sampling=SamplingParams(temperature=1.0, top_k=8), seed=seed)
+        run_engine(sched, r.step_fn, FakeClock(), requests=engine_requests())
+        return outputs(sched.finished)
+
+    a, b, c = serve(0), serve(0), serve(1)
+    assert a == b and a != c and a != single_tokens
+    assert all(len(a[r.request_id]) == r.max_new_tokens for r in engine_requests())

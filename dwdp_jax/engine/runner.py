@@ -36,7 +36,7 @@ from dwdp_jax.engine import kv_cache
 from dwdp_jax.engine.kv_cache import CacheSpec
 from dwdp_jax.engine.sampling import SamplingParams, sample
 from dwdp_jax.engine.scheduler import DecodeItem, FinishedRequest, PrefillChunk, Scheduler, StepPlan
-from dwdp_jax.engine.workload import Request
+from dwdp_jax.engine.workload import Request, RequestError
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
 from dwdp_jax.model import DeepseekV3, LayerKV
 from dwdp_jax.parallel.dep import AXIS, DepExecutor, DepModel, _state_specs
@@ -182,13 +182,15 @@ class _SlotRunner:
 
     num_groups = 1
 
-    def __init__(self, spec: CacheSpec, buckets: Buckets | None, sampling: SamplingParams, seed: int):
+    def __init__(self, spec: CacheSpec, buckets: Buckets | None, sampling: SamplingParams, seed: int, where):
         self.spec = spec
         self.buckets = buckets or Buckets.default(spec.num_slots, spec.max_len)
         if self.buckets.batch[-1] < spec.num_slots:
             raise ValueError(f"largest batch bucket {self.buckets.batch[-1]} < num_slots {spec.num_slots}")
         self.sampling = sampling
-        self._key = jax.random.key(seed)
+        # The key lives where the logits do: a key on another device would order this rank's sampling after
+        # that device's queued work (and couple DWDP ranks).
+        self._key = jax.device_put(jax.random.key(seed), where)
 
     def _call(self, token_ids, positions, slots, absorbed: bool) -> jax.Array:
         raise NotImplementedError
@@ -249,8 +251,9 @@ class _SlotRunner:
         return self._gather_logits(calls, [(0, i) for i in range(len(items))])
 
     def _sample(self, logits):
-        self._key, key = jax.random.split(self._key)
-        return _sample_jit(logits, params=self.sampling, key=key)
+        if self.sampling.temperature > 0:  # greedy needs no fresh key (and no extra dispatch)
+            self._key = jax.random.split(self._key)[1]
+        return _sample_jit(logits, params=self.sampling, key=self._key)
 
     def _step_groups(self, plans: Sequence[StepPlan]) -> dict[str, int]:
         """Executes one plan per group; samples a token for every last chunk and decode item."""
@@ -298,8 +301,8 @@ class ModelRunner(_SlotRunner):
                  device: jax.Device | None = None, executor: ExpertExecutor | None = None, cache_dtype=None,
                  sampling: SamplingParams = SamplingParams(), seed: int = 0):
         spec = CacheSpec.for_model(model.cfg, num_slots, max_len, cache_dtype or model.dtype)
-        super().__init__(spec, buckets, sampling, seed)
         self.device = device or jax.devices()[0]
+        super().__init__(spec, buckets, sampling, seed, self.device)
         self.graph, state = nnx.split(model)
         self.state = jax.device_put(state, self.device)
         self.executor = executor or LocalExecutor()
@@ -319,7 +322,7 @@ class DwdpRankRunner(_SlotRunner):
         if cache_dtype is None:
             cache_dtype = nnx.merge(rank.head_graph, rank.head_state).embed_tokens[...].dtype
         spec = CacheSpec.for_model(rank.cfg, num_slots, max_len, cache_dtype)
-        super().__init__(spec, buckets, sampling, seed)
+        super().__init__(spec, buckets, sampling, seed, rank.device)
         self.rank = rank
         self.cache = kv_cache.allocate(spec, rank.device)
 
@@ -343,7 +346,7 @@ class DepRunner(_SlotRunner):
         model = nnx.merge(graph, dep.state)  # for its config and dtype only
         g = dep.mesh.devices.size
         spec = CacheSpec.for_model(model.cfg, num_slots, max_len, cache_dtype or model.dtype)
-        super().__init__(spec, buckets, sampling, seed)
+        super().__init__(spec, buckets, sampling, seed, NamedSharding(dep.mesh, P()))
         self.num_groups = g
         self.mesh, self.state = dep.mesh, dep.state
         self.cache = kv_cache.allocate(spec, NamedSharding(self.mesh, P(AXIS)), num_groups=g)
@@ -432,11 +435,11 @@ class LockstepScheduler:
         return min(times) if times else None
 
     def submit(self, req: Request) -> None:
-        if req.rank is not None and 0 <= req.rank < len(self.schedulers):
+        if req.rank is not None:
+            if not 0 <= req.rank < len(self.schedulers):
+                raise RequestError(f"request {req.request_id!r}: rank {req.rank} outside [0, {len(self.schedulers)})")
             self.schedulers[req.rank].submit(req)
             return
-        if req.rank is not None:
-            self.schedulers[0].submit(req)  # raises the scheduler's RequestError for a foreign rank
         load = [s.num_waiting + s.num_running for s in self.schedulers]
         self.schedulers[int(np.argmin(load))].submit(req)
 
