@@ -19,13 +19,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import math
 import os
 import re
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -261,9 +261,12 @@ def _build_model(f, cfg, dtype, device, expert_ids=None):
 def _rank_models(f, setup, devices, placement):
     """One model per device holding the placement's experts (random presets: the same seed on every rank)."""
     cfg = setup.cfg
-    return [_build_model(f, cfg, setup.dtype, d,
-                         lambda layer, r=r: placement.local_experts(layer - cfg.first_k_dense_replace, r))
-            for r, d in enumerate(devices)]
+    def expert_ids(rank):
+        first = cfg.first_k_dense_replace
+        return lambda layer: (placement.local_experts(layer - first, rank)
+                              if first <= layer < cfg.num_layers else None)
+
+    return [_build_model(f, cfg, setup.dtype, d, expert_ids(r)) for r, d in enumerate(devices)]
 
 
 @dataclasses.dataclass
@@ -271,7 +274,7 @@ class Engines:
     """What serves the workload: runners with their scheduler factories, and how requests are split."""
 
     runners: list
-    make_schedulers: object  # () -> list of schedulers, one per runner
+    make_schedulers: Callable[[], list]  # () -> one scheduler per runner
     weights_bytes_per_device: int
     notes: dict
 

@@ -10,8 +10,8 @@ from absl import app
 
 from experiments import launch
 
-COMMON = ["--preset=tiny", "--num_requests=4", "--input_len=8", "--output_len=4", "--max_batch_size=2",
-          "--warmup=none", "--show_requests=4", "--progress=false"]
+COMMON = ["--preset=tiny", "--num_requests=2", "--input_len=8", "--output_len=4", "--max_batch_size=1",
+          "--warmup=none", "--progress=false"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,10 +42,10 @@ def test_launch_writes_e2e_results(records, strategy, num_devices):
     assert saved["jax_version"] == jax.__version__ and f"--strategy={strategy}" in saved["command"]
     assert saved["config"]["strategy"] == strategy and saved["config"]["model"] == "tiny"
     m = saved["metrics"]
-    assert m["num_requests"] == 4 and m["output_tokens"] == 4 * 4 and m["num_gpus"] == num_devices
+    assert m["num_requests"] == 2 and m["output_tokens"] == 2 * 4 and m["num_gpus"] == num_devices
     assert m["output_tps_per_gpu"] > 0 and m["ttft_median_s"] > 0 and m["kv_cache_bytes_per_gpu"] > 0
     outputs = saved["rows"][0]["outputs"]
-    assert len(outputs) == 4 and all(len(tokens) == 4 for tokens in outputs.values())
+    assert len(outputs) == 2 and all(len(tokens) == 4 for tokens in outputs.values())
     assert len(saved["rows"][0]["ranks"]) == num_devices  # step-time stats per rank
 
 

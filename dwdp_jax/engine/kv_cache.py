@@ -42,7 +42,7 @@ class CacheSpec:
             raise ValueError(f"CacheSpec needs positive sizes, got {self}")
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, num_slots: int, max_len: int, dtype=jnp.bfloat16) -> "CacheSpec":
+    def for_model(cls, cfg: ModelConfig, num_slots: int, max_len: int, dtype=jnp.bfloat16) -> CacheSpec:
         return cls(cfg.num_layers, num_slots, max_len, cfg.kv_lora_rank, cfg.qk_rope_head_dim, dtype)
 
     @property

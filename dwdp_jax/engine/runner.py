@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dwdp_jax.engine import kv_cache
 from dwdp_jax.engine.kv_cache import CacheSpec
@@ -69,7 +69,7 @@ class Buckets:
                 raise ValueError(f"Buckets.{name} must be distinct positive ints in ascending order, got {values}")
 
     @classmethod
-    def default(cls, max_batch_size: int, max_chunk_len: int, min_len: int = 16) -> "Buckets":
+    def default(cls, max_batch_size: int, max_chunk_len: int, min_len: int = 16) -> Buckets:
         """Powers of two: rows 1, 2, 4, ... >= max_batch_size; lengths min_len, 2 min_len, ... >= max_chunk_len."""
         return cls(_pow2_from(1, max_batch_size), _pow2_from(min_len, max_chunk_len))
 
@@ -373,7 +373,7 @@ class DepRunner(_SlotRunner):
         logits, self.cache = self._steps[absorbed](self.state, self.cache, *args)
         return logits
 
-    def step_fn(self, plan: "LockstepPlan") -> dict[str, int]:
+    def step_fn(self, plan: LockstepPlan) -> dict[str, int]:
         if len(plan.plans) != self.num_groups:
             raise ValueError(f"plan has {len(plan.plans)} device plans, the runner {self.num_groups} devices")
         return self._step_groups(plan.plans)
