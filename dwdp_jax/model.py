@@ -221,8 +221,9 @@ class MLA(nnx.Module):
         scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, lat, preferred_element_type=jnp.float32)
         scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
         probs = self._softmax(scores, mask).astype(dt)
-        out_lat = jnp.einsum("bhqk,bkc->bqhc", probs, lat, preferred_element_type=jnp.float32).astype(dt)
-        return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
+        # "bhqk,bkc->bhqc" rather than "->bqhc": XLA's CPU backend has no bf16 x bf16 -> f32 dot for the latter.
+        out_lat = jnp.einsum("bhqk,bkc->bhqc", probs, lat, preferred_element_type=jnp.float32).astype(dt)
+        return jnp.einsum("bhqc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
 
     def _softmax(self, scores, mask):
         scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, -jnp.inf)

@@ -216,3 +216,20 @@ def test_mtp_module_matches_torch_reference(tiny_ckpt, tmp_path):
         x = m.layers[2](x, attention_mask=mask, position_ids=pos, position_embeddings=pe)
         ref = (rms(x, extra["shared_head.norm.weight"]) @ extra["shared_head.head.weight"].T).numpy()
     assert np.abs(mtp_logits - ref).max() / np.abs(ref).max() <= 1e-4
+
+
+def test_bf16_attention_forms_compile_and_agree_on_cpu():
+    """Both MLA forms in bf16 under jit (XLA's CPU backend lacks some bf16 x bf16 -> f32 dot forms)."""
+    from flax import nnx
+
+    from dwdp_jax.model import LayerKV, init_model
+
+    attn = init_model(C.TINY, dtype=jnp.bfloat16).layers[0].self_attn
+    x = jnp.asarray(np.random.RandomState(0).randn(2, 5, C.TINY.hidden_size), jnp.bfloat16)
+    pos = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    kv = LayerKV(jnp.zeros((2, 8, C.TINY.kv_lora_rank), jnp.bfloat16),
+                 jnp.zeros((2, 8, C.TINY.qk_rope_head_dim), jnp.bfloat16))
+    run = nnx.jit(lambda a, x, p, kv, absorbed: a(x, p, kv, absorbed)[0], static_argnums=4)
+    absorbed = np.asarray(run(attn, x, pos, kv, True), np.float32)
+    expanded = np.asarray(run(attn, x, pos, kv, False), np.float32)
+    assert np.abs(absorbed - expanded).max() / np.abs(expanded).max() < 3e-2
