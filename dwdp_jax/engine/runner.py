@@ -39,7 +39,7 @@ from dwdp_jax.engine.scheduler import DecodeItem, FinishedRequest, PrefillChunk,
 from dwdp_jax.engine.workload import Request, RequestError
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
 from dwdp_jax.model import DeepseekV3, LayerKV
-from dwdp_jax.parallel.dep import AXIS, DepExecutor, DepModel, _state_specs
+from dwdp_jax.parallel.dep import AXIS, DepExecutor, DepModel, state_specs
 from dwdp_jax.parallel.dwdp import DwdpRank
 
 
@@ -351,7 +351,7 @@ class DepRunner(_SlotRunner):
         self.mesh, self.state = dep.mesh, dep.state
         self.cache = kv_cache.allocate(spec, NamedSharding(self.mesh, P(AXIS)), num_groups=g)
         executor = DepExecutor(g, capacity, backend)
-        specs = _state_specs(dep.state)
+        specs = state_specs(dep.state)
         cache_specs = [LayerKV(P(AXIS), P(AXIS))] * model.cfg.num_layers
 
         def per_device(state, cache, ids, positions, slots, absorbed):

@@ -66,7 +66,7 @@ class DepExecutor:
         return combine_sorted(y_pairs, order, weights_tk).astype(x_td.dtype)
 
 
-def _state_specs(state):
+def state_specs(state):
     """Routed-expert weights split along their expert axis; everything else replicated."""
 
     def spec(path, _):
@@ -88,7 +88,7 @@ class DepModel:
             raise ValueError(f"DEP needs n_routed_experts={cfg.n_routed_experts} divisible by {g} devices")
         self.mesh = Mesh(np.asarray(devices), (AXIS,))
         self.graph, state = nnx.split(model)
-        specs = _state_specs(state)
+        specs = state_specs(state)
         self.state = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs))
         self._forward = self._compile(specs, DepExecutor(g, capacity, backend))
 
@@ -113,7 +113,7 @@ class DepModel:
         g = len(devices)
         self.mesh = Mesh(np.asarray(devices), (AXIS,))
         self.graph, state0 = nnx.split(models[0])
-        specs = _state_specs(state0)
+        specs = state_specs(state0)
         shards = [nnx.split(m)[1] for m in models]
 
         def place(spec, *leaves):
