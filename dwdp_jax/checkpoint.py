@@ -6,6 +6,8 @@ dispatches here when it finds the metadata file) reads it back. A checkpoint dir
     dwdp_checkpoint.json           metadata: source files (sizes, sha256), the HF config.json, our ModelConfig
                                    fields, dtype policy, group size, placement, converter version, and for every
                                    parameter its shape, dtype and arrays
+    config.json                    the HF config.json edited to describe the output (no quantization_config
+                                   when dequantized, no MTP when dropped): `from_hf_json(path)` works
     arrays/<key>/zarr.json, c/...  one zarr v3 array per parameter, key = the dotted parameter path, e.g.
                                    `layers.0.self_attn.q_a_proj.kernel`; a routed-expert parameter is one array
                                    per (layer, rank), e.g. `layers.3.mlp.experts.w_gate_up.rank2` [E_r, ...]
@@ -178,12 +180,15 @@ class Writer:
         except ValueError as e:
             raise CheckpointError(f"{self.tmp}: writing array {key} failed: {e}") from e
 
+    def write_json(self, name: str, obj: dict):
+        with open(os.path.join(self.tmp, name), "w") as f:
+            json.dump(obj, f, indent=1)
+
     def commit(self, metadata: dict):
         """Writes the metadata, syncs every file to disk and renames the directory into place."""
         while self._pending:
             self._wait(*self._pending.popleft())
-        with open(os.path.join(self.tmp, METADATA_NAME), "w") as f:
-            json.dump(metadata, f, indent=1)
+        self.write_json(METADATA_NAME, metadata)
         _fsync_tree(self.tmp)
         if os.path.lexists(self.path):
             raise FileExistsError(f"{self.path}: output directory appeared while converting (refusing to overwrite)")

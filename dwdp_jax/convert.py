@@ -503,8 +503,19 @@ def convert(
             metadata = _metadata(plan, input_dir, hf_config, hashes.result(), placement_source)
         finally:
             stop.set()
+        writer.write_json("config.json", _output_hf_config(hf_config, plan.cfg))
         writer.commit(metadata)
     return metadata
+
+
+def _output_hf_config(hf_config: dict, cfg: config_lib.ModelConfig) -> dict:
+    """The source's config.json, edited to describe what the output holds (`from_hf_json(OUT_DIR)` == cfg)."""
+    out = dict(hf_config)
+    if cfg.weight_block_size is None:
+        out.pop("quantization_config", None)
+    if not cfg.num_mtp_layers:
+        out["num_nextn_predict_layers"] = 0
+    return out
 
 
 def _metadata(plan: Plan, input_dir: str, hf_config: dict, files: list[dict], placement_source: str) -> dict:
@@ -675,22 +686,30 @@ def inspect(
 FLAGS = flags.FLAGS
 
 
+_FLAGS = [
+    (flags.DEFINE_string, "input", None, "HF checkpoint directory: config.json + *.safetensors (+ index if sharded).",
+     {}),
+    (flags.DEFINE_string, "output", None, "Output directory; must not exist (written to a temporary sibling).", {}),
+    (flags.DEFINE_enum, "dtype_policy", "keep_fp8", "keep_fp8: FP8 + block scales as in the source; bf16: "
+     "dequantize FP8 weights to bfloat16.", dict(enum_values=POLICIES)),
+    (flags.DEFINE_integer, "group_size", None, "DWDP group size: routed experts split contiguously over this many "
+     "ranks (default 1, or the placement's rank count).", {}),
+    (flags.DEFINE_string, "placement", None, "Placement JSON from the planner (Placement.save) instead of the "
+     "contiguous split.", {}),
+    (flags.DEFINE_bool, "mtp", None, "Convert the MTP modules (default: when the checkpoint has them).", {}),
+    (flags.DEFINE_bool, "inspect", False, "List parameters, shapes, dtypes and per-kind bytes; write nothing.", {}),
+    (flags.DEFINE_bool, "verify", False, "Compare every stored tensor bit-exactly with the source (after "
+     "converting, or alone when --output already holds a converted checkpoint).", {}),
+    (flags.DEFINE_bool, "progress", True, "Show a progress bar (bytes, throughput).", {}),
+]
+
+
 def _define_flags():
-    if "dtype_policy" in FLAGS:
-        return
-    flags.DEFINE_string("input", None, "HF checkpoint directory: config.json + *.safetensors (+ index if sharded).")
-    flags.DEFINE_string("output", None, "Output directory; must not exist (written to a temporary sibling).")
-    flags.DEFINE_enum("dtype_policy", "keep_fp8", POLICIES, "keep_fp8: FP8 + block scales as in the source; "
-                      "bf16: dequantize FP8 weights to bfloat16.")
-    flags.DEFINE_integer("group_size", None, "DWDP group size: routed experts split contiguously over this many "
-                         "ranks (default 1, or the placement's rank count).")
-    flags.DEFINE_string("placement", None, "Placement JSON from the planner (Placement.save) instead of the "
-                        "contiguous split.")
-    flags.DEFINE_bool("mtp", None, "Convert the MTP modules (default: when the checkpoint has them).")
-    flags.DEFINE_bool("inspect", False, "List parameters, shapes, dtypes and per-kind bytes; write nothing.")
-    flags.DEFINE_bool("verify", False, "Compare every stored tensor bit-exactly with the source (after converting, "
-                      "or alone when --output already holds a converted checkpoint).")
-    flags.DEFINE_bool("progress", True, "Show a progress bar (bytes, throughput).")
+    """Defines the CLI's flags at run time, each unless another entry point in this process already has it
+    (the launcher shares --group_size and --progress)."""
+    for define, name, default, help_text, extra in _FLAGS:
+        if name not in FLAGS:
+            define(name, default, help=help_text, **extra)
 
 
 def _pin_mmap_threshold(nbytes: int = 1 << 20):

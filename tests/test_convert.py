@@ -24,7 +24,7 @@ from flax import nnx, traverse_util  # noqa: E402
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from dwdp_jax import checkpoint, convert, load_model  # noqa: E402
+from dwdp_jax import checkpoint, convert, from_hf_json, load_model  # noqa: E402
 from dwdp_jax.planner.placement import Placement  # noqa: E402
 from dwdp_jax.safetensors_io import CheckpointError  # noqa: E402
 from tests import hf_fixtures as hf  # noqa: E402
@@ -173,6 +173,7 @@ def test_bf16_policy_matches_dequantizing_loader(ckpts, tmp_path):
     assert experts["dtype"] == "bfloat16" and experts["dequantized"] and experts["source_dtype"] == "float8_e4m3fn"
     ours = load_model(str(out), dtype=jnp.bfloat16)
     _assert_same_params(ours, load_model(ckpts["fp8"], dtype=jnp.bfloat16, dequantize=True))
+    assert from_hf_json(out) == checkpoint.model_config(meta) == ours.cfg  # config.json describes the output
 
 
 @pytest.mark.parametrize("policy", ["keep_fp8", "bf16"])
@@ -208,7 +209,7 @@ def test_mtp_kept_or_dropped(ckpts, tmp_path):
 
     assert _cli(f"--input={ckpts['mtp']}", f"--output={tmp_path / 'without'}", "--nomtp") == 0
     without = load_model(str(tmp_path / "without"), dtype=jnp.float32)
-    assert len(without.mtp) == 0
+    assert len(without.mtp) == 0 and from_hf_json(tmp_path / "without").num_mtp_layers == 0
     _assert_same_params(without, load_model(ckpts["mtp"], dtype=jnp.float32, with_mtp=False))
     assert all(n.startswith("model.layers.2.") for n in checkpoint.read_metadata(tmp_path / "without")["source"]["ignored_tensors"])
 
