@@ -210,11 +210,12 @@ def make_plan(
         if name in builder.consumed:
             continue
         match = re.match(r"model\.layers\.(\d+)\.", name)
-        if match and int(match.group(1)) >= cfg.num_layers:
-            # Dropped MTP modules; and the published MTP layer's copy of the embedding (the model shares it).
-            if not cfg.num_mtp_layers or name.endswith(f"layers.{match.group(1)}.embed_tokens.weight"):
-                ignored.append(name)
-                continue
+        # Dropped MTP modules; and the published MTP layer's copy of the embedding (the model shares it).
+        if match and int(match.group(1)) >= cfg.num_layers and (
+            not cfg.num_mtp_layers or name.endswith(f"layers.{match.group(1)}.embed_tokens.weight")
+        ):
+            ignored.append(name)
+            continue
         unexpected.append(name)
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
@@ -574,9 +575,8 @@ def verify(output_dir: str, input_dir: str | None = None, *, check_hashes: bool 
         raise VerifyError(f"{output_dir}: array {odd[0]} is {'missing' if odd[0] in expected else 'unexpected'}")
 
     fp8_layout = plan.cfg.weight_block_size is not None
-    block = plan.source_cfg.weight_block_size
     compared = 0
-    with SourceReader(ckpt, block) as reader, tqdm(
+    with SourceReader(ckpt, plan.source_cfg.weight_block_size) as reader, tqdm(
         total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="dwdp-verify",
         disable=not progress, mininterval=1.0, file=sys.stderr,
     ) as bar:
@@ -587,16 +587,13 @@ def verify(output_dir: str, input_dir: str | None = None, *, check_hashes: bool 
                 store = checkpoint.open_array(output_dir, entry)
             except CheckpointError as e:
                 raise VerifyError(str(e)) from e
-            assemble = lambda src: weights.assemble(
-                src, reader, keep_fp8=not piece.dequantize, block=block, fp8_experts=fp8_layout
-            ).astype(piece.dtype, copy=False)
             if piece.experts is not None:
                 for slot, expert in enumerate(piece.experts):
-                    ref = assemble(weights.hf_source(piece.path, plan.cfg, [expert]))
+                    ref = _reference(piece, weights.hf_source(piece.path, plan.cfg, [expert]), reader, fp8_layout)
                     _compare(where, f"expert {expert} (slot {slot})", _read(store, (slice(slot, slot + 1),), where), ref)
                     bar.update(ref.nbytes)
             else:
-                ref = assemble(piece.source)
+                ref = _reference(piece, piece.source, reader, fp8_layout)
                 if ref.ndim < 2:
                     _compare(where, "all", _read(store, (slice(None),) * ref.ndim, where), ref)
                 else:
@@ -610,6 +607,12 @@ def verify(output_dir: str, input_dir: str | None = None, *, check_hashes: bool 
                 bar.update(ref.nbytes)
             compared += 1
     return {"arrays": compared, "bytes": plan.output_bytes, "source_bytes": plan.source_bytes}
+
+
+def _reference(piece: Piece, src: weights.Source, reader: SourceReader, fp8_layout: bool) -> np.ndarray:
+    """What the stored array (or one expert of it) must hold, built by the HF loader's `weights.assemble`."""
+    array = weights.assemble(src, reader, keep_fp8=not piece.dequantize, block=reader.block, fp8_experts=fp8_layout)
+    return array.astype(piece.dtype, copy=False)
 
 
 def _read(store, index, where) -> np.ndarray:

@@ -7,6 +7,7 @@ too, which takes effect when this module is the first to start JAX).
 import glob
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -204,7 +205,7 @@ def test_mtp_kept_or_dropped(ckpts, tmp_path):
     _assert_same_params(with_mtp, ref)
     meta = checkpoint.read_metadata(tmp_path / "with")
     assert meta["mtp"] and meta["source"]["ignored_tensors"] == ["model.layers.2.embed_tokens.weight"]
-    ids_fn, n_local = checkpoint.rank_experts(meta, 1)
+    ids_fn, _ = checkpoint.rank_experts(meta, 1)
     np.testing.assert_array_equal(ids_fn(2), [4, 5, 6, 7])  # MTP module: contiguous split
 
     assert _cli(f"--input={ckpts['mtp']}", f"--output={tmp_path / 'without'}", "--nomtp") == 0
@@ -305,10 +306,10 @@ def test_verify_passes_then_catches_corruption(ckpts, converted, tmp_path, capsy
     # A flipped byte: the chunk checksum fails.
     flipped = tmp_path / "flipped"
     shutil.copytree(converted["fp8"], flipped)
-    chunk = _chunk_file(flipped, "layers.1.mlp.experts.w_gate_up.rank0")
-    data = bytearray(open(chunk, "rb").read())
+    chunk = pathlib.Path(_chunk_file(flipped, "layers.1.mlp.experts.w_gate_up.rank0"))
+    data = bytearray(chunk.read_bytes())
     data[5] ^= 0xFF
-    open(chunk, "wb").write(bytes(data))
+    chunk.write_bytes(bytes(data))
     assert _cli(f"--input={ckpts['fp8']}", f"--output={flipped}", "--verify") == 1
     assert "layers.1.mlp.experts.w_gate_up.rank0" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="w_gate_up.rank0"):
@@ -434,6 +435,7 @@ def test_module_entry_point_exits_nonzero(ckpts, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "dwdp_jax.convert", f"--input={src}", f"--output={tmp_path / 'out'}"],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+        check=False,
     )
     assert result.returncode == 1 and "no model.safetensors.index.json" in result.stderr
     assert not os.path.exists(tmp_path / "out")
