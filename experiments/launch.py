@@ -22,7 +22,6 @@ import json
 import os
 import re
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -46,6 +45,7 @@ from dwdp_jax.engine.sampling import SamplingParams  # noqa: E402
 from dwdp_jax.engine.scheduler import Scheduler, SchedulerConfig, run_engine, wall_clock  # noqa: E402
 from dwdp_jax.experts import LocalExecutor  # noqa: E402
 from dwdp_jax.model import init_model  # noqa: E402
+from dwdp_jax.parallel.threads import run_in_threads
 from dwdp_jax.parallel.dep import DepModel  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup, memory_per_device, replicated_placement  # noqa: E402
 from dwdp_jax.parallel.fetch import CopyEnginePull, DevicePutFetch  # noqa: E402
@@ -341,28 +341,6 @@ def build_engines(f, setup: Setup) -> Engines:
 # Serving
 
 
-def _in_threads(fns) -> list:
-    """Runs each fn in its own host thread (one per rank); results in order; re-raises the first error."""
-    if len(fns) == 1:
-        return [fns[0]()]
-    results, errors = [None] * len(fns), []
-
-    def work(i):
-        try:
-            results[i] = fns[i]()
-        except BaseException as e:  # surfaced in the caller's thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,), name=f"rank-{i}") for i in range(len(fns))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
 def _split_requests(requests, num_engines: int, concurrency: int, strategy: str):
     """Requests and closed-loop concurrency per engine (None: every request queued at the start)."""
     if strategy == "dep":  # one lockstep engine; pin requests round-robin to devices, as DWDP's ranks get them
@@ -399,7 +377,7 @@ def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devic
 
         return run_engine(schedulers[i], counted, clock, requests=per_engine[i], concurrency=conc[i])
 
-    runs = _in_threads([lambda i=i: engine(i) for i in range(len(schedulers))])
+    runs = run_in_threads([lambda i=i: engine(i) for i in range(len(schedulers))])
     bar.close()
     rejected = [r for run in runs for r in run.rejected]
     if rejected:
@@ -414,7 +392,7 @@ def _warmup(f, engines: Engines, setup: Setup, concurrency: int) -> float:
     if f.warmup == "run":
         serve(engines, setup.requests, concurrency, setup.strategy, len(setup.devices), "warm-up", f.progress)
     elif f.warmup == "buckets":
-        _in_threads([lambda r=r: r.warmup() for r in engines.runners])
+        run_in_threads([lambda r=r: r.warmup() for r in engines.runners])
     return time.perf_counter() - t0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import threading
 from typing import Sequence
 
 import jax
@@ -32,6 +31,7 @@ from dwdp_jax.config import ModelConfig
 from dwdp_jax.experts import ExpertWeights, split_weight_ffn
 from dwdp_jax.model import Block, DeepseekV3, LayerKV
 from dwdp_jax.parallel.fetch import DevicePutFetch, FetchBackend
+from dwdp_jax.parallel.threads import run_in_threads
 from dwdp_jax.planner.placement import Placement
 
 
@@ -269,23 +269,8 @@ class DwdpGroup:
 
     def run_parallel(self, fn, args_per_rank: Sequence) -> list:
         """Runs fn(rank, arg) for every rank, each in its own host thread; returns results in rank order."""
-        results = [None] * len(self.ranks)
-        errors = []
-
-        def work(r):
-            try:
-                results[r] = fn(self.ranks[r], args_per_rank[r])
-            except BaseException as e:  # surfaced below, in the caller's thread
-                errors.append(e)
-
-        threads = [threading.Thread(target=work, args=(r,), name=f"dwdp-rank-{r}") for r in range(len(self.ranks))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-        return results
+        return run_in_threads([lambda r=r: fn(self.ranks[r], args_per_rank[r]) for r in range(len(self.ranks))],
+                              name="dwdp-rank")
 
 
 def replicated_placement(cfg: ModelConfig, group_size: int) -> Placement:
