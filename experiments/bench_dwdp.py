@@ -30,7 +30,7 @@ from dwdp_jax.config import preset  # noqa: E402
 from dwdp_jax.model import init_model  # noqa: E402
 from dwdp_jax.parallel.dep import DepModel  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup  # noqa: E402
-from dwdp_jax.parallel.fetch import CachedFetch, CopyEnginePull, DevicePutFetch  # noqa: E402
+from dwdp_jax.parallel.fetch import CachedFetch, CopyEnginePull, DevicePutFetch, copy_engine_gbps  # noqa: E402
 from dwdp_jax.planner.placement import Placement  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
 
@@ -45,40 +45,6 @@ flags.DEFINE_string("out", "experiments/results", "results directory")
 flags.DEFINE_bool("dep", True, "also measure DEP")
 flags.DEFINE_list("fetch", ["device_put", "copy_engine"], "fetch backends to measure")
 F = flags.FLAGS
-
-
-def copy_engine_gbps(devices, nbytes=2 << 30, repeats=5) -> float:
-    """Per-GPU bandwidth of cudaMemcpyPeerAsync with every GPU pulling from its next peer at once."""
-    import cupy as cp
-
-    g = len(devices)
-    ids = [d.id for d in devices]
-    bufs, streams = [], []
-    for i in ids:
-        with cp.cuda.Device(i):
-            for j in ids:
-                if j != i:
-                    try:
-                        cp.cuda.runtime.deviceEnablePeerAccess(j)
-                    except cp.cuda.runtime.CUDARuntimeError:
-                        pass
-            bufs.append((cp.empty(nbytes, cp.uint8), cp.ones(nbytes, cp.uint8)))
-            streams.append(cp.cuda.Stream(non_blocking=True))
-    times = []
-    for _ in range(repeats + 1):
-        for i in ids:
-            cp.cuda.Device(i).synchronize()
-        t0 = time.perf_counter()
-        for r, i in enumerate(ids):
-            src_rank = (r + 1) % g
-            with cp.cuda.Device(i):
-                cp.cuda.runtime.memcpyPeerAsync(bufs[r][0].data.ptr, i, bufs[src_rank][1].data.ptr, ids[src_rank],
-                                                nbytes, streams[r].ptr)
-        for r, i in enumerate(ids):
-            streams[r].synchronize()
-        times.append(time.perf_counter() - t0)
-    del bufs
-    return nbytes / statistics.median(times[1:]) / 1e9
 
 
 def timed(fn, repeats):

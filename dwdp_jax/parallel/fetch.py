@@ -11,6 +11,9 @@ A backend has three calls, all made from the destination rank's host thread:
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import jax
 import jax.numpy as jnp
 
@@ -141,3 +144,37 @@ class CopyEnginePull(FetchBackend):
     def consumed(self, staged, output) -> None:
         key, slot, _, _ = staged
         self._rings[key][slot][1] = output
+
+
+def copy_engine_gbps(devices, nbytes=2 << 30, repeats=5) -> float:
+    """Per-GPU bandwidth of cudaMemcpyPeerAsync with every GPU pulling from its next peer at once."""
+    import cupy as cp
+
+    g = len(devices)
+    ids = [d.id for d in devices]
+    bufs, streams = [], []
+    for i in ids:
+        with cp.cuda.Device(i):
+            for j in ids:
+                if j != i:
+                    try:
+                        cp.cuda.runtime.deviceEnablePeerAccess(j)
+                    except cp.cuda.runtime.CUDARuntimeError:
+                        pass
+            bufs.append((cp.empty(nbytes, cp.uint8), cp.ones(nbytes, cp.uint8)))
+            streams.append(cp.cuda.Stream(non_blocking=True))
+    times = []
+    for _ in range(repeats + 1):
+        for i in ids:
+            cp.cuda.Device(i).synchronize()
+        t0 = time.perf_counter()
+        for r, i in enumerate(ids):
+            src_rank = (r + 1) % g
+            with cp.cuda.Device(i):
+                cp.cuda.runtime.memcpyPeerAsync(bufs[r][0].data.ptr, i, bufs[src_rank][1].data.ptr, ids[src_rank],
+                                                nbytes, streams[r].ptr)
+        for r, i in enumerate(ids):
+            streams[r].synchronize()
+        times.append(time.perf_counter() - t0)
+    del bufs
+    return nbytes / statistics.median(times[1:]) / 1e9
