@@ -1,0 +1,452 @@
+"""The engine's prefill and decode throughput on one GPU, against the HBM bandwidth and matmul peaks measured
+in the same run; writes `engine-<date>-<device_kind>.json` (part "engine").
+
+Model: `--preset` (r1-layers-N: real R1 layer shapes, FP8 routed experts and linears, random weights),
+bf16 activations and cache, routed experts through `LocalExecutor(backend=--backend)`. Everything is timed
+through the engine's `ModelRunner` (its bucketed prefill and decode programs on its slot cache):
+  * baselines: HBM bandwidth (a large device copy, bytes read + written), dense matmul peaks in bf16 and FP8
+    e4m3 (XLA dot with float32 accumulation; cuBLAS through torch where CUDA torch is installed; the best);
+  * prefill: n requests of `--prefill_prompt_len` tokens, which the runner cuts into steps of n x
+    `--prefill_chunk` tokens; model FLOPs (`roofline.prefill_flops`) / step time, against the bf16 peak, the
+    FP8 peak, and the FLOP-weighted mix of both (routed experts FP8 on the Pallas path, the rest bf16): the
+    mix is the headline `prefill_mfu` (each FLOP against the peak of its own dtype);
+  * decode: B requests at context L (one absorbed-MLA step at position L - 1, cache max_len = L, random
+    latents in the cache); bytes that must be read (`roofline.decode_bytes`: weights touched, the distinct
+    routed experts the step's tokens select, L cached tokens per request) / step time / HBM bandwidth
+    = `decode_hbm_frac`. The experts a step selects are recorded in one extra step per L with an executor
+    that sends the router's choices to the host (rows are independent, so the first B rows of the largest
+    batch are the B-row step's choices).
+Times: median of `--repeats` steps after `--warmup` (each step blocks on its logits, as serving does); the
+first call (compile) is reported apart. `--time_budget_s` skips the points left when it runs out.
+
+GPU (one H200): PYTHONUNBUFFERED=1 python experiments/bench_engine.py --device_kind=nvidia-h200 --out=$OUT
+CPU smoke: python experiments/bench_engine.py --preset=tiny --backend=jnp --device_kind=cpu ... (tiny sizes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import os
+import statistics
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dwdp_jax.config import preset  # noqa: E402
+from dwdp_jax.engine import roofline  # noqa: E402
+from dwdp_jax.engine.runner import Buckets, ModelRunner  # noqa: E402
+from dwdp_jax.engine.scheduler import DecodeItem, PrefillChunk  # noqa: E402
+from dwdp_jax.experts import ExpertExecutor, LocalExecutor  # noqa: E402
+from dwdp_jax.model import LayerKV, init_model  # noqa: E402
+from experiments.results_io import write_result  # noqa: E402
+
+flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
+flags.DEFINE_enum("backend", "pallas", ["pallas", "jnp"], "routed-expert GEMMs (pallas: Mosaic GPU, GPU only)")
+flags.DEFINE_list("prefill_requests", ["1", "2", "4"], "requests per prefill step (tokens/step = n x chunk)")
+flags.DEFINE_integer("prefill_prompt_len", 4096, "prompt length; the cache's max_len for prefill")
+flags.DEFINE_integer("prefill_chunk", 2048, "prefill chunk length (the runner's length bucket)")
+flags.DEFINE_list("decode_batch", ["1", "8", "32", "64", "128"], "decode batch sizes")
+flags.DEFINE_list("decode_context", ["1024", "4096"], "decode context lengths (tokens attended per request)")
+flags.DEFINE_string("typical", "64x4096", "decode point (BATCHxCONTEXT) whose numbers are the headline")
+flags.DEFINE_integer("repeats", 5, "timed steps per point (median)")
+flags.DEFINE_integer("warmup", 1, "untimed steps after the first (compiling) call")
+flags.DEFINE_float("time_budget_s", 240.0, "skip the points left after this many seconds of the run")
+flags.DEFINE_integer("hbm_copy_mib", 4096, "size of the HBM bandwidth copy")
+flags.DEFINE_integer("peak_matmul_size", 8192, "M = N = K of the dense matmul peaks")
+flags.DEFINE_integer("seed", 0, "weights and inputs")
+flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the results file")
+flags.DEFINE_string("out", "experiments/results", "results directory")
+flags.DEFINE_string("tag", "", "suffix of the results file name")
+F = flags.FLAGS
+
+
+def log(t0: float, msg: str) -> None:
+    print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
+
+
+def median_time(fn, repeats: int, warmup: int, inner: int = 1) -> tuple[float, float]:
+    """(first call seconds, median over `repeats` of the mean of `inner` back-to-back calls) after `warmup`
+    further calls; every timed group ends with block_until_ready."""
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            out = fn()
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t) / inner)
+    return first, statistics.median(samples)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Baselines
+
+
+def _torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch if torch.cuda.is_available() else None
+
+
+def _torch_time(torch, fn, repeats: int, inner: int) -> float:
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        torch.cuda.synchronize()
+        samples.append((time.perf_counter() - t) / inner)
+    return statistics.median(samples)
+
+
+def hbm_bandwidth(nbytes: int) -> dict:
+    """GB/s (1e9) of device copies counted as bytes read + written: an XLA elementwise pass over float32
+    (`x * 2`, one read and one write per byte) and, with CUDA torch, `copy_` (cudaMemcpy class). The best is
+    the ceiling (device-facts: XLA's elementwise passes fall short of a copy)."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    _, t = median_time(functools.partial(jax.jit(lambda v: v * 2), x), repeats=5, warmup=1, inner=3)
+    out = {"xla_elementwise_f32": 2 * x.nbytes / t / 1e9}
+    del x
+    torch = _torch_cuda()
+    if torch is not None:
+        src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+        dst = torch.empty_like(src)
+        t = _torch_time(torch, lambda: dst.copy_(src), repeats=5, inner=3)
+        out["torch_copy"] = 2 * nbytes / t / 1e9
+        del src, dst
+        torch.cuda.empty_cache()
+    return out
+
+
+def matmul_peaks(n: int) -> dict:
+    """TFLOP/s of an [n, n] x [n, n] matmul (2 n^3 FLOPs) with float32 accumulation: XLA `dot_general` in bf16
+    and in FP8 e4m3 (both operands K-major, the layout Hopper's FP8 MMA reads), plus cuBLAS through torch
+    (bf16 `mm`, FP8 `_scaled_mm`) where CUDA torch is installed. `xla_fp8_gemm_in_hlo`: XLA compiled the FP8
+    dot to a cuBLASLt FP8 GEMM (otherwise it upcasts, and its time shows it)."""
+    flops = 2 * n**3
+    dims = (((1,), (1,)), ((), ()))
+    dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32))
+    ka, kb = jax.random.split(jax.random.key(0))
+    out = {}
+    for name, dtype in (("bf16", jnp.bfloat16), ("fp8", jnp.float8_e4m3fn)):
+        a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
+        b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
+        _, t = median_time(functools.partial(dot, a, b), repeats=5, warmup=1, inner=5)
+        out[f"xla_{name}_tflops"] = flops / t / 1e12
+        if name == "fp8":
+            out["xla_fp8_gemm_in_hlo"] = "cublas$lt$matmul$f8" in dot.lower(a, b).compile().as_text()
+        del a, b
+    torch = _torch_cuda()
+    if torch is not None:
+        a = torch.randn(n, n, device="cuda").to(torch.bfloat16)
+        b = torch.randn(n, n, device="cuda").to(torch.bfloat16)
+        out["torch_bf16_tflops"] = flops / _torch_time(torch, lambda: torch.mm(a, b), 5, 5) / 1e12
+        try:
+            a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
+            one = torch.ones((), device="cuda")
+            mm8 = lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+            out["torch_fp8_tflops"] = flops / _torch_time(torch, mm8, 5, 5) / 1e12
+        except (RuntimeError, AttributeError) as e:  # no FP8 cuBLAS on this GPU or torch build
+            print(f"torch FP8 matmul not measured: {e}", flush=True)
+        del a, b
+        torch.cuda.empty_cache()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and runner helpers
+
+
+def build_model(cfg, seed: int):
+    """`init_model` as one jitted program: each weight is generated in place on the device (eagerly, the bf16
+    normal behind every FP8 expert tensor would be materialized first)."""
+    graph, _ = nnx.split(nnx.eval_shape(lambda: init_model(cfg, seed=seed, dtype=jnp.bfloat16)))
+    state = jax.jit(lambda: nnx.split(init_model(cfg, seed=seed, dtype=jnp.bfloat16))[1])()
+    return nnx.merge(graph, state)
+
+
+def decoder_param_bytes(model) -> int:
+    """Bytes of the model's arrays, MTP modules excluded (as `roofline.model_bytes`)."""
+    _, state = nnx.split(model)
+    return sum(leaf.size * leaf.dtype.itemsize for key, sub in state.items() if key != "mtp"
+               for leaf in jax.tree.leaves(sub))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RecordingExecutor:
+    """Runs `inner`, and sends each call's expert ids [tokens, top_k] to the host list `calls` (one call per
+    MoE layer and step; the order of the calls is not guaranteed). Used for one untimed step only: the host
+    callback would perturb the timing."""
+
+    inner: ExpertExecutor
+    calls: list
+
+    def __call__(self, x_td, expert_ids_tk, weights_tk, experts):
+        jax.debug.callback(lambda ids: self.calls.append(np.asarray(ids)), expert_ids_tk)
+        return self.inner(x_td, expert_ids_tk, weights_tk, experts)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _randomized(cache, key):
+    """The cache with N(0, 1) latents and rope keys (a decode step's cost does not depend on the values; random
+    ones give the router realistic inputs)."""
+    out = []
+    for i, kv in enumerate(cache):
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        out.append(LayerKV(jax.random.normal(k1, kv.latent.shape, kv.latent.dtype),
+                           jax.random.normal(k2, kv.k_pe.shape, kv.k_pe.dtype)))
+    return out
+
+
+class Budget:
+    def __init__(self, t0: float, limit_s: float):
+        self.t0, self.limit_s = t0, limit_s
+        self.skipped: list[str] = []
+
+    def allows(self, point: str) -> bool:
+        if time.perf_counter() - self.t0 < self.limit_s:
+            return True
+        self.skipped.append(point)
+        return False
+
+
+def _ints(values, name) -> list[int]:
+    try:
+        out = [int(v) for v in values]
+    except ValueError as e:
+        raise app.UsageError(f"--{name} must be integers, got {values}") from e
+    if not out or min(out) < 1:
+        raise app.UsageError(f"--{name} must be positive integers, got {values}")
+    return out
+
+
+def _typical() -> tuple[int, int]:
+    try:
+        b, l = (int(v) for v in F.typical.lower().split("x"))
+    except ValueError as e:
+        raise app.UsageError(f"--typical must be BATCHxCONTEXT, got {F.typical!r}") from e
+    return b, l
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill and decode
+
+
+def run_prefill(model, cfg, executor, peaks, budget, t0, rng) -> list[dict]:
+    requests = _ints(F.prefill_requests, "prefill_requests")
+    chunk, prompt_len = F.prefill_chunk, F.prefill_prompt_len
+    if chunk < 1 or prompt_len % chunk:
+        raise app.UsageError(f"--prefill_prompt_len={prompt_len} must be a multiple of --prefill_chunk={chunk}")
+    rounds = prompt_len // chunk
+    runner = ModelRunner(model, max(requests), prompt_len, executor=executor,
+                         buckets=Buckets(tuple(sorted(set(requests))), (chunk,)))
+    routed_fp8 = F.backend == "pallas" and cfg.weight_block_size is not None
+    rows = []
+    for n in requests:
+        point = f"prefill n={n} x {chunk}"
+        if not budget.allows(point):
+            log(t0, f"{point}: skipped (time budget)")
+            continue
+        prompts = [rng.randint(0, cfg.vocab_size, prompt_len).astype(np.int32) for _ in range(n)]
+        chunks = [PrefillChunk(request_id=f"p{i}", slot=i, start=0, tokens=p, is_last=True)
+                  for i, p in enumerate(prompts)]
+        row = dict(regime="prefill", requests=n, chunk=chunk, prompt_len=prompt_len, tokens_per_step=n * chunk,
+                   steps_per_call=rounds)
+        try:
+            first, call_s = median_time(lambda: runner.prefill(chunks), F.repeats, F.warmup)
+        except Exception as e:  # e.g. out of memory at the largest step: keep the other points
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            rows.append(row)
+            log(t0, f"{point}: FAILED {row['error']}")
+            continue
+        flops = roofline.prefill_flops(cfg, [(r * chunk, chunk) for r in range(rounds)] * n, routed_fp8)
+        ideal = flops.ideal_time_s(peaks["bf16"] * 1e12, peaks["fp8"] * 1e12)
+        row.update(first_call_s=first, call_s=call_s, step_s=call_s / rounds,
+                   input_tokens_per_s=n * prompt_len / call_s, flops_bf16=flops.bf16, flops_fp8=flops.fp8,
+                   tflops=flops.total / call_s / 1e12, mfu_mixed=ideal / call_s,
+                   mfu_bf16_peak=flops.total / call_s / (peaks["bf16"] * 1e12),
+                   mfu_fp8_peak=flops.total / call_s / (peaks["fp8"] * 1e12),
+                   mixed_peak_tflops=flops.mixed_peak_flops(peaks["bf16"] * 1e12, peaks["fp8"] * 1e12) / 1e12)
+        rows.append(row)
+        log(t0, f"{point}: step {row['step_s'] * 1e3:8.2f} ms, {row['input_tokens_per_s']:9.0f} tok/s, "
+                f"{row['tflops']:6.1f} TFLOP/s: MFU {row['mfu_mixed']:.3f} of the mixed peak "
+                f"({row['mfu_bf16_peak']:.3f} bf16, {row['mfu_fp8_peak']:.3f} FP8); compile+first {first:.1f} s")
+    del runner
+    gc.collect()
+    return rows
+
+
+def run_decode(model, cfg, executor, hbm_gbps, budget, t0, rng) -> list[dict]:
+    batches = _ints(F.decode_batch, "decode_batch")
+    contexts = _ints(F.decode_context, "decode_context")
+    typ_b, typ_l = _typical()
+    # The typical point first, so that a short time budget still measures it.
+    contexts.sort(key=lambda l: l != typ_l)
+    order = sorted(batches, key=lambda b: b != typ_b)
+    bmax = max(batches)
+    rows = []
+    for ctx in contexts:
+        if not budget.allows(f"decode L={ctx}"):
+            log(t0, f"decode L={ctx}: skipped (time budget)")
+            continue
+        runner = ModelRunner(model, bmax, ctx, executor=executor,
+                             buckets=Buckets(tuple(sorted(set(batches))), (ctx,)))
+        runner.cache = _randomized(runner.cache, jax.random.key(F.seed))
+        items = [DecodeItem(request_id=f"d{i}", slot=i, token=int(rng.randint(cfg.vocab_size)), position=ctx - 1)
+                 for i in range(bmax)]
+        recorder = RecordingExecutor(executor, [])
+        runner.executor = recorder
+        try:
+            t = time.perf_counter()
+            jax.block_until_ready(runner.decode(items))
+            jax.effects_barrier()
+        finally:
+            runner.executor = executor
+        if len(recorder.calls) != cfg.num_moe_layers:
+            raise RuntimeError(f"the recording step saw {len(recorder.calls)} MoE layer calls, expected "
+                               f"{cfg.num_moe_layers}")
+        log(t0, f"decode L={ctx}: router choices of {bmax} rows recorded ({time.perf_counter() - t:.1f} s)")
+        for b in order:
+            point = f"decode B={b} L={ctx}"
+            if not budget.allows(point):
+                log(t0, f"{point}: skipped (time budget)")
+                continue
+            row = dict(regime="decode", batch=b, context=ctx)
+            try:
+                first, step_s = median_time(lambda: runner.decode(items[:b]), F.repeats, F.warmup)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                rows.append(row)
+                log(t0, f"{point}: FAILED {row['error']}")
+                continue
+            distinct = [len(np.unique(ids[:b])) for ids in recorder.calls]
+            need = roofline.decode_bytes(cfg, b, b * ctx, distinct, itemsize=2, cache_itemsize=2)
+            row.update(first_call_s=first, step_s=step_s, output_tokens_per_s=b / step_s,
+                       distinct_experts_per_moe_layer=distinct, bytes=need.as_dict(),
+                       achieved_gbps=need.total / step_s / 1e9, hbm_frac=need.total / step_s / 1e9 / hbm_gbps)
+            rows.append(row)
+            log(t0, f"{point}: step {step_s * 1e3:7.2f} ms, {row['output_tokens_per_s']:8.0f} tok/s, "
+                    f"{need.total / 1e9:6.2f} GB needed ({sum(distinct)} experts hit) -> "
+                    f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; compile+first {first:.1f} s")
+        del runner
+        gc.collect()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def headline(prefill_rows, decode_rows, hbm_gbps) -> dict:
+    ok_p = [r for r in prefill_rows if "error" not in r]
+    ok_d = [r for r in decode_rows if "error" not in r]
+    typ_b, typ_l = _typical()
+    typ = next((r for r in ok_d if (r["batch"], r["context"]) == (typ_b, typ_l)), None)
+    best_p = max(ok_p, key=lambda r: r["mfu_mixed"], default=None)
+    best_d = max(ok_d, key=lambda r: r["hbm_frac"], default=None)
+    get = lambda row, key: None if row is None else row[key]
+    return {
+        "decode_hbm_frac": get(typ, "hbm_frac"),
+        "decode_typical_point": F.typical,
+        "decode_output_tps_typical": get(typ, "output_tokens_per_s"),
+        "decode_step_s_typical": get(typ, "step_s"),
+        "decode_hbm_frac_best": get(best_d, "hbm_frac"),
+        "decode_best_point": None if best_d is None else f"{best_d['batch']}x{best_d['context']}",
+        "decode_output_tps_best": max((r["output_tokens_per_s"] for r in ok_d), default=None),
+        "prefill_mfu": get(best_p, "mfu_mixed"),
+        "prefill_mfu_peak": "FLOP-weighted mix of the measured bf16 and FP8 peaks (routed experts FP8 on the "
+                            "Pallas path, the rest bf16); the same row against each peak alone beside it",
+        "prefill_mfu_bf16_peak": get(best_p, "mfu_bf16_peak"),
+        "prefill_mfu_fp8_peak": get(best_p, "mfu_fp8_peak"),
+        "prefill_best_tokens_per_step": get(best_p, "tokens_per_step"),
+        "prefill_input_tps_best": max((r["input_tokens_per_s"] for r in ok_p), default=None),
+        "hbm_gbps": hbm_gbps,
+    }
+
+
+def print_table(prefill_rows, decode_rows) -> None:
+    print("\n== prefill ==")
+    print(f"{'req':>4s}{'tok/step':>9s}{'step ms':>9s}{'tok/s':>9s}{'TFLOP/s':>9s}{'mfu mix':>8s}{'bf16':>7s}"
+          f"{'fp8':>7s}")
+    for r in prefill_rows:
+        if "error" in r:
+            print(f"{r['requests']:4d}{r['tokens_per_step']:9d}  failed: {r['error'][:60]}")
+            continue
+        print(f"{r['requests']:4d}{r['tokens_per_step']:9d}{r['step_s'] * 1e3:9.2f}{r['input_tokens_per_s']:9.0f}"
+              f"{r['tflops']:9.1f}{r['mfu_mixed']:8.3f}{r['mfu_bf16_peak']:7.3f}{r['mfu_fp8_peak']:7.3f}")
+    print("\n== decode ==")
+    print(f"{'B':>5s}{'L':>7s}{'step ms':>9s}{'tok/s':>9s}{'GB':>8s}{'experts':>8s}{'GB/s':>7s}{'hbm':>7s}")
+    for r in sorted(decode_rows, key=lambda r: (r["context"], r["batch"])):
+        if "error" in r:
+            print(f"{r['batch']:5d}{r['context']:7d}  failed: {r['error'][:60]}")
+            continue
+        print(f"{r['batch']:5d}{r['context']:7d}{r['step_s'] * 1e3:9.2f}{r['output_tokens_per_s']:9.0f}"
+              f"{r['bytes']['total'] / 1e9:8.2f}{sum(r['distinct_experts_per_moe_layer']):8d}"
+              f"{r['achieved_gbps']:7.0f}{r['hbm_frac']:7.3f}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    t0 = time.perf_counter()
+    cfg = preset(F.preset)
+    if F.backend == "pallas" and jax.default_backend() != "gpu":
+        raise app.UsageError("--backend=pallas needs a GPU (Mosaic GPU kernels); use --backend=jnp on CPU")
+    device = jax.devices()[0]
+    log(t0, f"{device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, preset {F.preset}, "
+            f"experts {F.backend}")
+
+    hbm = hbm_bandwidth(F.hbm_copy_mib << 20)
+    hbm_gbps = max(hbm.values())
+    log(t0, f"HBM copy (read + write): {hbm_gbps:.0f} GB/s {hbm}")
+    mm = matmul_peaks(F.peak_matmul_size)
+    peaks = {"bf16": max(v for k, v in mm.items() if k.endswith("bf16_tflops")),
+             "fp8": max(v for k, v in mm.items() if k.endswith("fp8_tflops"))}
+    log(t0, f"matmul peaks {F.peak_matmul_size}^3: bf16 {peaks['bf16']:.0f}, FP8 {peaks['fp8']:.0f} TFLOP/s "
+            f"(XLA FP8 / bf16 = {mm['xla_fp8_tflops'] / mm['xla_bf16_tflops']:.2f}) {mm}")
+
+    model = build_model(cfg, F.seed)
+    accounted, actual = roofline.model_bytes(cfg, 2), decoder_param_bytes(model)
+    log(t0, f"model built: {actual / 1e9:.2f} GB of parameters"
+            + ("" if accounted == actual else f"; MISMATCH: the roofline accounting says {accounted / 1e9:.2f} GB"))
+    executor = LocalExecutor(backend=F.backend)
+    budget = Budget(t0, F.time_budget_s)
+    rng = np.random.RandomState(F.seed)
+    prefill_rows = run_prefill(model, cfg, executor, peaks, budget, t0, rng)
+    decode_rows = run_decode(model, cfg, executor, hbm_gbps, budget, t0, rng)
+
+    metrics = headline(prefill_rows, decode_rows, hbm_gbps)
+    metrics.update(hbm_detail_gbps=hbm, matmul_peaks_tflops=mm, bf16_peak_tflops=peaks["bf16"],
+                   fp8_peak_tflops=peaks["fp8"], param_bytes=actual, param_bytes_accounted=accounted,
+                   skipped_points=budget.skipped, wall_s=time.perf_counter() - t0)
+    config = dict(preset=F.preset, backend=F.backend, activations="bfloat16", cache_dtype="bfloat16",
+                  weights="random (init_model): FP8 linears and experts with block scales, bf16 embedding/head",
+                  prefill_requests=F.prefill_requests, prefill_prompt_len=F.prefill_prompt_len,
+                  prefill_chunk=F.prefill_chunk, decode_batch=F.decode_batch, decode_context=F.decode_context,
+                  typical=F.typical, repeats=F.repeats, warmup=F.warmup, time_budget_s=F.time_budget_s,
+                  hbm_copy_mib=F.hbm_copy_mib, peak_matmul_size=F.peak_matmul_size, seed=F.seed,
+                  device=device.device_kind)
+    print_table(prefill_rows, decode_rows)
+    print({k: v for k, v in metrics.items() if not isinstance(v, dict)}, flush=True)
+    path = write_result(F.out, "engine", F.device_kind, config, metrics, prefill_rows + decode_rows, F.tag)
+    log(t0, f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
