@@ -19,8 +19,11 @@ through the engine's `ModelRunner` (its bucketed prefill and decode programs on 
 Times: median of `--repeats` steps after `--warmup` (each step blocks on its logits, as serving does); the
 first call (compile) is reported apart. `--time_budget_s` skips the points left when it runs out.
 
-GPU (one H200): PYTHONUNBUFFERED=1 python experiments/bench_engine.py --device_kind=nvidia-h200 --out=$OUT
-CPU smoke: python experiments/bench_engine.py --preset=tiny --backend=jnp --device_kind=cpu ... (tiny sizes)
+GPU, one H200 (about 39 GB of weights; an H100 takes the same model with --prefill_prompt_len=2048, which
+quarters the prefill's [rows, heads, chunk, max_len] attention scores):
+  DWDP_COMMIT=<sha> PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/bench_engine.py --device_kind=nvidia-h200 \
+      --out=$OUT 2>&1 | tee $OUT/bench_engine.log
+CPU smoke (tests/test_bench_engine.py): --preset=tiny --backend=jnp with tiny sizes.
 """
 
 from __future__ import annotations
@@ -29,24 +32,25 @@ import dataclasses
 import functools
 import gc
 import os
+import re
 import statistics
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
 
-from dwdp_jax.config import preset  # noqa: E402
-from dwdp_jax.engine import roofline  # noqa: E402
-from dwdp_jax.engine.runner import Buckets, ModelRunner  # noqa: E402
-from dwdp_jax.engine.scheduler import DecodeItem, PrefillChunk  # noqa: E402
-from dwdp_jax.experts import ExpertExecutor, LocalExecutor  # noqa: E402
-from dwdp_jax.model import LayerKV, init_model  # noqa: E402
-from experiments.results_io import write_result  # noqa: E402
+from dwdp_jax.config import preset
+from dwdp_jax.engine import roofline
+from dwdp_jax.engine.runner import Buckets, ModelRunner
+from dwdp_jax.engine.scheduler import DecodeItem, PrefillChunk
+from dwdp_jax.experts import ExpertExecutor, LocalExecutor
+from dwdp_jax.model import LayerKV, init_model
+from experiments.results_io import write_result
 
 flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
 flags.DEFINE_enum("backend", "pallas", ["pallas", "jnp"], "routed-expert GEMMs (pallas: Mosaic GPU, GPU only)")
@@ -139,7 +143,8 @@ def matmul_peaks(n: int) -> dict:
     """TFLOP/s of an [n, n] x [n, n] matmul (2 n^3 FLOPs) with float32 accumulation: XLA `dot_general` in bf16
     and in FP8 e4m3 (both operands K-major, the layout Hopper's FP8 MMA reads), plus cuBLAS through torch
     (bf16 `mm`, FP8 `_scaled_mm`) where CUDA torch is installed. `xla_fp8_gemm_in_hlo`: XLA compiled the FP8
-    dot to a cuBLASLt FP8 GEMM (otherwise it upcasts, and its time shows it)."""
+    dot to a cuBLASLt FP8 GEMM (`xla_fp8_custom_calls` lists the compiled program's custom calls); the FP8 /
+    bf16 time ratio is the other check (an upcast FP8 dot is no faster than bf16)."""
     flops = 2 * n**3
     dims = (((1,), (1,)), ((), ()))
     dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32))
@@ -151,8 +156,11 @@ def matmul_peaks(n: int) -> dict:
         _, t = median_time(functools.partial(dot, a, b), repeats=5, warmup=1, inner=5)
         out[f"xla_{name}_tflops"] = flops / t / 1e12
         if name == "fp8":
-            out["xla_fp8_gemm_in_hlo"] = "cublas$lt$matmul$f8" in dot.lower(a, b).compile().as_text()
+            hlo = dot.lower(a, b).compile().as_text()
+            out["xla_fp8_gemm_in_hlo"] = "cublas$lt$matmul$f8" in hlo
+            out["xla_fp8_custom_calls"] = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
         del a, b
+    out["xla_fp8_over_bf16"] = out["xla_fp8_tflops"] / out["xla_bf16_tflops"]
     torch = _torch_cuda()
     if torch is not None:
         a = torch.randn(n, n, device="cuda").to(torch.bfloat16)
@@ -216,6 +224,8 @@ def _randomized(cache, key):
 
 
 class Budget:
+    """Wall-clock budget of the run; remembers the points it refused."""
+
     def __init__(self, t0: float, limit_s: float):
         self.t0, self.limit_s = t0, limit_s
         self.skipped: list[str] = []
@@ -227,39 +237,63 @@ class Budget:
         return False
 
 
-def _ints(values, name) -> list[int]:
-    try:
-        out = [int(v) for v in values]
-    except ValueError as e:
-        raise app.UsageError(f"--{name} must be integers, got {values}") from e
-    if not out or min(out) < 1:
-        raise app.UsageError(f"--{name} must be positive integers, got {values}")
-    return out
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """The measured points, validated before any device work. Prefill: `requests` prompts of `prompt_len`
+    tokens per call, run as steps of requests x `chunk` tokens. Decode: every (batch, context) pair."""
 
+    prefill_requests: tuple[int, ...]
+    prompt_len: int
+    chunk: int
+    decode_batch: tuple[int, ...]
+    decode_context: tuple[int, ...]
+    typical: tuple[int, int]  # (batch, context) of the headline decode point
+    repeats: int
+    warmup: int
 
-def _typical() -> tuple[int, int]:
-    try:
-        b, l = (int(v) for v in F.typical.lower().split("x"))
-    except ValueError as e:
-        raise app.UsageError(f"--typical must be BATCHxCONTEXT, got {F.typical!r}") from e
-    return b, l
+    def __post_init__(self):
+        for name in ("prefill_requests", "decode_batch", "decode_context"):
+            values = getattr(self, name)
+            if not values or min(values) < 1:
+                raise ValueError(f"--{name} must be positive integers, got {values}")
+        if min(self.prompt_len, self.chunk) < 1 or self.prompt_len % self.chunk:
+            raise ValueError(f"--prefill_prompt_len={self.prompt_len} must be a positive multiple of "
+                             f"--prefill_chunk={self.chunk}")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {self.repeats}, {self.warmup}")
+
+    @classmethod
+    def from_flags(cls) -> Sweep:
+        def ints(name):
+            try:
+                return tuple(int(v) for v in F[name].value)
+            except ValueError as e:
+                raise ValueError(f"--{name} must be integers, got {F[name].value}") from e
+
+        try:
+            typical = tuple(int(v) for v in F.typical.lower().split("x"))
+        except ValueError as e:
+            raise ValueError(f"--typical must be BATCHxCONTEXT, got {F.typical!r}") from e
+        if len(typical) != 2:
+            raise ValueError(f"--typical must be BATCHxCONTEXT, got {F.typical!r}")
+        return cls(ints("prefill_requests"), F.prefill_prompt_len, F.prefill_chunk, ints("decode_batch"),
+                   ints("decode_context"), typical, F.repeats, F.warmup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Prefill and decode
 
 
-def run_prefill(model, cfg, executor, peaks, budget, t0, rng) -> list[dict]:
-    requests = _ints(F.prefill_requests, "prefill_requests")
-    chunk, prompt_len = F.prefill_chunk, F.prefill_prompt_len
-    if chunk < 1 or prompt_len % chunk:
-        raise app.UsageError(f"--prefill_prompt_len={prompt_len} must be a multiple of --prefill_chunk={chunk}")
+def run_prefill(model, cfg, executor, sweep: Sweep, peaks: dict, routed_fp8: bool, budget, t0, rng) -> list[dict]:
+    """One row per request count: n prompts per `runner.prefill` call, which runs them in prompt_len / chunk
+    steps of n x chunk tokens (the cache's max_len is the prompt length). peaks: TFLOP/s by dtype."""
+    chunk, prompt_len = sweep.chunk, sweep.prompt_len
     rounds = prompt_len // chunk
-    runner = ModelRunner(model, max(requests), prompt_len, executor=executor,
-                         buckets=Buckets(tuple(sorted(set(requests))), (chunk,)))
-    routed_fp8 = F.backend == "pallas" and cfg.weight_block_size is not None
+    runner = ModelRunner(model, max(sweep.prefill_requests), prompt_len, executor=executor,
+                         buckets=Buckets(tuple(sorted(set(sweep.prefill_requests))), (chunk,)))
+    bf16_peak, fp8_peak = peaks["bf16"] * 1e12, peaks["fp8"] * 1e12
     rows = []
-    for n in requests:
+    for n in sweep.prefill_requests:
         point = f"prefill n={n} x {chunk}"
         if not budget.allows(point):
             log(t0, f"{point}: skipped (time budget)")
@@ -270,20 +304,20 @@ def run_prefill(model, cfg, executor, peaks, budget, t0, rng) -> list[dict]:
         row = dict(regime="prefill", requests=n, chunk=chunk, prompt_len=prompt_len, tokens_per_step=n * chunk,
                    steps_per_call=rounds)
         try:
-            first, call_s = median_time(lambda: runner.prefill(chunks), F.repeats, F.warmup)
-        except Exception as e:  # e.g. out of memory at the largest step: keep the other points
+            first, call_s = median_time(functools.partial(runner.prefill, chunks), sweep.repeats, sweep.warmup)
+        except Exception as e:  # noqa: BLE001 (e.g. out of memory at the largest step: keep the other points)
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
             rows.append(row)
             log(t0, f"{point}: FAILED {row['error']}")
             continue
         flops = roofline.prefill_flops(cfg, [(r * chunk, chunk) for r in range(rounds)] * n, routed_fp8)
-        ideal = flops.ideal_time_s(peaks["bf16"] * 1e12, peaks["fp8"] * 1e12)
         row.update(first_call_s=first, call_s=call_s, step_s=call_s / rounds,
                    input_tokens_per_s=n * prompt_len / call_s, flops_bf16=flops.bf16, flops_fp8=flops.fp8,
-                   tflops=flops.total / call_s / 1e12, mfu_mixed=ideal / call_s,
-                   mfu_bf16_peak=flops.total / call_s / (peaks["bf16"] * 1e12),
-                   mfu_fp8_peak=flops.total / call_s / (peaks["fp8"] * 1e12),
-                   mixed_peak_tflops=flops.mixed_peak_flops(peaks["bf16"] * 1e12, peaks["fp8"] * 1e12) / 1e12)
+                   tflops=flops.total / call_s / 1e12,
+                   mfu_mixed=flops.ideal_time_s(bf16_peak, fp8_peak) / call_s,
+                   mfu_bf16_peak=flops.total / call_s / bf16_peak,
+                   mfu_fp8_peak=flops.total / call_s / fp8_peak,
+                   mixed_peak_tflops=flops.mixed_peak_flops(bf16_peak, fp8_peak) / 1e12)
         rows.append(row)
         log(t0, f"{point}: step {row['step_s'] * 1e3:8.2f} ms, {row['input_tokens_per_s']:9.0f} tok/s, "
                 f"{row['tflops']:6.1f} TFLOP/s: MFU {row['mfu_mixed']:.3f} of the mixed peak "
@@ -293,77 +327,81 @@ def run_prefill(model, cfg, executor, peaks, budget, t0, rng) -> list[dict]:
     return rows
 
 
-def run_decode(model, cfg, executor, hbm_gbps, budget, t0, rng) -> list[dict]:
-    batches = _ints(F.decode_batch, "decode_batch")
-    contexts = _ints(F.decode_context, "decode_context")
-    typ_b, typ_l = _typical()
-    # The typical point first, so that a short time budget still measures it.
-    contexts.sort(key=lambda l: l != typ_l)
-    order = sorted(batches, key=lambda b: b != typ_b)
-    bmax = max(batches)
+def run_decode(model, cfg, executor, sweep: Sweep, hbm_gbps: float, budget, t0, rng, seed: int) -> list[dict]:
+    """One row per (batch, context), the typical point first (a short time budget still measures it)."""
+    typ_b, typ_l = sweep.typical
+    batches = sorted(sweep.decode_batch, key=lambda b: b != typ_b)
     rows = []
-    for ctx in contexts:
-        if not budget.allows(f"decode L={ctx}"):
+    for ctx in sorted(sweep.decode_context, key=lambda l: l != typ_l):
+        if budget.allows(f"decode L={ctx}"):
+            rows += decode_at_context(model, cfg, executor, sweep, batches, ctx, hbm_gbps, budget, t0, rng, seed)
+            gc.collect()  # the runner's cache, before the next context's
+        else:
             log(t0, f"decode L={ctx}: skipped (time budget)")
+    return rows
+
+
+def decode_at_context(model, cfg, executor, sweep: Sweep, batches, ctx: int, hbm_gbps: float, budget, t0, rng,
+                      seed: int) -> list[dict]:
+    """Steps of b requests at position ctx - 1 (ctx tokens attended) on a cache of max_len = ctx filled with
+    random latents, for each b in `batches`."""
+    bmax = max(batches)
+    runner = ModelRunner(model, bmax, ctx, executor=executor, buckets=Buckets(tuple(sorted(set(batches))), (ctx,)))
+    runner.cache = _randomized(runner.cache, jax.random.key(seed))
+    items = [DecodeItem(request_id=f"d{i}", slot=i, token=int(rng.randint(cfg.vocab_size)), position=ctx - 1)
+             for i in range(bmax)]
+    # The router's choices, from one untimed step through the runner with a recording executor.
+    recorder = RecordingExecutor(executor, [])
+    runner.executor = recorder
+    try:
+        t = time.perf_counter()
+        jax.block_until_ready(runner.decode(items))
+        jax.effects_barrier()
+    finally:
+        runner.executor = executor
+    if len(recorder.calls) != cfg.num_moe_layers:
+        raise RuntimeError(f"the recording step saw {len(recorder.calls)} MoE layer calls, expected "
+                           f"{cfg.num_moe_layers}")
+    log(t0, f"decode L={ctx}: router choices of {bmax} rows recorded ({time.perf_counter() - t:.1f} s)")
+    rows = []
+    for b in batches:
+        point = f"decode B={b} L={ctx}"
+        if not budget.allows(point):
+            log(t0, f"{point}: skipped (time budget)")
             continue
-        runner = ModelRunner(model, bmax, ctx, executor=executor,
-                             buckets=Buckets(tuple(sorted(set(batches))), (ctx,)))
-        runner.cache = _randomized(runner.cache, jax.random.key(F.seed))
-        items = [DecodeItem(request_id=f"d{i}", slot=i, token=int(rng.randint(cfg.vocab_size)), position=ctx - 1)
-                 for i in range(bmax)]
-        recorder = RecordingExecutor(executor, [])
-        runner.executor = recorder
+        row = dict(regime="decode", batch=b, context=ctx)
         try:
-            t = time.perf_counter()
-            jax.block_until_ready(runner.decode(items))
-            jax.effects_barrier()
-        finally:
-            runner.executor = executor
-        if len(recorder.calls) != cfg.num_moe_layers:
-            raise RuntimeError(f"the recording step saw {len(recorder.calls)} MoE layer calls, expected "
-                               f"{cfg.num_moe_layers}")
-        log(t0, f"decode L={ctx}: router choices of {bmax} rows recorded ({time.perf_counter() - t:.1f} s)")
-        for b in order:
-            point = f"decode B={b} L={ctx}"
-            if not budget.allows(point):
-                log(t0, f"{point}: skipped (time budget)")
-                continue
-            row = dict(regime="decode", batch=b, context=ctx)
-            try:
-                first, step_s = median_time(lambda: runner.decode(items[:b]), F.repeats, F.warmup)
-            except Exception as e:
-                row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-                rows.append(row)
-                log(t0, f"{point}: FAILED {row['error']}")
-                continue
-            distinct = [len(np.unique(ids[:b])) for ids in recorder.calls]
-            need = roofline.decode_bytes(cfg, b, b * ctx, distinct, itemsize=2, cache_itemsize=2)
-            row.update(first_call_s=first, step_s=step_s, output_tokens_per_s=b / step_s,
-                       distinct_experts_per_moe_layer=distinct, bytes=need.as_dict(),
-                       achieved_gbps=need.total / step_s / 1e9, hbm_frac=need.total / step_s / 1e9 / hbm_gbps)
+            first, step_s = median_time(functools.partial(runner.decode, items[:b]), sweep.repeats, sweep.warmup)
+        except Exception as e:  # noqa: BLE001 (keep the other points)
+            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
             rows.append(row)
-            log(t0, f"{point}: step {step_s * 1e3:7.2f} ms, {row['output_tokens_per_s']:8.0f} tok/s, "
-                    f"{need.total / 1e9:6.2f} GB needed ({sum(distinct)} experts hit) -> "
-                    f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; compile+first {first:.1f} s")
-        del runner
-        gc.collect()
+            log(t0, f"{point}: FAILED {row['error']}")
+            continue
+        distinct = [len(np.unique(ids[:b])) for ids in recorder.calls]
+        need = roofline.decode_bytes(cfg, b, b * ctx, distinct, itemsize=2, cache_itemsize=2)
+        row.update(first_call_s=first, step_s=step_s, output_tokens_per_s=b / step_s,
+                   distinct_experts_per_moe_layer=distinct, bytes=need.as_dict(),
+                   achieved_gbps=need.total / step_s / 1e9, hbm_frac=need.total / step_s / 1e9 / hbm_gbps)
+        rows.append(row)
+        log(t0, f"{point}: step {step_s * 1e3:7.2f} ms, {row['output_tokens_per_s']:8.0f} tok/s, "
+                f"{need.total / 1e9:6.2f} GB needed ({sum(distinct)} experts hit) -> "
+                f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; compile+first {first:.1f} s")
     return rows
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def headline(prefill_rows, decode_rows, hbm_gbps) -> dict:
+def headline(prefill_rows, decode_rows, sweep: Sweep, hbm_gbps: float) -> dict:
     ok_p = [r for r in prefill_rows if "error" not in r]
     ok_d = [r for r in decode_rows if "error" not in r]
-    typ_b, typ_l = _typical()
-    typ = next((r for r in ok_d if (r["batch"], r["context"]) == (typ_b, typ_l)), None)
+    typ = next((r for r in ok_d if (r["batch"], r["context"]) == sweep.typical), None)
     best_p = max(ok_p, key=lambda r: r["mfu_mixed"], default=None)
     best_d = max(ok_d, key=lambda r: r["hbm_frac"], default=None)
     get = lambda row, key: None if row is None else row[key]
     return {
         "decode_hbm_frac": get(typ, "hbm_frac"),
-        "decode_typical_point": F.typical,
+        "decode_typical_point": "{}x{}".format(*sweep.typical),
         "decode_output_tps_typical": get(typ, "output_tokens_per_s"),
         "decode_step_s_typical": get(typ, "step_s"),
         "decode_hbm_frac_best": get(best_d, "hbm_frac"),
@@ -405,6 +443,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     t0 = time.perf_counter()
+    try:
+        sweep = Sweep.from_flags()
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
     cfg = preset(F.preset)
     if F.backend == "pallas" and jax.default_backend() != "gpu":
         raise app.UsageError("--backend=pallas needs a GPU (Mosaic GPU kernels); use --backend=jnp on CPU")
@@ -419,27 +461,26 @@ def main(argv):
     peaks = {"bf16": max(v for k, v in mm.items() if k.endswith("bf16_tflops")),
              "fp8": max(v for k, v in mm.items() if k.endswith("fp8_tflops"))}
     log(t0, f"matmul peaks {F.peak_matmul_size}^3: bf16 {peaks['bf16']:.0f}, FP8 {peaks['fp8']:.0f} TFLOP/s "
-            f"(XLA FP8 / bf16 = {mm['xla_fp8_tflops'] / mm['xla_bf16_tflops']:.2f}) {mm}")
+            f"(XLA FP8 / bf16 = {mm['xla_fp8_over_bf16']:.2f}) {mm}")
 
     model = build_model(cfg, F.seed)
     accounted, actual = roofline.model_bytes(cfg, 2), decoder_param_bytes(model)
     log(t0, f"model built: {actual / 1e9:.2f} GB of parameters"
             + ("" if accounted == actual else f"; MISMATCH: the roofline accounting says {accounted / 1e9:.2f} GB"))
     executor = LocalExecutor(backend=F.backend)
+    routed_fp8 = F.backend == "pallas" and cfg.weight_block_size is not None
     budget = Budget(t0, F.time_budget_s)
     rng = np.random.RandomState(F.seed)
-    prefill_rows = run_prefill(model, cfg, executor, peaks, budget, t0, rng)
-    decode_rows = run_decode(model, cfg, executor, hbm_gbps, budget, t0, rng)
+    prefill_rows = run_prefill(model, cfg, executor, sweep, peaks, routed_fp8, budget, t0, rng)
+    decode_rows = run_decode(model, cfg, executor, sweep, hbm_gbps, budget, t0, rng, F.seed)
 
-    metrics = headline(prefill_rows, decode_rows, hbm_gbps)
+    metrics = headline(prefill_rows, decode_rows, sweep, hbm_gbps)
     metrics.update(hbm_detail_gbps=hbm, matmul_peaks_tflops=mm, bf16_peak_tflops=peaks["bf16"],
                    fp8_peak_tflops=peaks["fp8"], param_bytes=actual, param_bytes_accounted=accounted,
                    skipped_points=budget.skipped, wall_s=time.perf_counter() - t0)
     config = dict(preset=F.preset, backend=F.backend, activations="bfloat16", cache_dtype="bfloat16",
                   weights="random (init_model): FP8 linears and experts with block scales, bf16 embedding/head",
-                  prefill_requests=F.prefill_requests, prefill_prompt_len=F.prefill_prompt_len,
-                  prefill_chunk=F.prefill_chunk, decode_batch=F.decode_batch, decode_context=F.decode_context,
-                  typical=F.typical, repeats=F.repeats, warmup=F.warmup, time_budget_s=F.time_budget_s,
+                  routed_flops_fp8=routed_fp8, sweep=dataclasses.asdict(sweep), time_budget_s=F.time_budget_s,
                   hbm_copy_mib=F.hbm_copy_mib, peak_matmul_size=F.peak_matmul_size, seed=F.seed,
                   device=device.device_kind)
     print_table(prefill_rows, decode_rows)
