@@ -1,23 +1,38 @@
-"""Our converted checkpoint: one zarr v3 array per parameter, each MoE layer's routed experts split per rank.
+"""Our converted checkpoint: one orbax composite checkpoint (OCDBT, zarr3), laid out for DWDP ranks.
 
 `dwdp_jax.convert` writes it from an HF checkpoint; `restore_model` (and `dwdp_jax.load_model`, which
-dispatches here when it finds the metadata file) reads it back. A checkpoint directory holds:
+dispatches here when it finds our metadata item) reads it back. A checkpoint directory is an orbax composite
+checkpoint whose items are:
 
-    dwdp_checkpoint.json           metadata: source files (sizes, sha256), the HF config.json, our ModelConfig
-                                   fields, dtype policy, group size, placement, converter version, and for every
-                                   parameter its shape, dtype and arrays
-    config.json                    the HF config.json edited to describe the output (no quantization_config
-                                   when dequantized, no MTP when dropped): `from_hf_json(path)` works
-    arrays/<key>/zarr.json, c/...  one zarr v3 array per parameter, key = the dotted parameter path, e.g.
-                                   `layers.0.self_attn.q_a_proj.kernel`; a routed-expert parameter is one array
-                                   per (layer, rank), e.g. `layers.3.mlp.experts.w_gate_up.rank2` [E_r, ...]
-                                   holding the rank's experts in the order the metadata lists them
+    dwdp_metadata/            orbax JSON item: our metadata record: source files (sizes, sha256), the HF
+                              config.json, our ModelConfig fields, dtype policy, group size, placement, converter
+                              and orbax versions, every parameter (shape, dtype, where its slabs are), every item
+    <group>.part<k>/          orbax PyTree item (OCDBT, zarr3, uncompressed): a nested dict of arrays keyed by the
+                              parameter path, e.g. {'layers': {'3': {'self_attn': {'q_a_proj': {'kernel': ..}}}}}
 
-Arrays are written and read with plain TensorStore (`ts.open` with the `zarr3` driver over the `file` kvstore,
-`ts.Context`, indexed reads and writes; no orbax API, so the orbax version does not matter). Chunks are stored
-uncompressed with a crc32c checksum; a routed-expert weight array has one chunk per expert, so a rank, or any
-subset of experts, reads only those experts' chunk files. The writer fills a hidden temporary sibling directory
-and renames it into place once complete: a checkpoint directory holds a whole checkpoint or does not exist.
+plus orbax's `_CHECKPOINT_METADATA` and `config.json`: the HF config edited to describe the output (no
+quantization_config when dequantized, no MTP when dropped), so `from_hf_json(path)` works.
+
+A group is what a rank restores whole: `embed`; `head` (final norm + LM head); `layers.<l>` (decoder layer l's
+replicated weights: attention, norms, router, bias, shared experts or dense MLP); `layers.<l>.experts.rank<r>`
+(the routed experts rank r holds in layer l, [E_r, ...] in the order the metadata lists them); `mtp.<d>` and
+`mtp.<d>.experts.rank<r>` for MTP module d. Orbax saves an item from memory, so the converter splits each group
+into parts of about `convert.ITEM_BYTES` and saves them one at a time: an array larger than that is stored as
+slabs along one axis (experts, rows of a copied tensor, columns of a transposed one), one slab per part, and
+concatenated again on restore.
+
+Every part is saved by orbax's own `Checkpointer(PyTreeCheckpointHandler)`, and restores with orbax's public API
+alone, e.g. `ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(path, args=ocp.args.Composite(**{name:
+ocp.args.PyTreeRestore(restore_args=...)}))`. A DWDP rank restores its replicated groups and its own expert
+groups (`rank_experts`) straight onto its device (orbax restore args with a SingleDeviceSharding); no other
+rank's item directory is opened.
+
+Integrity: orbax checks the OCDBT b-tree nodes and the zarr shard indexes (crc32c) and reports missing or
+truncated data files, but keeps no checksum of the array bytes themselves: `dwdp-convert --verify` compares
+every stored byte with the source.
+
+The writer fills a hidden temporary sibling directory and renames the finished checkpoint into place: a
+checkpoint directory holds a whole checkpoint or does not exist.
 """
 
 from __future__ import annotations
@@ -25,7 +40,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import math
 import os
 import shutil
 import tempfile
@@ -34,27 +48,24 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorstore as ts
+import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 from dwdp_jax import config as config_lib
 from dwdp_jax.model import DeepseekV3
 from dwdp_jax.safetensors_io import CheckpointError
-from dwdp_jax.weights import _cast
 
 FORMAT = "dwdp_jax.checkpoint"
-FORMAT_VERSION = 1
-METADATA_NAME = "dwdp_checkpoint.json"
-ARRAYS_DIR = "arrays"
+FORMAT_VERSION = 2
+METADATA_ITEM = "dwdp_metadata"
 EXPERT_PARAMS = ("w_gate_up", "w_down", "s_gate_up", "s_down")
-
-# No chunk cache (every chunk is written or read once); durability comes from one fsync pass before the rename.
-_CONTEXT = {"file_io_sync": False, "cache_pool": {"total_bytes_limit": 0}}
+_FORMAT_1_FILE = "dwdp_checkpoint.json"  # format 1 (plain zarr3 arrays): refused with a clear message
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """True when `path` is a directory holding a checkpoint written by `dwdp_jax.convert`."""
-    return os.path.isfile(os.path.join(os.fspath(path), METADATA_NAME))
+    path = os.fspath(path)
+    return os.path.isdir(os.path.join(path, METADATA_ITEM)) or os.path.isfile(os.path.join(path, _FORMAT_1_FILE))
 
 
 def param_key(path: tuple) -> str:
@@ -74,23 +85,46 @@ def layer_of(path: tuple, cfg: config_lib.ModelConfig) -> int | None:
     return None
 
 
+def group_of(path: tuple, rank: int | None = None) -> str:
+    """The restore group of a parameter (a rank's share of it, for routed experts): see the module docstring."""
+    if path[0] == "embed_tokens":
+        return "embed"
+    if path[0] in ("norm", "lm_head"):
+        return "head"
+    group = f"{path[0]}.{path[1]}"
+    return f"{group}.experts.rank{rank}" if is_expert_param(path) else group
+
+
+def item_name(group: str, part: int) -> str:
+    return f"{group}.part{part}"
+
+
+def nest(flat: dict) -> dict:
+    """{parameter path: leaf} -> the nested dict with string keys that an item holds."""
+    return traverse_util.unflatten_dict({tuple(map(str, p)): v for p, v in flat.items()})
+
+
 # ------------------------------------------------------------------------------------------------------ metadata
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    meta_path = os.path.join(os.fspath(path), METADATA_NAME)
+    """Our metadata record, restored through orbax (the checkpoint's JSON item)."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isfile(os.path.join(path, _FORMAT_1_FILE)):
+        raise CheckpointError(f"{path}: written by dwdp-convert format 1 (plain zarr3 arrays); this code reads"
+                              f" {FORMAT!r} version {FORMAT_VERSION} (an orbax checkpoint): convert again")
+    if not os.path.isdir(os.path.join(path, METADATA_ITEM)):
+        raise CheckpointError(f"{path}: no {METADATA_ITEM}/ item: not a dwdp_jax checkpoint directory")
     try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{meta_path}: missing: not a dwdp_jax checkpoint directory") from None
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: cannot read checkpoint metadata: {e}") from e
-    if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{meta_path}: format {meta.get('format')!r} version {meta.get('format_version')!r}, this code reads"
-            f" {FORMAT!r} version {FORMAT_VERSION}"
-        )
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            meta = checkpointer.restore(path, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()}))
+        meta = meta[METADATA_ITEM]
+    except Exception as e:  # orbax raises plain Exceptions for unreadable files
+        raise CheckpointError(f"{os.path.join(path, METADATA_ITEM)}: cannot read checkpoint metadata: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        found = (meta.get("format"), meta.get("format_version")) if isinstance(meta, dict) else (None, None)
+        raise CheckpointError(f"{path}: format {found[0]!r} version {found[1]!r}, this code reads {FORMAT!r}"
+                              f" version {FORMAT_VERSION}")
     return meta
 
 
@@ -109,26 +143,28 @@ def model_config(meta: dict) -> config_lib.ModelConfig:
     return config_lib.ModelConfig(**{k: v for k, v in fields.items() if k in known})
 
 
-# -------------------------------------------------------------------------------------------------------- arrays
+def item_leaves(meta: dict) -> dict[str, list[tuple[tuple, dict, dict]]]:
+    """{item: [(parameter path, array entry, slab entry)]} for every item the metadata lists, in saving order."""
+    out = {item["name"]: [] for item in meta["items"]}
+    for param in meta["params"]:
+        for array in param["arrays"]:
+            for slab in array["slabs"]:
+                out[slab["item"]].append((tuple(param["path"]), array, slab))
+    return out
 
 
-def _spec(directory: str) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": directory}}
-
-
-def _num_chunks(shape: Sequence[int], chunk_shape: Sequence[int]) -> int:
-    return math.prod(-(-s // c) for s, c in zip(shape, chunk_shape))
+# -------------------------------------------------------------------------------------------------------- writer
 
 
 class Writer:
-    """Creates and fills arrays in a temporary sibling of `path`; `commit(metadata)` renames it to `path`.
+    """Saves items one at a time into a temporary sibling of `path`; `commit` renames the checkpoint to `path`.
 
     Use as a context manager: leaving the block without `commit` (an error, an interrupt) deletes the temporary
-    directory, so no partial checkpoint is ever left under `path`. At most `max_inflight` chunk writes are
-    pending at once, which bounds the memory the writer holds.
+    directory, so no partial checkpoint is ever left under `path`. Each `save_item` is one orbax save of arrays
+    held in memory, so the caller bounds the memory by the size of the items it builds.
     """
 
-    def __init__(self, path: str | os.PathLike, max_inflight: int = 2):
+    def __init__(self, path: str | os.PathLike):
         self.path = os.path.abspath(os.fspath(path))
         if os.path.lexists(self.path):
             raise FileExistsError(f"{self.path}: output directory already exists (refusing to overwrite)")
@@ -136,10 +172,14 @@ class Writer:
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"{parent}: parent of the output directory does not exist")
         self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-", dir=parent)
-        self.max_inflight = max_inflight
-        self._context = ts.Context(_CONTEXT)
-        self._stores: dict[str, ts.TensorStore] = {}
-        self._pending: collections.deque = collections.deque()
+        self._items_dir = os.path.join(self.tmp, "items")
+        os.mkdir(self._items_dir)
+        self._items: list[str] = []
+        # The arrays go to orbax as jax arrays on the host CPU: device_put of a numpy array there is zero-copy.
+        self._cpu = jax.devices("cpu")[0]
+        self._checkpointer = ocp.Checkpointer(
+            ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False)
+        )
         self.committed = False
 
     def __enter__(self) -> "Writer":
@@ -149,60 +189,39 @@ class Writer:
         if not self.committed:
             self.abort()
 
-    def create(self, key: str, shape: Sequence[int], dtype, chunk_shape: Sequence[int]):
-        metadata = {
-            "shape": list(shape),
-            "data_type": np.dtype(dtype).name,
-            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [max(1, c) for c in chunk_shape]}},
-            "chunk_key_encoding": {"name": "default"},
-            "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}],
-            "fill_value": 0,
-        }
-        # Chunks equal to the fill value are still written: restore checks that every chunk file exists.
-        spec = dict(_spec(os.path.join(self.tmp, ARRAYS_DIR, key)), metadata=metadata,
-                    store_data_equal_to_fill_value=True)
+    def save_item(self, name: str, arrays: dict[tuple, np.ndarray]):
+        """Saves item `name` = {parameter path: array}; returns when it is on disk. The caller must not modify
+        the arrays afterwards (they are handed to orbax without a copy)."""
+        tree = nest({p: jax.device_put(a, self._cpu) for p, a in arrays.items()})
         try:
-            self._stores[key] = ts.open(spec, create=True, context=self._context).result()
-        except ValueError as e:
-            raise CheckpointError(f"{self.tmp}: cannot create array {key}: {e}") from e
+            self._checkpointer.save(os.path.join(self._items_dir, name), args=ocp.args.PyTreeSave(tree))
+        except Exception as e:  # orbax and TensorStore raise plain Exceptions
+            raise CheckpointError(f"{self.tmp}: saving item {name} failed: {e}") from e
+        self._items.append(name)
 
-    def write(self, key: str, index: tuple, array: np.ndarray):
-        """Writes `array` into region `index` of array `key`, asynchronously (errors surface here or in
-        `commit`). TensorStore reads `array` in place, without a copy: the caller must not modify it after."""
-        future = self._stores[key][index].write(array, can_reference_source_data_indefinitely=True)
-        self._pending.append((key, future))
-        while len(self._pending) > self.max_inflight:
-            self._wait(*self._pending.popleft())
-
-    def _wait(self, key, future):
+    def commit(self, metadata: dict, json_files: dict[str, dict]):
+        """Saves the metadata item (which makes the directory an orbax composite checkpoint), moves the items into
+        it, writes `json_files` ({name: object}) beside them, syncs everything and renames it to `path`."""
+        final = os.path.join(self.tmp, "checkpoint")
         try:
-            future.result()
-        except ValueError as e:
-            raise CheckpointError(f"{self.tmp}: writing array {key} failed: {e}") from e
-
-    def write_json(self, name: str, obj: dict):
-        with open(os.path.join(self.tmp, name), "w") as f:
-            json.dump(obj, f, indent=1)
-
-    def commit(self, metadata: dict):
-        """Writes the metadata, syncs every file to disk and renames the directory into place."""
-        while self._pending:
-            self._wait(*self._pending.popleft())
-        self.write_json(METADATA_NAME, metadata)
-        _fsync_tree(self.tmp)
+            with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+                checkpointer.save(final, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonSave(metadata)}))
+        except Exception as e:
+            raise CheckpointError(f"{self.tmp}: saving the metadata item failed: {e}") from e
+        for name in self._items:
+            os.rename(os.path.join(self._items_dir, name), os.path.join(final, name))
+        for name, obj in json_files.items():
+            with open(os.path.join(final, name), "w") as f:
+                json.dump(obj, f, indent=1)
+        _fsync_tree(final)
         if os.path.lexists(self.path):
             raise FileExistsError(f"{self.path}: output directory appeared while converting (refusing to overwrite)")
-        os.rename(self.tmp, self.path)
+        os.rename(final, self.path)
         _fsync_dir(os.path.dirname(self.path))
         self.committed = True
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def abort(self):
-        for _, future in self._pending:
-            try:
-                future.result()
-            except Exception:  # the directory is deleted anyway
-                pass
-        self._pending.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -225,71 +244,40 @@ def _fsync_tree(root: str):
         _fsync_dir(directory)
 
 
-def open_array(path: str | os.PathLike, array: dict, context: ts.Context | None = None) -> ts.TensorStore:
-    """Opens one stored array (an entry of a parameter's `arrays` in the metadata) for reading, after checking
-    its shape and dtype against the metadata and that none of its chunk files is missing (zarr would read a
-    missing chunk as zeros)."""
-    directory = os.path.join(os.fspath(path), ARRAYS_DIR, array["key"])
-    try:
-        store = ts.open(_spec(directory), open=True, read=True, context=context or ts.Context(_CONTEXT)).result()
-    except ValueError as e:
-        raise CheckpointError(f"{directory}: cannot open array {array['key']}: {e}") from e
-    if list(store.shape) != list(array["shape"]) or store.dtype.name != array["dtype"]:
-        raise CheckpointError(
-            f"{directory}: array {array['key']} is {store.dtype.name}{list(store.shape)}, the metadata says"
-            f" {array['dtype']}{list(array['shape'])}"
-        )
-    expected = _num_chunks(array["shape"], array["chunk_shape"])
-    found = sum(len(files) for _, _, files in os.walk(os.path.join(directory, "c")))
-    if found != expected:
-        raise CheckpointError(f"{directory}: array {array['key']} has {found} chunk files, expected {expected}")
-    return store
+# ------------------------------------------------------------------------------------------------------ restore
 
 
-def read_array(path, array: dict, index=None, context=None) -> np.ndarray:
-    """Reads a stored array (or `store[index]`) into numpy; a corrupt chunk raises CheckpointError."""
-    store = open_array(path, array, context)
-    try:
-        return (store if index is None else store[index]).read().result()
-    except ValueError as e:
-        raise CheckpointError(f"{os.path.join(os.fspath(path), ARRAYS_DIR, array['key'])}: {e}") from e
-
-
-def read_experts(path, param: dict, expert_ids: Sequence[int] | None, context=None) -> np.ndarray:
-    """Routed-expert parameter restricted to `expert_ids` (all when None): [len(ids), ...] in that order.
-
-    A rank's own array is read whole when it holds exactly the requested experts; otherwise each expert comes
-    from the first array (in rank order) that holds it, reading only its chunks.
-    """
-    arrays = param["arrays"]
-    ids = list(range(param["shape"][0])) if expert_ids is None else [int(e) for e in expert_ids]
-    for array in arrays:
-        if array["experts"] == ids:
-            return read_array(path, array, context=context)
-    where = {}
-    for a, array in enumerate(arrays):
-        for slot, e in enumerate(array["experts"]):
-            where.setdefault(e, (a, slot))
-    missing = [e for e in ids if e not in where]
-    if missing:
-        raise CheckpointError(f"{path}: parameter {param['key']} has no stored expert(s) {missing[:8]}")
-    out = np.empty((len(ids),) + tuple(param["shape"][1:]), np.dtype(arrays[0]["dtype"]))
-    by_array = collections.defaultdict(list)
-    for pos, e in enumerate(ids):
-        by_array[where[e][0]].append((pos, where[e][1]))
-    for a, pairs in by_array.items():
-        positions, slots = zip(*pairs)
-        out[list(positions)] = read_array(path, arrays[a], np.asarray(slots, np.int64), context)
+def restore_items(path: str | os.PathLike, requests: dict[str, dict[tuple, ocp.RestoreArgs]]) -> dict[str, dict]:
+    """Restores whole items through orbax: requests = {item: {parameter path: restore args}} naming every leaf
+    of the item (`ocp.ArrayRestoreArgs(sharding=...)` puts a leaf on a device, `ocp.RestoreArgs(restore_type=
+    np.ndarray)` keeps it on the host; `dtype` casts while reading). Returns {item: {parameter path: array}}.
+    Items are restored one by one, so an error names the item."""
+    path = os.path.abspath(os.fspath(path))
+    out = {}
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        for name, leaves in requests.items():
+            where = os.path.join(path, name)
+            if not os.path.isdir(where):
+                raise CheckpointError(f"{where}: item {name} is missing")
+            args = ocp.args.Composite(**{name: ocp.args.PyTreeRestore(restore_args=nest(leaves))})
+            try:
+                tree = checkpointer.restore(path, args=args)[name]
+            except Exception as e:  # orbax and TensorStore raise plain Exceptions
+                raise CheckpointError(f"{where}: cannot restore item {name}: {_first_line(e)}") from e
+            flat = traverse_util.flatten_dict(tree)
+            out[name] = {p: flat[tuple(map(str, p))] for p in leaves}
     return out
 
 
-# ------------------------------------------------------------------------------------------------------ restore
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:600] if text else type(e).__name__
 
 
 def rank_experts(path_or_meta, rank: int) -> tuple[Callable[[int], np.ndarray], int]:
     """(expert_ids, n_local_experts) for DWDP rank `rank` of the group the checkpoint was converted for.
 
-    expert_ids(layer) -> the experts stored in that rank's arrays for decoder layer `layer` (MTP module d:
+    expert_ids(layer) -> the experts stored in that rank's items for decoder layer `layer` (MTP module d:
     num_layers + d): the placement's `local_experts` for the main MoE layers, the contiguous split for MTP.
     """
     meta = path_or_meta if isinstance(path_or_meta, dict) else read_metadata(path_or_meta)
@@ -315,6 +303,25 @@ def rank_experts(path_or_meta, rank: int) -> tuple[Callable[[int], np.ndarray], 
     return expert_ids, (counts[0] if counts else 0)
 
 
+def _cover(arrays: list[dict], ids: list[int]) -> list[dict] | None:
+    """Stored arrays whose experts, concatenated in order, are exactly `ids`; None when there are none."""
+    starting = collections.defaultdict(list)
+    for array in arrays:
+        if array["experts"]:
+            starting[array["experts"][0]].append(array)
+    out, i = [], 0
+    while i < len(ids):
+        for array in starting.get(ids[i], []):
+            n = len(array["experts"])
+            if array["experts"] == ids[i : i + n]:
+                out.append(array)
+                i += n
+                break
+        else:
+            return None
+    return out
+
+
 def restore_model(
     path: str | os.PathLike,
     *,
@@ -325,14 +332,17 @@ def restore_model(
     with_mtp: bool | None = None,
     dequantize: bool = False,
 ) -> DeepseekV3:
-    """Builds `DeepseekV3` from a converted checkpoint, one parameter at a time, each put straight on `device`.
+    """Builds `DeepseekV3` from a converted checkpoint through orbax, each array restored onto `device`.
 
-    dtype: dtype of the unquantized weights (as in `load_model`). expert_ids(layer) -> the routed experts to
-    hold in that MoE layer (all when None), with `n_local_experts` their count; only those experts' chunks are
-    read (see `rank_experts` for a DWDP rank's). with_mtp: restore the MTP modules (None: when stored).
-    dequantize: FP8 checkpoints are dequantized at conversion (`--dtype_policy=bf16`), not here.
+    dtype: dtype of the unquantized weights (as in `load_model`; the cast happens while reading). expert_ids(layer)
+    -> the routed experts to hold in that MoE layer (all when None), with `n_local_experts` their count (see
+    `rank_experts` for a DWDP rank's). When stored arrays hold exactly those experts in that order (a rank's own,
+    or every rank's in rank order), only their items are restored, straight onto the device; any other subset is
+    gathered on the host from the items holding it, item by item. with_mtp: restore the MTP modules (None: when
+    stored). dequantize: FP8 checkpoints are dequantized at conversion (`--dtype_policy=bf16`), not here.
+    device None: arrays go through the host to the default device, uncommitted (as `jnp.asarray`).
     """
-    path = os.fspath(path)
+    path = os.path.abspath(os.fspath(path))
     meta = read_metadata(path)
     cfg = model_config(meta)
     if dequantize and cfg.weight_block_size is not None:
@@ -356,16 +366,99 @@ def restore_model(
     unexpected = [param_key(p) for p in params if p not in flat and not (p[0] == "mtp" and not cfg.num_mtp_layers)]
     if unexpected:
         raise CheckpointError(f"{path}: unexpected parameter(s) {unexpected[:8]} that the model does not have")
-    context = ts.Context(_CONTEXT)
-    out = {}
+
+    def leaf_args(target):
+        if device is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray, dtype=target.dtype)
+        return ocp.ArrayRestoreArgs(sharding=jax.sharding.SingleDeviceSharding(device), dtype=target.dtype)
+
+    whole: dict[tuple, tuple[int, list]] = {}  # parameter -> (axis, [(item, slab shape)]) to concatenate
+    gathered: dict[tuple, list[int]] = {}  # parameter -> expert ids gathered on the host
+    requests: dict[str, dict] = collections.defaultdict(dict)
     for p, target in flat.items():
         param = params[p]
+        _check_dtype(path, param, target)
+        arrays = param["arrays"]
+        axis = arrays[0]["axis"]
         if is_expert_param(p):
-            ids = expert_ids(layer_of(p, cfg)) if expert_ids is not None else None
-            array = read_experts(path, param, ids, context)
+            ids = list(range(param["shape"][0])) if expert_ids is None else [int(e) for e in expert_ids(layer_of(p, cfg))]
+            arrays = _cover(arrays, ids)
+            if arrays is None:
+                gathered[p] = ids
+                continue
+        stored = list(arrays[0]["shape"]) if arrays else [0] + list(param["shape"][1:])
+        stored[axis] = sum(a["shape"][axis] for a in arrays)
+        if stored != list(target.shape):
+            raise CheckpointError(f"{path}: parameter {param['key']} is stored as {stored}, the model expects"
+                                  f" {list(target.shape)}")
+        whole[p] = (axis, [s["item"] for a in arrays for s in a["slabs"]])
+        for a in arrays:
+            for s in a["slabs"]:
+                requests[s["item"]][p] = leaf_args(target)
+    restored = restore_items(path, requests)
+
+    out = {}
+    for p, (axis, items) in whole.items():
+        target = flat[p]
+        if not items:  # a rank holding no experts
+            out[p] = _place(np.zeros(target.shape, target.dtype), device)
+            continue
+        parts = [restored[item].pop(p) for item in items]
+        if len(parts) == 1:
+            out[p] = parts[0] if device is not None else jnp.asarray(parts[0])
+        elif device is not None:
+            out[p] = jnp.concatenate(parts, axis=axis)
         else:
-            array = read_array(path, param["arrays"][0], context=context)
-        array = _cast(array, target, param["key"], p)
-        out[p] = jax.device_put(array, device) if device is not None else jnp.asarray(array)
+            out[p] = jnp.asarray(np.concatenate(parts, axis=axis))
+    del restored
+    out.update(_gather_experts(path, meta, {p: params[p] for p in gathered}, gathered, flat, device))
     nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(out))
     return nnx.merge(graphdef, state)
+
+
+def _check_dtype(path: str, param: dict, target):
+    stored_fp8 = param["dtype"].startswith("float8")
+    if stored_fp8 != jnp.dtype(target.dtype).name.startswith("float8"):
+        raise CheckpointError(f"{path}: parameter {param['key']} is stored as {param['dtype']}, the model expects"
+                              f" {jnp.dtype(target.dtype).name}")
+
+
+def _place(array: np.ndarray, device):
+    return jax.device_put(array, device) if device is not None else jnp.asarray(array)
+
+
+def _gather_experts(path, meta, params: dict, ids: dict, targets: dict, device) -> dict:
+    """Routed-expert parameters restricted to arbitrary expert ids: each item holding a wanted expert is restored
+    on the host once; a parameter goes to the device when its last item has been read."""
+    out, buffers, pending, where = {}, {}, {}, {}
+    for p, param in params.items():
+        home = {}
+        for array in param["arrays"]:
+            for slot, e in enumerate(array["experts"]):
+                home.setdefault(e, (array, slot))
+        absent = [e for e in ids[p] if e not in home]
+        if absent:
+            raise CheckpointError(f"{path}: parameter {param['key']} has no stored expert(s) {absent[:8]}")
+        target = targets[p]
+        shape = [len(ids[p])] + list(param["shape"][1:])
+        if shape != list(target.shape):
+            raise CheckpointError(f"{path}: parameter {param['key']} restricted to {len(ids[p])} experts is {shape},"
+                                  f" the model expects {list(target.shape)}")
+        buffers[p] = np.empty(shape, np.dtype(target.dtype))
+        pending[p] = set()
+        for pos, e in enumerate(ids[p]):
+            array, slot = home[e]
+            slab = next(s for s in array["slabs"] if s["start"] <= slot < s["stop"])
+            where.setdefault(slab["item"], []).append((p, pos, slot - slab["start"]))
+            pending[p].add(slab["item"])
+    leaves = item_leaves(meta)
+    for item in [i["name"] for i in meta["items"] if i["name"] in where]:
+        request = {p: ocp.RestoreArgs(restore_type=np.ndarray) for p, _, _ in leaves[item]}
+        tree = restore_items(path, {item: request})[item]
+        for p, pos, slot in where[item]:
+            buffers[p][pos] = tree[p][slot]
+        for p in {p for p, _, _ in where[item]}:
+            pending[p].discard(item)
+            if not pending[p]:
+                out[p] = _place(buffers.pop(p), device)
+    return out

@@ -1,31 +1,34 @@
-"""Converts an HF DeepSeek-V3/R1 checkpoint into our format (`dwdp_jax.checkpoint`), streaming.
+"""Converts an HF DeepSeek-V3/R1 checkpoint into our orbax checkpoint (`dwdp_jax.checkpoint`), streaming.
 
     python -m dwdp_jax.convert --input=HF_DIR --output=OUT_DIR [--dtype_policy=keep_fp8|bf16]
         [--group_size=G | --placement=placement.json] [--mtp|--nomtp] [--inspect] [--verify]
 
-Every model parameter is built from its HF tensors by the same table the loader uses (`weights.hf_source`),
-one output chunk at a time (about 16 MiB, or one expert): source bytes are read with `pread` into a fresh
-buffer (no memmap, whose resident pages would count against the process), transposed or stacked, and handed to
-the writer, which keeps at most two chunk writes in flight. Peak memory is a few chunks plus the interpreter,
-whatever the checkpoint size.
+Every model parameter is built from its HF tensors by the same table the loader uses (`weights.hf_source`).
+Orbax saves an item from memory, so the output is cut into items of at most about ITEM_BYTES (whole parameters,
+or slabs of a larger one: experts, rows of a copied tensor, columns of a transposed one), and the converter
+builds and saves one item at a time: source bytes are read with `pread` into fresh buffers (no memmap, whose
+resident pages would count against the process), at most about CHUNK_BYTES of source at a time when
+transposing or dequantizing, assembled into the item's arrays and handed to orbax. Peak memory is a few items
+plus the interpreter, whatever the checkpoint size.
 
 Routed experts are laid out for a DWDP group: with group size G (contiguous split) or a planner placement,
 each MoE layer's expert parameters become one array per rank holding that rank's experts (replicas included),
-so a rank restores only its own files (`checkpoint.rank_experts`). The MTP modules, which the placement does
-not cover, use the contiguous split.
+in that rank's own items, so a rank restores only its own items (`checkpoint.rank_experts`). The MTP modules,
+which the placement does not cover, use the contiguous split.
 
 dtype policies: keep_fp8 stores FP8 weights with their block scales as in the source; bf16 dequantizes them
 (value * scale in float32, rounded to bfloat16). Everything else keeps its source dtype, except a weight the
 model keeps unquantized but the source has in FP8 (the MTP eh_proj): dequantized, float32 under keep_fp8.
 
 --inspect lists the parameters the conversion would write (or a converted checkpoint holds), with shapes,
-dtypes and per-kind byte totals, and writes nothing. --verify re-derives every tensor from the source through
-`weights.hf_source`/`weights.assemble` and compares it bit-exactly with the stored one (after converting, or
-alone when OUT_DIR already holds a converted checkpoint).
+dtypes and per-kind byte totals, and writes nothing. --verify restores every item through orbax and compares it
+bit-exactly with the tensors re-derived from the source through `weights.hf_source`/`weights.assemble` (after
+converting, or alone when OUT_DIR already holds a converted checkpoint).
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import datetime
@@ -35,10 +38,12 @@ import os
 import re
 import sys
 import threading
+from typing import Callable
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import app, flags
 from flax import nnx, traverse_util
 from tqdm import tqdm
@@ -50,9 +55,10 @@ from dwdp_jax.model import DeepseekV3
 from dwdp_jax.planner.placement import Placement, PlacementError
 from dwdp_jax.safetensors_io import INDEX_NAME, CheckpointDir, CheckpointError
 
-CONVERTER_VERSION = "1.0"
+CONVERTER_VERSION = "2.0"
 POLICIES = ("keep_fp8", "bf16")
-CHUNK_BYTES = 16 << 20  # target size of one output chunk (an expert matrix is one chunk whatever its size)
+ITEM_BYTES = 256 << 20  # target size of one orbax item (one expert, or one row/column, may exceed it)
+CHUNK_BYTES = 16 << 20  # target size of one source read when transposing or dequantizing
 _HASH_READ = 16 << 20
 
 
@@ -95,24 +101,75 @@ def param_kind(path: tuple, cfg: config_lib.ModelConfig) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
-    """One output array: a whole parameter, or one rank's share of a routed-expert parameter."""
+    """One stored array: a whole parameter, or one rank's share of a routed-expert parameter."""
 
-    key: str  # array name under arrays/
+    key: str  # its name in messages: the parameter key, plus `.rank<r>` for a rank's share
     path: tuple  # model parameter path
+    group: str  # restore group (`checkpoint.group_of`)
     shape: tuple
     dtype: np.dtype  # stored dtype
-    chunk_shape: tuple
+    axis: int  # slabs split this axis: experts and copied rows (0), columns of a transposed matrix (1)
+    align: int  # slab boundaries are multiples of this (whole FP8 blocks when dequantizing)
     source: weights.Source
     dequantize: bool  # FP8 source, unquantized parameter
     source_bytes: int
     rank: int | None = None
     experts: tuple | None = None
 
-    def array_entry(self) -> dict:
-        entry = dict(key=self.key, shape=list(self.shape), dtype=self.dtype.name, chunk_shape=list(self.chunk_shape))
+    def slabs(self, max_bytes: int) -> list[tuple[int, int]]:
+        """[start, stop) ranges along `axis`, each of at most `max_bytes` (or one row, column or expert)."""
+        extent = self.shape[self.axis]
+        per = _prod(self.shape) // max(1, extent) * self.dtype.itemsize
+        n = max(1, max_bytes // max(1, per))
+        n = max(self.align, n // self.align * self.align)
+        return [(a, min(a + n, extent)) for a in range(0, extent, n)]
+
+    def array_entry(self, slabs: list[dict]) -> dict:
+        entry = dict(key=self.key, shape=list(self.shape), dtype=self.dtype.name, axis=self.axis, slabs=slabs)
         if self.experts is not None:
             entry.update(rank=self.rank, experts=list(self.experts))
         return entry
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One orbax item: slabs (piece, start, stop) of the pieces of one restore group, saved together."""
+
+    name: str
+    group: str
+    slabs: tuple
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_slab_bytes(piece, a, b) for piece, a, b in self.slabs)
+
+
+def _slab_bytes(piece: Piece, a: int, b: int) -> int:
+    return _prod(piece.shape) // max(1, piece.shape[piece.axis]) * (b - a) * piece.dtype.itemsize
+
+
+def pack_items(pieces: list[Piece], item_bytes: int) -> list[Item]:
+    """Cuts each group's pieces into slabs of at most `item_bytes` and packs them, in order, into items of at
+    most `item_bytes` (`<group>.part<k>`). A slab fills an item whenever its piece is split, so an item never
+    holds two slabs of one piece."""
+    groups = collections.defaultdict(list)
+    for piece in pieces:
+        groups[piece.group].append(piece)
+    items = []
+    for group, members in groups.items():
+        parts, current, size = [], [], 0
+        for piece in members:
+            for a, b in piece.slabs(item_bytes):
+                nbytes = _slab_bytes(piece, a, b)
+                if current and size + nbytes > item_bytes:
+                    parts.append(current)
+                    current, size = [], 0
+                current.append((piece, a, b))
+                size += nbytes
+        if current:
+            parts.append(current)
+        items += [Item(checkpoint.item_name(group, k), group, tuple(slabs)) for k, slabs in enumerate(parts)]
+    return items
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +182,10 @@ class Plan:
     group_size: int
     placement: Placement | None
     mtp: bool
+    item_bytes: int
     params: list  # metadata entries, one per model parameter, in model order
-    pieces: list  # arrays, in writing order
+    pieces: list  # stored arrays, in model order
+    items: list  # orbax items, in writing order
     ignored: list  # source tensors deliberately not converted (dropped MTP, MTP copy of the embedding)
 
     @property
@@ -146,11 +205,16 @@ def make_plan(
     group_size: int | None = None,
     placement: Placement | None = None,
     mtp: bool | None = None,
+    item_bytes: int | None = None,
 ) -> Plan:
     """Maps every parameter of the output model to its source tensors and checks them all (present, shapes,
-    dtypes, nothing left over). Raises CheckpointError / PlacementError naming the file and tensor."""
+    dtypes, nothing left over), then cuts the output into items of `item_bytes` (default ITEM_BYTES). Raises
+    CheckpointError / PlacementError naming the file and tensor."""
     if dtype_policy not in POLICIES:
         raise ValueError(f"dtype_policy must be one of {POLICIES}, got {dtype_policy!r}")
+    item_bytes = ITEM_BYTES if item_bytes is None else item_bytes
+    if item_bytes < 1:
+        raise ValueError(f"item_bytes must be positive, got {item_bytes}")
     source_cfg = config_lib.from_hf_dict(hf_config)
     cfg = source_cfg if dtype_policy == "keep_fp8" else source_cfg.replace(weight_block_size=None)
     has_mtp = f"model.layers.{cfg.num_layers}.eh_proj.weight" in ckpt
@@ -180,7 +244,7 @@ def make_plan(
     abstract = nnx.eval_shape(lambda: DeepseekV3(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32))
     flat = traverse_util.flatten_dict(nnx.to_pure_dict(nnx.split(abstract)[1]))
     builder = _PieceBuilder(ckpt, cfg, source_cfg.weight_block_size, dtype_policy)
-    params, pieces = [], []
+    per_param = []
     for path, target in flat.items():
         key = checkpoint.param_key(path)
         if checkpoint.is_expert_param(path):
@@ -197,14 +261,7 @@ def make_plan(
                 group.append(builder.piece(f"{key}.rank{rank}", path, shape, src, target.dtype, rank, ids))
         else:
             group = [builder.piece(key, path, tuple(target.shape), weights.hf_source(path, cfg), target.dtype)]
-        pieces += group
-        first = group[0]
-        params.append(dict(
-            key=key, path=list(path), kind=param_kind(path, cfg), shape=list(target.shape), dtype=first.dtype.name,
-            source_dtype=builder.source_dtype[first.key], dequantized=first.dequantize,
-            source_tensors=sum(len(_names(p.source)) for p in group),
-            source_bytes=sum(p.source_bytes for p in group), arrays=[p.array_entry() for p in group],
-        ))
+        per_param.append((path, target, group))
     ignored, unexpected = [], []
     for name in ckpt.names():
         if name in builder.consumed:
@@ -222,7 +279,24 @@ def make_plan(
         raise CheckpointError(
             f"{ckpt.file_of(unexpected[0])}: unexpected tensor {unexpected[0]!r}: no model parameter uses it{more}"
         )
-    return Plan(source_cfg, cfg, dtype_policy, group_size, placement, bool(mtp), params, pieces, ignored)
+
+    pieces = [piece for _, _, group in per_param for piece in group]
+    items = pack_items(pieces, item_bytes)
+    slabs = collections.defaultdict(list)
+    for item in items:
+        for piece, a, b in item.slabs:
+            slabs[piece.key].append(dict(item=item.name, start=a, stop=b))
+    params = []
+    for path, target, group in per_param:
+        first = group[0]
+        params.append(dict(
+            key=checkpoint.param_key(path), path=list(path), kind=param_kind(path, cfg), shape=list(target.shape),
+            dtype=first.dtype.name, source_dtype=builder.source_dtype[first.key], dequantized=first.dequantize,
+            source_tensors=sum(len(_names(p.source)) for p in group),
+            source_bytes=sum(p.source_bytes for p in group), arrays=[p.array_entry(slabs[p.key]) for p in group],
+        ))
+    return Plan(source_cfg, cfg, dtype_policy, group_size, placement, bool(mtp), item_bytes, params, pieces, items,
+                ignored)
 
 
 def _names(src: weights.Source) -> list[str]:
@@ -234,7 +308,7 @@ def _scale_name(name: str) -> str:
 
 
 class _PieceBuilder:
-    """Checks one array's source tensors and decides its stored dtype and chunking."""
+    """Checks one array's source tensors and decides its stored dtype and slab axis."""
 
     def __init__(self, ckpt: CheckpointDir, cfg, block, dtype_policy):
         self.ckpt, self.cfg, self.block, self.policy = ckpt, cfg, block, dtype_policy
@@ -303,25 +377,11 @@ class _PieceBuilder:
                 source_bytes += _prod(self.ckpt.info(scale)[1]) * self.ckpt.info(scale)[0].itemsize
         self.consumed.update(names)
         self.source_dtype[key] = np.dtype(src_dtype).name
-        return Piece(key, path, tuple(shape), stored, self._chunks(path, shape, stored, src, dequantize), src,
-                     dequantize, source_bytes, rank, experts)
-
-    def _chunks(self, path, shape, dtype, src, dequantize) -> tuple:
-        """Routed-expert weights: one expert per chunk; expert scales: one chunk. Otherwise about CHUNK_BYTES,
-        split along the axis the source is read in (rows of a copy, columns of a transposed matrix), in whole
-        FP8 blocks when dequantizing."""
-        if src.kind == "experts":
-            return (1,) + shape[1:] if path[-1].startswith("w_") else shape
-        if len(shape) < 2:
-            return shape
-        axis = 0 if src.kind == "copy" else 1
-        other = _prod(shape) // max(1, shape[axis])
-        n = max(1, CHUNK_BYTES // max(1, other * dtype.itemsize))
-        if dequantize:
-            n = max(self.block[0], n // self.block[0] * self.block[0])
-        chunk = list(shape)
-        chunk[axis] = min(n, shape[axis])
-        return tuple(chunk)
+        # Slabs follow the rows of the source: rows of a copy, columns of a transposed matrix; an expert is whole.
+        axis = 1 if src.kind == "transpose" else 0
+        align = self.block[0] if dequantize and src.kind != "experts" else 1
+        return Piece(key, path, checkpoint.group_of(path, rank), tuple(shape), stored, axis, align, src, dequantize,
+                     source_bytes, rank, experts)
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -403,41 +463,42 @@ def _transpose_into(dst: np.ndarray, src: np.ndarray, tile: int = 256):
             dst[j : j + tile, i : i + tile] = src[i : i + tile, j : j + tile].T
 
 
-def _chunk_stream(piece: Piece, reader: SourceReader, fp8_layout: bool):
-    """Yields (index, array, source bytes) covering `piece` chunk by chunk, as `weights.assemble` lays it out."""
-    src, shape = piece.source, piece.shape
+def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_layout: bool,
+              progress: Callable[[int], None] = lambda nbytes: None) -> np.ndarray:
+    """piece[start:stop] along `piece.axis`, laid out as `weights.assemble` does, in a fresh array; reads at most
+    about CHUNK_BYTES of source at a time when transposing or dequantizing. progress(source bytes) per read."""
+    src, shape, axis = piece.source, piece.shape, piece.axis
+    out = np.empty(shape[:axis] + (stop - start,) + shape[axis + 1 :], piece.dtype)
+    extent = shape[axis]
     if src.kind == "experts":
-        per = piece.chunk_shape[0]
-        per_expert = piece.source_bytes // max(1, shape[0])
-        for s0 in range(0, shape[0], per):
-            n = min(per, shape[0] - s0)
-            chunk = np.empty((n,) + shape[1:], piece.dtype)
-            for i in range(n):
-                for m, names in enumerate(src.names):
-                    name = names[s0 + i]
-                    rows = reader.ckpt.info(name)[1][0]
-                    if fp8_layout:  # [out, in]: gate rows then up rows; read straight into the chunk
-                        reader.rows(name, 0, rows, out=chunk[i, m * rows : (m + 1) * rows])
-                    else:  # [in, out]: gate columns then up columns
-                        _transpose_into(chunk[i, :, m * rows : (m + 1) * rows],
-                                        reader.rows(name, 0, rows, piece.dequantize))
-            yield (slice(s0, s0 + n),), chunk, per_expert * n
-        return
+        per_expert = piece.source_bytes // max(1, extent)
+        for i in range(start, stop):
+            for m, names in enumerate(src.names):
+                name = names[i]
+                rows = reader.ckpt.info(name)[1][0]
+                if fp8_layout:  # [out, in]: gate rows then up rows; read straight into the slab
+                    reader.rows(name, 0, rows, out=out[i - start, m * rows : (m + 1) * rows])
+                else:  # [in, out]: gate columns then up columns
+                    _transpose_into(out[i - start, :, m * rows : (m + 1) * rows],
+                                    reader.rows(name, 0, rows, piece.dequantize))
+            progress(per_expert)
+        return out
     name = src.names[0]
-    axis = 0 if src.kind == "copy" else 1
-    if len(shape) < 2:
-        yield (slice(None),) * len(shape), reader.read(name).astype(piece.dtype, copy=False), piece.source_bytes
-        return
-    step = piece.chunk_shape[axis]
-    for a in range(0, shape[axis], step):
-        b = min(a + step, shape[axis])
+    if axis == 0 and not piece.dequantize:  # rows of a copy, straight into the slab
+        reader.rows(name, start, stop, out=out)
+        progress(piece.source_bytes * (stop - start) // extent)
+        return out
+    step = max(1, CHUNK_BYTES // max(1, _prod(shape) // extent * piece.dtype.itemsize))
+    step = max(piece.align, step // piece.align * piece.align)
+    for a in range(start, stop, step):
+        b = min(a + step, stop)
         rows = reader.rows(name, a, b, piece.dequantize)
         if axis == 0:
-            yield (slice(a, b),), rows.astype(piece.dtype, copy=False), piece.source_bytes * (b - a) // shape[axis]
+            out[a - start : b - start] = rows
         else:
-            columns = np.empty((shape[0], b - a), piece.dtype)
-            _transpose_into(columns, rows)
-            yield (slice(None), slice(a, b)), columns, piece.source_bytes * (b - a) // shape[axis]
+            _transpose_into(out[:, a - start : b - start], rows)
+        progress(piece.source_bytes * (b - a) // extent)
+    return out
 
 
 def _source_files(ckpt: CheckpointDir) -> list[str]:
@@ -482,7 +543,7 @@ def convert(
     mtp: bool | None = None,
     progress: bool = True,
 ) -> dict:
-    """Converts HF_DIR into OUT_DIR (which must not exist). Returns the metadata written."""
+    """Converts HF_DIR into OUT_DIR (which must not exist), one orbax item at a time. Returns the metadata."""
     input_dir = os.path.abspath(input_dir)
     ckpt = CheckpointDir(input_dir)
     hf_config = _read_hf_config(input_dir)
@@ -496,16 +557,15 @@ def convert(
                 total=plan.source_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="dwdp-convert",
                 disable=not progress, mininterval=1.0, file=sys.stderr,
             ) as bar:
-                for piece in plan.pieces:
-                    writer.create(piece.key, piece.shape, piece.dtype, piece.chunk_shape)
-                    for index, array, nbytes in _chunk_stream(piece, reader, fp8_layout):
-                        writer.write(piece.key, index, array)
-                        bar.update(nbytes)
+                for item in plan.items:
+                    arrays = {piece.path: read_slab(piece, a, b, reader, fp8_layout, bar.update)
+                              for piece, a, b in item.slabs}
+                    writer.save_item(item.name, arrays)
+                    del arrays
             metadata = _metadata(plan, input_dir, hf_config, hashes.result(), placement_source)
         finally:
             stop.set()
-        writer.write_json("config.json", _output_hf_config(hf_config, plan.cfg))
-        writer.commit(metadata)
+        writer.commit(metadata, {"config.json": _output_hf_config(hf_config, plan.cfg)})
     return metadata
 
 
@@ -524,6 +584,7 @@ def _metadata(plan: Plan, input_dir: str, hf_config: dict, files: list[dict], pl
         "format": checkpoint.FORMAT,
         "format_version": checkpoint.FORMAT_VERSION,
         "converter": {"name": "dwdp_jax.convert", "version": CONVERTER_VERSION},
+        "orbax_checkpoint_version": ocp.__version__,
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "source": {"path": input_dir, "files": files, "ignored_tensors": plan.ignored},
         "hf_config": hf_config,
@@ -535,6 +596,8 @@ def _metadata(plan: Plan, input_dir: str, hf_config: dict, files: list[dict], pl
         "mtp": plan.mtp,
         "source_bytes": plan.source_bytes,
         "output_bytes": plan.output_bytes,
+        "item_bytes": plan.item_bytes,
+        "items": [dict(name=item.name, group=item.group, bytes=item.nbytes) for item in plan.items],
         "params": plan.params,
     }
 
@@ -543,9 +606,11 @@ def _metadata(plan: Plan, input_dir: str, hf_config: dict, files: list[dict], pl
 
 
 def verify(output_dir: str, input_dir: str | None = None, *, check_hashes: bool = True, progress: bool = True) -> dict:
-    """Re-derives every stored tensor from the source (`weights.hf_source` + `weights.assemble`) and compares
-    it bit-exactly; also checks that the source files still have the recorded sizes and sha256 and that the
-    stored arrays are exactly the planned ones. Raises VerifyError naming the array; returns a summary."""
+    """Restores every item through orbax (on the host, one at a time) and compares it bit-exactly with the
+    tensors re-derived from the source (`weights.hf_source` + `weights.assemble`); also checks that the source
+    files still have the recorded sizes and sha256 and that the stored parameters and items are exactly the
+    planned ones. Raises VerifyError naming the item and array; returns a summary."""
+    output_dir = os.path.abspath(output_dir)
     meta = checkpoint.read_metadata(output_dir)
     input_dir = os.path.abspath(input_dir or meta["source"]["path"])
     ckpt = CheckpointDir(input_dir)
@@ -560,7 +625,8 @@ def verify(output_dir: str, input_dir: str | None = None, *, check_hashes: bool 
                 )
     placement = Placement.from_json_dict(meta["placement"]) if meta["placement"] else None
     plan = make_plan(ckpt, _read_hf_config(input_dir), dtype_policy=meta["dtype_policy"],
-                     group_size=meta["group_size"], placement=placement, mtp=meta["mtp"])
+                     group_size=meta["group_size"], placement=placement, mtp=meta["mtp"],
+                     item_bytes=meta["item_bytes"])
     stored = {p["key"]: p for p in meta["params"]}
     planned = {p["key"]: p for p in plan.params}
     odd = sorted(set(stored) ^ set(planned))
@@ -569,57 +635,50 @@ def verify(output_dir: str, input_dir: str | None = None, *, check_hashes: bool 
     for key, p in planned.items():
         if p["arrays"] != stored[key]["arrays"] or p["dtype"] != stored[key]["dtype"]:
             raise VerifyError(f"{output_dir}: parameter {key}: stored arrays differ from the planned ones")
-    expected = {piece.key for piece in plan.pieces}
-    odd = sorted(set(os.listdir(os.path.join(output_dir, checkpoint.ARRAYS_DIR))) ^ expected)
+    expected = {item.name for item in plan.items}
+    on_disk = {d for d in os.listdir(output_dir)
+               if os.path.isdir(os.path.join(output_dir, d)) and d != checkpoint.METADATA_ITEM}
+    odd = sorted(on_disk ^ expected)
     if odd:
-        raise VerifyError(f"{output_dir}: array {odd[0]} is {'missing' if odd[0] in expected else 'unexpected'}")
+        raise VerifyError(f"{output_dir}: item {odd[0]} is {'missing' if odd[0] in expected else 'unexpected'}")
 
     fp8_layout = plan.cfg.weight_block_size is not None
-    compared = 0
+    reference = (None, None)  # (piece key, whole stored array): a piece's slabs lie in consecutive items
     with SourceReader(ckpt, plan.source_cfg.weight_block_size) as reader, tqdm(
         total=plan.output_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="dwdp-verify",
         disable=not progress, mininterval=1.0, file=sys.stderr,
     ) as bar:
-        for piece in plan.pieces:
-            entry = piece.array_entry()
-            where = os.path.join(output_dir, checkpoint.ARRAYS_DIR, piece.key)
+        for item in plan.items:
+            where = os.path.join(output_dir, item.name)
             try:
-                store = checkpoint.open_array(output_dir, entry)
+                restored = checkpoint.restore_items(
+                    output_dir, {item.name: {piece.path: ocp.RestoreArgs(restore_type=np.ndarray)
+                                             for piece, _, _ in item.slabs}})[item.name]
             except CheckpointError as e:
                 raise VerifyError(str(e)) from e
-            if piece.experts is not None:
-                for slot, expert in enumerate(piece.experts):
-                    ref = _reference(piece, weights.hf_source(piece.path, plan.cfg, [expert]), reader, fp8_layout)
-                    _compare(where, f"expert {expert} (slot {slot})", _read(store, (slice(slot, slot + 1),), where), ref)
-                    bar.update(ref.nbytes)
-            else:
-                ref = _reference(piece, piece.source, reader, fp8_layout)
-                if ref.ndim < 2:
-                    _compare(where, "all", _read(store, (slice(None),) * ref.ndim, where), ref)
+            for piece, a, b in item.slabs:
+                got = restored[piece.path]
+                if piece.experts is not None:
+                    for slot in range(a, b):
+                        expert = piece.experts[slot]
+                        ref = _reference(piece, weights.hf_source(piece.path, plan.cfg, [expert]), reader, fp8_layout)
+                        _compare(f"{where}: {piece.key}", f"expert {expert} (slot {slot})",
+                                 got[slot - a : slot - a + 1], ref)
                 else:
-                    axis = 0 if piece.source.kind == "copy" else 1
-                    step = piece.chunk_shape[axis]
-                    for a in range(0, ref.shape[axis], step):
-                        b = min(a + step, ref.shape[axis])
-                        index = (slice(None),) * axis + (slice(a, b),)
-                        what = f"{'rows' if axis == 0 else 'columns'} {a}:{b}"
-                        _compare(where, what, _read(store, index, where), ref[index])
-                bar.update(ref.nbytes)
-            compared += 1
-    return {"arrays": compared, "bytes": plan.output_bytes, "source_bytes": plan.source_bytes}
+                    if reference[0] != piece.key:
+                        reference = (piece.key, _reference(piece, piece.source, reader, fp8_layout))
+                    index = (slice(None),) * piece.axis + (slice(a, b),)
+                    what = f"{'rows' if piece.axis == 0 else 'columns'} {a}:{b}"
+                    _compare(f"{where}: {piece.key}", what, got, reference[1][index])
+                bar.update(got.nbytes)
+    return {"arrays": len(plan.pieces), "items": len(plan.items), "bytes": plan.output_bytes,
+            "source_bytes": plan.source_bytes}
 
 
 def _reference(piece: Piece, src: weights.Source, reader: SourceReader, fp8_layout: bool) -> np.ndarray:
     """What the stored array (or one expert of it) must hold, built by the HF loader's `weights.assemble`."""
     array = weights.assemble(src, reader, keep_fp8=not piece.dequantize, block=reader.block, fp8_experts=fp8_layout)
     return array.astype(piece.dtype, copy=False)
-
-
-def _read(store, index, where) -> np.ndarray:
-    try:
-        return store[index].read().result()
-    except ValueError as e:  # checksum mismatch, truncated chunk
-        raise VerifyError(f"{where}: cannot read stored data: {e}") from e
 
 
 def _compare(where: str, what: str, got: np.ndarray, ref: np.ndarray):
@@ -654,7 +713,8 @@ def inspect(
         meta = checkpoint.read_metadata(path)
         params = meta["params"]
         header = (f"{path}: converted checkpoint (dtype_policy={meta['dtype_policy']}, group_size="
-                  f"{meta['group_size']}, placement={meta['placement_source']}, mtp={meta['mtp']})")
+                  f"{meta['group_size']}, placement={meta['placement_source']}, mtp={meta['mtp']}; orbax composite"
+                  f" checkpoint of {len(meta['items'])} items)")
     else:
         ckpt = CheckpointDir(path)
         plan = make_plan(ckpt, _read_hf_config(path), dtype_policy=dtype_policy, group_size=group_size,
@@ -662,13 +722,16 @@ def inspect(
         params = plan.params
         files = len(ckpt.shards)
         header = (f"{path}: HF checkpoint, {len(ckpt.names())} tensors in {files} shard(s); conversion with"
-                  f" dtype_policy={dtype_policy}, group_size={plan.group_size}, mtp={plan.mtp}"
+                  f" dtype_policy={dtype_policy}, group_size={plan.group_size}, mtp={plan.mtp}, into"
+                  f" {len(plan.items)} orbax items of at most {_fmt_bytes(plan.item_bytes)}"
                   + (f"; {len(plan.ignored)} tensors not converted" if plan.ignored else ""))
     lines = [header, f"{'parameter':<48} {'kind':<15} {'shape':<22} {'dtype':<14} {'source':<14} {'bytes':>11}  arrays"]
     totals: dict[str, list] = {}
     for p in params:
         out_bytes = sum(_prod(a["shape"]) * np.dtype(a["dtype"]).itemsize for a in p["arrays"])
         arrays = f"{len(p['arrays'])} ranks" if len(p["arrays"]) > 1 else "1"
+        slabs = sum(len(a["slabs"]) for a in p["arrays"])
+        arrays += f", {slabs} slabs" if slabs > len(p["arrays"]) else ""
         lines.append(f"{p['key']:<48} {p['kind']:<15} {str(p['shape']):<22} {p['dtype']:<14} {p['source_dtype']:<14}"
                      f" {_fmt_bytes(out_bytes):>11}  {arrays}")
         t = totals.setdefault(p["kind"], [0, 0, 0])
@@ -755,7 +818,7 @@ def main(argv) -> int:
                   f"{_fmt_bytes(meta['output_bytes'])} from {_fmt_bytes(meta['source_bytes'])} of source")
         if FLAGS.verify:
             summary = verify(FLAGS.output, FLAGS.input, progress=FLAGS.progress)
-            print(f"dwdp-convert: verified {FLAGS.output}: {summary['arrays']} arrays, "
+            print(f"dwdp-convert: verified {FLAGS.output}: {summary['arrays']} arrays in {summary['items']} items, "
                   f"{_fmt_bytes(summary['bytes'])} bit-exact with the source")
         return 0
     except (ValueError, OSError) as e:  # CheckpointError, ConfigError, PlacementError are ValueErrors

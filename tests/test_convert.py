@@ -1,4 +1,5 @@
-"""The HF -> dwdp_jax checkpoint converter: round trips, per-rank restore, --inspect, --verify, and every error.
+"""The HF -> dwdp_jax checkpoint converter: an orbax checkpoint (restored by orbax itself), round trips, items
+and slabs, per-rank restore, --inspect, --verify, and every error.
 
 The per-rank tests need 8 host devices: run with XLA_FLAGS=--xla_force_host_platform_device_count=8 (set here
 too, which takes effect when this module is the first to start JAX).
@@ -18,6 +19,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
 import pytest  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx, traverse_util  # noqa: E402
@@ -154,6 +156,48 @@ def test_round_trip_logits(ckpts, converted, source, dtype):
         assert np.abs(got - torch_ref).max() / np.abs(torch_ref).max() <= 1e-4
 
 
+def test_orbax_alone_restores_the_checkpoint(ckpts, converted):
+    """The output is an orbax composite checkpoint (OCDBT items): orbax's public API, without our code, restores
+    the metadata record and any item, onto a chosen device; the arrays are the model's parameters."""
+    out = converted["fp8"]
+    meta = checkpoint.read_metadata(out)
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION and meta["converter"]["version"] == convert.CONVERTER_VERSION
+    assert meta["dtype_policy"] == "keep_fp8" and meta["group_size"] == 2
+    assert Placement.from_json_dict(meta["placement"]) == Placement.contiguous(2, 8, 2)
+    with open(os.path.join(ckpts["fp8"], "config.json")) as f:
+        assert meta["hf_config"] == json.load(f)
+    source = {f["name"]: f for f in meta["source"]["files"]}
+    assert source["model.safetensors"]["bytes"] == os.path.getsize(os.path.join(ckpts["fp8"], "model.safetensors"))
+    assert len(source["model.safetensors"]["sha256"]) == 64
+    names = [i["name"] for i in meta["items"]]
+    assert {"embed.part0", "head.part0", "layers.0.part0", "layers.1.experts.rank1.part0"} <= set(names)
+    assert all(os.path.isfile(os.path.join(out, n, "manifest.ocdbt")) for n in names)
+
+    ref = _flat(load_model(ckpts["fp8"], dtype=jnp.float32))
+    device = jax.devices()[1]
+    experts = "layers.1.experts.rank1.part0"
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as orbax:
+        plain = orbax.restore(out, args=ocp.args.Composite(
+            dwdp_metadata=ocp.args.JsonRestore(), **{"layers.0.part0": ocp.args.PyTreeRestore(),
+                                                       experts: ocp.args.PyTreeRestore()}))
+        on_device = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=jax.sharding.SingleDeviceSharding(device)),
+                                 plain[experts])
+        placed = orbax.restore(out, args=ocp.args.Composite(**{experts: ocp.args.PyTreeRestore(restore_args=on_device)}))
+    assert plain["dwdp_metadata"] == meta
+    layer0 = traverse_util.flatten_dict(plain["layers.0.part0"])
+    assert len(layer0) > 10
+    for key, value in layer0.items():
+        path = ("layers", 0) + key[2:]
+        np.testing.assert_array_equal(np.asarray(value, np.float32), np.asarray(ref[path], np.float32), str(path))
+    for key, value in traverse_util.flatten_dict(placed[experts]).items():
+        path = ("layers", 1) + key[2:]
+        assert value.devices() == {device}
+        np.testing.assert_array_equal(np.asarray(value).view(np.uint8), np.asarray(ref[path])[4:].view(np.uint8))
+    with ocp.StandardCheckpointer() as orbax:
+        embed = orbax.restore(os.path.join(out, "embed.part0"))["embed_tokens"]
+    np.testing.assert_array_equal(np.asarray(embed, np.float32), np.asarray(ref[("embed_tokens",)], np.float32))
+
+
 def test_fp32_and_two_shard_round_trip(ckpts, converted, tmp_path):
     ref = load_model(ckpts["fp32"], dtype=jnp.float32)
     _assert_same_params(load_model(converted["fp32"], dtype=jnp.float32), ref)
@@ -178,18 +222,43 @@ def test_bf16_policy_matches_dequantizing_loader(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("policy", ["keep_fp8", "bf16"])
-def test_many_chunks_per_array(ckpts, tmp_path, monkeypatch, policy):
-    """Tiny chunks: copies split by rows, transposes by columns, dequantized slabs in whole FP8 blocks."""
+def test_small_items_split_arrays_into_slabs(ckpts, tmp_path, monkeypatch, policy):
+    """Tiny items: copies split by rows, transposes by columns (whole FP8 blocks when dequantizing), experts by
+    expert; each slab is a leaf of its own item and the restore concatenates them, on the host and on a device."""
+    monkeypatch.setattr(convert, "ITEM_BYTES", 2048)
     monkeypatch.setattr(convert, "CHUNK_BYTES", 300)
     out = tmp_path / "out"
-    assert _cli(f"--input={ckpts['fp8']}", f"--output={out}", f"--dtype_policy={policy}", "--verify") == 0
-    arrays = {p["key"]: p["arrays"][0] for p in checkpoint.read_metadata(out)["params"]}
-    assert arrays["embed_tokens"]["chunk_shape"][0] < hf.BASE["vocab_size"]
-    q_b = arrays["layers.0.self_attn.q_b_proj.kernel"]
-    assert q_b["chunk_shape"][1] < q_b["shape"][1] and (policy == "keep_fp8" or q_b["chunk_shape"][1] % 16 == 0)
+    assert _cli(f"--input={ckpts['fp8']}", f"--output={out}", f"--dtype_policy={policy}", "--group_size=2",
+                "--verify") == 0
+    meta = checkpoint.read_metadata(out)
+    arrays = {p["key"]: p["arrays"] for p in meta["params"]}
+    embed, lm_head = arrays["embed_tokens"][0], arrays["lm_head.kernel"][0]
+    for array, axis in ((embed, 0), (lm_head, 1)):
+        slabs = array["slabs"]
+        assert array["axis"] == axis and len(slabs) > 1 and len({s["item"] for s in slabs}) == len(slabs)
+        assert [s["start"] for s in slabs] == [0] + [s["stop"] for s in slabs][:-1]
+        assert slabs[-1]["stop"] == array["shape"][axis]
+    if policy == "bf16":
+        q_b = arrays["layers.0.self_attn.q_b_proj.kernel"][0]  # dequantized in whole 16-row source blocks
+        assert q_b["axis"] == 1 and len(q_b["slabs"]) > 1 and all(s["start"] % 16 == 0 for s in q_b["slabs"])
+        w_down = arrays["layers.2.mlp.experts.w_down"][1]
+        assert w_down["rank"] == 1 and len(w_down["slabs"]) > 1
+        assert all(s["item"].startswith("layers.2.experts.rank1.part") for s in w_down["slabs"])
+    leaves = checkpoint.item_leaves(meta)  # an item exceeds the budget only with a single row, column or expert
+    assert all(i["bytes"] <= 2048 or len(leaves[i["name"]]) == 1 for i in meta["items"])
+
     dequantize = policy == "bf16"
-    ref = load_model(ckpts["fp8"], dtype=jnp.bfloat16 if dequantize else jnp.float32, dequantize=dequantize)
-    _assert_same_params(load_model(str(out), dtype=jnp.bfloat16 if dequantize else jnp.float32), ref)
+    dtype = jnp.bfloat16 if dequantize else jnp.float32
+    full = load_model(ckpts["fp8"], dtype=dtype, dequantize=dequantize)
+    _assert_same_params(load_model(str(out), dtype=dtype), full)
+    device = jax.devices()[-1]
+    ids_fn, n_local = checkpoint.rank_experts(meta, 1)
+    rank1 = load_model(str(out), dtype=dtype, expert_ids=ids_fn, n_local_experts=n_local, device=device)
+    got, ref = rank1.layers[2].mlp.experts.w_down[...], full.layers[2].mlp.experts.w_down[...]
+    assert got.devices() == {device}
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(ref)[ids_fn(2)].view(np.uint8))
+    np.testing.assert_array_equal(np.asarray(rank1.embed_tokens[...]).view(np.uint8),
+                                  np.asarray(full.embed_tokens[...]).view(np.uint8))
 
 
 def test_dequantize_request_on_fp8_checkpoint_is_refused(converted):
@@ -247,11 +316,11 @@ def test_per_rank_restore_reads_only_its_experts(ckpts, tmp_path, source, g, kin
         assert _cli(f"--input={ckpts[source]}", f"--output={out}", f"--placement={tmp_path / 'placement.json'}") == 0
     assert Placement.from_json_dict(checkpoint.read_metadata(out)["placement"]) == placement
     for rank in range(g):
-        # A copy holding only this rank's expert arrays: the restore must not need any other rank's files.
+        # A copy holding only this rank's expert items: the restore must not need any other rank's files.
         mine = tmp_path / f"rank{rank}"
         shutil.copytree(out, mine)
-        for d in glob.glob(str(mine / "arrays" / "*.rank*")):
-            if not d.endswith(f".rank{rank}"):
+        for d in glob.glob(str(mine / "*.experts.rank*")):
+            if f".experts.rank{rank}.part" not in d:
                 shutil.rmtree(d)
         expert_ids = lambda layer, rank=rank: placement.local_experts(layer - cfg.first_k_dense_replace, rank)
         n_local = len(expert_ids(cfg.first_k_dense_replace))
@@ -293,49 +362,55 @@ def test_inspect_lists_parameters_and_writes_nothing(ckpts, converted, tmp_path,
     assert "converted checkpoint" in capsys.readouterr().out
 
 
-def _chunk_file(out, key):
-    files = sorted(f for f in glob.glob(os.path.join(out, "arrays", key, "c", "**"), recursive=True)
-                   if os.path.isfile(f))
-    return files[0]
+def _data_file(out, item):
+    """The largest OCDBT data file of an item (its array bytes)."""
+    files = [f for f in glob.glob(os.path.join(out, item, "**"), recursive=True) if os.path.isfile(f)]
+    return max(files, key=os.path.getsize)
 
 
 def test_verify_passes_then_catches_corruption(ckpts, converted, tmp_path, capsys):
     assert _cli(f"--input={ckpts['fp8']}", f"--output={converted['fp8']}", "--verify") == 0
     assert "bit-exact" in capsys.readouterr().out
 
-    # A flipped byte: the chunk checksum fails.
+    # A flipped byte in an item's data: orbax keeps no checksum of array bytes; the comparison catches it.
     flipped = tmp_path / "flipped"
     shutil.copytree(converted["fp8"], flipped)
-    chunk = pathlib.Path(_chunk_file(flipped, "layers.1.mlp.experts.w_gate_up.rank0"))
+    chunk = pathlib.Path(_data_file(flipped, "layers.1.experts.rank0.part0"))
     data = bytearray(chunk.read_bytes())
-    data[5] ^= 0xFF
+    data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     assert _cli(f"--input={ckpts['fp8']}", f"--output={flipped}", "--verify") == 1
-    assert "layers.1.mlp.experts.w_gate_up.rank0" in capsys.readouterr().err
-    with pytest.raises(CheckpointError, match="w_gate_up.rank0"):
-        load_model(str(flipped))
+    err = capsys.readouterr().err
+    assert "layers.1.experts.rank0.part0" in err and "differ from the source" in err
 
-    # Different but well-formed data (valid checksum): the comparison with the source fails.
+    # A well-formed item with different data (saved by orbax itself): the comparison with the source fails.
     rewritten = tmp_path / "rewritten"
     shutil.copytree(converted["fp8"], rewritten)
-    import tensorstore as ts
-
-    store = ts.open(checkpoint._spec(str(rewritten / "arrays" / "layers.0.self_attn.o_proj.kernel")), open=True).result()
-    value = store.read().result()
-    value[0, 0] = -value[0, 0] if value[0, 0] != 0 else np.float32(1).astype(value.dtype)
-    store.write(value).result()
+    item = rewritten / "layers.0.part0"
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as orbax:
+        tree = orbax.restore(item)
+        kernel = np.asarray(tree["layers"]["0"]["self_attn"]["o_proj"]["kernel"]).copy()
+        kernel[0, 0] = -kernel[0, 0] if kernel[0, 0] != 0 else np.float32(1).astype(kernel.dtype)
+        tree["layers"]["0"]["self_attn"]["o_proj"]["kernel"] = kernel
+        shutil.rmtree(item)
+        orbax.save(item, args=ocp.args.PyTreeSave(tree))
     assert _cli(f"--input={ckpts['fp8']}", f"--output={rewritten}", "--verify") == 1
     err = capsys.readouterr().err
     assert "layers.0.self_attn.o_proj.kernel" in err and "differ from the source" in err
 
-    # A missing chunk file (zarr would read zeros): restore and verify refuse.
+    # A missing data file: restore and verify refuse, naming the item.
     holed = tmp_path / "holed"
     shutil.copytree(converted["fp8"], holed)
-    os.remove(_chunk_file(holed, "layers.2.mlp.experts.w_down.rank1"))
-    with pytest.raises(CheckpointError, match="chunk files"):
+    os.remove(_data_file(holed, "layers.2.experts.rank1.part0"))
+    with pytest.raises(CheckpointError, match="layers.2.experts.rank1.part0"):
         load_model(str(holed))
     assert _cli(f"--input={ckpts['fp8']}", f"--output={holed}", "--verify") == 1
-    assert "w_down.rank1" in capsys.readouterr().err
+    assert "layers.2.experts.rank1.part0" in capsys.readouterr().err
+
+    # A missing item directory.
+    shutil.rmtree(holed / "layers.2.experts.rank1.part0")
+    assert _cli(f"--input={ckpts['fp8']}", f"--output={holed}", "--verify") == 1
+    assert "item layers.2.experts.rank1.part0 is missing" in capsys.readouterr().err
 
 
 def test_verify_detects_a_changed_source(ckpts, converted, tmp_path, capsys):
