@@ -134,16 +134,20 @@ class MoE(nnx.Module):
     def route(self, x_td):
         return route(x_td, self.router[...], self.bias[...], self.cfg)
 
-    def __call__(self, x_bsd, executor: ExpertExecutor, stats: dict | None = None):
+    def apply(self, x_bsd, expert_ids_tk, weights_tk, executor: ExpertExecutor):
+        """Routed experts (as already routed: [b*s, k] ids and weights) plus shared experts: [b, s, d]."""
         b, s, d = x_bsd.shape
         x_td = x_bsd.reshape(b * s, d)
-        expert_ids, weights = self.route(x_td)
-        if stats is not None:
-            stats["expert_counts"] = expert_histogram(expert_ids, self.cfg.n_routed_experts)
-        y = executor(x_td, expert_ids, weights, self.experts.weights())
+        y = executor(x_td, expert_ids_tk, weights_tk, self.experts.weights())
         if self.shared is not None:
             y = y + self.shared(x_td)
         return y.reshape(b, s, d)
+
+    def __call__(self, x_bsd, executor: ExpertExecutor, stats: dict | None = None):
+        expert_ids, weights = self.route(x_bsd.reshape(-1, x_bsd.shape[-1]))
+        if stats is not None:
+            stats["expert_counts"] = expert_histogram(expert_ids, self.cfg.n_routed_experts)
+        return self.apply(x_bsd, expert_ids, weights, executor)
 
 
 @jax.tree_util.register_dataclass
@@ -276,6 +280,15 @@ class Block(nnx.Module):
         """Residual MLP/MoE half."""
         h = self.post_attention_layernorm(x)
         return x + (self.mlp(h, executor, stats) if self.is_moe else self.mlp(h))
+
+    def route(self, x):
+        """MoE layers: the router's choice for the FFN half's input x [b, s, d]: ([b*s, k] ids, weights)."""
+        h = self.post_attention_layernorm(x)
+        return self.mlp.route(h.reshape(-1, h.shape[-1]))
+
+    def ffn_routed(self, x, expert_ids_tk, weights_tk, executor: ExpertExecutor):
+        """MoE layers: the residual FFN half with the routing already decided (`route`)."""
+        return x + self.mlp.apply(self.post_attention_layernorm(x), expert_ids_tk, weights_tk, executor)
 
     def __call__(self, x, positions, executor, kv=None, absorbed=False, stats=None):
         x, kv = self.attention(x, positions, kv, absorbed)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from typing import Sequence
 
 import jax
@@ -29,26 +30,58 @@ from flax import nnx
 
 from dwdp_jax.config import ModelConfig
 from dwdp_jax.experts import ExpertWeights, split_weight_ffn
+from dwdp_jax.routing import expert_histogram
 from dwdp_jax.model import Block, DeepseekV3, LayerKV
 from dwdp_jax.parallel.fetch import DevicePutFetch, FetchBackend
 from dwdp_jax.parallel.threads import run_in_threads
 from dwdp_jax.planner.placement import Placement
+from dwdp_jax.planner.policies import FetchPlan, FetchPolicy, account, plan_fetch
+from dwdp_jax.planner.stats import RouterStats
 
 
 @dataclasses.dataclass(frozen=True)
 class DwdpConfig:
-    """Group size, prefetch depth (layers ahead) and the fetch backend."""
+    """How a DWDP group runs.
+
+    group_size: ranks (GPUs) in the group.
+    prefetch_depth: MoE layers fetched ahead of compute; 0 fetches each layer right before it runs (the
+      "no prefetch" ablation: nothing overlaps).
+    staggered: rank-rotated source order (rank r reads r+1, r+2, ...); False: every rank reads peers 0, 1, ...
+    expert_backend: 'jnp' (ragged_dot, any platform) or 'pallas' (Mosaic GPU grouped GEMM).
+    policy: None fetches every remote expert as whole peer buffers (the paper's default; no host sync). A
+      `FetchPolicy` switches to planned fetches: per layer the planner picks remote experts from this rank's
+      router statistics; after the router runs, the host reads which experts were routed and fetches the
+      misses on demand before the expert GEMMs (correct, counted, but a host sync per MoE layer).
+    staging_budget_experts: planned fetches: most experts prefetched per layer (None: no cap).
+    merge_copy: ablation of split-weight management: copy local and staged experts into one buffer before
+      the grouped GEMM (what DWDP avoids).
+    stats_decay: per-step decay of the router statistics the planner reads.
+    """
 
     group_size: int
     prefetch_depth: int = 1
-    staggered: bool = True  # rank-rotated source order; False: every rank reads peers 0, 1, ... in order
-    expert_backend: str = "jnp"  # 'jnp' (ragged_dot, any platform) or 'pallas' (Mosaic GPU grouped GEMM)
+    staggered: bool = True
+    expert_backend: str = "jnp"
+    policy: FetchPolicy | None = None
+    staging_budget_experts: int | None = None
+    merge_copy: bool = False
+    stats_decay: float = 0.9
 
     def __post_init__(self):
         if self.group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {self.group_size}")
         if self.prefetch_depth < 0:
             raise ValueError(f"prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        if self.expert_backend not in ("jnp", "pallas"):
+            raise ValueError(f"expert_backend must be 'jnp' or 'pallas', got {self.expert_backend!r}")
+        if self.staging_budget_experts is not None and self.policy is None:
+            raise ValueError("staging_budget_experts needs a planner policy (policy=FetchPolicy(...))")
+        if self.staging_budget_experts is not None and self.staging_budget_experts < 0:
+            raise ValueError(f"staging_budget_experts must be >= 0, got {self.staging_budget_experts}")
+
+    @property
+    def planned(self) -> bool:
+        return self.policy is not None
 
 
 def source_order(rank: int, group_size: int, staggered: bool = True) -> list[int]:
@@ -89,23 +122,51 @@ def slot_map(placement: Placement, moe_layer: int, rank: int, peers: Sequence[in
     return SlotMap(jnp.asarray(buffer), jnp.asarray(slot)), used
 
 
-def _layer_step(graphdef, state, buffers, slots, x, positions, kv, absorbed, backend):
+def _executor(buffers, slots: SlotMap, backend: str, merge_copy: bool):
+    """The expert executor of a DWDP layer: local buffer (the layer's own) plus staged peer buffers."""
+
+    def executor(x_td, ids, weights, local: ExpertWeights):
+        parts = [local, *buffers]
+        if merge_copy:  # ablation: one merged buffer, as without split-weight management
+            offsets = jnp.asarray(np.cumsum([0] + [p.num_experts for p in parts[:-1]]), jnp.int32)
+            merged = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+            return split_weight_ffn(x_td, ids, weights, [merged], jnp.zeros_like(slots.buffer),
+                                    offsets[slots.buffer] + slots.slot, backend=backend)
+        return split_weight_ffn(x_td, ids, weights, parts, slots.buffer, slots.slot, backend=backend)
+
+    return executor
+
+
+def _layer_step(graphdef, state, buffers, slots, x, positions, kv, absorbed, backend, merge_copy=False):
     """One decoder layer on one rank (jit-compiled per layer shape). Returns (x, kv, expert_counts)."""
     layer: Block = nnx.merge(graphdef, state)
     x, kv = layer.attention(x, positions, kv, absorbed)
     stats = {}
     if layer.is_moe:
-
-        def executor(x_td, ids, weights, local: ExpertWeights):
-            return split_weight_ffn(x_td, ids, weights, [local, *buffers], slots.buffer, slots.slot, backend=backend)
-
-        x = layer.ffn(x, executor, stats)
+        x = layer.ffn(x, _executor(buffers, slots, backend, merge_copy), stats)
     else:
         x = layer.ffn(x, None)
     return x, kv, stats.get("expert_counts")
 
 
-_layer_step_jit = jax.jit(_layer_step, static_argnums=(0, 7, 8))
+def _route_step(graphdef, state, x, positions, kv, absorbed):
+    """Planned fetches, first half of a MoE layer: attention and the router.
+    Returns (x [b, s, d], kv, expert_ids [b*s, k], weights [b*s, k], expert_counts [E])."""
+    layer: Block = nnx.merge(graphdef, state)
+    x, kv = layer.attention(x, positions, kv, absorbed)
+    ids, weights = layer.route(x)
+    return x, kv, ids, weights, expert_histogram(ids, layer.mlp.cfg.n_routed_experts)
+
+
+def _expert_step(graphdef, state, buffers, slots, x, ids, weights, backend, merge_copy):
+    """Planned fetches, second half: routed experts (local + staged buffers) and shared experts."""
+    layer: Block = nnx.merge(graphdef, state)
+    return layer.ffn_routed(x, ids, weights, _executor(buffers, slots, backend, merge_copy))
+
+
+_layer_step_jit = jax.jit(_layer_step, static_argnums=(0, 7, 8, 9))
+_route_step_jit = jax.jit(_route_step, static_argnums=(0, 5))
+_expert_step_jit = jax.jit(_expert_step, static_argnums=(0, 7, 8))
 
 
 def _embed(state_graph, state, ids):
@@ -136,7 +197,15 @@ class _Head(nnx.Module):
 
 
 class DwdpRank:
-    """One rank: its weights on its device, and a forward pass that prefetches remote experts."""
+    """One rank: its weights on its device, and a forward pass that prefetches remote experts.
+
+    Counters (`self.counters`, summed over steps; `reset_counters()` clears them): prefetched_experts /
+    prefetched_bytes (copies issued ahead), miss_experts / miss_bytes (planned fetches: routed remote experts
+    not prefetched, fetched on demand), routed_remote_experts (distinct remote experts routed, per layer and
+    step), fetch_wait_s (host time blocked on copies before dispatching a layer: the exposed fetch as the
+    host sees it; 0 for backends whose copies XLA orders on the device, e.g. device_put).
+    `router_stats` holds this rank's decayed per-expert routing counts (the planner's input) and their trace.
+    """
 
     def __init__(self, cfg: ModelConfig, rank: int, device: jax.Device, head: _Head, layers: list[Block],
                  placement: Placement, dwdp: DwdpConfig, fetch: FetchBackend):
@@ -145,23 +214,118 @@ class DwdpRank:
         self.head_graph, self.head_state = nnx.split(head)
         self.layers = [nnx.split(layer) for layer in layers]
         self.expert_buffers = {i: layer.mlp.experts.weights() for i, layer in enumerate(layers) if layer.is_moe}
-        order = source_order(rank, dwdp.group_size, dwdp.staggered)
+        self.moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+        self.order = source_order(rank, dwdp.group_size, dwdp.staggered)
         self.slot_maps, self.fetch_peers = {}, {}
-        for i in range(cfg.num_layers):
-            if cfg.is_moe_layer(i):
-                slots, peers = slot_map(placement, i - cfg.first_k_dense_replace, rank, order)
-                self.slot_maps[i], self.fetch_peers[i] = jax.device_put(slots, device), peers
+        for i in self.moe_layers:
+            slots, peers = slot_map(placement, self._moe_index(i), rank, self.order)
+            self.slot_maps[i], self.fetch_peers[i] = jax.device_put(slots, device), peers
         self.group: list[DwdpRank] = []  # set by DwdpGroup
         self._carry = None  # staged fetches of the next step's first MoE layers
+        self.router_stats = RouterStats(rank, max(cfg.num_moe_layers, 1), cfg.n_routed_experts,
+                                        decay=dwdp.stats_decay)
+        self._pending_counts: list = []  # (moe index, device counts) not yet added to router_stats
+        self.counters: collections.Counter = collections.Counter()
+        any_buffer = next(iter(self.expert_buffers.values()), None)
+        self.expert_bytes = any_buffer.nbytes() // max(any_buffer.num_experts, 1) if any_buffer else 0  # with scales
+        self._slot_of = {(i, p): {int(e): j for j, e in enumerate(placement.local_experts(self._moe_index(i), p))}
+                         for i in self.moe_layers for p in range(dwdp.group_size)}  # (layer, holder) -> slot
+
+    def _moe_index(self, layer: int) -> int:
+        return layer - self.cfg.first_k_dense_replace
+
+    def reset_counters(self) -> None:
+        self.counters = collections.Counter()
 
     def local_experts(self, layer: int) -> ExpertWeights:
         """This rank's expert buffer of decoder layer `layer` (what peers copy from)."""
         return self.expert_buffers[layer]
 
     def issue_fetch(self, layer: int) -> list:
-        """Starts the copies of `layer`'s remote expert buffers, peers in this rank's source order; returns
-        the backend's staged handles (`self.fetch.ready(handle)` gives the weights)."""
-        return [self.fetch(self.group[p].local_experts(layer), self.device) for p in self.fetch_peers[layer]]
+        """Starts the copies of `layer`'s remote expert buffers (whole buffers), peers in this rank's source
+        order; returns the backend's staged handles (`self.fetch.ready(handle)` gives the weights)."""
+        handles = [self.fetch(self.group[p].local_experts(layer), self.device) for p in self.fetch_peers[layer]]
+        n = sum(self.group[p].local_experts(layer).num_experts for p in self.fetch_peers[layer])
+        self.counters["prefetched_experts"] += n
+        self.counters["prefetched_bytes"] += n * self.expert_bytes
+        return handles
+
+    # -- planned fetches ---------------------------------------------------------------------------------
+
+    def plan(self, layer: int, tokens: int, is_prefill: bool) -> FetchPlan:
+        """The planner's choice of `layer`'s remote experts for a step of `tokens` tokens (no prefetch at
+        depth 0: every routed remote expert is then fetched on demand)."""
+        policy = self.dwdp.policy
+        budget = 0 if self.dwdp.prefetch_depth == 0 else self.dwdp.staging_budget_experts
+        return plan_fetch(policy, layer=self._moe_index(layer), rank=self.rank, placement=self.placement,
+                          predicted_share=self.router_stats.predicted_share(self._moe_index(layer)),
+                          tokens_next_step=tokens, is_prefill=is_prefill, staging_budget_experts=budget,
+                          step=self.router_stats.step)
+
+    def _peer_slot(self, layer: int, peer: int, expert: int) -> int:
+        return self._slot_of[(layer, peer)][expert]
+
+    def issue_planned(self, layer: int, plan: FetchPlan) -> dict:
+        """Starts the plan's copies, one subset fetch per peer (every peer gets a staging buffer, so the layer
+        program's inputs keep one shape). Returns {"plan", "handles": {peer: handle}, "pos": {expert: (peer,
+        position)}, "filled": {peer: experts staged}}."""
+        by_peer = {p: [] for p in self.order}
+        for e, src in plan.fetches:
+            by_peer[src].append(e)
+        staged = dict(plan=plan, handles={}, pos={}, filled={})
+        for p in sorted(self.order, key=lambda q: (not by_peer[q], self.order.index(q))):  # plan order first
+            experts = sorted(by_peer[p], key=lambda e: self._peer_slot(layer, p, e))
+            slots = [self._peer_slot(layer, p, e) for e in experts]
+            staged["handles"][p] = self.fetch.subset(self.group[p].local_experts(layer), self.device, slots)
+            staged["pos"].update({e: (p, j) for j, e in enumerate(experts)})
+            staged["filled"][p] = len(experts)
+        self.counters["prefetched_experts"] += len(plan.fetches)
+        self.counters["prefetched_bytes"] += len(plan.fetches) * self.expert_bytes
+        return staged
+
+    def _serve_misses(self, layer: int, staged: dict, counts: np.ndarray) -> SlotMap:
+        """Fetches the routed remote experts the plan missed (on demand, into the same staging) and builds
+        the layer's slot map. Counts hits and misses."""
+        plan = staged["plan"]
+        routed = np.flatnonzero(counts)
+        acc = account(plan, routed)
+        self.counters["routed_remote_experts"] += len(acc.hits) + len(acc.misses)
+        self.counters["miss_experts"] += len(acc.misses)
+        self.counters["miss_bytes"] += len(acc.misses) * self.expert_bytes
+        by_peer: dict[int, list[int]] = {}
+        for e in acc.misses:
+            by_peer.setdefault(plan.source_of[e], []).append(e)
+        for p, experts in by_peer.items():
+            experts.sort(key=lambda e: self._peer_slot(layer, p, e))
+            offset = staged["filled"][p]
+            staged["handles"][p] = self.fetch.subset(self.group[p].local_experts(layer), self.device,
+                                                     [self._peer_slot(layer, p, e) for e in experts],
+                                                     into=staged["handles"][p], offset=offset)
+            staged["pos"].update({e: (p, offset + j) for j, e in enumerate(experts)})
+            staged["filled"][p] = offset + len(experts)
+        n = self.cfg.n_routed_experts
+        buffer, slot = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        for e, (p, j) in staged["pos"].items():
+            buffer[e], slot[e] = 1 + self.order.index(p), j
+        for j, e in enumerate(self.placement.local_experts(self._moe_index(layer), self.rank)):
+            buffer[e], slot[e] = 0, j
+        return jax.device_put(SlotMap(buffer, slot), self.device)
+
+    # -- the step ------------------------------------------------------------------------------------------
+
+    def _flush_counts(self) -> None:
+        """Adds the previous step's router histograms (device arrays, long done) to the statistics."""
+        for moe_index, counts in self._pending_counts:
+            self.router_stats.update(moe_index, np.asarray(counts))
+        if self._pending_counts:
+            self.router_stats.next_step()
+        self._pending_counts = []
+
+    def _wait(self, handles) -> list[ExpertWeights]:
+        t0 = time.perf_counter()
+        buffers = [self.fetch.ready(h) for h in handles]
+        self.counters["fetch_wait_s"] += time.perf_counter() - t0
+        return buffers
 
     def forward(self, token_ids, positions=None, kv: list[LayerKV] | None = None, absorbed: bool = False,
                 stats: list | None = None, last_only: bool = False):
@@ -170,46 +334,67 @@ class DwdpRank:
 
         Host loop over layers: issue layer l+depth's fetch, then dispatch layer l. JAX dispatch is
         asynchronous, so the host runs ahead of the device and the copies overlap earlier layers' compute.
-        After the last layer, the next step's first `depth` MoE layers are fetched (fetch-all needs the same
-        experts every step), so no step starts with an unhidden fetch.
+        Whole-buffer fetches (no policy): after the last layer, the next step's first `depth` MoE layers are
+        fetched (fetch-all needs the same experts every step), so no step starts with an unhidden fetch.
+        Planned fetches: each MoE layer runs as two programs (attention + router, then experts); between
+        them the host reads the routed experts, fetches the misses and builds the slot map.
         """
-        cfg = self.cfg
+        cfg, dw = self.cfg, self.dwdp
         # Step inputs are made on the host (or must already be on this rank's device): an array computed on
         # another device would order this rank's step after that device's queued work.
         if positions is None:
             positions = np.broadcast_to(np.arange(token_ids.shape[1], dtype=np.int32), token_ids.shape)
+        tokens, is_prefill = int(np.prod(token_ids.shape)), token_ids.shape[1] > 1
         token_ids, positions = jax.device_put((token_ids, positions), self.device)
-        moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
-        depth = self.dwdp.prefetch_depth
-        # The first `depth` MoE layers' fetches were issued at the end of the previous step (same experts).
-        staged = self._carry or collections.OrderedDict((j, self.issue_fetch(j)) for j in moe_layers[:depth])
+        self._flush_counts()
+        moe, depth = self.moe_layers, dw.prefetch_depth
+        issue = ((lambda j: self.issue_planned(j, self.plan(j, tokens, is_prefill))) if dw.planned
+                 else self.issue_fetch)
+        # Whole-buffer fetches of the first `depth` MoE layers were issued at the end of the previous step.
+        staged = self._carry or collections.OrderedDict((j, issue(j)) for j in moe[:depth])
         self._carry = None
         x = _embed_jit(self.head_graph, self.head_state, token_ids)
         new_kv = []
         for i in range(cfg.num_layers):
-            if cfg.is_moe_layer(i):
-                ahead = moe_layers.index(i) + depth
-                if ahead < len(moe_layers) and depth > 0:
-                    staged[moe_layers[ahead]] = self.issue_fetch(moe_layers[ahead])
-                pending = staged.pop(i) if depth > 0 else self.issue_fetch(i)
-                buffers = [self.fetch.ready(p) for p in pending]
-                slots = self.slot_maps[i]
-            else:
-                pending, buffers, slots = [], [], None
             graph, state = self.layers[i]
-            x, layer_kv, counts = _layer_step_jit(graph, state, buffers, slots, x, positions,
-                                                  None if kv is None else kv[i], absorbed, self.dwdp.expert_backend)
-            for p in pending:
-                self.fetch.consumed(p, x)
+            layer_kv_in = None if kv is None else kv[i]
+            if not cfg.is_moe_layer(i):
+                x, layer_kv, _ = _layer_step_jit(graph, state, [], None, x, positions, layer_kv_in, absorbed,
+                                                 dw.expert_backend, False)
+                new_kv.append(layer_kv)
+                continue
+            ahead = moe.index(i) + depth
+            if ahead < len(moe) and depth > 0:
+                staged[moe[ahead]] = issue(moe[ahead])
+            pending = staged.pop(i) if depth > 0 else issue(i)
+            if dw.planned:
+                x, layer_kv, ids, weights, counts = _route_step_jit(graph, state, x, positions, layer_kv_in,
+                                                                    absorbed)
+                counts_host = np.asarray(counts)  # host sync: which experts the router chose
+                self.router_stats.update(self._moe_index(i), counts_host)
+                slots = self._serve_misses(i, pending, counts_host)
+                handles = [pending["handles"][p] for p in self.order]
+                buffers = self._wait(handles)
+                x = _expert_step_jit(graph, state, buffers, slots, x, ids, weights, dw.expert_backend,
+                                     dw.merge_copy)
+            else:
+                handles = pending
+                buffers = self._wait(handles)
+                x, layer_kv, counts = _layer_step_jit(graph, state, buffers, self.slot_maps[i], x, positions,
+                                                      layer_kv_in, absorbed, dw.expert_backend, dw.merge_copy)
+                self._pending_counts.append((self._moe_index(i), counts))
+            for h in handles:
+                self.fetch.consumed(h, x)
             new_kv.append(layer_kv)
-            if stats is not None and counts is not None:
+            if stats is not None:
                 stats.append((i, counts))
-            del buffers, pending  # staging dies with its last reference (or returns to the backend's ring)
+            del buffers, handles, pending  # staging dies with its last reference (or returns to the ring)
+        if dw.planned:
+            self.router_stats.next_step()
         logits = _logits_jit(self.head_graph, self.head_state, x[:, -1:] if last_only else x)
-        if depth > 0:  # prefetch across steps: the next step's first MoE layers start copying now
-            self._carry = collections.OrderedDict((j, self.issue_fetch(j)) for j in moe_layers[:depth])
+        if depth > 0 and not dw.planned:  # prefetch across steps: the next step's first MoE layers
+            self._carry = collections.OrderedDict((j, issue(j)) for j in moe[:depth])
         return (logits, new_kv) if kv is not None else logits
-
 
     def compiled_programs(self, batch: int, seq: int) -> list[str]:
         """Compiled HLO text of this rank's per-layer step programs (for inspection: no collectives)."""

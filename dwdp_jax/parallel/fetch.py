@@ -7,6 +7,11 @@ A backend has three calls, all made from the destination rank's host thread:
     `device` (a backend that copies outside XLA's view makes the host wait for its copy here).
   * `consumed(staged, output)`: the program that read `staged` produced `output`; a backend that reuses
     staging memory must not overwrite it before `output` is ready.
+and, for the planner's partial fetches:
+  * `subset(src, device, slots, into=None, offset=0) -> staged`: start copying the experts `src[slots]` into
+    positions [offset, offset + len(slots)) of a staging buffer shaped like `src` (a new one, or `into`, a
+    handle this backend returned for the same layer and peer: how on-demand misses join the prefetched
+    experts). Staging keeps `src`'s full shape, so the programs that read it never recompile.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dwdp_jax.experts import ExpertWeights
 
@@ -30,11 +36,24 @@ class FetchBackend:
     def __call__(self, src: ExpertWeights, device: jax.Device):
         raise NotImplementedError
 
+    def subset(self, src: ExpertWeights, device: jax.Device, slots, into=None, offset: int = 0):
+        raise NotImplementedError(f"{type(self).__name__} cannot fetch a subset of experts")
+
     def ready(self, staged) -> ExpertWeights:
         return staged
 
     def consumed(self, staged, output) -> None:
         pass
+
+
+@jax.jit
+def _take_experts(src: ExpertWeights, slots) -> ExpertWeights:
+    return jax.tree.map(lambda a: a[slots], src)
+
+
+@jax.jit
+def _put_experts(base: ExpertWeights, part: ExpertWeights, offset) -> ExpertWeights:
+    return jax.tree.map(lambda b, p: jax.lax.dynamic_update_slice_in_dim(b, p, offset, 0), base, part)
 
 
 class DevicePutFetch(FetchBackend):
@@ -49,6 +68,14 @@ class DevicePutFetch(FetchBackend):
 
     def __call__(self, src: ExpertWeights, device: jax.Device) -> ExpertWeights:
         return jax.device_put(src, device)
+
+    def subset(self, src, device, slots, into=None, offset=0) -> ExpertWeights:
+        """Gathers src[slots] on the source device, moves exactly those bytes, writes them into staging."""
+        base = into if into is not None else jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=device), src)
+        if len(slots) == 0:
+            return base
+        part = jax.device_put(_take_experts(src, np.asarray(slots, np.int32)), device)
+        return _put_experts(base, part, np.int32(offset))
 
 
 class CachedFetch(FetchBackend):
@@ -66,6 +93,12 @@ class CachedFetch(FetchBackend):
         key = (id(src.w_gate_up), device)
         if key not in self.cache:
             self.cache[key] = (src, self.inner(src, device))  # keep src alive so its id stays unique
+        return self.cache[key][1]
+
+    def subset(self, src, device, slots, into=None, offset=0):
+        key = (id(src.w_gate_up), device, tuple(int(x) for x in slots), offset, None if into is None else id(into))
+        if key not in self.cache:
+            self.cache[key] = ((src, into), self.inner.subset(src, device, slots, into, offset))
         return self.cache[key][1]
 
 
@@ -109,10 +142,10 @@ class CopyEnginePull(FetchBackend):
             self._peer_enabled.add((dst, src))
 
     def __call__(self, src: ExpertWeights, device: jax.Device):
-        import cupy as cp
+        return self.subset(src, device, range(src.num_experts))
 
-        src_dev = next(iter(src.w_gate_up.devices()))
-        self._enable_peer(device.id, src_dev.id)
+    def _acquire(self, src: ExpertWeights, device: jax.Device, src_dev):
+        """The next ring slot of staging buffers for (device, source, shape), once its last reader is done."""
         key = (device.id, src_dev.id, src.w_gate_up.shape)
         n = self._calls.get(key, 0)
         self._calls[key] = n + 1
@@ -126,14 +159,30 @@ class CopyEnginePull(FetchBackend):
         bufs, last_output = ring[slot]
         if last_output is not None:
             jax.block_until_ready(last_output)  # the previous reader of this slot has finished
+        staged = ExpertWeights(bufs["w_gate_up"], bufs["w_down"], bufs.get("s_gate_up"), bufs.get("s_down"), src.block)
+        return key, slot, bufs, staged
+
+    def subset(self, src, device, slots, into=None, offset=0):
+        """One cudaMemcpyPeerAsync per field per run of consecutive source slots, on the destination stream."""
+        import cupy as cp
+
+        src_dev = next(iter(src.w_gate_up.devices()))
+        self._enable_peer(device.id, src_dev.id)
+        if into is None:
+            key, slot, bufs, staged = self._acquire(src, device, src_dev)
+        else:
+            key, slot, staged, _ = into
+            bufs = self._rings[key][slot][0]
         stream = self._stream(device)
         with cp.cuda.Device(device.id):
-            for f, dst in bufs.items():
-                s = getattr(src, f)
-                cp.cuda.runtime.memcpyPeerAsync(dst.unsafe_buffer_pointer(), device.id, s.unsafe_buffer_pointer(),
-                                                src_dev.id, s.size * s.dtype.itemsize, stream.ptr)
+            for first, start, length in _runs(list(slots), offset):
+                for f, dst in bufs.items():
+                    a = getattr(src, f)
+                    row = (a.size // a.shape[0]) * a.dtype.itemsize  # bytes per expert
+                    cp.cuda.runtime.memcpyPeerAsync(dst.unsafe_buffer_pointer() + start * row, device.id,
+                                                    a.unsafe_buffer_pointer() + first * row, src_dev.id,
+                                                    length * row, stream.ptr)
             event = stream.record()
-        staged = ExpertWeights(bufs["w_gate_up"], bufs["w_down"], bufs.get("s_gate_up"), bufs.get("s_down"), src.block)
         return (key, slot, staged, event)
 
     def ready(self, staged) -> ExpertWeights:
@@ -144,6 +193,17 @@ class CopyEnginePull(FetchBackend):
     def consumed(self, staged, output) -> None:
         key, slot, _, _ = staged
         self._rings[key][slot][1] = output
+
+
+def _runs(slots: list[int], offset: int) -> list[tuple[int, int, int]]:
+    """(first source slot, first staging position, length) of each run of consecutive source slots."""
+    runs = []
+    for i, s in enumerate(slots):
+        if runs and s == runs[-1][0] + runs[-1][2]:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, offset + i, 1])
+    return [tuple(r) for r in runs]
 
 
 def copy_engine_gbps(devices, nbytes=2 << 30, repeats=5) -> float:

@@ -262,3 +262,17 @@ def make_skew(
     squeeze = (lambda a: a[0]) if rank_mix == 0 else (lambda a: a)
     return SkewSpec(squeeze(bias), scales, squeeze(targets), squeeze(achieved), float(exponent))
 
+
+
+def apply_skew(model, spec: SkewSpec, rank: int | None = None) -> None:
+    """Installs a shared-skew spec (bias_le [L, E]) into a `DeepseekV3`'s MoE routers, in place: each MoE
+    layer's router is multiplied by `router_scale_l[l]` and its correction bias set to `bias_le[l]` (or
+    `bias_le[rank, l]` for a per-rank spec)."""
+    bias = spec.bias_le if spec.bias_le.ndim == 2 else spec.bias_le[rank if rank is not None else 0]
+    moe_layers = [layer for layer in model.layers if layer.is_moe]
+    if len(moe_layers) != bias.shape[0]:
+        raise ValueError(f"spec has {bias.shape[0]} MoE layers, the model {len(moe_layers)}")
+    for l, layer in enumerate(moe_layers):
+        moe = layer.mlp
+        moe.router[...] = moe.router[...] * float(spec.router_scale_l[l])
+        moe.bias[...] = jnp.asarray(bias[l], moe.bias[...].dtype)
