@@ -1,26 +1,44 @@
-"""Serve a workload end to end with one strategy (single device, DWDP, replicated DP or DEP) and record it.
+"""Serve a workload end to end and record it: colocated (one strategy on every device) or disaggregated.
 
-Per run: a model (a preset with random weights, or an HF checkpoint), one engine per rank (its own
-`Scheduler`, slot cache and host thread; DEP: one lockstep engine whose SPMD program spans all devices, each
-device with its own slot group), a warm-up, then one timed pass per `--concurrency` value with a progress
-bar, a summary table, and one results JSON (part `e2e`) under `--out`.
+Colocated (`--mode=colocated`, the default): single device, DWDP, replicated DP or DEP (`--strategy`). One
+engine per rank (its own `Scheduler`, slot cache and host thread; DEP: one lockstep engine whose SPMD program
+spans its devices, each device with its own slot group), prefill and decode mixed in every step.
 
-Demo (tiny random model, two simulated CPU devices, well under a minute):
+Disaggregated (`--mode=disagg`, `dwdp_jax.engine.disagg`): the first `--context_devices` devices are context
+servers (`--context_strategy`, `--context_group_size`) that prefill prompts in steps of up to
+`--context_token_budget` tokens; the rest are generation servers (`--generation_strategy`,
+`--generation_group_size`) that decode; each finished prefill's MLA cache is copied from its context device to
+a generation device (`--kv_transfer`). `--context_devices`, `--context_strategy` and `--context_token_budget`
+take lists: every combination is one sweep point (a DWDP vs DEP context comparison at equal points gives
+`dwdp_over_dep_tps_per_gpu`).
+
+Per run: a model (a preset with random weights, or an HF checkpoint), a warm-up, then one timed pass per sweep
+point and `--concurrency` value with a progress bar, a summary table, and one results JSON (part `e2e`,
+`../shared/results-schema.md`) under `--out`. Its `rows` hold one `kind: "point"` row per timed pass (metrics,
+per-rank step statistics, and `timeline`: every step on every device, as columns), then `kind: "role"` rows
+(disaggregated: context, handoff, generation) and `kind: "request"` rows (per-request latencies).
+
+Demos (tiny random model, simulated CPU devices, well under a minute each; one line each):
 
   XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m experiments.launch --preset=tiny
-      --strategy=dwdp --num_devices=2 --num_requests=8 --input_len=32 --output_len=16   (one line)
+      --strategy=dwdp --num_devices=2 --num_requests=8 --input_len=32 --output_len=16
+  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m experiments.launch --preset=tiny --mode=disagg
+      --num_devices=4 --context_devices=2 --context_strategy=dwdp --generation_strategy=dep --num_requests=8
 
-Concurrency is the number of requests in flight over all GPUs (split evenly over the data-parallel ranks);
-0 queues every request at the start (offline batch).
+Concurrency is the number of requests in flight over all GPUs (colocated: split evenly over the data-parallel
+ranks); 0 queues every request at the start (offline batch).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
+import math
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -36,45 +54,76 @@ from absl import app, flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dwdp_jax import config as config_lib  # noqa: E402
+from dwdp_jax.engine import disagg as disagg_lib  # noqa: E402
 from dwdp_jax.engine import metrics as metrics_lib  # noqa: E402
+from dwdp_jax.engine import timeline  # noqa: E402
 from dwdp_jax.engine import workload as workload_lib  # noqa: E402
 from dwdp_jax.engine.kv_cache import CacheSpec  # noqa: E402
+from dwdp_jax.engine.kv_transfer import make_transport  # noqa: E402
 from dwdp_jax.engine.runner import (Buckets, DepRunner, DwdpRankRunner, LockstepScheduler,  # noqa: E402
                                     ModelRunner)
 from dwdp_jax.engine.sampling import SamplingParams  # noqa: E402
 from dwdp_jax.engine.scheduler import Scheduler, SchedulerConfig, run_engine, wall_clock  # noqa: E402
 from dwdp_jax.experts import LocalExecutor  # noqa: E402
 from dwdp_jax.model import init_model  # noqa: E402
-from dwdp_jax.parallel.threads import run_in_threads
 from dwdp_jax.parallel.dep import DepModel  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup, memory_per_device, replicated_placement  # noqa: E402
 from dwdp_jax.parallel.fetch import CopyEnginePull, DevicePutFetch  # noqa: E402
+from dwdp_jax.parallel.threads import run_in_threads  # noqa: E402
 from dwdp_jax.planner.placement import Placement  # noqa: E402
 from experiments.results_io import git_commit  # noqa: E402
 
-STRATEGIES = ["single", "dwdp", "dp", "dep"]
+STRATEGIES = list(disagg_lib.STRATEGIES)
+MODES = ["colocated", "disagg"]
 # A preset whose whole model is at most this large is built once and split (every strategy then serves the
 # same weights); larger presets get random weights built directly on each rank.
 FULL_MODEL_MAX_BYTES = 4e9
+# The keys of a results file, in order (../shared/results-schema.md).
+RECORD_KEYS = ("part", "date", "commit", "command", "device_kind", "num_devices", "jax_version", "config", "metrics",
+               "rows")
 
 FLAGS = flags.FLAGS
 
 # (define function, name, default, help, extra keyword arguments). Defined on absl's global FLAGS by
-# `define_flags`, at run time (not import time), so that importing this module defines nothing.
+# `define_flags`, at run time (not import time), so that importing this module defines nothing. A new flag is
+# one row here plus its use where the engines are built (`_dwdp_groups` for every DWDP group of both modes).
 _FLAGS = [
+    # model
     (flags.DEFINE_string, "preset", "tiny", "model preset with random weights: tiny, r1-layers-N, deepseek-r1", {}),
     (flags.DEFINE_string, "checkpoint", None, "HF DeepSeek-V3/R1 directory (overrides --preset)", {}),
     (flags.DEFINE_enum, "dtype", None, "activation / unquantized weight dtype (default: float32 on CPU, whose XLA "
      "backend lacks bf16 x bf16 -> f32 batched dots; bfloat16 elsewhere)", dict(enum_values=["bfloat16", "float32"])),
-    (flags.DEFINE_enum, "strategy", "dwdp", "single device, DWDP, replicated data parallel, or DEP",
+    # what serves: colocated
+    (flags.DEFINE_enum, "mode", "colocated", "colocated: one --strategy on every device; disagg: context and "
+     "generation servers (--context_*, --generation_*)", dict(enum_values=MODES)),
+    (flags.DEFINE_enum, "strategy", "dwdp", "colocated: single device, DWDP, replicated data parallel, or DEP",
      dict(enum_values=STRATEGIES)),
     (flags.DEFINE_integer, "num_devices", 0, "devices to use (0: 1 for single, every visible device otherwise)", {}),
-    (flags.DEFINE_integer, "group_size", None, "DWDP group size (default: num_devices); num_devices / group_size "
-     "groups", {}),
+    (flags.DEFINE_integer, "group_size", None, "colocated DWDP group size (default: num_devices); num_devices / "
+     "group_size groups", {}),
+    # what serves: disaggregated
+    (flags.DEFINE_list, "context_devices", [], "disagg: devices of the context servers, one sweep point each "
+     "(default: half of --num_devices); the generation servers get the rest", {}),
+    (flags.DEFINE_list, "context_strategy", ["dwdp"], "disagg: context servers' strategy, one sweep point each "
+     f"({', '.join(STRATEGIES)})", {}),
+    (flags.DEFINE_integer, "context_group_size", 0, "disagg: DWDP/DEP group size of the context servers (0: all "
+     "context devices)", {}),
+    (flags.DEFINE_enum, "generation_strategy", "dep", "disagg: generation servers' strategy",
+     dict(enum_values=STRATEGIES)),
+    (flags.DEFINE_integer, "generation_group_size", 0, "disagg: DWDP/DEP group size of the generation servers (0: "
+     "all generation devices)", {}),
+    (flags.DEFINE_list, "context_token_budget", ["0"], "disagg: prefill tokens per context step per device, one "
+     "sweep point each (0: --token_budget's default)", {}),
+    (flags.DEFINE_integer, "context_max_batch_size", 0, "disagg: cache slots per context device (prompts being "
+     "prefilled or waiting for their hand-off; 0: --max_batch_size)", {}),
+    (flags.DEFINE_enum, "kv_transfer", "device_put", "disagg: how a prefilled cache moves to a generation device",
+     dict(enum_values=["device_put", "copy_engine"])),
+    # DWDP
     (flags.DEFINE_enum, "fetch", "device_put", "DWDP fetch backend", dict(enum_values=["device_put", "copy_engine"])),
     (flags.DEFINE_enum, "expert_backend", "jnp", "expert GEMMs: ragged_dot or Mosaic GPU kernels",
      dict(enum_values=["jnp", "pallas"])),
     (flags.DEFINE_integer, "prefetch_depth", 1, "DWDP: MoE layers fetched ahead", {}),
+    # workload
     (flags.DEFINE_string, "workload", "fixed", "fixed (--input_len/--output_len), fixed-<I>-<O> (e.g. fixed-8k-1k), "
      "lognormal (medians --input_len/--output_len), or a JSONL trace path", {}),
     (flags.DEFINE_integer, "num_requests", 8, "requests to generate (a trace: the first N when given)", {}),
@@ -83,20 +132,27 @@ _FLAGS = [
     (flags.DEFINE_float, "lognormal_sigma", 0.5, "sigma of the lognormal lengths", {}),
     (flags.DEFINE_list, "concurrency", ["0"], "requests in flight over all GPUs, one timed pass each (0: all "
      "queued at the start)", {}),
-    (flags.DEFINE_integer, "max_batch_size", 8, "cache slots (requests in flight) per rank", {}),
+    # scheduling and sampling
+    (flags.DEFINE_integer, "max_batch_size", 8, "cache slots (requests in flight) per rank; disagg: per "
+     "generation device", {}),
     (flags.DEFINE_integer, "token_budget", 0, "tokens per step per rank (0: max(max_batch_size, 2048))", {}),
     (flags.DEFINE_integer, "max_seq_len", 0, "tokens per cache slot (0: the longest request's prompt + output)", {}),
     (flags.DEFINE_float, "temperature", 0.0, "sampling temperature (0: greedy)", {}),
     (flags.DEFINE_integer, "seed", 0, "seed of the weights, the workload and sampling", {}),
+    # the run and its record
     (flags.DEFINE_enum, "warmup", "run", "before each timed pass: run the same pass untimed (exactly its "
      "programs), compile every bucket, or nothing", dict(enum_values=["run", "buckets", "none"])),
-    (flags.DEFINE_integer, "show_requests", 8, "requests whose first generated tokens are printed", {}),
+    (flags.DEFINE_integer, "show_requests", 8, "requests whose first generated tokens are printed and recorded", {}),
     (flags.DEFINE_bool, "progress", True, "show a progress bar", {}),
     (flags.DEFINE_string, "device_kind", "", "the device tool's kind for the results file (default: cpu, or the "
      "platform's device kind)", {}),
     (flags.DEFINE_string, "out", "experiments/results", "results directory", {}),
-    (flags.DEFINE_string, "tag", "", "file-name tag (default: <strategy>-<model>-g<devices>)", {}),
+    (flags.DEFINE_string, "tag", "", "file-name tag (default: <strategy>-<model>-g<devices>, or "
+     "disagg-<context strategies>-<generation strategy>-<model>-g<devices>)", {}),
 ]
+_DISAGG_ONLY = ("context_devices", "context_strategy", "context_group_size", "generation_strategy",
+                "generation_group_size", "context_token_budget", "context_max_batch_size", "kv_transfer")
+_COLOCATED_ONLY = ("strategy", "group_size")
 _defined: list[str] = []
 
 
@@ -120,8 +176,20 @@ def undefine_flags() -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class DisaggSetup:
+    """Validated disaggregated-mode flags. roles: (context, generation) `RoleSpec`s, one per (context strategy,
+    context devices) sweep point; context: the context scheduler per budget point (same slots and lengths)."""
+
+    roles: tuple[tuple[disagg_lib.RoleSpec, disagg_lib.RoleSpec], ...]
+    context: tuple[SchedulerConfig, ...]
+    context_buckets: Buckets
+    kv_transfer: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Setup:
-    """Validated flags."""
+    """Validated flags. Colocated: `strategy`, `group_size`, `sched` and `buckets` serve every device.
+    Disaggregated (`disagg` set): `sched` and `buckets` are the generation servers'."""
 
     cfg: config_lib.ModelConfig
     model_name: str
@@ -133,6 +201,11 @@ class Setup:
     concurrency: tuple[int, ...]
     sched: SchedulerConfig
     buckets: Buckets
+    disagg: DisaggSetup | None = None
+
+    @property
+    def mode(self) -> str:
+        return "colocated" if self.disagg is None else "disagg"
 
 
 def _usage(msg: str):
@@ -141,6 +214,13 @@ def _usage(msg: str):
 
 def _parse_len(text: str) -> int:
     return int(text[:-1]) * 1024 if text.lower().endswith("k") else int(text)
+
+
+def _ints(f, name: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in f[name].value)
+    except ValueError:
+        _usage(f"--{name} must be integers, got {','.join(f[name].value)}")
 
 
 def _workload(f, cfg) -> list[workload_lib.Request]:
@@ -168,53 +248,61 @@ def _workload(f, cfg) -> list[workload_lib.Request]:
     return workload_lib.generate(spec)
 
 
-def validate(f) -> Setup:
-    """Checks the flags against each other and the visible devices; raises `app.UsageError` saying why."""
+def _model_config(f):
     if f.checkpoint:
         if not os.path.isdir(f.checkpoint):
             _usage(f"--checkpoint={f.checkpoint}: not a directory")
-        cfg, model_name = config_lib.from_hf_json(f.checkpoint), os.path.basename(os.path.normpath(f.checkpoint))
-    else:
-        try:
-            cfg = config_lib.preset(f.preset)
-        except config_lib.ConfigError as e:
-            _usage(f"--preset: {e}")
-        model_name = f.preset
+        return config_lib.from_hf_json(f.checkpoint), os.path.basename(os.path.normpath(f.checkpoint))
+    try:
+        return config_lib.preset(f.preset), f.preset
+    except config_lib.ConfigError as e:
+        _usage(f"--preset: {e}")
+
+
+def _check_mode_flags(f) -> None:
+    """Flags of the other mode, given explicitly, are a mistake worth naming."""
+    wrong = _COLOCATED_ONLY if f.mode == "disagg" else _DISAGG_ONLY
+    given = [name for name in wrong if f[name].present]
+    if given:
+        other = "colocated" if f.mode == "disagg" else "disagg"
+        _usage(f"--{given[0]} is a --mode={other} flag; this run has --mode={f.mode}")
+
+
+def validate(f) -> Setup:
+    """Checks the flags against each other and the visible devices; raises `app.UsageError` saying why."""
+    _check_mode_flags(f)
+    cfg, model_name = _model_config(f)
     visible = jax.devices()
     platform = visible[0].platform
-    n = f.num_devices or (1 if f.strategy == "single" else len(visible))
+    disagg = f.mode == "disagg"
+    n = f.num_devices or (1 if f.strategy == "single" and not disagg else len(visible))
     if n > len(visible):
         hint = (" (on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N)"
                 if platform == "cpu" else "")
         _usage(f"--num_devices={n} but only {len(visible)} {platform} devices are visible{hint}")
     if n < 1:
         _usage(f"--num_devices must be >= 1, got {n}")
-    if f.strategy == "single" and n != 1:
-        _usage(f"--strategy=single runs on one device, got --num_devices={n}")
     g = f.group_size or n
-    if f.strategy == "dwdp":
-        if n % g:
-            _usage(f"--group_size={g} must divide --num_devices={n}")
-        if cfg.n_routed_experts % g:
-            _usage(f"--group_size={g} must divide the {cfg.n_routed_experts} routed experts")
-    if f.strategy == "dep" and cfg.n_routed_experts % n:
-        _usage(f"DEP needs --num_devices={n} to divide the {cfg.n_routed_experts} routed experts")
+    if not disagg:
+        if f.strategy == "single" and n != 1:
+            _usage(f"--strategy=single runs on one device, got --num_devices={n}")
+        if f.strategy == "dwdp":
+            if n % g:
+                _usage(f"--group_size={g} must divide --num_devices={n}")
+            if cfg.n_routed_experts % g:
+                _usage(f"--group_size={g} must divide the {cfg.n_routed_experts} routed experts")
+        if f.strategy == "dep" and cfg.n_routed_experts % n:
+            _usage(f"DEP needs --num_devices={n} to divide the {cfg.n_routed_experts} routed experts")
     if f.expert_backend == "pallas" and platform != "gpu":
         _usage(f"--expert_backend=pallas needs GPUs (Mosaic GPU kernels); this run sees {platform} devices")
-    if f.strategy == "dwdp" and f.fetch == "copy_engine" and platform != "gpu":
+    if f.fetch == "copy_engine" and platform != "gpu":
         _usage("--fetch=copy_engine needs GPUs (cudaMemcpyPeerAsync through CuPy)")
-    if f.strategy == "dep" and f.expert_backend == "jnp" and platform == "gpu":
-        warnings.warn("DEP with --expert_backend=jnp: the expert GEMMs are XLA ragged_dot, slower than the "
-                      "Pallas kernels DWDP can use; compare both strategies with the same backend")
     if f.prefetch_depth < 0:
         _usage(f"--prefetch_depth must be >= 0, got {f.prefetch_depth}")
     if f.max_batch_size < 1:
         _usage(f"--max_batch_size must be >= 1, got {f.max_batch_size}")
-    try:
-        concurrency = tuple(int(c) for c in f.concurrency)
-    except ValueError:
-        _usage(f"--concurrency must be integers, got {f.concurrency}")
-    ranks = 1 if f.strategy == "single" else n
+    concurrency = _ints(f, "concurrency")
+    ranks = 1 if disagg or f.strategy == "single" else n
     for c in concurrency:
         if c < 0 or 0 < c < ranks:
             _usage(f"--concurrency={c}: use 0 (all queued) or at least one request per rank ({ranks})")
@@ -230,10 +318,62 @@ def validate(f) -> Setup:
     if budget < f.max_batch_size:
         _usage(f"--token_budget={budget} must be >= --max_batch_size={f.max_batch_size}")
     sched = SchedulerConfig(f.max_batch_size, max_seq_len, budget, vocab_size=cfg.vocab_size)
-    buckets = Buckets.default(f.max_batch_size, min(budget, max_seq_len))
     dtype = jnp.dtype(f.dtype or ("float32" if platform == "cpu" else "bfloat16"))
-    return Setup(cfg, model_name, f.strategy, tuple(visible[:n]), g, dtype, tuple(requests),
-                 concurrency, sched, buckets)
+    if disagg:
+        # generation steps are decode only: one row per slot, length 1
+        buckets = Buckets.default(f.max_batch_size, 1, min_len=1)
+        setup_disagg = _validate_disagg(f, cfg, n, platform, requests)
+    else:
+        if f.strategy == "dep" and f.expert_backend == "jnp" and platform == "gpu":
+            warnings.warn("DEP with --expert_backend=jnp: the expert GEMMs are XLA ragged_dot, slower than the "
+                          "Pallas kernels DWDP can use; compare both strategies with the same backend")
+        buckets = Buckets.default(f.max_batch_size, min(budget, max_seq_len))
+        setup_disagg = None
+    return Setup(cfg, model_name, "disagg" if disagg else f.strategy, tuple(visible[:n]), g, dtype,
+                 tuple(requests), concurrency, sched, buckets, setup_disagg)
+
+
+def _validate_disagg(f, cfg, n: int, platform: str, requests) -> DisaggSetup:
+    if n < 2:
+        _usage(f"--mode=disagg needs at least 2 devices (context and generation), got --num_devices={n}")
+    context_devices = _ints(f, "context_devices") or (n // 2,)
+    for c in context_devices:
+        if not 1 <= c < n:
+            _usage(f"--context_devices={c} must leave both roles at least one of the --num_devices={n} devices")
+    strategies = tuple(f.context_strategy)
+    for s in strategies:
+        if s not in STRATEGIES:
+            _usage(f"--context_strategy={s!r}: use one of {', '.join(STRATEGIES)}")
+    if len(set(strategies)) != len(strategies) or len(set(context_devices)) != len(context_devices):
+        _usage("--context_strategy and --context_devices must not repeat a value")
+    roles = []
+    for s, c in itertools.product(strategies, context_devices):
+        try:
+            ctx = disagg_lib.RoleSpec(s, c, f.context_group_size, name="context")
+            gen = disagg_lib.RoleSpec(f.generation_strategy, n - c, f.generation_group_size, name="generation")
+            ctx.check_experts(cfg.n_routed_experts)
+            gen.check_experts(cfg.n_routed_experts)
+        except ValueError as e:
+            where = f" (at --context_devices={c} of --num_devices={n})" if len(context_devices) > 1 else ""
+            _usage(f"--{e}{where}")
+        roles.append((ctx, gen))
+    if f.kv_transfer == "copy_engine" and platform != "gpu":
+        _usage("--kv_transfer=copy_engine needs GPUs (cudaMemcpyPeerAsync through CuPy)")
+    slots = f.context_max_batch_size or f.max_batch_size
+    if slots < 1:
+        _usage(f"--context_max_batch_size must be >= 1, got {slots}")
+    prompt_len = max(r.prompt_len for r in requests) + 1  # the scheduler counts the first token too
+    budgets = tuple(b or max(slots, f.token_budget or 2048) for b in _ints(f, "context_token_budget"))
+    for b in budgets:
+        if b < slots:
+            _usage(f"--context_token_budget={b} must be >= the context slots per device ({slots}: "
+                   "--context_max_batch_size, default --max_batch_size)")
+    if len(set(budgets)) != len(budgets):
+        _usage("--context_token_budget must not repeat a value")
+    context = tuple(SchedulerConfig(slots, prompt_len, b, vocab_size=cfg.vocab_size) for b in budgets)
+    # built for the largest budget; a smaller budget's steps use the smaller length buckets
+    buckets = Buckets.default(slots, min(max(budgets), prompt_len))
+    return DisaggSetup(tuple(roles), context, buckets, f.kv_transfer)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -258,9 +398,17 @@ def _build_model(f, cfg, dtype, device, expert_ids=None):
         return init_model(cfg.replace(num_mtp_layers=0), seed=f.seed, dtype=dtype, n_local_experts=n_local)
 
 
+def _shared_model(f, setup: Setup, single_needed: bool = False):
+    """The whole model on the first device when it is small (every engine is then built from the same weights),
+    or when a single-device engine needs it; None otherwise (engines build their ranks' shards)."""
+    full = f.checkpoint is None and _full_model_fits(setup.cfg, setup.dtype)
+    return _build_model(f, setup.cfg, setup.dtype, setup.devices[0]) if full or single_needed else None
+
+
 def _rank_models(f, setup, devices, placement):
     """One model per device holding the placement's experts (random presets: the same seed on every rank)."""
     cfg = setup.cfg
+
     def expert_ids(rank):
         first = cfg.first_k_dense_replace
         return lambda layer: (placement.local_experts(layer - first, rank)
@@ -287,54 +435,86 @@ def _bytes_on(tree, device) -> int:
     return total
 
 
-def build_engines(f, setup: Setup) -> Engines:
-    cfg, devices, strategy = setup.cfg, list(setup.devices), setup.strategy
-    sampling = SamplingParams(temperature=f.temperature)
-    kw = dict(buckets=setup.buckets, sampling=sampling)
-    slots, max_len = setup.sched.max_batch_size, setup.sched.max_seq_len
-    full = f.checkpoint is None and _full_model_fits(cfg, setup.dtype)
-    model = _build_model(f, cfg, setup.dtype, devices[0]) if full or strategy == "single" else None
-    notes = dict(weights="random" if f.checkpoint is None else "checkpoint",
-                 weights_built="whole model, split per rank" if model is not None else "per rank")
-
-    if strategy == "single":
-        runner = ModelRunner(model, slots, max_len, device=devices[0],
-                             executor=LocalExecutor(backend=f.expert_backend), seed=f.seed, **kw)
-        return Engines([runner], lambda: [Scheduler(setup.sched)], _bytes_on(runner.state, devices[0]), notes)
-
-    if strategy == "dep":
-        if model is not None:
-            dep = DepModel(model, devices, backend=f.expert_backend)
-        else:
-            dep = DepModel.from_rank_models(_rank_models(f, setup, devices, Placement.from_config(cfg, len(devices))),
-                                            backend=f.expert_backend)
-        runner = DepRunner(dep, slots, max_len, backend=f.expert_backend, seed=f.seed, **kw)
-        make = lambda: [LockstepScheduler([Scheduler(setup.sched, rank=r) for r in range(len(devices))])]
-        return Engines([runner], make, _bytes_on(dep.state, devices[0]), notes)
-
-    # dwdp and dp: one rank per device, each with its own runner, scheduler and host thread
-    g = setup.group_size if strategy == "dwdp" else len(devices)
+def _dwdp_groups(f, setup: Setup, model, devices: list, group_size: int, replicated: bool) -> list[DwdpGroup]:
+    """DWDP groups of `group_size` over `devices` (replicated: DP ranks, every expert local, nothing fetched).
+    The one place a DWDP group is configured, for both modes."""
+    cfg = setup.cfg
     fetch = CopyEnginePull() if f.fetch == "copy_engine" else DevicePutFetch()
     groups = []
-    for i in range(0, len(devices), g):
-        group_devices = devices[i : i + g]
-        placement = (Placement.from_config(cfg, g) if strategy == "dwdp" else replicated_placement(cfg, g))
-        dwdp = DwdpConfig(g, f.prefetch_depth if strategy == "dwdp" else 0, expert_backend=f.expert_backend)
+    for i in range(0, len(devices), group_size):
+        group_devices = devices[i : i + group_size]
+        placement = (replicated_placement(cfg, group_size) if replicated
+                     else Placement.from_config(cfg, group_size))
+        dwdp = DwdpConfig(group_size, 0 if replicated else f.prefetch_depth, expert_backend=f.expert_backend)
         if model is not None:
             groups.append(DwdpGroup(model, group_devices, placement, dwdp, fetch))
         else:
             groups.append(DwdpGroup.from_rank_models(_rank_models(f, setup, group_devices, placement), placement,
                                                      dwdp, fetch))
-    del model  # each rank holds its own copy of what it needs
+    return groups
+
+
+def build_runners(f, setup: Setup, model, strategy: str, devices: list, group_size: int, sched: SchedulerConfig,
+                  buckets: Buckets, seed: int) -> Engines:
+    """Runners of one strategy over `devices`: one per device (dwdp: groups of `group_size`; dp), one per DEP
+    group of `group_size` devices, or one single-device runner. `make_schedulers` gives colocated schedulers."""
+    cfg = setup.cfg
+    kw = dict(buckets=buckets, sampling=SamplingParams(temperature=f.temperature))
+    slots, max_len = sched.max_batch_size, sched.max_seq_len
+    notes = dict(weights="random" if f.checkpoint is None else "checkpoint",
+                 weights_built="whole model, split per rank" if model is not None else "per rank")
+
+    if strategy == "single":
+        if model is None:
+            model = _build_model(f, cfg, setup.dtype, devices[0])
+        runner = ModelRunner(model, slots, max_len, device=devices[0],
+                             executor=LocalExecutor(backend=f.expert_backend), seed=seed, **kw)
+        return Engines([runner], lambda: [Scheduler(sched)], _bytes_on(runner.state, devices[0]), notes)
+
+    if strategy == "dep":
+        runners = []
+        for i in range(0, len(devices), group_size):
+            group = devices[i : i + group_size]
+            if model is not None:
+                dep = DepModel(model, group, backend=f.expert_backend)
+            else:
+                dep = DepModel.from_rank_models(
+                    _rank_models(f, setup, group, Placement.from_config(cfg, len(group))), backend=f.expert_backend)
+            runners.append(DepRunner(dep, slots, max_len, backend=f.expert_backend, seed=seed + i, **kw))
+        make = lambda: [LockstepScheduler([Scheduler(sched, rank=r) for r in range(len(r_.group_devices))])
+                        for r_ in runners]
+        return Engines(runners, make, _bytes_on(runners[0].state, devices[0]), notes)
+
+    # dwdp and dp: one rank per device, each with its own runner, scheduler and host thread
+    g = group_size if strategy == "dwdp" else len(devices)
+    groups = _dwdp_groups(f, setup, model, devices, g, replicated=strategy == "dp")
     ranks = [rank for group in groups for rank in group.ranks]
-    runners = [DwdpRankRunner(rank, slots, max_len, seed=f.seed + r, **kw) for r, rank in enumerate(ranks)]
+    runners = [DwdpRankRunner(rank, slots, max_len, seed=seed + r, **kw) for r, rank in enumerate(ranks)]
     rank0 = ranks[0]
     weights = _bytes_on([rank0.head_state] + [state for _, state in rank0.layers], rank0.device)
     notes["staging_bytes_per_device_est"] = memory_per_device(
         cfg, g, f.prefetch_depth, 1.0 if cfg.weight_block_size else setup.dtype.itemsize)["staging_bytes"] \
         if strategy == "dwdp" else 0
-    make = lambda: [Scheduler(setup.sched, rank=r) for r in range(len(runners))]
+    make = lambda: [Scheduler(sched, rank=r) for r in range(len(runners))]
     return Engines(runners, make, weights, notes)
+
+
+def build_engines(f, setup: Setup) -> Engines:
+    """The colocated engines of `setup.strategy` over every device."""
+    model = _shared_model(f, setup, single_needed=setup.strategy == "single")
+    g = setup.group_size if setup.strategy == "dwdp" else len(setup.devices)
+    return build_runners(f, setup, model, setup.strategy, list(setup.devices), g, setup.sched, setup.buckets, f.seed)
+
+
+def build_disagg(f, setup: Setup, model, roles) -> tuple[Engines, Engines]:
+    """Context and generation runners of one (context, generation) `RoleSpec` pair."""
+    ctx, gen = roles
+    ctx_devices, gen_devices = disagg_lib.split_devices(setup.devices, ctx, gen)
+    context = build_runners(f, setup, model, ctx.strategy, ctx_devices, ctx.group, setup.disagg.context[-1],
+                            setup.disagg.context_buckets, f.seed)
+    generation = build_runners(f, setup, model, gen.strategy, gen_devices, gen.group, setup.sched, setup.buckets,
+                               f.seed + 1000)
+    return context, generation
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -358,7 +538,7 @@ def _pin(requests, num_devices):
 
 def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devices: int, desc: str,
           progress: bool):
-    """One pass over `requests`. Returns (finished requests, step records, wall seconds)."""
+    """One colocated pass over `requests`. Returns (finished requests, step events, wall seconds)."""
     if strategy == "dep":
         requests = _pin(requests, num_devices)
     schedulers = engines.make_schedulers()
@@ -366,9 +546,11 @@ def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devic
     bar = tqdm(total=sum(r.max_new_tokens for r in requests), desc=desc, unit="tok", disable=not progress,
                leave=False)
     clock = wall_clock()
+    events: list[timeline.StepEvent] = []
 
     def engine(i):
-        step_fn = engines.runners[i].step_fn
+        runner = engines.runners[i]
+        step_fn = timeline.timed_step_fn(runner.step_fn, strategy, i, runner.group_devices, clock, events)
 
         def counted(plan):
             tokens = step_fn(plan)
@@ -384,7 +566,19 @@ def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devic
         raise RuntimeError(f"{len(rejected)} requests were rejected, e.g. {rejected[0]}")
     finished = [f for s in schedulers for f in s.finished]
     wall = max(run.end_s for run in runs) - min(run.start_s for run in runs)
-    return finished, [step for run in runs for step in run.steps], wall
+    return finished, events, wall
+
+
+def serve_disagg(engine: disagg_lib.DisaggEngine, requests, concurrency: int, desc: str,
+                 progress: bool) -> disagg_lib.DisaggRun:
+    """One disaggregated pass (the progress bar counts finished requests)."""
+    bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False)
+    run = engine.serve(requests, concurrency=concurrency or None)
+    bar.update(len(run.requests))
+    bar.close()
+    if run.rejected:
+        raise RuntimeError(f"{len(run.rejected)} requests were rejected, e.g. {run.rejected[0]}")
+    return run
 
 
 def _warmup(f, engines: Engines, setup: Setup, concurrency: int) -> float:
@@ -396,21 +590,41 @@ def _warmup(f, engines: Engines, setup: Setup, concurrency: int) -> float:
     return time.perf_counter() - t0
 
 
+def _check_finished(finished, requests) -> None:
+    short = [x.request_id for x in finished if x.finish_reason == "length" and x.num_output_tokens != x.max_new_tokens]
+    if len(finished) != len(requests) or short:
+        raise RuntimeError(f"{len(finished)}/{len(requests)} requests finished; short: {short[:4]}")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Reporting
+
+
+def _table(head, rows) -> str:
+    lines = [" | ".join(f"{h:>14}" for h in head)]
+    for cells in rows:
+        lines.append(" | ".join(f"{c:>14.4g}" if isinstance(c, float) else f"{str(c):>14}" for c in cells))
+    return "\n".join(lines)
 
 
 def _summary_table(points) -> str:
     head = ("concurrency", "requests", "out tok/s", "tok/s/gpu", "tok/s/user", "TTFT p50 s", "TPOT p50 s",
             "step p50 max s", "wall s")
-    lines = [" | ".join(f"{h:>14}" for h in head)]
-    for p in points:
-        m = p["metrics"]
-        cells = [p["concurrency"] or "all", m["num_requests"], m["output_tps"], m["output_tps_per_gpu"],
-                 m["tps_per_user_median"], m["ttft_median_s"], m["tpot_median_s"],
-                 m.get("step_time_median_max_over_ranks_s"), m["wall_s"]]
-        lines.append(" | ".join(f"{c:>14.4g}" if isinstance(c, float) else f"{str(c):>14}" for c in cells))
-    return "\n".join(lines)
+    return _table(head, [
+        [p["concurrency"] or "all", p["metrics"]["num_requests"], p["metrics"]["output_tps"],
+         p["metrics"]["output_tps_per_gpu"], p["metrics"]["tps_per_user_median"], p["metrics"]["ttft_median_s"],
+         p["metrics"]["tpot_median_s"], p["metrics"].get("step_time_median_max_over_ranks_s"),
+         p["metrics"]["wall_s"]] for p in points])
+
+
+def _disagg_table(points) -> str:
+    head = ("context", "ctx:gen gpus", "ctx budget", "concurrency", "tok/s/gpu", "tok/s/user", "TTFT p50 s",
+            "TPOT p50 s", "hand-off p50 s", "wall s")
+    return _table(head, [
+        [p["context_strategy"], f"{p['context_devices']}:{p['generation_devices']}", p["context_token_budget"],
+         p["concurrency"] or "all", p["metrics"]["output_tps_per_gpu"], p["metrics"]["tps_per_user_median"],
+         p["metrics"]["ttft_median_s"], p["metrics"]["tpot_median_s"], p["metrics"]["handoff_median_s"],
+         p["metrics"]["wall_s"]] for p in points])
 
 
 def _device_kind(f, devices) -> str:
@@ -422,19 +636,71 @@ def _device_kind(f, devices) -> str:
     return re.sub(r"[^a-z0-9]+", "-", d.device_kind.lower()).strip("-") + f"-x{len(devices)}"
 
 
+def _clean(x):
+    """JSON-ready: numpy scalars and arrays to Python, non-finite floats to None (strict JSON)."""
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return _clean(x.tolist())
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)):
+        return int(x)
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
+
+
+def make_record(f, setup: Setup, argv: list[str], config: dict, metrics: dict, rows: list) -> dict:
+    """A results record with exactly the schema's keys, in order."""
+    record = dict(part="e2e", date=datetime.date.today().isoformat(), commit=git_commit(),
+                  command=shlex.join(["python", "-m", "experiments.launch", *argv[1:]]),
+                  device_kind=_device_kind(f, setup.devices), num_devices=len(setup.devices),
+                  jax_version=jax.__version__, config=config, metrics=metrics, rows=rows)
+    assert tuple(record) == RECORD_KEYS
+    return _clean(record)
+
+
 def write_record(out_dir: str, record: dict, tag: str) -> str:
     """`e2e-<YYYYMMDD>-<device_kind>-<tag>.json` under out_dir (schema: results-schema.md)."""
     os.makedirs(out_dir, exist_ok=True)
     name = f"{record['part']}-{record['date'].replace('-', '')}-{record['device_kind']}-{tag}.json"
     path = os.path.join(out_dir, name)
     with open(path, "w") as fh:
-        json.dump(record, fh, indent=1, default=float)
+        json.dump({k: record[k] for k in RECORD_KEYS}, fh, indent=1, allow_nan=False)
     return path
+
+
+def _request_rows(finished, point: int) -> list[dict]:
+    lat = metrics_lib.request_latencies(finished)
+    return [dict(kind="request", point=point, request_id=x.request_id, rank=x.rank, prompt_len=x.prompt_len,
+                 num_output_tokens=x.num_output_tokens, arrival_s=x.arrival_s, admitted_s=x.admitted_s,
+                 first_token_s=x.first_token_s, last_token_s=x.last_token_s, ttft_s=lat.ttft_s[i],
+                 tpot_s=lat.tpot_s[i], finish_reason=x.finish_reason) for i, x in enumerate(finished)]
+
+
+def _outputs(finished, show: int) -> dict:
+    return {x.request_id: list(x.output_tokens) for x in sorted(finished, key=lambda x: x.request_id)[:show]}
+
+
+def _base_config(f, setup: Setup) -> dict:
+    return dict(
+        model=setup.model_name, checkpoint=f.checkpoint, mode=setup.mode, num_devices=len(setup.devices),
+        fetch=f.fetch, expert_backend=f.expert_backend, prefetch_depth=f.prefetch_depth, dtype=setup.dtype.name,
+        workload=f.workload, num_requests=len(setup.requests), input_len=f.input_len, output_len=f.output_len,
+        concurrency=list(setup.concurrency), max_batch_size=setup.sched.max_batch_size,
+        token_budget=setup.sched.token_budget, max_seq_len=setup.sched.max_seq_len, temperature=f.temperature,
+        seed=f.seed, warmup=f.warmup, buckets=dataclasses.asdict(setup.buckets),
+    )
 
 
 def launch(f, argv: list[str]) -> dict:
     """Runs the configured sweep; returns the results record (with `path`, where it was written)."""
     setup = validate(f)
+    if setup.disagg is not None:
+        return launch_disagg(f, setup, argv)
     t0 = time.perf_counter()
     engines = build_engines(f, setup)
     build_s = time.perf_counter() - t0
@@ -448,15 +714,13 @@ def launch(f, argv: list[str]) -> dict:
     points = []
     for c in setup.concurrency:
         warm_s = _warmup(f, engines, setup, c) if f.warmup != "none" else 0.0
-        finished, steps, wall = serve(engines, setup.requests, c, setup.strategy, n, f"c={c or 'all'}", f.progress)
-        short = [x.request_id for x in finished if x.finish_reason == "length" and
-                 x.num_output_tokens != x.max_new_tokens]
-        if len(finished) != len(setup.requests) or short:
-            raise RuntimeError(f"{len(finished)}/{len(setup.requests)} requests finished; short: {short[:4]}")
+        finished, events, wall = serve(engines, setup.requests, c, setup.strategy, n, f"c={c or 'all'}",
+                                       f.progress)
+        _check_finished(finished, setup.requests)
         run = metrics_lib.summarize_run(finished, wall, num_gpus=n)
-        out = metrics_lib.to_json(run, metrics_lib.step_time_stats(steps))
+        out = metrics_lib.to_json(run, metrics_lib.step_time_stats(timeline.step_records(events)))
         points.append(dict(concurrency=c, warmup_s=warm_s, metrics=out["metrics"], ranks=out["rows"],
-                           finished=finished))
+                           finished=finished, events=events))
 
     best = max(points, key=lambda p: p["metrics"]["output_tps_per_gpu"] or 0.0)
     print()
@@ -469,24 +733,119 @@ def launch(f, argv: list[str]) -> dict:
     metrics = dict(best["metrics"], concurrency=best["concurrency"], kv_cache_bytes_per_gpu=spec.total_bytes,
                    kv_bytes_per_token=spec.bytes_per_token, weights_bytes_per_gpu=engines.weights_bytes_per_device,
                    build_s=build_s, warmup_s=best["warmup_s"])
-    rows = [dict(concurrency=p["concurrency"], warmup_s=p["warmup_s"], **p["metrics"], ranks=p["ranks"],
-                 outputs={x.request_id: list(x.output_tokens) for x in p["finished"][: f.show_requests]})
-            for p in points]
-    config = dict(
-        model=setup.model_name, checkpoint=f.checkpoint, strategy=setup.strategy, num_devices=n,
-        group_size=setup.group_size if setup.strategy == "dwdp" else None, fetch=f.fetch,
-        expert_backend=f.expert_backend, prefetch_depth=f.prefetch_depth, dtype=setup.dtype.name, workload=f.workload,
-        num_requests=len(setup.requests), input_len=f.input_len, output_len=f.output_len,
-        concurrency=list(setup.concurrency), max_batch_size=setup.sched.max_batch_size,
-        token_budget=setup.sched.token_budget, max_seq_len=setup.sched.max_seq_len, temperature=f.temperature,
-        seed=f.seed, warmup=f.warmup, buckets=dataclasses.asdict(setup.buckets), **engines.notes,
-    )
-    today = datetime.date.today()
-    record = dict(part="e2e", date=today.isoformat(), commit=git_commit(),
-                  command=" ".join(["python -m experiments.launch"] + list(argv[1:])),
-                  device_kind=_device_kind(f, setup.devices), num_devices=n, jax_version=jax.__version__,
-                  config=config, metrics=metrics, rows=rows)
+    rows = [dict(kind="point", point=i, concurrency=p["concurrency"], warmup_s=p["warmup_s"], **p["metrics"],
+                 ranks=p["ranks"], outputs=_outputs(p["finished"], f.show_requests),
+                 timeline=timeline.columns(p["events"]))
+            for i, p in enumerate(points)]
+    rows += [row for i, p in enumerate(points) for row in _request_rows(p["finished"], i)]
+    config = dict(_base_config(f, setup), strategy=setup.strategy,
+                  group_size=setup.group_size if setup.strategy == "dwdp" else None, **engines.notes)
+    record = make_record(f, setup, argv, config, metrics, rows)
     tag = f.tag or f"{setup.strategy}-{setup.model_name}-g{n}"
+    record["path"] = write_record(f.out, record, tag)
+    print(f"wrote {record['path']}")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disaggregated sweep
+
+
+def _dwdp_over_dep(points) -> dict:
+    """Output TPS/GPU of DWDP context servers over DEP ones at equal (devices, budget, concurrency) points."""
+    key = lambda p: (p["context_devices"], p["context_token_budget"], p["concurrency"])
+    dep = {key(p): p for p in points if p["context_strategy"] == "dep"}
+    pairs = []
+    for p in points:
+        q = dep.get(key(p))
+        if p["context_strategy"] == "dwdp" and q is not None and q["metrics"]["output_tps_per_gpu"]:
+            pairs.append(dict(context_devices=p["context_devices"], context_token_budget=p["context_token_budget"],
+                              concurrency=p["concurrency"],
+                              ratio=p["metrics"]["output_tps_per_gpu"] / q["metrics"]["output_tps_per_gpu"],
+                              dwdp_tps_per_user=p["metrics"]["tps_per_user_median"],
+                              dep_tps_per_user=q["metrics"]["tps_per_user_median"],
+                              dwdp_ttft_median_s=p["metrics"]["ttft_median_s"],
+                              dep_ttft_median_s=q["metrics"]["ttft_median_s"]))
+    if not pairs:
+        return {}
+    ratios = [x["ratio"] for x in pairs]
+    return dict(dwdp_over_dep_tps_per_gpu=float(np.median(ratios)), dwdp_over_dep_tps_per_gpu_best=max(ratios),
+                dwdp_over_dep_points=pairs)
+
+
+def launch_disagg(f, setup: Setup, argv: list[str]) -> dict:
+    """The disaggregated sweep: per (context strategy, context devices) one build; per budget and concurrency
+    one warm-up (as --warmup says) and one timed pass."""
+    d = setup.disagg
+    n = len(setup.devices)
+    needs_single = any(r.strategy == "single" for pair in d.roles for r in pair)
+    model = _shared_model(f, setup, single_needed=needs_single)
+    transport = make_transport(d.kv_transfer)
+    points, build_s = [], 0.0
+    for roles in d.roles:
+        ctx_role, gen_role = roles
+        t0 = time.perf_counter()
+        context, generation = build_disagg(f, setup, model, roles)
+        build_s += time.perf_counter() - t0
+        cspec, gspec = context.runners[0].spec, generation.runners[0].spec
+        print(f"disagg | {setup.model_name} | context {ctx_role.strategy} x {ctx_role.num_devices} (group "
+              f"{ctx_role.group}), generation {gen_role.strategy} x {gen_role.num_devices} (group {gen_role.group})"
+              f" | {len(setup.requests)} requests | context slots {cspec.num_slots} x {cspec.max_len}, generation "
+              f"slots {gspec.num_slots} x {gspec.max_len} | KV {cspec.bytes_per_token} B/token | kv_transfer "
+              f"{transport.name}", flush=True)
+        for sched in d.context:
+            config = disagg_lib.DisaggConfig(sched, setup.sched)
+            engine = disagg_lib.DisaggEngine(context.runners, generation.runners, config, transport)
+            for c in setup.concurrency:
+                desc = f"{ctx_role.strategy} {ctx_role.num_devices}:{gen_role.num_devices} b={sched.token_budget} " \
+                       f"c={c or 'all'}"
+                t1 = time.perf_counter()
+                if f.warmup == "run":
+                    serve_disagg(engine, setup.requests, c, "warm-up " + desc, f.progress)
+                elif f.warmup == "buckets":
+                    run_in_threads([lambda r=r: r.warmup() for r in context.runners + generation.runners])
+                warm_s = time.perf_counter() - t1
+                run = serve_disagg(engine, setup.requests, c, desc, f.progress)
+                _check_finished(run.requests, setup.requests)
+                summary = disagg_lib.summarize(run)
+                steps = metrics_lib.step_time_stats(timeline.step_records(run.events))
+                points.append(dict(
+                    context_strategy=ctx_role.strategy, context_devices=ctx_role.num_devices,
+                    context_group_size=ctx_role.group, generation_devices=gen_role.num_devices,
+                    context_token_budget=sched.token_budget, concurrency=c, warmup_s=warm_s,
+                    metrics=summary["metrics"], roles=summary["roles"], requests=summary["requests"],
+                    ranks=metrics_lib.to_json(metrics_lib.summarize_run(run.requests, run.wall_s, n), steps)["rows"],
+                    outputs=run.outputs(), events=run.events))
+        del context, generation, engine  # free this point's devices before the next build
+
+    best = max(points, key=lambda p: p["metrics"]["output_tps_per_gpu"] or 0.0)
+    print()
+    print(_disagg_table(points))
+    print(f"\nfirst generated tokens ({best['context_strategy']} {best['context_devices']}:"
+          f"{best['generation_devices']}, budget {best['context_token_budget']}, c={best['concurrency'] or 'all'}):")
+    for rid, tokens in sorted(best["outputs"].items())[: f.show_requests]:
+        print(f"  {rid}: {tokens[:8]}{' ...' if len(tokens) > 8 else ''}")
+
+    point_keys = ("context_strategy", "context_devices", "context_group_size", "generation_devices",
+                  "context_token_budget", "concurrency", "warmup_s")
+    metrics = dict(best["metrics"], **{k: best[k] for k in point_keys}, build_s=build_s,
+                   kv_bytes_per_token=cspec.bytes_per_token, **_dwdp_over_dep(points))
+    rows = [dict(kind="point", point=i, **{k: p[k] for k in point_keys}, **p["metrics"], ranks=p["ranks"],
+                 outputs=dict(sorted(p["outputs"].items())[: f.show_requests]), timeline=timeline.columns(p["events"]))
+            for i, p in enumerate(points)]
+    rows += [dict(kind="role", point=i, **role) for i, p in enumerate(points) for role in p["roles"]]
+    rows += [dict(kind="request", point=i, **r) for i, p in enumerate(points) for r in p["requests"]]
+    config = dict(_base_config(f, setup), context_strategy=list(f.context_strategy),
+                  context_devices=sorted({r[0].num_devices for r in d.roles}),
+                  context_group_size=f.context_group_size, generation_strategy=f.generation_strategy,
+                  generation_group_size=f.generation_group_size,
+                  context_token_budget=[s.token_budget for s in d.context],
+                  context_max_batch_size=d.context[0].max_batch_size, context_max_seq_len=d.context[0].max_seq_len,
+                  context_buckets=dataclasses.asdict(d.context_buckets), kv_transfer=d.kv_transfer,
+                  weights="random" if f.checkpoint is None else "checkpoint")
+    record = make_record(f, setup, argv, config, metrics, rows)
+    strategies = "-".join(f.context_strategy)
+    tag = f.tag or f"disagg-{strategies}-{f.generation_strategy}-{setup.model_name}-g{n}"
     record["path"] = write_record(f.out, record, tag)
     print(f"wrote {record['path']}")
     return record

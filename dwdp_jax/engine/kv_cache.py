@@ -11,16 +11,21 @@ scratch position) is the position of padding tokens inside a row. A real token's
 
 A freed slot is reused without clearing: attention reads only positions <= the query's, and a new request's
 prefill writes positions 0, 1, ... before any query reads them.
+
+Hand-off helpers (disaggregated serving): `read_slot` copies a slot's first positions into one new array
+[num_layers, n, kv_lora_rank + rope_dim]; `write_slot` (`write_slot_sharded` for a DEP cache) writes such an
+array into another cache's slot. Positions past the prompt that ride along are stale and harmless, as above.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Sharding, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec as P, Sharding, SingleDeviceSharding
 
 from dwdp_jax.config import ModelConfig
 from dwdp_jax.model import LayerKV
@@ -91,3 +96,95 @@ def allocate(spec: CacheSpec, where: jax.Device | Sharding | None = None, num_gr
 def nbytes(cache: list[LayerKV]) -> int:
     """Bytes held by an allocated cache (all shards)."""
     return int(sum(np.prod(a.shape) * a.dtype.itemsize for kv in cache for a in (kv.latent, kv.k_pe)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Copying one slot's rows out of a cache and into another (the KV hand-off of disaggregated serving)
+
+
+def rows_nbytes(spec: CacheSpec, length: int) -> int:
+    """Bytes of `length` positions of one slot over all layers (what `read_slot` returns)."""
+    return length * spec.bytes_per_token
+
+
+def _read_slot(cache: list[LayerKV], slot, length: int) -> jax.Array:
+    return jnp.stack([
+        jnp.concatenate([kv.latent[slot, :length], kv.k_pe[slot, :length]], axis=-1) for kv in cache
+    ])
+
+
+def _write_slot(cache: list[LayerKV], rows, slot) -> list[LayerKV]:
+    rank = cache[0].latent.shape[-1]
+    out = []
+    for kv, r in zip(cache, rows):
+        out.append(LayerKV(
+            jax.lax.dynamic_update_slice(kv.latent, r[None, :, :rank].astype(kv.latent.dtype), (slot, 0, 0)),
+            jax.lax.dynamic_update_slice(kv.k_pe, r[None, :, rank:].astype(kv.k_pe.dtype), (slot, 0, 0)),
+        ))
+    return out
+
+
+_read_slot_jit = jax.jit(_read_slot, static_argnums=2)
+_write_slot_jit = jax.jit(_write_slot, donate_argnums=0)
+
+
+def read_slot(cache: list[LayerKV], slot: int, length: int) -> jax.Array:
+    """Positions [0, length) of `slot` in a single-device cache, every layer, latent and rope key side by side:
+    [num_layers, length, kv_lora_rank + rope_dim], a new array on the cache's device (the slot may be reused
+    once it is ready). One program per `length`: callers round lengths up to a few buckets."""
+    spec_len = cache[0].latent.shape[1] - 1
+    if not 0 < length <= spec_len:
+        raise ValueError(f"read_slot: length {length} outside [1, {spec_len}] (the cache's max_len)")
+    if not 0 <= slot < cache[0].latent.shape[0] - 1:
+        raise ValueError(f"read_slot: slot {slot} outside [0, {cache[0].latent.shape[0] - 1})")
+    return _read_slot_jit(cache, np.int32(slot), length)
+
+
+def write_slot(cache: list[LayerKV], rows: jax.Array, slot: int) -> list[LayerKV]:
+    """Writes `rows` [num_layers, n, kv_lora_rank + rope_dim] (from `read_slot`, on the cache's device) into
+    positions [0, n) of `slot`. Donates `cache`; returns the updated cache."""
+    _check_rows(cache, rows, slot)
+    return _write_slot_jit(cache, rows, np.int32(slot))
+
+
+def _check_rows(cache: list[LayerKV], rows, slot: int) -> None:
+    width = cache[0].latent.shape[-1] + cache[0].k_pe.shape[-1]
+    max_len = cache[0].latent.shape[1] - 1
+    if rows.ndim != 3 or rows.shape[0] != len(cache) or rows.shape[2] != width or not 0 < rows.shape[1] <= max_len:
+        raise ValueError(f"write_slot: rows of shape {rows.shape} do not fit a cache of {len(cache)} layers, "
+                         f"max_len {max_len}, {width} values per token")
+    if rows.dtype != cache[0].latent.dtype:
+        raise ValueError(f"write_slot: rows are {rows.dtype}, the cache {cache[0].latent.dtype}")
+    slots = cache[0].latent.shape[0] - 1
+    if not 0 <= slot <= slots:
+        raise ValueError(f"write_slot: slot {slot} outside [0, {slots}]")
+
+
+@functools.cache
+def _write_slot_sharded_jit(mesh, axis: str, num_layers: int):
+    cache_specs = [LayerKV(P(axis), P(axis))] * num_layers
+
+    def local(cache, rows, slot):  # per device: rows [1, L, n, width], slot [1]
+        return _write_slot(cache, rows[0], slot[0])
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(cache_specs, P(axis), P(axis)), out_specs=cache_specs,
+                                 check_vma=False), donate_argnums=0)
+
+
+def write_slot_sharded(cache: list[LayerKV], rows: jax.Array, slots: np.ndarray) -> list[LayerKV]:
+    """`write_slot` for a cache whose slot axis is sharded over a mesh axis, one slot group per device (DEP):
+    rows [num_devices, num_layers, n, width] sharded the same way, device g writing rows[g] into its local slot
+    slots[g] (a group with nothing to write names its scratch slot). Donates `cache`."""
+    sharding = cache[0].latent.sharding
+    if not isinstance(sharding, NamedSharding) or len(sharding.spec) < 1 or sharding.spec[0] is None:
+        raise ValueError(f"write_slot_sharded needs a cache sharded on its slot axis, got {sharding}")
+    axis = sharding.spec[0]
+    groups = sharding.mesh.shape[axis]
+    slots = np.asarray(slots, np.int32)
+    if rows.shape[0] != groups or slots.shape != (groups,):
+        raise ValueError(f"write_slot_sharded: rows {rows.shape} and slots {slots.shape} need {groups} groups")
+    per_group = cache[0].latent.shape[0] // groups
+    if (slots < 0).any() or (slots >= per_group).any():
+        raise ValueError(f"write_slot_sharded: slots {slots.tolist()} outside [0, {per_group})")
+    slots = jax.device_put(slots, NamedSharding(sharding.mesh, P(axis)))
+    return _write_slot_sharded_jit(sharding.mesh, axis, len(cache))(cache, rows, slots)

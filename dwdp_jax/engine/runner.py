@@ -280,6 +280,27 @@ class _SlotRunner:
         """Executes `plan` and returns {request_id: sampled token} (the `run_engine` step contract)."""
         return self._step_groups([plan])
 
+    # -- KV hand-off hooks (disaggregated serving, `dwdp_jax.engine.disagg`) -----------------------------------
+
+    @property
+    def group_devices(self) -> list[jax.Device]:
+        """The device of each slot group (one per group)."""
+        raise NotImplementedError
+
+    def slot_cache(self, group: int) -> list[LayerKV]:
+        """Slot group `group`'s cache, per layer [num_slots + 1, max_len + 1, ...] on its device (no copy).
+        Valid until the next step replaces the cache: read from it before dispatching another step."""
+        if group != 0:
+            raise ValueError(f"slot group {group} of a runner with one group")
+        return self.cache
+
+    def write_slot(self, group: int, slot: int, rows: jax.Array) -> None:
+        """Writes `rows` [num_layers, n, kv_lora_rank + rope_dim] (on the group's device) into positions
+        [0, n) of `slot` of slot group `group`."""
+        if group != 0:
+            raise ValueError(f"slot group {group} of a runner with one group")
+        self.cache = kv_cache.write_slot(self.cache, rows, slot)
+
     def warmup(self, lengths: Sequence[int] | None = None) -> None:
         """Compiles the decode program for every batch bucket and the prefill program for every (batch,
         length) bucket (`lengths`: only these length buckets), running padding rows in the scratch slot."""
@@ -308,6 +329,10 @@ class ModelRunner(_SlotRunner):
         self.executor = executor or LocalExecutor()
         self.cache = kv_cache.allocate(spec, self.device)
 
+    @property
+    def group_devices(self) -> list[jax.Device]:
+        return [self.device]
+
     def _call(self, token_ids, positions, slots, absorbed):
         logits, self.cache = _model_step_jit(self.graph, self.state, self.cache, token_ids, positions, slots,
                                              absorbed, self.executor)
@@ -325,6 +350,10 @@ class DwdpRankRunner(_SlotRunner):
         super().__init__(spec, buckets, sampling, seed, rank.device)
         self.rank = rank
         self.cache = kv_cache.allocate(spec, rank.device)
+
+    @property
+    def group_devices(self) -> list[jax.Device]:
+        return [self.rank.device]
 
     def _call(self, token_ids, positions, slots, absorbed):
         positions, slots = jax.device_put((positions, slots), self.rank.device)
@@ -367,6 +396,7 @@ class DepRunner(_SlotRunner):
             for absorbed in (False, True)
         }
         self._block = NamedSharding(self.mesh, P(AXIS))
+        self._zero_rows: dict = {}  # (shape, dtype) -> per device zeros [1, ...]: write_slot's filler
 
     def _call(self, token_ids, positions, slots, absorbed):
         args = jax.device_put((token_ids, positions, slots), self._block)
@@ -377,6 +407,38 @@ class DepRunner(_SlotRunner):
         if len(plan.plans) != self.num_groups:
             raise ValueError(f"plan has {len(plan.plans)} device plans, the runner {self.num_groups} devices")
         return self._step_groups(plan.plans)
+
+    @property
+    def group_devices(self) -> list[jax.Device]:
+        return list(self.mesh.devices.flat)
+
+    def slot_cache(self, group: int) -> list[LayerKV]:
+        """Device `group`'s shard of the cache (its slot group), per layer [num_slots + 1, max_len + 1, ...]."""
+        if not 0 <= group < self.num_groups:
+            raise ValueError(f"slot group {group} outside [0, {self.num_groups})")
+        start = group * (self.spec.num_slots + 1)
+
+        def shard(a):
+            return next(s.data for s in a.addressable_shards if (s.index[0].start or 0) == start)
+
+        return [LayerKV(shard(kv.latent), shard(kv.k_pe)) for kv in self.cache]
+
+    def write_slot(self, group: int, slot: int, rows: jax.Array) -> None:
+        """One SPMD program over the mesh: device `group` writes `rows` into its `slot`, the others write
+        zeros into their scratch slot."""
+        if not 0 <= group < self.num_groups:
+            raise ValueError(f"slot group {group} outside [0, {self.num_groups})")
+        devices = self.group_devices
+        if rows.devices() != {devices[group]}:
+            raise ValueError(f"rows on {rows.devices()}, slot group {group} is on {devices[group]}")
+        key = (rows.shape, rows.dtype)
+        if key not in self._zero_rows:
+            self._zero_rows[key] = [jnp.zeros((1, *rows.shape), rows.dtype, device=d) for d in devices]
+        parts = [rows[None] if g == group else z for g, z in enumerate(self._zero_rows[key])]
+        stacked = jax.make_array_from_single_device_arrays((len(devices), *rows.shape), self._block, parts)
+        slots = np.full(len(devices), self.spec.scratch_slot, np.int32)
+        slots[group] = slot
+        self.cache = kv_cache.write_slot_sharded(self.cache, stacked, slots)
 
     def prefill(self, chunks):
         raise NotImplementedError("DepRunner runs whole lockstep plans: use step_fn")

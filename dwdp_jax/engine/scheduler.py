@@ -10,6 +10,11 @@ step it plans, within `token_budget` tokens:
      until the budget or the slots run out.
 The engine executes the `StepPlan` (see `run_engine` for the contract of a step function) and reports the
 sampled tokens with `complete_step`, which retires finished requests and frees their slots.
+
+Disaggregated serving (`dwdp_jax.engine.disagg`) uses three hooks: a context server's scheduler holds a retired
+request's slot until its cache has been copied out (`hold_retired_slots`, `release_slot`); a generation server's
+scheduler reserves a slot for an incoming cache (`reserve_slot`) and admits the request with its prompt already
+cached and its first token known (`admit_prefilled`).
 """
 
 from __future__ import annotations
@@ -123,6 +128,7 @@ class FinishedRequest:
     last_token_s: float
     token_times_s: tuple[float, ...]
     finish_reason: Literal["length", "eos"]
+    slot: int = -1  # the cache slot it held (held on after retirement with `hold_retired_slots`)
 
     @property
     def num_output_tokens(self) -> int:
@@ -146,11 +152,17 @@ class _Sequence:
 
 
 class Scheduler:
-    """Continuous batching for one rank; one plan in flight at a time (`schedule`, then `complete_step`)."""
+    """Continuous batching for one rank; one plan in flight at a time (`schedule`, then `complete_step`).
 
-    def __init__(self, config: SchedulerConfig, rank: int = 0):
+    hold_retired_slots: a retired request's slot stays allocated until `release_slot` (its cache rows are
+    still being read, e.g. copied to another server)."""
+
+    def __init__(self, config: SchedulerConfig, rank: int = 0, *, hold_retired_slots: bool = False):
         self.config = config
         self.rank = rank
+        self.hold_retired_slots = hold_retired_slots
+        self._held: set[int] = set()  # retired requests' slots not yet released
+        self._reserved: set[int] = set()  # slots taken by `reserve_slot`, not yet admitted
         self.finished: list[FinishedRequest] = []
         self._waiting: list[tuple[float, int, Request]] = []  # heap on (arrival_s, submit order)
         self._running: list[_Sequence] = []  # admission order
@@ -176,6 +188,11 @@ class Scheduler:
     @property
     def num_free_slots(self) -> int:
         return len(self._free_slots)
+
+    @property
+    def num_held_slots(self) -> int:
+        """Slots of retired requests not yet released (`hold_retired_slots`)."""
+        return len(self._held)
 
     def next_arrival_s(self) -> float | None:
         """Arrival time of the next request to admit, None when the queue is empty."""
@@ -220,6 +237,49 @@ class Scheduler:
             self._inflight = plan
         return plan
 
+    # -- hooks for disaggregated serving ----------------------------------------------------------------------
+
+    def release_slot(self, slot: int) -> None:
+        """Frees the slot of a retired request (held because of `hold_retired_slots`)."""
+        if slot not in self._held:
+            raise ValueError(f"rank {self.rank}: slot {slot} is not held by a retired request")
+        self._held.remove(slot)
+        heapq.heappush(self._free_slots, slot)
+
+    def reserve_slot(self) -> int | None:
+        """Takes the lowest free slot for a request whose cache will be written there from elsewhere (then
+        `admit_prefilled`); None when no slot is free."""
+        if not self._free_slots:
+            return None
+        slot = heapq.heappop(self._free_slots)
+        self._reserved.add(slot)
+        return slot
+
+    def admit_prefilled(self, req: Request, slot: int, first_token: int, first_token_s: float,
+                        admitted_s: float) -> FinishedRequest | None:
+        """Admits `req` into the reserved `slot`, whose cache already holds the whole prompt; `first_token`
+        (sampled by the prefill elsewhere, delivered at `first_token_s`) is its first output, so the next
+        `schedule` decodes it. Returns the retired record when that token already ends the request (EOS or
+        max_new_tokens == 1; the slot is then freed), else None. Raises `RequestError` for a request this
+        scheduler cannot serve, and frees the slot."""
+        if slot not in self._reserved:
+            raise ValueError(f"rank {self.rank}: slot {slot} was not reserved with reserve_slot")
+        self._reserved.remove(slot)
+        try:
+            validate_request(req, self.config.max_seq_len, self.config.vocab_size)
+            if req.request_id in self._seen_ids:
+                raise RequestError(f"request {req.request_id!r}: duplicate request_id")
+        except RequestError:
+            heapq.heappush(self._free_slots, slot)
+            raise
+        self._seen_ids.add(req.request_id)
+        seq = _Sequence(req, slot, admitted_s=float(admitted_s), num_prefilled=req.prompt_len,
+                        output=[int(first_token)], token_times_s=[float(first_token_s)])
+        self._running.append(seq)
+        if first_token == self.config.eos_id or req.max_new_tokens == 1:
+            return self._retire(seq, "eos" if first_token == self.config.eos_id else "length")
+        return None
+
     @staticmethod
     def _chunk(seq: _Sequence, budget: int) -> PrefillChunk:
         req, start = seq.request, seq.num_prefilled
@@ -262,7 +322,10 @@ class Scheduler:
 
     def _retire(self, seq: _Sequence, reason: Literal["length", "eos"]) -> FinishedRequest:
         self._running.remove(seq)
-        heapq.heappush(self._free_slots, seq.slot)
+        if self.hold_retired_slots:
+            self._held.add(seq.slot)
+        else:
+            heapq.heappush(self._free_slots, seq.slot)
         req = seq.request
         record = FinishedRequest(
             request_id=req.request_id,
@@ -276,6 +339,7 @@ class Scheduler:
             last_token_s=seq.token_times_s[-1],
             token_times_s=tuple(seq.token_times_s),
             finish_reason=reason,
+            slot=seq.slot,
         )
         self.finished.append(record)
         return record

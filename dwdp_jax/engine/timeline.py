@@ -1,0 +1,63 @@
+"""Per-device step records of a serving run, for timelines and per-role step statistics.
+
+One `StepEvent` per executed step and device: which role and engine ran it, on which device, when (seconds on
+the run's clock), and how many prefill and decode tokens that device processed. An SPMD step (DEP) gives one
+event per device of its mesh, with the same times. `columns` turns events into the column lists a results
+JSON stores (`pandas.DataFrame(columns(events))` is the timeline table).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
+from dwdp_jax.engine.metrics import StepRecord
+
+
+class StepEvent(NamedTuple):
+    """One step on one device: [start_s, end_s), its prefill and decode tokens."""
+
+    role: str  # "context", "generation", or the strategy of a colocated run
+    engine: int  # engine index within the role (a DWDP/DP rank, a DEP group, a single device)
+    group: int  # slot group within the engine (the device's index in a DEP group; 0 otherwise)
+    device: int  # jax device id
+    start_s: float
+    end_s: float
+    prefill_tokens: int
+    decode_tokens: int
+
+
+def plan_events(plan, role: str, engine: int, devices: Sequence, start_s: float, end_s: float) -> list[StepEvent]:
+    """Events of one executed plan: a `StepPlan` (one device) or a `LockstepPlan` (one plan per device)."""
+    plans = getattr(plan, "plans", (plan,))
+    if len(plans) != len(devices):
+        raise ValueError(f"plan has {len(plans)} device plans for {len(devices)} devices")
+    return [StepEvent(role, engine, g, int(d.id), float(start_s), float(end_s), p.num_prefill_tokens,
+                      len(p.decode)) for g, (p, d) in enumerate(zip(plans, devices))]
+
+
+def timed_step_fn(step_fn: Callable, role: str, engine: int, devices: Sequence, clock: Callable[[], float],
+                  sink: list) -> Callable:
+    """`step_fn` that also appends its steps' events to `sink` (times from `clock`)."""
+
+    def run(plan):
+        t0 = clock()
+        tokens = step_fn(plan)
+        sink.extend(plan_events(plan, role, engine, devices, t0, clock()))
+        return tokens
+
+    return run
+
+
+COLUMNS = StepEvent._fields
+
+
+def columns(events: Iterable[StepEvent]) -> dict[str, list]:
+    """{field: [value per event]}, events sorted by (start_s, device)."""
+    rows = sorted(events, key=lambda e: (e.start_s, e.device))
+    return {name: [getattr(e, name) for e in rows] for name in COLUMNS}
+
+
+def step_records(events: Iterable[StepEvent]) -> list[StepRecord]:
+    """`StepRecord`s for `metrics.step_time_stats`, ranked by device id (one record per device and step)."""
+    return [StepRecord(e.device, e.start_s, e.end_s, e.prefill_tokens + e.decode_tokens) for e in events]
