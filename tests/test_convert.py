@@ -221,15 +221,13 @@ def test_bf16_policy_matches_dequantizing_loader(ckpts, tmp_path):
     assert from_hf_json(out) == checkpoint.model_config(meta) == ours.cfg  # config.json describes the output
 
 
-@pytest.mark.parametrize("policy", ["keep_fp8", "bf16"])
-def test_small_items_split_arrays_into_slabs(ckpts, tmp_path, monkeypatch, policy):
+def test_small_items_split_arrays_into_slabs(ckpts, tmp_path, monkeypatch):
     """Tiny items: copies split by rows, transposes by columns (whole FP8 blocks when dequantizing), experts by
     expert; each slab is a leaf of its own item and the restore concatenates them, on the host and on a device."""
     monkeypatch.setattr(convert, "ITEM_BYTES", 2048)
     monkeypatch.setattr(convert, "CHUNK_BYTES", 300)
     out = tmp_path / "out"
-    assert _cli(f"--input={ckpts['fp8']}", f"--output={out}", f"--dtype_policy={policy}", "--group_size=2",
-                "--verify") == 0
+    assert _cli(f"--input={ckpts['fp8']}", f"--output={out}", "--dtype_policy=bf16", "--group_size=2", "--verify") == 0
     meta = checkpoint.read_metadata(out)
     arrays = {p["key"]: p["arrays"] for p in meta["params"]}
     embed, lm_head = arrays["embed_tokens"][0], arrays["lm_head.kernel"][0]
@@ -238,27 +236,27 @@ def test_small_items_split_arrays_into_slabs(ckpts, tmp_path, monkeypatch, polic
         assert array["axis"] == axis and len(slabs) > 1 and len({s["item"] for s in slabs}) == len(slabs)
         assert [s["start"] for s in slabs] == [0] + [s["stop"] for s in slabs][:-1]
         assert slabs[-1]["stop"] == array["shape"][axis]
-    if policy == "bf16":
-        q_b = arrays["layers.0.self_attn.q_b_proj.kernel"][0]  # dequantized in whole 16-row source blocks
-        assert q_b["axis"] == 1 and len(q_b["slabs"]) > 1 and all(s["start"] % 16 == 0 for s in q_b["slabs"])
-        w_down = arrays["layers.2.mlp.experts.w_down"][1]
-        assert w_down["rank"] == 1 and len(w_down["slabs"]) > 1
-        assert all(s["item"].startswith("layers.2.experts.rank1.part") for s in w_down["slabs"])
+    q_b = arrays["layers.0.self_attn.q_b_proj.kernel"][0]  # dequantized in whole 16-row source blocks
+    assert q_b["axis"] == 1 and len(q_b["slabs"]) > 1 and all(s["start"] % 16 == 0 for s in q_b["slabs"])
+    w_down = arrays["layers.2.mlp.experts.w_down"][1]
+    assert w_down["rank"] == 1 and len(w_down["slabs"]) > 1
+    assert all(s["item"].startswith("layers.2.experts.rank1.part") for s in w_down["slabs"])
     leaves = checkpoint.item_leaves(meta)  # an item exceeds the budget only with a single row, column or expert
     assert all(i["bytes"] <= 2048 or len(leaves[i["name"]]) == 1 for i in meta["items"])
 
-    dequantize = policy == "bf16"
-    dtype = jnp.bfloat16 if dequantize else jnp.float32
-    full = load_model(ckpts["fp8"], dtype=dtype, dequantize=dequantize)
-    _assert_same_params(load_model(str(out), dtype=dtype), full)
+    full = load_model(ckpts["fp8"], dtype=jnp.bfloat16, dequantize=True)
+    _assert_same_params(load_model(str(out), dtype=jnp.bfloat16), full)
     device = jax.devices()[-1]
     ids_fn, n_local = checkpoint.rank_experts(meta, 1)
-    rank1 = load_model(str(out), dtype=dtype, expert_ids=ids_fn, n_local_experts=n_local, device=device)
+    rank1 = load_model(str(out), dtype=jnp.bfloat16, expert_ids=ids_fn, n_local_experts=n_local, device=device)
     got, ref = rank1.layers[2].mlp.experts.w_down[...], full.layers[2].mlp.experts.w_down[...]
     assert got.devices() == {device}
     np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(ref)[ids_fn(2)].view(np.uint8))
     np.testing.assert_array_equal(np.asarray(rank1.embed_tokens[...]).view(np.uint8),
                                   np.asarray(full.embed_tokens[...]).view(np.uint8))
+    some = load_model(str(out), dtype=jnp.bfloat16, expert_ids=lambda layer: [7, 0, 3], n_local_experts=3)
+    np.testing.assert_array_equal(np.asarray(some.layers[2].mlp.experts.w_gate_up[...]).view(np.uint8),
+                                  np.asarray(full.layers[2].mlp.experts.w_gate_up[...])[[7, 0, 3]].view(np.uint8))
 
 
 def test_dequantize_request_on_fp8_checkpoint_is_refused(converted):
