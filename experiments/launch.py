@@ -550,7 +550,8 @@ def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devic
 
     def engine(i):
         runner = engines.runners[i]
-        step_fn = timeline.timed_step_fn(runner.step_fn, strategy, i, runner.group_devices, clock, events)
+        step_fn = timeline.timed_step_fn(runner.step_fn, strategy, i, runner.group_devices, clock, events,
+                                         timeline.fetch_wait_counter(runner))
 
         def counted(plan):
             tokens = step_fn(plan)
@@ -835,7 +836,7 @@ def launch_disagg(f, setup: Setup, argv: list[str]) -> dict:
             for i, p in enumerate(points)]
     rows += [dict(kind="role", point=i, **role) for i, p in enumerate(points) for role in p["roles"]]
     rows += [dict(kind="request", point=i, **r) for i, p in enumerate(points) for r in p["requests"]]
-    config = dict(_base_config(f, setup), context_strategy=list(f.context_strategy),
+    config = dict(_base_config(f, setup), strategy="disagg", context_strategy=list(f.context_strategy),
                   context_devices=sorted({r[0].num_devices for r in d.roles}),
                   context_group_size=f.context_group_size, generation_strategy=f.generation_strategy,
                   generation_group_size=f.generation_group_size,

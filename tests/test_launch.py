@@ -25,19 +25,26 @@ def launcher_flags():
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     return {
-        strategy: launch.run_main(["launch", f"--strategy={strategy}", *extra, f"--out={out}", *COMMON])
-        for strategy, extra in [("single", []), ("dwdp", ["--num_devices=2"])]
+        name: launch.run_main(["launch", *extra, f"--out={out}", *COMMON])
+        for name, extra in [("single", ["--strategy=single"]), ("dwdp", ["--strategy=dwdp", "--num_devices=2"]),
+                            ("disagg", DISAGG)]
     }
+
+
+DISAGG = ["--mode=disagg", "--num_devices=4", "--context_devices=2", "--context_strategy=dwdp",
+          "--generation_strategy=dep", "--context_token_budget=4,8"]
+
+
+def saved(record):
+    with open(record["path"]) as f:
+        return json.load(f)
 
 
 @pytest.mark.parametrize("strategy, num_devices", [("single", 1), ("dwdp", 2)])
 def test_launch_writes_e2e_results(records, strategy, num_devices):
-    record = records[strategy]
-    with open(record["path"]) as f:
-        saved = json.load(f)
-    for key in ("part", "date", "commit", "command", "device_kind", "num_devices", "jax_version", "config",
-                "metrics", "rows"):
-        assert key in saved, key
+    saved = globals()["saved"](records[strategy])
+    assert tuple(saved) == ("part", "date", "commit", "command", "device_kind", "num_devices", "jax_version",
+                            "config", "metrics", "rows")  # the schema, exactly
     assert saved["part"] == "e2e" and saved["device_kind"] == "cpu" and saved["num_devices"] == num_devices
     assert saved["jax_version"] == jax.__version__ and f"--strategy={strategy}" in saved["command"]
     assert saved["config"]["strategy"] == strategy and saved["config"]["model"] == "tiny"
@@ -47,11 +54,44 @@ def test_launch_writes_e2e_results(records, strategy, num_devices):
     outputs = saved["rows"][0]["outputs"]
     assert len(outputs) == 2 and all(len(tokens) == 4 for tokens in outputs.values())
     assert len(saved["rows"][0]["ranks"]) == num_devices  # step-time stats per rank
+    steps = saved["rows"][0]["timeline"]  # every step of every device, as columns
+    assert sorted(set(steps["device"])) == list(range(num_devices)) and steps["role"][0] == strategy
+    assert sum(steps["prefill_tokens"]) == 2 * 8 and sum(steps["decode_tokens"]) == 2 * 3
+    assert all(a <= b for a, b in zip(steps["start_s"], steps["end_s"]))
+    requests = [r for r in saved["rows"] if r["kind"] == "request"]
+    assert len(requests) == 2 and all(r["ttft_s"] > 0 for r in requests)
 
 
 def test_strategies_generate_the_same_tokens(records):
-    """Both strategies serve the same weights (the tiny model is built once and split)."""
-    assert records["single"]["rows"][0]["outputs"] == records["dwdp"]["rows"][0]["outputs"]
+    """Every strategy serves the same weights (the tiny model is built once and split)."""
+    single = records["single"]["rows"][0]["outputs"]
+    assert records["dwdp"]["rows"][0]["outputs"] == single
+    points = [r for r in records["disagg"]["rows"] if r["kind"] == "point"]
+    assert len(points) == 2 and all(p["outputs"] == single for p in points)
+
+
+def test_disaggregated_run_records_roles_handoffs_and_timelines(records):
+    record = saved(records["disagg"])
+    assert record["num_devices"] == 4 and record["config"]["mode"] == "disagg"
+    assert record["config"]["context_token_budget"] == [4, 8] and "--mode=disagg" in record["command"]
+    points = [r for r in record["rows"] if r["kind"] == "point"]
+    assert [p["context_token_budget"] for p in points] == [4, 8]
+    for p in points:
+        assert (p["context_strategy"], p["context_devices"], p["generation_devices"]) == ("dwdp", 2, 2)
+        assert p["num_gpus"] == 4 and p["handoff_count"] == 2 and p["output_tokens"] == 2 * 4
+        steps = p["timeline"]
+        roles = dict(zip(steps["device"], steps["role"]))
+        assert roles == {0: "context", 1: "context", 2: "generation", 3: "generation"}
+        context_steps = [t for r, t in zip(steps["role"], steps["prefill_tokens"]) if r == "context"]
+        assert sum(context_steps) == 2 * 8 and max(context_steps) <= p["context_token_budget"]
+    roles = [r for r in record["rows"] if r["kind"] == "role"]
+    assert [r["role"] for r in roles] == ["context", "handoff", "generation"] * 2
+    # an 8-token prompt moves min(16, the context cache's 8 + 1 positions)
+    per_token = record["metrics"]["kv_bytes_per_token"]
+    requests = [r for r in record["rows"] if r["kind"] == "request"]
+    assert len(requests) == 4 and all(r["kv_len"] == 9 and r["kv_bytes"] == 9 * per_token for r in requests)
+    assert all(r["context_device"] in (0, 1) and r["generation_device"] in (2, 3) for r in requests)
+    assert all(r["ttft_s"] >= r["handoff_end_s"] - r["arrival_s"] > 0 for r in requests)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -60,6 +100,18 @@ def test_strategies_generate_the_same_tokens(records):
     (["--strategy=single", "--expert_backend=pallas"], "needs GPUs"),
     (["--strategy=single", "--workload=zipf"], "--workload='zipf'"),
     (["--strategy=single", "--max_seq_len=10"], "requests need up to 12 tokens"),
+    (["--mode=disagg", "--num_devices=4", "--context_devices=4"], "--context_devices=4 must leave both roles"),
+    (["--mode=disagg", "--num_devices=1"], "needs at least 2 devices"),
+    (["--mode=disagg", "--num_devices=8", "--context_devices=4", "--context_group_size=3"],
+     "--context_group_size=3 must divide context_devices=4"),
+    (["--mode=disagg", "--num_devices=4", "--context_devices=1", "--generation_strategy=dep"],
+     "--generation_group_size=3 must divide the 16 routed experts"),
+    (["--mode=disagg", "--num_devices=2", "--generation_strategy=single", "--context_strategy=dp,ep"],
+     "--context_strategy='ep'"),
+    (["--mode=disagg", "--num_devices=2", "--strategy=dep"], "--strategy is a --mode=colocated flag"),
+    (["--strategy=dwdp", "--num_devices=2", "--context_devices=1"], "--context_devices is a --mode=disagg flag"),
+    (["--mode=disagg", "--num_devices=2", "--kv_transfer=copy_engine"], "needs GPUs"),
+    (["--mode=disagg", "--num_devices=2", "--context_token_budget=0,x"], "must be integers"),
 ])
 def test_bad_flags_raise_clear_errors(flags, message, tmp_path):
     if jax.device_count() != 8 and "8 cpu" in message:

@@ -485,7 +485,8 @@ class _Pass:
         runner = self.engine.context[i]
         devices = runner.group_devices
         scheds, sched = _schedulers(runner, self.engine.config.context, hold=True)
-        step = timeline.timed_step_fn(runner.step_fn, "context", i, devices, self.clock, self.events)
+        step = timeline.timed_step_fn(runner.step_fn, "context", i, devices, self.clock, self.events,
+                                      timeline.fetch_wait_counter(runner))
         awaiting: collections.deque[_Handoff] = collections.deque()  # first token sampled, no generation slot yet
         holding: list[_Handoff] = []  # sent, source slot not yet released
         while True:
@@ -538,7 +539,7 @@ class _Pass:
         runner = self.engine.generation[j]
         scheds, sched = _schedulers(runner, self.engine.config.generation, hold=False)
         step = timeline.timed_step_fn(runner.step_fn, "generation", j, runner.group_devices, self.clock,
-                                      self.events)
+                                      self.events, timeline.fetch_wait_counter(runner))
         active: dict[str, _Handoff] = {}
         while True:
             with self.cond:
