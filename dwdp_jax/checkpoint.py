@@ -202,6 +202,7 @@ class Writer:
     def commit(self, metadata: dict, json_files: dict[str, dict]):
         """Saves the metadata item (which makes the directory an orbax composite checkpoint), moves the items into
         it, writes `json_files` ({name: object}) beside them, syncs everything and renames it to `path`."""
+        self._checkpointer.close()
         final = os.path.join(self.tmp, "checkpoint")
         try:
             with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -222,6 +223,7 @@ class Writer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def abort(self):
+        self._checkpointer.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

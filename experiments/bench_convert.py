@@ -1,19 +1,25 @@
-"""Converter memory and throughput on a multi-GB synthetic FP8 checkpoint with DeepSeek-R1's real shapes.
+"""Converter memory and throughput, and restore time, on a multi-GB synthetic FP8 checkpoint with R1's shapes.
 
     PYTHONPATH=. python experiments/bench_convert.py [--layers=2 --experts=128 --group_size=8]
+        [--policies=keep_fp8,bf16] [--baseline_repo=/path/to/another/checkout] [--tag=...]
 
 Writes an HF-layout checkpoint (config.json, FP8 [out, in] weights with float32 block scales, bf16 embeddings,
 sharded with an index) of random bytes straight to disk, never holding a tensor in memory; syncs it and drops
 it from the page cache (posix_fadvise), so the conversion reads from disk. Then runs the real CLI
 (`dwdp_jax.convert.run`, the `dwdp-convert` entry point) in a child process that reports its own peak RSS
 (getrusage ru_maxrss) at exit, and takes its wall time; then `convert.verify` the same way, and the RSS of a
-child that only imports the converter (the fixed overhead). Source and output are deleted afterwards.
+child that only imports the converter (the fixed overhead). For the first policy it also times restores from a
+cold page cache, each in its own child: the full model (`load_model(OUT)`) and DWDP rank 0's share (replicated
+weights + its experts, `checkpoint.rank_experts`), both onto the CPU device. With --baseline_repo, the same
+conversion and restores run with that checkout's code (e.g. a git worktree of an earlier checkpoint format), in
+the same run, for comparison. Source and outputs are deleted afterwards.
 
 Headline metrics (results schema, part "converter"): `peak_rss_over_largest_tensor` = the converter's peak
 resident memory / the largest single output array (here the bf16 embedding, also the largest source tensor);
 `throughput_gbps` = source GB converted per second of wall time (process start to exit, fsync included), and
 `throughput_frac_of_copy` = that / the speed of copying the same shards on the same disk (cold, fsynced) in the
-same run, the ceiling for a conversion that reads and writes every byte once.
+same run, the ceiling for a conversion that reads and writes every byte once. `restore_full_gbps` and
+`restore_rank0_gbps`: stored bytes restored per second of restore call (imports and JAX start excluded).
 """
 
 from __future__ import annotations
@@ -45,6 +51,10 @@ flags.DEFINE_float("shard_gb", 4.0, "maximum source shard size, GB")
 flags.DEFINE_string("workdir", None, "where to write the synthetic checkpoint and the output (default: a temp dir)")
 flags.DEFINE_list("policies", ["keep_fp8"], "dtype policies to convert with, one run each")
 flags.DEFINE_bool("verify", True, "also time --verify on the first converted output")
+flags.DEFINE_bool("restore", True, "also time full-model and rank-0 restores of the first converted output")
+flags.DEFINE_string("baseline_repo", None, "another checkout of this repository whose converter and restore are run"
+                    " the same way (first policy only), for comparison")
+flags.DEFINE_string("tag", "", "suffix of the results file name")
 flags.DEFINE_string("out_dir", os.path.join(REPO, "experiments", "results"), "results directory")
 FLAGS = flags.FLAGS
 
@@ -162,19 +172,26 @@ def _drop_cache(root: str):
                 os.close(fd)
 
 
-def _measured(code: str) -> tuple[float, int, str]:
-    """Runs `code` in a child Python that prints its own peak RSS at exit (after any sys.exit).
-    Returns (wall seconds, peak RSS bytes, stdout)."""
+def _measured(code: str, repo: str = REPO) -> tuple[float, int, str]:
+    """Runs `code` in a child Python (importing from `repo`) that prints its own peak RSS at exit (after any
+    sys.exit). Returns (wall seconds, peak RSS bytes, stdout)."""
     prologue = ("import atexit, resource; atexit.register(lambda: print('peak_rss_kib',"
                 " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)); ")
     t0 = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", prologue + code], cwd=REPO,
-                            env=dict(os.environ, PYTHONPATH=REPO), capture_output=True, text=True, check=False)
+    result = subprocess.run([sys.executable, "-c", prologue + code], cwd=repo,
+                            env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if result.returncode:
         raise RuntimeError(f"{code} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     rss = int(result.stdout.strip().splitlines()[-1].split()[-1]) * 1024
     return wall, rss, result.stdout
+
+
+def _commit_of(repo: str) -> str:
+    try:
+        return subprocess.check_output(["git", "-C", repo, "rev-parse", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def copy_baseline(source: str, dst: str) -> float:
@@ -195,34 +212,72 @@ def copy_baseline(source: str, dst: str) -> float:
     return wall
 
 
+_RESTORE = """
+import time
+import jax, jax.numpy as jnp
+from flax import nnx
+from dwdp_jax import checkpoint, load_model
+out, rank = {out!r}, {rank!r}
+kwargs = {{}}
+if rank is not None:
+    expert_ids, n_local = checkpoint.rank_experts(out, rank)
+    kwargs = dict(expert_ids=expert_ids, n_local_experts=n_local)
+t0 = time.perf_counter()
+leaves = jax.tree.leaves(nnx.state(load_model(out, dtype=jnp.bfloat16, device=jax.devices("cpu")[0], **kwargs)))
+jax.block_until_ready(leaves)
+print("restore_s", time.perf_counter() - t0, sum(x.nbytes for x in leaves), flush=True)
+"""
+
+
+def convert_once(repo: str, source: str, out: str, policy: str) -> dict:
+    """Runs the console-script entry point of `repo`'s converter (absl app.run, exits through sys.exit) in a
+    child, from a cold page cache."""
+    _drop_cache(source)
+    argv = ["dwdp-convert", f"--input={source}", f"--output={out}", f"--dtype_policy={policy}",
+            f"--group_size={FLAGS.group_size}", "--noprogress"]
+    wall, peak, stdout = _measured(f"from dwdp_jax import convert; convert.run({argv!r})", repo)
+    print(stdout.strip().splitlines()[0])
+    return dict(wall_s=wall, peak_rss_bytes=peak, command=" ".join(argv))
+
+
+def restore_times(repo: str, out: str) -> dict:
+    """Full-model and rank-0 restores of `out` with `repo`'s code, each in a child from a cold page cache."""
+    row = {}
+    for name, rank in (("full", None), ("rank0", 0)):
+        _drop_cache(out)
+        _, peak, stdout = _measured(_RESTORE.format(out=out, rank=rank), repo)
+        seconds, nbytes = next(line.split()[1:] for line in stdout.splitlines() if line.startswith("restore_s"))
+        row.update({f"restore_{name}_s": float(seconds), f"restore_{name}_bytes": int(nbytes),
+                    f"restore_{name}_gbps": int(nbytes) / float(seconds) / 1e9,
+                    f"restore_{name}_peak_rss_bytes": peak})
+        print(f"restore {name} ({repo}): {float(seconds):.1f} s, {int(nbytes) / 1e9:.2f} GB")
+    return row
+
+
 def main(argv):
     del argv
     cfg = bench_config(FLAGS.layers, FLAGS.experts, FLAGS.vocab_size)
     work = tempfile.mkdtemp(prefix="dwdp_bench_convert_", dir=FLAGS.workdir)
     source = os.path.join(work, "hf")
-    rows = []
+    rows, baseline_row = [], None
     try:
         t0 = time.perf_counter()
         source_bytes = write_synthetic_checkpoint(source, cfg, FLAGS.shard_gb * 1e9)
         print(f"synthetic checkpoint: {source_bytes / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
         copy_s = [copy_baseline(source, os.path.join(work, "copy"))]
+        largest_source = max(int(np.prod(s)) * _ITEMSIZE[d] for _, d, s in hf_tensors(cfg))
         for i, policy in enumerate(FLAGS.policies):
-            _drop_cache(source)
             out = os.path.join(work, f"out_{policy}")
-            argv = ["dwdp-convert", f"--input={source}", f"--output={out}", f"--dtype_policy={policy}",
-                    f"--group_size={FLAGS.group_size}", "--noprogress"]
-            # The console-script entry point itself (absl app.run, exits through sys.exit).
-            wall, peak, stdout = _measured(f"from dwdp_jax import convert; convert.run({argv!r})")
-            print(stdout.strip().splitlines()[0])
+            row = dict(dtype_policy=policy, **convert_once(REPO, source, out, policy))
             meta = checkpoint.read_metadata(out)
             arrays = [a for p in meta["params"] for a in p["arrays"]]
             largest_array = max(int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize for a in arrays)
-            largest_source = max(int(np.prod(s)) * _ITEMSIZE[d] for _, d, s in hf_tensors(cfg))
-            row = dict(
-                dtype_policy=policy, source_bytes=meta["source_bytes"], output_bytes=meta["output_bytes"],
-                arrays=len(arrays), wall_s=wall, peak_rss_bytes=peak, largest_output_array_bytes=largest_array,
-                largest_source_tensor_bytes=largest_source, peak_rss_over_largest_tensor=peak / largest_array,
-                throughput_gbps=meta["source_bytes"] / wall / 1e9, command=" ".join(argv),
+            row.update(
+                source_bytes=meta["source_bytes"], output_bytes=meta["output_bytes"], arrays=len(arrays),
+                items=len(meta["items"]), item_bytes=meta["item_bytes"], largest_output_array_bytes=largest_array,
+                largest_source_tensor_bytes=largest_source,
+                peak_rss_over_largest_tensor=row["peak_rss_bytes"] / largest_array,
+                throughput_gbps=meta["source_bytes"] / row["wall_s"] / 1e9,
             )
             if FLAGS.verify and i == 0:
                 _drop_cache(source)
@@ -230,8 +285,19 @@ def main(argv):
                 v_wall, v_peak, _ = _measured(f"from dwdp_jax import convert; convert.verify({out!r}, progress=False)")
                 row.update(verify_wall_s=v_wall, verify_peak_rss_bytes=v_peak,
                            verify_gbps=(meta["source_bytes"] + meta["output_bytes"]) / v_wall / 1e9)
+            if FLAGS.restore and i == 0:
+                row.update(restore_times(REPO, out))
             shutil.rmtree(out)
             rows.append(row)
+            if FLAGS.baseline_repo and i == 0:
+                out = os.path.join(work, f"baseline_{policy}")
+                baseline_row = dict(dtype_policy=policy, code=FLAGS.baseline_repo, baseline_commit=_commit_of(
+                    FLAGS.baseline_repo), **convert_once(FLAGS.baseline_repo, source, out, policy))
+                baseline_row["throughput_gbps"] = source_bytes / baseline_row["wall_s"] / 1e9
+                baseline_row["peak_rss_over_largest_tensor"] = baseline_row["peak_rss_bytes"] / largest_source
+                if FLAGS.restore:
+                    baseline_row.update(restore_times(FLAGS.baseline_repo, out))
+                shutil.rmtree(out)
         copy_s.append(copy_baseline(source, os.path.join(work, "copy")))
         copy_gbps = source_bytes / min(copy_s) / 1e9
         print(f"copy baseline: {copy_s[0]:.1f} s before, {copy_s[1]:.1f} s after the conversions")
@@ -246,25 +312,42 @@ def main(argv):
         shutil.rmtree(work, ignore_errors=True)
 
     head = rows[0]
-    config = dict(preset=f"r1-layers-{FLAGS.layers}", n_routed_experts=FLAGS.experts, vocab_size=FLAGS.vocab_size, group_size=FLAGS.group_size,
-                  shard_gb=FLAGS.shard_gb, source="synthetic FP8 (random bytes), page cache dropped before each run",
-                  cpu_count=os.cpu_count())
+    config = dict(preset=f"r1-layers-{FLAGS.layers}", n_routed_experts=FLAGS.experts, vocab_size=FLAGS.vocab_size,
+                  group_size=FLAGS.group_size, shard_gb=FLAGS.shard_gb, item_bytes=head["item_bytes"],
+                  source="synthetic FP8 (random bytes), page cache dropped before each run", cpu_count=os.cpu_count(),
+                  baseline_repo=FLAGS.baseline_repo)
     metrics = {k: head[k] for k in ("peak_rss_over_largest_tensor", "throughput_gbps", "peak_rss_bytes",
                                     "largest_output_array_bytes", "import_baseline_rss_bytes", "wall_s",
                                     "source_bytes", "peak_rss_minus_baseline_over_largest_tensor",
                                     "copy_baseline_gbps", "throughput_frac_of_copy")}
-    for k in ("verify_wall_s", "verify_gbps", "verify_peak_rss_bytes"):
+    for k in ("verify_wall_s", "verify_gbps", "verify_peak_rss_bytes", "restore_full_s", "restore_full_gbps",
+              "restore_full_peak_rss_bytes", "restore_rank0_s", "restore_rank0_gbps", "restore_rank0_peak_rss_bytes"):
         if k in head:
             metrics[k] = head[k]
-    path = write_result(FLAGS.out_dir, "converter", "cpu", config, metrics, rows)
+    if baseline_row is not None:
+        rows.append(baseline_row)
+        for k in ("throughput_gbps", "peak_rss_bytes", "restore_full_s", "restore_rank0_s"):
+            if k in baseline_row:
+                metrics[f"baseline_{k}"] = baseline_row[k]
+        for k in ("restore_full_s", "restore_rank0_s"):
+            if k in baseline_row and k in head:
+                metrics[f"{k}_over_baseline"] = head[k] / baseline_row[k]
+    path = write_result(FLAGS.out_dir, "converter", "cpu", config, metrics, rows, tag=FLAGS.tag)
     print(f"\n{'policy':<10} {'source GB':>9} {'out GB':>7} {'wall s':>7} {'GB/s':>6} {'of copy':>7}"
           f" {'peak RSS GB':>11} {'largest GB':>10} {'RSS/largest':>11} {'verify GB/s':>11}")
     for r in rows:
+        if "code" in r:
+            continue
         print(f"{r['dtype_policy']:<10} {r['source_bytes'] / 1e9:>9.2f} {r['output_bytes'] / 1e9:>7.2f}"
               f" {r['wall_s']:>7.1f} {r['throughput_gbps']:>6.2f} {r['throughput_frac_of_copy']:>7.2f}"
               f" {r['peak_rss_bytes'] / 1e9:>11.2f}"
               f" {r['largest_output_array_bytes'] / 1e9:>10.2f} {r['peak_rss_over_largest_tensor']:>11.2f}"
               f" {r.get('verify_gbps', float('nan')):>11.2f}")
+    for r in [head] + ([baseline_row] if baseline_row else []):
+        if "restore_full_s" in r:
+            print(f"restore ({r.get('code', 'this checkout')}): full model {r['restore_full_s']:.1f} s"
+                  f" ({r['restore_full_gbps']:.2f} GB/s), rank 0 {r['restore_rank0_s']:.1f} s"
+                  f" ({r['restore_rank0_gbps']:.2f} GB/s)")
     print(f"copy baseline {copy_gbps:.2f} GB/s (best of before/after); import-only RSS {baseline / 1e9:.2f} GB;"
           f" wrote {path}")
 
