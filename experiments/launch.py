@@ -118,6 +118,8 @@ _FLAGS = [
      "prefilled or waiting for their hand-off; 0: --max_batch_size)", {}),
     (flags.DEFINE_enum, "kv_transfer", "device_put", "disagg: how a prefilled cache moves to a generation device",
      dict(enum_values=["device_put", "copy_engine"])),
+    (flags.DEFINE_bool, "verify_handoff", False, "disagg: compare every hand-off's arrived cache rows with the "
+     "source's, bit for bit (two device-to-host copies per request, off the serving threads)", {}),
     # DWDP
     (flags.DEFINE_enum, "fetch", "device_put", "DWDP fetch backend", dict(enum_values=["device_put", "copy_engine"])),
     (flags.DEFINE_enum, "expert_backend", "jnp", "expert GEMMs: ragged_dot or Mosaic GPU kernels",
@@ -151,7 +153,8 @@ _FLAGS = [
      "disagg-<context strategies>-<generation strategy>-<model>-g<devices>)", {}),
 ]
 _DISAGG_ONLY = ("context_devices", "context_strategy", "context_group_size", "generation_strategy",
-                "generation_group_size", "context_token_budget", "context_max_batch_size", "kv_transfer")
+                "generation_group_size", "context_token_budget", "context_max_batch_size", "kv_transfer",
+                "verify_handoff")
 _COLOCATED_ONLY = ("strategy", "group_size")
 _defined: list[str] = []
 
@@ -572,10 +575,10 @@ def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devic
 
 def serve_disagg(engine: disagg_lib.DisaggEngine, requests, concurrency: int, desc: str,
                  progress: bool) -> disagg_lib.DisaggRun:
-    """One disaggregated pass (the progress bar counts finished requests)."""
-    bar = tqdm(total=len(requests), desc=desc, unit="req", disable=not progress, leave=False)
-    run = engine.serve(requests, concurrency=concurrency or None)
-    bar.update(len(run.requests))
+    """One disaggregated pass (the progress bar counts the output tokens of finished requests)."""
+    bar = tqdm(total=sum(r.max_new_tokens for r in requests), desc=desc, unit="tok", disable=not progress,
+               leave=False)
+    run = engine.serve(requests, concurrency=concurrency or None, on_finish=lambda r: bar.update(r.num_output_tokens))
     bar.close()
     if run.rejected:
         raise RuntimeError(f"{len(run.rejected)} requests were rejected, e.g. {run.rejected[0]}")
@@ -796,7 +799,8 @@ def launch_disagg(f, setup: Setup, argv: list[str]) -> dict:
               f"{transport.name}", flush=True)
         for sched in d.context:
             config = disagg_lib.DisaggConfig(sched, setup.sched)
-            engine = disagg_lib.DisaggEngine(context.runners, generation.runners, config, transport)
+            engine = disagg_lib.DisaggEngine(context.runners, generation.runners, config, transport,
+                                             verify_handoff=f.verify_handoff)
             for c in setup.concurrency:
                 desc = f"{ctx_role.strategy} {ctx_role.num_devices}:{gen_role.num_devices} b={sched.token_budget} " \
                        f"c={c or 'all'}"
@@ -843,6 +847,7 @@ def launch_disagg(f, setup: Setup, argv: list[str]) -> dict:
                   context_token_budget=[s.token_budget for s in d.context],
                   context_max_batch_size=d.context[0].max_batch_size, context_max_seq_len=d.context[0].max_seq_len,
                   context_buckets=dataclasses.asdict(d.context_buckets), kv_transfer=d.kv_transfer,
+                  verify_handoff=f.verify_handoff,
                   weights="random" if f.checkpoint is None else "checkpoint")
     record = make_record(f, setup, argv, config, metrics, rows)
     strategies = "-".join(f.context_strategy)

@@ -179,11 +179,12 @@ def check_records(run, engine):
 
 
 def test_dwdp_context_dep_generation_matches_single_device(runners, single_tokens):
-    engine = disagg.DisaggEngine(runners["dwdp"], [runners["dep"]], disagg.DisaggConfig(sched_config(),
-                                                                                       sched_config()))
+    engine = disagg.DisaggEngine(runners["dwdp"], [runners["dep"]],
+                                 disagg.DisaggConfig(sched_config(), sched_config()), verify_handoff=True)
     bad = [Request("too_long", tokens(1, 40), 2), Request("q0", tokens(2, 4), 2)]
-    run = engine.serve(requests() + bad)
-    assert run.outputs() == single_tokens
+    finished = []
+    run = engine.serve(requests() + bad, on_finish=finished.append)
+    assert run.outputs() == single_tokens and sorted(finished, key=lambda r: r.request_id) == list(run.requests)
     assert [rid for rid, _ in run.rejected] == ["too_long", "q0"]
     assert "exceeds the cache slot" in run.rejected[0][1] and "duplicate" in run.rejected[1][1]
     assert run.num_context_gpus == 4 and run.num_generation_gpus == 2
@@ -213,6 +214,12 @@ class FailingTransport(DevicePutTransport):
         raise OSError("link down")
 
 
+class CorruptingTransport(DevicePutTransport):
+    def wait_arrival(self, handle):
+        rows = super().wait_arrival(handle)
+        return rows.at[0, 0, 0].add(1.0)
+
+
 def test_bad_configurations_and_a_failing_transport(runners):
     dwdp, dep, single = runners["dwdp"], runners["dep"], runners["single"]
     config = disagg.DisaggConfig(sched_config(), sched_config())
@@ -227,3 +234,7 @@ def test_bad_configurations_and_a_failing_transport(runners):
     engine = disagg.DisaggEngine([dep], [single], config, transport=FailingTransport())
     with pytest.raises(RuntimeError, match="KV hand-off of request 'q[01]' failed"):
         engine.serve(requests()[:2])
+    engine = disagg.DisaggEngine([dep], [single], config, transport=CorruptingTransport(), verify_handoff=True)
+    with pytest.raises(RuntimeError, match="KV hand-off of request 'q[01]' failed") as failure:
+        engine.serve(requests()[:2])
+    assert "differ from the source's" in str(failure.value.__cause__)

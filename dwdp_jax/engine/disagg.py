@@ -262,15 +262,18 @@ class DisaggEngine:
     """Serves requests with `context` runners (prefill) and `generation` runners (decode), each a runner of
     `dwdp_jax.engine.runner` (ModelRunner, DwdpRankRunner or DepRunner) on its own devices.
 
-    transport: how cache rows move between devices (default `DevicePutTransport`)."""
+    transport: how cache rows move between devices (default `DevicePutTransport`).
+    verify_handoff: compare every transfer's arrived rows with its source rows, bit for bit (a failed check
+    fails the run, naming the request)."""
 
     def __init__(self, context: Sequence, generation: Sequence, config: DisaggConfig,
-                 transport: KVTransport | None = None):
+                 transport: KVTransport | None = None, verify_handoff: bool = False):
         if not context or not generation:
             raise ValueError(f"disaggregated serving needs context and generation runners, got {len(context)} "
                              f"and {len(generation)}")
         self.context, self.generation, self.config = list(context), list(generation), config
         self.transport = transport or DevicePutTransport()
+        self.verify_handoff = verify_handoff
         seen = {}
         for role, runners, sched in (("context", self.context, config.context),
                                      ("generation", self.generation, config.generation)):
@@ -320,13 +323,15 @@ class DisaggEngine:
                          self.config.generation.vocab_size)
 
     def serve(self, requests: Sequence[Request], *, concurrency: int | None = None,
-              clock: Callable[[], float] | None = None) -> DisaggRun:
+              clock: Callable[[], float] | None = None,
+              on_finish: Callable[[RequestRecord], None] | None = None) -> DisaggRun:
         """Serves `requests` (open loop: each is taken once the clock reaches its arrival_s; closed loop with
         `concurrency`: at most that many in flight, each arriving when it is taken). Requests that cannot be
-        served are rejected (in `rejected`), the others all finish. Blocks until done."""
+        served are rejected (in `rejected`), the others all finish; on_finish(record) is called (from a
+        serving thread) as each finishes. Blocks until done."""
         if concurrency is not None and concurrency < 1:
             raise ValueError(f"concurrency must be >= 1 or None, got {concurrency}")
-        return _Pass(self, requests, concurrency, clock or wall_clock()).run()
+        return _Pass(self, requests, concurrency, clock or wall_clock(), on_finish).run()
 
 
 class _Failed(Exception):
@@ -339,9 +344,10 @@ class _Pass:
     # Longest a serving thread sleeps without a notification (a safety net; wake-ups are notified).
     MAX_WAIT_S = 0.5
 
-    def __init__(self, engine: DisaggEngine, requests: Sequence[Request], concurrency: int | None, clock):
-        self.engine, self.concurrency, self.clock = engine, concurrency, clock
-        self.cond = threading.Condition()
+    def __init__(self, engine: DisaggEngine, requests: Sequence[Request], concurrency: int | None, clock,
+                 on_finish=None):
+        self.engine, self.concurrency, self.clock, self.on_finish = engine, concurrency, clock, on_finish
+        self.cond = threading.Condition(threading.RLock())  # reentrant: `_notify` may run with it held
         self.version = 0  # bumped by every notification: a waiter sleeps only if nothing changed since it looked
         self.failed: BaseException | None = None
         self.rejected: list[tuple[str, str]] = []
@@ -373,11 +379,12 @@ class _Pass:
         self.inbox: list[list[_Handoff]] = [[] for _ in engine.generation]
         self.records: list[RequestRecord] = []
         self.events: list[timeline.StepEvent] = []
-        self.watcher = TransferWatcher(engine.transport, clock, self._notify)
+        self.watcher = TransferWatcher(engine.transport, clock, self._notify, verify=engine.verify_handoff)
 
     # -- shared state ------------------------------------------------------------------------------------------
 
     def _notify(self) -> None:
+        """Wakes every waiting serving thread (callable with `cond` held: it is reentrant)."""
         with self.cond:
             self.version += 1
             self.cond.notify_all()
@@ -394,8 +401,9 @@ class _Pass:
         with self.cond:
             self.records.append(record)
             self.in_flight -= 1
-            self.version += 1
-            self.cond.notify_all()
+            self._notify()
+        if self.on_finish is not None:
+            self.on_finish(record)
 
     def _guarded(self, fn):
         def run():
@@ -406,8 +414,7 @@ class _Pass:
             except BaseException as e:
                 with self.cond:
                     self.failed = self.failed or e
-                    self.version += 1
-                    self.cond.notify_all()
+                    self._notify()
                 raise
         return run
 
@@ -435,8 +442,7 @@ class _Pass:
                 self.ctx_tokens[i] += req.prompt_len
                 changed = True
             if changed:
-                self.version += 1
-                self.cond.notify_all()
+                self._notify()
 
     def _submit_assigned(self, i: int, scheds, sched) -> None:
         """Submits the requests assigned to context engine i, each to its slot group with the most room."""
@@ -452,8 +458,7 @@ class _Pass:
         scheds[group].release_slot(slot)
         with self.cond:
             self.ctx_held[i] -= 1
-            self.version += 1
-            self.cond.notify_all()
+            self._notify()
 
     def _reserve_generation(self) -> tuple[int, int] | None:
         """Takes a credit of the generation slot group with the most room (lowest index on ties)."""
@@ -478,8 +483,7 @@ class _Pass:
         self.watcher.start(h.transfer, handle)
         with self.cond:
             self.inbox[j].append(h)
-            self.version += 1
-            self.cond.notify_all()
+            self._notify()
 
     def _context(self, i: int) -> None:
         runner = self.engine.context[i]
@@ -513,8 +517,7 @@ class _Pass:
             if sched.idle and not awaiting and not holding and queue_empty:
                 with self.cond:
                     self.contexts_left -= 1
-                    self.version += 1
-                    self.cond.notify_all()
+                    self._notify()
                 return
             plan = sched.schedule(self.clock())
             if plan.is_empty:

@@ -7,8 +7,9 @@ A transport has three calls (the shape of `dwdp_jax.parallel.fetch`'s backends):
   * `wait_source(handle)`: blocks until the source slot is no longer read (the context server may reuse it).
   * `wait_arrival(handle) -> rows`: blocks until the rows [num_layers, length, kv_lora_rank + rope_dim] are on
     `device`, and returns them (for `runner.write_slot`).
-The two blocking calls are made by a `TransferWatcher` thread, never by a serving thread, so neither server
-waits for a copy.
+  * `source_rows(handle) -> rows`: the rows as gathered on the source (for `TransferWatcher(verify=True)`).
+The blocking calls are made by a `TransferWatcher` thread, never by a serving thread, so neither server waits
+for a copy.
 
 Both transports first gather the rows into a new array on the source device (`kv_cache.read_slot`, one small
 program queued behind the step that wrote them); the slot is free once that gather ran. They differ in the
@@ -29,6 +30,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dwdp_jax.engine import kv_cache
 from dwdp_jax.model import LayerKV
@@ -48,6 +50,9 @@ class KVTransport:
     def wait_arrival(self, handle) -> jax.Array:
         raise NotImplementedError
 
+    def source_rows(self, handle) -> jax.Array:
+        raise NotImplementedError
+
 
 class DevicePutTransport(KVTransport):
     """Gather on the source, then `jax.device_put` to the destination (CPU and GPU)."""
@@ -63,6 +68,9 @@ class DevicePutTransport(KVTransport):
 
     def wait_arrival(self, handle) -> jax.Array:
         return handle[1].block_until_ready()
+
+    def source_rows(self, handle) -> jax.Array:
+        return handle[0]
 
 
 @dataclasses.dataclass
@@ -130,8 +138,10 @@ class CopyEngineTransport(KVTransport):
 
     def wait_arrival(self, handle: _PeerCopy) -> jax.Array:
         handle.event.synchronize()
-        handle.rows = None  # the source copy may go
         return handle.dst
+
+    def source_rows(self, handle: _PeerCopy) -> jax.Array:
+        return handle.rows
 
 
 def make_transport(name: str) -> KVTransport:
@@ -166,14 +176,19 @@ class Transfer:
         return self.end_s is not None
 
 
+def _bits(a: jax.Array) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(jax.device_get(a))).view(np.uint8)
+
+
 class TransferWatcher:
     """A few threads that wait on transfers and stamp their times: `on_change()` is called (from a watcher
     thread) after a transfer's source is released and after it arrives, and after an error (set on the
-    transfer and re-raised by `check`)."""
+    transfer and re-raised by `check`). verify: after arrival, compare the arrived rows with the source's,
+    bit for bit, on the host (a check of the transport; it costs two device-to-host copies per transfer)."""
 
     def __init__(self, transport: KVTransport, clock: Callable[[], float], on_change: Callable[[], None],
-                 threads: int = 4):
-        self.transport, self.clock, self.on_change = transport, clock, on_change
+                 threads: int = 4, verify: bool = False):
+        self.transport, self.clock, self.on_change, self.verify = transport, clock, on_change, verify
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kv-watch")
 
     def start(self, transfer: Transfer, handle) -> None:
@@ -185,8 +200,11 @@ class TransferWatcher:
             transfer.source_done_s = self.clock()
             self.on_change()
             rows = self.transport.wait_arrival(handle)
+            end_s = self.clock()
+            if self.verify and not np.array_equal(_bits(rows), _bits(self.transport.source_rows(handle))):
+                raise ValueError(f"the {transfer.length} positions that arrived differ from the source's")
             transfer.rows = rows
-            transfer.end_s = self.clock()
+            transfer.end_s = end_s
         except BaseException as e:  # surfaced by the serving threads through `check`
             transfer.error = e
         self.on_change()
