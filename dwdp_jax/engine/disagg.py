@@ -37,7 +37,7 @@ import numpy as np
 from dwdp_jax.engine import metrics as metrics_lib
 from dwdp_jax.engine import timeline
 from dwdp_jax.engine.kv_transfer import DevicePutTransport, KVTransport, Transfer, TransferWatcher
-from dwdp_jax.engine.runner import LockstepScheduler
+from dwdp_jax.engine.runner import DepRunner, LockstepScheduler
 from dwdp_jax.engine.scheduler import FinishedRequest, Scheduler, SchedulerConfig, wall_clock
 from dwdp_jax.engine.workload import Request, RequestError, validate_request
 from dwdp_jax.parallel.threads import run_in_threads
@@ -253,9 +253,10 @@ def _record(h: _Handoff, f: FinishedRequest) -> RequestRecord:
 
 
 def _schedulers(runner, config: SchedulerConfig, hold: bool):
-    """One `Scheduler` per slot group of `runner`, and the scheduler its `step_fn` takes."""
+    """One `Scheduler` per slot group of `runner`, and the scheduler its `step_fn` takes (a DEP runner takes
+    lockstep plans, even over one device)."""
     scheds = [Scheduler(config, rank=g, hold_retired_slots=hold) for g in range(runner.num_groups)]
-    return scheds, (scheds[0] if len(scheds) == 1 else LockstepScheduler(scheds))
+    return scheds, (LockstepScheduler(scheds) if isinstance(runner, DepRunner) else scheds[0])
 
 
 class DisaggEngine:

@@ -171,20 +171,16 @@ def _write_slot_sharded_jit(mesh, axis: str, num_layers: int):
                                  check_vma=False), donate_argnums=0)
 
 
-def write_slot_sharded(cache: list[LayerKV], rows: jax.Array, slots: np.ndarray) -> list[LayerKV]:
-    """`write_slot` for a cache whose slot axis is sharded over a mesh axis, one slot group per device (DEP):
-    rows [num_devices, num_layers, n, width] sharded the same way, device g writing rows[g] into its local slot
+def write_slot_sharded(cache: list[LayerKV], rows: jax.Array, slots: np.ndarray, mesh, axis: str) -> list[LayerKV]:
+    """`write_slot` for a cache whose slot axis is split over mesh axis `axis`, one slot group per device (DEP):
+    rows [num_devices, num_layers, n, width] split the same way, device g writing rows[g] into its local slot
     slots[g] (a group with nothing to write names its scratch slot). Donates `cache`."""
-    sharding = cache[0].latent.sharding
-    if not isinstance(sharding, NamedSharding) or len(sharding.spec) < 1 or sharding.spec[0] is None:
-        raise ValueError(f"write_slot_sharded needs a cache sharded on its slot axis, got {sharding}")
-    axis = sharding.spec[0]
-    groups = sharding.mesh.shape[axis]
+    groups = mesh.shape[axis]
     slots = np.asarray(slots, np.int32)
     if rows.shape[0] != groups or slots.shape != (groups,):
         raise ValueError(f"write_slot_sharded: rows {rows.shape} and slots {slots.shape} need {groups} groups")
     per_group = cache[0].latent.shape[0] // groups
     if (slots < 0).any() or (slots >= per_group).any():
         raise ValueError(f"write_slot_sharded: slots {slots.tolist()} outside [0, {per_group})")
-    slots = jax.device_put(slots, NamedSharding(sharding.mesh, P(axis)))
-    return _write_slot_sharded_jit(sharding.mesh, axis, len(cache))(cache, rows, slots)
+    slots = jax.device_put(slots, NamedSharding(mesh, P(axis)))
+    return _write_slot_sharded_jit(mesh, axis, len(cache))(cache, rows, slots)

@@ -438,7 +438,7 @@ class DepRunner(_SlotRunner):
         stacked = jax.make_array_from_single_device_arrays((len(devices), *rows.shape), self._block, parts)
         slots = np.full(len(devices), self.spec.scratch_slot, np.int32)
         slots[group] = slot
-        self.cache = kv_cache.write_slot_sharded(self.cache, stacked, slots)
+        self.cache = kv_cache.write_slot_sharded(self.cache, stacked, slots, self.mesh, AXIS)
 
     def prefill(self, chunks):
         raise NotImplementedError("DepRunner runs whole lockstep plans: use step_fn")
