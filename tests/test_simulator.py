@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from dwdp_jax.config import preset
-from dwdp_jax.sim import costs, hardware, validate
+from dwdp_jax.sim import calibration, costs, hardware, simulator, validate
 from dwdp_jax.sim.simulator import (DEPConfig, DWDPConfig, RankBatch, SchedulerConfig, Workload, dep_step,
                                     dwdp_rank_step, fetch_time_s, simulate, step_costs)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 R1 = preset("deepseek-r1")
-# A GPU whose destination and source peer rates are equal, so contention arithmetic is exact.
-FLAT = hardware.H200_HGX.replace(name="flat", copy_engine_frac=0.5, all_pull_frac=0.5)
+# A GPU whose copy-engine fetch has no fixed cost and the full link share, so contention arithmetic is exact.
+FLAT = hardware.H200_HGX.replace(name="flat", copy_engine=hardware.PeerCopy(latency_s=0.0, efficiency=1.0))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -78,8 +78,26 @@ def test_contention_same_source_is_k_times_slower(group_size):
     bytes_ = 8e9
     staggered = fetch_time_s(bytes_, group_size, FLAT, "staggered")
     same = fetch_time_s(bytes_, group_size, FLAT, "same_order")
-    assert staggered == pytest.approx(bytes_ / (FLAT.fetch_in_gbps * 1e9))
+    assert staggered == pytest.approx(bytes_ / (FLAT.peer_copy_gbps * 1e9))
     assert same == pytest.approx((group_size - 1) * staggered)
+
+
+def test_fetch_pays_the_backend_cost_once_per_peer():
+    hw = FLAT.replace(device_put=hardware.PeerCopy(latency_s=1e-3, efficiency=0.5))
+    # 4 peers, 1 GB each at half of 396 GB/s, plus 1 ms each.
+    assert fetch_time_s(4e9, 5, hw, "staggered", "device_put") == pytest.approx(4 * (1e-3 + 1e9 / 198e9))
+    with pytest.raises(ValueError, match="unknown fetch backend"):
+        fetch_time_s(1e9, 2, hw, "staggered", "nvshmem")
+
+
+def test_peer_copy_fit_recovers_latency_and_rate():
+    link = 400.0
+    points = [(b, 2e-3 + b / 300e9) for b in (1e8, 1e9, 4e9)]
+    fit = hardware.PeerCopy.fit(points, link)
+    assert fit.latency_s == pytest.approx(2e-3) and fit.efficiency == pytest.approx(300 / 400)
+    # The H200 profile's device_put fit: about 0.75 ms per copy and near the single-pair copy-engine rate.
+    dp = hardware.H200_HGX.device_put
+    assert 0.5e-3 < dp.latency_s < 1e-3 and 0.9 < dp.efficiency <= 1.0
 
 
 def test_imbalance_slows_dep_normal_ranks_but_not_dwdp():
@@ -135,56 +153,121 @@ def test_all_to_all_fit_reproduces_probe3():
     assert a2a.time_s(8192 * per_token) == pytest.approx(2.66e-3)
 
 
+def test_score_passes_and_dense_matmul_dtype():
+    eff = costs.Efficiency(score_passes=2.0)
+    plain = costs.CostModel(R1, hardware.H200_HGX)
+    scored = costs.CostModel(R1, hardware.H200_HGX, eff)
+    n, c = np.array([100, 1]), np.array([0, 1000])
+    extra = 2.0 * 4.0 * 128 * (100 * 100 + 1 * 1001) / (4300e9 * eff.hbm)
+    assert scored.attention_s(n, c) - plain.attention_s(n, c) == pytest.approx(extra)
+    bf16 = costs.CostModel(R1, hardware.H200_HGX, dense_matmul_dtype="bf16")
+    many = 16384  # compute-bound: the projections run at the bf16 rate, not FP8
+    assert bf16.dense_mlp_s(many) / plain.dense_mlp_s(many) == pytest.approx(1454 / 799)
+
+
+def test_dep_capacity_factor_scales_the_all_to_all_bytes():
+    cfg, hw = preset("r1-layers-4"), hardware.H200_HGX
+    cm = costs.CostModel(cfg, hw)
+    batch = RankBatch(np.array([4096]), np.array([0]), 1)
+    a2a = hardware.AllToAll(latency_s=1e-3, bw_gbps=100.0)
+    exact = step_costs(cm, hw, DEPConfig(group_size=2, all_to_all=a2a), [batch] * 2)[0]
+    padded = step_costs(cm, hw, DEPConfig(group_size=2, all_to_all=a2a, capacity_factor=2.0), [batch] * 2)[0]
+    one_way = costs.dep_a2a_bytes(cfg, 4096, 2) / 100e9  # bf16 dispatch and combine, the remote half
+    assert exact.comm_s == pytest.approx(cfg.num_moe_layers * 2 * (1e-3 + one_way))
+    assert padded.comm_s - exact.comm_s == pytest.approx(cfg.num_moe_layers * 2 * one_way)
+
+
 def test_memory_fit():
     assert costs.weight_memory_gb(R1, 8, 2) < hardware.H200_HGX.hbm_gb < costs.weight_memory_gb(R1, 4, 2)
     assert costs.weight_memory_gb(R1, 4, 2, "nvfp4") < hardware.GB200_NVL72.hbm_gb
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Validation against device-facts (documented tolerances: overlap hold-outs 10%, peer bandwidths 25%).
+# Validation against the recorded measurements.
 
-def test_probe4_validation_within_tolerance():
-    report = validate.validate()
-    rows = [c for c in report.comparisons if c.kind == "validation"]
-    overlap = [c for c in rows if c.name.startswith("probe4")]
-    p2p = [c for c in rows if c.name.startswith("p2p")]
-    assert len(overlap) == 2 and len(p2p) == 2
-    assert all(abs(c.rel_err) <= 0.10 for c in overlap), report.table()
-    assert all(abs(c.rel_err) <= 0.25 for c in p2p), report.table()
-    assert report.max_rel_err() <= 0.25
+RECORDED = ["sim_calibration/device_facts_p2p.json", "sim_calibration/device_facts_probe4.json",
+            calibration.DWDP_FILE, calibration.DEP_FILE, calibration.ENGINE_FILE]
+# The worst validation error on RECORDED (0.186: probe 4's fetch-only time at T=3072, 9.5 ms measured vs 7.7 ms
+# predicted, the same copies measured at 8.9 ms at T=8192; then engine decode of 32 requests, +18%): a margin of
+# a point for float noise, not more, so that a worse model fails here.
+MAX_VALIDATION_REL_ERR = 0.19
 
 
-def test_default_slowdown_is_the_probe4_fit():
-    path = REPO / "experiments/results/sim_calibration/device_facts_probe4.json"
-    record = json.loads(path.read_text())
-    assert validate.probe4_default_slowdown(record) == pytest.approx(DWDPConfig().compute_slowdown, abs=0.01)
+@pytest.fixture(scope="module")
+def recorded_report(tmp_path_factory):
+    """The validation on the measurements recorded when the model was calibrated (later files do not move it)."""
+    root = tmp_path_factory.mktemp("results")
+    for name in RECORDED:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text((calibration.RESULTS / name).read_text())
+    return validate.validate(root)
 
 
-def test_comparisons_read_future_result_files(tmp_path):
-    results = tmp_path / "experiments" / "results"
-    results.mkdir(parents=True)
-    common = {"date": "2026-12-01", "device_kind": "nvidia-h200-x4", "num_devices": 4}
-    files = {
-        "engine": {"config": {"preset": "r1-layers-4"},
-                   "rows": [{"phase": "prefill", "batch": 1, "seq_len": 4096, "step_time_s": 0.05},
-                            {"phase": "decode", "batch": 32, "context_len": 4096, "step_time_s": 0.01}]},
-        "dwdp": {"config": {"preset": "r1-layers-4", "group_size": 4, "tokens_per_rank": 8192},
-                 "metrics": {"imbalance_slowdown_dwdp": 1.0, "imbalance_slowdown_dep": 1.5},
-                 "rows": [{"strategy": "dwdp", "tokens_per_rank": 8192, "layer_time_s": 0.02}]},
-        "e2e": {"config": {"preset": "r1-layers-4", "group_size": 2, "input_len": 512, "output_len": 8},
-                "rows": [{"strategy": s, "concurrency": 4, "output_tps_per_gpu": 100.0} for s in ("dwdp", "dep")],
-                "metrics": {"dwdp_over_dep_tps_per_gpu": 1.0}},
-    }
-    for part, body in files.items():
-        (results / f"{part}-20261201-nvidia-h200-x4.json").write_text(json.dumps({"part": part, **common, **body}))
-    report = validate.validate(results)
+def test_validation_on_recorded_measurements(recorded_report):
+    report = recorded_report
     assert not report.skipped, report.skipped
-    names = " ".join(c.name for c in report.comparisons)
-    for expected in ("engine prefill", "engine decode", "imbalance_slowdown_dwdp", "imbalance_slowdown_dep",
-                     "layer_time_s", "e2e dwdp concurrency=4", "dwdp_over_dep_tps_per_gpu"):
-        assert expected in names
-    dwdp_imbalance = next(c for c in report.comparisons if c.name.startswith("dwdp imbalance_slowdown_dwdp"))
-    assert dwdp_imbalance.predicted == pytest.approx(1.0)
+    rows = [c for c in report.comparisons if c.kind == "validation"]
+    assert len(rows) >= 25, report.table()  # rows must not vanish (that would flatter the maximum)
+    assert report.max_rel_err() <= MAX_VALIDATION_REL_ERR, report.table()
+    by_name = {c.name: c for c in report.comparisons}
+    # Hold-outs of each fit, tighter than the overall bound:
+    assert abs(by_name["dwdp step without fetch, T=8192"].rel_err) < 0.06  # compute fitted on the engine run
+    assert abs(by_name["dwdp step with fetch, copy_engine, T=16384"].rel_err) < 0.05
+    assert abs(by_name["dep imbalance slowdown (padded), T=8192"].rel_err) < 0.03
+    assert abs(by_name["p2p ring_device_put_1gib per-reader bandwidth"].rel_err) < 0.05
+    overlap = [c for c in rows if c.name.startswith("probe4 device_put_same_order")]
+    assert len(overlap) == 2 and all(abs(c.rel_err) <= 0.10 for c in overlap)
+    # The fits: their residuals are zero where a parameter was solved for exactly.
+    for name in ("engine prefill 1 x 2048", "engine decode 1 x 4096", "dep step, balanced, T=8192"):
+        assert by_name[name].kind == "calibration" and abs(by_name[name].rel_err) < 1e-3, name
+
+
+def test_calibrated_constants_are_the_fits():
+    load = calibration.load
+    assert calibration.kernel_grouped_gemm_efficiency(load(calibration.KERNELS_FILE)) == pytest.approx(
+        calibration.GROUPED_GEMM_EFFICIENCY, abs=1e-4)
+    base = costs.Efficiency(gemm=calibration.XLA_BF16_GEMM_EFFICIENCY,
+                            grouped_gemm=calibration.GROUPED_GEMM_EFFICIENCY)
+    passes, overhead = calibration.fit_compute(load(calibration.ENGINE_FILE), base)
+    assert passes == pytest.approx(calibration.SCORE_PASSES, abs=0.01)
+    assert overhead == pytest.approx(calibration.LAYER_OVERHEAD_S, rel=1e-3)
+    assert calibration.fit_copy_engine_slowdown(load(calibration.DWDP_FILE)) == pytest.approx(
+        simulator.COPY_ENGINE_SLOWDOWN, abs=1e-4)
+    assert DWDPConfig().compute_slowdown == simulator.COPY_ENGINE_SLOWDOWN
+    a2a = calibration.fit_dep_all_to_all(load(calibration.DEP_FILE))
+    assert a2a.bw_gbps == pytest.approx(calibration.OURS_DEP_A2A.bw_gbps, rel=1e-3)
+    probe4 = json.loads((calibration.RESULTS / "sim_calibration/device_facts_probe4.json").read_text())
+    assert validate.probe4_default_slowdown(probe4) == pytest.approx(simulator.DEVICE_PUT_SLOWDOWN, abs=0.01)
+
+
+def test_comparisons_read_launcher_and_engine_files(tmp_path):
+    common = {"date": "2026-12-01", "device_kind": "nvidia-h200-x2", "num_devices": 2}
+    point = dict(kind="point", concurrency=4, output_tps_per_gpu=100.0, tps_per_user_median=20.0,
+                 ttft_median_s=0.5)
+    config = dict(model="r1-layers-4", workload="fixed", input_len=512, output_len=8, num_requests=8,
+                  max_batch_size=4, token_budget=2048, group_size=2, fetch="copy_engine", prefetch_depth=1)
+    files = {
+        "e2e-dwdp": dict(part="e2e", config=dict(config, strategy="dwdp"),
+                         rows=[point, dict(point, concurrency=8), dict(kind="request")]),
+        "e2e-dep": dict(part="e2e", config=dict(config, strategy="dep", group_size=None),
+                        rows=[dict(point, output_tps_per_gpu=50.0), dict(point, concurrency=8)]),
+        "e2e-sweep": dict(part="e2e", config=dict(arms=["dwdp", "dep"]), metrics={}, rows=[]),
+        "engine": dict(part="engine", config=dict(preset="r1-layers-4", backend="pallas"),
+                       rows=[dict(regime="prefill", requests=1, chunk=1024, prompt_len=2048, step_s=0.05),
+                             dict(regime="decode", batch=8, context=2048, step_s=0.01),
+                             dict(regime="decode", batch=16, context=2048, error="OOM")]),
+    }
+    for name, body in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({**common, **body}))
+    report = validate.validate(tmp_path)
+    assert not report.skipped, report.skipped
+    names = [c.name for c in report.comparisons]
+    for expected in ("engine prefill 1 x 1024", "engine decode 8 x 2048", "e2e dwdp r1-layers-4 c=4 output TPS/GPU",
+                     "e2e dep r1-layers-4 c=8 ttft_median_s", "e2e dwdp r1-layers-4 c=8 tps_per_user_median"):
+        assert expected in names, names
+    ratio = next(c for c in report.comparisons if c.name.startswith("e2e dwdp/dep"))
+    assert ratio.measured == pytest.approx((2.0 + 1.0) / 2)  # 100/50 at c=4, 100/100 at c=8
+    assert 0 < ratio.predicted < 10
 
 
 # --------------------------------------------------------------------------------------------------------------

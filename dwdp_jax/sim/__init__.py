@@ -1,10 +1,13 @@
 """Performance model of DWDP vs DEP serving (issue 9): hardware profiles, layer costs, an event simulator.
 
-  hardware.py  achieved rates per GPU: H200_HGX (measured), GB200_NVL72 (datasheet x H200 fractions)
-  costs.py     FLOPs, bytes and roofline times of one R1 layer; DWDP fetch and DEP all-to-all bytes
-  simulator.py one step per rank (DWDP pipeline, DEP lockstep) and serving with continuous batching
-  validate.py  comparison with recorded measurements; the GB200 NVL72 prediction next to the paper's
-               (not imported here, so that `python -m dwdp_jax.sim.validate` runs it cleanly)
+  hardware.py    achieved rates per GPU: H200_HGX (measured), GB200_NVL72 (datasheet x H200 fractions); peer
+                 copies per fetch backend (fixed cost + share of the link)
+  costs.py       FLOPs, bytes and roofline times of one R1 layer; DWDP fetch and DEP all-to-all bytes
+  simulator.py   one step per rank (DWDP pipeline, DEP lockstep) and serving with continuous batching
+  calibration.py our JAX implementation on H200: the parameters fitted once on recorded runs, and the fits
+  validate.py    comparison with recorded measurements; the GB200 NVL72 prediction next to the paper's
+                 (calibration and validate are not imported here, so that `python -m dwdp_jax.sim.validate`
+                 runs cleanly)
 """
 
 from dwdp_jax.sim.costs import CostModel, Efficiency

@@ -1,14 +1,17 @@
 """Cost model of one DeepSeek-R1 decoder layer on one GPU: FLOPs, bytes, and time from a hardware profile.
 
 Times are rooflines, `max(FLOPs / (rate * eff), bytes / (HBM bandwidth * eff))`, one per operation, summed.
-The efficiency factors (`Efficiency`) are the calibration knobs: the defaults are guesses until the engine
-results (`prefill_mfu`, `decode_hbm_frac`) come in; `validate.py` says which are still pending.
+The efficiency factors (`Efficiency`) are the calibration knobs. The defaults describe an optimized serving
+stack (fused attention, FP8 GEMMs): they are guesses, used for GB200 NVL72. Our own JAX implementation on H200
+is `validate.OURS_H200` (`CostModel(..., dense_matmul_dtype="bf16")`), calibrated on our measured step times.
 
 Modelling choices (all per GPU, per layer):
   * attention: the MLA projections as GEMMs over the step's new tokens; prefill chunks (more than one new
     token) run plain multi-head attention over the cached context plus the causal triangle of the chunk, and
     re-expand the cached latent of earlier chunks through `kv_b`; decode tokens (one new token) run the
-    absorbed form and read `context` latent rows of `kv_lora_rank + qk_rope_head_dim` from HBM.
+    absorbed form and read `context` latent rows of `kv_lora_rank + qk_rope_head_dim` from HBM. An unfused
+    attention (ours: XLA einsums and a softmax) also writes and reads the fp32 scores [heads, new tokens,
+    context + new tokens] `Efficiency.score_passes` times.
   * routing is uniform: each of the `tokens * top_k` (token, expert) pairs goes to an expert drawn at random,
     so T tokens touch `E * (1 - (1 - k/E)^T)` distinct experts (the weights a grouped GEMM must read).
   * DWDP fetch: a rank holds E/G routed experts per MoE layer and pulls the others it prefetches from its G-1
@@ -119,13 +122,14 @@ class Efficiency:
     attention: float = 0.5  # attention core, on the bf16 rate
     hbm: float = 0.8  # weight and KV-cache reads
     layer_overhead_s: float = 20e-6  # launches, norms, router, per layer
+    score_passes: float = 0.0  # HBM passes over materialized fp32 attention scores (0: fused attention)
 
     def __post_init__(self):
         for f in ("gemm", "grouped_gemm", "attention", "hbm"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"Efficiency.{f} must be in (0, 1]")
-        if self.layer_overhead_s < 0:
-            raise ValueError("layer_overhead_s must be >= 0")
+        if self.layer_overhead_s < 0 or self.score_passes < 0:
+            raise ValueError("layer_overhead_s and score_passes must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,13 +140,19 @@ class CostModel:
     hw: Hardware
     eff: Efficiency = Efficiency()
     expert_format: str = "fp8"  # routed experts: 'fp8' (R1 checkpoint) or 'nvfp4' (the paper)
-    dense_format: str = "fp8"  # attention projections, shared expert, dense MLP
+    dense_format: str = "fp8"  # attention projections, shared expert, dense MLP, as stored
     kv_bytes: float = 2.0  # per latent element in the KV cache (bf16)
+    dense_matmul_dtype: str | None = None  # the matmul rate of dense weights (None: dense_format; ours: 'bf16',
+    #                                        FP8 weights dequantized before a bf16 matmul)
 
     def __post_init__(self):
-        for fmt in (self.expert_format, self.dense_format):
+        for fmt in (self.expert_format, self.dense_format, self.dense_matmul_dtype or self.dense_format):
             if fmt not in BYTES_PER_PARAM:
                 raise ValueError(f"unknown weight format {fmt!r}; use one of {sorted(BYTES_PER_PARAM)}")
+
+    @property
+    def dense_tflops(self) -> float:
+        return self.hw.matmul_tflops(self.dense_matmul_dtype or self.dense_format)
 
     def _roofline(self, flops: float, bytes_: float, tflops: float, eff: float) -> float:
         return max(flops / (tflops * 1e12 * eff), bytes_ / (self.hw.hbm_gbps * 1e9 * self.eff.hbm))
@@ -163,25 +173,26 @@ class CostModel:
             cfg.qk_nope_head_dim + cfg.v_head_dim)
         proj_flops = 2.0 * (mla_params(cfg) * n.sum() + reexpand)
         proj_bytes = mla_params(cfg) * BYTES_PER_PARAM[self.dense_format]
-        proj = self._roofline(proj_flops, proj_bytes, self.hw.matmul_tflops(self.dense_format), self.eff.gemm)
+        proj = self._roofline(proj_flops, proj_bytes, self.dense_tflops, self.eff.gemm)
         core_flops = mla_core_flops(cfg, n, c).sum()
         kv_bytes = ((c + n) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * self.kv_bytes).sum()
         core = self._roofline(core_flops, kv_bytes, self.hw.bf16_tflops, self.eff.attention)
-        return proj + core
+        score_bytes = 4.0 * cfg.num_heads * (n * (c + n)).sum() * self.eff.score_passes
+        return proj + core + score_bytes / (self.hw.hbm_gbps * 1e9 * self.eff.hbm)
 
     def dense_mlp_s(self, tokens: float) -> float:
         params = 3 * self.cfg.hidden_size * self.cfg.intermediate_size
         if tokens == 0:
             return 0.0
         return self._roofline(2.0 * params * tokens, params * BYTES_PER_PARAM[self.dense_format],
-                              self.hw.matmul_tflops(self.dense_format), self.eff.gemm)
+                              self.dense_tflops, self.eff.gemm)
 
     def shared_expert_s(self, tokens: float) -> float:
         if tokens == 0 or self.cfg.n_shared_experts == 0:
             return 0.0
         params = self.cfg.n_shared_experts * expert_params(self.cfg)
         return self._roofline(2.0 * params * tokens, params * BYTES_PER_PARAM[self.dense_format],
-                              self.hw.matmul_tflops(self.dense_format), self.eff.gemm)
+                              self.dense_tflops, self.eff.gemm)
 
     def routed_experts_s(self, pairs: float, experts_read: float) -> float:
         """Grouped GEMM over `pairs` (token, expert) rows, reading the weights of `experts_read` experts."""

@@ -1,8 +1,13 @@
 """Hardware profiles for the DWDP/DEP performance model: achieved (not datasheet) rates per GPU.
 
-Every number is either measured on our machines (`/work/shared/device-facts.md`, 2026-11-22, 4x H200 on
-`nvidia-h200-x4`) or, for GB200 NVL72, a datasheet number scaled by the fraction of the datasheet that we
-achieved on H200. Units: rates in TFLOP/s, bandwidths in GB/s (1 GB = 1e9 bytes), capacities in GB.
+Every number is measured on our machines or, for GB200 NVL72, a datasheet number scaled by the fraction of the
+datasheet that we achieved on H200. Units: rates in TFLOP/s, bandwidths in GB/s (1 GB = 1e9 bytes), capacities
+in GB, times in seconds. Sources of the H200 numbers:
+  [df]   /work/shared/device-facts.md, 2026-11-22, 4x H200 (`nvidia-h200-x4`): cuBLAS matmul peaks, HBM copy,
+         NVLink topology, single-pair peer copies, `device_put` at three sizes, the all-to-all of probe 3;
+  [dwdp] experiments/results/dwdp-20261122-nvidia-h200-x2.json (bench_dwdp.py, commit 6cd96a7, 2x H200): our
+         DWDP's copy-engine fetch, every rank pulling a MoE layer at once, next to cudaMemcpyPeerAsync in the
+         same run.
 
 H200 datasheet numbers used to form the achieved fractions (NVIDIA H200 SXM product brief): dense bf16
 989 TFLOP/s, dense FP8 1979 TFLOP/s, HBM3e 4.8 TB/s, 141 GB; NVLink 4 with 18 links.
@@ -13,13 +18,21 @@ cross-checked with glennklockwood.com/garden/processors/B200, "GB200 variant of 
   * HBM3e 8 TB/s (576 TB/s rack), 186 GB (13.4 TB rack)     [datasheet]
   * NVLink 5: 1.8 TB/s bidirectional per GPU = 900 GB/s per direction (130 TB/s rack); 72 GPUs in one
     NVLink domain                                            [datasheet]
-  * achieved fractions (matmul, HBM, copy engine, all ranks pulling, all-to-all bandwidth) copied from H200
-    [assumption: nothing measured on GB200]; all-to-all latency [assumption, see GB200_NVL72 below].
+  * achieved fractions (matmul, HBM, peer copy, copy-engine fetch efficiency, all-to-all bandwidth) copied
+    from H200 [assumption: nothing measured on GB200]; all-to-all latency [assumption, see GB200_NVL72].
+
+Peer copies. A copy of B bytes issued by a fetch backend takes `latency_s + B / (efficiency * share)`, where
+`share` is the link rate left to it: a GPU's outbound copy-engine rate (`peer_copy_gbps`) divided by the readers
+pulling from that source at once. A destination pulling from one source at a time is not limited below that:
+on [df] every GPU pulling 1 GiB from its neighbour at once got the single-pair rate (283 GiB/s vs 270), and on
+[dwdp] both GPUs pulling got 388 GB/s vs 396 for one pair.
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +61,30 @@ class AllToAll:
 
 
 @dataclasses.dataclass(frozen=True)
-class Hardware:
-    """One GPU of a system, with its NVLink domain. All rates are achieved rates.
+class PeerCopy:
+    """How one fetch backend moves bytes from a peer: a fixed cost per copy and the share of the link it reaches."""
 
-    Peer copies (DWDP fetch) are modelled by two limits: a destination can take in at most
-    `fetch_in_gbps` while every rank of the group pulls at once, and a source can emit at most
-    `source_out_gbps` in total, shared by the ranks reading from it at that moment.
-    """
+    latency_s: float  # per copy (one copy = one peer's experts of one layer)
+    efficiency: float  # achieved rate / the link rate left to this copy
+
+    def __post_init__(self):
+        if self.latency_s < 0 or not 0 < self.efficiency <= 1:
+            raise ValueError(f"PeerCopy needs latency_s >= 0 and efficiency in (0, 1], got {self}")
+
+    def time_s(self, bytes_: float, share_gbps: float) -> float:
+        return self.latency_s + bytes_ / (self.efficiency * share_gbps * 1e9)
+
+    @staticmethod
+    def fit(points: list[tuple[float, float]], link_gbps: float) -> PeerCopy:
+        """Least-squares latency and rate through (bytes, seconds) points of single-pair copies."""
+        b, t = np.asarray(points, dtype=np.float64).T
+        slope, intercept = np.polyfit(b, t, 1)
+        return PeerCopy(latency_s=float(intercept), efficiency=float(1.0 / slope / (link_gbps * 1e9)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """One GPU of a system, with its NVLink domain. All rates are achieved rates (see the module docstring)."""
 
     name: str
     gpus_per_domain: int
@@ -64,8 +94,9 @@ class Hardware:
     hbm_gbps: float  # bytes moved per second, reads and writes counted
     hbm_gb: float
     nvlink_gbps: float  # link rate, per direction per GPU
-    copy_engine_frac: float  # one pair, cudaMemcpyPeerAsync / nvlink_gbps
-    all_pull_frac: float  # per-rank fetch rate with all ranks pulling (one reader per source) / nvlink_gbps
+    peer_copy_frac: float  # one cudaMemcpyPeerAsync stream out of a GPU / nvlink_gbps
+    copy_engine: PeerCopy  # DWDP's CopyEnginePull (cudaMemcpyPeerAsync on the destination's stream)
+    device_put: PeerCopy  # DWDP's DevicePutFetch (jax.device_put between GPUs)
     all_to_all: AllToAll
 
     def __post_init__(self):
@@ -74,17 +105,18 @@ class Hardware:
         for field in ("bf16_tflops", "fp8_tflops", "hbm_gbps", "hbm_gb", "nvlink_gbps"):
             if getattr(self, field) <= 0:
                 raise ValueError(f"{field} must be > 0")
-        for field in ("copy_engine_frac", "all_pull_frac"):
-            if not 0 < getattr(self, field) <= 1:
-                raise ValueError(f"{field} must be in (0, 1]")
+        if not 0 < self.peer_copy_frac <= 1:
+            raise ValueError("peer_copy_frac must be in (0, 1]")
 
     @property
-    def source_out_gbps(self) -> float:
-        return self.nvlink_gbps * self.copy_engine_frac
+    def peer_copy_gbps(self) -> float:
+        """Outbound copy rate of one GPU, shared by the readers pulling from it at once."""
+        return self.nvlink_gbps * self.peer_copy_frac
 
-    @property
-    def fetch_in_gbps(self) -> float:
-        return self.nvlink_gbps * self.all_pull_frac
+    def fetch_backend(self, name: str) -> PeerCopy:
+        if name not in ("copy_engine", "device_put"):
+            raise ValueError(f"unknown fetch backend {name!r}: use 'copy_engine' or 'device_put'")
+        return getattr(self, name)
 
     def matmul_tflops(self, dtype: str) -> float:
         """Achieved dense matmul rate for weights of `dtype` ('bf16', 'fp8' or 'nvfp4')."""
@@ -106,27 +138,41 @@ class Hardware:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# H200 HGX: measured on our machines (device-facts.md).
+# H200 HGX: measured on our machines.
+
+_H200_NVLINK_GBPS = 478.0  # [df] nvidia-smi topo: NV18, 18 links x 26.6 GB/s per direction
+_H200_PEER_COPY_GBPS = 396.0  # [df] cudaMemcpyPeerAsync GPU0 -> GPU1, 4 GiB, one pair
 
 _R1_DISPATCH_BYTES_PER_TOKEN = 8 * 7168 * 2  # top-8 copies of a bf16 row of 7168, as in the probe
-# Probe 3, one `jax.lax.all_to_all` on 4 GPUs; 3/4 of the bytes leave the rank (this reproduces the quoted
+# [df] probe 3, one `jax.lax.all_to_all` on 4 GPUs; 3/4 of the bytes leave the rank (this reproduces the quoted
 # 104 and 265 GB/s "per rank out"): 1024 tokens/rank in 0.85 ms, 8192 tokens/rank in 2.66 ms.
 _H200_A2A = AllToAll.fit([
     (0.75 * 1024 * _R1_DISPATCH_BYTES_PER_TOKEN, 0.85e-3),
     (0.75 * 8192 * _R1_DISPATCH_BYTES_PER_TOKEN, 2.66e-3),
 ])  # -> latency 0.59 ms, 341 GB/s. The intercept is XLA/NCCL's, measured, and large.
 
+# [df] `jax.device_put` between two GPUs at three sizes: 4 GiB at 361 GB/s, 1 GiB at 270 GiB/s, 256 MiB at
+# 190 GiB/s. Fit: 0.75 ms per copy (PJRT allocates the destination and orders the copy) + 384 GB/s.
+DEVICE_PUT_SINGLE_PAIR = [(4 * 2**30, 4 * 2**30 / 361e9), (2**30, 1 / 270.0), (2**28, 0.25 / 190.0)]
+_H200_DEVICE_PUT = PeerCopy.fit(DEVICE_PUT_SINGLE_PAIR, _H200_PEER_COPY_GBPS)
+
+# [dwdp] metrics.fetch_frac_of_copy_engine: our CopyEnginePull, both GPUs pulling a 5.6 GB MoE layer at once,
+# reached 364 GB/s = 0.937 of cudaMemcpyPeerAsync in the same run (388 GB/s, 2 GiB, both pulling). No fixed
+# cost is resolved at these sizes (one fetch size was measured).
+H200_COPY_ENGINE_EFFICIENCY = 0.9368186912522258
+
 H200_HGX = Hardware(
     name="H200_HGX",
-    gpus_per_domain=8,  # one HGX board; our test machine exposes 4 of them
-    bf16_tflops=799.0,  # cuBLAS dense 8192^3 bf16 (probe 3); datasheet 989 -> 0.81
-    fp8_tflops=1454.0,  # torch._scaled_mm e4m3 8192^3 (probe 3); datasheet 1979 -> 0.73
+    gpus_per_domain=8,  # one HGX board; our machines expose up to 8 of them
+    bf16_tflops=799.0,  # [df] cuBLAS dense 8192^3 bf16 (probe 3); datasheet 989 -> 0.81
+    fp8_tflops=1454.0,  # [df] torch._scaled_mm e4m3 8192^3 (probe 3); datasheet 1979 -> 0.73
     fp4_tflops=None,
-    hbm_gbps=4300.0,  # device-to-device copy, read+write counted (device docs); datasheet 4800 -> 0.90
+    hbm_gbps=4300.0,  # [df] device-to-device copy, read+write counted; datasheet 4800 -> 0.90
     hbm_gb=141.0,
-    nvlink_gbps=478.0,  # nvidia-smi topo: NV18, 18 links x 26.6 GB/s per direction
-    copy_engine_frac=396.0 / 478.0,  # cudaMemcpyPeerAsync GPU0->GPU1, 4 GiB, one pair: 396 GB/s
-    all_pull_frac=240.0 / 478.0,  # probe 4 fetch-only, all 4 ranks pulling 2.11 GB/layer: 225-252 GB/s per rank
+    nvlink_gbps=_H200_NVLINK_GBPS,
+    peer_copy_frac=_H200_PEER_COPY_GBPS / _H200_NVLINK_GBPS,
+    copy_engine=PeerCopy(latency_s=0.0, efficiency=H200_COPY_ENGINE_EFFICIENCY),
+    device_put=_H200_DEVICE_PUT,
     all_to_all=_H200_A2A,
 )
 
@@ -136,7 +182,7 @@ H200_HGX = Hardware(
 _BF16_FRAC = 799.0 / 989.0
 _FP8_FRAC = 1454.0 / 1979.0
 _HBM_FRAC = 4300.0 / 4800.0
-_A2A_BW_FRAC = _H200_A2A.bw_gbps / 478.0
+_A2A_BW_FRAC = _H200_A2A.bw_gbps / _H200_NVLINK_GBPS
 
 GB200_NVL72 = Hardware(
     name="GB200_NVL72",
@@ -147,8 +193,9 @@ GB200_NVL72 = Hardware(
     hbm_gbps=8000.0 * _HBM_FRAC,
     hbm_gb=186.0,
     nvlink_gbps=900.0,
-    copy_engine_frac=H200_HGX.copy_engine_frac,
-    all_pull_frac=H200_HGX.all_pull_frac,
+    peer_copy_frac=H200_HGX.peer_copy_frac,
+    copy_engine=H200_HGX.copy_engine,
+    device_put=H200_HGX.device_put,
     # Bandwidth: the H200 fraction of the link rate. Latency: the H200 fit's 0.59 ms intercept belongs to XLA's
     # all-to-all; the NVL72 baseline is TensorRT-LLM's NVLink all-to-all kernels, assumed at 50 us per call
     # (order of DeepEP's published low-latency dispatch/combine times). Sensitivity in `predict_nvl72`.

@@ -24,7 +24,7 @@ import numpy as np
 
 from dwdp_jax.config import ModelConfig
 from dwdp_jax.sim import costs
-from dwdp_jax.sim.hardware import Hardware
+from dwdp_jax.sim.hardware import AllToAll, Hardware
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -63,12 +63,20 @@ class SchedulerConfig:
     chunked_prefill: bool = True  # False: a prompt is prefilled whole (alone if it exceeds the budget)
 
 
+# Compute and copy slow each other down by this factor while both run: fitted on our DWDP step with the
+# copy-engine fetch (validate.fit_copy_engine_slowdown, dwdp-20261122-nvidia-h200-x2.json at 8192 tokens/rank).
+COPY_ENGINE_SLOWDOWN = 0.0961
+# The same for device_put copies issued before the compute (validate.probe4_default_slowdown, device-facts probe 4).
+DEVICE_PUT_SLOWDOWN = 0.232
+
+
 @dataclasses.dataclass(frozen=True)
 class DWDPConfig:
     """DWDP: each rank holds E/G routed experts per MoE layer and prefetches the rest from its G-1 peers.
 
-    The interference factors are calibrated on probe 4 (see `validate.py`): compute runs `1 + compute_slowdown`
-    times slower while a copy is in flight, and a copy `1 + copy_slowdown` times slower while compute runs.
+    While a copy is in flight compute runs `1 + compute_slowdown` times slower, and a copy `1 + copy_slowdown`
+    times slower while compute runs (memory and SM contention); both default to the measured value of the
+    default fetch backend (COPY_ENGINE_SLOWDOWN).
     """
 
     group_size: int = 4
@@ -76,14 +84,17 @@ class DWDPConfig:
     schedule: Literal["staggered", "same_order"] = "staggered"
     fetch_frac: float | None = 1.0  # experts prefetched / all experts; None: the expected routed set (planner)
     miss_rate: float = 0.0  # routed remote experts not prefetched, pulled on the critical path
-    compute_slowdown: float = 0.232  # validate.probe4_default_slowdown: H200, device_put, same peer order
-    copy_slowdown: float = 0.232
+    fetch_backend: Literal["copy_engine", "device_put"] = "copy_engine"  # Hardware.copy_engine / device_put
+    compute_slowdown: float = COPY_ENGINE_SLOWDOWN
+    copy_slowdown: float = COPY_ENGINE_SLOWDOWN
 
     def __post_init__(self):
         if self.group_size < 1 or self.prefetch_depth < 1:
             raise ValueError("group_size and prefetch_depth must be >= 1")
         if self.schedule not in ("staggered", "same_order"):
             raise ValueError(f"schedule must be 'staggered' or 'same_order', got {self.schedule!r}")
+        if self.fetch_backend not in ("copy_engine", "device_put"):
+            raise ValueError(f"fetch_backend must be 'copy_engine' or 'device_put', got {self.fetch_backend!r}")
         if self.fetch_frac is not None and not 0 <= self.fetch_frac <= 1:
             raise ValueError("fetch_frac must be in [0, 1] or None")
         if not 0 <= self.miss_rate <= 1 or self.compute_slowdown < 0 or self.copy_slowdown < 0:
@@ -99,10 +110,16 @@ class DEPConfig:
     group_size: int = 4
     dispatch_bytes: float = 2.0  # per activation element (bf16; 1.0 for FP8 dispatch)
     combine_bytes: float = 2.0
+    # Rows a rank sends to each peer, in units of the mean (tokens * top_k / G): None sends exactly the routed
+    # rows; ours (dwdp_jax/parallel/dep.py) sends a fixed-capacity buffer, padded, of this many times the mean.
+    capacity_factor: float | None = None
+    all_to_all: AllToAll | None = None  # None: the hardware's (Hardware.all_to_all); else an implementation's own
 
     def __post_init__(self):
         if self.group_size < 1:
             raise ValueError("group_size must be >= 1")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            raise ValueError("capacity_factor must be > 0 or None")
 
     name = "dep"
 
@@ -125,17 +142,20 @@ class RankStep:
     wait_s: float = 0.0  # waiting for the slowest rank at DEP barriers
 
 
-def fetch_time_s(bytes_: float, group_size: int, hw: Hardware, schedule: str = "staggered") -> float:
-    """Time for one rank to pull `bytes_` evenly from its G-1 peers while every rank of the group pulls.
+def fetch_time_s(bytes_: float, group_size: int, hw: Hardware, schedule: str = "staggered",
+                 backend: str = "copy_engine") -> float:
+    """Time for one rank to pull `bytes_` evenly from its G-1 peers, one copy per peer in turn, while every rank
+    of the group pulls.
 
-    staggered: at any moment each source has one reader (round-robin offsets), so the destination's inbound
-    rate binds. same_order: all ranks read the same source at once, so G-1 readers share its outbound rate.
+    staggered: at any moment each source has one reader (round-robin offsets), so a copy gets the source's whole
+    outbound rate. same_order: all ranks read the same source at once, so G-1 readers share it. Each copy also
+    pays the backend's fixed cost (`Hardware.fetch_backend(backend)`).
     """
     if bytes_ <= 0 or group_size <= 1:
         return 0.0
     readers = 1 if schedule == "staggered" else group_size - 1
-    rate_gbps = min(hw.fetch_in_gbps, hw.source_out_gbps / readers)
-    return bytes_ / (rate_gbps * 1e9)
+    copy = hw.fetch_backend(backend)
+    return (group_size - 1) * copy.time_s(bytes_ / (group_size - 1), hw.peer_copy_gbps / readers)
 
 
 def dwdp_rank_step(compute_s, fetch_s, depth: int = 1, compute_slowdown: float = 0.0,
@@ -251,9 +271,9 @@ def step_costs(cm: costs.CostModel, hw: Hardware, strategy: Strategy, batches: l
         tokens = np.array([b.tokens for b in batches], dtype=np.float64)
         # Uniform routing spreads every rank's tokens over all experts: expert load is the group mean.
         expert_s = cm.routed_experts_s(tokens.sum() * k / g, cm.experts_touched(tokens.sum()) / g)
-        a2a = hw.all_to_all
-        comm = (a2a.time_s(costs.dep_a2a_bytes(cfg, tokens.max(), g, strategy.dispatch_bytes))
-                + a2a.time_s(costs.dep_a2a_bytes(cfg, tokens.max(), g, strategy.combine_bytes)))
+        a2a, pad = strategy.all_to_all or hw.all_to_all, strategy.capacity_factor or 1.0
+        comm = (a2a.time_s(pad * costs.dep_a2a_bytes(cfg, tokens.max(), g, strategy.dispatch_bytes))
+                + a2a.time_s(pad * costs.dep_a2a_bytes(cfg, tokens.max(), g, strategy.combine_bytes)))
         return dep_step(local, np.where(is_moe, expert_s, 0.0)[None, :].repeat(len(batches), 0),
                         np.where(is_moe, comm, 0.0))
     steps = []
@@ -263,9 +283,10 @@ def step_costs(cm: costs.CostModel, hw: Hardware, strategy: Strategy, batches: l
             continue
         touched = cm.experts_touched(b.tokens)
         fetched = touched if strategy.fetch_frac is None else strategy.fetch_frac * e
-        fetch = fetch_time_s(costs.dwdp_fetch_bytes(cfg, g, fetched, cm.expert_format), g, hw, strategy.schedule)
+        fetch = fetch_time_s(costs.dwdp_fetch_bytes(cfg, g, fetched, cm.expert_format), g, hw, strategy.schedule,
+                             strategy.fetch_backend)
         miss_bytes = costs.dwdp_fetch_bytes(cfg, g, strategy.miss_rate * touched, cm.expert_format)
-        miss = miss_bytes / (hw.fetch_in_gbps * 1e9)
+        miss = fetch_time_s(miss_bytes, g, hw, "staggered", strategy.fetch_backend)
         compute = local[r] + np.where(is_moe, cm.routed_experts_s(b.tokens * k, touched), 0.0)
         steps.append(dwdp_rank_step(compute, np.where(is_moe, fetch, 0.0), strategy.prefetch_depth,
                                     strategy.compute_slowdown, strategy.copy_slowdown, np.where(is_moe, miss, 0.0)))
@@ -329,6 +350,12 @@ class RunResult:
     breakdown_s: dict[str, np.ndarray]  # per rank totals: compute, interference, exposed_fetch, comm, wait
     fits_memory: bool
     makespan_s: float
+    output_tokens: int = 0
+
+    @property
+    def wall_output_tps_per_gpu(self) -> float:
+        """Output tokens / time to the last one / GPUs: the launcher's `output_tps_per_gpu` (ramps included)."""
+        return self.output_tokens / self.makespan_s / self.num_gpus
 
     @property
     def ttft_median_s(self) -> float:
@@ -370,17 +397,18 @@ def _window_rate(times: np.ndarray, counts: np.ndarray, lo: float = 0.1, hi: flo
 
 def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workload,
              sched: SchedulerConfig = SchedulerConfig(), eff: costs.Efficiency = costs.Efficiency(),
-             expert_format: str = "fp8") -> RunResult:
+             expert_format: str = "fp8", dense_matmul_dtype: str | None = None) -> RunResult:
     """Serves `workload` on one group of `strategy.group_size` GPUs of `hw` and measures it."""
     g = strategy.group_size
     if g > hw.gpus_per_domain:
         raise ValueError(f"group_size={g} exceeds the NVLink domain of {hw.name} ({hw.gpus_per_domain} GPUs)")
     if workload.rank_weights is not None and len(workload.rank_weights) != g:
         raise ValueError(f"rank_weights needs {g} entries, got {len(workload.rank_weights)}")
-    cm = costs.CostModel(cfg, hw, eff, expert_format=expert_format)
+    cm = costs.CostModel(cfg, hw, eff, expert_format=expert_format, dense_matmul_dtype=dense_matmul_dtype)
     rng = np.random.default_rng(workload.seed)
     n = workload.num_requests
-    out_len = np.ones(n, np.int64) if workload.prefill_only else _lengths(rng, workload.output_len, workload.length_cv, n)
+    out_len = (np.ones(n, np.int64) if workload.prefill_only
+               else _lengths(rng, workload.output_len, workload.length_cv, n))
     reqs = [_Request(i, math.nan, int(a), int(b))
             for i, (a, b) in enumerate(zip(_lengths(rng, workload.input_len, workload.length_cv, n), out_len))]
     staging = (strategy.prefetch_depth + 1) if isinstance(strategy, DWDPConfig) else 0
@@ -487,4 +515,5 @@ def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workl
         breakdown_s=breakdown,
         fits_memory=bool(fits),
         makespan_s=float(max(r.finish_s for r in reqs)),
+        output_tokens=int(sum(r.output_len for r in reqs)),
     )
