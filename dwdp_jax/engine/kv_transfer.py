@@ -184,10 +184,12 @@ class TransferWatcher:
     """A few threads that wait on transfers and stamp their times: `on_change()` is called (from a watcher
     thread) after a transfer's source is released and after it arrives, and after an error (set on the
     transfer and re-raised by `check`). verify: after arrival, compare the arrived rows with the source's,
-    bit for bit, on the host (a check of the transport; it costs two device-to-host copies per transfer)."""
+    bit for bit, on the host (a check of the transport; it costs two device-to-host copies per transfer).
+    A transfer is watched from start to arrival by one thread: with more than `threads` transfers in flight,
+    the later ones' stamps (and their context slots' release) lag."""
 
     def __init__(self, transport: KVTransport, clock: Callable[[], float], on_change: Callable[[], None],
-                 threads: int = 4, verify: bool = False):
+                 threads: int = 8, verify: bool = False):
         self.transport, self.clock, self.on_change, self.verify = transport, clock, on_change, verify
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kv-watch")
 
