@@ -33,7 +33,8 @@ def _execute(name: str, env: dict | None = None, monkeypatch=None):
 
 
 def _text(nb) -> str:
-    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    return "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", [])
+                   if o.get("output_type") == "stream")
 
 
 def _figures(nb) -> int:
