@@ -70,7 +70,9 @@ from dwdp_jax.parallel.dep import DepModel  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup, memory_per_device, replicated_placement  # noqa: E402
 from dwdp_jax.parallel.fetch import CopyEnginePull, DevicePutFetch  # noqa: E402
 from dwdp_jax.parallel.threads import run_in_threads  # noqa: E402
+from dwdp_jax.planner import skew as skew_lib  # noqa: E402
 from dwdp_jax.planner.placement import Placement  # noqa: E402
+from dwdp_jax.planner.policies import FetchPolicy  # noqa: E402
 from experiments.results_io import git_commit  # noqa: E402
 
 STRATEGIES = list(disagg_lib.STRATEGIES)
@@ -124,7 +126,24 @@ _FLAGS = [
     (flags.DEFINE_enum, "fetch", "device_put", "DWDP fetch backend", dict(enum_values=["device_put", "copy_engine"])),
     (flags.DEFINE_enum, "expert_backend", "jnp", "expert GEMMs: ragged_dot or Mosaic GPU kernels",
      dict(enum_values=["jnp", "pallas"])),
-    (flags.DEFINE_integer, "prefetch_depth", 1, "DWDP: MoE layers fetched ahead", {}),
+    (flags.DEFINE_integer, "prefetch_depth", 1, "DWDP: MoE layers fetched ahead (0: fetch each layer right before "
+     "it runs: the no-prefetch ablation)", {}),
+    (flags.DEFINE_bool, "staggered", True, "DWDP: rank-rotated source order (False: every rank reads peers 0, 1, "
+     "...: the no-staggering ablation)", {}),
+    (flags.DEFINE_bool, "merge_copy", False, "DWDP: copy local and fetched experts into one buffer before the "
+     "grouped GEMM (the no-split-weight-management ablation)", {}),
+    (flags.DEFINE_enum, "planner_policy", "none", "DWDP prefetch: none (whole peer buffers, no host sync), or a "
+     "planner policy (per-layer expert choice from router statistics; misses fetched on demand)",
+     dict(enum_values=["none", "fetch_all", "top_k", "coverage"])),
+    (flags.DEFINE_integer, "planner_top_k", 0, "top_k policy: minimum remote experts per layer", {}),
+    (flags.DEFINE_float, "planner_coverage", 0.9, "coverage policy: target share of the expected needed remote "
+     "experts", {}),
+    (flags.DEFINE_integer, "staging_budget", 0, "planner policies: most experts prefetched per layer (0: no cap)",
+     {}),
+    (flags.DEFINE_string, "placement", "contiguous", "DWDP expert placement: contiguous, or a placement JSON "
+     "(`Placement.save`, e.g. from `dwdp_jax.planner.optimize_placement` on a recorded trace)", {}),
+    (flags.DEFINE_float, "routing_skew", 0.0, "random weights: Zipf exponent of the expert load the routers are "
+     "calibrated to (planner.skew; 0: the random init's near-uniform load)", {}),
     # workload
     (flags.DEFINE_string, "workload", "fixed", "fixed (--input_len/--output_len), fixed-<I>-<O> (e.g. fixed-8k-1k), "
      "lognormal (medians --input_len/--output_len), or a JSONL trace path", {}),
@@ -205,6 +224,7 @@ class Setup:
     sched: SchedulerConfig
     buckets: Buckets
     disagg: DisaggSetup | None = None
+    skew: object = None  # planner.skew.SkewSpec for random weights with --routing_skew
 
     @property
     def mode(self) -> str:
@@ -302,6 +322,15 @@ def validate(f) -> Setup:
         _usage("--fetch=copy_engine needs GPUs (cudaMemcpyPeerAsync through CuPy)")
     if f.prefetch_depth < 0:
         _usage(f"--prefetch_depth must be >= 0, got {f.prefetch_depth}")
+    if f.staging_budget < 0 or (f.staging_budget and f.planner_policy == "none"):
+        _usage(f"--staging_budget={f.staging_budget} needs a --planner_policy and must be >= 0")
+    if f.planner_top_k < 0 or not 0.0 < f.planner_coverage <= 1.0:
+        _usage(f"--planner_top_k must be >= 0 and --planner_coverage in (0, 1], got {f.planner_top_k}, "
+               f"{f.planner_coverage}")
+    if f.placement != "contiguous" and not os.path.isfile(f.placement):
+        _usage(f"--placement must be 'contiguous' or a placement JSON file; {f.placement!r} does not exist")
+    if f.routing_skew < 0 or (f.routing_skew and f.checkpoint):
+        _usage(f"--routing_skew={f.routing_skew} must be >= 0 and applies to random weights only (no --checkpoint)")
     if f.max_batch_size < 1:
         _usage(f"--max_batch_size must be >= 1, got {f.max_batch_size}")
     concurrency = _ints(f, "concurrency")
@@ -332,8 +361,11 @@ def validate(f) -> Setup:
                           "Pallas kernels DWDP can use; compare both strategies with the same backend")
         buckets = Buckets.default(f.max_batch_size, min(budget, max_seq_len))
         setup_disagg = None
+    skew = None
+    if f.routing_skew > 0:  # calibrated on unit-spread logits; each built model's routers are rescaled to match
+        skew = skew_lib.make_skew(cfg, exponent=f.routing_skew, num_tokens=4096, iters=100, seed=f.seed)
     return Setup(cfg, model_name, "disagg" if disagg else f.strategy, tuple(visible[:n]), g, dtype,
-                 tuple(requests), concurrency, sched, buckets, setup_disagg)
+                 tuple(requests), concurrency, sched, buckets, setup_disagg, skew)
 
 
 def _validate_disagg(f, cfg, n: int, platform: str, requests) -> DisaggSetup:
@@ -388,8 +420,9 @@ def _full_model_fits(cfg, dtype) -> bool:
     return memory_per_device(cfg, 1, 0, weight_bytes)["total_bytes"] <= FULL_MODEL_MAX_BYTES
 
 
-def _build_model(f, cfg, dtype, device, expert_ids=None):
-    """The model on `device`; with `expert_ids(layer)`, only those routed experts (a rank's shard)."""
+def _build_model(f, cfg, dtype, device, expert_ids=None, skew=None):
+    """The model on `device`; with `expert_ids(layer)`, only those routed experts (a rank's shard); random
+    weights get the routing skew `skew` (each router rescaled to unit logit spread, biases calibrated)."""
     if f.checkpoint:
         from dwdp_jax import load_model
 
@@ -398,14 +431,17 @@ def _build_model(f, cfg, dtype, device, expert_ids=None):
                           device=device)
     with jax.default_device(device):
         n_local = None if expert_ids is None else len(expert_ids(cfg.first_k_dense_replace))
-        return init_model(cfg.replace(num_mtp_layers=0), seed=f.seed, dtype=dtype, n_local_experts=n_local)
+        model = init_model(cfg.replace(num_mtp_layers=0), seed=f.seed, dtype=dtype, n_local_experts=n_local)
+        if skew is not None:
+            skew_lib.apply_skew(model, skew, logit_std=1.0)
+        return model
 
 
 def _shared_model(f, setup: Setup, single_needed: bool = False):
     """The whole model on the first device when it is small (every engine is then built from the same weights),
     or when a single-device engine needs it; None otherwise (engines build their ranks' shards)."""
     full = f.checkpoint is None and _full_model_fits(setup.cfg, setup.dtype)
-    return _build_model(f, setup.cfg, setup.dtype, setup.devices[0]) if full or single_needed else None
+    return _build_model(f, setup.cfg, setup.dtype, setup.devices[0], skew=setup.skew) if full or single_needed else None
 
 
 def _rank_models(f, setup, devices, placement):
@@ -417,7 +453,7 @@ def _rank_models(f, setup, devices, placement):
         return lambda layer: (placement.local_experts(layer - first, rank)
                               if first <= layer < cfg.num_layers else None)
 
-    return [_build_model(f, cfg, setup.dtype, d, expert_ids(r)) for r, d in enumerate(devices)]
+    return [_build_model(f, cfg, setup.dtype, d, expert_ids(r), setup.skew) for r, d in enumerate(devices)]
 
 
 @dataclasses.dataclass
@@ -438,6 +474,19 @@ def _bytes_on(tree, device) -> int:
     return total
 
 
+def _placement(f, cfg, group_size: int) -> Placement:
+    """--placement: the contiguous split, or a placement file checked against the model and the group."""
+    if f.placement == "contiguous":
+        return Placement.from_config(cfg, group_size)
+    placement = Placement.load(f.placement)
+    if placement.num_ranks != group_size or placement.num_layers != cfg.num_moe_layers \
+            or placement.num_experts != cfg.n_routed_experts:
+        _usage(f"--placement={f.placement} is for {placement.num_ranks} ranks x {placement.num_layers} MoE layers x "
+               f"{placement.num_experts} experts; this run has DWDP groups of {group_size}, {cfg.num_moe_layers} MoE "
+               f"layers and {cfg.n_routed_experts} experts")
+    return placement
+
+
 def _dwdp_groups(f, setup: Setup, model, devices: list, group_size: int, replicated: bool) -> list[DwdpGroup]:
     """DWDP groups of `group_size` over `devices` (replicated: DP ranks, every expert local, nothing fetched).
     The one place a DWDP group is configured, for both modes."""
@@ -446,9 +495,16 @@ def _dwdp_groups(f, setup: Setup, model, devices: list, group_size: int, replica
     groups = []
     for i in range(0, len(devices), group_size):
         group_devices = devices[i : i + group_size]
-        placement = (replicated_placement(cfg, group_size) if replicated
-                     else Placement.from_config(cfg, group_size))
-        dwdp = DwdpConfig(group_size, 0 if replicated else f.prefetch_depth, expert_backend=f.expert_backend)
+        if replicated:
+            placement, dwdp = replicated_placement(cfg, group_size), DwdpConfig(group_size, 0, expert_backend=f.expert_backend)
+        else:
+            placement = _placement(f, cfg, group_size)
+            policy = (None if f.planner_policy == "none" else
+                      FetchPolicy(f.planner_policy, k=f.planner_top_k, coverage=f.planner_coverage,
+                                  experts_per_token=cfg.num_experts_per_tok))
+            dwdp = DwdpConfig(group_size, f.prefetch_depth, staggered=f.staggered, expert_backend=f.expert_backend,
+                              policy=policy, staging_budget_experts=f.staging_budget or None,
+                              merge_copy=f.merge_copy)
         if model is not None:
             groups.append(DwdpGroup(model, group_devices, placement, dwdp, fetch))
         else:
@@ -469,7 +525,7 @@ def build_runners(f, setup: Setup, model, strategy: str, devices: list, group_si
 
     if strategy == "single":
         if model is None:
-            model = _build_model(f, cfg, setup.dtype, devices[0])
+            model = _build_model(f, cfg, setup.dtype, devices[0], skew=setup.skew)
         runner = ModelRunner(model, slots, max_len, device=devices[0],
                              executor=LocalExecutor(backend=f.expert_backend), seed=seed, **kw)
         return Engines([runner], lambda: [Scheduler(sched)], _bytes_on(runner.state, devices[0]), notes)
@@ -692,12 +748,31 @@ def _outputs(finished, show: int) -> dict:
 def _base_config(f, setup: Setup) -> dict:
     return dict(
         model=setup.model_name, checkpoint=f.checkpoint, mode=setup.mode, num_devices=len(setup.devices),
-        fetch=f.fetch, expert_backend=f.expert_backend, prefetch_depth=f.prefetch_depth, dtype=setup.dtype.name,
+        fetch=f.fetch, expert_backend=f.expert_backend, prefetch_depth=f.prefetch_depth, staggered=f.staggered,
+        merge_copy=f.merge_copy, planner_policy=f.planner_policy, planner_top_k=f.planner_top_k,
+        planner_coverage=f.planner_coverage, staging_budget=f.staging_budget, placement=f.placement,
+        routing_skew=f.routing_skew, dtype=setup.dtype.name,
         workload=f.workload, num_requests=len(setup.requests), input_len=f.input_len, output_len=f.output_len,
         concurrency=list(setup.concurrency), max_batch_size=setup.sched.max_batch_size,
         token_budget=setup.sched.token_budget, max_seq_len=setup.sched.max_seq_len, temperature=f.temperature,
         seed=f.seed, warmup=f.warmup, buckets=dataclasses.asdict(setup.buckets),
     )
+
+
+def _dwdp_ranks(engines: Engines) -> list:
+    return [r.rank for r in engines.runners if hasattr(r, "rank")]
+
+
+def _fetch_metrics(engines: Engines) -> dict:
+    """DWDP ranks' fetch counters over one pass (`DwdpRank.counters`), summed over ranks; {} for other strategies."""
+    ranks = _dwdp_ranks(engines)
+    if not ranks:
+        return {}
+    c = {k: sum(r.counters[k] for r in ranks) for k in ("prefetched_bytes", "miss_bytes", "miss_experts",
+                                                        "routed_remote_experts", "fetch_wait_s")}
+    return dict(fetch_prefetched_bytes=c["prefetched_bytes"], fetch_miss_bytes=c["miss_bytes"],
+                fetch_miss_rate=c["miss_experts"] / c["routed_remote_experts"] if c["routed_remote_experts"] else None,
+                fetch_wait_s=c["fetch_wait_s"])
 
 
 def launch(f, argv: list[str]) -> dict:
@@ -718,13 +793,15 @@ def launch(f, argv: list[str]) -> dict:
     points = []
     for c in setup.concurrency:
         warm_s = _warmup(f, engines, setup, c) if f.warmup != "none" else 0.0
+        for rank in _dwdp_ranks(engines):
+            rank.reset_counters()
         finished, events, wall = serve(engines, setup.requests, c, setup.strategy, n, f"c={c or 'all'}",
                                        f.progress)
         _check_finished(finished, setup.requests)
         run = metrics_lib.summarize_run(finished, wall, num_gpus=n)
         out = metrics_lib.to_json(run, metrics_lib.step_time_stats(timeline.step_records(events)))
-        points.append(dict(concurrency=c, warmup_s=warm_s, metrics=out["metrics"], ranks=out["rows"],
-                           finished=finished, events=events))
+        points.append(dict(concurrency=c, warmup_s=warm_s, metrics=dict(out["metrics"], **_fetch_metrics(engines)),
+                           ranks=out["rows"], finished=finished, events=events))
 
     best = max(points, key=lambda p: p["metrics"]["output_tps_per_gpu"] or 0.0)
     print()

@@ -27,8 +27,16 @@ def records(tmp_path_factory):
     return {
         name: launch.run_main(["launch", *extra, f"--out={out}", *COMMON])
         for name, extra in [("single", ["--strategy=single"]), ("dwdp", ["--strategy=dwdp", "--num_devices=2"]),
-                            ("disagg", DISAGG)]
+                            ("disagg", DISAGG), ("dwdp_ablations", ABLATIONS),
+                            ("single_skew", ["--strategy=single", "--routing_skew=1.0"]),
+                            ("dwdp_skew", ["--strategy=dwdp", "--num_devices=2", "--routing_skew=1.0",
+                                           "--planner_policy=top_k", "--planner_top_k=1"])]
     }
+
+
+# DWDP ablations: planned fetches with on-demand misses, merged buffers, unstaggered sources, no prefetch
+ABLATIONS = ["--strategy=dwdp", "--num_devices=4", "--planner_policy=coverage", "--planner_coverage=0.5",
+             "--merge_copy", "--nostaggered", "--prefetch_depth=0"]
 
 
 # one device per role, as the GPU smoke run (DEP over a single device still runs lockstep plans)
@@ -69,6 +77,19 @@ def test_strategies_generate_the_same_tokens(records):
     assert records["dwdp"]["rows"][0]["outputs"] == single
     points = [r for r in records["disagg"]["rows"] if r["kind"] == "point"]
     assert len(points) == 2 and all(p["outputs"] == single for p in points)
+    assert records["dwdp_ablations"]["rows"][0]["outputs"] == single
+
+
+def test_ablation_and_skew_flags_are_recorded_and_exact(records):
+    config = saved(records["dwdp_ablations"])["config"]
+    assert (config["planner_policy"], config["merge_copy"], config["staggered"], config["prefetch_depth"]) == (
+        "coverage", True, False, 0)
+    m = records["dwdp_ablations"]["metrics"]
+    assert m["fetch_prefetched_bytes"] == 0 and m["fetch_miss_rate"] == 1.0  # depth 0: every remote expert on demand
+    assert m["fetch_miss_bytes"] > 0
+    skewed = records["single_skew"]["rows"][0]["outputs"]
+    assert skewed != records["single"]["rows"][0]["outputs"]  # the skew changes the routers
+    assert records["dwdp_skew"]["rows"][0]["outputs"] == skewed
 
 
 def test_disaggregated_run_records_roles_handoffs_and_timelines(records):
@@ -112,6 +133,8 @@ def test_disaggregated_run_records_roles_handoffs_and_timelines(records):
     (["--strategy=dwdp", "--num_devices=2", "--context_devices=1"], "--context_devices is a --mode=disagg flag"),
     (["--mode=disagg", "--num_devices=2", "--kv_transfer=copy_engine"], "needs GPUs"),
     (["--mode=disagg", "--num_devices=2", "--context_token_budget=0,x"], "must be integers"),
+    (["--strategy=dwdp", "--num_devices=2", "--staging_budget=4"], "--staging_budget=4 needs a --planner_policy"),
+    (["--strategy=dwdp", "--num_devices=2", "--placement=/no/such.json"], "does not exist"),
 ])
 def test_bad_flags_raise_clear_errors(flags, message, tmp_path):
     if jax.device_count() != 8 and "8 cpu" in message:

@@ -264,9 +264,10 @@ def make_skew(
 
 
 
-def apply_skew(model, spec: SkewSpec, rank: int | None = None) -> None:
-    """Installs a shared-skew spec (bias_le [L, E]) into a `DeepseekV3`'s MoE routers, in place: each MoE
-    layer's router is multiplied by `router_scale_l[l]` and its correction bias set to `bias_le[l]` (or
+def apply_skew(model, spec: SkewSpec, rank: int | None = None, logit_std: float | None = None) -> None:
+    """Installs a skew spec (bias_le [L, E]) into a `DeepseekV3`'s MoE routers, in place: each MoE layer's
+    router is multiplied by `router_scale_l[l]` (or, with `logit_std`, by `router_scale_for(router, logit_std)`,
+    for a spec calibrated without the model's routers) and its correction bias set to `bias_le[l]` (or
     `bias_le[rank, l]` for a per-rank spec)."""
     bias = spec.bias_le if spec.bias_le.ndim == 2 else spec.bias_le[rank if rank is not None else 0]
     moe_layers = [layer for layer in model.layers if layer.is_moe]
@@ -274,5 +275,7 @@ def apply_skew(model, spec: SkewSpec, rank: int | None = None) -> None:
         raise ValueError(f"spec has {bias.shape[0]} MoE layers, the model {len(moe_layers)}")
     for l, layer in enumerate(moe_layers):
         moe = layer.mlp
-        moe.router[...] = moe.router[...] * float(spec.router_scale_l[l])
+        router = moe.router[...]
+        scale = spec.router_scale_l[l] if logit_std is None else router_scale_for(np.asarray(router), logit_std)
+        moe.router[...] = router * float(scale)
         moe.bias[...] = jnp.asarray(bias[l], moe.bias[...].dtype)
