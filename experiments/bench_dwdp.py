@@ -153,6 +153,7 @@ def main(_):
                          imbalanced_step_s=imb))
         print(f"[{name}] DWDP normal ranks: {statistics.mean(bal[1:]) * 1e3:.2f} ms balanced,"
               f" {statistics.mean(imb[1:]) * 1e3:.2f} ms when rank 0 has 2x: slowdown {slow:.3f}", flush=True)
+        group.close()
         del group
     rel = lambda a, b: max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(a, b))
     for name, (first, second) in outputs.items():

@@ -118,6 +118,7 @@ def main(_):
                   f"fetched {row['fetched_bytes_over_fetch_all']:.3f} of fetch-all  miss rate "
                   f"{row['miss_rate'] if row['miss_rate'] is not None else float('nan'):.3f}  host wait "
                   f"{row['fetch_wait_s_per_step'] * 1e3:.2f} ms/step", flush=True)
+        group.close()
         del group
 
     # Headline: the best subset policy at the smallest step (decode-like), and at the largest (prefill).

@@ -83,6 +83,7 @@ def main(_):
             ok &= passed
             rows.append(dict(check=f"dwdp {backend} {fetch_name}", rel_diff=diff, greedy_agreement=agree,
                              rerun_rel_diff=rerun, passed=passed))
+            group.close()
             del group
     print(f"\n== DWDP GPU correctness ({F.preset}, {g} GPUs, {F.batch}x{F.seq} tokens per rank) ==")
     print(f"pass: rel diff <= {F.max_rel_diff}, greedy agreement >= {F.min_agreement}, rerun diff == 0")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import gc
 import time
 from typing import Sequence
 
@@ -451,6 +452,15 @@ class DwdpGroup:
                       for r, (device, (head, layers)) in enumerate(zip(devices, rank_models))]
         for rank in self.ranks:
             rank.group = self.ranks
+
+    def close(self) -> None:
+        """Drops staged fetches and the ranks' references to each other (a cycle that otherwise keeps every
+        rank's weights and staging alive until Python's cycle collector runs). Call before building another
+        group in the same process: GPU memory comes back at once."""
+        for rank in self.ranks:
+            rank._carry = None
+            rank.group = []
+        gc.collect()
 
     def run_parallel(self, fn, args_per_rank: Sequence) -> list:
         """Runs fn(rank, arg) for every rank, each in its own host thread; returns results in rank order."""
