@@ -30,6 +30,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -154,8 +155,28 @@ def reference(x, group_sizes, weights, expert_slot, *, out_dtype=None):
   return out.astype(out_dtype or x.dtype)
 
 
+# The f32 value of each of the 256 e4m3fn bit patterns (0x7F and 0xFF are NaN).
+_E4M3_VALUES = np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
+
+
+def fp8_to_f32(v):
+  """e4m3fn -> f32 by decoding the bit pattern (a 256-entry table), not with `astype`.
+
+  Why not `v.astype(f32)`: under `jax.jit`, XLA:GPU's simplify-fp-conversions pass (on by default,
+  `--xla_allow_excess_precision`) rewrites any chain of float converts, so when the quantization
+  `a.astype(e4m3)` and the up-cast are in one program, `convert(convert(a, f8), f32)` becomes `a`:
+  the FP8 rounding silently disappears (openxla/xla#41605; XLA:CPU keeps it). A jitted reference
+  then compares the kernel against unquantized activations: on the H200 test_grouped_gemm_fp8 saw
+  exactly the e4m3 rounding error, 0.0257. A bitcast to uint8 is not a float convert, so the
+  rounding survives on every backend; the table lookup is exact."""
+  bits = lax.bitcast_convert_type(v.astype(jnp.float8_e4m3fn), jnp.uint8).astype(jnp.int32)
+  return jnp.take(jnp.asarray(_E4M3_VALUES), bits, mode="clip")
+
+
 def quantize_activations(x):
-  """Per-token, per-128-column e4m3 quantization. Returns (x_q [M, K] e4m3, scale [M, K/128] f32)."""
+  """Per-token, per-128-column e4m3 quantization. Returns (x_q [M, K] e4m3, scale [M, K/128] f32).
+
+  To emulate FP8 in jnp, dequantize x_q with `fp8_to_f32`, not `astype` (see there)."""
   m, k = x.shape
   xb = x.astype(jnp.float32).reshape(m, k // FP8_BLOCK, FP8_BLOCK)
   amax = jnp.max(jnp.abs(xb), axis=-1)
@@ -167,14 +188,16 @@ def quantize_activations(x):
 def dequantize_weight(w, scale):
   """[E, N, K] e4m3 with [E, N/128, K/128] block scales -> f32 [E, N, K]."""
   s = jnp.repeat(jnp.repeat(scale, FP8_BLOCK, axis=1), FP8_BLOCK, axis=2)
-  return w.astype(jnp.float32) * s
+  return fp8_to_f32(w) * s  # not astype: w may have been quantized in the same jit
 
 
 def reference_fp8(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp.bfloat16):
-  """FP8 reference: the activations quantized exactly as the kernel does, everything dequantized to
-  f32 and multiplied in f32. Weights are [E, N, K] (DeepSeek's [out, in] layout)."""
+  """FP8 reference: the activations quantized exactly as the kernel does (same function, same e4m3
+  values and scales), everything dequantized to f32 and multiplied in f32. Weights are [E, N, K]
+  (DeepSeek's [out, in] layout). Safe under jit on the GPU: the dequantization decodes bits
+  (`fp8_to_f32`), so XLA cannot fold the quantization away."""
   xq, xs = quantize_activations(x)
-  xd = (xq.astype(jnp.float32).reshape(x.shape[0], -1, FP8_BLOCK) * xs[..., None]).reshape(x.shape)
+  xd = (fp8_to_f32(xq).reshape(x.shape[0], -1, FP8_BLOCK) * xs[..., None]).reshape(x.shape)
   wd = tuple(jnp.swapaxes(dequantize_weight(w, s), 1, 2) for w, s in zip(weights, scales))
   return reference(xd, group_sizes, wd, expert_slot, out_dtype=out_dtype)
 
