@@ -140,8 +140,12 @@ _FLAGS = [
      "experts", {}),
     (flags.DEFINE_integer, "staging_budget", 0, "planner policies: most experts prefetched per layer (0: no cap)",
      {}),
-    (flags.DEFINE_string, "placement", "contiguous", "DWDP expert placement: contiguous, or a placement JSON "
-     "(`Placement.save`, e.g. from `dwdp_jax.planner.optimize_placement` on a recorded trace)", {}),
+    (flags.DEFINE_string, "placement", None, "DWDP expert placement JSON (`Placement.save`, e.g. from `python -m "
+     "dwdp_jax.planner.summarize TRACES --placement_out=FILE`; default: the contiguous split; shared with "
+     "dwdp-convert)", {}),
+    (flags.DEFINE_string, "save_router_trace", "", "DWDP: directory for each rank's router statistics after the "
+     "run (`router-rank<r>.npz`; `python -m dwdp_jax.planner.summarize` summarizes them or optimizes a placement)",
+     {}),
     (flags.DEFINE_float, "routing_skew", 0.0, "random weights: Zipf exponent of the expert load the routers are "
      "calibrated to (planner.skew; 0: the random init's near-uniform load)", {}),
     # workload
@@ -174,7 +178,7 @@ _FLAGS = [
 _DISAGG_ONLY = ("context_devices", "context_strategy", "context_group_size", "generation_strategy",
                 "generation_group_size", "context_token_budget", "context_max_batch_size", "kv_transfer",
                 "verify_handoff")
-_COLOCATED_ONLY = ("strategy", "group_size")
+_COLOCATED_ONLY = ("strategy", "group_size", "save_router_trace")
 _defined: list[str] = []
 
 
@@ -327,8 +331,8 @@ def validate(f) -> Setup:
     if f.planner_top_k < 0 or not 0.0 < f.planner_coverage <= 1.0:
         _usage(f"--planner_top_k must be >= 0 and --planner_coverage in (0, 1], got {f.planner_top_k}, "
                f"{f.planner_coverage}")
-    if f.placement != "contiguous" and not os.path.isfile(f.placement):
-        _usage(f"--placement must be 'contiguous' or a placement JSON file; {f.placement!r} does not exist")
+    if f.placement and not os.path.isfile(f.placement):
+        _usage(f"--placement must be a placement JSON file; {f.placement!r} does not exist")
     if f.routing_skew < 0 or (f.routing_skew and f.checkpoint):
         _usage(f"--routing_skew={f.routing_skew} must be >= 0 and applies to random weights only (no --checkpoint)")
     if f.max_batch_size < 1:
@@ -475,8 +479,8 @@ def _bytes_on(tree, device) -> int:
 
 
 def _placement(f, cfg, group_size: int) -> Placement:
-    """--placement: the contiguous split, or a placement file checked against the model and the group."""
-    if f.placement == "contiguous":
+    """--placement: a placement file checked against the model and the group, or the contiguous split."""
+    if not f.placement:
         return Placement.from_config(cfg, group_size)
     placement = Placement.load(f.placement)
     if placement.num_ranks != group_size or placement.num_layers != cfg.num_moe_layers \
@@ -750,7 +754,7 @@ def _base_config(f, setup: Setup) -> dict:
         model=setup.model_name, checkpoint=f.checkpoint, mode=setup.mode, num_devices=len(setup.devices),
         fetch=f.fetch, expert_backend=f.expert_backend, prefetch_depth=f.prefetch_depth, staggered=f.staggered,
         merge_copy=f.merge_copy, planner_policy=f.planner_policy, planner_top_k=f.planner_top_k,
-        planner_coverage=f.planner_coverage, staging_budget=f.staging_budget, placement=f.placement,
+        planner_coverage=f.planner_coverage, staging_budget=f.staging_budget, placement=f.placement or "contiguous",
         routing_skew=f.routing_skew, dtype=setup.dtype.name,
         workload=f.workload, num_requests=len(setup.requests), input_len=f.input_len, output_len=f.output_len,
         concurrency=list(setup.concurrency), max_batch_size=setup.sched.max_batch_size,
@@ -803,6 +807,10 @@ def launch(f, argv: list[str]) -> dict:
         points.append(dict(concurrency=c, warmup_s=warm_s, metrics=dict(out["metrics"], **_fetch_metrics(engines)),
                            ranks=out["rows"], finished=finished, events=events))
 
+    if f.save_router_trace:
+        os.makedirs(f.save_router_trace, exist_ok=True)
+        for rank in _dwdp_ranks(engines):
+            rank.router_stats.save(os.path.join(f.save_router_trace, f"router-rank{rank.rank}.npz"))
     best = max(points, key=lambda p: p["metrics"]["output_tps_per_gpu"] or 0.0)
     print()
     print(_summary_table(points))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import jax
 import pytest
@@ -30,7 +31,8 @@ def records(tmp_path_factory):
                             ("disagg", DISAGG), ("dwdp_ablations", ABLATIONS),
                             ("single_skew", ["--strategy=single", "--routing_skew=1.0"]),
                             ("dwdp_skew", ["--strategy=dwdp", "--num_devices=2", "--routing_skew=1.0",
-                                           "--planner_policy=top_k", "--planner_top_k=1"])]
+                                           "--planner_policy=top_k", "--planner_top_k=1",
+                                           f"--save_router_trace={out}/traces"])]
     }
 
 
@@ -141,3 +143,18 @@ def test_bad_flags_raise_clear_errors(flags, message, tmp_path):
         message = "devices are visible"
     with pytest.raises(app.UsageError, match=message.replace("(", r"\(")):
         launch.run_main(["launch", *flags, f"--out={tmp_path}", *COMMON])
+
+
+def test_router_trace_to_optimized_placement_round_trip(records, tmp_path):
+    """Router statistics saved by a run -> an optimized placement -> a run on it, with the same tokens."""
+    from dwdp_jax.planner import summarize
+
+    trace_dir = pathlib.Path(records["dwdp_skew"]["path"]).parent / "traces"
+    traces = sorted(str(p) for p in trace_dir.glob("router-rank*.npz"))
+    assert len(traces) == 2
+    placement = tmp_path / "placement.json"
+    assert summarize.main([*traces, f"--placement_out={placement}", "--replicas=1"]) == 0
+    record = launch.run_main(["launch", "--strategy=dwdp", "--num_devices=2", "--routing_skew=1.0",
+                              f"--placement={placement}", f"--out={tmp_path}", *COMMON])
+    assert saved(record)["config"]["placement"] == str(placement)
+    assert record["rows"][0]["outputs"] == records["single_skew"]["rows"][0]["outputs"]

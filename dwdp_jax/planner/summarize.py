@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from dwdp_jax.planner.placement import Placement, optimize_placement, placement_cost
 from dwdp_jax.planner.stats import Trace
 
 
@@ -160,8 +161,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--plot", help="write a layer x expert heatmap PNG here")
     parser.add_argument("--json", help="write the summary as JSON here")
     parser.add_argument("--top", type=int, default=5, help="hot experts listed per layer")
+    parser.add_argument("--placement_out", help="optimize an expert placement on the traces' load and save it here "
+                        "(for the launcher's or the converter's --placement)")
+    parser.add_argument("--group_size", type=int, default=0, help="--placement_out: ranks (default: the traces')")
+    parser.add_argument("--replicas", type=int, default=0, help="--placement_out: replica slots per rank per layer")
     args = parser.parse_args(argv)
-    summary = summarize(Trace.load(args.traces), top=args.top)
+    trace = Trace.load(args.traces)
+    if args.placement_out:
+        g = args.group_size or trace.num_ranks
+        load = trace.load_lge(num_ranks=max(g, trace.num_ranks))[:, :g]
+        placement = optimize_placement(load, g, replica_budget=args.replicas)
+        placement.save(args.placement_out)
+        cost, base = placement_cost(placement, load), placement_cost(Placement.contiguous(*load.shape[::2], g), load)
+        print(f"placement for {g} ranks -> {args.placement_out}: remote load {cost.remote:.0f} "
+              f"(contiguous {base.remote:.0f})")
+    summary = summarize(trace, top=args.top)
     print(format_table(summary))
     if args.plot:
         plot_heatmap(summary, args.plot)
