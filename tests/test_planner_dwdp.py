@@ -59,14 +59,21 @@ def test_skew_is_installed(model):
     assert share[0] > 2.0 / CFG.n_routed_experts  # the hottest expert gets > 2x the mean load
 
 
+@pytest.fixture(scope="module")
+def fetch_all_run(model):
+    """Planned fetch-all over the decode-like steps: the bytes a policy must beat."""
+    steps = _decode_like_batches()
+    full, outs = _run(model, DwdpConfig(G, policy=FetchPolicy("fetch_all", experts_per_token=4)), steps)
+    _check_logits(model, steps, outs)
+    assert _total(full, "miss_experts") == 0
+    return steps, full
+
+
 @pytest.mark.parametrize("policy", [FetchPolicy("top_k", k=2, experts_per_token=4),
                                     FetchPolicy("coverage", coverage=0.6, experts_per_token=4)],
                          ids=["top_k", "coverage"])
-def test_planned_fetch_is_exact_and_fetches_less(model, policy):
-    steps = _decode_like_batches()
-    full, full_outs = _run(model, DwdpConfig(G, policy=FetchPolicy("fetch_all", experts_per_token=4)), steps)
-    _check_logits(model, steps, full_outs)
-    assert _total(full, "miss_experts") == 0
+def test_planned_fetch_is_exact_and_fetches_less(model, fetch_all_run, policy):
+    steps, full = fetch_all_run
     planned, outs = _run(model, DwdpConfig(G, policy=policy), steps)
     _check_logits(model, steps, outs)  # misses are served (fetched on demand), never silently wrong
     fetched = _total(planned, "prefetched_bytes") + _total(planned, "miss_bytes")
