@@ -34,6 +34,7 @@ import numpy as np
 
 from dwdp_jax.engine import kv_cache
 from dwdp_jax.model import LayerKV
+from dwdp_jax.parallel.fetch import enable_peer_access
 
 
 class KVTransport:
@@ -106,17 +107,10 @@ class CopyEngineTransport(KVTransport):
             return self._streams[device_id]
 
     def _enable_peer(self, dst: int, src: int):
-        import cupy as cp
-
         with self._lock:
-            if (dst, src) in self._peer_enabled or dst == src:
-                return
-            with cp.cuda.Device(dst):
-                try:
-                    cp.cuda.runtime.deviceEnablePeerAccess(src)
-                except cp.cuda.runtime.CUDARuntimeError:
-                    pass  # already enabled
-            self._peer_enabled.add((dst, src))
+            if (dst, src) not in self._peer_enabled:
+                enable_peer_access(dst, src)
+                self._peer_enabled.add((dst, src))
 
     def send(self, cache, slot, length, device):
         return _PeerCopy(kv_cache.read_slot(cache, slot, length), device)

@@ -131,14 +131,8 @@ class CopyEnginePull(FetchBackend):
         return self._streams[device.id]
 
     def _enable_peer(self, dst: int, src: int):
-        import cupy as cp
-
         if (dst, src) not in self._peer_enabled:
-            with cp.cuda.Device(dst):
-                try:
-                    cp.cuda.runtime.deviceEnablePeerAccess(src)
-                except cp.cuda.runtime.CUDARuntimeError:
-                    pass  # already enabled
+            enable_peer_access(dst, src)
             self._peer_enabled.add((dst, src))
 
     def __call__(self, src: ExpertWeights, device: jax.Device):
@@ -193,6 +187,19 @@ class CopyEnginePull(FetchBackend):
     def consumed(self, staged, output) -> None:
         key, slot, _, _ = staged
         self._rings[key][slot][1] = output
+
+
+def enable_peer_access(dst: int, src: int) -> None:
+    """Lets GPU `dst` read GPU `src`'s memory (CUDA peer access; enabling it twice is harmless)."""
+    import cupy as cp
+
+    if dst == src:
+        return
+    with cp.cuda.Device(dst):
+        try:
+            cp.cuda.runtime.deviceEnablePeerAccess(src)
+        except cp.cuda.runtime.CUDARuntimeError:
+            pass  # already enabled
 
 
 def _runs(slots: list[int], offset: int) -> list[tuple[int, int, int]]:
