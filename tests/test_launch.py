@@ -32,8 +32,14 @@ def records(tmp_path_factory):
                             ("single_skew", ["--strategy=single", "--routing_skew=1.0"]),
                             ("dwdp_skew", ["--strategy=dwdp", "--num_devices=2", "--routing_skew=1.0",
                                            "--planner_policy=top_k", "--planner_top_k=1",
-                                           f"--save_router_trace={out}/traces"])]
+                                           f"--save_router_trace={out}/traces"]),
+                            ("disagg_planned", DISAGG_PLANNED)]
     }
+
+
+# DWDP generation servers fetching by a planner policy from the router statistics they see
+DISAGG_PLANNED = ["--mode=disagg", "--num_devices=3", "--context_devices=1", "--context_strategy=dwdp",
+                  "--generation_strategy=dwdp", "--planner_policy=top_k", "--planner_top_k=1"]
 
 
 # DWDP ablations: planned fetches with on-demand misses, merged buffers, unstaggered sources, no prefetch
@@ -80,6 +86,7 @@ def test_strategies_generate_the_same_tokens(records):
     points = [r for r in records["disagg"]["rows"] if r["kind"] == "point"]
     assert len(points) == 2 and all(p["outputs"] == single for p in points)
     assert records["dwdp_ablations"]["rows"][0]["outputs"] == single
+    assert [r for r in records["disagg_planned"]["rows"] if r["kind"] == "point"][0]["outputs"] == single
 
 
 def test_ablation_and_skew_flags_are_recorded_and_exact(records):
