@@ -340,9 +340,10 @@ def restore_model(
     -> the routed experts to hold in that MoE layer (all when None), with `n_local_experts` their count (see
     `rank_experts` for a DWDP rank's). When stored arrays hold exactly those experts in that order (a rank's own,
     or every rank's in rank order), only their items are restored, straight onto the device; any other subset is
-    gathered on the host from the items holding it, item by item. with_mtp: restore the MTP modules (None: when
-    stored). dequantize: FP8 checkpoints are dequantized at conversion (`--dtype_policy=bf16`), not here.
-    device None: arrays go through the host to the default device, uncommitted (as `jnp.asarray`).
+    gathered on the host from the items holding it, item by item. A parameter stored in several slabs is joined
+    on the device (on the host for the CPU backend). with_mtp: restore the MTP modules (None: when stored).
+    dequantize: FP8 checkpoints are dequantized at conversion (`--dtype_policy=bf16`), not here. device None:
+    arrays go through the host to the default device, uncommitted (as `jnp.asarray`).
     """
     path = os.path.abspath(os.fspath(path))
     meta = read_metadata(path)
