@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags
+from absl import app, flags, logging
 from flax import nnx, traverse_util
 from tqdm import tqdm
 
@@ -794,6 +794,8 @@ def _pin_mmap_threshold(nbytes: int = 1 << 20):
 
 def main(argv) -> int:
     _pin_mmap_threshold()
+    if not FLAGS["verbosity"].present:  # orbax logs every item it saves or restores at INFO
+        logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         print(f"dwdp-convert: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
