@@ -105,7 +105,7 @@ def test_merge_copy_ablation_and_replicas(model):
     replicas = tuple(tuple(((home + 1) % G,) if e % 3 == 0 else () for e, home in enumerate(layer))
                      for layer in base.home_le.tolist())
     placement = Placement(num_ranks=G, home_le=base.home_le, replicas=replicas)
-    steps = _decode_like_batches(steps=2, s=3)
+    steps = _decode_like_batches(steps=1, s=3)
     for dwdp in (DwdpConfig(G, merge_copy=True),
                  DwdpConfig(G, merge_copy=True, policy=FetchPolicy("top_k", k=1, experts_per_token=4))):
         group = DwdpGroup(model, jax.devices()[:G], placement, dwdp)
