@@ -44,6 +44,8 @@ flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the r
 flags.DEFINE_string("out", "experiments/results", "results directory")
 flags.DEFINE_bool("dep", True, "also measure DEP")
 flags.DEFINE_list("fetch", ["device_put", "copy_engine"], "fetch backends to measure")
+flags.DEFINE_integer("prefetch_depth", 1, "MoE layers fetched ahead")
+flags.DEFINE_integer("ring_slots", 3, "copy engine: staging buffers per (device, peer); must exceed the depth")
 F = flags.FLAGS
 
 
@@ -92,7 +94,9 @@ def main(_):
         with jax.default_device(dev):
             models.append(init_model(cfg, seed=0, dtype=jnp.bfloat16, n_local_experts=e_local))
     placement = Placement.from_config(cfg, g)
-    dw = DwdpConfig(g, prefetch_depth=1, staggered=True, expert_backend=F.backend)
+    if F.ring_slots <= F.prefetch_depth:
+        raise SystemExit(f"--ring_slots={F.ring_slots} must exceed --prefetch_depth={F.prefetch_depth}")
+    dw = DwdpConfig(g, prefetch_depth=F.prefetch_depth, staggered=True, expert_backend=F.backend)
     cached = DwdpGroup.from_rank_models(models, placement, dw, CachedFetch())
     moe_layer = cfg.first_k_dense_replace
     layer_bytes = (g - 1) * cached.ranks[0].local_experts(moe_layer).nbytes()
@@ -115,7 +119,7 @@ def main(_):
 
     outputs = {}
     for name in F.fetch:
-        fetch = DevicePutFetch() if name == "device_put" else CopyEnginePull()
+        fetch = DevicePutFetch() if name == "device_put" else CopyEnginePull(slots=F.ring_slots)
         group = DwdpGroup.from_rank_models(models, placement, dw, fetch)
         probe = batches[min(batches)]
         outputs[name] = [group.run_parallel(lambda rank, ids: np.asarray(rank.forward(ids[:1])), probe)
@@ -184,7 +188,8 @@ def main(_):
               f"(SPMD: every rank runs the padded shape and waits at each all-to-all): slowdown {t_imb / t_bal:.3f}",
               flush=True)
 
-    config = dict(preset=F.preset, group_size=g, prefetch_depth=1, staggered=True, backend=F.backend,
+    config = dict(preset=F.preset, group_size=g, prefetch_depth=F.prefetch_depth, ring_slots=F.ring_slots,
+                  staggered=True, backend=F.backend,
                   fetch_backends=F.fetch, seq=F.seq, tokens=F.tokens, repeats=F.repeats, experts="fp8 random")
     path = write_result(F.out, "dwdp", F.device_kind, config, metrics, rows)
     print("wrote", path)
