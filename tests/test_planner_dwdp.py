@@ -118,3 +118,14 @@ def test_budget_needs_a_policy():
         DwdpConfig(2, staging_budget_experts=4)
     with pytest.raises(ValueError, match="expert_backend"):
         DwdpConfig(2, expert_backend="cuda")
+
+
+def test_close_breaks_the_rank_cycle(model):
+    import weakref
+
+    group = DwdpGroup(model, jax.devices()[:2], dwdp=DwdpConfig(2))
+    ref = weakref.ref(group.ranks[0])
+    group.close()
+    assert all(rank.group == [] for rank in group.ranks)
+    del group
+    assert ref() is None  # no cycle left: the rank (and its weights, staging) is freed at once
