@@ -434,8 +434,8 @@ class _Pass:
                     break
                 i = min(free, key=lambda i: (self.ctx_tokens[i], self.ctx_held[i], i))
                 req = self.queue.popleft()
-                if self.concurrency is not None:
-                    req = dataclasses.replace(req, arrival_s=now)
+                if self.concurrency is not None:  # closed loop: it arrives when taken, stamped under the lock
+                    req = dataclasses.replace(req, arrival_s=self.clock())  # (after the finish that freed it)
                 self.in_flight += 1
                 self._by_id[req.request_id] = req
                 self.ctx_inbox[i].append(req)
