@@ -9,13 +9,12 @@ serves its own batch from its own thread, twice, and we report:
   * rerun diff: the same step twice (must be exactly 0: the combine is deterministic).
 Pass/fail thresholds are printed with the table.
 
-  python experiments/gpu_check_dwdp.py --preset=r1-layers-3 --out=$OUT
+  python experiments/gpu_check_dwdp.py --preset=r1-layers-3 --device_kind=nvidia-h200-x2 --out=$OUT
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -32,6 +31,7 @@ from dwdp_jax.experts import LocalExecutor  # noqa: E402
 from dwdp_jax.model import init_model  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup  # noqa: E402
 from dwdp_jax.parallel.fetch import CopyEnginePull, DevicePutFetch  # noqa: E402
+from experiments.results_io import write_result  # noqa: E402
 
 flags.DEFINE_string("preset", "r1-layers-3", "model preset (random weights)")
 flags.DEFINE_integer("batch", 2, "requests per rank")
@@ -40,7 +40,8 @@ flags.DEFINE_list("backends", ["jnp", "pallas"], "expert backends")
 flags.DEFINE_list("fetch", ["device_put", "copy_engine"], "fetch backends")
 flags.DEFINE_float("max_rel_diff", 0.05, "pass threshold: DWDP vs single-GPU logits, relative to max |logit|")
 flags.DEFINE_float("min_agreement", 0.97, "pass threshold: greedy agreement with the single-GPU model")
-flags.DEFINE_string("out", "", "directory for gpu_check_dwdp.json (optional)")
+flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the results file")
+flags.DEFINE_string("out", "", "results directory for dwdp-<date>-<kind>-correctness.json (optional)")
 F = flags.FLAGS
 
 
@@ -91,8 +92,11 @@ def main(_):
         print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     print("ALL PASS" if ok else "SOME FAILED")
     if F.out:
-        with open(os.path.join(F.out, "gpu_check_dwdp.json"), "w") as f:
-            json.dump(dict(preset=F.preset, num_devices=g, rows=rows, passed=ok), f, indent=1)
+        config = dict(preset=F.preset, batch=F.batch, seq=F.seq, backends=F.backends, fetch=F.fetch,
+                      max_rel_diff=F.max_rel_diff, min_agreement=F.min_agreement)
+        worst = max((r["rel_diff"] for r in rows if "passed" in r), default=None)
+        print("wrote", write_result(F.out, "dwdp", F.device_kind, config,
+                                    dict(passed=ok, max_rel_diff_vs_single_gpu=worst), rows, tag="correctness"))
 
 
 if __name__ == "__main__":
