@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Sequence
 
 import jax
@@ -40,6 +39,9 @@ from pallas_kernels import _compat
 FP8_BLOCK = 128  # DeepSeek-V3 block-scale granularity (weights 128x128, activations 1x128)
 _SCHED_COLS = 8  # is_mm, buffer, slot, load_row, smem_off, n_valid, group, pad
 _MEMORY_REGISTERS = 40
+# fp8_overlap_promotion: registers per thread for the main accumulator and the two partials; the
+# rest of the 232 a compute warpgroup gets (2 compute warpgroups) holds scales, addresses, counters.
+_OVERLAP_MAX_ACC_REGISTERS = 192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,11 @@ class GroupedGemmConfig:
 
   The CTA tile (block_m, block_n) is split evenly over `num_compute_wgs` compute warpgroups along
   `wg_split` ("n": each owns block_m x block_n/2; "m": each owns block_m/2 x block_n).
+
+  `fp8_overlap_promotion` (FP8 only): two partial accumulators in ping-pong, so that the promotion
+  of k step i (CUDA cores) overlaps the wgmma of step i + 1 (tensor core). The main accumulator and
+  both partials, 3 x wg_m x wg_n / 128 f32 registers per thread, must fit in the compute
+  warpgroup's 232: at most 64 x 128 per warpgroup (192 registers).
   """
   block_m: int = 128
   block_n: int = 256
@@ -57,6 +64,7 @@ class GroupedGemmConfig:
   warp_specialized: bool = True
   wg_split: str = "n"
   num_sms: int | None = None  # persistent CTAs; None: the device's SM count (2 in interpret mode)
+  fp8_overlap_promotion: bool = False
 
   def __post_init__(self):
     if self.block_m % 64 or not 64 <= self.block_m <= 256:
@@ -76,6 +84,15 @@ class GroupedGemmConfig:
       raise ValueError(f"block_k must be a multiple of 32, got {self.block_k}")
     if self.max_concurrent_steps < 2:
       raise ValueError("max_concurrent_steps must be >= 2")
+    if self.fp8_overlap_promotion:
+      if self.block_k != FP8_BLOCK or not self.warp_specialized:
+        raise ValueError("fp8_overlap_promotion is for the FP8 kernel: block_k must be 128 and "
+                         "warp_specialized True")
+      if 3 * self.wg_m * self.wg_n // 128 > _OVERLAP_MAX_ACC_REGISTERS:
+        raise ValueError(
+            f"fp8_overlap_promotion keeps 3 f32 tiles of {self.wg_m}x{self.wg_n} per warpgroup "
+            f"({3 * self.wg_m * self.wg_n // 128} registers per thread, at most "
+            f"{_OVERLAP_MAX_ACC_REGISTERS} of 232): use at most 64x128 per warpgroup")
 
   @property
   def wg_m(self) -> int:
@@ -105,6 +122,9 @@ PREFILL_M_SPLIT_CONFIG = GroupedGemmConfig(block_m=128, block_n=256, block_k=64,
 FP8_DECODE_CONFIG = GroupedGemmConfig(block_m=64, block_n=256, block_k=128, max_concurrent_steps=4)
 FP8_PREFILL_CONFIG = GroupedGemmConfig(block_m=128, block_n=128, block_k=128,
                                        max_concurrent_steps=4, wg_split="m")
+# FP8_PREFILL_CONFIG with the promotion of k step i overlapping the wgmma of step i + 1 (two
+# partial accumulators per warpgroup: 64 + 2 x 64 registers per thread). Needs K / 128 even.
+FP8_PREFILL_OVERLAP_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, fp8_overlap_promotion=True)
 
 
 def default_config(m: int, num_groups: int, n: int | None = None,
@@ -528,6 +548,8 @@ def grouped_gemm(x, group_sizes, weights: Sequence[jax.Array], expert_slot, *,
     raise ValueError(f"x and weights must be bfloat16, got {x.dtype} and {weights[0].dtype}")
   m = x.shape[0]
   cfg = config or default_config(m, group_sizes.shape[0], n)
+  if cfg.fp8_overlap_promotion:
+    raise ValueError("fp8_overlap_promotion is for grouped_gemm_fp8, not the bf16 kernel")
   if k % cfg.block_k or n % cfg.block_n:
     raise ValueError(f"K={k} must divide by block_k={cfg.block_k} and N={n} by block_n={cfg.block_n}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)
@@ -599,35 +621,129 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
         row0, col0 = cfg.wg_origin(wg)
         nb = (j * bn + col0) // FP8_BLOCK
 
-        def step(kk, acc):
+        def stage(kk):
+          """SMEM stage of k step kk and this warpgroup's views: a [wg_m, 128] e4m3,
+          b [wg_n, 128] e4m3 (K-major), row scales [wg_m] f32."""
           slot = lax.rem(carry + kk, steps)
-          w_scale = ws_ref[g, nb, kk]
-          plgpu.barrier_wait(full.at[slot])
           a_tile, b_tile, s_tile = a_smem.at[slot], b_smem.at[slot], s_smem.at[slot]
           if wg_m != bm:
             a_tile, s_tile = a_tile.at[pl.ds(row0, wg_m)], s_tile.at[pl.ds(row0, wg_m)]
           if wg_n != bn:
             b_tile = b_tile.at[pl.ds(col0, wg_n)]
-          if interpret:  # interpret-mode wgmma ignores transposed operands; same math
-            part = jnp.dot(a_tile[...].astype(jnp.float32), b_tile[...].astype(jnp.float32).T)
+          return slot, a_tile, b_tile, s_tile
+
+        def dot_interpret(a_tile, b_tile):
+          # Interpret-mode wgmma ignores transposed operands: the same product with jnp.dot.
+          return jnp.dot(a_tile[...].astype(jnp.float32), b_tile[...].astype(jnp.float32).T)
+
+        def promote(acc, part, s_tile, kk, valid=True):
+          """acc + part * (x_scale[row] * w_scale[g, n block, kk]) ([wg_m, wg_n] f32); with
+          valid False the scale is selected to 0 (part is then zeros, so acc is unchanged)."""
+          row_scale = s_tile[...] * ws_ref[g, nb, kk]
+          if valid is not True:
+            # A select, not a product: an unused stage may hold NaN. Explicit broadcast: the
+            # warpgroup lowering has no implicit one.
+            row_scale = jnp.where(jnp.broadcast_to(valid, row_scale.shape), row_scale, 0.0)
+          return acc + part * lax.broadcast_in_dim(row_scale, part.shape, [0])
+
+        def step(kk, acc):
+          slot, a_tile, b_tile, s_tile = stage(kk)
+          plgpu.barrier_wait(full.at[slot])
+          if interpret:
+            part = dot_interpret(a_tile, b_tile)
           else:
             def mm(tmp_ref):
               plgpu.wgmma(tmp_ref, a_tile, _compat.transpose_ref(b_tile, (1, 0)))
               return tmp_ref[...]
             part = pl.run_scoped(mm, plgpu.ACC((wg_m, wg_n), jnp.float32))
-          row_scale = s_tile[...] * w_scale
+          acc = promote(acc, part, s_tile, kk)
           plgpu.barrier_arrive(free.at[slot])
-          return acc + part * lax.broadcast_in_dim(row_scale, part.shape, [0])
+          return acc
 
         acc0 = jnp.zeros((wg_m, wg_n), jnp.float32)
         if not interpret:
           acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
-        acc = lax.fori_loop(0, nk, step, acc0)
+        if cfg.fp8_overlap_promotion:
+          acc = _fp8_overlap_pipeline(nk, acc0, stage=stage, promote=promote,
+                                      dot_interpret=dot_interpret, full=full, free=free,
+                                      interpret=interpret)
+        else:
+          acc = lax.fori_loop(0, nk, step, acc0)
         _epilogue(acc, o_smem.at[wg], out_ref, load_row=load_row, smem_off=smem_off,
                   n_valid=n_valid, row0=row0, col=j * bn + col0, cfg=cfg)
         return carry + nk
 
       plgpu.wait_smem_to_gmem(0)
+
+
+def _fp8_overlap_pipeline(nk, acc0, *, stage, promote, dot_interpret, full, free, interpret):
+  """k loop of one warpgroup with two partial accumulators P0, P1 in ping-pong ([wg_m, wg_n] f32
+  each; nk = 0 or an even number of k steps). Step k goes into P[k % 2]:
+
+    issue k:   wait for stage k's TMA, wgmma(P[k % 2] += a_k @ b_k^T) (async, one commit group)
+    retire k:  wgmma_wait(1) (every group but the newest, k + 1, is complete: PTX commit groups
+               complete in order), read P[k % 2], release stage k, acc += P[k % 2] * scale_k,
+               P[k % 2] = 0
+    order:     issue 0, issue 1, retire 0, issue 2, retire 1, ..., issue nk-1, retire nk-2,
+               retire nk-1 (wgmma_wait(0))
+
+  so the promotion of step k runs on the CUDA cores while the tensor core runs step k + 1. The loop
+  runs over pairs (static P0 / P1); its first "retire k - 1" (k = 0) reads the still-zero P1 with
+  scale 0 and releases nothing, which avoids a conditional around accumulator operations.
+  Interpret mode computes each partial with `jnp.dot` at issue (the interpreter's wgmma ignores
+  the transposed B) and carries the partials as values; barriers, scales and order are the same."""
+  zeros = acc0  # acc0 is zeros with the accumulator layout
+
+  def run(p_refs):
+    def issue(kk, which, parts):
+      slot, a_tile, b_tile, _ = stage(kk)
+      plgpu.barrier_wait(full.at[slot])
+      if interpret:
+        return tuple(dot_interpret(a_tile, b_tile) if i == which else p
+                     for i, p in enumerate(parts))
+      plgpu.wgmma(p_refs[which], a_tile, _compat.transpose_ref(b_tile, (1, 0)))
+      return parts
+
+    def retire(kk, which, acc, parts, *, valid=True, wait_n=1):
+      kk = jnp.maximum(kk, 0)  # kk = -1 (valid False) reads stage 0's scales, then drops them
+      slot, _, _, s_tile = stage(kk)
+      if interpret:
+        part = parts[which]
+        parts = tuple(zeros if i == which else p for i, p in enumerate(parts))
+      else:
+        # After the wait, every wgmma but the newest is complete: stage kk is no longer read.
+        part = lax.optimization_barrier(
+            plgpu.wgmma_accumulator_load(p_refs[which], wait_n=wait_n))
+      acc = promote(acc, part, s_tile, kk, valid)  # reads the scales before the release
+      if not interpret:
+        acc = lax.optimization_barrier(acc)  # consume part before its registers are zeroed
+        p_refs[which][...] = zeros
+
+      if valid is True:
+        plgpu.barrier_arrive(free.at[slot])
+      else:
+        pl.when(valid)(lambda: plgpu.barrier_arrive(free.at[slot]))
+
+      return acc, parts
+
+    def pair(i, carry):
+      acc, parts = carry
+      k0 = 2 * i
+      parts = issue(k0, 0, parts)
+      acc, parts = retire(k0 - 1, 1, acc, parts, valid=i > 0)
+      parts = issue(k0 + 1, 1, parts)
+      acc, parts = retire(k0, 0, acc, parts)
+      return acc, parts
+
+    parts0 = (zeros, zeros) if interpret else ()
+    acc, parts = lax.fori_loop(0, nk // 2, pair, (acc0, parts0))
+    acc, _ = retire(nk - 1, 1, acc, parts, valid=nk > 0, wait_n=0)
+    return acc
+
+  if interpret:
+    return run(())
+  return pl.run_scoped(lambda p0, p1: run((p0, p1)), plgpu.ACC(acc0.shape, jnp.float32),
+                       plgpu.ACC(acc0.shape, jnp.float32))
 
 
 def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Sequence[jax.Array],
@@ -662,6 +778,9 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
     raise ValueError("the FP8 kernel is warp specialized only")
   if k % FP8_BLOCK or n % FP8_BLOCK or n % cfg.block_n:
     raise ValueError(f"K={k} and N={n} must divide by 128, and N by block_n={cfg.block_n}")
+  if cfg.fp8_overlap_promotion and (k // FP8_BLOCK) % 2:
+    raise ValueError(f"fp8_overlap_promotion alternates two partials per pair of k steps: K/128 "
+                     f"must be even, got K={k}")
   m = x.shape[0]
   m_pad = _padded_rows(m, cfg.block_m)
   xq, xs = quantize_activations(x)

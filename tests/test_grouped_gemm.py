@@ -20,7 +20,7 @@ BACKEND = "gpu" if ON_GPU else "interpret"
 if ON_GPU:
   WS_N, WS_M = gg.PREFILL_CONFIG, gg.PREFILL_M_SPLIT_CONFIG
   WS_ONE_WG = dataclasses.replace(gg.DECODE_CONFIG, block_n=128, num_compute_wgs=1)
-  FP8_CONFIGS = [gg.FP8_DECODE_CONFIG, gg.FP8_PREFILL_CONFIG]
+  FP8_CONFIGS = [gg.FP8_DECODE_CONFIG, gg.FP8_PREFILL_CONFIG, gg.FP8_PREFILL_OVERLAP_CONFIG]
 else:
   WS_N = gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2)
   WS_M = gg.GroupedGemmConfig(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
@@ -30,7 +30,11 @@ else:
   FP8_CONFIGS = [gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=128,
                                       max_concurrent_steps=2, wg_split="n"),
                  gg.GroupedGemmConfig(block_m=128, block_n=128, block_k=128,
-                                      max_concurrent_steps=2, wg_split="m")]
+                                      max_concurrent_steps=2, wg_split="m"),
+                 # FP8_PREFILL_OVERLAP_CONFIG's shape (64x128 per warpgroup), 2 stages.
+                 gg.GroupedGemmConfig(block_m=128, block_n=128, block_k=128,
+                                      max_concurrent_steps=2, wg_split="m",
+                                      fp8_overlap_promotion=True)]
 SIMPLE = gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2,
                               num_compute_wgs=1, warp_specialized=False)
 
@@ -103,7 +107,11 @@ def test_grouped_gemm_bf16(name, cfg, m, sizes, bufs):
   check_rows(out, reference(x, gs, w, es, out_dtype=jnp.float32), int(sum(sizes)))
 
 
-@pytest.mark.parametrize("cfg", FP8_CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}_{c.wg_split}")
+def fp8_id(c):
+  return f"{c.block_m}x{c.block_n}_{c.wg_split}" + ("_overlap" if c.fp8_overlap_promotion else "")
+
+
+@pytest.mark.parametrize("cfg", FP8_CONFIGS, ids=fp8_id)
 def test_grouped_gemm_fp8(cfg):
   # K = 1024 (8 scale blocks, the k ring wraps several times per tile) on both backends.
   m, k, n = (300, 1024, 512) if ON_GPU else (60, 1024, 128)
@@ -122,6 +130,49 @@ def test_grouped_gemm_fp8(cfg):
   # measured 0.0256633 where interpret mode gives 0.0256620 for the same comparison: the GPU
   # kernel is then within about sqrt(0.0256633^2 - 0.0256620^2) = 2.6e-4 of this reference.)
   check_rows(out, reference_fp8(x, gs, w, s, es, out_dtype=jnp.float32), int(sum(sizes)))
+
+
+PRESETS = {
+    "decode": (gg.DECODE_CONFIG, False), "prefill": (gg.PREFILL_CONFIG, False),
+    "prefill_msplit": (gg.PREFILL_M_SPLIT_CONFIG, False), "fp8_decode": (gg.FP8_DECODE_CONFIG, True),
+    "fp8_prefill": (gg.FP8_PREFILL_CONFIG, True),
+    "fp8_prefill_overlap": (gg.FP8_PREFILL_OVERLAP_CONFIG, True),
+}
+
+
+@pytest.mark.parametrize("out_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16_out", "f32_out"])
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_lower_for_gpu(name, out_dtype):
+  """Every preset lowers to Mosaic GPU (layout inference and the mgpu dialect lowering run in
+  Python) at DeepSeek-R1's gate/up shape; the lowering rejects SMEM over the device's 227 KiB."""
+  cfg, fp8 = PRESETS[name]
+  cfg = dataclasses.replace(cfg, num_sms=132)  # the CPU backend has no SM count
+  m, k, n, g = 4096, 7168, 4096, 32
+  spec = jax.ShapeDtypeStruct
+  x, gs, es = spec((m, k), jnp.bfloat16), spec((g,), jnp.int32), spec((g, 2), jnp.int32)
+  if fp8:
+    w = (spec((g // 2, n, k), jnp.float8_e4m3fn),) * 2
+    s = (spec((g // 2, n // 128, k // 128), jnp.float32),) * 2
+    f = jax.jit(lambda x, gs, w, s, es: gg.grouped_gemm_fp8(x, gs, w, s, es, config=cfg,
+                                                            out_dtype=out_dtype))
+    args = (x, gs, w, s, es)
+  else:
+    w = (spec((g // 2, k, n), jnp.bfloat16),) * 2
+    f = jax.jit(lambda x, gs, w, es: gg.grouped_gemm(x, gs, w, es, config=cfg, out_dtype=out_dtype))
+    args = (x, gs, w, es)
+  assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_smem_limit_is_checked_at_lowering():
+  """What test_presets_lower_for_gpu relies on: too many stages fail at lowering, on CPU."""
+  cfg = dataclasses.replace(gg.FP8_PREFILL_CONFIG, max_concurrent_steps=12, num_sms=132)
+  spec = jax.ShapeDtypeStruct
+  f = jax.jit(lambda x, gs, w, s, es: gg.grouped_gemm_fp8(x, gs, w, s, es, config=cfg))
+  args = (spec((1024, 1024), jnp.bfloat16), spec((2,), jnp.int32),
+          (spec((2, 256, 1024), jnp.float8_e4m3fn),), (spec((2, 2, 8), jnp.float32),),
+          spec((2, 2), jnp.int32))
+  with pytest.raises(ValueError, match="shared memory"):
+    f.trace(*args).lower(lowering_platforms=("cuda",))
 
 
 def test_fp8_decode_survives_jit():
@@ -198,3 +249,22 @@ def test_validation_errors():
     gg.grouped_gemm(x, gs, (jnp.ones((1, 128, 128), jnp.bfloat16),), es[:, :1], interpret=True)
   with pytest.raises(ValueError, match="multiple of 64"):
     gg.GroupedGemmConfig(block_n=96)
+
+
+def test_overlap_promotion_validation():
+  ok = gg.FP8_PREFILL_OVERLAP_CONFIG
+  assert ok.fp8_overlap_promotion and (ok.wg_m, ok.wg_n) == (64, 128)
+  assert not gg.FP8_PREFILL_CONFIG.fp8_overlap_promotion  # measured presets unchanged
+  with pytest.raises(ValueError, match="block_k must be 128"):
+    gg.GroupedGemmConfig(block_k=64, fp8_overlap_promotion=True)
+  with pytest.raises(ValueError, match="registers"):  # 128x128 per warpgroup: 3 x 128 registers
+    gg.GroupedGemmConfig(block_m=128, block_n=256, block_k=128, fp8_overlap_promotion=True)
+  x = jnp.ones((8, 256), jnp.bfloat16)
+  gs, es = jnp.array([8], jnp.int32), jnp.zeros((1, 2), jnp.int32)
+  with pytest.raises(ValueError, match="not the bf16 kernel"):
+    gg.grouped_gemm(x, gs, (jnp.ones((1, 256, 128), jnp.bfloat16),), es, config=ok, interpret=True)
+  x3 = jnp.ones((8, 384), jnp.bfloat16)  # K / 128 = 3: odd
+  w3 = (jnp.ones((1, 128, 384), jnp.float8_e4m3fn),)
+  with pytest.raises(ValueError, match="even"):
+    gg.grouped_gemm_fp8(x3, gs, w3, (jnp.ones((1, 1, 3), jnp.float32),), es, config=ok,
+                        interpret=True)
