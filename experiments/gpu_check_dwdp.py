@@ -30,14 +30,14 @@ from dwdp_jax.config import preset  # noqa: E402
 from dwdp_jax.experts import LocalExecutor  # noqa: E402
 from dwdp_jax.model import init_model  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup  # noqa: E402
-from dwdp_jax.parallel.fetch import CopyEnginePull, DevicePutFetch  # noqa: E402
+from dwdp_jax.parallel.fetch import fetch_backend  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
 
 flags.DEFINE_string("preset", "r1-layers-3", "model preset (random weights)")
 flags.DEFINE_integer("batch", 2, "requests per rank")
 flags.DEFINE_integer("seq", 256, "tokens per request")
 flags.DEFINE_list("backends", ["jnp", "pallas"], "expert backends")
-flags.DEFINE_list("fetch", ["device_put", "copy_engine"], "fetch backends")
+flags.DEFINE_list("fetch", ["device_put", "copy_engine", "copy_engine_stream"], "fetch backends")
 flags.DEFINE_float("max_rel_diff", 0.05, "pass threshold: DWDP vs single-GPU logits, relative to max |logit|")
 flags.DEFINE_float("min_agreement", 0.97, "pass threshold: greedy agreement with the single-GPU model")
 flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the results file")
@@ -72,7 +72,7 @@ def main(_):
     ok = True
     for backend in F.backends:
         for fetch_name in F.fetch:
-            fetch = DevicePutFetch() if fetch_name == "device_put" else CopyEnginePull()
+            fetch = fetch_backend(fetch_name)
             group = DwdpGroup(model, devices, dwdp=DwdpConfig(g, expert_backend=backend), fetch=fetch)
             run = lambda: group.run_parallel(
                 lambda rank, ids: np.asarray(rank.forward(ids).astype(jnp.float32)), batches)

@@ -68,7 +68,7 @@ from dwdp_jax.experts import LocalExecutor  # noqa: E402
 from dwdp_jax.model import init_model  # noqa: E402
 from dwdp_jax.parallel.dep import DepModel  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup, memory_per_device, replicated_placement  # noqa: E402
-from dwdp_jax.parallel.fetch import CopyEnginePull, DevicePutFetch  # noqa: E402
+from dwdp_jax.parallel.fetch import fetch_backend  # noqa: E402
 from dwdp_jax.parallel.threads import run_in_threads  # noqa: E402
 from dwdp_jax.planner import skew as skew_lib  # noqa: E402
 from dwdp_jax.planner.placement import Placement  # noqa: E402
@@ -123,7 +123,9 @@ _FLAGS = [
     (flags.DEFINE_bool, "verify_handoff", False, "disagg: compare every hand-off's arrived cache rows with the "
      "source's, bit for bit (two device-to-host copies per request, off the serving threads)", {}),
     # DWDP
-    (flags.DEFINE_enum, "fetch", "device_put", "DWDP fetch backend", dict(enum_values=["device_put", "copy_engine"])),
+    (flags.DEFINE_enum, "fetch", "device_put", "DWDP fetch backend: device_put, copy_engine (cudaMemcpyPeerAsync, "
+     "host-ordered) or copy_engine_stream (the same copies ordered on the device, no host wait)",
+     dict(enum_values=["device_put", "copy_engine", "copy_engine_stream"])),
     (flags.DEFINE_enum, "expert_backend", "jnp", "expert GEMMs: ragged_dot or Mosaic GPU kernels",
      dict(enum_values=["jnp", "pallas"])),
     (flags.DEFINE_integer, "prefetch_depth", 1, "DWDP: MoE layers fetched ahead (0: fetch each layer right before "
@@ -322,8 +324,8 @@ def validate(f) -> Setup:
             _usage(f"DEP needs --num_devices={n} to divide the {cfg.n_routed_experts} routed experts")
     if f.expert_backend == "pallas" and platform != "gpu":
         _usage(f"--expert_backend=pallas needs GPUs (Mosaic GPU kernels); this run sees {platform} devices")
-    if f.fetch == "copy_engine" and platform != "gpu":
-        _usage("--fetch=copy_engine needs GPUs (cudaMemcpyPeerAsync through CuPy)")
+    if f.fetch in ("copy_engine", "copy_engine_stream") and platform != "gpu":
+        _usage(f"--fetch={f.fetch} needs GPUs (cudaMemcpyPeerAsync through CuPy)")
     if f.prefetch_depth < 0:
         _usage(f"--prefetch_depth must be >= 0, got {f.prefetch_depth}")
     if f.staging_budget < 0 or (f.staging_budget and f.planner_policy == "none"):
@@ -495,7 +497,7 @@ def _dwdp_groups(f, setup: Setup, model, devices: list, group_size: int, replica
     """DWDP groups of `group_size` over `devices` (replicated: DP ranks, every expert local, nothing fetched).
     The one place a DWDP group is configured, for both modes."""
     cfg = setup.cfg
-    fetch = CopyEnginePull() if f.fetch == "copy_engine" else DevicePutFetch()
+    fetch = fetch_backend(f.fetch)
     groups = []
     for i in range(0, len(devices), group_size):
         group_devices = devices[i : i + group_size]

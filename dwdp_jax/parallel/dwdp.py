@@ -324,7 +324,7 @@ class DwdpRank:
 
     def _wait(self, handles) -> list[ExpertWeights]:
         t0 = time.perf_counter()
-        buffers = [self.fetch.ready(h) for h in handles]
+        buffers = self.fetch.ready_all(handles)
         self.counters["fetch_wait_s"] += time.perf_counter() - t0
         return buffers
 

@@ -7,6 +7,8 @@ A backend has three calls, all made from the destination rank's host thread:
     `device` (a backend that copies outside XLA's view makes the host wait for its copy here).
   * `consumed(staged, output)`: the program that read `staged` produced `output`; a backend that reuses
     staging memory must not overwrite it before `output` is ready.
+  * `ready_all(handles) -> [ExpertWeights]`: `ready` of several handles (one device-side wait for a layer's
+    peers where the backend can);
 and, for the planner's partial fetches:
   * `subset(src, device, slots, into=None, offset=0) -> staged`: start copying the experts `src[slots]` into
     positions [offset, offset + len(slots)) of a staging buffer shaped like `src` (a new one, or `into`, a
@@ -16,6 +18,8 @@ and, for the planner's partial fetches:
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import statistics
 import time
 
@@ -41,6 +45,13 @@ class FetchBackend:
 
     def ready(self, staged) -> ExpertWeights:
         return staged
+
+    def ready_all(self, handles) -> list[ExpertWeights]:
+        return [self.ready(h) for h in handles]
+
+    def sync(self, device: jax.Device) -> None:
+        """Blocks the host until the copies handed out by `ready` on `device` have landed (a measurement aid:
+        here the staged arrays are ordinary jax.Arrays, so `jax.block_until_ready` on them suffices)."""
 
     def consumed(self, staged, output) -> None:
         pass
@@ -138,8 +149,9 @@ class CopyEnginePull(FetchBackend):
     def __call__(self, src: ExpertWeights, device: jax.Device):
         return self.subset(src, device, range(src.num_experts))
 
-    def _acquire(self, src: ExpertWeights, device: jax.Device, src_dev):
-        """The next ring slot of staging buffers for (device, source, shape), once its last reader is done."""
+    def _acquire(self, src: ExpertWeights, device: jax.Device, src_dev, wait_reader: bool = True):
+        """The next ring slot of staging buffers for (device, source, shape); with `wait_reader`, once the
+        program that last read it is done (host wait)."""
         key = (device.id, src_dev.id, src.w_gate_up.shape)
         n = self._calls.get(key, 0)
         self._calls[key] = n + 1
@@ -151,7 +163,7 @@ class CopyEnginePull(FetchBackend):
             jax.block_until_ready(bufs)
             ring[slot] = [bufs, None]
         bufs, last_output = ring[slot]
-        if last_output is not None:
+        if wait_reader and last_output is not None:
             jax.block_until_ready(last_output)  # the previous reader of this slot has finished
         staged = ExpertWeights(bufs["w_gate_up"], bufs["w_down"], bufs.get("s_gate_up"), bufs.get("s_down"), src.block)
         return key, slot, bufs, staged
@@ -187,6 +199,163 @@ class CopyEnginePull(FetchBackend):
     def consumed(self, staged, output) -> None:
         key, slot, _, _ = staged
         self._rings[key][slot][1] = output
+
+
+class DeviceHook:
+    """A program with no computation on one device: its only op is a `buffer_callback` that runs queued host
+    actions when XLA reaches it in the device's stream of work, i.e. in dispatch order with the layer programs.
+
+    On GPUs the callback runs while XLA enqueues the program and gets the device's compute stream (an int
+    `cudaStream_t`), so an action can order CUDA work against the programs dispatched before and after it
+    without the host waiting for the device. On CPU the callback runs when the device executes the program
+    (actions get `None`), which is in dispatch order only with `jax_cpu_enable_async_dispatch=False`.
+    """
+
+    def __init__(self, device: jax.Device):
+        from jax.experimental.buffer_callback import buffer_callback
+
+        self.device = device
+        self._actions: collections.deque = collections.deque()
+        self._token = jax.device_put(np.zeros((), np.int32), device)
+        gpu = device.platform == "gpu"
+        actions = self._actions  # the callback must not hold `self` (no reference cycle through the jit cache)
+
+        def run_actions(ctx, out, token):
+            stream = ctx.stream if gpu else None
+            for action in actions.popleft():
+                action(stream)
+
+        self._program = jax.jit(buffer_callback(run_actions, jax.ShapeDtypeStruct((), jnp.int32),
+                                                has_side_effect=True))
+
+    def run(self, *actions) -> jax.Array:
+        """Dispatches the hook program; `actions` (callables of the stream) run in order when it is reached.
+        Returns the program's (meaningless) output: ready once the device has passed this point."""
+        self._actions.append(actions)
+        return self._program(self._token)
+
+
+class StreamOrderedPull(CopyEnginePull):
+    """cudaMemcpyPeerAsync ordered on the device: no host wait anywhere on the step path.
+
+    `CopyEnginePull` orders its copies with host waits (a slot's CUDA event before the program that reads
+    it is dispatched; a slot's last reader before it is refilled), so once per MoE layer the host stops
+    until the device catches up and loses its lead. Here both orders are made on the device, through
+    `DeviceHook` programs dispatched in line with the layer programs:
+      * `subset` (issue): record an event on the compute stream (it covers every program dispatched so
+        far, among them the slot's last reader: the ring has more slots than the prefetch depth), make the
+        copy stream wait for it, enqueue the copies on the copy stream, record `done` there;
+      * `ready_all`: make the compute stream wait for each handle's `done`; the layer program dispatched
+        next reads the staged weights.
+    The copy engine does the copy (no SMs); the host only enqueues. Off GPU (tests on simulated CPU
+    devices) the copies are host memmoves run when the device reaches the issue program, which needs
+    `jax_cpu_enable_async_dispatch=False` to keep dispatch order; checked at construction.
+    """
+
+    name = "copy_engine_stream"
+
+    def __init__(self, slots: int = 3, platform: str | None = None):
+        self.platform = platform or jax.devices()[0].platform
+        if self.platform == "gpu":
+            import cupy  # noqa: F401  (fail early without CuPy)
+        elif jax.config.values["jax_cpu_enable_async_dispatch"]:
+            raise ValueError("StreamOrderedPull on CPU needs jax.config.update('jax_cpu_enable_async_dispatch', "
+                             "False): CPU programs otherwise do not run in dispatch order")
+        self.slots = slots
+        self._rings: dict = {}
+        self._calls: dict = {}
+        self._streams: dict = {}
+        self._hooks: dict = {}
+        self._peer_enabled: set = set()
+
+    def _hook(self, device) -> DeviceHook:
+        if device.id not in self._hooks:
+            self._hooks[device.id] = DeviceHook(device)
+        return self._hooks[device.id]
+
+    def subset(self, src, device, slots, into=None, offset=0):
+        """Dispatches the issue hook for the copies of src[slots] into staging (positions from `offset`)."""
+        src_dev = next(iter(src.w_gate_up.devices()))
+        if into is None:
+            key, slot, bufs, staged = self._acquire(src, device, src_dev, wait_reader=False)
+        else:
+            key, slot, staged, _ = into
+            bufs = self._rings[key][slot][0]
+        copies = []  # (dst pointer, src pointer, bytes)
+        for first, start, length in _runs(list(slots), offset):
+            for f, dst in bufs.items():
+                a = getattr(src, f)
+                row = (a.size // a.shape[0]) * a.dtype.itemsize  # bytes per expert
+                copies.append((dst.unsafe_buffer_pointer() + start * row, a.unsafe_buffer_pointer() + first * row,
+                               length * row))
+        done = self._copy_on_device(device, src_dev, copies)
+        # Keep the source and staging arrays alive until the copies are enqueued (they are: the ring and the
+        # model hold them for the group's lifetime).
+        return (key, slot, staged, done)
+
+    def _copy_on_device(self, device, src_dev, copies):
+        if self.platform != "gpu":
+            def host_copy(_stream):
+                for dst, src, n in copies:
+                    ctypes.memmove(dst, src, n)
+
+            self._hook(device).run(host_copy)
+            return None
+        import cupy as cp
+
+        self._enable_peer(device.id, src_dev.id)
+        copy_stream = self._stream(device)
+        with cp.cuda.Device(device.id):
+            start = cp.cuda.Event(disable_timing=True)
+            done = cp.cuda.Event(disable_timing=True)
+
+        def issue(compute_stream):
+            with cp.cuda.Device(device.id):
+                cp.cuda.runtime.eventRecord(start.ptr, compute_stream)
+                copy_stream.wait_event(start)
+                for dst, src, n in copies:
+                    cp.cuda.runtime.memcpyPeerAsync(dst, device.id, src, src_dev.id, n, copy_stream.ptr)
+                done.record(copy_stream)
+
+        self._hook(device).run(issue)
+        return done
+
+    def ready(self, staged) -> ExpertWeights:
+        return self.ready_all([staged])[0]
+
+    def ready_all(self, handles) -> list[ExpertWeights]:
+        """One wait hook for all handles: the compute stream waits for each copy's `done` event."""
+        events = [h[3] for h in handles if h[3] is not None]
+        if events:
+            import cupy as cp
+
+            def wait(compute_stream):
+                for event in events:
+                    cp.cuda.runtime.streamWaitEvent(compute_stream, event.ptr, 0)
+
+            self._hook(self._device_of(handles[0])).run(wait)
+        return [h[2] for h in handles]
+
+    def sync(self, device: jax.Device) -> None:
+        """Blocks until the device has passed every wait dispatched so far (so its copies have landed)."""
+        self._hook(device).run().block_until_ready()
+
+    def _device_of(self, handle) -> jax.Device:
+        return next(iter(handle[2].w_gate_up.devices()))
+
+    def consumed(self, staged, output) -> None:
+        pass  # the next issue's compute-stream event covers this reader
+
+
+def fetch_backend(name: str, slots: int = 3) -> FetchBackend:
+    """A fetch backend by name: device_put, copy_engine (host-ordered) or copy_engine_stream (device-ordered)."""
+    if name == "device_put":
+        return DevicePutFetch()
+    if name == "copy_engine":
+        return CopyEnginePull(slots=slots)
+    if name == "copy_engine_stream":
+        return StreamOrderedPull(slots=slots)
+    raise ValueError(f"unknown fetch backend {name!r}: use device_put, copy_engine or copy_engine_stream")
 
 
 def enable_peer_access(dst: int, src: int) -> None:
