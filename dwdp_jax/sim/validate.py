@@ -230,7 +230,7 @@ def compare_bench_dwdp(record: dict, hw: Hardware) -> list[Comparison]:
         if rows and f"fetch_gbps_per_gpu_{backend}" in metrics:
             gbps = metrics[f"fetch_gbps_per_gpu_{backend}"]
             layer_bytes = gbps * 1e9 * rows[0]["fetch_per_layer_s"]
-            predicted = layer_bytes / fetch_time_s(layer_bytes, g, hw, "staggered", backend) / 1e9
+            predicted = layer_bytes / fetch_time_s(layer_bytes, g, hw, "staggered", sim_backend(backend)) / 1e9
             add(f"dwdp G={g} fetch per GPU, {backend}, all ranks pulling {layer_bytes / 1e9:.2f} GB",
                 f"fetch {backend}", gbps, predicted, "GB/s")
     for tokens in sorted({r["tokens_per_rank"] for r in prefill}):
@@ -239,7 +239,7 @@ def compare_bench_dwdp(record: dict, hw: Hardware) -> list[Comparison]:
             calibration.no_fetch_step_s(cm, tokens, seq), "s", "out_of_scope" if coupled else None)
     for row in prefill:
         tokens, backend = row["tokens_per_rank"], row["fetch"]
-        strategy = DWDPConfig(group_size=g, prefetch_depth=depth, fetch_backend=backend)
+        strategy = DWDPConfig(group_size=g, prefetch_depth=depth, fetch_backend=sim_backend(backend))
         step = step_costs(cm, hw, strategy, [calibration.prefill_batch(tokens, seq)] * g)[0]
         scope = None
         note = why_coupled
@@ -311,6 +311,12 @@ def _lengths(config: dict) -> tuple[int, int, float] | None:
     return None
 
 
+def sim_backend(name: str) -> str:
+    """The simulator's copy profile of one of our fetch backends: the host- and device-ordered copy-engine
+    pulls move the same bytes with the same engine."""
+    return "copy_engine" if name in ("copy_engine", "copy_engine_stream") else name
+
+
 def e2e_strategy(config: dict, num_devices: int) -> tuple[DWDPConfig | DEPConfig, int]:
     """The simulator's strategy for a launcher run, and how many independent groups it has."""
     strategy = config["strategy"]
@@ -321,7 +327,7 @@ def e2e_strategy(config: dict, num_devices: int) -> tuple[DWDPConfig | DEPConfig
         return DWDPConfig(group_size=num_devices, fetch_frac=0.0), 1
     if strategy == "dwdp":
         g = config.get("group_size") or num_devices
-        backend = config.get("fetch", "copy_engine")
+        backend = sim_backend(config.get("fetch", "copy_engine"))
         slow = {} if backend == "copy_engine" else dict(compute_slowdown=DEVICE_PUT_SLOWDOWN,
                                                         copy_slowdown=DEVICE_PUT_SLOWDOWN)
         return DWDPConfig(group_size=g, prefetch_depth=max(1, config.get("prefetch_depth", 1)),
