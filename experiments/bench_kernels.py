@@ -228,8 +228,10 @@ def main():
           if args.smoke:
             cfg = dataclasses.replace(cfg, max_concurrent_steps=2)
           try:
-            f8 = jax.jit(lambda x, s, b, sb, sl, cfg=cfg: gg.grouped_gemm_fp8(
-                x, s, b, sb, sl, config=cfg, interpret=interp))
+            f8 = lambda x, s, b, sb, sl, cfg=cfg: gg.grouped_gemm_fp8(
+                x, s, b, sb, sl, config=cfg, interpret=interp)
+            if not args.smoke:  # interpret mode: the FP8 kernel can hang inside an outer jit
+              f8 = jax.jit(f8)
             results[name] = bench(f8, x, sizes, fbufs, fsbufs, slot)
             err = rel_err(f8(x, sizes, fbufs, fsbufs, slot)[check_rows], want)
             row.setdefault("fp8_rel_err", {})[name] = err

@@ -636,14 +636,16 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
           # Interpret-mode wgmma ignores transposed operands: the same product with jnp.dot.
           return jnp.dot(a_tile[...].astype(jnp.float32), b_tile[...].astype(jnp.float32).T)
 
-        def promote(acc, part, s_tile, kk, valid=True):
-          """acc + part * (x_scale[row] * w_scale[g, n block, kk]) ([wg_m, wg_n] f32); with
-          valid False the scale is selected to 0 (part is then zeros, so acc is unchanged)."""
+        def scale(s_tile, kk, valid=True):
+          """x_scale[row] * w_scale[g, n block, kk], [wg_m] f32; 0 where valid is False."""
           row_scale = s_tile[...] * ws_ref[g, nb, kk]
           if valid is not True:
             # A select, not a product: an unused stage may hold NaN. Explicit broadcast: the
             # warpgroup lowering has no implicit one.
             row_scale = jnp.where(jnp.broadcast_to(valid, row_scale.shape), row_scale, 0.0)
+          return row_scale
+
+        def promote(acc, part, row_scale):
           return acc + part * lax.broadcast_in_dim(row_scale, part.shape, [0])
 
         def step(kk, acc):
@@ -656,15 +658,15 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
               plgpu.wgmma(tmp_ref, a_tile, _compat.transpose_ref(b_tile, (1, 0)))
               return tmp_ref[...]
             part = pl.run_scoped(mm, plgpu.ACC((wg_m, wg_n), jnp.float32))
-          acc = promote(acc, part, s_tile, kk)
+          row_scale = scale(s_tile, kk)
           plgpu.barrier_arrive(free.at[slot])
-          return acc
+          return promote(acc, part, row_scale)
 
         acc0 = jnp.zeros((wg_m, wg_n), jnp.float32)
         if not interpret:
           acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
         if cfg.fp8_overlap_promotion:
-          acc = _fp8_overlap_pipeline(nk, acc0, stage=stage, promote=promote,
+          acc = _fp8_overlap_pipeline(nk, acc0, stage=stage, scale=scale, promote=promote,
                                       dot_interpret=dot_interpret, full=full, free=free,
                                       interpret=interpret)
         else:
@@ -676,7 +678,8 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
       plgpu.wait_smem_to_gmem(0)
 
 
-def _fp8_overlap_pipeline(nk, acc0, *, stage, promote, dot_interpret, full, free, interpret):
+def _fp8_overlap_pipeline(nk, acc0, *, stage, scale, promote, dot_interpret, full, free,
+                          interpret):
   """k loop of one warpgroup with two partial accumulators P0, P1 in ping-pong ([wg_m, wg_n] f32
   each; nk = 0 or an even number of k steps). Step k goes into P[k % 2]:
 
@@ -707,23 +710,23 @@ def _fp8_overlap_pipeline(nk, acc0, *, stage, promote, dot_interpret, full, free
     def retire(kk, which, acc, parts, *, valid=True, wait_n=1):
       kk = jnp.maximum(kk, 0)  # kk = -1 (valid False) reads stage 0's scales, then drops them
       slot, _, _, s_tile = stage(kk)
+      row_scale = scale(s_tile, kk, valid)  # read before the stage is released
       if interpret:
         part = parts[which]
         parts = tuple(zeros if i == which else p for i, p in enumerate(parts))
       else:
-        # After the wait, every wgmma but the newest is complete: stage kk is no longer read.
+        # After the wait every wgmma but the newest (step kk + 1) is complete, so step kk's
+        # SMEM reads are done. The barrier pins later uses of `part` after the wait.
         part = lax.optimization_barrier(
             plgpu.wgmma_accumulator_load(p_refs[which], wait_n=wait_n))
-      acc = promote(acc, part, s_tile, kk, valid)  # reads the scales before the release
-      if not interpret:
-        acc = lax.optimization_barrier(acc)  # consume part before its registers are zeroed
-        p_refs[which][...] = zeros
-
       if valid is True:
         plgpu.barrier_arrive(free.at[slot])
       else:
         pl.when(valid)(lambda: plgpu.barrier_arrive(free.at[slot]))
-
+      acc = promote(acc, part, row_scale)
+      if not interpret:
+        acc = lax.optimization_barrier(acc)  # consume part before its registers are zeroed
+        p_refs[which][...] = zeros
       return acc, parts
 
     def pair(i, carry):
@@ -759,6 +762,8 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
       Hopper's FP8 wgmma reads B only K-major, so this layout is what the tensor cores consume.
     scales: tuple of [E_i, N/128, K/128] f32 block scales (the checkpoint's `weight_scale_inv`):
       dequantized weight = w * scale per 128x128 block.
+    config: None picks FP8_DECODE_CONFIG; FP8_PREFILL_OVERLAP_CONFIG (fp8_overlap_promotion)
+      overlaps each k step's promotion with the next step's wgmma and needs K/128 even.
   Returns:
     [M, N] out_dtype; per 128-wide K block the fp8 partial product is promoted into an f32
     accumulator with the activation row scale times the weight block scale.
