@@ -21,6 +21,10 @@ from dwdp_jax.experts import ExpertExecutor, ExpertWeights, LocalExecutor
 from dwdp_jax.routing import expert_histogram, route
 
 INIT_STD = 0.02
+# Most bytes of float32 attention scores [b, heads, queries, keys] one attention call materializes: longer
+# query blocks are split into query chunks run one after another (exact: softmax is per query row). Without
+# it a 4K-token prefill chunk against 20K-token cache rows needs ~40 GB of scores (seen on an H200).
+ATTENTION_SCORE_BYTES = 2 << 30
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=INIT_STD):
@@ -163,6 +167,46 @@ class LayerKV:
     k_pe: jax.Array
 
 
+def query_chunk(batch: int, heads: int, queries: int, keys: int, score_bytes: int = 0) -> int:
+    """Queries per chunk so that one chunk's float32 scores [batch, heads, chunk, keys] fit in `score_bytes`
+    (default `ATTENTION_SCORE_BYTES`): all queries if they fit, else the largest power of two that fits
+    (at least 1)."""
+    per_query = batch * heads * keys * 4
+    budget = score_bytes or ATTENTION_SCORE_BYTES
+    if queries * per_query <= budget:
+        return queries
+    chunk = 1
+    while chunk * 2 * per_query <= budget:
+        chunk *= 2
+    return chunk
+
+
+def over_query_chunks(rows, q_parts, mask, heads: int):
+    """rows(*q_parts, mask) -> [b, q, h, v] computed over query chunks (`query_chunk`) in a `lax.map`.
+
+    q_parts: arrays [b, q, ...]; mask [b, q, k]. The queries are padded to a multiple of the chunk (padded
+    rows attend to nothing and are dropped)."""
+    b, s_q, s_k = mask.shape
+    chunk = query_chunk(b, heads, s_q, s_k)
+    if chunk >= s_q:
+        return rows(*q_parts, mask)
+    n = -(-s_q // chunk)
+    pad = n * chunk - s_q
+
+    def split(a):  # [b, q, ...] -> [n, b, chunk, ...]
+        a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        return jnp.moveaxis(a.reshape(b, n, chunk, *a.shape[2:]), 1, 0)
+
+    def one(args):
+        *parts, m = args
+        # A fully masked padded row would give NaN (softmax of -inf only): let it see key 0; it is dropped.
+        m = m.at[:, :, 0].set(m[:, :, 0] | ~m.any(-1))
+        return rows(*parts, m)
+
+    out = jax.lax.map(one, tuple(split(a) for a in q_parts) + (split(mask),))  # [n, b, chunk, h, v]
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *out.shape[3:])[:, :s_q]
+
+
 class MLA(nnx.Module):
     """Multi-head latent attention (DeepSeek-V2/V3)."""
 
@@ -209,10 +253,14 @@ class MLA(nnx.Module):
         dt = q_nope.dtype
         kv = jnp.einsum("bkc,chn->bkhn", latent, self._kv_b(dt), preferred_element_type=jnp.float32).astype(dt)
         k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
-        scores = jnp.einsum("bqhn,bkhn->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
-        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
-        probs = self._softmax(scores, mask).astype(dt)
-        return jnp.einsum("bhqk,bkhv->bqhv", probs, v, preferred_element_type=jnp.float32)
+
+        def rows(q_nope, q_pe, mask):
+            scores = jnp.einsum("bqhn,bkhn->bhqk", q_nope, k_nope, preferred_element_type=jnp.float32)
+            scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
+            probs = self._softmax(scores, mask).astype(dt)
+            return jnp.einsum("bhqk,bkhv->bqhv", probs, v, preferred_element_type=jnp.float32)
+
+        return over_query_chunks(rows, (q_nope, q_pe), mask, cfg.num_heads)
 
     def _attend_absorbed(self, q_nope, q_pe, latent, k_pe, mask):
         """Weight-absorbed form (decode): queries projected into the latent space, attention over the latent."""
@@ -222,12 +270,16 @@ class MLA(nnx.Module):
         w_k, w_v = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim :]
         q_lat = jnp.einsum("bqhn,chn->bqhc", q_nope, w_k, preferred_element_type=jnp.float32).astype(dt)
         lat = latent.astype(dt)
-        scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, lat, preferred_element_type=jnp.float32)
-        scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
-        probs = self._softmax(scores, mask).astype(dt)
-        # "bhqk,bkc->bhqc" rather than "->bqhc": XLA's CPU backend has no bf16 x bf16 -> f32 dot for the latter.
-        out_lat = jnp.einsum("bhqk,bkc->bhqc", probs, lat, preferred_element_type=jnp.float32).astype(dt)
-        return jnp.einsum("bhqc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
+
+        def rows(q_lat, q_pe, mask):
+            scores = jnp.einsum("bqhc,bkc->bhqk", q_lat, lat, preferred_element_type=jnp.float32)
+            scores += jnp.einsum("bqhr,bkr->bhqk", q_pe, k_pe.astype(dt), preferred_element_type=jnp.float32)
+            probs = self._softmax(scores, mask).astype(dt)
+            # "bhqk,bkc->bhqc" rather than "->bqhc": XLA's CPU backend has no bf16 x bf16 -> f32 dot for the latter.
+            out_lat = jnp.einsum("bhqk,bkc->bhqc", probs, lat, preferred_element_type=jnp.float32).astype(dt)
+            return jnp.einsum("bhqc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
+
+        return over_query_chunks(rows, (q_lat, q_pe), mask, cfg.num_heads)
 
     def _softmax(self, scores, mask):
         scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, -jnp.inf)

@@ -253,6 +253,18 @@ def compare_bench_dwdp(record: dict, hw: Hardware) -> list[Comparison]:
         key = f"exposed {backend} T={tokens}"
         add(f"dwdp exposed fetch per MoE layer, {backend}, T={tokens}{note}", key,
             _mean(row["exposed_per_moe_layer_s"]), predicted_exposed, "s", scope or _kind(record, key, "difference"))
+    copy_s = next((r["fetch_per_layer_s"] for r in prefill if sim_backend(r["fetch"]) == "copy_engine"), None)
+    for row in (r for r in record["rows"] if r.get("kind") == "interference"):
+        if copy_s is None or coupled:
+            continue
+        # Copies beside the no-fetch programs, never waited for: the model slows compute by
+        # `compute_slowdown` while a copy is in flight, i.e. for min(copy, layer) of each MoE layer.
+        tokens = row["tokens_per_rank"]
+        layer_s = _mean(row["step_cached_s"]) / cfg.num_layers
+        predicted = DWDPConfig().compute_slowdown * min(copy_s, layer_s)
+        key = f"interference T={tokens}"
+        add(f"dwdp compute slowed per MoE layer by copies beside it (nothing waits), T={tokens}", key,
+            _mean(row["slowdown_per_moe_layer_s"]), predicted, "s", _kind(record, key, "difference"))
     for row in (r for r in record["rows"] if r.get("kind") == "imbalance"):
         tokens = row["tokens_per_rank"]
         if row["strategy"] in ("dwdp", "dwdp-cached"):
