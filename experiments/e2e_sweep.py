@@ -309,6 +309,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="persistent compilation cache for the launcher runs (arms with the same programs, "
                              "e.g. DWDP variants, then compile once)")
     parser.add_argument("--dry_run", action="store_true", help="print the launcher commands and stop")
+    parser.add_argument("--reuse", action="append", default=[], metavar="ARM=PATH",
+                        help="read this arm's launcher JSON from PATH instead of running it (e.g. rerun only DEP "
+                             "after a fix: --reuse=dwdp=experiments/results/e2e-...-dwdp.json); repeatable")
     args, launcher_flags = parser.parse_known_args(argv)
     strategies = [s for s in args.strategies.split(",") if s]
     try:
@@ -330,6 +333,14 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         parser.error(f"arms must differ, got {names}")
     if REFERENCE not in strategies:
         parser.error(f"--strategies must include {REFERENCE}, the reference of the comparison")
+    args.reuse_files = {}
+    for item in args.reuse:
+        arm, sep, path = item.partition("=")
+        if not sep or arm not in names:
+            parser.error(f"--reuse={item!r}: expected ARM=PATH with ARM one of {names}")
+        if not os.path.isfile(path):
+            parser.error(f"--reuse={item!r}: no file {path}")
+        args.reuse_files[arm] = path
     return args, launcher_flags
 
 
@@ -348,7 +359,7 @@ def main(argv: list[str] | None = None) -> str | None:
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     files, records = {}, {}
     for name, cmd in commands.items():
-        files[name] = run_launcher(cmd, env)
+        files[name] = args.reuse_files.get(name) or run_launcher(cmd, env)
         with open(files[name]) as fh:
             records[name] = json.load(fh)
     command = shlex.join(["python", "-m", "experiments.e2e_sweep", *argv])

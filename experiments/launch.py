@@ -597,8 +597,11 @@ def _split_requests(requests, num_engines: int, concurrency: int, strategy: str)
 
 
 def _pin(requests, num_devices):
-    per_rank = workload_lib.split_by_rank(requests, num_devices)
-    return [dataclasses.replace(r, rank=rank) for rank, reqs in enumerate(per_rank) for r in reqs]
+    """Each request pinned to its round-robin device, in the original order (a closed loop admits requests in
+    this order: grouping them by device would give the first `concurrency` requests all to device 0)."""
+    rank_of = {r.request_id: rank for rank, reqs in enumerate(workload_lib.split_by_rank(requests, num_devices))
+               for r in reqs}
+    return [dataclasses.replace(r, rank=rank_of[r.request_id]) for r in requests]
 
 
 def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devices: int, desc: str,

@@ -115,6 +115,8 @@ def test_arms_commands_and_passthrough():
     (["--strategies=dwdp,dep,dwdp"], "arms must differ"),
     (["--strategies=dwdp,dep,ep"], "strategy 'ep'"),
     (["--preset", "tiny"], "--name=value"),
+    (["--reuse=ep=/tmp/x.json"], "ARM=PATH"),
+    (["--reuse=dwdp=/nonexistent/e2e.json"], "no file"),
 ])
 def test_bad_arguments_say_why(argv, message, capsys):
     with pytest.raises(SystemExit):
