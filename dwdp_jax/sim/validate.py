@@ -97,12 +97,13 @@ class Report:
 
 
 def load_measurements(results_dir: pathlib.Path = RESULTS_DIR) -> list[dict]:
-    """Every results JSON of part dwdp/e2e/engine under `results_dir` (recursively), with its `_path`."""
+    """Every results JSON of part dwdp/e2e/engine under `results_dir` (recursively), with its `_path`; records
+    marked `superseded` (a bug found after the run made them wrong; the field says which) are left out."""
     records = []
     for path in sorted(pathlib.Path(results_dir).rglob("*.json")):
         with open(path) as f:
             record = json.load(f)
-        if isinstance(record, dict) and record.get("part") in ("dwdp", "e2e", "engine"):
+        if isinstance(record, dict) and record.get("part") in ("dwdp", "e2e", "engine") and not record.get("superseded"):
             record["_path"] = str(path.relative_to(REPO) if REPO in path.parents else path)
             records.append(record)
     return records

@@ -58,14 +58,15 @@ def _is_launcher_record(record: dict) -> bool:
 
 
 def load_records(results_dir, device_kind: str = "") -> list[tuple[str, dict]]:
-    """(path, record) of every e2e JSON under `results_dir` (recursively), optionally of one device kind."""
+    """(path, record) of every e2e JSON under `results_dir` (recursively), optionally of one device kind;
+    records marked `superseded` (wrong because of a bug found later) are left out."""
     out = []
     for path in sorted(pathlib.Path(results_dir).rglob("*.json")):
         try:
             record = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: not a results JSON ({e})") from e
-        if isinstance(record, dict) and record.get("part") == "e2e":
+        if isinstance(record, dict) and record.get("part") == "e2e" and not record.get("superseded"):
             if not device_kind or record.get("device_kind") == device_kind:
                 out.append((str(path), record))
     return out
