@@ -34,6 +34,16 @@ def model():
     return init_model(CFG, dtype=jnp.float32, seed=11)
 
 
+def _check_steps(model, group, rng, batch, seq, steps=3):
+    """`steps` forward passes, a different batch per rank each time, against the single-device model."""
+    for _ in range(steps):
+        batches = [rng.randint(0, CFG.vocab_size, (batch, seq)).astype(np.int32) for _ in group.ranks]
+        outs = group.run_parallel(lambda rank, ids: np.asarray(rank.forward(ids)), batches)
+        for ids, logits in zip(batches, outs):
+            ref = np.asarray(model(jnp.asarray(ids)))
+            assert np.abs(logits - ref).max() / np.abs(ref).max() <= 1e-5
+
+
 def test_needs_sync_dispatch_on_cpu():
     if jax.config.values["jax_cpu_enable_async_dispatch"]:
         with pytest.raises(ValueError, match="jax_cpu_enable_async_dispatch"):
@@ -77,13 +87,7 @@ def test_staged_bytes_equal_the_source(sync_dispatch, model):
 def test_dwdp_with_device_ordered_fetch_matches_single_device(sync_dispatch, model, g, depth, slots):
     """Several steps (the ring wraps and the cross-step prefetch is used) on different batches per rank."""
     group = DwdpGroup(model, jax.devices()[:g], dwdp=DwdpConfig(g, depth), fetch=StreamOrderedPull(slots=slots))
-    rng = np.random.RandomState(g)
-    for _ in range(3):
-        batches = [rng.randint(0, CFG.vocab_size, (2, 5)).astype(np.int32) for _ in range(g)]
-        outs = group.run_parallel(lambda rank, ids: np.asarray(rank.forward(ids)), batches)
-        for ids, logits in zip(batches, outs):
-            ref = np.asarray(model(jnp.asarray(ids)))
-            assert np.abs(logits - ref).max() / np.abs(ref).max() <= 1e-5
+    _check_steps(model, group, np.random.RandomState(g), batch=2, seq=5)
     group.close()
 
 
@@ -93,12 +97,6 @@ def test_planned_fetch_with_misses_matches_single_device(sync_dispatch, model):
     g = 2
     dwdp = DwdpConfig(g, 1, policy=FetchPolicy("top_k", k=1, experts_per_token=CFG.num_experts_per_tok))
     group = DwdpGroup(model, jax.devices()[:g], dwdp=dwdp, fetch=StreamOrderedPull(slots=2))
-    rng = np.random.RandomState(7)
-    for _ in range(3):
-        batches = [rng.randint(0, CFG.vocab_size, (1, 3)).astype(np.int32) for _ in range(g)]
-        outs = group.run_parallel(lambda rank, ids: np.asarray(rank.forward(ids)), batches)
-        for ids, logits in zip(batches, outs):
-            ref = np.asarray(model(jnp.asarray(ids)))
-            assert np.abs(logits - ref).max() / np.abs(ref).max() <= 1e-5
+    _check_steps(model, group, np.random.RandomState(7), batch=1, seq=3)
     assert sum(rank.counters["miss_experts"] for rank in group.ranks) > 0
     group.close()
