@@ -236,6 +236,9 @@ def test_calibrated_constants_are_the_fits():
     assert DWDPConfig().compute_slowdown == simulator.COPY_ENGINE_SLOWDOWN
     a2a = calibration.fit_dep_all_to_all(load(calibration.DEP_FILE))
     assert a2a.bw_gbps == pytest.approx(calibration.OURS_DEP_A2A.bw_gbps, rel=1e-3)
+    engine = calibration.fit_engine_dep_all_to_all(load(calibration.ENGINE_DEP_FILE))
+    assert engine.latency_s == calibration.OURS_ENGINE_DEP_A2A.latency_s
+    assert engine.bw_gbps == pytest.approx(calibration.OURS_ENGINE_DEP_A2A.bw_gbps, rel=1e-3)
     probe4 = json.loads((calibration.RESULTS / "sim_calibration/device_facts_probe4.json").read_text())
     assert validate.probe4_default_slowdown(probe4) == pytest.approx(simulator.DEVICE_PUT_SLOWDOWN, abs=0.01)
 

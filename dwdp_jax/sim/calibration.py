@@ -23,6 +23,11 @@ Fitted on our step times, each on named points, every other point held out (`val
     (`DEPConfig.capacity_factor`) through XLA's all_to_all and scatters/gathers them around it; keeping probe
     3's 0.59 ms latency, the step fits an effective bandwidth of about a quarter of probe 3's: our DEP loses
     about 15 ms per MoE layer at 8192 tokens/rank to data movement that a tuned DEP would not pay.
+  * `OURS_ENGINE_DEP_A2A` (`fit_engine_dep_all_to_all`): the serving engine's DEP (`DepRunner`: exact
+    dispatch, no capacity, `e2e_strategy`'s capacity factor G), from the steps of `ENGINE_DEP_FILE`'s
+    timeline at c=16: the latency from its decode-only steps (none: they already sit at the model's compute),
+    the bandwidth from the steps whose device-0 plan prefills a full 8K-token chunk (medians matched). Its
+    steps are far cheaper than bench_dwdp's padded DEP.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ KERNELS_FILE = "kernels-20261122-nvidia-h200-quick.json"
 ENGINE_FILE = "engine-20261122-nvidia-h200.json"
 DWDP_FILE = "dwdp-20261122-nvidia-h200-x2.json"
 DEP_FILE = "dwdp-20261122-nvidia-h200-x2-devput-dep.json"
+ENGINE_DEP_FILE = "e2e-20261123-nvidia-h200-x2-sweep-4k32-48-depfix-dep.json"
+ENGINE_DEP_CONCURRENCY = 16
 XLA_BF16_GEMM_EFFICIENCY = 625.0 / 799.0
 
 # The fitted values (tests/test_simulator.py refits them from the files above).
@@ -54,12 +61,13 @@ OURS_EFFICIENCY = costs.Efficiency(gemm=XLA_BF16_GEMM_EFFICIENCY, grouped_gemm=G
                                    layer_overhead_s=LAYER_OVERHEAD_S, score_passes=SCORE_PASSES)
 OURS_DENSE_MATMUL = "bf16"
 OURS_DEP_A2A = AllToAll(latency_s=H200_HGX.all_to_all.latency_s, bw_gbps=97.14)
+OURS_ENGINE_DEP_A2A = AllToAll(latency_s=0.0, bw_gbps=381.65)
 # Calibration points: (file, comparison key) pairs whose residuals are fits, not validation.
 CALIBRATION_POINTS = {
     (ENGINE_FILE, "engine prefill 1 x 2048"), (ENGINE_FILE, "engine decode 1 x 4096"),
     (DWDP_FILE, "step copy_engine T=8192"), (DWDP_FILE, "exposed copy_engine T=8192"),
     (DWDP_FILE, "fetch copy_engine"), (DEP_FILE, "dep balanced T=8192"),
-}
+}  # OURS_ENGINE_DEP_A2A fits step times that no comparison row shows; ENGINE_DEP_FILE's rows are then partly in-sample
 
 
 def load(name: str) -> dict:
@@ -199,3 +207,65 @@ def fit_dep_all_to_all(record: dict) -> AllToAll:
         step = dep_step_s(record, row["tokens_per_rank"], AllToAll(latency, mid))
         lo, hi = (mid, hi) if step > row["balanced_step_s"] else (lo, mid)
     return AllToAll(latency, round((lo * hi) ** 0.5, 2))
+
+
+def engine_dep_steps(record: dict, concurrency: int, prefill: bool) -> tuple[list, np.ndarray]:
+    """The steps of a DEP launcher record's pass at `concurrency` in which no device prefills (`prefill`
+    False: decode-only steps) or device 0 prefills a full 8K-token chunk (`prefill` True):
+    (per-device RankBatch lists, measured durations in s). Prefill tokens are taken as
+    whole fresh prompts of the fixed workload's `input_len` (no cached context), a decode token as having the
+    prompt length of context."""
+    config = record["config"]
+    row = next(r for r in record["rows"] if r.get("concurrency") == concurrency and "timeline" in r)
+    t = row["timeline"]
+    by_start: dict = {}
+    for i, start in enumerate(t["start_s"]):
+        by_start.setdefault(start, []).append(i)
+    batches, durations = [], []
+    for idx in by_start.values():
+        idx = sorted(idx, key=lambda i: t["group"][i])
+        if (t["prefill_tokens"][idx[0]] < 8000) if prefill else any(t["prefill_tokens"][i] for i in idx):
+            continue
+        step = []
+        for i in idx:
+            p, d, n = t["prefill_tokens"][i], t["decode_tokens"][i], config["input_len"]
+            chunks = [n] * (p // n) + ([p % n] if p % n else [])  # whole prompts of a fixed workload
+            new = chunks + [1] * d
+            ctx = [0] * len(chunks) + [n] * d
+            step.append(RankBatch(np.array(new or [1], np.int64), np.array(ctx or [0], np.int64), max(1, len(new))))
+        batches.append(step)
+        durations.append(t["end_s"][idx[0]] - t["start_s"][idx[0]])
+    return batches, np.array(durations)
+
+
+def engine_dep_step_s(cfg: ModelConfig, batches: list, a2a: AllToAll, group_size: int) -> np.ndarray:
+    cm = cost_model(cfg)
+    strategy = DEPConfig(group_size=group_size, capacity_factor=float(group_size), all_to_all=a2a)
+    return np.array([step_costs(cm, cm.hw, strategy, b)[0].time_s for b in batches])
+
+
+def fit_engine_dep_all_to_all(record: dict, concurrency: int = ENGINE_DEP_CONCURRENCY) -> AllToAll:
+    """The serving engine's DEP all-to-all: the latency putting the median modelled decode-only step on the
+    measured one (given a large bandwidth: decode moves a few KB), then the bandwidth doing the same for the
+    8K-prefill steps (`engine_dep_steps`). Bisection on log scales."""
+    cfg, g = preset(record["config"]["model"]), record["num_devices"]
+
+    def bisect(steps, make, lo, hi):
+        batches, measured = steps
+        if not batches:
+            raise ValueError(f"a step class is missing at concurrency {concurrency} in the record's timeline")
+        target = float(np.median(measured))
+        for _ in range(80):
+            mid = (lo * hi) ** 0.5
+            step = float(np.median(engine_dep_step_s(cfg, batches, make(mid), g)))
+            lo, hi = (mid, hi) if step > target else (lo, mid)  # the step falls as mid grows
+        return (lo * hi) ** 0.5
+
+    decode = engine_dep_steps(record, concurrency, False)
+    no_comm = float(np.median(engine_dep_step_s(cfg, decode[0], AllToAll(0.0, 1e5), g)))
+    if no_comm >= float(np.median(decode[1])):
+        latency = 0.0  # the decode steps are already at (or under) the model's compute: no latency to give
+    else:  # bisect on 1/latency (the step falls as it grows)
+        latency = 1.0 / bisect(decode, lambda x: AllToAll(1.0 / x, 1e5), 1.0, 1e7)
+    bw = bisect(engine_dep_steps(record, concurrency, True), lambda x: AllToAll(latency, x), 1.0, 1e5)
+    return AllToAll(float(f"{latency:.4g}"), round(bw, 2))

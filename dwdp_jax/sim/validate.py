@@ -335,7 +335,7 @@ def e2e_strategy(config: dict, num_devices: int) -> tuple[DWDPConfig | DEPConfig
     strategy = config["strategy"]
     if strategy == "dep":  # DepExecutor without capacity sends tokens * top_k rows to every peer: G x the mean
         return DEPConfig(group_size=num_devices, capacity_factor=float(num_devices),
-                         all_to_all=calibration.OURS_DEP_A2A), 1
+                         all_to_all=calibration.OURS_ENGINE_DEP_A2A), 1
     if strategy == "dp":
         return DWDPConfig(group_size=num_devices, fetch_frac=0.0), 1
     if strategy == "dwdp":
@@ -584,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                        "ours_h200": {"efficiency": dataclasses.asdict(calibration.OURS_EFFICIENCY),
                                      "dense_matmul_dtype": calibration.OURS_DENSE_MATMUL,
                                      "dep_all_to_all": dataclasses.asdict(calibration.OURS_DEP_A2A),
+                                     "engine_dep_all_to_all": dataclasses.asdict(calibration.OURS_ENGINE_DEP_A2A),
                                      "copy_engine_slowdown": DWDPConfig().compute_slowdown},
                        "h200_peer_copy": {"peer_copy_gbps": H200_HGX.peer_copy_gbps,
                                           "copy_engine": dataclasses.asdict(H200_HGX.copy_engine),
