@@ -69,6 +69,14 @@ class CopiesBeside(CachedFetch):
         return super().__call__(src, device)
 
 
+def extra_per_moe_layer(step_s, cached_s, cfg):
+    """Per rank: the step time over the no-fetch step spread over the MoE layers (s), a layer's time
+    estimate (no-fetch step / layers, s), and the largest ratio of the two over the ranks."""
+    per_layer = [(a - b) / cfg.num_moe_layers for a, b in zip(step_s, cached_s)]
+    layer_s = [b / cfg.num_layers for b in cached_s]
+    return per_layer, layer_s, max(p / m for p, m in zip(per_layer, layer_s))
+
+
 def timed(fn, repeats):
     fn()
     samples = []
@@ -121,7 +129,6 @@ def main(_):
     moe_layer = cfg.first_k_dense_replace
     layer_bytes = (g - 1) * cached.ranks[0].local_experts(moe_layer).nbytes()
     metrics["copy_engine_gbps"] = ce
-    n_moe = cfg.num_moe_layers
     base = int(F.tokens[len(F.tokens) // 2])
     # Host (numpy) batches: each rank copies its own to its own device.
     batches = {t: [np.random.RandomState(r).randint(0, cfg.vocab_size, (t // F.seq, F.seq)).astype(np.int32)
@@ -162,12 +169,10 @@ def main(_):
         for tokens in map(int, F.tokens):
             t_real = concurrent_step_times(group, batches[tokens], F.repeats)
             frac = [(a - b) / a for a, b in zip(t_real, t_cached[tokens])]
-            per_layer = [(a - b) / n_moe for a, b in zip(t_real, t_cached[tokens])]
-            moe_layer_s = [b / cfg.num_layers for b in t_cached[tokens]]
+            per_layer, moe_layer_s, exposed[str(tokens)] = extra_per_moe_layer(t_real, t_cached[tokens], cfg)
             rows.append(dict(kind="prefill", fetch=name, tokens_per_rank=tokens, step_s=t_real,
                              step_cached_s=t_cached[tokens], exposed_per_moe_layer_s=per_layer,
                              layer_s_estimate=moe_layer_s, fetch_per_layer_s=t_fetch))
-            exposed[str(tokens)] = max(p / m for p, m in zip(per_layer, moe_layer_s))
             print(f"[{name}] T={tokens:6d}: step {max(t_real) * 1e3:8.2f} ms (no fetch {max(t_cached[tokens]) * 1e3:8.2f}"
                   f" ms): exposed {max(per_layer) * 1e3:6.2f} ms per MoE layer = {exposed[str(tokens)] * 100:5.1f}%"
                   f" of a layer; {max(frac) * 100:5.1f}% of the step (fetch alone {t_fetch * 1e3:.2f} ms)", flush=True)
@@ -186,9 +191,7 @@ def main(_):
         beside = DwdpGroup.from_rank_models(models, placement, dw, CopiesBeside(CopyEnginePull(slots=F.ring_slots)))
         for tokens in map(int, F.tokens):
             t_beside = concurrent_step_times(beside, batches[tokens], F.repeats)
-            per_layer = [(a - b) / n_moe for a, b in zip(t_beside, t_cached[tokens])]
-            moe_layer_s = [b / cfg.num_layers for b in t_cached[tokens]]
-            frac = max(p / m for p, m in zip(per_layer, moe_layer_s))
+            per_layer, _, frac = extra_per_moe_layer(t_beside, t_cached[tokens], cfg)
             metrics.setdefault("interference_frac", {})[str(tokens)] = frac
             rows.append(dict(kind="interference", tokens_per_rank=tokens, step_s=t_beside,
                              step_cached_s=t_cached[tokens], slowdown_per_moe_layer_s=per_layer))

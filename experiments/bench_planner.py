@@ -29,7 +29,7 @@ from absl import app, flags  # noqa: E402
 from dwdp_jax.config import preset  # noqa: E402
 from dwdp_jax.model import init_model  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup  # noqa: E402
-from dwdp_jax.parallel.fetch import CopyEnginePull, DevicePutFetch  # noqa: E402
+from dwdp_jax.parallel.fetch import fetch_backend  # noqa: E402
 from dwdp_jax.planner import FetchPolicy, Placement, skew  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
 
@@ -41,7 +41,7 @@ flags.DEFINE_float("zipf", 0.5, "Zipf exponent of the expert load (planner.skew)
 flags.DEFINE_integer("warmup", 3, "steps before timing (router statistics)")
 flags.DEFINE_integer("steps", 4, "timed steps per point")
 flags.DEFINE_string("backend", "pallas", "expert GEMMs: pallas or jnp")
-flags.DEFINE_string("fetch", "copy_engine", "fetch backend: copy_engine or device_put")
+flags.DEFINE_string("fetch", "copy_engine", "fetch backend: copy_engine, copy_engine_stream or device_put")
 flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the results file")
 flags.DEFINE_string("out", "experiments/results", "results directory")
 F = flags.FLAGS
@@ -78,7 +78,7 @@ def main(_):
     print(f"[{time.perf_counter() - t0:6.1f}s] models built, skew Zipf({F.zipf}) calibrated "
           f"(max total variation {spec.max_total_variation:.3f})", flush=True)
     placement = Placement.from_config(cfg, g)
-    fetch = CopyEnginePull() if F.fetch == "copy_engine" else DevicePutFetch()
+    fetch = fetch_backend(F.fetch)
     rng = np.random.RandomState(0)
     shapes = [tuple(map(int, s.split("x"))) for s in F.tokens]
     rows = []

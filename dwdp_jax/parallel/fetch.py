@@ -125,13 +125,15 @@ class CopyEnginePull(FetchBackend):
     name = "copy_engine"
 
     def __init__(self, slots: int = 3):
-        import cupy  # noqa: F401  (fail early off-GPU)
-
+        self._check_platform()
         self.slots = slots
         self._rings: dict = {}
         self._calls: dict = {}
         self._streams: dict = {}
         self._peer_enabled: set = set()
+
+    def _check_platform(self) -> None:
+        import cupy  # noqa: F401  (fail early off-GPU)
 
     def _stream(self, device):
         import cupy as cp
@@ -168,26 +170,37 @@ class CopyEnginePull(FetchBackend):
         staged = ExpertWeights(bufs["w_gate_up"], bufs["w_down"], bufs.get("s_gate_up"), bufs.get("s_down"), src.block)
         return key, slot, bufs, staged
 
+    def _staging(self, src, device, src_dev, into, wait_reader: bool = True):
+        """(key, slot, buffers by field, staged weights): a fresh ring slot, or the one of handle `into`."""
+        if into is None:
+            return self._acquire(src, device, src_dev, wait_reader)
+        key, slot, staged, _ = into
+        return key, slot, self._rings[key][slot][0], staged
+
+    @staticmethod
+    def _copy_list(src: ExpertWeights, bufs: dict, slots, offset: int) -> list[tuple[int, int, int]]:
+        """(destination pointer, source pointer, bytes): one copy per field per run of consecutive source
+        slots, src[slots] landing at staging positions offset, offset + 1, ..."""
+        copies = []
+        for first, start, length in _runs(list(slots), offset):
+            for f, dst in bufs.items():
+                a = getattr(src, f)
+                row = (a.size // a.shape[0]) * a.dtype.itemsize  # bytes per expert
+                copies.append((dst.unsafe_buffer_pointer() + start * row, a.unsafe_buffer_pointer() + first * row,
+                               length * row))
+        return copies
+
     def subset(self, src, device, slots, into=None, offset=0):
-        """One cudaMemcpyPeerAsync per field per run of consecutive source slots, on the destination stream."""
+        """The copies of `_copy_list` as cudaMemcpyPeerAsync on the destination stream, then a CUDA event."""
         import cupy as cp
 
         src_dev = next(iter(src.w_gate_up.devices()))
         self._enable_peer(device.id, src_dev.id)
-        if into is None:
-            key, slot, bufs, staged = self._acquire(src, device, src_dev)
-        else:
-            key, slot, staged, _ = into
-            bufs = self._rings[key][slot][0]
+        key, slot, bufs, staged = self._staging(src, device, src_dev, into)
         stream = self._stream(device)
         with cp.cuda.Device(device.id):
-            for first, start, length in _runs(list(slots), offset):
-                for f, dst in bufs.items():
-                    a = getattr(src, f)
-                    row = (a.size // a.shape[0]) * a.dtype.itemsize  # bytes per expert
-                    cp.cuda.runtime.memcpyPeerAsync(dst.unsafe_buffer_pointer() + start * row, device.id,
-                                                    a.unsafe_buffer_pointer() + first * row, src_dev.id,
-                                                    length * row, stream.ptr)
+            for dst, source, n in self._copy_list(src, bufs, slots, offset):
+                cp.cuda.runtime.memcpyPeerAsync(dst, device.id, source, src_dev.id, n, stream.ptr)
             event = stream.record()
         return (key, slot, staged, event)
 
@@ -256,17 +269,15 @@ class StreamOrderedPull(CopyEnginePull):
 
     def __init__(self, slots: int = 3, platform: str | None = None):
         self.platform = platform or jax.devices()[0].platform
+        super().__init__(slots)
+        self._hooks: dict = {}
+
+    def _check_platform(self) -> None:
         if self.platform == "gpu":
-            import cupy  # noqa: F401  (fail early without CuPy)
+            super()._check_platform()
         elif jax.config.values["jax_cpu_enable_async_dispatch"]:
             raise ValueError("StreamOrderedPull on CPU needs jax.config.update('jax_cpu_enable_async_dispatch', "
                              "False): CPU programs otherwise do not run in dispatch order")
-        self.slots = slots
-        self._rings: dict = {}
-        self._calls: dict = {}
-        self._streams: dict = {}
-        self._hooks: dict = {}
-        self._peer_enabled: set = set()
 
     def _hook(self, device) -> DeviceHook:
         if device.id not in self._hooks:
@@ -276,19 +287,8 @@ class StreamOrderedPull(CopyEnginePull):
     def subset(self, src, device, slots, into=None, offset=0):
         """Dispatches the issue hook for the copies of src[slots] into staging (positions from `offset`)."""
         src_dev = next(iter(src.w_gate_up.devices()))
-        if into is None:
-            key, slot, bufs, staged = self._acquire(src, device, src_dev, wait_reader=False)
-        else:
-            key, slot, staged, _ = into
-            bufs = self._rings[key][slot][0]
-        copies = []  # (dst pointer, src pointer, bytes)
-        for first, start, length in _runs(list(slots), offset):
-            for f, dst in bufs.items():
-                a = getattr(src, f)
-                row = (a.size // a.shape[0]) * a.dtype.itemsize  # bytes per expert
-                copies.append((dst.unsafe_buffer_pointer() + start * row, a.unsafe_buffer_pointer() + first * row,
-                               length * row))
-        done = self._copy_on_device(device, src_dev, copies)
+        key, slot, bufs, staged = self._staging(src, device, src_dev, into, wait_reader=False)
+        done = self._copy_on_device(device, src_dev, self._copy_list(src, bufs, slots, offset))
         # Keep the source and staging arrays alive until the copies are enqueued (they are: the ring and the
         # model hold them for the group's lifetime).
         return (key, slot, staged, done)
