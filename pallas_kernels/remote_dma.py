@@ -38,18 +38,34 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _compat
 
 
+METHODS = ("tma_pull", "tma_push", "ld_pull")
+
+
 @dataclasses.dataclass(frozen=True)
 class RemoteDmaConfig:
-  num_sms: int = 16  # CTAs doing the copy
-  block_rows: int = 64  # rows per TMA tile (clamped to R)
-  block_cols: int = 256  # columns per TMA tile (<= 256, the TMA box limit; clamped to C)
-  max_in_flight: int = 4  # TMA loads in flight per CTA (SMEM stages)
+  """How the copy runs. `method`:
+    tma_pull: TMA loads from the peer into SMEM, TMA stores into the local staging buffer.
+    tma_push: the source device TMA-loads its own experts and TMA-stores them into the reader's
+      staging buffer (NVLink writes are posted: no round trip per request).
+    ld_pull: vectorized register loads (16 bytes per thread) from the peer, stores to local memory
+      (the access pattern of an SM-driven UVA copy kernel).
+  """
+  num_sms: int = 16  # CTAs doing the copy (more than the SM count is allowed for ld_pull)
+  block_rows: int = 64  # tma_*: rows per TMA tile (clamped to R)
+  block_cols: int = 256  # tma_*: columns per TMA tile (<= 256, the TMA box limit; clamped to C)
+  max_in_flight: int = 4  # tma_*: TMA loads in flight per CTA (SMEM stages)
+  method: str = "tma_pull"
+  tile_bytes: int = 16384  # ld_pull: bytes one warpgroup loads per step (all loads in flight at once)
 
   def __post_init__(self):
     if self.num_sms < 1 or self.max_in_flight < 1:
       raise ValueError("num_sms and max_in_flight must be >= 1")
     if not 1 <= self.block_cols <= 256 or self.block_rows < 1:
       raise ValueError("block_cols must be in [1, 256] and block_rows >= 1")
+    if self.method not in METHODS:
+      raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+    if self.tile_bytes < 128 * 16 or self.tile_bytes & (self.tile_bytes - 1):
+      raise ValueError(f"tile_bytes must be a power of two >= 2048, got {self.tile_bytes}")
 
 
 def reference(src, expert_ids):
@@ -66,7 +82,40 @@ def _tile_shape(r, c, itemsize, cfg):
   return br, bc
 
 
-def _body(ids_ref, src_ref, out_ref, *, cfg, br, bc, n_sel, peer_offset, axis_name):
+def _flat_tile(elems, itemsize, cfg):
+  """(tile elements, vector elements) for ld_pull over an expert of `elems` elements: the largest
+  power-of-two tile <= tile_bytes dividing the expert, with 16-byte vectors where they fit (a
+  warpgroup of 128 threads moves 128 vectors per instruction)."""
+  vec = 16 // itemsize
+  while vec >= 1:
+    tile = cfg.tile_bytes // itemsize
+    while tile >= 128 * vec and elems % tile:
+      tile //= 2
+    if tile >= 128 * vec and elems % tile == 0:
+      return tile, vec
+    vec //= 2
+  raise ValueError(f"an expert of {elems} elements does not split into warpgroup tiles of 128 x 1"
+                   " elements")
+
+
+def _handshake(sm, nsm, partner):
+  """Every CTA tells `partner` (the device it read from or wrote to) that it is done; CTA 0 waits
+  for the partner's nsm signals, so neither buffer is released while the other side still uses it.
+  Each device has exactly one partner in each direction (a fixed offset)."""
+  done = pl.get_global(plgpu.SemaphoreType.REGULAR)
+  pl.semaphore_signal(done, 1, device_id=partner)
+
+  @pl.when(sm == 0)
+  def _():
+    pl.semaphore_wait(done, nsm)
+
+
+def _peer(peer_offset, axis_name, sign):
+  return lax.rem(lax.axis_index(axis_name) + sign * peer_offset + lax.axis_size(axis_name),
+                 lax.axis_size(axis_name))
+
+
+def _body_tma(ids_ref, src_ref, out_ref, *, cfg, br, bc, n_sel, peer_offset, axis_name):
   _, r, c = src_ref.shape
   rb, cb = r // br, c // bc
   per_expert = rb * cb
@@ -74,18 +123,19 @@ def _body(ids_ref, src_ref, out_ref, *, cfg, br, bc, n_sel, peer_offset, axis_na
   stages, nsm = cfg.max_in_flight, cfg.num_sms
   sm = lax.axis_index("sm")
   n_local = lax.div(n_items - sm + nsm - 1, nsm)
-  remote = peer_offset is not None
-  if remote:
-    peer = lax.rem(lax.axis_index(axis_name) + peer_offset, lax.axis_size(axis_name))
-    src = plgpu.remote_ref(src_ref, peer)
-  else:
-    src = src_ref
+  src, out, partner = src_ref, out_ref, None
+  if peer_offset is not None and cfg.method == "tma_pull":  # read the source's buffer
+    partner = _peer(peer_offset, axis_name, +1)
+    src = plgpu.remote_ref(src_ref, partner)
+  elif peer_offset is not None:  # tma_push: write into the reader's staging buffer
+    partner = _peer(peer_offset, axis_name, -1)
+    out = plgpu.remote_ref(out_ref, partner)
 
   def tile(it):
     item = sm + it * nsm
     e, rest = lax.div(item, per_expert), lax.rem(item, per_expert)
     rows, cols = pl.ds(lax.div(rest, cb) * br, br), pl.ds(lax.rem(rest, cb) * bc, bc)
-    return src.at[ids_ref[e], rows, cols], out_ref.at[e, rows, cols]
+    return src.at[ids_ref[e], rows, cols], out.at[e, rows, cols]
 
   @functools.partial(
       pl.run_scoped,
@@ -109,15 +159,37 @@ def _body(ids_ref, src_ref, out_ref, *, cfg, br, bc, n_sel, peer_offset, axis_na
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the store above has read the stage
         plgpu.copy_gmem_to_smem(tile(it + stages)[0], stage.at[slot], loaded.at[slot])
 
-    plgpu.wait_smem_to_gmem(0)
+    plgpu.wait_smem_to_gmem(0)  # stores complete (for tma_push: visible to the reader)
 
-  if remote:
-    done = pl.get_global(plgpu.SemaphoreType.REGULAR)
-    pl.semaphore_signal(done, 1, device_id=peer)
+  if partner is not None:
+    _handshake(sm, nsm, partner)
 
-    @pl.when(sm == 0)
-    def _():  # every device has exactly one reader: the one at offset -peer_offset
-      pl.semaphore_wait(done, nsm)
+
+def _body_ld(ids_ref, src_ref, out_ref, *, cfg, tile, vec, n_sel, peer_offset, axis_name, interpret):
+  """src_ref [E, F] and out_ref [n, F]: experts flattened; work items are `tile`-element slices.
+  The layout hint (strided, `vec` elements per thread per access) has no interpret-mode rule."""
+  per_expert = src_ref.shape[1] // tile
+  n_items = n_sel * per_expert
+  nsm = cfg.num_sms
+  sm = lax.axis_index("sm")
+  n_local = lax.div(n_items - sm + nsm - 1, nsm)
+  src, partner = src_ref, None
+  if peer_offset is not None:
+    partner = _peer(peer_offset, axis_name, +1)
+    src = plgpu.remote_ref(src_ref, partner)
+
+  @pl.loop(0, n_local)
+  def _(it):
+    item = sm + it * nsm
+    e, part = lax.div(item, per_expert), lax.rem(item, per_expert)
+    cols = pl.ds(part * tile, tile)
+    vals = src.at[ids_ref[e]][cols]
+    if not interpret:
+      vals = plgpu.layout_cast(vals, plgpu.Layout.WG_STRIDED((tile,), vec_size=vec))
+    out_ref.at[e][cols] = vals
+
+  if partner is not None:
+    _handshake(sm, nsm, partner)
 
 
 def fetch_experts(src, expert_ids, *, peer_offset: int | None = None, axis_name: str | None = None,
@@ -128,7 +200,9 @@ def fetch_experts(src, expert_ids, *, peer_offset: int | None = None, axis_name:
   Args:
     src: [E, R, C] expert buffer (any dtype; rows of C elements a multiple of 16 bytes). Inside
       shard_map: this device's shard; the peer's shard of the same array is read.
-    expert_ids: [n] int32 expert indices into src (clamped to [0, E)).
+    expert_ids: [n] int32 expert indices into src (clamped to [0, E)). For `tma_push` these are
+      the ids the *reader* wants (the source device copies them): DWDP's fetch lists come from
+      the global placement, so every device knows them.
     peer_offset: None (local copy) or a static int: device d pulls from (d + peer_offset) % n.
       All devices call the kernel at once (SPMD); each is read by exactly one peer.
   Returns:
@@ -145,20 +219,26 @@ def fetch_experts(src, expert_ids, *, peer_offset: int | None = None, axis_name:
     raise ValueError("remote fetches need the mesh axis_name of shard_map")
   e, r, c = src.shape
   n_sel = expert_ids.shape[0]
-  br, bc = _tile_shape(r, c, src.dtype.itemsize, config)
   ids = jnp.clip(expert_ids.astype(jnp.int32), 0, e - 1)
-  body = functools.partial(_body, cfg=config, br=br, bc=bc, n_sel=n_sel,
-                           peer_offset=peer_offset, axis_name=axis_name)
+  common = dict(cfg=config, n_sel=n_sel, peer_offset=peer_offset, axis_name=axis_name)
+  if config.method == "ld_pull":
+    tile, vec = _flat_tile(r * c, src.dtype.itemsize, config)
+    body = functools.partial(_body_ld, tile=tile, vec=vec, interpret=interpret, **common)
+    operand, out_shape = src.reshape(e, r * c), (n_sel, r * c)
+  else:
+    br, bc = _tile_shape(r, c, src.dtype.itemsize, config)
+    body = functools.partial(_body_tma, br=br, bc=bc, **common)
+    operand, out_shape = src, (n_sel, r, c)
   call = plgpu.kernel(
       body,
-      out_type=jax.ShapeDtypeStruct((n_sel, r, c), src.dtype),
+      out_type=jax.ShapeDtypeStruct(out_shape, src.dtype),
       grid=(config.num_sms,),
       grid_names=("sm",),
       # Lane semantics: the warpgroup lowering does not take refs with peer ids.
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=_compat.InterpretGPUParams() if interpret else None,
   )
-  return call(ids, src)
+  return call(ids, operand).reshape(n_sel, r, c)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,12 +263,24 @@ def _ring_fetch_fn(mesh, config):
                                check_vma=False))
 
 
+def _sweep_configs():
+  """The bench's grid: SM count x pipelining per method."""
+  for method in ("tma_pull", "tma_push"):
+    for nsm in (8, 16, 32, 66, 132):
+      for inflight in (2, 4):
+        yield RemoteDmaConfig(num_sms=nsm, max_in_flight=inflight, method=method)
+  for nsm in (16, 32, 66, 132, 264):
+    for tile_bytes in (8192, 16384, 32768):
+      yield RemoteDmaConfig(num_sms=nsm, method="ld_pull", tile_bytes=tile_bytes)
+
+
 def bench(argv=None):
   """Correctness (bit-exact vs the gather) and bandwidth of ring pulls, all devices at once, against
   jax.device_put peer copies of the same bytes; writes a results JSON."""
   import datetime
   import json
   import os
+  import re
   import statistics
   import subprocess
   import sys
@@ -222,34 +314,42 @@ def bench(argv=None):
 
   nbytes = ids.shape[0] * k * nn * 2
   host_src = [s.data for s in sorted(src.addressable_shards, key=lambda s: s.device.id)]
-  got = ring_fetch(src, ids, mesh, RemoteDmaConfig())
+  # want[d]: what device d must receive (its ring neighbour's experts), computed on device d.
+  want = [jax.device_put(reference(host_src[(d + 1) % n], ids), devs[d]) for d in range(n)]
   ok = True
-  for d, shard in enumerate(sorted(got.addressable_shards, key=lambda s: s.device.id)):
-    want = reference(host_src[(d + 1) % n], ids)
-    ok &= bool(jnp.array_equal(jax.device_get(shard.data[0]), jax.device_get(want)))
-  print("bit-exact:", ok, flush=True)
 
   # Baseline: every device pulls the same bytes from its neighbour with device_put, all at once.
   gathered = [host_src[(d + 1) % n][ids] for d in range(n)]  # the copy engine moves whole buffers
   t_put = timed(lambda: [jax.device_put(gathered[d], devs[d]) for d in range(n)])
-  rows = []
-  for nsm in (4, 8, 16, 32, 66, 132):
-    for inflight in (2, 4, 6):
-      cfg = RemoteDmaConfig(num_sms=nsm, max_in_flight=inflight)
-      try:
-        t = timed(ring_fetch, src, ids, mesh, cfg)
-      except Exception as e:
-        print(f"num_sms={nsm} in_flight={inflight} failed: {str(e)[:200]}")
-        continue
-      rows.append(dict(num_sms=nsm, max_in_flight=inflight, time_s=t, gbps_per_gpu=nbytes / t / 1e9))
-      print(f"num_sms={nsm:4d} in_flight={inflight} {nbytes / t / 1e9:7.1f} GB/s per GPU", flush=True)
+  rows, hlo_ops = [], {}
+  for cfg in _sweep_configs():
+    if cfg.method not in hlo_ops:  # what else the timed program runs (e.g. a copy into symmetric memory)
+      text = _ring_fetch_fn(mesh, cfg).lower(src, ids).compile().as_text()
+      hlo_ops[cfg.method] = sorted(set(re.findall(r"= .*?\b([a-z][\w-]*)\(", text)) - {"f32", "bf16"})
+      print(cfg.method, "compiled ops:", hlo_ops[cfg.method], flush=True)
+    try:
+      t = timed(ring_fetch, src, ids, mesh, cfg)
+      got = ring_fetch(src, ids, mesh, cfg)
+      exact = all(bool(jnp.array_equal(shard.data[0], want[d]))
+                  for d, shard in enumerate(sorted(got.addressable_shards, key=lambda s: s.device.id)))
+    except Exception as e:
+      print(f"{cfg} failed: {str(e)[:300]}")
+      continue
+    ok &= exact
+    rows.append(dict(method=cfg.method, num_sms=cfg.num_sms, max_in_flight=cfg.max_in_flight,
+                     tile_bytes=cfg.tile_bytes, time_s=t, gbps_per_gpu=nbytes / t / 1e9, bit_exact=exact))
+    print(f"{cfg.method:9s} num_sms={cfg.num_sms:4d} in_flight={cfg.max_in_flight} tile={cfg.tile_bytes:6d}"
+          f" {nbytes / t / 1e9:7.1f} GB/s per GPU exact={exact}", flush=True)
   put_gbps = nbytes / t_put / 1e9
   try:  # the copy-engine ceiling: cudaMemcpyPeerAsync, every GPU pulling from a peer at once (CuPy)
     from dwdp_jax.parallel.fetch import copy_engine_gbps
     ce_gbps = copy_engine_gbps(devs, nbytes=nbytes)
   except ImportError:
     ce_gbps = float("nan")
-  best = max(rows, key=lambda r: r["gbps_per_gpu"]) if rows else None
+  exact_rows = [r for r in rows if r["bit_exact"]]  # a fast wrong copy is not a result
+  best = max(exact_rows, key=lambda r: r["gbps_per_gpu"]) if exact_rows else None
+  best_by_method = {m: max((r for r in exact_rows if r["method"] == m), key=lambda r: r["gbps_per_gpu"],
+                           default=None) for m in METHODS}
   print(f"cudaMemcpyPeerAsync ring: {ce_gbps:.1f} GB/s per GPU; device_put ring: {put_gbps:.1f} GB/s per GPU;"
         f" best pallas {best}")
   try:
@@ -262,11 +362,14 @@ def bench(argv=None):
       "command": " ".join(["python", "-m", "pallas_kernels.remote_dma"] + sys.argv[1:]),
       "device_kind": args.device_kind, "num_devices": n, "jax_version": jax.__version__,
       "config": {"experts_per_fetch": int(ids.shape[0]), "expert_shape": [k, nn], "dtype": "bf16",
-                 "pattern": "ring, all devices at once"},
+                 "pattern": "ring, all devices at once", "compiled_ops": hlo_ops},
       "metrics": {"bit_exact": ok, "device_put_gbps_per_gpu": put_gbps, "copy_engine_gbps_per_gpu": ce_gbps,
                   "remote_dma_gbps_per_gpu": best and best["gbps_per_gpu"],
                   "remote_dma_frac_of_copy_engine": best and best["gbps_per_gpu"] / ce_gbps,
-                  "remote_dma_frac_of_device_put": best and best["gbps_per_gpu"] / put_gbps},
+                  "remote_dma_frac_of_device_put": best and best["gbps_per_gpu"] / put_gbps,
+                  "remote_dma_best_method": best and best["method"],
+                  **{f"remote_dma_{m}_frac_of_copy_engine": b["gbps_per_gpu"] / ce_gbps
+                     for m, b in best_by_method.items() if b}},
       "rows": rows,
   }
   out = args.out or f"experiments/results/kernels-{datetime.date.today():%Y%m%d}-{args.device_kind}-remote-dma.json"

@@ -19,6 +19,14 @@ CASES = [
      rd.RemoteDmaConfig(num_sms=8, block_rows=128, max_in_flight=4)),
     ("f32_scales_rows_not_pow2", (4, 56, 32), jnp.float32, [1, 3, 0],
      rd.RemoteDmaConfig(num_sms=2, max_in_flight=3)),
+    # ld_pull: register copies of flat tiles; 2 tiles per expert for 5 x 32 KiB over 3 CTAs
+    ("ld_bf16_dup_and_clamped_ids", (5, 64, 512), jnp.bfloat16, [3, 0, 4, 3, 9],
+     rd.RemoteDmaConfig(num_sms=3, method="ld_pull", tile_bytes=32768)),
+    ("ld_fp8_more_ctas_than_tiles", (3, 128, 256), jnp.float8_e4m3fn, [2, 1],
+     rd.RemoteDmaConfig(num_sms=8, method="ld_pull", tile_bytes=16384)),
+    # 1792 f32 per expert: no 16-byte-vector tile divides it, 8-byte vectors (256-element tiles) do
+    ("ld_f32_small_expert", (4, 56, 32), jnp.float32, [1, 3, 0],
+     rd.RemoteDmaConfig(num_sms=2, method="ld_pull", tile_bytes=4096)),
 ]
 
 
@@ -36,6 +44,16 @@ def test_fetch_local(name, shape, dtype, ids, cfg):
                                 np.asarray(rd.reference(src, ids).astype(jnp.float32)))
 
 
+def test_flat_tile_choice():
+  cfg = rd.RemoteDmaConfig(method="ld_pull", tile_bytes=16384)
+  assert rd._flat_tile(2048 * 7168, 2, cfg) == (8192, 8)  # R1 down expert, bf16: 16 KiB, 16 B vectors
+  assert rd._flat_tile(56 * 32, 4, cfg) == (256, 2)
+  with pytest.raises(ValueError, match="warpgroup tiles"):
+    rd._flat_tile(100, 2, cfg)
+  with pytest.raises(ValueError, match="method"):
+    rd.RemoteDmaConfig(method="nvshmem")
+
+
 def test_rejects_bad_inputs():
   src = jnp.ones((2, 64, 100), jnp.bfloat16)  # 100 columns: no 16-byte tiles
   with pytest.raises(ValueError):
@@ -46,14 +64,16 @@ def test_rejects_bad_inputs():
 
 
 @pytest.mark.skipif(len(jax.devices()) < 2, reason="needs >= 2 devices for the mesh")
-def test_remote_path_lowers_for_gpu():
+@pytest.mark.parametrize("method", rd.METHODS)
+def test_remote_path_lowers_for_gpu(method):
   """The remote path cannot run in interpret mode; check at least that it lowers to Mosaic GPU."""
   if ON_GPU:
     pytest.skip("covered by test_ring_fetch_multigpu")
   mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
   src = jax.device_put(jnp.zeros((8, 64, 512), jnp.bfloat16), jax.sharding.NamedSharding(mesh, P("x")))
   f = jax.jit(jax.shard_map(
-      lambda s, i: rd.fetch_experts(s, i, peer_offset=1, axis_name="x")[None],
+      lambda s, i: rd.fetch_experts(s, i, peer_offset=1, axis_name="x",
+                                    config=rd.RemoteDmaConfig(method=method))[None],
       mesh=mesh, in_specs=(P("x"), P()), out_specs=P("x"), check_vma=False))
   text = f.trace(src, jnp.array([1, 3], jnp.int32)).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
@@ -68,7 +88,9 @@ def test_ring_fetch_multigpu():
   src = jax.device_put(random_buffer(jax.random.key(0), (4 * n, 128, 1024), jnp.bfloat16),
                        jax.sharding.NamedSharding(mesh, P("x")))
   ids = jnp.array([3, 0, 2, 2, 1], jnp.int32)
-  for cfg in (rd.RemoteDmaConfig(), rd.RemoteDmaConfig(num_sms=4, max_in_flight=2)):
+  for cfg in (rd.RemoteDmaConfig(), rd.RemoteDmaConfig(num_sms=4, max_in_flight=2),
+              rd.RemoteDmaConfig(method="tma_push"), rd.RemoteDmaConfig(num_sms=4, method="tma_push"),
+              rd.RemoteDmaConfig(method="ld_pull"), rd.RemoteDmaConfig(num_sms=160, method="ld_pull")):
     got = rd.ring_fetch(src, ids, mesh, cfg)
     shards = sorted(src.addressable_shards, key=lambda s: s.device.id)
     for d, shard in enumerate(sorted(got.addressable_shards, key=lambda s: s.device.id)):
