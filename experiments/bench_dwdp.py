@@ -14,6 +14,7 @@ Run on a 2+ GPU machine: python experiments/bench_dwdp.py --device_kind=nvidia-h
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -32,6 +33,7 @@ from dwdp_jax.parallel.dep import DepModel  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup  # noqa: E402
 from dwdp_jax.parallel.fetch import CachedFetch, CopyEnginePull, copy_engine_gbps, fetch_backend  # noqa: E402
 from dwdp_jax.planner.placement import Placement  # noqa: E402
+from experiments.gpu_clocks import ClockSampler  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
 
 FLAGS = flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
@@ -48,6 +50,7 @@ flags.DEFINE_list("fetch", ["device_put", "copy_engine"], "fetch backends to mea
 flags.DEFINE_bool("interference", True, "also run the no-fetch programs with the same copies running beside them, "
                   "never waited for (what the copies cost the compute, apart from any wait)")
 flags.DEFINE_integer("prefetch_depth", 1, "MoE layers fetched ahead")
+flags.DEFINE_bool("clocks", True, "sample SM clock and power with nvidia-smi during each timed phase")
 flags.DEFINE_integer("ring_slots", 3, "copy engine: staging buffers per (device, peer); must exceed the depth")
 F = flags.FLAGS
 
@@ -135,7 +138,12 @@ def main(_):
                    for r in range(g)] for t in set(map(int, F.tokens)) | {base}}
     heavy = [np.random.RandomState(9).randint(0, cfg.vocab_size, (2 * base // F.seq, F.seq)).astype(np.int32)]
     heavy += batches[base][1:]
-    t_cached = {t: concurrent_step_times(cached, batches[t], F.repeats) for t in batches}
+    clocks = ClockSampler() if F.clocks else None
+    phase = clocks.phase if clocks else (lambda name: contextlib.nullcontext())
+    t_cached = {}
+    for t in batches:
+        with phase(f"no fetch T={t}"):
+            t_cached[t] = concurrent_step_times(cached, batches[t], F.repeats)
     bal_cached = t_cached[base]
     imb_cached = concurrent_step_times(cached, heavy, F.repeats)
     metrics["imbalance_slowdown_no_fetch"] = statistics.mean(imb_cached[1:]) / statistics.mean(bal_cached[1:])
@@ -159,7 +167,8 @@ def main(_):
 
             group.run_parallel(one, [None] * g)
 
-        t_fetch = timed(fetch_all_ranks, F.repeats)
+        with phase(f"{name} fetch alone"):
+            t_fetch = timed(fetch_all_ranks, F.repeats)
         gbps = layer_bytes / t_fetch / 1e9
         metrics[f"fetch_gbps_per_gpu_{name}"] = gbps
         metrics[f"fetch_frac_of_copy_engine_{name}"] = gbps / ce
@@ -167,7 +176,8 @@ def main(_):
               f" {gbps:.1f} GB/s per GPU ({gbps / ce:.2f} of cudaMemcpyPeerAsync)", flush=True)
         exposed = {}
         for tokens in map(int, F.tokens):
-            t_real = concurrent_step_times(group, batches[tokens], F.repeats)
+            with phase(f"{name} T={tokens}"):
+                t_real = concurrent_step_times(group, batches[tokens], F.repeats)
             frac = [(a - b) / a for a, b in zip(t_real, t_cached[tokens])]
             per_layer, moe_layer_s, exposed[str(tokens)] = extra_per_moe_layer(t_real, t_cached[tokens], cfg)
             rows.append(dict(kind="prefill", fetch=name, tokens_per_rank=tokens, step_s=t_real,
@@ -190,7 +200,8 @@ def main(_):
     if F.interference and any(n.startswith("copy_engine") for n in F.fetch):
         beside = DwdpGroup.from_rank_models(models, placement, dw, CopiesBeside(CopyEnginePull(slots=F.ring_slots)))
         for tokens in map(int, F.tokens):
-            t_beside = concurrent_step_times(beside, batches[tokens], F.repeats)
+            with phase(f"copies beside T={tokens}"):
+                t_beside = concurrent_step_times(beside, batches[tokens], F.repeats)
             per_layer, _, frac = extra_per_moe_layer(t_beside, t_cached[tokens], cfg)
             metrics.setdefault("interference_frac", {})[str(tokens)] = frac
             rows.append(dict(kind="interference", tokens_per_rank=tokens, step_s=t_beside,
@@ -229,6 +240,10 @@ def main(_):
         print(f"DEP: step {t_bal * 1e3:.2f} ms balanced, {t_imb * 1e3:.2f} ms when one rank has 2x "
               f"(SPMD: every rank runs the padded shape and waits at each all-to-all): slowdown {t_imb / t_bal:.3f}",
               flush=True)
+
+    if clocks and clocks.summary():
+        metrics["clocks"] = clocks.summary()
+        print(clocks.table(), flush=True)
 
     config = dict(preset=F.preset, group_size=g, prefetch_depth=F.prefetch_depth, ring_slots=F.ring_slots,
                   staggered=True, backend=F.backend,
