@@ -140,10 +140,16 @@ def main(_):
     heavy += batches[base][1:]
     clocks = ClockSampler() if F.clocks else None
     phase = clocks.phase if clocks else (lambda name: contextlib.nullcontext())
-    t_cached = {}
-    for t in batches:
-        with phase(f"no fetch T={t}"):
-            t_cached[t] = concurrent_step_times(cached, batches[t], F.repeats)
+
+    def sampled_step_times(name, grp, batch):
+        """concurrent_step_times, after a warm-up outside the sampled phase (so compiles and idle GPUs
+        do not dilute the clock and power samples)."""
+        if clocks:
+            concurrent_step_times(grp, batch, 1)
+        with phase(name):
+            return concurrent_step_times(grp, batch, F.repeats)
+
+    t_cached = {t: sampled_step_times(f"no fetch T={t}", cached, batches[t]) for t in batches}
     bal_cached = t_cached[base]
     imb_cached = concurrent_step_times(cached, heavy, F.repeats)
     metrics["imbalance_slowdown_no_fetch"] = statistics.mean(imb_cached[1:]) / statistics.mean(bal_cached[1:])
@@ -176,8 +182,7 @@ def main(_):
               f" {gbps:.1f} GB/s per GPU ({gbps / ce:.2f} of cudaMemcpyPeerAsync)", flush=True)
         exposed = {}
         for tokens in map(int, F.tokens):
-            with phase(f"{name} T={tokens}"):
-                t_real = concurrent_step_times(group, batches[tokens], F.repeats)
+            t_real = sampled_step_times(f"{name} T={tokens}", group, batches[tokens])
             frac = [(a - b) / a for a, b in zip(t_real, t_cached[tokens])]
             per_layer, moe_layer_s, exposed[str(tokens)] = extra_per_moe_layer(t_real, t_cached[tokens], cfg)
             rows.append(dict(kind="prefill", fetch=name, tokens_per_rank=tokens, step_s=t_real,
@@ -200,8 +205,7 @@ def main(_):
     if F.interference and any(n.startswith("copy_engine") for n in F.fetch):
         beside = DwdpGroup.from_rank_models(models, placement, dw, CopiesBeside(CopyEnginePull(slots=F.ring_slots)))
         for tokens in map(int, F.tokens):
-            with phase(f"copies beside T={tokens}"):
-                t_beside = concurrent_step_times(beside, batches[tokens], F.repeats)
+            t_beside = sampled_step_times(f"copies beside T={tokens}", beside, batches[tokens])
             per_layer, _, frac = extra_per_moe_layer(t_beside, t_cached[tokens], cfg)
             metrics.setdefault("interference_frac", {})[str(tokens)] = frac
             rows.append(dict(kind="interference", tokens_per_rank=tokens, step_s=t_beside,
