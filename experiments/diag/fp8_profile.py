@@ -22,6 +22,7 @@ p.add_argument("--proj", default="gate_up", choices=list(SHAPES))
 p.add_argument("--groups", type=int, default=32)
 p.add_argument("--tokens", type=int, default=1024)
 p.add_argument("--reps", type=int, default=10)
+p.add_argument("--cupti", action="store_true", help="also list every kernel of one call with its CUPTI duration")
 args = p.parse_args()
 
 k, n = SHAPES[args.proj]
@@ -45,3 +46,14 @@ t = sorted(times)[len(times) // 2]
 flops = 2 * x.shape[0] * k * n
 print(f"{args.variant} {args.proj} {args.groups}x{args.tokens}: {t * 1e3:.3f} ms = {flops / t / 1e12:.0f} TFLOP/s"
       f" (config {cfg})")
+if args.cupti:  # where the op's time goes: the grouped-GEMM kernel vs the XLA ops around it
+    from jax.experimental.mosaic.gpu import profiler
+
+    _, timings = profiler.measure(lambda: call(), aggregate=False, iterations=5)()
+    last = timings[-1]
+    total = sum(ms for _, ms in last)
+    gemm = sum(ms for name, ms in last if "mosaic" in name)
+    print(f"  CUPTI, one call: {total:.3f} ms in {len(last)} kernels; grouped GEMM kernel {gemm:.3f} ms"
+          f" = {flops / gemm / 1e9:.0f} TFLOP/s")
+    for name, ms in last:
+        print(f"    {ms:8.3f} ms  {name[:90]}")
