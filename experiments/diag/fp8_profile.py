@@ -9,7 +9,6 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 
 from experiments.bench_kernels import FP8_VARIANTS, make_case
 from pallas_kernels import grouped_gemm as gg
