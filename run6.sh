@@ -1,4 +1,4 @@
-export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 GIT_COMMIT=d435eb4810ad8724e234056936ceb0961da17cec
+export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 GIT_COMMIT=4fc78433c3f3d896eb7b67dabe2ffcd7996dcb2a
 for proj in gate_up down; do for v in bf16 fp8_128x128_msplit fp8_128x128_msplit_overlap; do
   timeout 120 python3 experiments/diag/fp8_profile.py --variant=$v --proj=$proj --cupti 2>&1 | grep -v "^I11\|^W11" | tee -a $OUT/cupti.log
 done; done

@@ -57,6 +57,19 @@ def bench(f, *args, reps=None, inner=None, warmup=None):
   return statistics.median(times)
 
 
+def kernel_times(f, *args, iterations=5):
+  """GPU only (CUPTI): (Mosaic GPU kernel seconds, all kernels' seconds) of one call of the jitted `f`,
+  medians over `iterations` calls. Separates the grouped-GEMM kernel from the XLA ops around it (tile
+  schedule, FP8 activation quantization) and from host dispatch, which wall-clock times include."""
+  from jax.experimental.mosaic.gpu import profiler
+
+  _, timings = profiler.measure(f, aggregate=False, iterations=iterations)(*args)
+  mid = len(timings) // 2
+  mosaic = sorted(sum(ms for name, ms in call if "mosaic" in name) for call in timings)[mid]
+  total = sorted(sum(ms for _, ms in call) for call in timings)[mid]
+  return mosaic / 1e3, total / 1e3
+
+
 def hbm_copy_gbps(small=False):
   """HBM ceiling for the memory-bound ratio: device-to-device copy of 2 GiB, bytes read + written.
   The best of an XLA elementwise pass and, where PyTorch is installed, torch's copy_ (cudaMemcpy
@@ -136,6 +149,10 @@ def main():
   p.add_argument("--quick", action="store_true", help="a few cases only")
   p.add_argument("--tag", default="")
   p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
+  p.add_argument("--regime", default="both", choices=["both", "decode", "prefill"],
+                 help="run one regime only (a full run of both can exceed the device tool's 10 min per call)")
+  p.add_argument("--fp8_variants", default=",".join(FP8_VARIANTS),
+                 help="comma-separated FP8 variants to time (default: all)")
   args = p.parse_args()
   shapes, interp = SHAPES, False
   global REPS
@@ -154,6 +171,11 @@ def main():
     decode, prefill = [(32, 8), (256, 8)], [(32, 1024)]
   if args.smoke:
     decode, prefill = [(3, 8)], [(2, 128)]
+  if args.regime == "decode":
+    prefill = []
+  elif args.regime == "prefill":
+    decode = []
+  fp8_variants = {kk: FP8_VARIANTS[kk] for kk in args.fp8_variants.split(",")}
   cfg_variants = {
       "ws_decode": gg.DECODE_CONFIG,
       "ws_prefill": gg.PREFILL_CONFIG,
@@ -224,7 +246,7 @@ def main():
         check_rows, want = fp8_check_rows(x, fw, fs, groups, tokens)
         del fw, fs
         fp8_ok = []
-        for name, cfg in FP8_VARIANTS.items():
+        for name, cfg in fp8_variants.items():
           if args.smoke:
             cfg = dataclasses.replace(cfg, max_concurrent_steps=2)
           try:
@@ -233,6 +255,8 @@ def main():
             if not args.smoke:  # interpret mode: the FP8 kernel can hang inside an outer jit
               f8 = jax.jit(f8)
             results[name] = bench(f8, x, sizes, fbufs, fsbufs, slot)
+            if not interp:
+              row.setdefault("fp8_kernel_s", {})[name] = kernel_times(f8, x, sizes, fbufs, fsbufs, slot)
             err = rel_err(f8(x, sizes, fbufs, fsbufs, slot)[check_rows], want)
             row.setdefault("fp8_rel_err", {})[name] = err
             if err <= FP8_MAX_REL_ERR:
@@ -263,13 +287,27 @@ def main():
           for base in ("jax_ragged_dot_mgpu", "xla_ragged_dot"):
             if results.get(base):
               row[f"speedup_vs_{base}"] = results[base] / best_t
+        if best_t and not interp:  # the same ratios from kernel durations (CUPTI)
+          bk, bop = kernel_times(variants[best_name], x, sizes, bufs, slot)
+          dense_k = kernel_times(dense, x, w[0])[1]
+          row["kernel_s"] = dict(bf16=bk, bf16_op=bop, dense=dense_k)
+          row["frac_of_dense_kernel"] = dense_k / bk
+          row["frac_of_hbm_kernel"] = wbytes / bk / 1e9 / copy_gbps
+          fk = {kk: v for kk, v in row.get("fp8_kernel_s", {}).items() if kk in fp8_ok}
+          if fk:
+            kname = min(fk, key=lambda kk: fk[kk][0])
+            row["kernel_s"].update(fp8=fk[kname][0], fp8_op=fk[kname][1], fp8_variant=kname)
+            row["fp8_over_bf16_kernel"] = bk / fk[kname][0]  # kernel vs kernel
+            row["fp8_over_bf16_op"] = bop / fk[kname][1]  # incl. activation quantization, schedule
         rows.append(row)
         fmt = lambda v: "-" if v is None else f"{v * 1e3:8.3f}"
         print(f"{regime:7s} {shape_name:7s} G={groups:3d} T={tokens:4d} "
               + " ".join(f"{kk}={fmt(v)}ms" for kk, v in results.items())
               + f" | best {best_name} {row.get('ours_tflops', 0):.0f} TF/s"
               f" dense {row.get('frac_of_dense', 0):.2f} hbm {row.get('frac_of_hbm', 0):.2f}"
-              f" fp8x {row.get('fp8_over_bf16', 0):.2f} err {row['rel_err_best']:.1e}", flush=True)
+              f" fp8x {row.get('fp8_over_bf16', 0):.2f} err {row['rel_err_best']:.1e}"
+              f" | kernels: dense {row.get('frac_of_dense_kernel', 0):.2f} hbm {row.get('frac_of_hbm_kernel', 0):.2f}"
+              f" fp8x {row.get('fp8_over_bf16_kernel', 0):.2f} (op {row.get('fp8_over_bf16_op', 0):.2f})", flush=True)
         del x, w, bufs
 
   dec = [r for r in rows if r["regime"] == "decode" and "frac_of_hbm" in r]
@@ -289,6 +327,20 @@ def main():
           kk: max((r["fp8_over_bf16_by_variant"][kk] for r in pre
                    if kk in r.get("fp8_over_bf16_by_variant", {})), default=None)
           for kk in FP8_VARIANTS},
+      # From CUPTI kernel durations (GPU): the grouped-GEMM kernels alone; `_op` includes the XLA ops
+      # the call runs around the kernel (for FP8: the activation quantization).
+      "grouped_gemm_bf16_frac_of_dense_kernel": max((r["frac_of_dense_kernel"] for r in pre
+                                                     if "frac_of_dense_kernel" in r), default=None),
+      "grouped_gemm_bf16_frac_of_hbm_kernel": max((r["frac_of_hbm_kernel"] for r in dec
+                                                   if "frac_of_hbm_kernel" in r), default=None),
+      "grouped_gemm_bf16_frac_of_hbm_kernel_min": min((r["frac_of_hbm_kernel"] for r in dec
+                                                       if "frac_of_hbm_kernel" in r), default=None),
+      "grouped_gemm_fp8_over_bf16_kernel": max((r["fp8_over_bf16_kernel"] for r in pre
+                                                if "fp8_over_bf16_kernel" in r), default=None),
+      "grouped_gemm_fp8_over_bf16_kernel_min": min((r["fp8_over_bf16_kernel"] for r in pre
+                                                    if "fp8_over_bf16_kernel" in r), default=None),
+      "grouped_gemm_fp8_over_bf16_op_min": min((r["fp8_over_bf16_op"] for r in pre
+                                                if "fp8_over_bf16_op" in r), default=None),
       "fp8_variants_failing_check": sorted({kk for r in rows for kk, e in r.get("fp8_rel_err", {}).items()
                                             if e > FP8_MAX_REL_ERR}),
       "max_rel_err": max((r["rel_err_best"] for r in rows), default=None),
@@ -322,7 +374,7 @@ def main():
       "jax_version": jax.__version__,
       "config": {"shapes": shapes, "decode_cases": decode, "prefill_cases": prefill,
                  "configs": {kk: dataclasses.asdict(v) for kk, v in cfg_variants.items()},
-                 "fp8_configs": {kk: dataclasses.asdict(v) for kk, v in FP8_VARIANTS.items()},
+                 "fp8_configs": {kk: dataclasses.asdict(v) for kk, v in fp8_variants.items()},
                  "fp8_max_rel_err": FP8_MAX_REL_ERR, "weight_buffers": 2},
       "metrics": metrics,
       "rows": rows,
