@@ -12,10 +12,15 @@ import jax
 
 
 def git_commit() -> str:
+    """The commit the run used: DWDP_COMMIT / GIT_COMMIT when set (the device tool's copy of the tree may
+    carry a stale .git), else `git rev-parse HEAD`."""
+    for var in ("DWDP_COMMIT", "GIT_COMMIT"):
+        if os.environ.get(var):
+            return os.environ[var]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("DWDP_COMMIT", "unknown")
+        return "unknown"
 
 
 def write_result(out_dir: str, part: str, device_kind: str, config: dict, metrics: dict, rows: list,
