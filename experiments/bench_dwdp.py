@@ -46,7 +46,7 @@ flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the r
 flags.DEFINE_string("out", "experiments/results", "results directory")
 flags.DEFINE_bool("dep", True, "also measure DEP")
 flags.DEFINE_list("fetch", ["device_put", "copy_engine"], "fetch backends to measure (device_put, copy_engine, "
-                  "copy_engine_stream)")
+                  "copy_engine_stream, pallas_pull)")
 flags.DEFINE_bool("interference", True, "also run the no-fetch programs with the same copies running beside them, "
                   "never waited for (what the copies cost the compute, apart from any wait)")
 flags.DEFINE_integer("prefetch_depth", 1, "MoE layers fetched ahead")

@@ -41,7 +41,7 @@ flags.DEFINE_float("zipf", 0.5, "Zipf exponent of the expert load (planner.skew)
 flags.DEFINE_integer("warmup", 3, "steps before timing (router statistics)")
 flags.DEFINE_integer("steps", 4, "timed steps per point")
 flags.DEFINE_string("backend", "pallas", "expert GEMMs: pallas or jnp")
-flags.DEFINE_string("fetch", "copy_engine", "fetch backend: copy_engine, copy_engine_stream or device_put")
+flags.DEFINE_string("fetch", "copy_engine", "fetch backend: copy_engine, copy_engine_stream, pallas_pull or device_put")
 flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the results file")
 flags.DEFINE_string("out", "experiments/results", "results directory")
 F = flags.FLAGS

@@ -124,8 +124,9 @@ _FLAGS = [
      "source's, bit for bit (two device-to-host copies per request, off the serving threads)", {}),
     # DWDP
     (flags.DEFINE_enum, "fetch", "device_put", "DWDP fetch backend: device_put, copy_engine (cudaMemcpyPeerAsync, "
-     "host-ordered) or copy_engine_stream (the same copies ordered on the device, no host wait)",
-     dict(enum_values=["device_put", "copy_engine", "copy_engine_stream"])),
+     "host-ordered), copy_engine_stream (the same copies ordered on the device, no host wait) or pallas_pull (the "
+     "Pallas remote-DMA kernel reading peer memory in place, on the compute stream: not overlapped)",
+     dict(enum_values=["device_put", "copy_engine", "copy_engine_stream", "pallas_pull"])),
     (flags.DEFINE_enum, "expert_backend", "jnp", "expert GEMMs: ragged_dot or Mosaic GPU kernels",
      dict(enum_values=["jnp", "pallas"])),
     (flags.DEFINE_integer, "prefetch_depth", 1, "DWDP: MoE layers fetched ahead (0: fetch each layer right before "

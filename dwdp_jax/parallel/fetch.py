@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import statistics
+import threading
 import time
 
 import jax
@@ -347,15 +349,117 @@ class StreamOrderedPull(CopyEnginePull):
         pass  # the next issue's compute-stream event covers this reader
 
 
+def peer_view(a: jax.Array, device: jax.Device) -> jax.Array:
+    """A jax.Array on `device` whose memory *is* `a`'s on a peer GPU (CUDA unified addressing, peer access
+    enabled): a program on `device` that reads it reads the peer's bytes over NVLink, with no copy, no SPMD
+    launch and no barrier. The view has `a`'s shape as unsigned ints of the same width (CuPy, which wraps the
+    pointer for DLPack, has no bf16 or FP8); bitcast it back where it is read. It keeps `a` alive. GPU only;
+    the peer must never write `a` while views are read (expert weights are immutable)."""
+    import cupy as cp
+
+    src_dev = next(iter(a.devices()))
+    enable_peer_access(device.id, src_dev.id)
+    a.block_until_ready()
+    mem = cp.cuda.UnownedMemory(a.unsafe_buffer_pointer(), a.nbytes, a, device_id=device.id)
+    raw = cp.ndarray(a.shape, {1: cp.uint8, 2: cp.uint16, 4: cp.uint32}[a.dtype.itemsize],
+                     cp.cuda.MemoryPointer(mem, 0))
+    view = jax.dlpack.from_dlpack(raw)
+    if view.devices() != {device} or view.unsafe_buffer_pointer() != a.unsafe_buffer_pointer():
+        raise RuntimeError(f"peer_view: DLPack import copied or moved the buffer ({view.devices()})")
+    return view
+
+
+def _pallas_take_field(view, dtype, ids, config, interpret):
+    """view[ids] with the Pallas remote-DMA kernel where its tiles fit the expert shape, else an XLA gather
+    (both read the view in place)."""
+    from pallas_kernels import remote_dma as rd
+
+    x = view if view.dtype == dtype else jax.lax.bitcast_convert_type(view, dtype)
+    try:
+        rd._tile_shape(x.shape[1], x.shape[2], x.dtype.itemsize, config)
+    except ValueError:
+        return x[ids]
+    return rd.fetch_experts(x, ids, config=config, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("dtypes", "config"))
+def _pallas_take(views, ids, dtypes, config):
+    return {f: _pallas_take_field(v, dtypes[f], ids, config, False) for f, v in views.items()}
+
+
+class PallasPull(FetchBackend):
+    """Pull with the Pallas remote-DMA kernel (`pallas_kernels/remote_dma.py`, TMA loads) from the destination
+    rank's own single-device program: the peer's expert buffers are read through `peer_view` aliases, so
+    unlike the kernel's SPMD `remote_ref` mode (which XLA fences with a multi-GPU barrier) nothing couples
+    the ranks. The kernel runs on the destination's compute stream, in order with its other programs: the
+    fetch is not overlapped with compute, and it takes `config.num_sms` SMs while it runs. The measured
+    alternative to the copy engine (whose DMA runs on its own stream and takes no SMs).
+
+    Staged weights are fresh arrays per fetch (XLA tracks their readiness). CPU: the view is a
+    `device_put` copy and the kernel runs in GPU interpret mode (tests the program, not the aliasing)."""
+
+    name = "pallas_pull"
+
+    def __init__(self, config=None):
+        from pallas_kernels import remote_dma as rd
+
+        self.config = config or rd.RemoteDmaConfig(num_sms=16, max_in_flight=4, method="tma_pull")
+        self._views: dict = {}
+
+    def _view(self, a: jax.Array, device: jax.Device) -> jax.Array:
+        key = (id(a), device.id)
+        if key not in self._views:
+            view = peer_view(a, device) if device.platform == "gpu" else jax.device_put(a, device)
+            self._views[key] = (a, view)  # keep `a` alive so its id stays unique
+        return self._views[key][1]
+
+    def _take(self, src: ExpertWeights, device: jax.Device, slots) -> ExpertWeights:
+        fields = [f for f in _FIELDS if getattr(src, f) is not None]
+        views = {f: self._view(getattr(src, f), device) for f in fields}
+        ids = jax.device_put(np.asarray(list(slots), np.int32), device)
+        if device.platform == "gpu":
+            dtypes = tuple(sorted((f, getattr(src, f).dtype) for f in fields))
+            out = _pallas_take(views, ids, dtypes=_FrozenDict(dtypes), config=self.config)
+        else:  # interpret mode: eagerly (not under an outer jit) and one call at a time, because the Mosaic GPU
+            # interpreter keeps global simulated shared memory that concurrent kernels from rank threads corrupt
+            with _INTERPRET_LOCK:
+                out = {f: jax.block_until_ready(_pallas_take_field(v, getattr(src, f).dtype, ids, self.config, True))
+                       for f, v in views.items()}
+        return ExpertWeights(out["w_gate_up"], out["w_down"], out.get("s_gate_up"), out.get("s_down"), src.block)
+
+    def __call__(self, src: ExpertWeights, device: jax.Device) -> ExpertWeights:
+        return self._take(src, device, range(src.num_experts))
+
+    def subset(self, src, device, slots, into=None, offset=0) -> ExpertWeights:
+        base = into if into is not None else jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=device), src)
+        if len(slots) == 0:
+            return base
+        return _put_experts(base, self._take(src, device, slots), np.int32(offset))
+
+
+_INTERPRET_LOCK = threading.Lock()
+
+
+class _FrozenDict(dict):
+    """A hashable dict (a static jit argument)."""
+
+    def __hash__(self):
+        return hash(tuple(sorted(self.items(), key=lambda kv: kv[0])))
+
+
 def fetch_backend(name: str, slots: int = 3) -> FetchBackend:
-    """A fetch backend by name: device_put, copy_engine (host-ordered) or copy_engine_stream (device-ordered)."""
+    """A fetch backend by name: device_put, copy_engine (host-ordered), copy_engine_stream (device-ordered) or
+    pallas_pull (the Pallas remote-DMA kernel reading peer memory in place, on the compute stream)."""
     if name == "device_put":
         return DevicePutFetch()
     if name == "copy_engine":
         return CopyEnginePull(slots=slots)
     if name == "copy_engine_stream":
         return StreamOrderedPull(slots=slots)
-    raise ValueError(f"unknown fetch backend {name!r}: use device_put, copy_engine or copy_engine_stream")
+    if name == "pallas_pull":
+        return PallasPull()
+    raise ValueError(f"unknown fetch backend {name!r}: use device_put, copy_engine, copy_engine_stream or "
+                     "pallas_pull")
 
 
 def enable_peer_access(dst: int, src: int) -> None:
