@@ -70,6 +70,11 @@ def kernel_times(f, *args, iterations=5):
   return mosaic / 1e3, total / 1e3
 
 
+def extreme(rows, key, pick):
+  """pick (max or min) of row[key] over the rows that have it; None if none do."""
+  return pick((r[key] for r in rows if key in r), default=None)
+
+
 def hbm_copy_gbps(small=False):
   """HBM ceiling for the memory-bound ratio: device-to-device copy of 2 GiB, bytes read + written.
   The best of an XLA elementwise pass and, where PyTorch is installed, torch's copy_ (cudaMemcpy
@@ -329,18 +334,12 @@ def main():
           for kk in FP8_VARIANTS},
       # From CUPTI kernel durations (GPU): the grouped-GEMM kernels alone; `_op` includes the XLA ops
       # the call runs around the kernel (for FP8: the activation quantization).
-      "grouped_gemm_bf16_frac_of_dense_kernel": max((r["frac_of_dense_kernel"] for r in pre
-                                                     if "frac_of_dense_kernel" in r), default=None),
-      "grouped_gemm_bf16_frac_of_hbm_kernel": max((r["frac_of_hbm_kernel"] for r in dec
-                                                   if "frac_of_hbm_kernel" in r), default=None),
-      "grouped_gemm_bf16_frac_of_hbm_kernel_min": min((r["frac_of_hbm_kernel"] for r in dec
-                                                       if "frac_of_hbm_kernel" in r), default=None),
-      "grouped_gemm_fp8_over_bf16_kernel": max((r["fp8_over_bf16_kernel"] for r in pre
-                                                if "fp8_over_bf16_kernel" in r), default=None),
-      "grouped_gemm_fp8_over_bf16_kernel_min": min((r["fp8_over_bf16_kernel"] for r in pre
-                                                    if "fp8_over_bf16_kernel" in r), default=None),
-      "grouped_gemm_fp8_over_bf16_op_min": min((r["fp8_over_bf16_op"] for r in pre
-                                                if "fp8_over_bf16_op" in r), default=None),
+      "grouped_gemm_bf16_frac_of_dense_kernel": extreme(pre, "frac_of_dense_kernel", max),
+      "grouped_gemm_bf16_frac_of_hbm_kernel": extreme(dec, "frac_of_hbm_kernel", max),
+      "grouped_gemm_bf16_frac_of_hbm_kernel_min": extreme(dec, "frac_of_hbm_kernel", min),
+      "grouped_gemm_fp8_over_bf16_kernel": extreme(pre, "fp8_over_bf16_kernel", max),
+      "grouped_gemm_fp8_over_bf16_kernel_min": extreme(pre, "fp8_over_bf16_kernel", min),
+      "grouped_gemm_fp8_over_bf16_op_min": extreme(pre, "fp8_over_bf16_op", min),
       "fp8_variants_failing_check": sorted({kk for r in rows for kk, e in r.get("fp8_rel_err", {}).items()
                                             if e > FP8_MAX_REL_ERR}),
       "max_rel_err": max((r["rel_err_best"] for r in rows), default=None),
