@@ -790,10 +790,8 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
   m_pad = _padded_rows(m, cfg.block_m)
   xq, xs = quantize_activations(x)
   xq = _pad_rows(xq, m_pad)
-  # [K/128, M'] so that a tile's row scales of one K block are one contiguous TMA box. The barrier keeps
-  # this small transpose out of the quantization's fusion: fused (XLA:GPU makes one multi-output
-  # "transpose" fusion of both), the pass over the activations ran at 2.5 TB/s (CUPTI, 2026-11-23).
-  xs_t = jnp.pad(jax.lax.optimization_barrier(xs).T, ((0, 0), (0, m_pad - m)))
+  # [K/128, M'] so that a tile's row scales of one K block are one contiguous TMA box.
+  xs_t = jnp.pad(xs.T, ((0, 0), (0, m_pad - m)))
   sched = tile_schedule(group_sizes, expert_slot, m=m, m_pad=m_pad, block_m=cfg.block_m,
                         buffer_sizes=tuple(w.shape[0] for w in weights))
   # Per-group weight scales (a few KB per group): the kernel reads one scalar per k step.
