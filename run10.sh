@@ -1,3 +1,0 @@
-export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 GIT_COMMIT=b1edfb9fa440c0e31623a4d0c7961ededf905215 DWDP_COMMIT=b1edfb9fa440c0e31623a4d0c7961ededf905215
-timeout 150 python3 experiments/gpu_check_dwdp.py --backends=pallas,jnp --fetch=pallas_pull --device_kind=nvidia-h200-x2 --out=$OUT 2>&1 | grep -v "^I11\|^W11" | tail -8 | tee $OUT/check_dwdp_pallas_pull.log
-timeout 300 python3 experiments/bench_dwdp.py --fetch=copy_engine,pallas_pull --tokens=4096,8192 --repeats=3 --nodep --nointerference --noclocks --device_kind=nvidia-h200-x2 --out=$OUT 2>&1 | grep -v "^I11\|^W11" | tee $OUT/bench_dwdp_pallas_pull.log

@@ -1,3 +1,0 @@
-export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 GIT_COMMIT=6687f82d3e4e080a39d9b6c44331fe32b96045ce DWDP_COMMIT=6687f82d3e4e080a39d9b6c44331fe32b96045ce
-timeout 150 python3 experiments/gpu_check_dwdp.py --backends=pallas --fetch=copy_engine,copy_engine_stream --device_kind=nvidia-h200-x2 --out=$OUT 2>&1 | grep -v "^I11\|^W11" | tee $OUT/check_dwdp.log
-timeout 420 python3 experiments/bench_dwdp.py --fetch=copy_engine --tokens=4096,8192 --nodep --device_kind=nvidia-h200-x2 --out=$OUT 2>&1 | grep -v "^I11\|^W11" | tee $OUT/bench_dwdp_clocks.log

@@ -1,2 +1,0 @@
-export PYTHONPATH=. PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 GIT_COMMIT=277e6efade7efd232e053b6eb923bfd4de96e302 DWDP_COMMIT=277e6efade7efd232e053b6eb923bfd4de96e302
-timeout 500 python3 experiments/bench_dwdp.py --fetch=copy_engine --tokens=4096,8192 --repeats=10 --nodep --device_kind=nvidia-h200-x2 --out=$OUT 2>&1 | grep -v "^I11\|^W11" | tee $OUT/bench_dwdp_clocks.log

@@ -1,2 +1,0 @@
-export PYTHONPATH=. PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2 GIT_COMMIT=4f00fec0f388101e0793fad458cf17261a56433b
-timeout 570 python3 experiments/bench_kernels.py --device_kind nvidia-h200 --regime decode --fp8_variants fp8_64x256_nsplit,fp8_128x128_msplit --out $OUT/kernels-20261123-nvidia-h200-decode.json 2>&1 | grep -v "^I11\|^W11\|UserWarning\|warnings.warn" | tee $OUT/bench_kernels_decode.log
