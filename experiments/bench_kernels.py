@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import grouped_gemm as gg  # noqa: E402
+from pallas_kernels import profiling  # noqa: E402
 
 SHAPES = {"gate_up": (7168, 4096), "down": (2048, 7168)}  # (K, N) of DeepSeek-R1's experts
 
@@ -61,13 +62,9 @@ def kernel_times(f, *args, iterations=5):
   """GPU only (CUPTI): (Mosaic GPU kernel seconds, all kernels' seconds) of one call of the jitted `f`,
   medians over `iterations` calls. Separates the grouped-GEMM kernel from the XLA ops around it (tile
   schedule, FP8 activation quantization) and from host dispatch, which wall-clock times include."""
-  from jax.experimental.mosaic.gpu import profiler
-
-  _, timings = profiler.measure(f, aggregate=False, iterations=iterations)(*args)
-  mid = len(timings) // 2
-  mosaic = sorted(sum(ms for name, ms in call if "mosaic" in name) for call in timings)[mid]
-  total = sorted(sum(ms for _, ms in call) for call in timings)[mid]
-  return mosaic / 1e3, total / 1e3
+  calls = profiling.kernel_calls(f, *args, iterations=iterations)
+  mosaic = profiling.median_per_call(calls, lambda ks: sum(t for name, t in ks if profiling.is_mosaic(name)))
+  return mosaic, profiling.median_per_call(calls, lambda ks: sum(t for _, t in ks))
 
 
 def extreme(rows, key, pick):

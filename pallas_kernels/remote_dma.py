@@ -265,11 +265,10 @@ def _ring_fetch_fn(mesh, config):
 
 def _kernel_seconds(fn, *args, iterations=5):
   """Median over `iterations` calls of the slowest device's Mosaic GPU kernel duration (CUPTI), s."""
-  from jax.experimental.mosaic.gpu import profiler
+  from pallas_kernels import profiling
 
-  _, timings = profiler.measure(fn, aggregate=False, iterations=iterations)(*args)
-  per_call = [max(ms for name, ms in call if "mosaic" in name) for call in timings]
-  return sorted(per_call)[len(per_call) // 2] / 1e3
+  calls = profiling.kernel_calls(fn, *args, iterations=iterations)
+  return profiling.median_per_call(calls, lambda ks: max(t for name, t in ks if profiling.is_mosaic(name)))
 
 
 def _sweep_configs():

@@ -69,6 +69,11 @@ def _put_experts(base: ExpertWeights, part: ExpertWeights, offset) -> ExpertWeig
     return jax.tree.map(lambda b, p: jax.lax.dynamic_update_slice_in_dim(b, p, offset, 0), base, part)
 
 
+def _zeros_like_on(src: ExpertWeights, device: jax.Device) -> ExpertWeights:
+    """A zero staging buffer of `src`'s shapes on `device`."""
+    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=device), src)
+
+
 class DevicePutFetch(FetchBackend):
     """Peer-to-peer copy through PJRT (`jax.device_put` of a committed array to another device).
 
@@ -84,7 +89,7 @@ class DevicePutFetch(FetchBackend):
 
     def subset(self, src, device, slots, into=None, offset=0) -> ExpertWeights:
         """Gathers src[slots] on the source device, moves exactly those bytes, writes them into staging."""
-        base = into if into is not None else jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=device), src)
+        base = into if into is not None else _zeros_like_on(src, device)
         if len(slots) == 0:
             return base
         part = jax.device_put(_take_experts(src, np.asarray(slots, np.int32)), device)
@@ -384,7 +389,8 @@ def _pallas_take_field(view, dtype, ids, config, interpret):
 
 @functools.partial(jax.jit, static_argnames=("dtypes", "config"))
 def _pallas_take(views, ids, dtypes, config):
-    return {f: _pallas_take_field(v, dtypes[f], ids, config, False) for f, v in views.items()}
+    """dtypes: ((field, dtype), ...), static."""
+    return {f: _pallas_take_field(views[f], dtype, ids, config, False) for f, dtype in dtypes}
 
 
 class PallasPull(FetchBackend):
@@ -418,8 +424,8 @@ class PallasPull(FetchBackend):
         views = {f: self._view(getattr(src, f), device) for f in fields}
         ids = jax.device_put(np.asarray(list(slots), np.int32), device)
         if device.platform == "gpu":
-            dtypes = tuple(sorted((f, getattr(src, f).dtype) for f in fields))
-            out = _pallas_take(views, ids, dtypes=_FrozenDict(dtypes), config=self.config)
+            dtypes = tuple((f, getattr(src, f).dtype) for f in fields)
+            out = _pallas_take(views, ids, dtypes=dtypes, config=self.config)
         else:  # interpret mode: eagerly (not under an outer jit) and one call at a time, because the Mosaic GPU
             # interpreter keeps global simulated shared memory that concurrent kernels from rank threads corrupt
             with _INTERPRET_LOCK:
@@ -431,20 +437,13 @@ class PallasPull(FetchBackend):
         return self._take(src, device, range(src.num_experts))
 
     def subset(self, src, device, slots, into=None, offset=0) -> ExpertWeights:
-        base = into if into is not None else jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=device), src)
+        base = into if into is not None else _zeros_like_on(src, device)
         if len(slots) == 0:
             return base
         return _put_experts(base, self._take(src, device, slots), np.int32(offset))
 
 
 _INTERPRET_LOCK = threading.Lock()
-
-
-class _FrozenDict(dict):
-    """A hashable dict (a static jit argument)."""
-
-    def __hash__(self):
-        return hash(tuple(sorted(self.items(), key=lambda kv: kv[0])))
 
 
 def fetch_backend(name: str, slots: int = 3) -> FetchBackend:
