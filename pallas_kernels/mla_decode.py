@@ -1,0 +1,423 @@
+"""MLA decode attention on Hopper (Pallas Mosaic GPU): the weight-absorbed form over a paged latent cache.
+
+In the absorbed form (DeepSeek-V2/V3), every head's query lives in the latent space: q = (q_nope @ W_uk) || q_pe,
+width D = kv_lora_rank + rope_dim (512 + 64 for R1), and every head reads the same cached row
+c = latent || k_pe of each token. Scores are q . c, and the output, still in latent space, is softmax @ latent
+(the first kv_lora_rank columns of the same row): the value is a prefix of the key, so the cache is read once
+for all heads and for both products.
+
+Cache layout (the engine's paged cache): `pages [num_pages, page_size, D]`; request b's token t lies in
+`pages[block_table[b, t // page_size], t % page_size]`; `lengths[b]` tokens are cached, the s_q new ones
+included. Query t of s_q sits at position lengths[b] - s_q + t and attends cached positions <= it.
+
+Kernel design (FlashMLA's division of work, our code):
+  * A CTA owns 64 query rows of one request (rows = (query token, head) pairs) and one KV split: a range of
+    the request's pages. The grid is (row tiles, splits, requests), row tiles fastest, so the CTAs that read
+    the same pages run together and the second read hits L2.
+  * Three warpgroups. The memory warpgroup loads Q once and then one page per step (one TMA of
+    [page_size, D]) into a two-stage ring, looking each page up in the block table.
+  * Compute warpgroup 0 computes S = Q K^T (wgmma, K = D), the online softmax, writes P (bf16) and the
+    row rescale factors to SMEM for its partner, and accumulates O[:, :kv_lora/2] += P V with P in
+    registers. Compute warpgroup 1 accumulates O[:, kv_lora/2:] from P in SMEM. Each owns a [64, 256] f32
+    accumulator: the whole [64, 512] would not fit one warpgroup's registers. While warpgroup 0 runs the
+    softmax of page i + 1 on the CUDA cores, warpgroup 1's P V of page i keeps the tensor cores busy.
+  * Split-KV: each split writes its normalized partial O (bf16) and its log-sum-exp; `combine` merges the
+    splits in f32 (`num_splits` 1 skips it). Empty splits (short requests) write lse = -inf.
+With 128 heads this is compute-bound on an H200 (2 x 128 x (576 + 512) FLOP per cached token against 1152
+bytes, ~240 FLOP/byte), so the speed to compare with is max(FLOPs / peak, bytes / HBM rate), not HBM alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _compat
+
+PAGE_SIZE = 64  # tokens per cache page: the S tile's width and the P V product's K
+BLOCK_ROWS = 64  # query rows per CTA (the wgmma M of one warpgroup)
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+  """`num_splits`: KV splits per request (None: enough CTAs to fill the GPU, at least `min_pages_per_split`
+  pages each). `max_concurrent_steps`: pages in flight (SMEM: Q + this many pages must fit)."""
+  num_splits: int | None = None
+  min_pages_per_split: int = 4
+  max_concurrent_steps: int = 2
+
+  def __post_init__(self):
+    if self.num_splits is not None and self.num_splits < 1:
+      raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
+    if self.min_pages_per_split < 1:
+      raise ValueError(f"min_pages_per_split must be >= 1, got {self.min_pages_per_split}")
+    if self.max_concurrent_steps < 2:
+      raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
+
+
+def padded_widths(kv_lora_rank: int, rope_dim: int) -> tuple[int, int]:
+  """(latent, rope) widths the kernel works in: the latent a multiple of 128 (each compute warpgroup owns
+  half of it, on 64-column SMEM tiles), the rope part a multiple of 64. R1's 512 + 64 need no padding; a
+  cache allocated at these widths is used without a copy."""
+  return -(-kv_lora_rank // 128) * 128, -(-rope_dim // 64) * 64
+
+
+def choose_num_splits(batch: int, row_tiles: int, max_pages: int, num_sms: int,
+                      min_pages_per_split: int = 4) -> int:
+  """Splits per request so that batch x row_tiles x splits CTAs about fill `num_sms` SMs (one CTA per SM:
+  the SMEM holds one), each split at least `min_pages_per_split` pages (a split re-reads Q: fewer pages
+  would spend more on Q than on the cache)."""
+  want = max(1, round(num_sms / (batch * row_tiles)))
+  return max(1, min(want, -(-max_pages // min_pages_per_split)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (pure jnp, f32).
+# ---------------------------------------------------------------------------------------------
+
+
+def reference(q, pages, block_table, lengths, *, kv_lora_rank, softmax_scale):
+  """Same contract as `mla_decode` (returns (out, lse)), computed by gathering every request's pages and
+  attending in f32. Rows of requests with length 0 are 0 (lse -inf)."""
+  b, s_q, h, d = q.shape
+  keys = pages[block_table].reshape(b, -1, d).astype(jnp.float32)  # [b, max_pages * page, d]
+  key = jnp.arange(keys.shape[1])
+  keys = jnp.where((key[None, :] < lengths[:, None])[..., None], keys, 0.0)  # pages past the length
+  s = jnp.einsum("bthd,bkd->bthk", q.astype(jnp.float32), keys,
+                 precision=lax.Precision.HIGHEST) * softmax_scale
+  pos = lengths[:, None] - s_q + jnp.arange(s_q)[None, :]  # [b, t]
+  mask = (key[None, None, :] <= pos[:, :, None]) & (key[None, None, :] < lengths[:, None, None])
+  s = jnp.where(mask[:, :, None, :], s, -jnp.inf)
+  mx = jnp.max(s, axis=-1, keepdims=True)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  p = jnp.exp(s - mx)
+  tot = p.sum(-1, keepdims=True)
+  out = jnp.einsum("bthk,bkc->bthc", p, keys[..., :kv_lora_rank], precision=lax.Precision.HIGHEST)
+  out = out / jnp.where(tot > 0, tot, 1.0)
+  lse = jnp.where(tot[..., 0] > 0, jnp.log(jnp.where(tot[..., 0] > 0, tot[..., 0], 1.0)) + mx[..., 0],
+                  -jnp.inf)
+  return out.astype(q.dtype), lse
+
+
+def combine(o_parts, lse_parts):
+  """Merges split-KV partials: o_parts [B, S, R, C] (each normalized over its split), lse_parts [B, S, R]
+  (natural log, -inf for an empty split) -> (out [B, R, C] f32, lse [B, R])."""
+  if o_parts.shape[1] == 1:
+    return o_parts[:, 0].astype(jnp.float32), lse_parts[:, 0]
+  mx = jnp.max(lse_parts, axis=1, keepdims=True)
+  mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
+  w = jnp.exp(lse_parts - mx)  # [B, S, R]; an empty split weighs 0
+  tot = w.sum(1)
+  out = jnp.einsum("bsr,bsrc->brc", w, o_parts.astype(jnp.float32))
+  out = out / jnp.where(tot > 0, tot, 1.0)[..., None]
+  lse = jnp.where(tot > 0, jnp.log(jnp.where(tot > 0, tot, 1.0)) + mx[:, 0], -jnp.inf)
+  return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel.
+# ---------------------------------------------------------------------------------------------
+
+
+def _smem_transforms(minor, dtype):
+  bits = jnp.dtype(dtype).itemsize * 8
+  swizzle = plgpu.find_swizzle(minor * bits)
+  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def _cdiv(a, b):
+  return lax.div(a + (b - 1), b)
+
+
+def _row_layout(x, interpret):
+  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+
+def _tile_layout(x, interpret):
+  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+
+
+def _load_rows(ref, interpret):
+  """A [64] f32 SMEM vector as one value per accumulator row."""
+  if interpret:
+    return ref[...]
+  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+
+def _bcast_rows(v, shape):
+  return lax.broadcast_in_dim(v, shape, [0])
+
+
+def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q, heads, dl,
+                   num_splits, scale_log2, steps_in_flight, interpret):
+  tile, split, b = lax.axis_index("tile"), lax.axis_index("split"), lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  rows, page, d = BLOCK_ROWS, PAGE_SIZE, q_ref.shape[-1]
+  half = dl // 2
+  dtype = q_ref.dtype
+
+  length = lens_ref[b]
+  n_pages = _cdiv(length, page)
+  per_split = _cdiv(n_pages, num_splits)
+  first = split * per_split
+  steps = jnp.maximum(jnp.minimum(first + per_split, n_pages) - first, 0)
+  # Pages whose every key is visible to every row of the tile need no mask: keys <= the smallest
+  # position in the tile, lengths[b] - s_q + (first row's query token).
+  min_pos = length - s_q + lax.div(tile * rows, heads)
+  unmasked = jnp.clip(lax.div(min_pos + 1, page) - first, 0, steps)
+
+  def scoped(q_smem, k_smem, p_smem, alpha_smem, l_smem, lse_smem, q_bar, full, free, p_ready,
+             p_free, final):
+
+    @pl.when(wg == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(tile * rows, rows)], q_smem, q_bar)
+
+      @pl.loop(0, steps)
+      def _(i):
+        slot = lax.rem(i, steps_in_flight)
+
+        @pl.when(i >= steps_in_flight)
+        def _():
+          plgpu.barrier_wait(free.at[slot])
+
+        plgpu.copy_gmem_to_smem(pages_ref.at[table_ref[b, first + i]], k_smem.at[slot],
+                                full.at[slot])
+
+      # Observe the last releases too, so every barrier ends balanced (the interpreter checks it).
+      for j in range(steps_in_flight):
+        i = steps - steps_in_flight + j
+
+        @pl.when(i >= 0)
+        def _():
+          plgpu.barrier_wait(free.at[lax.rem(i, steps_in_flight)])
+
+    def masked_scores(s, i):
+      """Keys past a row's position (and past the cache) -> -inf. s [rows, page]."""
+      key0 = (first + i) * page
+      if interpret:
+        r = lax.broadcasted_iota(jnp.int32, s.shape, 0)
+        k = lax.broadcasted_iota(jnp.int32, s.shape, 1)
+      else:
+        r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+        k = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+      pos = length - s_q + lax.div(r + tile * rows, heads)
+      limit = jnp.minimum(pos, length - 1)
+      return jnp.where(k + key0 <= limit, s, -jnp.inf)
+
+    def scores(slot):
+      k_tile = k_smem.at[slot]
+      if interpret:
+        return jnp.dot(q_smem[...].astype(jnp.float32), k_tile[...].astype(jnp.float32).T)
+
+      def qk(acc_ref):
+        plgpu.wgmma(acc_ref, q_smem, _compat.transpose_ref(k_tile, (1, 0)))
+        return acc_ref[...]
+      return pl.run_scoped(qk, plgpu.ACC((rows, page), jnp.float32))
+
+    def pv(o, p, v_ref):
+      """o + p @ v; p a [rows, page] bf16 value (registers) or SMEM ref."""
+      if interpret:
+        p_val = p if p is not p_smem else p_smem[...]
+        return o + jnp.dot(p_val.astype(jnp.float32), v_ref[...].astype(jnp.float32))
+
+      def body(acc_ref):
+        plgpu.wgmma(acc_ref, p, v_ref)
+      return pl.run_state(body)(plgpu.ACC.init(o))
+
+    @pl.when(wg == 0)
+    def _softmax_wg():
+      plgpu.set_max_registers(232, action="increase")
+      plgpu.barrier_wait(q_bar)
+
+      def step(i, carry, mask):
+        o, m, l = carry
+        slot = lax.rem(i, steps_in_flight)
+        plgpu.barrier_wait(full.at[slot])
+        s = scores(slot) * scale_log2
+        if mask:
+          s = masked_scores(s, i)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing visible yet: p = 0
+        alpha = jnp.exp2(m - m_use)
+        p = jnp.exp2(s - _bcast_rows(m_use, s.shape))
+        l = l * alpha + p.sum(axis=1)
+        p16 = p.astype(dtype)
+
+        @pl.when(i > 0)
+        def _():
+          plgpu.barrier_wait(p_free)  # the partner has finished reading the last P
+
+        p_smem[...] = p16
+        alpha_smem[...] = alpha
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(p_ready)
+        o = o * _bcast_rows(alpha, o.shape)
+        o = pv(o, p16, k_smem.at[slot, :, pl.ds(0, half)])
+        plgpu.barrier_arrive(free.at[slot])
+        return o, m_new, l
+
+      o = _tile_layout(jnp.zeros((rows, half), jnp.float32), interpret)
+      m = _row_layout(jnp.full((rows,), -jnp.inf, jnp.float32), interpret)
+      l = _row_layout(jnp.zeros((rows,), jnp.float32), interpret)
+      carry = lax.fori_loop(0, unmasked, functools.partial(step, mask=False), (o, m, l))
+      o, m, l = lax.fori_loop(unmasked, steps, functools.partial(step, mask=True), carry)
+
+      @pl.when(steps > 0)
+      def _():
+        plgpu.barrier_wait(p_free)  # balances p_free's phases (one per step)
+
+      l_smem[...] = l
+      plgpu.barrier_arrive(final)
+      l_safe = jnp.where(l > 0, l, 1.0)
+      q_smem.at[:, pl.ds(0, half)][...] = (o / _bcast_rows(l_safe, o.shape)).astype(dtype)
+      lse_smem[...] = jnp.where(l > 0, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem.at[:, pl.ds(0, half)],
+                              o_ref.at[b, split, pl.ds(tile * rows, rows), pl.ds(0, half)])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, split, pl.ds(tile * rows, rows)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 1)
+    def _partner_wg():
+      plgpu.set_max_registers(232, action="increase")
+
+      def step(i, o):
+        slot = lax.rem(i, steps_in_flight)
+        plgpu.barrier_wait(full.at[slot])
+        plgpu.barrier_wait(p_ready)
+        alpha = _load_rows(alpha_smem, interpret)
+        o = o * _bcast_rows(alpha, o.shape)
+        o = pv(o, p_smem, k_smem.at[slot, :, pl.ds(half, half)])
+        plgpu.barrier_arrive(p_free)
+        plgpu.barrier_arrive(free.at[slot])
+        return o
+
+      o = lax.fori_loop(0, steps, step, _tile_layout(jnp.zeros((rows, half), jnp.float32), interpret))
+      plgpu.barrier_wait(final)  # warpgroup 0 is done with Q's SMEM and has written l
+      l = _load_rows(l_smem, interpret)
+      l_safe = jnp.where(l > 0, l, 1.0)
+      q_smem.at[:, pl.ds(half, half)][...] = (o / _bcast_rows(l_safe, o.shape)).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem.at[:, pl.ds(half, half)],
+                              o_ref.at[b, split, pl.ds(tile * rows, rows), pl.ds(half, half)])
+      plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(
+      scoped,
+      plgpu.SMEM((rows, d), dtype, transforms=_smem_transforms(64, dtype)),
+      plgpu.SMEM((steps_in_flight, page, d), dtype, transforms=_smem_transforms(64, dtype)),
+      plgpu.SMEM((rows, page), dtype, transforms=_smem_transforms(page, dtype)),
+      plgpu.SMEM((rows,), jnp.float32),
+      plgpu.SMEM((rows,), jnp.float32),
+      plgpu.SMEM((rows,), jnp.float32),
+      plgpu.Barrier(num_arrivals=1),
+      plgpu.Barrier(num_arrivals=1, num_barriers=steps_in_flight),
+      plgpu.Barrier(num_arrivals=2, num_barriers=steps_in_flight),
+      plgpu.Barrier(num_arrivals=1),
+      plgpu.Barrier(num_arrivals=1),
+      plgpu.Barrier(num_arrivals=1),
+      collective_axes="wg",
+  )
+
+
+def _smem_bytes(d, steps_in_flight, itemsize=2):
+  return (BLOCK_ROWS * d + steps_in_flight * PAGE_SIZE * d + BLOCK_ROWS * PAGE_SIZE) * itemsize + \
+      3 * BLOCK_ROWS * 4
+
+
+def _validate(q, pages, block_table, lengths, kv_lora_rank):
+  if q.ndim != 4:
+    raise ValueError(f"q must be [batch, s_q, heads, kv_lora_rank + rope_dim], got {q.shape}")
+  b, _, _, d = q.shape
+  if pages.ndim != 3 or pages.shape[1] != PAGE_SIZE or pages.shape[2] != d:
+    raise ValueError(f"pages must be [num_pages, {PAGE_SIZE}, {d}] (q's width), got {pages.shape}")
+  if q.dtype != jnp.bfloat16 or pages.dtype != jnp.bfloat16:
+    raise ValueError(f"q and pages must be bfloat16, got {q.dtype} and {pages.dtype}")
+  if block_table.ndim != 2 or block_table.shape[0] != b or not jnp.issubdtype(block_table.dtype,
+                                                                                 jnp.integer):
+    raise ValueError(f"block_table must be int [{b}, max_pages], got {block_table.dtype}{block_table.shape}")
+  if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths must be int [{b}], got {lengths.dtype}{lengths.shape}")
+  if not 0 < kv_lora_rank < d:
+    raise ValueError(f"kv_lora_rank {kv_lora_rank} must lie inside the width {d}")
+
+
+def _pad_last(x, parts):
+  """Pads the last axis, split into (width, padded width) parts, each part to its padded width."""
+  if all(w == p for w, p in parts):
+    return x
+  pieces, start = [], 0
+  for w, p in parts:
+    piece = x[..., start:start + w]
+    pieces.append(jnp.pad(piece, [(0, 0)] * (x.ndim - 1) + [(0, p - w)]))
+    start += w
+  return jnp.concatenate(pieces, axis=-1)
+
+
+def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_scale: float,
+               config: DecodeConfig | None = None, interpret: bool = False):
+  """Absorbed MLA attention of s_q new tokens per request over a paged latent cache.
+
+  Args:
+    q: [B, s_q, H, D] bf16, D = kv_lora_rank + rope_dim: (q_nope @ W_uk) || rotated q_pe per head.
+    pages: [num_pages, 64, D] bf16: latent || rotated k_pe of each cached token (`PAGE_SIZE` tokens a page).
+    block_table: [B, max_pages] int32, request -> its pages in order (entries past a request's length
+      are never read).
+    lengths: [B] int32, tokens cached per request including the s_q new ones (>= s_q), or 0 for an idle
+      batch row (its output is 0).
+    kv_lora_rank: the latent width; the value of a token is the first kv_lora_rank entries of its row.
+    softmax_scale: multiplies q . k before the softmax.
+    config: `DecodeConfig`; None picks the splits from B and the device's SM count.
+  Returns:
+    (out [B, s_q, H, kv_lora_rank] bf16: attention output in latent space (apply W_uv next),
+     lse [B, s_q, H] f32: natural-log normalizer of each row's softmax, for merging with other parts).
+  Latent widths that are not multiples of 128 (and rope widths not multiples of 64) are zero-padded
+  here, a copy of the cache: allocate caches at `padded_widths` to avoid it.
+  """
+  _validate(q, pages, block_table, lengths, kv_lora_rank)
+  cfg = config or DecodeConfig()
+  b, s_q, h, d = q.shape
+  dl, dr = padded_widths(kv_lora_rank, d - kv_lora_rank)
+  parts = ((kv_lora_rank, dl), (d - kv_lora_rank, dr))
+  q_p, pages_p = _pad_last(q, parts), _pad_last(pages, parts)
+  dp = dl + dr
+  if _smem_bytes(dp, cfg.max_concurrent_steps) > SMEM_BYTES:
+    raise ValueError(f"width {dp} with {cfg.max_concurrent_steps} pages in flight needs "
+                     f"{_smem_bytes(dp, cfg.max_concurrent_steps)} bytes of SMEM (> {SMEM_BYTES})")
+  r = s_q * h
+  r_pad = -(-r // BLOCK_ROWS) * BLOCK_ROWS
+  q_rows = q_p.reshape(b, r, dp)
+  if r_pad != r:
+    q_rows = jnp.pad(q_rows, ((0, 0), (0, r_pad - r), (0, 0)))
+  tiles = r_pad // BLOCK_ROWS
+  num_sms = 2 if interpret else _compat.num_sms()
+  splits = cfg.num_splits or choose_num_splits(b, tiles, block_table.shape[1], num_sms,
+                                               cfg.min_pages_per_split)
+  body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, num_splits=splits,
+                           scale_log2=softmax_scale * _LOG2E,
+                           steps_in_flight=cfg.max_concurrent_steps, interpret=interpret)
+  o_parts, lse_parts = plgpu.kernel(
+      body,
+      out_type=(jax.ShapeDtypeStruct((b, splits, r_pad, dl), q.dtype),
+                jax.ShapeDtypeStruct((b, splits, r_pad), jnp.float32)),
+      grid=(tiles, splits, b),
+      grid_names=("tile", "split", "b"),
+      num_threads=3,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_compat.InterpretGPUParams() if interpret else None,
+  )(q_rows, pages_p, block_table.astype(jnp.int32), lengths.astype(jnp.int32))
+  out, lse = combine(o_parts, lse_parts)
+  out = out[:, :r, :kv_lora_rank].reshape(b, s_q, h, kv_lora_rank).astype(q.dtype)
+  return out, lse[:, :r].reshape(b, s_q, h)

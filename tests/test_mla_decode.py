@@ -1,0 +1,107 @@
+"""MLA decode kernel (absorbed, paged latent cache, split-KV) vs its f32 reference: GPU interpret mode on
+CPU, natively on a GPU (the same tests, R1 shapes added)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _compat
+from pallas_kernels import mla_decode as md
+
+ON_GPU = _compat.on_gpu()
+INTERPRET = not ON_GPU
+# bf16 inputs and output, f32 accumulation; split partials are stored in bf16 before the f32 combine.
+MAX_REL_ERR = 1e-2
+
+
+def rel_err(out, ref):
+  out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+  return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def make_inputs(seed, b, s_q, h, kv_lora, rope, lengths, max_pages):
+  """Random queries and pages (never zeros); every request's pages scattered over a shuffled pool.
+  Pages no request owns are NaN: reading one would show. (Positions past a request's length inside its
+  last page are read and weighted 0, so they must be finite, as a cache's stale entries are.)"""
+  keys = jax.random.split(jax.random.key(seed), 2)
+  d = kv_lora + rope
+  num_pages = b * max_pages + 3
+  q = jax.random.normal(keys[0], (b, s_q, h, d), jnp.float32).astype(jnp.bfloat16)
+  pages = jax.random.normal(keys[1], (num_pages, md.PAGE_SIZE, d), jnp.float32)
+  perm = np.random.default_rng(seed).permutation(num_pages)
+  table = perm[: b * max_pages].reshape(b, max_pages)
+  owned = np.zeros((num_pages,), bool)
+  for i, n in enumerate(lengths):
+    owned[table[i, : -(-n // md.PAGE_SIZE)]] = True
+  pages = jnp.where(jnp.asarray(owned)[:, None, None], pages, jnp.nan).astype(jnp.bfloat16)
+  return q, pages, jnp.asarray(table, jnp.int32), jnp.asarray(lengths, jnp.int32)
+
+
+def check(seed, b, s_q, h, kv_lora, rope, lengths, max_pages, config, scale=0.1):
+  q, pages, table, lens = make_inputs(seed, b, s_q, h, kv_lora, rope, lengths, max_pages)
+  run = jax.jit(lambda *a: md.mla_decode(*a, kv_lora_rank=kv_lora, softmax_scale=scale, config=config,
+                                        interpret=INTERPRET))
+  out, lse = run(q, pages, table, lens)
+  ref, ref_lse = md.reference(q, pages, table, lens, kv_lora_rank=kv_lora, softmax_scale=scale)
+  out, lse, ref_lse = (np.asarray(x, np.float32) for x in (out, lse, ref_lse))
+  live = np.asarray(lens) > 0
+  assert np.isfinite(out).all(), "NaN or unwritten output"
+  assert (out[~live] == 0).all(), "idle rows (length 0) must be 0"
+  assert rel_err(out[live], ref[live]) <= MAX_REL_ERR
+  np.testing.assert_allclose(lse[live], ref_lse[live], atol=2e-3, rtol=1e-4)
+  assert np.isneginf(lse[~live]).all()
+
+
+def test_tiny_widths_unequal_lengths_splits():
+  # The tiny config's widths (latent 32, rope 16: padded inside), lengths not page multiples, an idle
+  # row, two splits (request 0 has one page: its second split is empty).
+  check(0, 4, 1, 4, 32, 16, [1, 70, 130, 0], 3, md.DecodeConfig(num_splits=2, min_pages_per_split=1))
+
+
+def test_mtp_queries_rows_across_tiles():
+  # Two new tokens per request (MTP), 40 heads: 80 rows over two tiles, tile rows mixing both tokens;
+  # three splits, some empty; the second query of a request sees one key more than the first.
+  check(1, 2, 2, 40, 128, 64, [2, 129], 3, md.DecodeConfig(num_splits=3, min_pages_per_split=1))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="R1 shapes: GPU only")
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_r1_shapes(s_q):
+  rng = np.random.default_rng(s_q)
+  lengths = rng.integers(s_q, 3000, 6).tolist() + [0, 4096]
+  check(2, 8, s_q, 128, 512, 64, lengths, 64, None, scale=192 ** -0.5)
+
+
+def test_combine_matches_one_split():
+  """combine() of per-split partials equals attention over the whole row (pure jnp)."""
+  rng = np.random.default_rng(3)
+  s = jnp.asarray(rng.normal(size=(2, 3, 5, 12)), jnp.float32)  # [b, splits, rows, keys]
+  v = jnp.asarray(rng.normal(size=(2, 3, 12, 4)), jnp.float32)
+  s = s.at[1, 2].set(-jnp.inf)  # an empty split
+  lse_p = jax.nn.logsumexp(s, axis=-1)
+  o_p = jnp.einsum("bsrk,bskc->bsrc", jnp.exp(s - jnp.where(jnp.isfinite(lse_p), lse_p, 0)[..., None]), v)
+  out, lse = md.combine(o_p, lse_p)
+  full = jax.nn.softmax(jnp.moveaxis(s, 1, 2).reshape(2, 5, 36), -1)
+  ref = jnp.einsum("brk,bkc->brc", full, v.reshape(2, 36, 4))
+  np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(lse, jax.nn.logsumexp(jnp.moveaxis(s, 1, 2).reshape(2, 5, 36), -1), rtol=1e-5)
+
+
+def test_choose_num_splits():
+  assert md.choose_num_splits(64, 2, 64, 132) == 1  # B=64: 128 CTAs already fill 132 SMs
+  assert md.choose_num_splits(1, 2, 512, 132) == 66  # B=1, 32K: one CTA per SM
+  assert md.choose_num_splits(1, 2, 64, 132) == 16  # B=1, 4K: at least 4 pages a split
+
+
+def test_bad_inputs_are_named():
+  q, pages, table, lens = make_inputs(0, 2, 1, 4, 32, 16, [3, 5], 1)
+  kw = dict(kv_lora_rank=32, softmax_scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="pages must be"):
+    md.mla_decode(q, pages[:, :32], table, lens, **kw)
+  with pytest.raises(ValueError, match="lengths must be"):
+    md.mla_decode(q, pages, table, lens[:1], **kw)
+  with pytest.raises(ValueError, match="bfloat16"):
+    md.mla_decode(q.astype(jnp.float32), pages, table, lens, **kw)
+  with pytest.raises(ValueError, match="kv_lora_rank"):
+    md.mla_decode(q, pages, table, lens, kv_lora_rank=48, softmax_scale=1.0, interpret=True)
