@@ -281,13 +281,8 @@ def _prefill_kernel(q_ref, kv_ref, kpe_ref, qlen_ref, kvlen_ref, out_ref, lse_re
       valid = (iota((bq, dv), 0) + q0 < q_len) & (lax.broadcast_in_dim(l, (bq, dv), [0]) > 0)
       out = acc / lax.broadcast_in_dim(jnp.where(l > 0, l, 1.0), (bq, dv), [0])
       o_smem.at[wg][...] = jnp.where(valid, out, 0.0).astype(dtype)
-      if interpret:
-        row_ok = lax.iota(jnp.int32, bq) + q0 < q_len
-      else:
-        row_ok = plgpu.broadcasted_iota(jnp.int32, (bq,), 0,
-                                        layout=plgpu.Layout.WGMMA.reduce(1)) + q0 < q_len
-      row_ok = row_ok & (l > 0)
-      lse_smem.at[wg][...] = jnp.where(row_ok, (m + jnp.log2(jnp.where(l > 0, l, 1.0))) / _LOG2E,
+      # Rows past q_len get -inf in the wrapper (a row-vector iota is not a layout we rely on).
+      lse_smem.at[wg][...] = jnp.where(l > 0, (m + jnp.log2(jnp.where(l > 0, l, 1.0))) / _LOG2E,
                                        -jnp.inf)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(o_smem.at[wg], out_ref.at[b, rows, h])
@@ -389,4 +384,5 @@ def mla_prefill(q, kv, k_pe, q_lens, kv_lens, *, softmax_scale: float,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_compat.InterpretGPUParams() if interpret else None,
   )(q, kv, k_pe, q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32))
-  return out[:, :sq, :, :dv], lse[:, :, :sq]
+  q_ok = jnp.arange(sq)[None, None, :] < q_lens[:, None, None]
+  return out[:, :sq, :, :dv], jnp.where(q_ok, lse[:, :, :sq], -jnp.inf)
