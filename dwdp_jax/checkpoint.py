@@ -43,6 +43,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from typing import Callable, Sequence
 
 import jax
@@ -161,7 +162,8 @@ class Writer:
 
     Use as a context manager: leaving the block without `commit` (an error, an interrupt) deletes the temporary
     directory, so no partial checkpoint is ever left under `path`. Each `save_item` is one orbax save of arrays
-    held in memory, so the caller bounds the memory by the size of the items it builds.
+    held in memory, so the caller bounds the memory by the size of the items it builds. Threads may save items
+    concurrently (one orbax checkpointer per thread): each save writes and syncs its own item directory.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -175,11 +177,9 @@ class Writer:
         self._items_dir = os.path.join(self.tmp, "items")
         os.mkdir(self._items_dir)
         self._items: list[str] = []
-        # The arrays go to orbax as jax arrays on the host CPU: device_put of a numpy array there is zero-copy.
-        self._cpu = jax.devices("cpu")[0]
-        self._checkpointer = ocp.Checkpointer(
-            ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False)
-        )
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._checkpointers: list[ocp.Checkpointer] = []
         self.committed = False
 
     def __enter__(self) -> "Writer":
@@ -189,20 +189,37 @@ class Writer:
         if not self.committed:
             self.abort()
 
+    def _checkpointer(self) -> ocp.Checkpointer:
+        checkpointer = getattr(self._local, "checkpointer", None)
+        if checkpointer is None:
+            checkpointer = ocp.Checkpointer(
+                ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=True, use_compression=False)
+            )
+            self._local.checkpointer = checkpointer
+            with self._lock:
+                self._checkpointers.append(checkpointer)
+        return checkpointer
+
     def save_item(self, name: str, arrays: dict[tuple, np.ndarray]):
-        """Saves item `name` = {parameter path: array}; returns when it is on disk. The caller must not modify
-        the arrays afterwards (they are handed to orbax without a copy)."""
-        tree = nest({p: jax.device_put(a, self._cpu) for p, a in arrays.items()})
+        """Saves item `name` = {parameter path: numpy array}; returns when it is on disk. The arrays go to orbax
+        as numpy arrays (restorable as jax arrays onto any device), which saves a host copy per array."""
         try:
-            self._checkpointer.save(os.path.join(self._items_dir, name), args=ocp.args.PyTreeSave(tree))
+            self._checkpointer().save(os.path.join(self._items_dir, name), args=ocp.args.PyTreeSave(nest(arrays)))
         except Exception as e:  # orbax and TensorStore raise plain Exceptions
             raise CheckpointError(f"{self.tmp}: saving item {name} failed: {e}") from e
-        self._items.append(name)
+        with self._lock:
+            self._items.append(name)
+
+    def _close_checkpointers(self):
+        with self._lock:
+            for checkpointer in self._checkpointers:
+                checkpointer.close()
+            self._checkpointers.clear()
 
     def commit(self, metadata: dict, json_files: dict[str, dict]):
         """Saves the metadata item (which makes the directory an orbax composite checkpoint), moves the items into
         it, writes `json_files` ({name: object}) beside them, syncs everything and renames it to `path`."""
-        self._checkpointer.close()
+        self._close_checkpointers()
         final = os.path.join(self.tmp, "checkpoint")
         try:
             with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
@@ -223,7 +240,7 @@ class Writer:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def abort(self):
-        self._checkpointer.close()
+        self._close_checkpointers()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

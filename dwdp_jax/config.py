@@ -154,13 +154,85 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 # --------------------------------------------------------------------------------------------------------------
 # HF config.json
+#
+# Accepted: any config whose `architectures` names DeepseekV3ForCausalLM (DeepSeek-V3, V3-0324, R1, R1-0528, V3.1,
+# Kimi-K2 with model_type "kimi_k2", Moonlight-16B-A3B, tiny random checkpoints), or, without `architectures`,
+# model_type "deepseek_v3" (what transformers writes). Everything we do not implement is refused by name, never
+# ignored: a checkpoint that loads is computed exactly as its reference code computes it.
 
-_UNSUPPORTED = {
-    "hidden_act": "silu",
-    "scoring_func": "sigmoid",
-    "topk_method": "noaux_tc",
-    "attention_bias": False,
+ARCHITECTURE = "DeepseekV3ForCausalLM"
+
+# Fields with one supported value (the published V3 family's); another value is a model we do not implement.
+_ONLY = {
+    "hidden_act": ("silu", "the experts and dense MLPs are SwiGLU"),
+    "scoring_func": ("sigmoid", "the router scores experts with a sigmoid (DeepSeek-V2's softmax is not implemented)"),
+    "topk_method": ("noaux_tc", "the router is the bias-corrected group-limited top-k ('greedy' and"
+                                " 'group_limited_greedy' are DeepSeek-V2's routers, not implemented)"),
+    "attention_bias": (False, "the attention projections have no biases"),
+    "moe_layer_freq": (1, "every layer from first_k_dense_replace on is a MoE layer"),
+    "rope_interleave": (True, "DeepSeek checkpoints rotate interleaved pairs"),
 }
+# DeepSeek-V3.2's sparse attention (DSA): a lightning indexer choosing index_topk keys per query.
+_SPARSE_ATTENTION_FIELDS = ("index_topk", "index_head_dim", "index_n_heads")
+
+
+def _check_architecture(hf: dict):
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    if "DeepseekV32ForCausalLM" in archs or model_type == "deepseek_v32":
+        raise ConfigError(
+            f"architectures={archs!r} / model_type={model_type!r}: DeepSeek-V3.2's sparse attention (DSA, a"
+            " lightning indexer choosing index_topk keys) is not implemented"
+        )
+    for key in _SPARSE_ATTENTION_FIELDS:
+        if key in hf:
+            raise ConfigError(
+                f"{key}={hf[key]!r}: DeepSeek-V3.2-style sparse attention (index_* fields) is not implemented"
+            )
+    if archs:
+        if ARCHITECTURE not in archs:
+            raise ConfigError(f"architectures={archs!r} is not supported: dwdp_jax implements {ARCHITECTURE}")
+    elif model_type != "deepseek_v3":
+        raise ConfigError(
+            f"config.json has no 'architectures' and model_type={model_type!r}: expected architectures"
+            f" [{ARCHITECTURE!r}] or model_type 'deepseek_v3'"
+        )
+
+
+def _read_quantization(quant: dict | None) -> tuple[int, int] | None:
+    """The FP8 block shape [out, in] of `quantization_config`, or None for unquantized weights.
+
+    Only DeepSeek's FP8 layout is supported: float8_e4m3fn weights with one float32 `weight_scale_inv` per block,
+    activations quantized on the fly (scale_fmt 'ue8m0', DeepSeek-V3.1's power-of-two scales, stores the same
+    float32 tensors)."""
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    if method == "compressed-tensors":
+        raise ConfigError(
+            "quantization_config.quant_method='compressed-tensors' is not supported (e.g. Kimi-K2-Thinking's INT4"
+            " pack-quantized weights): dwdp_jax loads FP8 block-scaled ('fp8' + weight_block_size) or unquantized"
+            " weights"
+        )
+    if method != "fp8":
+        raise ConfigError(
+            f"quantization_config.quant_method={method!r} is not supported: only 'fp8' (e4m3 weights with block"
+            " scales, weight_block_size) or no quantization_config"
+        )
+    checks = (("fmt", "e4m3", ("e4m3",)), ("activation_scheme", "dynamic", ("dynamic",)),
+              ("scale_fmt", None, (None, "ue8m0")))
+    for key, default, allowed in checks:
+        value = quant.get(key, default)
+        if value not in allowed:
+            raise ConfigError(f"quantization_config.{key}={value!r} is not supported (expected one of {allowed})")
+    wbs = quant.get("weight_block_size")
+    if (not isinstance(wbs, (list, tuple)) or len(wbs) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in wbs)):
+        raise ConfigError(
+            f"quantization_config.weight_block_size={wbs!r} is not supported: FP8 needs block scales, [out, in]"
+            " (per-tensor or per-channel FP8 is not implemented)"
+        )
+    return int(wbs[0]), int(wbs[1])
 
 
 def _read_rope(hf: dict) -> tuple[float, YarnConfig | None]:
@@ -193,16 +265,18 @@ def _read_rope(hf: dict) -> tuple[float, YarnConfig | None]:
 
 
 def from_hf_dict(hf: dict, **overrides: Any) -> ModelConfig:
-    """Builds a ModelConfig from the dict of an HF DeepSeek-V3/R1 `config.json`."""
-    model_type = hf.get("model_type")
-    if model_type not in ("deepseek_v3", None):
-        raise ConfigError(f"model_type must be 'deepseek_v3', got {model_type!r}")
-    for key, expected in _UNSUPPORTED.items():
-        if key in hf and hf[key] != expected:
-            raise ConfigError(f"{key}={hf[key]!r} is not supported (expected {expected!r})")
+    """Builds a ModelConfig from the dict of an HF `config.json` of the DeepSeek-V3 architecture.
+
+    Raises ConfigError naming the field for anything not implemented (see the comment above)."""
+    _check_architecture(hf)
+    for key, (expected, why) in _ONLY.items():
+        if key in hf and hf[key] is not None and hf[key] != expected:
+            raise ConfigError(f"{key}={hf[key]!r} is not supported (expected {expected!r}: {why})")
     num_kv = hf.get("num_key_value_heads")
     if num_kv is not None and num_kv != hf.get("num_attention_heads"):
-        raise ConfigError("num_key_value_heads must equal num_attention_heads for MLA")
+        raise ConfigError(
+            f"num_key_value_heads={num_kv!r} must equal num_attention_heads={hf.get('num_attention_heads')!r} for MLA"
+        )
     required = [
         "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
         "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
@@ -212,15 +286,7 @@ def from_hf_dict(hf: dict, **overrides: Any) -> ModelConfig:
         if hf.get(key) is None:
             raise ConfigError(f"config.json is missing required field {key!r}")
     theta, yarn = _read_rope(hf)
-    block = None
-    quant = hf.get("quantization_config")
-    if quant:
-        if quant.get("quant_method") not in ("fp8", None) or quant.get("fmt", "e4m3") != "e4m3":
-            raise ConfigError(f"quantization_config {quant!r} is not supported (only fp8 e4m3 block scales)")
-        wbs = quant.get("weight_block_size")
-        if not wbs or len(wbs) != 2:
-            raise ConfigError("quantization_config.weight_block_size must be [out, in]")
-        block = (int(wbs[0]), int(wbs[1]))
+    block = _read_quantization(hf.get("quantization_config"))
     fields = dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -249,8 +315,6 @@ def from_hf_dict(hf: dict, **overrides: Any) -> ModelConfig:
         num_mtp_layers=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0,
         weight_block_size=block,
     )
-    if hf.get("rope_interleave") is False:
-        raise ConfigError("rope_interleave=False is not supported: DeepSeek checkpoints rotate interleaved pairs")
     fields.update(overrides)
     return ModelConfig(**fields)
 

@@ -48,9 +48,8 @@ from absl import app, flags, logging
 from flax import nnx, traverse_util
 from tqdm import tqdm
 
-from dwdp_jax import checkpoint
+from dwdp_jax import checkpoint, quant, weights
 from dwdp_jax import config as config_lib
-from dwdp_jax import weights
 from dwdp_jax.model import DeepseekV3
 from dwdp_jax.planner.placement import Placement, PlacementError
 from dwdp_jax.safetensors_io import INDEX_NAME, CheckpointDir, CheckpointError
@@ -59,6 +58,7 @@ CONVERTER_VERSION = "2.0"
 POLICIES = ("keep_fp8", "bf16")
 ITEM_BYTES = 256 << 20  # target size of one orbax item (one expert, or one row/column, may exceed it)
 CHUNK_BYTES = 16 << 20  # target size of one source read when transposing or dequantizing
+WORKERS = 3  # items built and saved at once (each thread holds one item); measured in experiments/bench_convert.py
 _HASH_READ = 16 << 20
 
 
@@ -358,13 +358,13 @@ class _PieceBuilder:
             expected = shape
         elif src.kind == "transpose":
             expected = shape[::-1]
+        elif src.shape is not None:  # FP8 experts: the checkpoint's [out, in], padded when stored
+            expected = src.shape
         else:
             m = len(src.names)
-            fp8_layout = self.cfg.weight_block_size is not None
-            split_axis = -2 if fp8_layout else -1
-            if shape[split_axis] % m:
+            if shape[-1] % m:
                 raise CheckpointError(f"parameter {key}: shape {shape} does not split into {m} matrices")
-            expected = (shape[-2] // m, shape[-1]) if fp8_layout else (shape[-1] // m, shape[-2])
+            expected = (shape[-1] // m, shape[-2])
         source_bytes = 0
         for n in names:
             self._expect(n, key, expected)
@@ -391,11 +391,13 @@ class SourceReader:
     """Reads tensors (or row ranges of them) of an HF checkpoint into fresh numpy arrays with pread.
 
     Quacks like `CheckpointDir` for `weights.assemble` (read, file_of). Unlike the memmap reads of
-    `CheckpointDir`, nothing stays mapped, so resident memory is only what the caller keeps."""
+    `CheckpointDir`, nothing stays mapped, so resident memory is only what the caller keeps. Safe to share
+    between threads (positional reads; file descriptors opened under a lock)."""
 
     def __init__(self, ckpt: CheckpointDir, block=None):
         self.ckpt, self.block = ckpt, block
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def __enter__(self) -> "SourceReader":
         return self
@@ -414,10 +416,8 @@ class SourceReader:
     def read(self, name: str) -> np.ndarray:
         return self.rows(name, 0, self.ckpt.info(name)[1][0])
 
-    def rows(self, name: str, r0: int, r1: int, dequantize: bool = False, out: np.ndarray | None = None):
-        """Rows [r0, r1) of a tensor, into `out` (C-contiguous, the tensor's dtype) when given; dequantize: an
-        FP8 [out, in] weight times its block scales (float32, exactly as `weights.assemble` computes it; r0
-        must start a block)."""
+    def rows(self, name: str, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [r0, r1) of a tensor, into `out` (C-contiguous, the tensor's dtype) when given."""
         if name not in self.ckpt:
             raise CheckpointError(f"{self.ckpt.path}: missing tensor {name!r}")
         shard = self.ckpt.shards[self.ckpt.location[name]]
@@ -427,21 +427,29 @@ class SourceReader:
         assert out.dtype == dtype and out.shape == (r1 - r0,) + tuple(shape[1:]) and out.flags.c_contiguous
         row_bytes = _prod(shape[1:]) * dtype.itemsize
         self._pread(shard.path, name, out, shard.data_start + begin + r0 * row_bytes)
-        if not dequantize:
-            return out
-        bo, bi = self.block
+        return out
+
+    def dequantized_rows(self, name: str, r0: int, r1: int, dtype, transpose: bool = False,
+                         out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [r0, r1) of an FP8 [out, in] weight times its block scales, in `dtype` (transposed: [in, r1 - r0]),
+        exactly as `weights.assemble` computes them; r0 must start a block."""
+        bo, _ = self.block
         assert r0 % bo == 0, (name, r0, bo)
-        scale = self.rows(_scale_name(name), r0 // bo, -(-r1 // bo)).astype(np.float32)
-        full = np.repeat(np.repeat(scale, bo, 0), bi, 1)[: r1 - r0, : out.shape[1]]
-        return out.astype(np.float32) * full
+        scale = self.rows(_scale_name(name), r0 // bo, -(-r1 // bo))
+        return quant.dequantize_np(self.rows(name, r0, r1), scale, self.block, dtype, transpose, out)
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise CheckpointError(f"{path}: cannot open shard: {e}") from e
+            return fd
 
     def _pread(self, path: str, name: str, out: np.ndarray, offset: int):
-        fd = self._fds.get(path)
-        if fd is None:
-            try:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as e:
-                raise CheckpointError(f"{path}: cannot open shard: {e}") from e
+        fd = self._fd(path)
         buf = memoryview(out.reshape(-1).view(np.uint8))
         done = 0
         while done < len(buf):
@@ -454,13 +462,14 @@ class SourceReader:
             done += n
 
 
-def _transpose_into(dst: np.ndarray, src: np.ndarray, tile: int = 256):
-    """dst[...] = src.T (with dst's dtype), tile by tile: numpy's plain strided transpose of 1- and 2-byte
-    elements runs at ~0.15 GB/s; 256x256 tiles stay in cache and run ~4x faster."""
-    rows, cols = src.shape
-    for i in range(0, rows, tile):
-        for j in range(0, cols, tile):
-            dst[j : j + tile, i : i + tile] = src[i : i + tile, j : j + tile].T
+def _rows_as_stored(reader: SourceReader, piece: Piece, name: str, r0: int, r1: int, transpose: bool,
+                    out: np.ndarray | None = None) -> np.ndarray:
+    """Source rows [r0, r1) of tensor `name` in the piece's stored dtype, transposed ([in, r1 - r0]) or not:
+    dequantized when the piece is (FP8 source, unquantized parameter), else as read."""
+    if piece.dequantize:
+        return reader.dequantized_rows(name, r0, r1, piece.dtype, transpose, out)
+    rows = reader.rows(name, r0, r1, out=None if transpose else out)
+    return quant.transpose_np(rows, out) if transpose else rows
 
 
 def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_layout: bool,
@@ -468,7 +477,9 @@ def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_lay
     """piece[start:stop] along `piece.axis`, laid out as `weights.assemble` does, in a fresh array; reads at most
     about CHUNK_BYTES of source at a time when transposing or dequantizing. progress(source bytes) per read."""
     src, shape, axis = piece.source, piece.shape, piece.axis
-    out = np.empty(shape[:axis] + (stop - start,) + shape[axis + 1 :], piece.dtype)
+    padded = src.shape is not None and src.shape != src.padded
+    alloc = np.zeros if padded else np.empty  # FP8 experts padded to whole blocks: the padding is zeros
+    out = alloc(shape[:axis] + (stop - start,) + shape[axis + 1 :], piece.dtype)
     extent = shape[axis]
     if src.kind == "experts":
         per_expert = piece.source_bytes // max(1, extent)
@@ -476,11 +487,16 @@ def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_lay
             for m, names in enumerate(src.names):
                 name = names[i]
                 rows = reader.ckpt.info(name)[1][0]
-                if fp8_layout:  # [out, in]: gate rows then up rows; read straight into the slab
-                    reader.rows(name, 0, rows, out=out[i - start, m * rows : (m + 1) * rows])
+                if fp8_layout:  # [out, in]: gate rows then up rows (each padded to src.padded)
+                    r0 = m * src.padded[0]
+                    if src.shape[1] == src.padded[1]:  # whole rows: read straight into the slab
+                        reader.rows(name, 0, rows, out=out[i - start, r0 : r0 + rows])
+                    else:
+                        out[i - start, r0 : r0 + rows, : src.shape[1]] = reader.rows(name, 0, rows)
+                elif len(src.names) == 1:  # [in, out]: the down matrix, transposed straight into the slab
+                    _rows_as_stored(reader, piece, name, 0, rows, True, out=out[i - start])
                 else:  # [in, out]: gate columns then up columns
-                    _transpose_into(out[i - start, :, m * rows : (m + 1) * rows],
-                                    reader.rows(name, 0, rows, piece.dequantize))
+                    out[i - start, :, m * rows : (m + 1) * rows] = _rows_as_stored(reader, piece, name, 0, rows, True)
             progress(per_expert)
         return out
     name = src.names[0]
@@ -492,11 +508,12 @@ def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_lay
     step = max(piece.align, step // piece.align * piece.align)
     for a in range(start, stop, step):
         b = min(a + step, stop)
-        rows = reader.rows(name, a, b, piece.dequantize)
         if axis == 0:
-            out[a - start : b - start] = rows
+            _rows_as_stored(reader, piece, name, a, b, False, out=out[a - start : b - start])
+        elif start == a and b == stop:  # the whole slab in one read: transposed straight into it
+            _rows_as_stored(reader, piece, name, a, b, True, out=out)
         else:
-            _transpose_into(out[:, a - start : b - start], rows)
+            out[:, a - start : b - start] = _rows_as_stored(reader, piece, name, a, b, True)
         progress(piece.source_bytes * (b - a) // extent)
     return out
 
@@ -542,26 +559,51 @@ def convert(
     placement_source: str = "contiguous",
     mtp: bool | None = None,
     progress: bool = True,
+    workers: int = WORKERS,
 ) -> dict:
-    """Converts HF_DIR into OUT_DIR (which must not exist), one orbax item at a time. Returns the metadata."""
+    """Converts HF_DIR into OUT_DIR (which must not exist). Returns the metadata.
+
+    `workers` threads each build one item at a time (pread, transposes, dequantization: numpy releases the GIL)
+    and save it (orbax, which syncs it to disk), so reads, compute and writes of different items overlap while at
+    most `workers` items are in memory; a thread hashes the source files meanwhile."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     input_dir = os.path.abspath(input_dir)
     ckpt = CheckpointDir(input_dir)
     hf_config = _read_hf_config(input_dir)
     plan = make_plan(ckpt, hf_config, dtype_policy=dtype_policy, group_size=group_size, placement=placement, mtp=mtp)
     fp8_layout = plan.cfg.weight_block_size is not None
     stop = threading.Event()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool, checkpoint.Writer(output_dir) as writer:
-        hashes = pool.submit(_hash_files, input_dir, _source_files(ckpt), stop)
+    with concurrent.futures.ThreadPoolExecutor(1) as hasher, checkpoint.Writer(output_dir) as writer:
+        hashes = hasher.submit(_hash_files, input_dir, _source_files(ckpt), stop)
         try:
             with SourceReader(ckpt, plan.source_cfg.weight_block_size) as reader, tqdm(
                 total=plan.source_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="dwdp-convert",
                 disable=not progress, mininterval=1.0, file=sys.stderr,
             ) as bar:
-                for item in plan.items:
-                    arrays = {piece.path: read_slab(piece, a, b, reader, fp8_layout, bar.update)
+                lock = threading.Lock()
+
+                def update(nbytes: int):
+                    with lock:
+                        bar.update(nbytes)
+
+                def write(item: Item):
+                    if stop.is_set():  # another item failed: do not start this one
+                        return
+                    arrays = {piece.path: read_slab(piece, a, b, reader, fp8_layout, update)
                               for piece, a, b in item.slabs}
                     writer.save_item(item.name, arrays)
-                    del arrays
+
+                with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dwdp-convert") as pool:
+                    futures = [pool.submit(write, item) for item in plan.items]
+                    try:
+                        for future in concurrent.futures.as_completed(futures):
+                            future.result()
+                    except BaseException:
+                        stop.set()
+                        for future in futures:
+                            future.cancel()
+                        raise
             metadata = _metadata(plan, input_dir, hf_config, hashes.result(), placement_source)
         finally:
             stop.set()

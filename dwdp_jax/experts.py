@@ -11,11 +11,16 @@ local shard under DWDP). Strategies (single device, DWDP, DEP) differ only in th
 The jnp path sorts the (token, expert) pairs by expert and runs two grouped GEMMs (`jax.lax.ragged_dot`). With
 split weights (DWDP) the pairs are sorted by (buffer, slot): each weight buffer's rows form one contiguous run
 and each buffer is multiplied where it lies, never merged into one tensor.
+
+FP8 experts are stored zero-padded to whole weight blocks (`fp8_expert_dims`), so the FP8 grouped GEMM's tiles
+stay aligned whatever hidden and moe_intermediate_size are: the executors zero-pad the activations to the
+weights' hidden width and drop the padded output columns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Protocol, Sequence
 
 import jax
@@ -32,7 +37,8 @@ class ExpertWeights:
     Unquantized: w_gate_up [E, hidden, 2 * inter] (gate columns first, then up), w_down [E, inter, hidden].
     FP8 (scales set): the checkpoint's [out, in] layout, which Hopper's FP8 tensor cores read K-major:
     w_gate_up [E, 2 * inter, hidden], w_down [E, hidden, inter] (float8_e4m3fn) with block scales
-    s_gate_up [E, 2*inter/bo, hidden/bi], s_down [E, hidden/bo, inter/bi] (float32), block = (bo, bi).
+    s_gate_up [E, 2*inter/bo, hidden/bi], s_down [E, hidden/bo, inter/bi] (float32), block = (bo, bi). Here
+    hidden and inter are the padded sizes of `fp8_expert_dims` (gate and up each padded, then concatenated).
     """
 
     w_gate_up: jax.Array
@@ -44,6 +50,11 @@ class ExpertWeights:
     @property
     def num_experts(self) -> int:
         return self.w_gate_up.shape[0]
+
+    @property
+    def hidden(self) -> int:
+        """The hidden width the weights take and give (padded for FP8: >= the model's hidden size)."""
+        return self.w_gate_up.shape[2] if self.s_gate_up is not None else self.w_gate_up.shape[1]
 
     def dequantized(self, dtype) -> "ExpertWeights":
         if self.s_gate_up is None:
@@ -58,6 +69,22 @@ class ExpertWeights:
         return sum(int(a.size) * a.dtype.itemsize for a in leaves if a is not None)
 
 
+def fp8_expert_dims(hidden: int, inter: int, block: tuple[int, int]) -> tuple[int, int]:
+    """(hidden, moe_intermediate) of FP8 routed experts as stored: each rounded up to a multiple of both block
+    dims, so gate/up [2*inter, hidden] and down [hidden, inter] are whole blocks (aligned kernel tiles).
+
+    The padding is zeros (weights and scales) and changes no result: padded inter rows give silu(0) * 0 = 0,
+    padded hidden columns meet zero-padded activations, padded output columns are dropped. ModelConfig keeps
+    the true sizes; R1's (7168, 2048) with 128x128 blocks are unchanged."""
+    m = math.lcm(*block)
+    return -(-hidden // m) * m, -(-inter // m) * m
+
+
+def _pad_cols(x, width: int):
+    """x [M, d] zero-padded to [M, width] (the padded hidden width of FP8 experts)."""
+    return x if x.shape[-1] == width else jnp.pad(x, ((0, 0), (0, width - x.shape[-1])))
+
+
 class ExpertExecutor(Protocol):
     def __call__(
         self, x_td: jax.Array, expert_ids_tk: jax.Array, weights_tk: jax.Array, experts: ExpertWeights
@@ -69,11 +96,13 @@ def _swiglu_ffn(x_md, group_sizes, w: ExpertWeights, compute_dtype) -> jax.Array
 
     Rows past sum(group_sizes) come out as zeros (ragged_dot leaves them unassigned to any group).
     """
+    d = x_md.shape[-1]
+    x_md = _pad_cols(x_md.astype(compute_dtype), w.hidden)
     w = w.dequantized(compute_dtype)
-    h = jax.lax.ragged_dot(x_md.astype(compute_dtype), w.w_gate_up, group_sizes, preferred_element_type=jnp.float32)
+    h = jax.lax.ragged_dot(x_md, w.w_gate_up, group_sizes, preferred_element_type=jnp.float32)
     gate, up = jnp.split(h, 2, axis=-1)
     a = (jax.nn.silu(gate) * up).astype(compute_dtype)
-    return jax.lax.ragged_dot(a, w.w_down, group_sizes, preferred_element_type=jnp.float32)
+    return jax.lax.ragged_dot(a, w.w_down, group_sizes, preferred_element_type=jnp.float32)[:, :d]
 
 
 def combine_sorted(y_sorted, order, weights_tk) -> jax.Array:
@@ -94,20 +123,21 @@ def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where) 
     Rows past sum(sizes) come out as zeros. Returns [M, hidden] float32."""
     from pallas_kernels import grouped_gemm as gg
 
-    x_sorted = x_sorted.astype(jnp.bfloat16)
+    d = x_sorted.shape[-1]
+    x_sorted = _pad_cols(x_sorted.astype(jnp.bfloat16), buffers[0].hidden)
     if buffers[0].s_gate_up is not None:
         h = gg.grouped_gemm_fp8(x_sorted, sizes, [b.w_gate_up for b in buffers], [b.s_gate_up for b in buffers],
                                 where, out_dtype=jnp.float32)
         gate, up = jnp.split(h, 2, axis=-1)
         a = (jax.nn.silu(gate) * up).astype(jnp.bfloat16)
         return gg.grouped_gemm_fp8(a, sizes, [b.w_down for b in buffers], [b.s_down for b in buffers], where,
-                                   out_dtype=jnp.float32)
+                                   out_dtype=jnp.float32)[:, :d]
     h = gg.grouped_gemm(x_sorted, sizes, [b.w_gate_up.astype(jnp.bfloat16) for b in buffers], where,
                         out_dtype=jnp.float32)
     gate, up = jnp.split(h, 2, axis=-1)
     a = (jax.nn.silu(gate) * up).astype(jnp.bfloat16)
     return gg.grouped_gemm(a, sizes, [b.w_down.astype(jnp.bfloat16) for b in buffers], where,
-                           out_dtype=jnp.float32)
+                           out_dtype=jnp.float32)[:, :d]
 
 
 def _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot) -> jax.Array:
@@ -183,11 +213,12 @@ class LocalExecutor:
 
 def dense_reference(x_td, expert_ids_tk, weights_tk, experts: ExpertWeights) -> jax.Array:
     """Obviously-correct reference: gathers each (token, slot)'s expert weights. Small sizes only."""
+    x = _pad_cols(x_td.astype(jnp.float32), experts.hidden)
     w = experts.dequantized(jnp.float32)
-    x = x_td.astype(jnp.float32)
     wgu = w.w_gate_up[expert_ids_tk]  # [T, k, hidden, 2*inter]
     h = jnp.einsum("td,tkdn->tkn", x, wgu, precision=jax.lax.Precision.HIGHEST)
     gate, up = jnp.split(h, 2, axis=-1)
     a = jax.nn.silu(gate) * up
     y = jnp.einsum("tkn,tknd->tkd", a, w.w_down[expert_ids_tk], precision=jax.lax.Precision.HIGHEST)
+    y = y[..., : x_td.shape[-1]]
     return jnp.einsum("tkd,tk->td", y, weights_tk.astype(jnp.float32)).astype(x_td.dtype)

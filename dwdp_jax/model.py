@@ -17,7 +17,7 @@ from flax import nnx
 
 from dwdp_jax import quant, rope
 from dwdp_jax.config import ModelConfig
-from dwdp_jax.experts import ExpertExecutor, ExpertWeights, LocalExecutor
+from dwdp_jax.experts import ExpertExecutor, ExpertWeights, LocalExecutor, fp8_expert_dims
 from dwdp_jax.routing import expert_histogram, route
 
 INIT_STD = 0.02
@@ -36,6 +36,11 @@ def _quantized_normal(rngs: nnx.Rngs, shape, block, std=INIT_STD):
     value = jax.random.normal(rngs.params(), shape, jnp.bfloat16).astype(quant.FP8)
     nk, nn = -(-shape[-2] // block[0]), -(-shape[-1] // block[1])
     return value, jnp.full(shape[:-2] + (nk, nn), std, jnp.float32)
+
+
+def _pad_last2(a, rows: int, cols: int):
+    """a [..., r, c] zero-padded to [..., rows, cols]."""
+    return jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, rows - a.shape[-2]), (0, cols - a.shape[-1])])
 
 
 class RMSNorm(nnx.Module):
@@ -88,27 +93,32 @@ class RoutedExperts(nnx.Module):
     """Routed expert weights held by this device (see `ExpertWeights` for the layouts).
 
     Unquantized: [E, hidden, 2*inter] and [E, inter, hidden]. FP8: the checkpoint's [out, in] layout,
-    [E, 2*inter, hidden] and [E, hidden, inter], with block scales.
+    [E, 2*inter_pad, hidden_pad] and [E, hidden_pad, inter_pad], with block scales, where (hidden_pad, inter_pad)
+    = `fp8_expert_dims(hidden, inter, block)`: the true sizes zero-padded to whole blocks (`hidden_pad`,
+    `inter_pad` here; equal to the true sizes when they are block multiples, as in R1).
     """
 
     def __init__(self, n_experts: int, d_model: int, d_inter: int, *, rngs, dtype, block):
         self.block = block
         if block is None:
+            self.hidden_pad, self.inter_pad = d_model, d_inter
             shapes = dict(w_gate_up=(n_experts, d_model, 2 * d_inter), w_down=(n_experts, d_inter, d_model))
-        else:
-            if d_inter % block[0] or d_model % block[0] or d_model % block[1] or d_inter % block[1]:
-                raise ValueError(
-                    f"FP8 experts need hidden and moe_intermediate_size divisible by weight_block_size {block}"
-                )
-            shapes = dict(w_gate_up=(n_experts, 2 * d_inter, d_model), w_down=(n_experts, d_model, d_inter))
-        for name, shape in shapes.items():
-            if block is None:
+            for name, shape in shapes.items():
                 setattr(self, name, nnx.Param(_normal(rngs, shape, dtype)))
                 setattr(self, "s_" + name[2:], None)
-            else:
-                value, scale = _quantized_normal(rngs, shape, block)
-                setattr(self, name, nnx.Param(value))
-                setattr(self, "s_" + name[2:], nnx.Param(scale))
+            return
+        self.hidden_pad, self.inter_pad = fp8_expert_dims(d_model, d_inter, block)
+        # Random values on the true sizes, zero-padded like a loaded checkpoint (gate and up padded separately).
+        bo, bi = block
+        for name, (out, inp, out_pad, in_pad, parts) in dict(
+            w_gate_up=(d_inter, d_model, self.inter_pad, self.hidden_pad, 2),
+            w_down=(d_model, d_inter, self.hidden_pad, self.inter_pad, 1),
+        ).items():
+            value, scale = _quantized_normal(rngs, (n_experts, parts, out, inp), block)
+            value = _pad_last2(value, out_pad, in_pad).reshape(n_experts, parts * out_pad, in_pad)
+            scale = _pad_last2(scale, out_pad // bo, in_pad // bi).reshape(n_experts, parts * out_pad // bo, -1)
+            setattr(self, name, nnx.Param(value))
+            setattr(self, "s_" + name[2:], nnx.Param(scale))
 
     def weights(self) -> ExpertWeights:
         get = lambda p: None if p is None else p[...]

@@ -45,3 +45,74 @@ def quantize_blocks_np(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarra
     q = blocks / scale[..., :, None, :, None]
     value = q.reshape(padded.shape)[..., :k, :n].astype(ml_dtypes.float8_e4m3fn)
     return value, scale
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Host-side (numpy) helpers of the checkpoint loader and converter: fast enough to keep up with a disk.
+
+_FP8_TO_F32 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)  # every e4m3 value
+
+
+def transpose_np(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """src [R, C] -> a C-contiguous [C, R] copy of src.T (into `out` when given, any C-contiguous [C, R] view of
+    src's dtype).
+
+    numpy's strided copy moves one element per step (~0.15 GB/s for 1-byte elements); this moves groups of
+    8 // itemsize adjacent columns as one uint64 through cache-sized tiles, then de-interleaves each group:
+    ~1 G elements/s for FP8 and bf16 on one core."""
+    rows, cols = src.shape
+    if out is None:
+        out = np.empty((cols, rows), src.dtype)
+    w = 8 // src.itemsize if src.itemsize in (1, 2, 4) else 1
+    if w == 1 or cols % w or not src.flags.c_contiguous or not out.flags.c_contiguous:
+        _tiled_transpose(out, src)
+        return out
+    wide = np.empty((cols // w, rows), np.uint64)
+    _tiled_transpose(wide, src.view(np.uint64))
+    # wide[k, i] holds src[i, w*k : w*k + w]
+    out.reshape(cols // w, w, rows)[...] = wide.view(src.dtype).reshape(cols // w, rows, w).transpose(0, 2, 1)
+    return out
+
+
+def _tiled_transpose(dst: np.ndarray, src: np.ndarray, tile: int = 128):
+    rows, cols = src.shape
+    for i in range(0, rows, tile):
+        for j in range(0, cols, tile):
+            dst[j : j + tile, i : i + tile] = src[i : i + tile, j : j + tile].T
+
+
+def dequantize_np(value: np.ndarray, scale: np.ndarray, block: tuple[int, int], dtype, transpose: bool = False,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """FP8 [R, C] (float8_e4m3fn) with block scales [ceil(R/bo), ceil(C/bi)] -> dtype [R, C], or its transpose
+    [C, R] (into `out` when given, C-contiguous). Bit-exact with `(value.astype(float32) * expanded
+    scale).astype(dtype)`, partial last blocks included.
+
+    Vectorized through tables instead of ml_dtypes' per-element casts (~0.08 G elements/s): for each block the 256
+    possible results `dtype(f32(v) * scale)` are tabulated, and every element is one `np.take` of (its block's
+    table offset + its byte): ~0.4 G elements/s on one core (numpy releases the GIL: threads scale)."""
+    dtype = np.dtype(dtype)
+    rows, cols = value.shape
+    bo, bi = block
+    if scale.shape != (-(-rows // bo), -(-cols // bi)):
+        raise ValueError(f"scale shape {scale.shape} does not match {value.shape} in blocks of {block}")
+    u8 = value.view(np.uint8)
+    if transpose:  # dequantize(v).T == dequantize(v.T) with transposed scales and block: move bytes, not results
+        u8, scale, (bo, bi), (rows, cols) = transpose_np(u8), scale.T, (bi, bo), (cols, rows)
+    if out is None:
+        out = np.empty((rows, cols), dtype)
+    if out.shape != (rows, cols) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous {dtype} array of shape {(rows, cols)}")
+    bits = out.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize])
+    nc = scale.shape[1]
+    # tables[a, b * 256 + byte] = dtype(f32(byte as e4m3) * scale[a, b])
+    tables = (_FP8_TO_F32[None, None, :] * scale.astype(np.float32)[:, :, None]).astype(dtype)
+    tables = tables.view(bits.dtype).reshape(scale.shape[0], nc * 256)
+    offsets = (np.arange(cols) // bi).astype(np.uint16 if nc <= 256 else np.uint32) << 8  # [C]
+    step = max(1, min(bo, (1 << 18) // max(1, cols)))  # rows per take: ~256K elements, inside one block row
+    r0 = 0
+    while r0 < rows:
+        r1 = min(r0 + step, rows, (r0 // bo + 1) * bo)
+        index = np.add(u8[r0:r1], offsets, dtype=offsets.dtype).astype(np.intp)
+        np.take(tables[r0 // bo], index, out=bits[r0:r1], mode="wrap")
+        r0 = r1
+    return out

@@ -20,6 +20,7 @@ from flax import nnx, traverse_util
 
 from dwdp_jax import config as config_lib
 from dwdp_jax import quant
+from dwdp_jax.experts import fp8_expert_dims
 from dwdp_jax.model import DeepseekV3
 from dwdp_jax.safetensors_io import CheckpointDir, CheckpointError
 
@@ -33,12 +34,14 @@ class Source:
     kind: 'copy' (as is), 'transpose' (an [out, in] matrix or its block scales), 'experts' (stack over experts
     of the matrices named by `names`, each a tuple of per-expert names; gate and up are concatenated along
     the output axis). Unquantized experts are transposed to [E, in, out]; FP8 experts and their scales keep
-    the checkpoint's [E, out, in] layout (what the FP8 grouped GEMM reads).
+    the checkpoint's [E, out, in] layout (what the FP8 grouped GEMM reads), each per-expert tensor (`shape`)
+    zero-padded to whole blocks (`padded`, see `experts.fp8_expert_dims`).
     """
 
     kind: str
     names: tuple  # tensor names; for 'experts' a tuple of per-matrix tuples of per-expert names
-    scale_names: tuple | None = None  # FP8: the matching weight_scale_inv names (same structure)
+    shape: tuple | None = None  # FP8 'experts': [out, in] of every per-expert tensor in the checkpoint
+    padded: tuple | None = None  # FP8 'experts': the [out, in] each is zero-padded to (>= shape)
 
 
 def _hf_linear(prefix: str) -> tuple[str, str]:
@@ -85,12 +88,36 @@ def _layer_source(prefix: str, rest: Path, cfg, expert_ids) -> Source:
         matrices = ("gate_proj", "up_proj") if rest[2].endswith("gate_up") else ("down_proj",)
         suffix = "weight_scale_inv" if rest[2].startswith("s_") else "weight"
         names = tuple(tuple(f"{prefix}.mlp.experts.{e}.{m}.{suffix}" for e in ids) for m in matrices)
-        return Source("experts", names)
+        if cfg.weight_block_size is None:
+            return Source("experts", names)
+        shape, padded = fp8_expert_source_shapes(cfg, rest[2])
+        return Source("experts", names, shape, padded)
     if rest[-1] in ("kernel", "scale"):
         module = ".".join("shared_experts" if p == "shared" else str(p) for p in rest[:-1])
         w, s = _hf_linear(f"{prefix}.{module}")
         return Source("transpose", (s if rest[-1] == "scale" else w,))
     raise KeyError(f"no HF source known for parameter {prefix}.{'.'.join(map(str, rest))}")
+
+
+def fp8_expert_source_shapes(cfg: config_lib.ModelConfig, param: str) -> tuple[tuple, tuple]:
+    """([out, in] of each per-expert checkpoint tensor, [out, in] it is padded to) for FP8 expert parameter
+    `param` (w_gate_up, w_down, s_gate_up or s_down): weights, or their ceil-divided block-scale grids."""
+    d, i = cfg.hidden_size, cfg.moe_intermediate_size
+    d_pad, i_pad = fp8_expert_dims(d, i, cfg.weight_block_size)
+    shape, padded = ((i, d), (i_pad, d_pad)) if param.endswith("gate_up") else ((d, i), (d_pad, i_pad))
+    if param.startswith("s_"):
+        bo, bi = cfg.weight_block_size
+        shape, padded = (-(-shape[0] // bo), -(-shape[1] // bi)), (padded[0] // bo, padded[1] // bi)
+    return shape, padded
+
+
+def pad_matrix(array: np.ndarray, shape: tuple) -> np.ndarray:
+    """A 2-D array zero-padded at the end of both axes to `shape`."""
+    if array.shape == tuple(shape):
+        return array
+    out = np.zeros(shape, array.dtype)
+    out[: array.shape[0], : array.shape[1]] = array
+    return out
 
 
 def _dequantized_if_fp8(ckpt: CheckpointDir, name: str, block) -> np.ndarray:
@@ -100,9 +127,7 @@ def _dequantized_if_fp8(ckpt: CheckpointDir, name: str, block) -> np.ndarray:
         scale_name = name[: -len("weight")] + "weight_scale_inv"
         if block is None:
             raise CheckpointError(f"{ckpt.file_of(name)}: {name} is FP8 but config.json has no weight_block_size")
-        scale = ckpt.read(scale_name).astype(np.float32)
-        full = np.repeat(np.repeat(scale, block[0], 0), block[1], 1)[: w.shape[0], : w.shape[1]]
-        return w.astype(np.float32) * full
+        return quant.dequantize_np(w, ckpt.read(scale_name), block, np.float32)
     return w
 
 
@@ -116,11 +141,22 @@ def assemble(src: Source, ckpt: CheckpointDir, *, keep_fp8: bool, block, fp8_exp
         return np.ascontiguousarray(np.asarray(read(src.names[0])).T)
     if src.kind == "experts":
         if fp8_experts:
-            per_matrix = [np.stack([np.asarray(read(n)) for n in names]) for names in src.names]
+            per_matrix = [np.stack([_padded_expert(read, n, src) for n in names]) for names in src.names]
             return np.concatenate(per_matrix, axis=-2) if len(per_matrix) > 1 else per_matrix[0]
         per_matrix = [np.stack([np.asarray(read(n)).T for n in names]) for names in src.names]
         return np.concatenate(per_matrix, axis=-1) if len(per_matrix) > 1 else per_matrix[0]
     raise ValueError(src.kind)
+
+
+def _padded_expert(read, name: str, src: Source) -> np.ndarray:
+    """One FP8 expert tensor, checked against the config's shape (padding must never hide a wrong-shape tensor),
+    then zero-padded to whole blocks."""
+    array = np.asarray(read(name))
+    if src.shape is None:
+        return array
+    if tuple(array.shape) != tuple(src.shape):
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(array.shape)}, the config expects {tuple(src.shape)}")
+    return pad_matrix(array, src.padded)
 
 
 def _cast(array: np.ndarray, target: jax.ShapeDtypeStruct, name: str, path: Path) -> np.ndarray:

@@ -502,7 +502,8 @@ def test_failure_while_writing_removes_the_temporary_directory(ckpts, tmp_path, 
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match="disk on fire"):
         convert.convert(ckpts["fp8"], str(out), group_size=2, progress=False)
-    assert calls["n"] == 20 and not os.path.exists(out) and not _leftovers(out)
+    # Items already being built by other worker threads finish their reads; no new item starts.
+    assert calls["n"] >= 20 and not os.path.exists(out) and not _leftovers(out)
 
 
 def test_module_entry_point_exits_nonzero(ckpts, tmp_path):
