@@ -295,15 +295,20 @@ class MLA(nnx.Module):
         scores = jnp.where(mask[:, None], scores * self.cfg.softmax_scale, -jnp.inf)
         return jax.nn.softmax(scores, axis=-1)
 
-    def __call__(self, x_bsd, positions_bs, kv: LayerKV | None = None, absorbed: bool = False):
+    def __call__(self, x_bsd, positions_bs, kv=None, absorbed: bool = False):
         """Attention over x's own tokens (kv None, causal by position), or over a cache that x's tokens are
-        first written into at their positions (then every cached position <= the query's is attended).
+        first written into at their positions (then every cached position <= the query's is attended): whole
+        rows (`LayerKV`) or pages (`dwdp_jax.paged_attention.PagedKV`, which also picks the kernels).
 
-        Returns (output [b, s, hidden], updated LayerKV or None).
+        Returns (output [b, s, hidden], the updated cache or None).
         """
         cos, sin = rope.cos_sin(self.cfg, positions_bs)
         q_nope, q_pe = self._queries(x_bsd, cos, sin)
         latent, k_pe = self._latent(x_bsd, cos, sin)
+        if kv is not None and not isinstance(kv, LayerKV):  # a paged cache (`dwdp_jax.paged_attention`)
+            kv = kv.write(latent, k_pe, positions_bs)
+            out = kv.attend(self, q_nope, q_pe, positions_bs, absorbed).astype(x_bsd.dtype)
+            return self.o_proj(out.reshape(*x_bsd.shape[:2], -1)), kv
         if kv is None:
             mask = positions_bs[:, None, :] <= positions_bs[:, :, None]
         else:

@@ -1,0 +1,126 @@
+"""MLA over a paged latent cache: the cache write and the attention of one step, behind one small type.
+
+`PagedKV` is what a layer's attention receives instead of whole cache rows: that layer's pages and the step's
+view of them (block table, lengths). The model calls `kv.write(...)` and `kv.attend(...)`; the layout and the
+kernels stay here. Two backends compute the same function:
+  * "einsum": gathers each row's pages and runs the model's own einsum forms (`MLA._attend_expanded` /
+    `_attend_absorbed`): the reference, and the CPU path;
+  * "pallas": `pallas_kernels.mla_decode` on the pages in place (absorbed form: queries projected through
+    W_uk, output through W_uv), and `pallas_kernels.mla_prefill` on the keys up-projected through kv_b
+    (expanded form). `interpret=True` runs the kernels in Mosaic GPU interpret mode (CPU tests).
+
+A step's rows are left-aligned: row b's q_lens[b] new tokens are its first columns, at positions
+lengths[b] - q_lens[b] + [0, q_lens[b]); columns past q_lens are padding (written to the scratch page,
+outputs unspecified). A padding row has q_lens = lengths = 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import mla_decode, mla_prefill
+
+BACKENDS = ("einsum", "pallas")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedKV:
+    """One layer's pages and this step's view of them.
+
+    pages: [num_pages + 1, page_size, latent_width + rope_width] (the last page is the scratch page);
+    block_table: [b, max_pages] int32, row b's pages in order (scratch past its own);
+    lengths: [b] int32, tokens cached for row b after this step; q_lens: [b] int32, its new tokens.
+    """
+
+    pages: jax.Array
+    block_table: jax.Array
+    lengths: jax.Array
+    q_lens: jax.Array
+    latent_width: int = dataclasses.field(metadata=dict(static=True), default=0)
+    backend: str = dataclasses.field(metadata=dict(static=True), default="einsum")
+    interpret: bool = dataclasses.field(metadata=dict(static=True), default=False)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    @property
+    def page_size(self) -> int:
+        return self.pages.shape[1]
+
+    def with_pages(self, pages) -> PagedKV:
+        return dataclasses.replace(self, pages=pages)
+
+    def write(self, latent_bsc, k_pe_bsr, positions_bs) -> PagedKV:
+        """Writes the step's new rows (latent [b, s, kv_lora_rank], rotated k_pe [b, s, rope_dim]) at their
+        positions; padding columns go to the scratch page. In place when the caller donates the pages."""
+        b, s = positions_bs.shape
+        lw = self.latent_width
+        rw = self.pages.shape[-1] - lw
+        pad = lambda x, w: jnp.pad(x, [(0, 0), (0, 0), (0, w - x.shape[-1])])
+        rows = jnp.concatenate([pad(latent_bsc, lw), pad(k_pe_bsr, rw)], -1).astype(self.pages.dtype)
+        real = jnp.arange(s)[None, :] < self.q_lens[:, None]
+        pos = jnp.where(real, positions_bs, 0)
+        page = jnp.take_along_axis(self.block_table, pos // self.page_size, axis=1)
+        page = jnp.where(real, page, self.pages.shape[0] - 1)
+        return self.with_pages(self.pages.at[page, pos % self.page_size].set(rows))
+
+    def gather_rows(self):
+        """Every row's cached tokens in order: [b, max_pages * page_size, width] (the einsum path's view)."""
+        b = self.block_table.shape[0]
+        return self.pages[self.block_table].reshape(b, -1, self.pages.shape[-1])
+
+    def attend(self, mla, q_nope, q_pe, positions_bs, absorbed: bool):
+        """Attention of the step's queries (q_nope [b, s, h, nope], rotated q_pe [b, s, h, rope]) over the
+        cache, which must already hold the step's own rows (`write`). Returns [b, s, h, v_head_dim]."""
+        if self.backend == "einsum":
+            return self._attend_einsum(mla, q_nope, q_pe, positions_bs, absorbed)
+        if absorbed:
+            return self._attend_decode_kernel(mla, q_nope, q_pe)
+        return self._attend_prefill_kernel(mla, q_nope, q_pe)
+
+    # -- backends -------------------------------------------------------------------------------------------
+
+    def _split(self, rows, cfg):
+        lw = self.latent_width
+        return rows[..., : cfg.kv_lora_rank], rows[..., lw: lw + cfg.qk_rope_head_dim]
+
+    def _attend_einsum(self, mla, q_nope, q_pe, positions_bs, absorbed):
+        cfg = mla.cfg
+        latent, k_pe = self._split(self.gather_rows(), cfg)
+        s = positions_bs.shape[1]
+        key = jnp.arange(latent.shape[1])[None, None, :]
+        real = (jnp.arange(s)[None, :] < self.q_lens[:, None])[:, :, None]
+        mask = (key <= positions_bs[:, :, None]) & (key < self.lengths[:, None, None])
+        mask = jnp.where(real, mask, key == 0)  # padding queries see one key (no NaN); their output is dropped
+        attend = mla._attend_absorbed if absorbed else mla._attend_expanded
+        return attend(q_nope, q_pe, latent, k_pe, mask)
+
+    def _attend_decode_kernel(self, mla, q_nope, q_pe):
+        cfg = mla.cfg
+        dt = q_nope.dtype
+        w = mla._kv_b(dt)  # [kv_lora, heads, nope + v]
+        w_k, w_v = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+        q_lat = jnp.einsum("bqhn,chn->bqhc", q_nope, w_k, preferred_element_type=jnp.float32)
+        lw, rw = self.latent_width, self.pages.shape[-1] - self.latent_width
+        pad = lambda x, width: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
+        q = jnp.concatenate([pad(q_lat, lw), pad(q_pe.astype(jnp.float32), rw)], -1).astype(self.pages.dtype)
+        out_lat, _ = mla_decode.mla_decode(q, self.pages, self.block_table, self.lengths, kv_lora_rank=lw,
+                                           softmax_scale=cfg.softmax_scale, interpret=self.interpret)
+        out_lat = out_lat[..., : cfg.kv_lora_rank].astype(dt)
+        return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
+
+    def _attend_prefill_kernel(self, mla, q_nope, q_pe):
+        cfg = mla.cfg
+        dt = self.pages.dtype
+        latent, k_pe = self._split(self.gather_rows(), cfg)
+        kv = jnp.einsum("bkc,chn->bkhn", latent.astype(dt), mla._kv_b(dt),
+                        preferred_element_type=jnp.float32).astype(dt)
+        q = jnp.concatenate([q_nope, q_pe], -1).astype(dt)
+        out, _ = mla_prefill.mla_prefill(q, kv, k_pe.astype(dt), self.q_lens, self.lengths,
+                                         softmax_scale=cfg.softmax_scale, interpret=self.interpret)
+        return out
