@@ -1,15 +1,18 @@
 """Converts an HF DeepSeek-V3/R1 checkpoint into our orbax checkpoint (`dwdp_jax.checkpoint`), streaming.
 
     python -m dwdp_jax.convert --input=HF_DIR --output=OUT_DIR [--dtype_policy=keep_fp8|bf16]
-        [--group_size=G | --placement=placement.json] [--mtp|--nomtp] [--inspect] [--verify]
+        [--group_size=G | --placement=placement.json] [--mtp|--nomtp] [--inspect] [--verify] [--workers=N]
 
 Every model parameter is built from its HF tensors by the same table the loader uses (`weights.hf_source`).
 Orbax saves an item from memory, so the output is cut into items of at most about ITEM_BYTES (whole parameters,
-or slabs of a larger one: experts, rows of a copied tensor, columns of a transposed one), and the converter
-builds and saves one item at a time: source bytes are read with `pread` into fresh buffers (no memmap, whose
-resident pages would count against the process), at most about CHUNK_BYTES of source at a time when
-transposing or dequantizing, assembled into the item's arrays and handed to orbax. Peak memory is a few items
-plus the interpreter, whatever the checkpoint size.
+or slabs of a larger one: experts, rows of a copied tensor, columns of a transposed one). A pool of `workers`
+threads each builds one item and saves it (orbax syncs each item to disk before returning), so the reads,
+transposes and dequantization of some items overlap the writes of others: source bytes are read with `pread`
+into fresh buffers (no memmap, whose resident pages would count against the process), at most about
+CHUNK_BYTES of source at a time when transposing or dequantizing, transposed and dequantized with vectorized
+numpy (`quant.transpose_np`, `quant.dequantize_np`: numpy releases the GIL), assembled into the item's arrays
+and handed to orbax. Peak memory is about `workers` items plus the interpreter, whatever the checkpoint size. A
+progress bar shows source bytes converted, throughput and ETA; another thread hashes the source files.
 
 Routed experts are laid out for a DWDP group: with group size G (contiguous split) or a planner placement,
 each MoE layer's expert parameters become one array per rank holding that rank's experts (replicas included),
@@ -34,6 +37,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import mmap
 import os
 import re
 import sys
@@ -58,8 +62,10 @@ CONVERTER_VERSION = "2.0"
 POLICIES = ("keep_fp8", "bf16")
 ITEM_BYTES = 256 << 20  # target size of one orbax item (one expert, or one row/column, may exceed it)
 CHUNK_BYTES = 16 << 20  # target size of one source read when transposing or dequantizing
-WORKERS = 3  # items built and saved at once (each thread holds one item); measured in experiments/bench_convert.py
-_HASH_READ = 16 << 20
+# Items built and saved at once (each thread holds one): 3 on the 2-core machine of experiments/bench_convert.py
+# (2: 12.0 s, 3: 10.5 s for 5.9 GB of keep_fp8); more cores and faster disks take more.
+WORKERS = min(8, (os.cpu_count() or 2) + 1)
+_HASH_READ = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
 
 
 class VerifyError(CheckpointError):
@@ -524,16 +530,21 @@ def _source_files(ckpt: CheckpointDir) -> list[str]:
 
 
 def _hash_files(root: str, names: list[str], stop: threading.Event | None = None) -> list[dict]:
-    """[{name, bytes, sha256}] of the files (hashlib releases the GIL, so this overlaps the conversion)."""
+    """[{name, bytes, sha256}] of the files, hashed through read-only mappings of _HASH_READ bytes: no copy into
+    the process (half the CPU of read() + hash), and the pages it brings in serve the converter's reads. hashlib
+    releases the GIL, so this overlaps the conversion."""
     out = []
     for name in names:
-        digest, size = hashlib.sha256(), 0
+        digest = hashlib.sha256()
         with open(os.path.join(root, name), "rb") as f:
-            while block := f.read(_HASH_READ):
+            size = os.fstat(f.fileno()).st_size
+            for offset in range(0, size, _HASH_READ):
                 if stop is not None and stop.is_set():
                     return out
-                digest.update(block)
-                size += len(block)
+                with mmap.mmap(f.fileno(), min(_HASH_READ, size - offset), offset=offset,
+                               access=mmap.ACCESS_READ) as window:
+                    window.madvise(mmap.MADV_SEQUENTIAL)
+                    digest.update(window)
         out.append(dict(name=name, bytes=size, sha256=digest.hexdigest()))
     return out
 
@@ -808,7 +819,9 @@ _FLAGS = [
     (flags.DEFINE_bool, "inspect", False, "List parameters, shapes, dtypes and per-kind bytes; write nothing.", {}),
     (flags.DEFINE_bool, "verify", False, "Compare every stored tensor bit-exactly with the source (after "
      "converting, or alone when --output already holds a converted checkpoint).", {}),
-    (flags.DEFINE_bool, "progress", True, "Show a progress bar (bytes, throughput).", {}),
+    (flags.DEFINE_bool, "progress", True, "Show a progress bar (bytes, throughput, ETA).", {}),
+    (flags.DEFINE_integer, "workers", None, "Threads building and saving items at once (default: CPUs + 1, at most"
+     " 8); each holds one item in memory.", {}),
 ]
 
 
@@ -857,7 +870,7 @@ def main(argv) -> int:
         if not (FLAGS.verify and checkpoint.is_checkpoint(FLAGS.output)):
             meta = convert(FLAGS.input, FLAGS.output, dtype_policy=FLAGS.dtype_policy, group_size=FLAGS.group_size,
                            placement=placement, placement_source=FLAGS.placement or "contiguous", mtp=FLAGS.mtp,
-                           progress=FLAGS.progress)
+                           progress=FLAGS.progress, workers=FLAGS.workers or WORKERS)
             print(f"dwdp-convert: wrote {FLAGS.output}: {len(meta['params'])} parameters, "
                   f"{_fmt_bytes(meta['output_bytes'])} from {_fmt_bytes(meta['source_bytes'])} of source")
         if FLAGS.verify:

@@ -11,15 +11,18 @@ it from the page cache (posix_fadvise), so the conversion reads from disk. Then 
 child that only imports the converter (the fixed overhead). For the first policy it also times restores from a
 cold page cache, each in its own child: the full model (`load_model(OUT)`) and DWDP rank 0's share (replicated
 weights + its experts, `checkpoint.rank_experts`), both onto the CPU device. With --baseline_repo, the same
-conversion and restores run with that checkout's code (e.g. a git worktree of an earlier checkpoint format), in
-the same run, for comparison. Source and outputs are deleted afterwards.
+conversions (every policy) and restores run with that checkout's code (e.g. an export of an earlier commit), in
+the same run, for comparison. Source and outputs are deleted afterwards. The 1-minute load average is recorded
+before and after every timed phase: the machine may be shared, and a busy CPU slows a CPU-bound conversion.
 
 Headline metrics (results schema, part "converter"): `peak_rss_over_largest_tensor` = the converter's peak
 resident memory / the largest single output array (here the bf16 embedding, also the largest source tensor);
 `throughput_gbps` = source GB converted per second of wall time (process start to exit, fsync included), and
 `throughput_frac_of_copy` = that / the speed of copying the same shards on the same disk (cold, fsynced) in the
-same run, the ceiling for a conversion that reads and writes every byte once. `restore_full_gbps` and
-`restore_rank0_gbps`: stored bytes restored per second of restore call (imports and JAX start excluded).
+same run, the ceiling for a conversion that reads and writes every byte once; per policy as
+`throughput_frac_of_copy_<policy>`, the lowest as `throughput_frac_of_copy_min`. `restore_full_gbps` and
+`restore_rank0_gbps`: stored bytes restored per second of restore call (imports and JAX start excluded), and
+`restore_full_frac_of_copy` / `restore_rank0_frac_of_copy`: that over the same disk copy's speed.
 """
 
 from __future__ import annotations
@@ -102,11 +105,10 @@ def hf_tensors(cfg: config_lib.ModelConfig) -> list[tuple[str, str, tuple]]:
             dtype = "F32"
         else:
             dtype = "BF16"
-        if src.kind == "experts":
-            m = len(src.names)
+        if src.kind == "experts":  # every policy's source is FP8: [out, in] per expert (as stored, unpadded)
             for names in src.names:
                 for name in names:
-                    out[name] = (dtype, (shape[-2] // m, shape[-1]))
+                    out[name] = (dtype, src.shape)
         else:
             out[src.names[0]] = (dtype, shape if src.kind == "copy" else shape[::-1])
     return [(name, dtype, shape) for name, (dtype, shape) in out.items()]
@@ -187,6 +189,10 @@ def _measured(code: str, repo: str = REPO) -> tuple[float, int, str]:
     return wall, rss, result.stdout
 
 
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 def _commit_of(repo: str) -> str:
     try:
         return subprocess.check_output(["git", "-C", repo, "rev-parse", "HEAD"], text=True).strip()
@@ -235,9 +241,10 @@ def convert_once(repo: str, source: str, out: str, policy: str) -> dict:
     _drop_cache(source)
     argv = ["dwdp-convert", f"--input={source}", f"--output={out}", f"--dtype_policy={policy}",
             f"--group_size={FLAGS.group_size}", "--noprogress"]
+    load_before = _load()
     wall, peak, stdout = _measured(f"from dwdp_jax import convert; convert.run({argv!r})", repo)
-    print(stdout.strip().splitlines()[0])
-    return dict(wall_s=wall, peak_rss_bytes=peak, command=" ".join(argv))
+    print(f"{stdout.strip().splitlines()[0]} ({wall:.1f} s; load average {load_before} -> {_load()})")
+    return dict(wall_s=wall, peak_rss_bytes=peak, command=" ".join(argv), load_before=load_before, load_after=_load())
 
 
 def restore_times(repo: str, out: str) -> dict:
@@ -259,11 +266,12 @@ def main(argv):
     cfg = bench_config(FLAGS.layers, FLAGS.experts, FLAGS.vocab_size)
     work = tempfile.mkdtemp(prefix="dwdp_bench_convert_", dir=FLAGS.workdir)
     source = os.path.join(work, "hf")
-    rows, baseline_row = [], None
+    rows, baseline_rows = [], []
     try:
         t0 = time.perf_counter()
         source_bytes = write_synthetic_checkpoint(source, cfg, FLAGS.shard_gb * 1e9)
         print(f"synthetic checkpoint: {source_bytes / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s")
+        copy_load = [_load()]
         copy_s = [copy_baseline(source, os.path.join(work, "copy"))]
         largest_source = max(int(np.prod(s)) * _ITEMSIZE[d] for _, d, s in hf_tensors(cfg))
         for i, policy in enumerate(FLAGS.policies):
@@ -289,23 +297,30 @@ def main(argv):
                 row.update(restore_times(REPO, out))
             shutil.rmtree(out)
             rows.append(row)
-            if FLAGS.baseline_repo and i == 0:
+            if FLAGS.baseline_repo:
                 out = os.path.join(work, f"baseline_{policy}")
-                baseline_row = dict(dtype_policy=policy, code=FLAGS.baseline_repo, baseline_commit=_commit_of(
-                    FLAGS.baseline_repo), **convert_once(FLAGS.baseline_repo, source, out, policy))
-                baseline_row["throughput_gbps"] = source_bytes / baseline_row["wall_s"] / 1e9
-                baseline_row["peak_rss_over_largest_tensor"] = baseline_row["peak_rss_bytes"] / largest_source
-                if FLAGS.restore:
-                    baseline_row.update(restore_times(FLAGS.baseline_repo, out))
+                row = dict(dtype_policy=policy, code=FLAGS.baseline_repo, baseline_commit=os.environ.get(
+                    "BASELINE_COMMIT") or _commit_of(FLAGS.baseline_repo),
+                    **convert_once(FLAGS.baseline_repo, source, out, policy))
+                row["throughput_gbps"] = source_bytes / row["wall_s"] / 1e9
+                row["peak_rss_over_largest_tensor"] = row["peak_rss_bytes"] / largest_source
+                if FLAGS.restore and i == 0:
+                    row.update(restore_times(FLAGS.baseline_repo, out))
                 shutil.rmtree(out)
+                baseline_rows.append(row)
+        copy_load.append(_load())
         copy_s.append(copy_baseline(source, os.path.join(work, "copy")))
         copy_gbps = source_bytes / min(copy_s) / 1e9
         print(f"copy baseline: {copy_s[0]:.1f} s before, {copy_s[1]:.1f} s after the conversions")
         _, baseline, _ = _measured("from dwdp_jax import convert")
-        for row in rows:
-            row["import_baseline_rss_bytes"] = baseline
+        for row in rows + baseline_rows:
             row["copy_baseline_gbps"] = copy_gbps
             row["throughput_frac_of_copy"] = row["throughput_gbps"] / copy_gbps
+            for kind in ("full", "rank0"):
+                if f"restore_{kind}_gbps" in row:
+                    row[f"restore_{kind}_frac_of_copy"] = row[f"restore_{kind}_gbps"] / copy_gbps
+        for row in rows:
+            row["import_baseline_rss_bytes"] = baseline
             row["peak_rss_minus_baseline_over_largest_tensor"] = (row["peak_rss_bytes"] - baseline) / row[
                 "largest_output_array_bytes"]
     finally:
@@ -315,39 +330,45 @@ def main(argv):
     config = dict(preset=f"r1-layers-{FLAGS.layers}", n_routed_experts=FLAGS.experts, vocab_size=FLAGS.vocab_size,
                   group_size=FLAGS.group_size, shard_gb=FLAGS.shard_gb, item_bytes=head["item_bytes"],
                   source="synthetic FP8 (random bytes), page cache dropped before each run", cpu_count=os.cpu_count(),
-                  baseline_repo=FLAGS.baseline_repo)
+                  baseline_repo=FLAGS.baseline_repo, copy_s=copy_s,
+                  load_before_copy=copy_load)
     metrics = {k: head[k] for k in ("peak_rss_over_largest_tensor", "throughput_gbps", "peak_rss_bytes",
                                     "largest_output_array_bytes", "import_baseline_rss_bytes", "wall_s",
                                     "source_bytes", "peak_rss_minus_baseline_over_largest_tensor",
                                     "copy_baseline_gbps", "throughput_frac_of_copy")}
     for k in ("verify_wall_s", "verify_gbps", "verify_peak_rss_bytes", "restore_full_s", "restore_full_gbps",
-              "restore_full_peak_rss_bytes", "restore_rank0_s", "restore_rank0_gbps", "restore_rank0_peak_rss_bytes"):
+              "restore_full_frac_of_copy", "restore_full_peak_rss_bytes", "restore_rank0_s", "restore_rank0_gbps",
+              "restore_rank0_frac_of_copy", "restore_rank0_peak_rss_bytes"):
         if k in head:
             metrics[k] = head[k]
-    if baseline_row is not None:
-        rows.append(baseline_row)
-        for k in ("throughput_gbps", "peak_rss_bytes", "restore_full_s", "restore_rank0_s"):
-            if k in baseline_row:
-                metrics[f"baseline_{k}"] = baseline_row[k]
+    for row in rows:
+        for k in ("throughput_gbps", "throughput_frac_of_copy", "peak_rss_over_largest_tensor"):
+            metrics[f"{k}_{row['dtype_policy']}"] = row[k]
+    metrics["throughput_frac_of_copy_min"] = min(row["throughput_frac_of_copy"] for row in rows)
+    for row in baseline_rows:
+        for k in ("throughput_gbps", "throughput_frac_of_copy", "peak_rss_bytes"):
+            metrics[f"baseline_{k}_{row['dtype_policy']}"] = row[k]
         for k in ("restore_full_s", "restore_rank0_s"):
-            if k in baseline_row and k in head:
-                metrics[f"{k}_over_baseline"] = head[k] / baseline_row[k]
+            if k in row:
+                metrics[f"baseline_{k}"] = row[k]
+                metrics[f"{k}_over_baseline"] = head[k] / row[k]
+    rows += baseline_rows
     path = write_result(FLAGS.out_dir, "converter", "cpu", config, metrics, rows, tag=FLAGS.tag)
     print(f"\n{'policy':<10} {'source GB':>9} {'out GB':>7} {'wall s':>7} {'GB/s':>6} {'of copy':>7}"
           f" {'peak RSS GB':>11} {'largest GB':>10} {'RSS/largest':>11} {'verify GB/s':>11}")
     for r in rows:
-        if "code" in r:
-            continue
-        print(f"{r['dtype_policy']:<10} {r['source_bytes'] / 1e9:>9.2f} {r['output_bytes'] / 1e9:>7.2f}"
+        name = r["dtype_policy"] + (" (baseline)" if "code" in r else "")
+        print(f"{name:<10} {source_bytes / 1e9:>9.2f} {r.get('output_bytes', float('nan')) / 1e9:>7.2f}"
               f" {r['wall_s']:>7.1f} {r['throughput_gbps']:>6.2f} {r['throughput_frac_of_copy']:>7.2f}"
               f" {r['peak_rss_bytes'] / 1e9:>11.2f}"
-              f" {r['largest_output_array_bytes'] / 1e9:>10.2f} {r['peak_rss_over_largest_tensor']:>11.2f}"
+              f" {largest_source / 1e9:>10.2f} {r['peak_rss_over_largest_tensor']:>11.2f}"
               f" {r.get('verify_gbps', float('nan')):>11.2f}")
-    for r in [head] + ([baseline_row] if baseline_row else []):
+    for r in rows:
         if "restore_full_s" in r:
             print(f"restore ({r.get('code', 'this checkout')}): full model {r['restore_full_s']:.1f} s"
-                  f" ({r['restore_full_gbps']:.2f} GB/s), rank 0 {r['restore_rank0_s']:.1f} s"
-                  f" ({r['restore_rank0_gbps']:.2f} GB/s)")
+                  f" ({r['restore_full_gbps']:.2f} GB/s, {r['restore_full_frac_of_copy']:.2f} of the copy), rank 0"
+                  f" {r['restore_rank0_s']:.1f} s ({r['restore_rank0_gbps']:.2f} GB/s,"
+                  f" {r['restore_rank0_frac_of_copy']:.2f} of the copy)")
     print(f"copy baseline {copy_gbps:.2f} GB/s (best of before/after); import-only RSS {baseline / 1e9:.2f} GB;"
           f" wrote {path}")
 
