@@ -26,6 +26,28 @@ from pallas_kernels import mla_decode, mla_prefill
 BACKENDS = ("einsum", "pallas")
 
 
+def default_backend(dtype) -> str:
+    """"pallas" on a GPU for a bf16 cache (the kernels' dtype), else "einsum"."""
+    on_gpu = jax.devices()[0].platform == "gpu"
+    return "pallas" if on_gpu and jnp.dtype(dtype) == jnp.bfloat16 else "einsum"
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttention:
+    """How a runner's layers attend over their pages: the stored latent width and the backend (static)."""
+
+    latent_width: int
+    backend: str = "einsum"
+    interpret: bool = False
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def layer(self, pages, block_table, lengths, q_lens) -> PagedKV:
+        return PagedKV(pages, block_table, lengths, q_lens, self.latent_width, self.backend, self.interpret)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedKV:

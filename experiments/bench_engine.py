@@ -3,7 +3,7 @@ in the same run; writes `engine-<date>-<device_kind>.json` (part "engine").
 
 Model: `--preset` (r1-layers-N: real R1 layer shapes, FP8 routed experts and linears, random weights),
 bf16 activations and cache, routed experts through `LocalExecutor(backend=--backend)`. Everything is timed
-through the engine's `ModelRunner` (its bucketed prefill and decode programs on its slot cache):
+through the engine's `ModelRunner` (its bucketed prefill and decode programs on its paged cache):
   * baselines: HBM bandwidth (a large device copy, bytes read + written), dense matmul peaks in bf16 and FP8
     e4m3 (XLA dot with float32 accumulation; cuBLAS through torch where CUDA torch is installed; the best);
   * prefill: n requests of `--prefill_prompt_len` tokens, which the runner cuts into steps of n x
@@ -49,7 +49,7 @@ from dwdp_jax.engine import roofline
 from dwdp_jax.engine.runner import Buckets, ModelRunner
 from dwdp_jax.engine.scheduler import DecodeItem, PrefillChunk
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
-from dwdp_jax.model import LayerKV, init_model
+from dwdp_jax.model import init_model
 from experiments.results_io import write_result
 
 flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
@@ -212,15 +212,10 @@ class RecordingExecutor:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _randomized(cache, key):
-    """The cache with N(0, 1) latents and rope keys (a decode step's cost does not depend on the values; random
-    ones give the router realistic inputs)."""
-    out = []
-    for i, kv in enumerate(cache):
-        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
-        out.append(LayerKV(jax.random.normal(k1, kv.latent.shape, kv.latent.dtype),
-                           jax.random.normal(k2, kv.k_pe.shape, kv.k_pe.dtype)))
-    return out
+def _randomized(pages, key):
+    """The cache pages with N(0, 1) rows (a decode step's cost does not depend on the values; random ones give
+    the router realistic inputs)."""
+    return [jax.random.normal(jax.random.fold_in(key, i), p.shape, p.dtype) for i, p in enumerate(pages)]
 
 
 class Budget:
@@ -347,7 +342,7 @@ def decode_at_context(model, cfg, executor, sweep: Sweep, batches, ctx: int, hbm
     random latents, for each b in `batches`."""
     bmax = max(batches)
     runner = ModelRunner(model, bmax, ctx, executor=executor, buckets=Buckets(tuple(sorted(set(batches))), (ctx,)))
-    runner.cache = _randomized(runner.cache, jax.random.key(seed))
+    runner.pages = _randomized(runner.pages, jax.random.key(seed))
     items = [DecodeItem(request_id=f"d{i}", slot=i, token=int(rng.randint(cfg.vocab_size)), position=ctx - 1)
              for i in range(bmax)]
     # The router's choices, from one untimed step through the runner with a recording executor.

@@ -58,7 +58,7 @@ from dwdp_jax.engine import disagg as disagg_lib  # noqa: E402
 from dwdp_jax.engine import metrics as metrics_lib  # noqa: E402
 from dwdp_jax.engine import timeline  # noqa: E402
 from dwdp_jax.engine import workload as workload_lib  # noqa: E402
-from dwdp_jax.engine.kv_cache import CacheSpec  # noqa: E402
+from dwdp_jax.engine.paged_cache import PagedCacheSpec  # noqa: E402
 from dwdp_jax.engine.kv_transfer import make_transport  # noqa: E402
 from dwdp_jax.engine.runner import (Buckets, DepRunner, DwdpRankRunner, LockstepScheduler,  # noqa: E402
                                     ModelRunner)
@@ -129,6 +129,10 @@ _FLAGS = [
      dict(enum_values=["device_put", "copy_engine", "copy_engine_stream", "pallas_pull"])),
     (flags.DEFINE_enum, "expert_backend", "jnp", "expert GEMMs: ragged_dot or Mosaic GPU kernels",
      dict(enum_values=["jnp", "pallas"])),
+    (flags.DEFINE_enum, "attention", "auto", "MLA over the paged cache: the Pallas kernels, the einsum "
+     "reference, or auto (Pallas on a GPU with a bf16 cache)", dict(enum_values=["auto", "pallas", "einsum"])),
+    (flags.DEFINE_integer, "kv_pages", 0, "pages of 64 tokens in each rank's cache pool (0: every slot at "
+     "max_seq_len); requests are admitted while the pool can hold their prompt + output", {}),
     (flags.DEFINE_integer, "prefetch_depth", 1, "DWDP: MoE layers fetched ahead (0: fetch each layer right before "
      "it runs: the no-prefetch ablation)", {}),
     (flags.DEFINE_bool, "staggered", True, "DWDP: rank-rotated source order (False: every rank reads peers 0, 1, "
@@ -525,7 +529,8 @@ def build_runners(f, setup: Setup, model, strategy: str, devices: list, group_si
     """Runners of one strategy over `devices`: one per device (dwdp: groups of `group_size`; dp), one per DEP
     group of `group_size` devices, or one single-device runner. `make_schedulers` gives colocated schedulers."""
     cfg = setup.cfg
-    kw = dict(buckets=buckets, sampling=SamplingParams(temperature=f.temperature))
+    kw = dict(buckets=buckets, sampling=SamplingParams(temperature=f.temperature),
+              attention=None if f.attention == "auto" else f.attention, num_pages=f.kv_pages or None)
     slots, max_len = sched.max_batch_size, sched.max_seq_len
     notes = dict(weights="random" if f.checkpoint is None else "checkpoint",
                  weights_built="whole model, split per rank" if model is not None else "per rank")
@@ -535,7 +540,8 @@ def build_runners(f, setup: Setup, model, strategy: str, devices: list, group_si
             model = _build_model(f, cfg, setup.dtype, devices[0], skew=setup.skew)
         runner = ModelRunner(model, slots, max_len, device=devices[0],
                              executor=LocalExecutor(backend=f.expert_backend), seed=seed, **kw)
-        return Engines([runner], lambda: [Scheduler(sched)], _bytes_on(runner.state, devices[0]), notes)
+        return Engines([runner], lambda: [Scheduler(sched, page_table=runner.page_table)],
+                       _bytes_on(runner.state, devices[0]), notes)
 
     if strategy == "dep":
         runners = []
@@ -547,8 +553,8 @@ def build_runners(f, setup: Setup, model, strategy: str, devices: list, group_si
                 dep = DepModel.from_rank_models(
                     _rank_models(f, setup, group, Placement.from_config(cfg, len(group))), backend=f.expert_backend)
             runners.append(DepRunner(dep, slots, max_len, backend=f.expert_backend, seed=seed + i, **kw))
-        make = lambda: [LockstepScheduler([Scheduler(sched, rank=r) for r in range(len(r_.group_devices))])
-                        for r_ in runners]
+        make = lambda: [LockstepScheduler([Scheduler(sched, rank=r, page_table=r_.page_tables[r])
+                                           for r in range(len(r_.group_devices))]) for r_ in runners]
         return Engines(runners, make, _bytes_on(runners[0].state, devices[0]), notes)
 
     # dwdp and dp: one rank per device, each with its own runner, scheduler and host thread
@@ -561,7 +567,7 @@ def build_runners(f, setup: Setup, model, strategy: str, devices: list, group_si
     notes["staging_bytes_per_device_est"] = memory_per_device(
         cfg, g, f.prefetch_depth, 1.0 if cfg.weight_block_size else setup.dtype.itemsize)["staging_bytes"] \
         if strategy == "dwdp" else 0
-    make = lambda: [Scheduler(sched, rank=r) for r in range(len(runners))]
+    make = lambda: [Scheduler(sched, rank=r, page_table=runners[r].page_table) for r in range(len(runners))]
     return Engines(runners, make, weights, notes)
 
 
@@ -794,7 +800,7 @@ def launch(f, argv: list[str]) -> dict:
     engines = build_engines(f, setup)
     build_s = time.perf_counter() - t0
     n = len(setup.devices)
-    spec: CacheSpec = engines.runners[0].spec
+    spec: PagedCacheSpec = engines.runners[0].spec
     print(f"{setup.strategy} | {setup.model_name} | {n} x {setup.devices[0].platform} | "
           f"{len(setup.requests)} requests | slots/rank {spec.num_slots} x {spec.max_len} tokens | "
           f"KV cache {spec.total_bytes / 2**20:.2f} MiB/device ({spec.bytes_per_token} B/token) | "

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dwdp_jax.config import TINY
-from dwdp_jax.engine import disagg, kv_cache, timeline
+from dwdp_jax.engine import disagg, timeline
 from dwdp_jax.engine.kv_transfer import DevicePutTransport
 from dwdp_jax.engine.runner import Buckets, DepRunner, DwdpRankRunner, ModelRunner
 from dwdp_jax.engine.scheduler import (DecodeItem, FakeClock, PrefillChunk, Scheduler, SchedulerConfig, StepPlan,
@@ -115,12 +115,12 @@ def test_handoff_continues_generation_exactly(runners):
     transport = DevicePutTransport()
     moved = {}
     for name, device in (("single", single.device), ("dep", dep.group_devices[1])):
-        handle = transport.send(ctx.slot_cache(0), 2, 16, device)
+        handle = transport.send(ctx.read_slot(0, 2, 16), device)
         transport.wait_source(handle)
         moved[name] = transport.wait_arrival(handle)
         assert moved[name].devices() == {device}
         assert moved[name].shape == (CFG.num_layers, 16, CFG.kv_lora_rank + CFG.qk_rope_head_dim)
-        assert moved[name].nbytes == kv_cache.rows_nbytes(spec, 16) == 16 * spec.bytes_per_token
+        assert moved[name].nbytes == 16 * spec.bytes_per_token
     single.write_slot(0, 3, moved["single"])
     dep.write_slot(1, 0, moved["dep"])
     want, got_dep = [], []
@@ -142,7 +142,7 @@ def test_write_slot_checks_rows(runners):
     with pytest.raises(ValueError, match="do not fit a cache of 3 layers"):
         single.write_slot(0, 0, rows)
     with pytest.raises(ValueError, match="slot group 1 of a runner with one group"):
-        single.slot_cache(1)
+        single.read_slot(1, 0, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""Slot cache and step runners against full forwards of the tiny model (float32, CPU, simulated devices).
+"""Paged cache and step runners against full forwards of the tiny model (float32, CPU, simulated devices; the
+einsum attention backend: the Pallas one is checked against it in tests/test_paged_attention.py).
 
 Compile budget: every runner here uses one cache shape and the buckets ((4,), (8,)), so the prefill [4, 8]
-and decode [4, 1] programs compile once for the module; references are full forwards of one [4, 32] shape.
+(per block-table width) and decode [4, 1] programs compile once for the module; references are full forwards
+of one [4, 32] shape.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import pytest
 from flax import nnx
 
 from dwdp_jax.config import TINY
-from dwdp_jax.engine import kv_cache
+from dwdp_jax.engine import paged_cache
+from dwdp_jax.engine.paged_cache import PagedCacheSpec, PageTable
 from dwdp_jax.engine.runner import (Buckets, DepRunner, DwdpRankRunner, LockstepScheduler, ModelRunner, _Row,
-                                    pack_rows)
+                                    pack_rows, pages_bucket)
 from dwdp_jax.engine.sampling import SamplingParams
 from dwdp_jax.engine.scheduler import DecodeItem, FakeClock, PrefillChunk, Scheduler, SchedulerConfig, run_engine
-from dwdp_jax.engine.workload import Request, split_by_rank
+from dwdp_jax.engine.workload import Request, RequestError, split_by_rank
 from dwdp_jax.model import init_model
 from dwdp_jax.parallel.dep import DepModel
 from dwdp_jax.parallel.dwdp import DwdpGroup
@@ -72,20 +75,24 @@ def tokens(seed, n):
 
 
 def test_cache_spec_sizes_and_allocation():
-    spec = kv_cache.CacheSpec.for_model(CFG, num_slots=3, max_len=20, dtype=jnp.bfloat16)
-    per_token = CFG.num_layers * (CFG.kv_lora_rank + CFG.qk_rope_head_dim) * 2
-    assert spec.bytes_per_token == per_token
-    assert spec.total_bytes == per_token * 4 * 21  # scratch slot and position included
+    spec = PagedCacheSpec.for_model(CFG, num_pages=5, num_slots=3, max_len=100, dtype=jnp.bfloat16)
+    assert spec.bytes_per_token == CFG.num_layers * (CFG.kv_lora_rank + CFG.qk_rope_head_dim) * 2
+    assert spec.width == 128 + 64 and spec.max_pages_per_slot == 2 and spec.scratch_page == 5
+    assert spec.total_bytes == CFG.num_layers * 6 * 64 * spec.width * 2  # the scratch page included
     device = jax.devices()[1]
-    cache = kv_cache.allocate(spec, device)
-    assert len(cache) == CFG.num_layers and kv_cache.nbytes(cache) == spec.total_bytes
-    assert cache[0].latent.shape == (4, 21, CFG.kv_lora_rank) and cache[0].k_pe.shape == (4, 21, CFG.qk_rope_head_dim)
-    assert cache[0].latent.dtype == jnp.bfloat16 and cache[0].latent.devices() == {device}
-    # the scratch slot and position, never real ones, take padding
-    ids, positions, slots = pack_rows([_Row(1, 5, np.array([7, 8], np.int32))], 2, 4, spec)
-    np.testing.assert_array_equal(ids, [[0, 0, 7, 8], [0, 0, 0, 0]])
-    np.testing.assert_array_equal(positions, [[20, 20, 5, 6], [20, 20, 20, 20]])
-    np.testing.assert_array_equal(slots, [1, 3])
+    pages = paged_cache.allocate(spec, device)
+    assert len(pages) == CFG.num_layers and paged_cache.nbytes(pages) == spec.total_bytes
+    assert pages[0].shape == (6, 64, spec.width) and pages[0].dtype == jnp.bfloat16
+    assert pages[0].devices() == {device}
+    # rows left-aligned, padding rows on the scratch page only; pages taken for the rows' tokens
+    table = PageTable(spec)
+    step = pack_rows([_Row(1, 63, np.array([7, 8], np.int32))], 2, 4, table, num_pages=2)
+    np.testing.assert_array_equal(step.ids, [[7, 8, 0, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(step.positions[0, :2], [63, 64])
+    np.testing.assert_array_equal(step.q_lens, [2, 0])
+    np.testing.assert_array_equal(step.lengths, [65, 0])
+    np.testing.assert_array_equal(step.block_table, [[0, 1], [5, 5]])
+    assert table.pages_of(1) == [0, 1] and pages_bucket(3, 8) == 4 and pages_bucket(9, 8) == 8
 
 
 def test_buckets():
@@ -126,9 +133,9 @@ def test_chunked_prefill_equals_one_shot(model):
     two.prefill([PrefillChunk("a", 0, 0, seq[:5], False)])
     b = two.prefill([PrefillChunk("a", 0, 5, seq[5:11], True)])[0]
     assert rel_err(b, a) <= TOL
-    for layer_one, layer_two in zip(one.cache, two.cache):
-        assert rel_err(layer_two.latent[0, :11], layer_one.latent[0, :11]) <= TOL
-        assert rel_err(layer_two.k_pe[0, :11], layer_one.k_pe[0, :11]) <= TOL
+    rows_one = one.read_slot(0, 0, 11)
+    assert rel_err(two.read_slot(0, 0, 11), rows_one) <= TOL
+    assert rows_one.shape == (CFG.num_layers, 11, CFG.kv_lora_rank + CFG.qk_rope_head_dim)
     da = one.decode([DecodeItem("a", 0, int(seq[11]), 11)])[0]
     db = two.decode([DecodeItem("a", 0, int(seq[11]), 11)])[0]
     assert rel_err(db, da) <= TOL
@@ -136,9 +143,9 @@ def test_chunked_prefill_equals_one_shot(model):
 
 def test_requests_in_different_slots_do_not_disturb_each_other(model, full_logits):
     """Interleaved prefill chunks and decodes of three requests; a slot reused by a shorter request; the
-    scratch slot and position filled with large values first, so that reading them would show."""
+    scratch page filled with large values first, so that reading it would show."""
     r = runner(model)
-    r.cache = [kv_cache_poisoned(kv, r.spec) for kv in r.cache]
+    r.pages = [p.at[r.spec.scratch_page].set(1e4) for p in r.pages]
     a, b, c, d = tokens(2, 12), tokens(3, 9), tokens(4, 15), tokens(5, 6)
     ref = dict(zip("abcd", full_logits([a, b, c, d])))
     check = lambda name, logits, pos: rel_err(logits, ref[name][pos]) <= TOL or pytest.fail(f"{name} at {pos}")
@@ -146,12 +153,11 @@ def test_requests_in_different_slots_do_not_disturb_each_other(model, full_logit
     out = r.prefill([PrefillChunk("a", 0, 0, a[:10], True), PrefillChunk("c", 3, 0, c[:4], False)])
     check("a", out[0], 9)
     check("c", out[1], 3)
-    slot0 = [np.asarray(kv.latent[0, :10]) for kv in r.cache]
+    slot0 = np.asarray(r.read_slot(0, 0, 10))
     out = r.prefill([PrefillChunk("c", 3, 4, c[4:12], True), PrefillChunk("b", 1, 0, b[:7], True)])
     check("c", out[0], 11)
     check("b", out[1], 6)
-    for kv, before in zip(r.cache, slot0):  # slot 0 untouched by a step without it
-        np.testing.assert_array_equal(np.asarray(kv.latent[0, :10]), before)
+    np.testing.assert_array_equal(np.asarray(r.read_slot(0, 0, 10)), slot0)  # untouched by a step without it
     out = r.decode([DecodeItem("c", 3, int(c[12]), 12), DecodeItem("a", 0, int(a[10]), 10),
                     DecodeItem("b", 1, int(b[7]), 7)])
     check("c", out[0], 12)
@@ -165,11 +171,6 @@ def test_requests_in_different_slots_do_not_disturb_each_other(model, full_logit
     check("a", out[0], 11)
     check("d", out[1], 5)
     check("b", out[2], 8)
-
-
-def kv_cache_poisoned(kv, spec):
-    big = lambda x: x.at[spec.scratch_slot].set(1e4).at[:, spec.scratch_pos].set(-1e4)
-    return type(kv)(big(kv.latent), big(kv.k_pe))
 
 
 def test_bucket_padding_does_not_change_results(model):
@@ -219,13 +220,14 @@ def outputs(finished):
 
 @pytest.fixture(scope="module")
 def single_tokens(model):
-    sched, r = Scheduler(sched_config()), runner(model)
+    r = runner(model)
+    sched = Scheduler(sched_config(), page_table=r.page_table)
     shapes = set()
     call = r._call
 
-    def spy(ids, positions, slots, absorbed):
-        shapes.add((ids.shape, absorbed))
-        return call(ids, positions, slots, absorbed)
+    def spy(step, absorbed):
+        shapes.add((step.ids.shape, absorbed))
+        return call(step, absorbed)
 
     r._call = spy
     run = run_engine(sched, r.step_fn, FakeClock(), requests=engine_requests())
@@ -241,8 +243,8 @@ def test_engine_run_matches_naive_greedy_loop(single_tokens, naive_tokens):
 def test_dwdp_rank_runners_match_single_device(model, single_tokens):
     group = DwdpGroup(model, jax.devices()[:2])
     runners = [DwdpRankRunner(rank, SLOTS, MAX_LEN, buckets=BUCKETS) for rank in group.ranks]
-    assert runners[1].cache[0].latent.devices() == {jax.devices()[1]}
-    scheds = [Scheduler(sched_config(), rank=r) for r in range(2)]
+    assert runners[1].pages[0].devices() == {jax.devices()[1]}
+    scheds = [Scheduler(sched_config(), rank=r, page_table=runners[r].page_table) for r in range(2)]
     per_rank = split_by_rank(engine_requests(), 2)
 
     def serve(rank, reqs):
@@ -256,7 +258,7 @@ def test_dwdp_rank_runners_match_single_device(model, single_tokens):
 
 def test_dep_lockstep_runner_matches_single_device(model, single_tokens):
     dep = DepRunner(DepModel(model, jax.devices()[:2]), SLOTS, MAX_LEN, buckets=BUCKETS)
-    sched = LockstepScheduler([Scheduler(sched_config(), rank=r) for r in range(2)])
+    sched = LockstepScheduler([Scheduler(sched_config(), rank=r, page_table=dep.page_tables[r]) for r in range(2)])
     run = run_engine(sched, dep.step_fn, FakeClock(), requests=engine_requests())
     assert not run.rejected
     assert outputs(sched.finished) == single_tokens
@@ -265,11 +267,34 @@ def test_dep_lockstep_runner_matches_single_device(model, single_tokens):
 
 def test_temperature_sampling_is_reproducible_per_seed(model, single_tokens):
     def serve(seed):
-        sched = Scheduler(sched_config())
         r = runner(model, sampling=SamplingParams(temperature=1.0, top_k=8), seed=seed)
+        sched = Scheduler(sched_config(), page_table=r.page_table)
         run_engine(sched, r.step_fn, FakeClock(), requests=engine_requests())
         return outputs(sched.finished)
 
     a, b, c = serve(0), serve(0), serve(1)
     assert a == b and a != c and a != single_tokens
     assert all(len(a[r.request_id]) == r.max_new_tokens for r in engine_requests())
+
+
+def test_admission_by_free_pages(model, single_tokens):
+    """A pool of 2 pages (64 tokens each) for 4 slots: requests are admitted only while their prompt + output
+    fits beside the others' promises, so fewer run at once; every request still completes with the same
+    greedy tokens, and a request larger than the whole pool is refused at submit."""
+    r = runner(model, num_pages=2)
+    sched = Scheduler(sched_config(), page_table=r.page_table)
+    peak = []
+    step = r.step_fn
+
+    def spy(plan):
+        peak.append(sched.num_running)
+        assert r.page_table.num_free >= 0
+        return step(plan)
+
+    run = run_engine(sched, spy, FakeClock(), requests=engine_requests())
+    assert not run.rejected and outputs(sched.finished) == single_tokens
+    assert max(peak) == 2  # each request needs one page: two in flight at most
+    assert r.page_table.num_free == 2  # every page back in the pool
+    big = Request("big", tokens(30, 30), 120)  # 150 tokens: 3 pages
+    with pytest.raises(RequestError, match="pages"):
+        Scheduler(SchedulerConfig(4, 200, 8), page_table=r.page_table).submit(big)

@@ -1,5 +1,5 @@
 """Inference engine: requests and workloads, per-rank scheduler, sampling, metrics, KV cache and step runner.
 
-Host side (numpy, no device): `workload` -> `scheduler` -> `metrics`. Device side: `sampling`, `kv_cache`,
+Host side (numpy, no device): `workload` -> `scheduler` -> `metrics`. Device side: `sampling`, `paged_cache`,
 `runner`. Import the submodules directly; this package re-exports nothing.
 """

@@ -255,7 +255,8 @@ def _record(h: _Handoff, f: FinishedRequest) -> RequestRecord:
 def _schedulers(runner, config: SchedulerConfig, hold: bool):
     """One `Scheduler` per slot group of `runner`, and the scheduler its `step_fn` takes (a DEP runner takes
     lockstep plans, even over one device)."""
-    scheds = [Scheduler(config, rank=g, hold_retired_slots=hold) for g in range(runner.num_groups)]
+    scheds = [Scheduler(config, rank=g, hold_retired_slots=hold, page_table=runner.page_tables[g])
+              for g in range(runner.num_groups)]
     return scheds, (LockstepScheduler(scheds) if isinstance(runner, DepRunner) else scheds[0])
 
 
@@ -478,7 +479,7 @@ class _Pass:
         device = engine.generation[j].group_devices[g]
         length = engine.transfer_len(h.request.prompt_len)
         start = self.clock()
-        handle = engine.transport.send(runner.slot_cache(h.context_group), h.context_slot, length, device)
+        handle = engine.transport.send(runner.read_slot(h.context_group, h.context_slot, length), device)
         h.transfer = Transfer(h.request.request_id, length, length * runner.spec.bytes_per_token, start)
         h.generation_engine, h.generation_group, h.generation_device = j, g, int(device.id)
         self.watcher.start(h.transfer, handle)
@@ -557,10 +558,10 @@ class _Pass:
             for h in arrived:
                 TransferWatcher.check(h.transfer)
                 s = scheds[h.generation_group]
-                slot = s.reserve_slot()
-                if slot is None:  # the credit taken for this hand-off guarantees a slot
-                    raise RuntimeError(f"generation engine {j} group {h.generation_group}: no free slot for "
-                                       f"{h.request.request_id!r} despite its credit")
+                slot = s.reserve_slot(h.request.prompt_len + h.request.max_new_tokens)
+                if slot is None:  # the credit taken for this hand-off guarantees a slot (and its pages)
+                    raise RuntimeError(f"generation engine {j} group {h.generation_group}: no free slot (or "
+                                       f"too few pages) for {h.request.request_id!r} despite its credit")
                 runner.write_slot(h.generation_group, slot, h.transfer.rows)
                 h.transfer.rows = None
                 now = self.clock()

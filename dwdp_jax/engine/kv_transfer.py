@@ -1,9 +1,10 @@
 """KV hand-off transports: how a finished prefill's cache rows move from a context device to a generation device.
 
 A transport has three calls (the shape of `dwdp_jax.parallel.fetch`'s backends):
-  * `send(cache, slot, length, device) -> handle`: from the context server's host thread, right after the step
-    that wrote the rows and before it dispatches another: copies positions [0, length) of `slot` out of
-    `cache` (a single-device cache, `runner.slot_cache(group)`) towards `device`. Returns at once.
+  * `send(rows, device) -> handle`: from the context server's host thread, right after the step that wrote the
+    rows and before it dispatches another: moves `rows` (a slot's positions [0, length), gathered out of the
+    context runner's pages by `runner.read_slot`, a program queued behind that step) towards `device`.
+    Returns at once.
   * `wait_source(handle)`: blocks until the source slot is no longer read (the context server may reuse it).
   * `wait_arrival(handle) -> rows`: blocks until the rows [num_layers, length, kv_lora_rank + rope_dim] are on
     `device`, and returns them (for `runner.write_slot`).
@@ -11,9 +12,8 @@ A transport has three calls (the shape of `dwdp_jax.parallel.fetch`'s backends):
 The blocking calls are made by a `TransferWatcher` thread, never by a serving thread, so neither server waits
 for a copy.
 
-Both transports first gather the rows into a new array on the source device (`kv_cache.read_slot`, one small
-program queued behind the step that wrote them); the slot is free once that gather ran. They differ in the
-device-to-device copy:
+The rows were gathered into a new array on the source device (`runner.read_slot`); the slot is free once that
+gather ran. The transports differ in the device-to-device copy:
   * `DevicePutTransport`: `jax.device_put`. On GPUs PJRT orders the copy after the work queued on the source
     device (WORKSPACE Findings 2); `send` is called before the context server dispatches its next step, so
     the copy is queued ahead of it.
@@ -32,8 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dwdp_jax.engine import kv_cache
-from dwdp_jax.model import LayerKV
 from dwdp_jax.parallel.fetch import enable_peer_access
 
 
@@ -42,7 +40,7 @@ class KVTransport:
 
     name = "base"
 
-    def send(self, cache: list[LayerKV], slot: int, length: int, device: jax.Device):
+    def send(self, rows: jax.Array, device: jax.Device):
         raise NotImplementedError
 
     def wait_source(self, handle) -> None:
@@ -60,8 +58,7 @@ class DevicePutTransport(KVTransport):
 
     name = "device_put"
 
-    def send(self, cache, slot, length, device):
-        rows = kv_cache.read_slot(cache, slot, length)
+    def send(self, rows, device):
         return rows, jax.device_put(rows, device)
 
     def wait_source(self, handle) -> None:
@@ -112,8 +109,8 @@ class CopyEngineTransport(KVTransport):
                 enable_peer_access(dst, src)
                 self._peer_enabled.add((dst, src))
 
-    def send(self, cache, slot, length, device):
-        return _PeerCopy(kv_cache.read_slot(cache, slot, length), device)
+    def send(self, rows, device):
+        return _PeerCopy(rows, device)
 
     def wait_source(self, handle: _PeerCopy) -> None:
         import cupy as cp

@@ -1,23 +1,25 @@
-"""Step runners: execute a scheduler's `StepPlan` on the model and a slot cache, in fixed-shape programs.
+"""Step runners: execute a scheduler's `StepPlan` on the model and a paged cache, in fixed-shape programs.
 
 A step's rows (prefill chunks, or one decode token per request) are packed into [rows, length] blocks whose
 shapes come from a small set of `Buckets`, so that programs compile once per bucket, never per request:
-  * rows are padded to a batch bucket; padding rows use the cache's scratch slot;
-  * each row is right-aligned in its length bucket, so its last real token is the row's last column (whose
-    logits the step returns); the padding tokens in front are written to the scratch position.
+  * rows are padded to a batch bucket; a padding row has no tokens and only the scratch page;
+  * each row is left-aligned in its length bucket (its tokens first, then padding, which goes to the scratch
+    page); the step returns the logits of each row's last real token;
+  * the block table's width is the largest pages-per-row of the step rounded up to a power of two for
+    prefill (the keys the expanded form up-projects) and max_len's pages for decode (read in place).
 Prefill chunks are grouped by length bucket, one program call per group; a chunk longer than the largest
 bucket runs in pieces. Decode is one call of length 1. Prefill uses the expanded MLA form, decode the
 weight-absorbed form (`absorbed=True`).
 
-Inside a call, every layer gathers the rows' slots from the cache ([rows, max_len + 1, ...]), runs MLA with
-that cache (which writes the new tokens at their positions and attends to every position <= the query's),
-and writes only the new tokens back into the cache.
+Inside a call every layer writes the rows' new tokens into their pages (donated: in place) and attends over
+the pages (`dwdp_jax.paged_attention`: the Pallas MLA kernels on a GPU, the einsum reference elsewhere); no
+cache row is gathered and written back. Pages are taken from the rank's `PageTable` before the call.
 
 Runners, all with `step_fn(plan) -> {request_id: token}` for `scheduler.run_engine`:
   * `ModelRunner`: one device; one jitted program per (bucket, form) over the whole model.
   * `DwdpRankRunner`: one DWDP rank, through `DwdpRank.forward` (per-layer programs, prefetched experts).
-  * `DepRunner`: one SPMD program over G devices (DEP); device g serves its own slot group. It drives a
-    `LockstepScheduler`: G per-device schedulers that step together, as an SPMD program must.
+  * `DepRunner`: one SPMD program over G devices (DEP); device g serves its own slot group from its own
+    page pool. It drives a `LockstepScheduler`: G per-device schedulers that step together.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dwdp_jax.engine import kv_cache
-from dwdp_jax.engine.kv_cache import CacheSpec
+from dwdp_jax.engine import paged_cache
+from dwdp_jax.engine.paged_cache import PagedCacheSpec, PageTable
 from dwdp_jax.engine.sampling import SamplingParams, sample
 from dwdp_jax.engine.scheduler import DecodeItem, FinishedRequest, PrefillChunk, Scheduler, StepPlan
 from dwdp_jax.engine.workload import Request, RequestError
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
-from dwdp_jax.model import DeepseekV3, LayerKV
+from dwdp_jax.model import DeepseekV3
+from dwdp_jax.paged_attention import PagedAttention, default_backend
 from dwdp_jax.parallel.dep import AXIS, DepExecutor, DepModel, state_specs
 from dwdp_jax.parallel.dwdp import DwdpRank
 
@@ -96,71 +99,83 @@ class _Row:
     tokens: np.ndarray  # int32 [n]
 
 
-def pack_rows(rows: Sequence[_Row], num_rows: int, length: int, spec: CacheSpec):
-    """Right-aligned [num_rows, length] block: (token_ids, positions, slots), int32 numpy.
+@dataclasses.dataclass(frozen=True)
+class StepArrays:
+    """A step block's inputs, int32 numpy: ids and positions [rows, length] (left-aligned: row i's tokens
+    first, padding after), q_lens [rows] (its tokens), lengths [rows] (tokens cached after the step),
+    block_table [rows, pages]. A padding row has q_lens = lengths = 0 and only scratch pages."""
 
-    Padding tokens sit at the scratch position, padding rows in the scratch slot."""
+    ids: np.ndarray
+    positions: np.ndarray
+    q_lens: np.ndarray
+    lengths: np.ndarray
+    block_table: np.ndarray
+
+    @staticmethod
+    def concat(parts: Sequence[StepArrays]) -> StepArrays:
+        return StepArrays(*(np.concatenate(f) for f in zip(*(dataclasses.astuple(p) for p in parts))))
+
+
+def pages_bucket(n: int, max_pages: int) -> int:
+    """Block-table width for a step whose rows need up to n pages: a power of two, at most max_pages."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max_pages)
+
+
+def pack_rows(rows: Sequence[_Row], num_rows: int, length: int, table: PageTable, num_pages: int) -> StepArrays:
+    """Left-aligned [num_rows, length] block of `rows` (pages for their tokens taken from `table` first)."""
+    spec = table.spec
     ids = np.zeros((num_rows, length), np.int32)
-    positions = np.full((num_rows, length), spec.scratch_pos, np.int32)
-    slots = np.full((num_rows,), spec.scratch_slot, np.int32)
+    positions = np.zeros((num_rows, length), np.int32)
+    q_lens = np.zeros((num_rows,), np.int32)
+    slots = np.full((num_rows,), -1, np.int32)
     for i, row in enumerate(rows):
         n = len(row.tokens)
         if not 0 < n <= length:
             raise ValueError(f"row of {n} tokens does not fit length {length}")
         if row.start + n > spec.max_len:
             raise ValueError(f"positions up to {row.start + n} exceed the cache's max_len={spec.max_len}")
-        if not 0 <= row.slot < spec.num_slots:
-            raise ValueError(f"slot {row.slot} outside [0, {spec.num_slots})")
-        ids[i, length - n:] = row.tokens
-        positions[i, length - n:] = np.arange(row.start, row.start + n, dtype=np.int32)
-        slots[i] = row.slot
-    return ids, positions, slots
+        table.ensure(row.slot, row.start + n)
+        ids[i, :n] = row.tokens
+        positions[i, :n] = np.arange(row.start, row.start + n, dtype=np.int32)
+        q_lens[i], slots[i] = n, row.slot
+    lengths = np.where(q_lens > 0, positions[:, 0] + q_lens, 0).astype(np.int32)
+    return StepArrays(ids, positions, q_lens, lengths, table.block_table(slots, num_pages))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The model with a slot cache (traced inside the runners' programs)
+# The model over a paged cache (traced inside the runners' programs)
 
 
-def gather_rows(cache: list[LayerKV], slots_n) -> list[LayerKV]:
-    """The slots' cache rows, per layer [n, max_len + 1, ...]."""
-    return [LayerKV(kv.latent[slots_n], kv.k_pe[slots_n]) for kv in cache]
+def paged_forward(model: DeepseekV3, pages: list[jax.Array], step: StepArrays, absorbed: bool,
+                  executor: ExpertExecutor, attention: PagedAttention):
+    """Runs a step block over the pages (each layer writes its new rows in place, then attends).
+
+    Returns (logits of each row's last token [rows, vocab] float32, updated pages)."""
+    x = model.embed(step.ids)
+    new_pages = []
+    for layer, layer_pages in zip(model.layers, pages):
+        kv = attention.layer(layer_pages, step.block_table, step.lengths, step.q_lens)
+        x, kv = layer(x, step.positions, executor, kv, absorbed)
+        new_pages.append(kv.pages)
+    return model.logits(last_tokens(x, step.q_lens)), new_pages
 
 
-def write_back(kv: LayerKV, rows: LayerKV, slots_n, positions_ns) -> LayerKV:
-    """Copies the tokens at `positions_ns` of the updated rows into the slot cache (only those: a step
-    writes its new tokens, never whole rows)."""
-    r = jnp.arange(slots_n.shape[0])[:, None]
-    s = slots_n[:, None]
-    return LayerKV(
-        kv.latent.at[s, positions_ns].set(rows.latent[r, positions_ns]),
-        kv.k_pe.at[s, positions_ns].set(rows.k_pe[r, positions_ns]),
-    )
+def last_tokens(x_bsd, q_lens):
+    """x at each row's last token (column q_lens - 1; column 0 for padding rows): [rows, d]."""
+    return x_bsd[jnp.arange(x_bsd.shape[0]), jnp.maximum(q_lens - 1, 0)]
 
 
-def cached_forward(model: DeepseekV3, cache: list[LayerKV], token_ids_ns, positions_ns, slots_n, absorbed: bool,
-                   executor: ExpertExecutor):
-    """Runs rows [n, s] whose sequences live in cache rows `slots_n`; writes their tokens into the cache.
-
-    Returns (logits of each row's last column [n, vocab] float32, updated cache)."""
-    x = model.embed(token_ids_ns)
-    new_cache = []
-    for layer, kv, rows in zip(model.layers, cache, gather_rows(cache, slots_n)):
-        x, rows = layer(x, positions_ns, executor, rows, absorbed)
-        new_cache.append(write_back(kv, rows, slots_n, positions_ns))
-    return model.logits(x[:, -1]), new_cache
+def _model_step(graph, state, pages, step, absorbed, executor, attention):
+    return paged_forward(nnx.merge(graph, state), pages, step, absorbed, executor, attention)
 
 
-def _model_step(graph, state, cache, token_ids, positions, slots, absorbed, executor):
-    return cached_forward(nnx.merge(graph, state), cache, token_ids, positions, slots, absorbed, executor)
-
-
-_model_step_jit = jax.jit(_model_step, static_argnums=(0, 6, 7), donate_argnums=2)
-_gather_jit = jax.jit(gather_rows)
-_write_back_all_jit = jax.jit(
-    lambda cache, rows, slots, positions: [write_back(kv, r, slots, positions) for kv, r in zip(cache, rows)],
-    donate_argnums=0,
-)
+_model_step_jit = jax.jit(_model_step, static_argnums=(0, 4, 5, 6), donate_argnums=2)
 _sample_jit = jax.jit(sample, static_argnames="params")
+jax.tree_util.register_dataclass(StepArrays, data_fields=[f.name for f in dataclasses.fields(StepArrays)],
+                                 meta_fields=[])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,32 +191,47 @@ class _Call:
 
 
 class _SlotRunner:
-    """Packing, bucketing and sampling shared by the runners. A subclass provides `_call`, which runs a
-    [num_groups * rows, length] block (group g's rows first-to-last in block g) and returns the padded logits.
-    Single-rank runners have one group."""
+    """Packing, bucketing, page bookkeeping and sampling shared by the runners. A subclass provides `_call`,
+    which runs a `StepArrays` block of [num_groups * rows, length] (group g's rows in block g, its block
+    table in that group's page numbering) and returns the padded logits. Single-rank runners have one group."""
 
     num_groups = 1
 
-    def __init__(self, spec: CacheSpec, buckets: Buckets | None, sampling: SamplingParams, seed: int, where):
+    def __init__(self, spec: PagedCacheSpec, buckets: Buckets | None, sampling: SamplingParams, seed: int, where,
+                 attention: str | None, num_groups: int = 1):
         self.spec = spec
+        self.num_groups = num_groups
         self.buckets = buckets or Buckets.default(spec.num_slots, spec.max_len)
         if self.buckets.batch[-1] < spec.num_slots:
             raise ValueError(f"largest batch bucket {self.buckets.batch[-1]} < num_slots {spec.num_slots}")
+        self.page_tables = [PageTable(spec) for _ in range(num_groups)]
+        backend = attention or default_backend(spec.dtype)
+        on_gpu = jax.devices()[0].platform == "gpu"
+        self.attention = PagedAttention(spec.latent_width, backend, interpret=backend == "pallas" and not on_gpu)
         self.sampling = sampling
         # The key lives where the logits do: a key on another device would order this rank's sampling after
         # that device's queued work (and couple DWDP ranks).
         self._key = jax.device_put(jax.random.key(seed), where)
 
-    def _call(self, token_ids, positions, slots, absorbed: bool) -> jax.Array:
+    @property
+    def page_table(self) -> PageTable:
+        """Group 0's page table (the only one of a single-rank runner)."""
+        return self.page_tables[0]
+
+    def _call(self, step: StepArrays, absorbed: bool) -> jax.Array:
         raise NotImplementedError
 
     # -- execution -------------------------------------------------------------------------------------------
 
     def _run_block(self, groups: Sequence[Sequence[tuple[int, _Row]]], length: int, absorbed: bool) -> _Call:
         nb = self.buckets.batch_for(max(len(g) for g in groups))
-        packs = [pack_rows([row for _, row in g], nb, length, self.spec) for g in groups]
-        ids, positions, slots = (np.concatenate(parts) for parts in zip(*packs))
-        logits = self._call(ids, positions, slots, absorbed)
+        max_pages = self.spec.max_pages_per_slot
+        # Decode reads pages in place (the block table's width costs nothing); prefill's keys are bucketed.
+        need = max(-(-(row.start + len(row.tokens)) // self.spec.page_size) for g in groups for _, row in g)
+        num_pages = max_pages if absorbed else pages_bucket(need, max_pages)
+        parts = [pack_rows([row for _, row in g], nb, length, self.page_tables[gi], num_pages)
+                 for gi, g in enumerate(groups)]
+        logits = self._call(StepArrays.concat(parts), absorbed)
         members = {(g, idx): g * nb + j for g, group in enumerate(groups) for j, (idx, _) in enumerate(group)}
         return _Call(logits, members)
 
@@ -287,120 +317,135 @@ class _SlotRunner:
         """The device of each slot group (one per group)."""
         raise NotImplementedError
 
-    def slot_cache(self, group: int) -> list[LayerKV]:
-        """Slot group `group`'s cache, per layer [num_slots + 1, max_len + 1, ...] on its device (no copy).
-        Valid until the next step replaces the cache: read from it before dispatching another step."""
+    def group_pages(self, group: int) -> list[jax.Array]:
+        """Slot group `group`'s pages, per layer [num_pages + 1, page_size, width] on its device (no copy)."""
         if group != 0:
             raise ValueError(f"slot group {group} of a runner with one group")
-        return self.cache
+        return self.pages
+
+    def read_slot(self, group: int, slot: int, length: int) -> jax.Array:
+        """Tokens [0, length) of `slot` in slot group `group`: a new array [num_layers, length,
+        kv_lora_rank + rope_dim] on the group's device, queued behind the steps already dispatched."""
+        return paged_cache.read_rows(self.group_pages(group), self.page_tables[group], slot, length)
 
     def write_slot(self, group: int, slot: int, rows: jax.Array) -> None:
         """Writes `rows` [num_layers, n, kv_lora_rank + rope_dim] (on the group's device) into positions
         [0, n) of `slot` of slot group `group`."""
         if group != 0:
             raise ValueError(f"slot group {group} of a runner with one group")
-        self.cache = kv_cache.write_slot(self.cache, rows, slot)
+        self.pages = paged_cache.write_rows(self.pages, self.page_table, slot, rows)
 
     def warmup(self, lengths: Sequence[int] | None = None) -> None:
         """Compiles the decode program for every batch bucket and the prefill program for every (batch,
-        length) bucket (`lengths`: only these length buckets), running padding rows in the scratch slot."""
-        spec = self.spec
-        shapes = [(b, 1, True) for b in self.buckets.batch]
-        shapes += [(b, n, False) for n in (lengths or self.buckets.length) for b in self.buckets.batch]
-        for b, n, absorbed in shapes:
-            g = self.num_groups
-            ids = np.zeros((g * b, n), np.int32)
-            positions = np.full((g * b, n), spec.scratch_pos, np.int32)
-            slots = np.full((g * b,), spec.scratch_slot, np.int32)
-            self._sample(self._call(ids, positions, slots, absorbed)).block_until_ready()
+        length) bucket (`lengths`: only these length buckets) at every block-table width it can take, running
+        padding rows only."""
+        max_pages = self.spec.max_pages_per_slot
+        shapes = [(b, 1, True, max_pages) for b in self.buckets.batch]
+        for n in lengths or self.buckets.length:
+            widths = {pages_bucket(p, max_pages) for p in range(-(-n // self.spec.page_size), max_pages + 1)}
+            shapes += [(b, n, False, w) for b in self.buckets.batch for w in sorted(widths)]
+        for b, n, absorbed, width in shapes:
+            part = pack_rows([], b, n, self.page_table, width)
+            step = StepArrays.concat([part] * self.num_groups)
+            self._sample(self._call(step, absorbed)).block_until_ready()
+
+
+def _spec_for(cfg, num_slots: int, max_len: int, dtype, num_pages: int | None) -> PagedCacheSpec:
+    pages = num_pages or PagedCacheSpec.pages_for(num_slots, max_len)
+    return PagedCacheSpec.for_model(cfg, pages, num_slots, max_len, dtype)
 
 
 class ModelRunner(_SlotRunner):
-    """A `DeepseekV3` on one device with a slot cache of `num_slots` x `max_len` tokens."""
+    """A `DeepseekV3` on one device with a paged cache for `num_slots` requests of up to `max_len` tokens
+    (`num_pages` pages; default: enough for every slot at max_len). `attention`: "pallas" or "einsum"
+    (default: `paged_attention.default_backend`)."""
 
     def __init__(self, model: DeepseekV3, num_slots: int, max_len: int, *, buckets: Buckets | None = None,
                  device: jax.Device | None = None, executor: ExpertExecutor | None = None, cache_dtype=None,
-                 sampling: SamplingParams = SamplingParams(), seed: int = 0):
-        spec = CacheSpec.for_model(model.cfg, num_slots, max_len, cache_dtype or model.dtype)
+                 sampling: SamplingParams = SamplingParams(), seed: int = 0, num_pages: int | None = None,
+                 attention: str | None = None):
+        spec = _spec_for(model.cfg, num_slots, max_len, cache_dtype or model.dtype, num_pages)
         self.device = device or jax.devices()[0]
-        super().__init__(spec, buckets, sampling, seed, self.device)
+        super().__init__(spec, buckets, sampling, seed, self.device, attention)
         self.graph, state = nnx.split(model)
         self.state = jax.device_put(state, self.device)
         self.executor = executor or LocalExecutor()
-        self.cache = kv_cache.allocate(spec, self.device)
+        self.pages = paged_cache.allocate(spec, self.device)
 
     @property
     def group_devices(self) -> list[jax.Device]:
         return [self.device]
 
-    def _call(self, token_ids, positions, slots, absorbed):
-        logits, self.cache = _model_step_jit(self.graph, self.state, self.cache, token_ids, positions, slots,
-                                             absorbed, self.executor)
+    def _call(self, step, absorbed):
+        logits, self.pages = _model_step_jit(self.graph, self.state, self.pages, step, absorbed, self.executor,
+                                             self.attention)
         return logits
 
 
 class DwdpRankRunner(_SlotRunner):
-    """One DWDP rank with its own slot cache on its device; the model runs through `DwdpRank.forward`."""
+    """One DWDP rank with its own paged cache on its device; the model runs through `DwdpRank.forward`."""
 
     def __init__(self, rank: DwdpRank, num_slots: int, max_len: int, *, buckets: Buckets | None = None,
-                 cache_dtype=None, sampling: SamplingParams = SamplingParams(), seed: int = 0):
+                 cache_dtype=None, sampling: SamplingParams = SamplingParams(), seed: int = 0,
+                 num_pages: int | None = None, attention: str | None = None):
         if cache_dtype is None:
             cache_dtype = nnx.merge(rank.head_graph, rank.head_state).embed_tokens[...].dtype
-        spec = CacheSpec.for_model(rank.cfg, num_slots, max_len, cache_dtype)
-        super().__init__(spec, buckets, sampling, seed, rank.device)
+        spec = _spec_for(rank.cfg, num_slots, max_len, cache_dtype, num_pages)
+        super().__init__(spec, buckets, sampling, seed, rank.device, attention)
         self.rank = rank
-        self.cache = kv_cache.allocate(spec, rank.device)
+        self.pages = paged_cache.allocate(spec, rank.device)
 
     @property
     def group_devices(self) -> list[jax.Device]:
         return [self.rank.device]
 
-    def _call(self, token_ids, positions, slots, absorbed):
-        positions, slots = jax.device_put((positions, slots), self.rank.device)
-        rows = _gather_jit(self.cache, slots)
-        logits, rows = self.rank.forward(token_ids, positions, kv=rows, absorbed=absorbed, last_only=True)
-        self.cache = _write_back_all_jit(self.cache, rows, slots, positions)
+    def _call(self, step, absorbed):
+        meta = self.attention.layer(None, step.block_table, step.lengths, step.q_lens)
+        logits, self.pages = self.rank.forward(step.ids, step.positions, paged=(self.pages, meta), absorbed=absorbed,
+                                               last_at=np.maximum(step.q_lens - 1, 0))
         return logits[:, 0]
 
 
 class DepRunner(_SlotRunner):
     """DEP (attention data parallel + expert parallel all-to-all) as one SPMD program over a `DepModel`'s
-    devices, each device with its own slot group of `num_slots` x `max_len` tokens. `step_fn` takes a
-    `LockstepPlan`. capacity, backend: of the `DepExecutor` (as for `DepModel`)."""
+    devices, each device with its own slot group and page pool. `step_fn` takes a `LockstepPlan`.
+    capacity, backend: of the `DepExecutor` (as for `DepModel`)."""
 
     def __init__(self, dep: DepModel, num_slots: int, max_len: int, *, buckets: Buckets | None = None,
                  capacity: int | None = None, backend: str = "jnp", cache_dtype=None,
-                 sampling: SamplingParams = SamplingParams(), seed: int = 0):
+                 sampling: SamplingParams = SamplingParams(), seed: int = 0, num_pages: int | None = None,
+                 attention: str | None = None):
         graph = dep.graph
         model = nnx.merge(graph, dep.state)  # for its config and dtype only
         g = dep.mesh.devices.size
-        spec = CacheSpec.for_model(model.cfg, num_slots, max_len, cache_dtype or model.dtype)
-        super().__init__(spec, buckets, sampling, seed, NamedSharding(dep.mesh, P()))
-        self.num_groups = g
+        spec = _spec_for(model.cfg, num_slots, max_len, cache_dtype or model.dtype, num_pages)
+        super().__init__(spec, buckets, sampling, seed, NamedSharding(dep.mesh, P()), attention, num_groups=g)
         self.mesh, self.state = dep.mesh, dep.state
-        self.cache = kv_cache.allocate(spec, NamedSharding(self.mesh, P(AXIS)), num_groups=g)
+        self.pages = paged_cache.allocate(spec, NamedSharding(self.mesh, P(AXIS)), num_groups=g)
         executor = DepExecutor(g, capacity, backend)
         specs = state_specs(dep.state)
-        cache_specs = [LayerKV(P(AXIS), P(AXIS))] * model.cfg.num_layers
+        page_specs = [P(AXIS)] * model.cfg.num_layers
+        step_specs = StepArrays(*([P(AXIS)] * len(dataclasses.fields(StepArrays))))
+        attention_cfg = self.attention
 
-        def per_device(state, cache, ids, positions, slots, absorbed):
-            return cached_forward(nnx.merge(graph, state), cache, ids, positions, slots, absorbed, executor)
+        def per_device(state, pages, step, absorbed):
+            return paged_forward(nnx.merge(graph, state), pages, step, absorbed, executor, attention_cfg)
 
         self._steps = {
             absorbed: jax.jit(
                 jax.shard_map(functools.partial(per_device, absorbed=absorbed), mesh=self.mesh,
-                              in_specs=(specs, cache_specs, P(AXIS), P(AXIS), P(AXIS)),
-                              out_specs=(P(AXIS), cache_specs), check_vma=False),
+                              in_specs=(specs, page_specs, step_specs),
+                              out_specs=(P(AXIS), page_specs), check_vma=False),
                 donate_argnums=1,
             )
             for absorbed in (False, True)
         }
         self._block = NamedSharding(self.mesh, P(AXIS))
-        self._zero_rows: dict = {}  # (shape, dtype) -> per device zeros [1, ...]: write_slot's filler
+        self._write = paged_cache.sharded_writer(self.mesh, AXIS, spec)
 
-    def _call(self, token_ids, positions, slots, absorbed):
-        args = jax.device_put((token_ids, positions, slots), self._block)
-        logits, self.cache = self._steps[absorbed](self.state, self.cache, *args)
+    def _call(self, step, absorbed):
+        step = jax.device_put(step, self._block)
+        logits, self.pages = self._steps[absorbed](self.state, self.pages, step)
         return logits
 
     def step_fn(self, plan: LockstepPlan) -> dict[str, int]:
@@ -412,33 +457,25 @@ class DepRunner(_SlotRunner):
     def group_devices(self) -> list[jax.Device]:
         return list(self.mesh.devices.flat)
 
-    def slot_cache(self, group: int) -> list[LayerKV]:
-        """Device `group`'s shard of the cache (its slot group), per layer [num_slots + 1, max_len + 1, ...]."""
+    def group_pages(self, group: int) -> list[jax.Array]:
+        """Device `group`'s shard of the pages (its pool), per layer [num_pages + 1, page_size, width]."""
         if not 0 <= group < self.num_groups:
             raise ValueError(f"slot group {group} outside [0, {self.num_groups})")
-        start = group * (self.spec.num_slots + 1)
+        start = group * (self.spec.num_pages + 1)
 
         def shard(a):
             return next(s.data for s in a.addressable_shards if (s.index[0].start or 0) == start)
 
-        return [LayerKV(shard(kv.latent), shard(kv.k_pe)) for kv in self.cache]
+        return [shard(p) for p in self.pages]
 
     def write_slot(self, group: int, slot: int, rows: jax.Array) -> None:
-        """One SPMD program over the mesh: device `group` writes `rows` into its `slot`, the others write
-        zeros into their scratch slot."""
+        """One SPMD program over the mesh: device `group` writes `rows` into its `slot`'s pages, the others
+        write zeros into their scratch page."""
         if not 0 <= group < self.num_groups:
             raise ValueError(f"slot group {group} outside [0, {self.num_groups})")
-        devices = self.group_devices
-        if rows.devices() != {devices[group]}:
-            raise ValueError(f"rows on {rows.devices()}, slot group {group} is on {devices[group]}")
-        key = (rows.shape, rows.dtype)
-        if key not in self._zero_rows:
-            self._zero_rows[key] = [jnp.zeros((1, *rows.shape), rows.dtype, device=d) for d in devices]
-        parts = [rows[None] if g == group else z for g, z in enumerate(self._zero_rows[key])]
-        stacked = jax.make_array_from_single_device_arrays((len(devices), *rows.shape), self._block, parts)
-        slots = np.full(len(devices), self.spec.scratch_slot, np.int32)
-        slots[group] = slot
-        self.cache = kv_cache.write_slot_sharded(self.cache, stacked, slots, self.mesh, AXIS)
+        if rows.devices() != {self.group_devices[group]}:
+            raise ValueError(f"rows on {rows.devices()}, slot group {group} is on {self.group_devices[group]}")
+        self.pages = self._write(self.pages, self.page_tables, group, slot, rows)
 
     def prefill(self, chunks):
         raise NotImplementedError("DepRunner runs whole lockstep plans: use step_fn")

@@ -57,6 +57,11 @@ class SchedulerConfig:
             )
 
 
+def _tokens(req: Request) -> int:
+    """The most tokens a request can hold in the cache: its prompt and every output."""
+    return req.prompt_len + req.max_new_tokens
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PrefillChunk:
     """Prompt tokens [start, start + len(tokens)) of a request, written to its slot's cache.
@@ -155,12 +160,18 @@ class Scheduler:
     """Continuous batching for one rank; one plan in flight at a time (`schedule`, then `complete_step`).
 
     hold_retired_slots: a retired request's slot stays allocated until `release_slot` (its cache rows are
-    still being read, e.g. copied to another server)."""
+    still being read, e.g. copied to another server).
+    page_table: the rank's paged-cache `PageTable` (`runner.page_tables[rank]`): a request is admitted only when
+    the pool can promise pages for its prompt + max_new_tokens (FCFS: a request that does not fit waits, and
+    so do the ones behind it); its pages return to the pool when its slot is freed. A request larger than the
+    whole pool is refused at submit."""
 
-    def __init__(self, config: SchedulerConfig, rank: int = 0, *, hold_retired_slots: bool = False):
+    def __init__(self, config: SchedulerConfig, rank: int = 0, *, hold_retired_slots: bool = False,
+                 page_table=None):
         self.config = config
         self.rank = rank
         self.hold_retired_slots = hold_retired_slots
+        self.page_table = page_table
         self._held: set[int] = set()  # retired requests' slots not yet released
         self._reserved: set[int] = set()  # slots taken by `reserve_slot`, not yet admitted
         self.finished: list[FinishedRequest] = []
@@ -201,6 +212,7 @@ class Scheduler:
     def submit(self, req: Request) -> None:
         """Queues `req`, or raises `RequestError` (leaving the scheduler unchanged) if it cannot be served."""
         validate_request(req, self.config.max_seq_len, self.config.vocab_size)
+        self._check_pages(req)
         if req.rank is not None and req.rank != self.rank:
             raise RequestError(f"request {req.request_id!r} is for rank {req.rank}, submitted to rank {self.rank}")
         if req.request_id in self._seen_ids:
@@ -227,6 +239,9 @@ class Scheduler:
                 prefill.append(self._chunk(seq, budget))
                 budget -= len(prefill[-1].tokens)
         while budget > 0 and self._free_slots and self._waiting and self._waiting[0][0] <= now_s:
+            head = self._waiting[0][2]
+            if self.page_table is not None and not self.page_table.reserve(self._free_slots[0], _tokens(head)):
+                break  # not enough free pages yet: the head of the queue waits for retirements
             _, _, req = heapq.heappop(self._waiting)
             seq = _Sequence(req, heapq.heappop(self._free_slots), admitted_s=now_s)
             self._running.append(seq)
@@ -244,16 +259,33 @@ class Scheduler:
         if slot not in self._held:
             raise ValueError(f"rank {self.rank}: slot {slot} is not held by a retired request")
         self._held.remove(slot)
-        heapq.heappush(self._free_slots, slot)
+        self._free(slot)
 
-    def reserve_slot(self) -> int | None:
+    def reserve_slot(self, tokens: int | None = None) -> int | None:
         """Takes the lowest free slot for a request whose cache will be written there from elsewhere (then
-        `admit_prefilled`); None when no slot is free."""
+        `admit_prefilled`); None when no slot is free or, with a page table, when the pool cannot promise
+        pages for `tokens` (its prompt + max_new_tokens; required then)."""
         if not self._free_slots:
             return None
+        if self.page_table is not None:
+            if tokens is None:
+                raise ValueError("reserve_slot needs the request's tokens when the scheduler has a page table")
+            if not self.page_table.reserve(self._free_slots[0], tokens):
+                return None
         slot = heapq.heappop(self._free_slots)
         self._reserved.add(slot)
         return slot
+
+    def _free(self, slot: int) -> None:
+        if self.page_table is not None:
+            self.page_table.release(slot)
+        heapq.heappush(self._free_slots, slot)
+
+    def _check_pages(self, req: Request) -> None:
+        table = self.page_table
+        if table is not None and -(-_tokens(req) // table.spec.page_size) > table.spec.num_pages:
+            raise RequestError(f"request {req.request_id!r}: {_tokens(req)} tokens need more pages than the "
+                               f"cache's pool of {table.spec.num_pages}")
 
     def admit_prefilled(self, req: Request, slot: int, first_token: int, first_token_s: float,
                         admitted_s: float) -> FinishedRequest | None:
@@ -270,7 +302,7 @@ class Scheduler:
             if req.request_id in self._seen_ids:
                 raise RequestError(f"request {req.request_id!r}: duplicate request_id")
         except RequestError:
-            heapq.heappush(self._free_slots, slot)
+            self._free(slot)
             raise
         self._seen_ids.add(req.request_id)
         seq = _Sequence(req, slot, admitted_s=float(admitted_s), num_prefilled=req.prompt_len,
@@ -325,7 +357,7 @@ class Scheduler:
         if self.hold_retired_slots:
             self._held.add(seq.slot)
         else:
-            heapq.heappush(self._free_slots, seq.slot)
+            self._free(seq.slot)
         req = seq.request
         record = FinishedRequest(
             request_id=req.request_id,

@@ -32,7 +32,7 @@ from flax import nnx
 from dwdp_jax.config import ModelConfig
 from dwdp_jax.experts import ExpertWeights, split_weight_ffn
 from dwdp_jax.routing import expert_histogram
-from dwdp_jax.model import Block, DeepseekV3, LayerKV
+from dwdp_jax.model import Block, DeepseekV3
 from dwdp_jax.parallel.fetch import DevicePutFetch, FetchBackend
 from dwdp_jax.parallel.threads import run_in_threads
 from dwdp_jax.planner.placement import Placement
@@ -138,25 +138,36 @@ def _executor(buffers, slots: SlotMap, backend: str, merge_copy: bool):
     return executor
 
 
-def _layer_step(graphdef, state, buffers, slots, x, positions, kv, absorbed, backend, merge_copy=False):
-    """One decoder layer on one rank (jit-compiled per layer shape). Returns (x, kv, expert_counts)."""
+def _attention(layer: Block, x, positions, pages, meta, absorbed):
+    """The layer's attention half; with a paged cache (`meta` a `PagedKV` without pages) over `pages`.
+    Returns (x, the updated pages or None)."""
+    if meta is None:
+        x, _ = layer.attention(x, positions, None, absorbed)
+        return x, None
+    x, kv = layer.attention(x, positions, meta.with_pages(pages), absorbed)
+    return x, kv.pages
+
+
+def _layer_step(graphdef, state, buffers, slots, x, positions, pages, meta, absorbed, backend, merge_copy=False):
+    """One decoder layer on one rank (jit-compiled per layer shape; the layer's pages donated).
+    Returns (x, pages, expert_counts)."""
     layer: Block = nnx.merge(graphdef, state)
-    x, kv = layer.attention(x, positions, kv, absorbed)
+    x, pages = _attention(layer, x, positions, pages, meta, absorbed)
     stats = {}
     if layer.is_moe:
         x = layer.ffn(x, _executor(buffers, slots, backend, merge_copy), stats)
     else:
         x = layer.ffn(x, None)
-    return x, kv, stats.get("expert_counts")
+    return x, pages, stats.get("expert_counts")
 
 
-def _route_step(graphdef, state, x, positions, kv, absorbed):
+def _route_step(graphdef, state, x, positions, pages, meta, absorbed):
     """Planned fetches, first half of a MoE layer: attention and the router.
-    Returns (x [b, s, d], kv, expert_ids [b*s, k], weights [b*s, k], expert_counts [E])."""
+    Returns (x [b, s, d], pages, expert_ids [b*s, k], weights [b*s, k], expert_counts [E])."""
     layer: Block = nnx.merge(graphdef, state)
-    x, kv = layer.attention(x, positions, kv, absorbed)
+    x, pages = _attention(layer, x, positions, pages, meta, absorbed)
     ids, weights = layer.route(x)
-    return x, kv, ids, weights, expert_histogram(ids, layer.mlp.cfg.n_routed_experts)
+    return x, pages, ids, weights, expert_histogram(ids, layer.mlp.cfg.n_routed_experts)
 
 
 def _expert_step(graphdef, state, buffers, slots, x, ids, weights, backend, merge_copy):
@@ -165,8 +176,8 @@ def _expert_step(graphdef, state, buffers, slots, x, ids, weights, backend, merg
     return layer.ffn_routed(x, ids, weights, _executor(buffers, slots, backend, merge_copy))
 
 
-_layer_step_jit = jax.jit(_layer_step, static_argnums=(0, 7, 8, 9))
-_route_step_jit = jax.jit(_route_step, static_argnums=(0, 5))
+_layer_step_jit = jax.jit(_layer_step, static_argnums=(0, 8, 9, 10), donate_argnums=6)
+_route_step_jit = jax.jit(_route_step, static_argnums=(0, 6), donate_argnums=4)
 _expert_step_jit = jax.jit(_expert_step, static_argnums=(0, 7, 8))
 
 
@@ -174,7 +185,10 @@ def _embed(state_graph, state, ids):
     return nnx.merge(state_graph, state).embed(ids)
 
 
-def _logits(graph, state, hidden):
+def _logits(graph, state, hidden, last_at=None):
+    """Logits of `hidden` [b, s, d]; with last_at [b], of column last_at[b] of each row only: [b, 1, vocab]."""
+    if last_at is not None:
+        hidden = hidden[jnp.arange(hidden.shape[0]), last_at][:, None]
     return nnx.merge(graph, state).logits(hidden)
 
 
@@ -328,10 +342,12 @@ class DwdpRank:
         self.counters["fetch_wait_s"] += time.perf_counter() - t0
         return buffers
 
-    def forward(self, token_ids, positions=None, kv: list[LayerKV] | None = None, absorbed: bool = False,
-                stats: list | None = None, last_only: bool = False):
-        """Logits [b, s, vocab] ([b, 1, vocab] with last_only, as prefill needs) for this rank's batch (and the
-        updated per-layer caches when kv is given).
+    def forward(self, token_ids, positions=None, paged=None, absorbed: bool = False, stats: list | None = None,
+                last_only: bool = False, last_at=None):
+        """Logits [b, s, vocab] ([b, 1, vocab] with last_only, or of column last_at[b] of each row) for this
+        rank's batch; with `paged` = (pages per layer, `PagedKV` without pages: the step's block table and
+        lengths), the step's tokens are written into the pages (donated) and attend over them, and the updated
+        pages are returned too: (logits, pages).
 
         Host loop over layers: issue layer l+depth's fetch, then dispatch layer l. JAX dispatch is
         asynchronous, so the host runs ahead of the device and the copies overlap earlier layers' compute.
@@ -355,22 +371,24 @@ class DwdpRank:
         staged = self._carry or collections.OrderedDict((j, issue(j)) for j in moe[:depth])
         self._carry = None
         x = _embed_jit(self.head_graph, self.head_state, token_ids)
-        new_kv = []
+        pages_in, meta = paged if paged is not None else ([None] * cfg.num_layers, None)
+        if meta is not None:
+            meta = jax.device_put(meta, self.device)
+        new_pages = []
         for i in range(cfg.num_layers):
             graph, state = self.layers[i]
-            layer_kv_in = None if kv is None else kv[i]
             if not cfg.is_moe_layer(i):
-                x, layer_kv, _ = _layer_step_jit(graph, state, [], None, x, positions, layer_kv_in, absorbed,
-                                                 dw.expert_backend, False)
-                new_kv.append(layer_kv)
+                x, layer_pages, _ = _layer_step_jit(graph, state, [], None, x, positions, pages_in[i], meta,
+                                                    absorbed, dw.expert_backend, False)
+                new_pages.append(layer_pages)
                 continue
             ahead = moe.index(i) + depth
             if ahead < len(moe) and depth > 0:
                 staged[moe[ahead]] = issue(moe[ahead])
             pending = staged.pop(i) if depth > 0 else issue(i)
             if dw.planned:
-                x, layer_kv, ids, weights, counts = _route_step_jit(graph, state, x, positions, layer_kv_in,
-                                                                    absorbed)
+                x, layer_pages, ids, weights, counts = _route_step_jit(graph, state, x, positions, pages_in[i],
+                                                                       meta, absorbed)
                 counts_host = np.asarray(counts)  # host sync: which experts the router chose
                 self.router_stats.update(self._moe_index(i), counts_host)
                 slots = self._serve_misses(i, pending, counts_host)
@@ -381,21 +399,25 @@ class DwdpRank:
             else:
                 handles = pending
                 buffers = self._wait(handles)
-                x, layer_kv, counts = _layer_step_jit(graph, state, buffers, self.slot_maps[i], x, positions,
-                                                      layer_kv_in, absorbed, dw.expert_backend, dw.merge_copy)
+                x, layer_pages, counts = _layer_step_jit(graph, state, buffers, self.slot_maps[i], x, positions,
+                                                         pages_in[i], meta, absorbed, dw.expert_backend,
+                                                         dw.merge_copy)
                 self._pending_counts.append((self._moe_index(i), counts))
             for h in handles:
                 self.fetch.consumed(h, x)
-            new_kv.append(layer_kv)
+            new_pages.append(layer_pages)
             if stats is not None:
                 stats.append((i, counts))
             del buffers, handles, pending  # staging dies with its last reference (or returns to the ring)
         if dw.planned:
             self.router_stats.next_step()
-        logits = _logits_jit(self.head_graph, self.head_state, x[:, -1:] if last_only else x)
+        if last_at is not None:
+            logits = _logits_jit(self.head_graph, self.head_state, x, jax.device_put(last_at, self.device))
+        else:
+            logits = _logits_jit(self.head_graph, self.head_state, x[:, -1:] if last_only else x)
         if depth > 0 and not dw.planned:  # prefetch across steps: the next step's first MoE layers
             self._carry = collections.OrderedDict((j, issue(j)) for j in moe[:depth])
-        return (logits, new_kv) if kv is not None else logits
+        return (logits, new_pages) if paged is not None else logits
 
     def compiled_programs(self, batch: int, seq: int) -> list[str]:
         """Compiled HLO text of this rank's per-layer step programs (for inspection: no collectives)."""
@@ -404,8 +426,8 @@ class DwdpRank:
         texts = []
         for i, (graph, state) in enumerate(self.layers):
             buffers = [self.fetch.ready(p) for p in self.issue_fetch(i)] if self.cfg.is_moe_layer(i) else []
-            lowered = _layer_step_jit.lower(graph, state, buffers, self.slot_maps.get(i), x, positions, None, False,
-                                            self.dwdp.expert_backend)
+            lowered = _layer_step_jit.lower(graph, state, buffers, self.slot_maps.get(i), x, positions, None, None,
+                                            False, self.dwdp.expert_backend)
             texts.append(lowered.compile().as_text())
         return texts
 
