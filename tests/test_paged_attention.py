@@ -59,7 +59,7 @@ def _paged_step(mla, pages, table: PageTable, slots, x, starts, q_lens, absorbed
         positions[i, :n] = start + np.arange(n)
     kv = PagedKV(pages, jnp.asarray(table.block_table(slots)), jnp.asarray(np.add(starts, q_lens), jnp.int32),
                  jnp.asarray(q_lens, jnp.int32), latent_width=table.spec.latent_width, backend=backend,
-                 interpret=True)
+                 interpret=jax.devices()[0].platform != "gpu")
     out, kv = mla(x, jnp.asarray(positions), kv, absorbed)
     return out, kv.pages
 
