@@ -8,12 +8,17 @@ Rates measured on one operation at a time (not fitted to step times):
     cuBLAS FP8 (`Efficiency.grouped_gemm`, `kernel_grouped_gemm_efficiency`);
   * the copy-engine fetch: `hardware.H200_COPY_ENGINE_EFFICIENCY`.
 Fitted on our step times, each on named points, every other point held out (`validate.py`):
-  * `Efficiency.layer_overhead_s` and `score_passes` (`fit_compute`): one GPU running the engine
-    (`engine-20261122-nvidia-h200.json`, bench_engine.py, commit 50e6e73), at its smallest decode batch (1 request,
-    4096 cached tokens: 80% of that step is the per-layer overhead, 1.3 ms per layer, not understood beyond
-    "many small XLA kernels per layer") and its smallest prefill (1 x 2048 tokens after 0 and 2048 cached:
-    the score passes, 11.7, stand for every per-token cost the roofline leaves out, of which the fp32 scores
-    [heads, new, cached + new] that our XLA attention writes and reads are the largest we can name);
+  * `Efficiency.layer_overhead_s`, `score_passes` and `token_overhead_s` (`fit_compute`): one GPU running the
+    engine (`engine-20261122-nvidia-h200.json`, bench_engine.py, commit 50e6e73) at its smallest decode batch (1
+    request, 4096 cached tokens: 80% of that step is the per-layer overhead, 1.3 ms per layer, not understood
+    beyond "many small XLA kernels per layer") and its smallest prefill (1 x 2048 tokens after 0 and 2048
+    cached), and bench_dwdp's no-fetch step at 8192 tokens/rank in sequences of 1024 (`DWDP_FILE`). Our
+    attention is XLA einsums: it scores every query against every key of its row, masked (the engine's slot
+    cache: max_len + 1 = 4097 keys per query; bench_dwdp's plain forward: the 1024 of its sequence), and
+    writes and reads those fp32 scores; the score passes (7.4) stand for that traffic. The two prefills'
+    different keys per token separate it from the costs per token (0.36 us per token and layer: elementwise
+    passes, activation quantization, routing gathers). Until 2026-12-06 this file counted causal key pairs
+    and fitted 11.7 passes on the engine alone, which also under-predicted long-row prefills (issue 21);
   * `simulator.COPY_ENGINE_SLOWDOWN` (`fit_copy_engine_slowdown`): compute and copy slowing each other, from the
     DWDP step with the copy-engine fetch at 8192 tokens/rank in `dwdp-20261122-nvidia-h200-x2.json` (bench_dwdp,
     commit 6cd96a7), given that point's measured no-fetch step and fetch time (as `fit_slowdown` does for
@@ -26,8 +31,8 @@ Fitted on our step times, each on named points, every other point held out (`val
   * `OURS_ENGINE_DEP_A2A` (`fit_engine_dep_all_to_all`): the serving engine's DEP (`DepRunner`: exact
     dispatch, no capacity, `e2e_strategy`'s capacity factor G), from the steps of `ENGINE_DEP_FILE`'s
     timeline at c=16: the latency from its decode-only steps (none: they already sit at the model's compute),
-    the bandwidth from the steps whose device-0 plan prefills a full 8K-token chunk (medians matched). Its
-    steps are far cheaper than bench_dwdp's padded DEP.
+    the bandwidth from the steps whose device-0 plan prefills a full 8K-token chunk (medians matched). It is
+    an effective rate: everything in those steps the compute model leaves out lands in it.
 """
 
 from __future__ import annotations
@@ -55,18 +60,20 @@ XLA_BF16_GEMM_EFFICIENCY = 625.0 / 799.0
 
 # The fitted values (tests/test_simulator.py refits them from the files above).
 GROUPED_GEMM_EFFICIENCY = 0.4966
-SCORE_PASSES = 11.66
-LAYER_OVERHEAD_S = 1.329e-3
+SCORE_PASSES = 7.413
+LAYER_OVERHEAD_S = 1.332e-3
+TOKEN_OVERHEAD_S = 3.627e-7
 OURS_EFFICIENCY = costs.Efficiency(gemm=XLA_BF16_GEMM_EFFICIENCY, grouped_gemm=GROUPED_GEMM_EFFICIENCY,
-                                   layer_overhead_s=LAYER_OVERHEAD_S, score_passes=SCORE_PASSES)
+                                   layer_overhead_s=LAYER_OVERHEAD_S, score_passes=SCORE_PASSES,
+                                   token_overhead_s=TOKEN_OVERHEAD_S)
 OURS_DENSE_MATMUL = "bf16"
-OURS_DEP_A2A = AllToAll(latency_s=H200_HGX.all_to_all.latency_s, bw_gbps=97.14)
-OURS_ENGINE_DEP_A2A = AllToAll(latency_s=0.0, bw_gbps=381.65)
+OURS_DEP_A2A = AllToAll(latency_s=H200_HGX.all_to_all.latency_s, bw_gbps=88.21)
+OURS_ENGINE_DEP_A2A = AllToAll(latency_s=0.0, bw_gbps=70.83)
 # Calibration points: (file, comparison key) pairs whose residuals are fits, not validation.
 CALIBRATION_POINTS = {
     (ENGINE_FILE, "engine prefill 1 x 2048"), (ENGINE_FILE, "engine decode 1 x 4096"),
     (DWDP_FILE, "step copy_engine T=8192"), (DWDP_FILE, "exposed copy_engine T=8192"),
-    (DWDP_FILE, "fetch copy_engine"), (DEP_FILE, "dep balanced T=8192"),
+    (DWDP_FILE, "fetch copy_engine"), (DWDP_FILE, "step_no_fetch T=8192"), (DEP_FILE, "dep balanced T=8192"),
 }  # OURS_ENGINE_DEP_A2A fits step times that no comparison row shows; ENGINE_DEP_FILE's rows are then partly in-sample
 
 
@@ -81,9 +88,10 @@ def cost_model(cfg: ModelConfig, hw: Hardware = H200_HGX, eff: costs.Efficiency 
 
 
 def prefill_batch(tokens: int, seq_len: int) -> RankBatch:
-    """A bench prefill batch: tokens / seq_len sequences of seq_len new tokens, no context, one logit row each."""
+    """A bench prefill batch: tokens / seq_len sequences of seq_len new tokens, no context, one logit row each.
+    The model's plain forward (no cache) scores every query against all seq_len keys of its sequence, masked."""
     n = max(1, tokens // seq_len)
-    return RankBatch(np.full(n, seq_len, np.int64), np.zeros(n, np.int64), n)
+    return RankBatch(np.full(n, seq_len, np.int64), np.zeros(n, np.int64), n, np.full(n, seq_len, np.int64))
 
 
 def no_fetch_step_s(cm: costs.CostModel, tokens: int, seq_len: int) -> float:
@@ -95,7 +103,8 @@ def layer_compute_s(cm: costs.CostModel, tokens: int, seq_len: int) -> np.ndarra
     """Per-layer compute of one rank's prefill step, [num_layers] (the LM head counted in the last layer)."""
     cfg, batch = cm.cfg, prefill_batch(tokens, seq_len)
     step = step_costs(cm, cm.hw, DWDPConfig(group_size=1), [batch])[0]
-    attn = cm.attention_s(batch.new_tokens, batch.context) + cm.eff.layer_overhead_s
+    attn = (cm.attention_s(batch.new_tokens, batch.context, batch.row_len) + cm.eff.layer_overhead_s
+            + cm.eff.token_overhead_s * batch.tokens)
     out = np.array([attn + (cm.shared_expert_s(tokens) + cm.routed_experts_s(tokens * cfg.num_experts_per_tok,
                                                                              cm.experts_touched(tokens))
                             if cfg.is_moe_layer(layer) else cm.dense_mlp_s(tokens))
@@ -127,33 +136,40 @@ def engine_step_s(cm: costs.CostModel, row: dict) -> float:
     """One GPU's step of a bench_engine row: a prefill row's mean over its chunks (chunk k after k chunks
     cached), or a decode row (one new token per request after `context`)."""
     one = DWDPConfig(group_size=1)
-    if row["regime"] == "prefill":
-        n, chunk = row["requests"], row["chunk"]
-        batches = [RankBatch(np.full(n, chunk), np.full(n, k * chunk), n) for k in range(row["prompt_len"] // chunk)]
-    else:
+    if row["regime"] == "prefill":  # the slot cache's rows: max_len = prompt_len, plus a scratch position
+        n, chunk, rows = row["requests"], row["chunk"], np.full(row["requests"], row["prompt_len"] + 1)
+        batches = [RankBatch(np.full(n, chunk), np.full(n, k * chunk), n, rows)
+                   for k in range(row["prompt_len"] // chunk)]
+    else:  # max_len = context
         b = row["batch"]
-        batches = [RankBatch(np.ones(b, np.int64), np.full(b, row["context"]), b)]
+        batches = [RankBatch(np.ones(b, np.int64), np.full(b, row["context"]), b, np.full(b, row["context"] + 1))]
     return float(np.mean([step_costs(cm, cm.hw, one, [batch])[0].time_s for batch in batches]))
 
 
-def fit_compute(record: dict, base: costs.Efficiency) -> tuple[float, float]:
-    """(score_passes, layer_overhead_s) putting the model on a bench_engine record's smallest prefill and smallest
-    decode batch; both enter the step time linearly."""
-    cfg = preset(record["config"]["preset"])
-    ok = [r for r in record["rows"] if "step_s" in r]
-    points = [min((r for r in ok if r["regime"] == "prefill"), key=lambda r: r["requests"]),
-              min((r for r in ok if r["regime"] == "decode"), key=lambda r: r["batch"])]
+def fit_compute(engine: dict, bench: dict, base: costs.Efficiency) -> tuple[float, float, float]:
+    """(score_passes, layer_overhead_s, token_overhead_s) putting the model on three steps: a bench_engine
+    record's smallest prefill (rows of prompt_len + 1 keys per query) and smallest decode batch, and a bench_dwdp
+    record's no-fetch step at its middle token count (sequences of `seq` keys per query). The two prefills'
+    different keys per token separate costs per attention score from costs per token. All three parameters
+    enter the step time linearly."""
+    cfg = preset(engine["config"]["preset"])
+    ok = [r for r in engine["rows"] if "step_s" in r]
+    rows = [min((r for r in ok if r["regime"] == "prefill"), key=lambda r: r["requests"]),
+            min((r for r in ok if r["regime"] == "decode"), key=lambda r: r["batch"])]
+    points = [(cfg, lambda cm, row=row: engine_step_s(cm, row), row["step_s"]) for row in rows]
+    bench_cfg, seq, prefill = preset(bench["config"]["preset"]), bench["config"]["seq"], _prefill_rows(bench)
+    tokens = sorted(prefill)[len(prefill) // 2]
+    points.append((bench_cfg, lambda cm: no_fetch_step_s(cm, tokens, seq),
+                   float(np.mean(prefill[tokens]["step_cached_s"]))))
+    unit = [dict(score_passes=1.0), dict(layer_overhead_s=1.0), dict(token_overhead_s=1.0)]
+    zero = dict(score_passes=0.0, layer_overhead_s=0.0, token_overhead_s=0.0)
     a, y = [], []
-    for row in points:
-        b0 = engine_step_s(cost_model(cfg, eff=dataclasses.replace(base, score_passes=0, layer_overhead_s=0)), row)
-        per_pass = engine_step_s(cost_model(cfg, eff=dataclasses.replace(base, score_passes=1, layer_overhead_s=0)),
-                                 row) - b0
-        per_layer = engine_step_s(cost_model(cfg, eff=dataclasses.replace(base, score_passes=0, layer_overhead_s=1)),
-                                  row) - b0
-        a.append([per_pass, per_layer])
-        y.append(row["step_s"] - b0)
-    passes, overhead = np.linalg.solve(np.array(a), np.array(y))
-    return float(passes), float(overhead)
+    for c, step, measured in points:
+        b0 = step(cost_model(c, eff=dataclasses.replace(base, **zero)))
+        a.append([step(cost_model(c, eff=dataclasses.replace(base, **dict(zero, **u)))) - b0 for u in unit])
+        y.append(measured - b0)
+    passes, layer, token = np.linalg.solve(np.array(a), np.array(y))
+    return float(passes), float(layer), float(token)
 
 
 def measured_compute_s(record: dict, tokens: int, cm: costs.CostModel | None = None) -> np.ndarray:
@@ -232,7 +248,9 @@ def engine_dep_steps(record: dict, concurrency: int, prefill: bool) -> tuple[lis
             chunks = [n] * (p // n) + ([p % n] if p % n else [])  # whole prompts of a fixed workload
             new = chunks + [1] * d
             ctx = [0] * len(chunks) + [n] * d
-            step.append(RankBatch(np.array(new or [1], np.int64), np.array(ctx or [0], np.int64), max(1, len(new))))
+            rows = np.full(max(1, len(new)), config["max_seq_len"] + 1)  # the slot cache's whole rows
+            step.append(RankBatch(np.array(new or [1], np.int64), np.array(ctx or [0], np.int64), max(1, len(new)),
+                                  rows))
         batches.append(step)
         durations.append(t["end_s"][idx[0]] - t["start_s"][idx[0]])
     return batches, np.array(durations)

@@ -58,16 +58,18 @@ def expert_flops(cfg: ModelConfig, tokens: float) -> float:
     return 2.0 * expert_params(cfg) * tokens
 
 
-def mla_core_flops(cfg: ModelConfig, new_tokens: np.ndarray, context: np.ndarray) -> np.ndarray:
+def mla_core_flops(cfg: ModelConfig, new_tokens: np.ndarray, context: np.ndarray,
+                   row_len: np.ndarray | None = None) -> np.ndarray:
     """Attention-core FLOPs (scores and weighted values) per request; [n] -> [n].
 
     Prefill chunks: multi-head attention, each new token attending to `context` cached tokens and the causal
-    part of its chunk. Decode (one new token): the absorbed form over the latent cache.
+    part of its chunk, or (`row_len` given: an engine that attends over whole cache rows, masked) to `row_len`
+    positions. Decode (one new token): the absorbed form over the latent cache.
     """
     n = np.asarray(new_tokens, dtype=np.float64)
     c = np.asarray(context, dtype=np.float64)
     nh = cfg.num_heads
-    keys = n * c + n * (n + 1) / 2  # (query, key) pairs, causal
+    keys = n * c + n * (n + 1) / 2 if row_len is None else n * np.asarray(row_len, dtype=np.float64)
     mha = 2.0 * nh * (cfg.qk_head_dim + cfg.v_head_dim) * keys
     absorbed = 2.0 * nh * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim) * keys
     return np.where(n == 1, absorbed, mha)
@@ -123,13 +125,14 @@ class Efficiency:
     hbm: float = 0.8  # weight and KV-cache reads
     layer_overhead_s: float = 20e-6  # launches, norms, router, per layer
     score_passes: float = 0.0  # HBM passes over materialized fp32 attention scores (0: fused attention)
+    token_overhead_s: float = 0.0  # per token and layer: elementwise passes, quantization, routing gathers
 
     def __post_init__(self):
         for f in ("gemm", "grouped_gemm", "attention", "hbm"):
             if not 0 < getattr(self, f) <= 1:
                 raise ValueError(f"Efficiency.{f} must be in (0, 1]")
-        if self.layer_overhead_s < 0 or self.score_passes < 0:
-            raise ValueError("layer_overhead_s and score_passes must be >= 0")
+        if self.layer_overhead_s < 0 or self.score_passes < 0 or self.token_overhead_s < 0:
+            raise ValueError("layer_overhead_s, score_passes and token_overhead_s must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,23 +164,29 @@ class CostModel:
     def expert_bytes(self) -> float:
         return expert_params(self.cfg) * BYTES_PER_PARAM[self.expert_format]
 
-    def attention_s(self, new_tokens: np.ndarray, context: np.ndarray) -> float:
-        """MLA of one layer for a rank's step: requests with `new_tokens[i]` new and `context[i]` cached tokens."""
+    def attention_s(self, new_tokens: np.ndarray, context: np.ndarray, row_len: np.ndarray | None = None) -> float:
+        """MLA of one layer for a rank's step: requests with `new_tokens[i]` new and `context[i]` cached tokens.
+
+        row_len: an engine whose every query reads its whole cache row of `row_len[i]` positions, masked (our
+        slot-cache engine: max_seq_len + 1), instead of the `context[i] + new_tokens[i]` that causality needs;
+        its prefill re-expands every cached position of the row through kv_b.
+        """
         cfg = self.cfg
         n = np.asarray(new_tokens, dtype=np.float64)
         c = np.asarray(context, dtype=np.float64)
         if n.sum() == 0:
             return 0.0
+        rows = c + n if row_len is None else np.broadcast_to(np.asarray(row_len, dtype=np.float64), n.shape)
         # Projections over new tokens, plus kv_b re-expanding the cached latent for prefill continuations.
-        reexpand = np.where(n > 1, c, 0.0).sum() * cfg.kv_lora_rank * cfg.num_heads * (
+        reexpand = np.where(n > 1, rows - n, 0.0).sum() * cfg.kv_lora_rank * cfg.num_heads * (
             cfg.qk_nope_head_dim + cfg.v_head_dim)
         proj_flops = 2.0 * (mla_params(cfg) * n.sum() + reexpand)
         proj_bytes = mla_params(cfg) * BYTES_PER_PARAM[self.dense_format]
         proj = self._roofline(proj_flops, proj_bytes, self.dense_tflops, self.eff.gemm)
-        core_flops = mla_core_flops(cfg, n, c).sum()
-        kv_bytes = ((c + n) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * self.kv_bytes).sum()
+        core_flops = mla_core_flops(cfg, n, c, None if row_len is None else rows).sum()
+        kv_bytes = (rows * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * self.kv_bytes).sum()
         core = self._roofline(core_flops, kv_bytes, self.hw.bf16_tflops, self.eff.attention)
-        score_bytes = 4.0 * cfg.num_heads * (n * (c + n)).sum() * self.eff.score_passes
+        score_bytes = 4.0 * cfg.num_heads * (n * rows).sum() * self.eff.score_passes
         return proj + core + score_bytes / (self.hw.hbm_gbps * 1e9 * self.eff.hbm)
 
     def dense_mlp_s(self, tokens: float) -> float:

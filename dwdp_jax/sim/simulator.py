@@ -7,10 +7,13 @@ Read it top to bottom:
   3. `step_costs`: from a rank's batch to those per-layer times, through `costs.CostModel`;
   4. `simulate`: requests arrive, a router gives each to a rank, each rank's scheduler builds batches with
      continuous batching, and steps run (DWDP: every rank on its own clock; DEP: one clock for the group).
+     Everything that happens at one instant (step ends, the closed-loop refills they cause, arrivals) is
+     applied before any idle rank plans its next step, as `dwdp_jax/engine/scheduler.run_engine` submits, then
+     plans. Optionally a step is padded into our engine's fixed-shape calls (`EngineShapes`).
 
 One group is simulated (G ranks); groups of a larger system are independent, so per-GPU rates carry over.
 Not modelled: KV-cache capacity (`max_batch` bounds the batch), MTP, routing skew across experts, host
-overheads between steps.
+overheads between steps (0.1 ms on our runs' timelines).
 """
 
 from __future__ import annotations
@@ -32,7 +35,16 @@ from dwdp_jax.sim.hardware import AllToAll, Hardware
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
-    """Requests for one group. Lengths: fixed, or lognormal with mean `input_len`/`output_len` and CV `length_cv`."""
+    """Requests for one group. Lengths: fixed, or lognormal with mean `input_len`/`output_len` and CV `length_cv`,
+    or given request by request (`lengths`, e.g. a recorded run's).
+
+    Which rank serves a request (`routing`): the rank with the fewest requests queued ('least_loaded'), request
+    i on rank i mod G ('round_robin': the launcher pins requests so), or drawn with `rank_weights`. A closed loop
+    (`closed_loop`) keeps `concurrency` requests in flight over the whole group ('group': the launcher's DEP
+    engine) or apportions it over the ranks, each rank refilling from its own round-robin share of the requests
+    ('rank': the launcher's DWDP and DP ranks, one `run_engine` loop each). A refill arrives at the step end that
+    retired the request it replaces, before any rank plans its next step (as `run_engine` submits, then plans).
+    """
 
     num_requests: int = 128
     input_len: int = 8192
@@ -44,6 +56,9 @@ class Workload:
     rank_weights: tuple[float, ...] | None = None  # skewed split: a request goes to rank r with this probability
     prefill_only: bool = False  # context server: a request ends with its first token
     seed: int = 0
+    lengths: tuple[tuple[int, int], ...] | None = None  # (input, output) per request in submission order
+    routing: Literal["least_loaded", "round_robin"] = "least_loaded"
+    closed_loop: Literal["group", "rank"] = "group"
 
     def __post_init__(self):
         if self.num_requests < 1 or self.input_len < 1 or self.output_len < 1 or self.concurrency < 1:
@@ -52,15 +67,85 @@ class Workload:
             raise ValueError("length_cv must be >= 0 and rate_per_s > 0")
         if self.arrival not in ("closed", "poisson"):
             raise ValueError(f"arrival must be 'closed' or 'poisson', got {self.arrival!r}")
+        if self.routing not in ("least_loaded", "round_robin") or self.closed_loop not in ("group", "rank"):
+            raise ValueError(f"routing must be 'least_loaded' or 'round_robin' and closed_loop 'group' or 'rank', "
+                             f"got {self.routing!r}, {self.closed_loop!r}")
+        if self.closed_loop == "rank" and (self.routing != "round_robin" or self.rank_weights is not None):
+            raise ValueError("closed_loop='rank' needs routing='round_robin' (each rank refills from its own share)")
+        if self.lengths is not None:
+            if len(self.lengths) != self.num_requests:
+                raise ValueError(f"lengths has {len(self.lengths)} entries for num_requests={self.num_requests}")
+            if any(a < 1 or b < 1 for a, b in self.lengths):
+                raise ValueError("every (input, output) in lengths must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineShapes:
+    """The fixed-shape programs of our engine (`dwdp_jax/engine/runner.py`), which a step's rows are padded to.
+
+    A step runs as calls: decode rows in one call of [batch bucket, 1]; prefill chunks grouped by length bucket,
+    one call of [batch bucket, length bucket] per group (a chunk longer than the largest bucket in pieces).
+    Under DEP one SPMD program serves every rank, so a call's batch bucket fits the rank with the most rows, and
+    every rank runs every call (padding rows where it has none). `row_len`: the slot-cache engine (until
+    2026-12-06) read every query's whole cache row of max_seq_len + 1 positions; None: the causal extent.
+    """
+
+    batch: tuple[int, ...]
+    length: tuple[int, ...]
+    row_len: int | None = None
+
+    def __post_init__(self):
+        for name in ("batch", "length"):
+            v = getattr(self, name)
+            if not v or list(v) != sorted(v) or v[0] < 1:
+                raise ValueError(f"EngineShapes.{name} must be increasing positive sizes, got {v}")
+        if self.row_len is not None and self.row_len < 1:
+            raise ValueError(f"EngineShapes.row_len must be >= 1, got {self.row_len}")
+
+    @staticmethod
+    def _fit(sizes: tuple[int, ...], n: int) -> int:
+        for b in sizes:
+            if b >= n:
+                return b
+        raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+    def calls(self, plans: list[list[tuple[int, int]]]) -> list[list[RankBatch]]:
+        """The padded calls of one step: plans[r] lists rank r's rows as (new tokens, cached tokens, decode?);
+        returns per call one RankBatch per rank (padding rows: no cache)."""
+        longest = self.length[-1]
+        decode = [[(m, c) for m, c, d in p if d] for p in plans]
+        prefill = [[] for _ in plans]
+        for r, p in enumerate(plans):
+            for m, c, d in p:
+                if not d:
+                    while m > longest:  # leading pieces of a chunk longer than the largest bucket
+                        prefill[r].append((longest, c))
+                        m, c = m - longest, c + longest
+                    prefill[r].append((m, c))
+        groups = [(1, decode)] if any(decode) else []
+        for length in sorted({self._fit(self.length, m) for p in prefill for m, _ in p}):
+            groups.append((length, [[(m, c) for m, c in p if self._fit(self.length, m) == length] for p in prefill]))
+        out = []
+        for length, rows in groups:
+            nb = self._fit(self.batch, max(len(x) for x in rows))
+            call = []
+            for x in rows:
+                ctx = np.array([c for _, c in x] + [0] * (nb - len(x)), np.int64)
+                row_len = None if self.row_len is None else np.full(nb, self.row_len, np.int64)
+                call.append(RankBatch(np.full(nb, length, np.int64), ctx, nb, row_len))
+            out.append(call)
+        return out
 
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """Per-rank continuous batching: decode tokens first, then prefill (FCFS) up to the token budget."""
+    """Per-rank continuous batching: decode tokens first, then prefill (FCFS) up to the token budget.
+    `shapes`: our engine's padding of a step into fixed-shape calls (None: exactly the planned tokens)."""
 
     token_budget: int = 8192  # new tokens per rank per step
     max_batch: int = 128  # requests per rank per step
     chunked_prefill: bool = True  # False: a prompt is prefilled whole (alone if it exceeds the budget)
+    shapes: EngineShapes | None = None
 
 
 # Compute and copy slow each other down by this factor while both run: fitted on our DWDP step with the
@@ -243,6 +328,7 @@ class RankBatch:
     new_tokens: np.ndarray  # [n]
     context: np.ndarray  # [n]
     sampled: int  # tokens emitted this step (LM head rows)
+    row_len: np.ndarray | None = None  # [n] cache positions each query reads (None: context + new; see costs)
 
     @property
     def tokens(self) -> int:
@@ -253,7 +339,8 @@ def _local_layer_times(cm: costs.CostModel, batch: RankBatch) -> tuple[float, fl
     """(dense layer, MoE layer without routed experts) time of one rank's batch."""
     if batch.tokens == 0:
         return 0.0, 0.0
-    attn = cm.attention_s(batch.new_tokens, batch.context) + cm.eff.layer_overhead_s
+    attn = (cm.attention_s(batch.new_tokens, batch.context, batch.row_len) + cm.eff.layer_overhead_s
+            + cm.eff.token_overhead_s * batch.tokens)
     return attn + cm.dense_mlp_s(batch.tokens), attn + cm.shared_expert_s(batch.tokens)
 
 
@@ -343,6 +430,8 @@ class RunResult:
     strategy: str
     num_gpus: int
     ttft_s: np.ndarray  # [requests]
+    arrival_s: np.ndarray  # [requests], when each request reached its rank's queue
+    ranks: np.ndarray  # [requests], the rank that served each request
     tpot_s: np.ndarray  # [requests] (nan when output_len == 1)
     output_tps_per_gpu: float
     input_tps_per_gpu: float
@@ -407,15 +496,21 @@ def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workl
     cm = costs.CostModel(cfg, hw, eff, expert_format=expert_format, dense_matmul_dtype=dense_matmul_dtype)
     rng = np.random.default_rng(workload.seed)
     n = workload.num_requests
-    out_len = (np.ones(n, np.int64) if workload.prefill_only
-               else _lengths(rng, workload.output_len, workload.length_cv, n))
-    reqs = [_Request(i, math.nan, int(a), int(b))
-            for i, (a, b) in enumerate(zip(_lengths(rng, workload.input_len, workload.length_cv, n), out_len))]
+    if workload.lengths is not None:
+        in_len, out_len = (np.array(x, np.int64) for x in zip(*workload.lengths))
+    else:
+        out_len = (np.ones(n, np.int64) if workload.prefill_only
+                   else _lengths(rng, workload.output_len, workload.length_cv, n))
+        in_len = _lengths(rng, workload.input_len, workload.length_cv, n)
+    if workload.prefill_only:
+        out_len = np.ones(n, np.int64)
+    reqs = [_Request(i, math.nan, int(a), int(b)) for i, (a, b) in enumerate(zip(in_len, out_len))]
     staging = (strategy.prefetch_depth + 1) if isinstance(strategy, DWDPConfig) else 0
     fits = costs.weight_memory_gb(cfg, g, staging, expert_format) < hw.hbm_gb
 
     # Events: (time, seq, kind, payload). An executor is one rank (DWDP) or the whole group (DEP).
     executors = [[r] for r in range(g)] if isinstance(strategy, DWDPConfig) else [list(range(g))]
+    executor_of = {r: i for i, ranks in enumerate(executors) for r in ranks}
     busy = [False] * len(executors)
     queues: list[list[_Request]] = [[] for _ in range(g)]
     events, seq = [], 0
@@ -425,15 +520,21 @@ def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workl
         heapq.heappush(events, (t, seq, kind, payload))
         seq += 1
 
-    issued = 0
+    # Closed loop: one pool of pending requests per loop (the group, or each rank), refilled in order.
+    if workload.closed_loop == "rank":
+        pools = [list(range(r, n, g)) for r in range(g)]
+        limits = [workload.concurrency // g + (r < workload.concurrency % g) for r in range(g)]
+    else:
+        pools, limits = [list(range(n))], [workload.concurrency]
+    pool_of = {i: k for k, pool in enumerate(pools) for i in pool}
+    pools = [pool[::-1] for pool in pools]  # popped from the end
     if workload.arrival == "closed":
-        for _ in range(min(workload.concurrency, n)):
-            push(0.0, "arrive", issued)
-            issued += 1
+        for pool, limit in zip(pools, limits):
+            for _ in range(min(limit, len(pool))):
+                push(0.0, "arrive", pool.pop())
     else:
         for i, t in enumerate(np.cumsum(rng.exponential(1.0 / workload.rate_per_s, n))):
             push(float(t), "arrive", i)
-        issued = n
 
     step_log: list[list[float]] = [[] for _ in range(g)]
     parts = ("compute", "interference", "exposed_fetch", "comm", "wait")
@@ -444,37 +545,39 @@ def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workl
         ranks = executors[ex]
         plans = [_schedule(queues[r], sched) for r in ranks]
         if not any(plans):
-            busy[ex] = False
             return
-        batches = [RankBatch(np.array([m for _, m in p], np.int64),
-                             np.array([q.prefilled + max(q.generated - 1, 0) for q, _ in p], np.int64),
-                             sum(1 for q, m in p if q.prefilled + m >= q.input_len)) for p in plans]
-        steps = step_costs(cm, hw, strategy, batches)
-        duration = max(s.time_s for s in steps)
-        for r, s in zip(ranks, steps):
-            step_log[r].append(s.time_s)
-            for p in parts:
-                breakdown[p][r] += getattr(s, f"{p}_s")
+        if sched.shapes is None:
+            calls = [[RankBatch(np.array([m for _, m in p], np.int64),
+                                np.array([q.prefilled + max(q.generated - 1, 0) for q, _ in p], np.int64),
+                                sum(1 for q, m in p if q.prefilled + m >= q.input_len)) for p in plans]]
+        else:
+            calls = sched.shapes.calls([[(m, q.prefilled + max(q.generated - 1, 0), q.prefilled == q.input_len)
+                                         for q, m in p] for p in plans])
+        duration = 0.0
+        for batches in calls:
+            steps = step_costs(cm, hw, strategy, batches)
+            duration += max(s.time_s for s in steps)
+            for r, s in zip(ranks, steps):
+                for p in parts:
+                    breakdown[p][r] += getattr(s, f"{p}_s")
+        for r in ranks:
+            step_log[r].append(duration)
         busy[ex] = True
         push(t + duration, "step_end", (ex, plans))
 
-    done = 0
-    while events:
-        t, _, kind, payload = heapq.heappop(events)
-        if kind == "arrive":
-            req = reqs[payload]
-            req.arrival_s = t
-            if workload.rank_weights is not None:
-                w = np.asarray(workload.rank_weights, dtype=np.float64)
-                req.rank = int(rng.choice(g, p=w / w.sum()))
-            else:
-                req.rank = int(np.argmin([len(q) for q in queues]))
-            queues[req.rank].append(req)
-            ex = next(i for i, ranks in enumerate(executors) if req.rank in ranks)
-            if not busy[ex]:
-                start(ex, t)
-            continue
-        ex, plans = payload
+    def arrive(req: _Request, t: float):
+        req.arrival_s = t
+        if workload.rank_weights is not None:
+            w = np.asarray(workload.rank_weights, dtype=np.float64)
+            req.rank = int(rng.choice(g, p=w / w.sum()))
+        elif workload.routing == "round_robin":
+            req.rank = req.rid % g
+        else:
+            req.rank = int(np.argmin([len(q) for q in queues]))
+        queues[req.rank].append(req)
+
+    def complete(plans, t: float) -> int:
+        finished = 0
         for plan in plans:
             prefill_tokens = 0
             for req, m in plan:
@@ -490,12 +593,29 @@ def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workl
                 if req.generated == req.output_len:
                     req.finish_s = t
                     queues[req.rank].remove(req)
-                    done += 1
-                    if workload.arrival == "closed" and issued < n:
-                        push(t, "arrive", issued)
-                        issued += 1
+                    finished += 1
+                    pool = pools[pool_of[req.rid]]
+                    if workload.arrival == "closed" and pool:
+                        push(t, "arrive", pool.pop())
             in_events.append((t, prefill_tokens))
-        start(ex, t)
+        return finished
+
+    done = 0
+    while events:
+        # Everything that happens at time t (step ends, the refills they cause, arrivals) before any idle
+        # executor plans its next step at t.
+        t = events[0][0]
+        while events and events[0][0] == t:
+            _, _, kind, payload = heapq.heappop(events)
+            if kind == "arrive":
+                arrive(reqs[payload], t)
+            else:
+                ex, plans = payload
+                busy[ex] = False
+                done += complete(plans, t)
+        for ex in range(len(executors)):
+            if not busy[ex]:
+                start(ex, t)
     if done != n:
         raise RuntimeError(f"simulation ended with {n - done} of {n} requests unfinished")
 
@@ -508,6 +628,8 @@ def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workl
         strategy=strategy.name,
         num_gpus=g,
         ttft_s=ttft,
+        arrival_s=np.array([r.arrival_s for r in reqs]),
+        ranks=np.array([r.rank for r in reqs]),
         tpot_s=tpot,
         output_tps_per_gpu=_window_rate(out_t, out_c) / g,
         input_tps_per_gpu=_window_rate(in_t, in_c) / g,

@@ -23,8 +23,8 @@ What is read:
     Finding 1) has its DWDP step rows out of scope; `device_put` steps are out of scope (copies wait for the
     source GPU's queue, Finding 2, not modelled).
   * part `e2e` written by `experiments/launch.py` (colocated, on GPUs): output TPS/GPU, TPS/user and TTFT per
-    concurrency, simulated with the same workload, scheduler limits and strategy, and DWDP/DEP at equal
-    concurrency. Sweep summaries of `experiments/e2e_sweep.py` repeat their arms' files and are not read.
+    concurrency, simulated with the same requests (the recorded lengths), scheduler limits, strategy, closed
+    loops and pinning, and padded program shapes (`engine_shapes`), and DWDP/DEP at equal concurrency. Sweep summaries of `experiments/e2e_sweep.py` repeat their arms' files and are not read.
   * part `engine` written by `experiments/bench_engine.py` (one GPU, Pallas experts): prefill and decode steps.
 Compute of our implementation on H200 is `calibration.OURS_EFFICIENCY` (see there for what is fitted).
 
@@ -50,7 +50,7 @@ import numpy as np
 from dwdp_jax.config import ModelConfig, preset
 from dwdp_jax.sim import calibration, costs
 from dwdp_jax.sim.hardware import GB200_NVL72, H200_HGX, Hardware
-from dwdp_jax.sim.simulator import (DEVICE_PUT_SLOWDOWN, DEPConfig, DWDPConfig, RankBatch, RunResult, SchedulerConfig,
+from dwdp_jax.sim.simulator import (DEVICE_PUT_SLOWDOWN, DEPConfig, DWDPConfig, EngineShapes, RankBatch, RunResult, SchedulerConfig,
                                     Workload, dwdp_rank_step, fetch_time_s, simulate, step_costs)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -348,17 +348,56 @@ def e2e_strategy(config: dict, num_devices: int) -> tuple[DWDPConfig | DEPConfig
     raise ValueError(f"strategy {strategy!r} has no simulator counterpart")
 
 
+PAGED_CACHE_SINCE = "2026-12-06"  # commit 7317dec: the engine's slot cache replaced by the paged cache
+
+
+def engine_shapes(record: dict) -> EngineShapes | None:
+    """The launcher run's padded program shapes (its config's `buckets`); runs of the slot-cache engine (dated
+    before PAGED_CACHE_SINCE) read whole cache rows of max_seq_len + 1 positions per query. None when the
+    record does not say its buckets."""
+    config = record["config"]
+    buckets = config.get("buckets")
+    if not buckets:
+        return None
+    slot_cache = record.get("date", PAGED_CACHE_SINCE) < PAGED_CACHE_SINCE
+    return EngineShapes(tuple(buckets["batch"]), tuple(buckets["length"]),
+                        config["max_seq_len"] + 1 if slot_cache else None)
+
+
+def recorded_lengths(record: dict, concurrency: int) -> list[tuple[int, int]] | None:
+    """(prompt_len, num_output_tokens) of a launcher pass's requests in submission order (request ids are
+    numbered in the order the workload lists them); None when the record keeps no request rows."""
+    point = next((r.get("point") for r in _point_rows(record) if r["concurrency"] == concurrency), None)
+    rows = [r for r in record.get("rows") or [] if r.get("kind") == "request" and r.get("point") == point]
+    if point is None or not rows:
+        return None
+    return [(r["prompt_len"], r["num_output_tokens"]) for r in sorted(rows, key=lambda r: r["request_id"])]
+
+
 def simulate_e2e_point(record: dict, concurrency: int, hw: Hardware) -> RunResult:
-    """One launcher pass in the simulator: one group, its share of the requests and of the concurrency."""
+    """One launcher pass in the simulator: one group, its share of the requests and of the concurrency.
+
+    As `experiments/launch.py` serves them: request i is pinned to rank i mod G; DWDP and DP ranks each run their
+    own closed loop over their share (concurrency apportioned over the ranks), DEP's lockstep engine one loop
+    over the group. The requests' lengths are the recorded ones when the record keeps them (a lognormal
+    workload drawn again would be another sample)."""
     config = record["config"]
     lengths = _lengths(config)
     if lengths is None:
         raise ValueError(f"workload {config.get('workload')!r}: traces are not simulated")
     strategy, groups = e2e_strategy(config, record["num_devices"])
     requests = max(1, config["num_requests"] // groups)
+    recorded = recorded_lengths(record, concurrency)
+    if recorded is not None:  # group 0's share: the requests pinned to its ranks
+        g = strategy.group_size
+        recorded = tuple(x for i, x in enumerate(recorded) if i % record["num_devices"] < g)
+        requests = len(recorded)
     work = Workload(num_requests=requests, input_len=lengths[0], output_len=lengths[1], length_cv=lengths[2],
-                    concurrency=max(1, (concurrency or config["num_requests"]) // groups), seed=config.get("seed", 0))
-    sched = SchedulerConfig(token_budget=config["token_budget"], max_batch=config["max_batch_size"])
+                    concurrency=max(1, (concurrency or config["num_requests"]) // groups), seed=config.get("seed", 0),
+                    lengths=recorded, routing="round_robin",
+                    closed_loop="group" if isinstance(strategy, DEPConfig) else "rank")
+    sched = SchedulerConfig(token_budget=config["token_budget"], max_batch=config["max_batch_size"],
+                            shapes=engine_shapes(record))
     cfg = preset(config["model"])
     return simulate(cfg, hw, strategy, work, sched, calibration.OURS_EFFICIENCY,
                     dense_matmul_dtype=calibration.OURS_DENSE_MATMUL)
