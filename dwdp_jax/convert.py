@@ -478,14 +478,42 @@ def _rows_as_stored(reader: SourceReader, piece: Piece, name: str, r0: int, r1: 
     return quant.transpose_np(rows, out) if transpose else rows
 
 
+class Arena:
+    """A worker's reusable memory for the arrays of the item it builds: each item's arrays are cut from one buffer
+    that outlives the item (it is handed to orbax, which has written it when `save` returns), so building an item
+    costs no fresh pages (page faults and kernel zeroing: ~0.2 s per GB on the bench machine)."""
+
+    def __init__(self):
+        self._buffer = np.empty(0, np.uint8)
+        self._used = 0
+
+    def reset(self, nbytes: int):
+        """Frees every array cut so far (the caller no longer uses them); the next ones total <= nbytes."""
+        if self._buffer.size < nbytes:
+            self._buffer = np.empty(0, np.uint8)  # drop the old buffer before allocating the new one
+            self._buffer = np.empty(nbytes + 64 * 64, np.uint8)
+        self._used = 0
+
+    def empty(self, shape: tuple, dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        start = -(-self._used // 64) * 64
+        stop = start + _prod(shape) * dtype.itemsize
+        if stop > self._buffer.size:
+            raise ValueError(f"arena of {self._buffer.size} bytes cannot hold {shape} {dtype} after {start} bytes")
+        self._used = stop
+        return self._buffer[start:stop].view(dtype).reshape(shape)
+
+
 def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_layout: bool,
-              progress: Callable[[int], None] = lambda nbytes: None) -> np.ndarray:
-    """piece[start:stop] along `piece.axis`, laid out as `weights.assemble` does, in a fresh array; reads at most
-    about CHUNK_BYTES of source at a time when transposing or dequantizing. progress(source bytes) per read."""
+              progress: Callable[[int], None] = lambda nbytes: None, arena: Arena | None = None) -> np.ndarray:
+    """piece[start:stop] along `piece.axis`, laid out as `weights.assemble` does, in a fresh array (or one cut from
+    `arena`); reads at most about CHUNK_BYTES of source at a time when transposing or dequantizing.
+    progress(source bytes) per read."""
     src, shape, axis = piece.source, piece.shape, piece.axis
-    padded = src.shape is not None and src.shape != src.padded
-    alloc = np.zeros if padded else np.empty  # FP8 experts padded to whole blocks: the padding is zeros
-    out = alloc(shape[:axis] + (stop - start,) + shape[axis + 1 :], piece.dtype)
+    out_shape = shape[:axis] + (stop - start,) + shape[axis + 1 :]
+    out = arena.empty(out_shape, piece.dtype) if arena is not None else np.empty(out_shape, piece.dtype)
+    if src.shape is not None and src.shape != src.padded:
+        out[...] = 0  # FP8 experts padded to whole blocks: the padding is zeros
     extent = shape[axis]
     if src.kind == "experts":
         per_expert = piece.source_bytes // max(1, extent)
@@ -598,10 +626,15 @@ def convert(
                     with lock:
                         bar.update(nbytes)
 
+                arenas = threading.local()
+
                 def write(item: Item):
                     if stop.is_set():  # another item failed: do not start this one
                         return
-                    arrays = {piece.path: read_slab(piece, a, b, reader, fp8_layout, update)
+                    if not hasattr(arenas, "arena"):
+                        arenas.arena = Arena()
+                    arenas.arena.reset(sum(_slab_bytes(piece, a, b) + 64 for piece, a, b in item.slabs))
+                    arrays = {piece.path: read_slab(piece, a, b, reader, fp8_layout, update, arenas.arena)
                               for piece, a, b in item.slabs}
                     writer.save_item(item.name, arrays)
 

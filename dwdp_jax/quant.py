@@ -109,10 +109,13 @@ def dequantize_np(value: np.ndarray, scale: np.ndarray, block: tuple[int, int], 
     tables = tables.view(bits.dtype).reshape(scale.shape[0], nc * 256)
     offsets = (np.arange(cols) // bi).astype(np.uint16 if nc <= 256 else np.uint32) << 8  # [C]
     step = max(1, min(bo, (1 << 18) // max(1, cols)))  # rows per take: ~256K elements, inside one block row
+    small, index = np.empty((step, cols), offsets.dtype), np.empty((step, cols), np.intp)  # reused: no page faults
     r0 = 0
     while r0 < rows:
         r1 = min(r0 + step, rows, (r0 // bo + 1) * bo)
-        index = np.add(u8[r0:r1], offsets, dtype=offsets.dtype).astype(np.intp)
-        np.take(tables[r0 // bo], index, out=bits[r0:r1], mode="wrap")
+        n = r1 - r0
+        np.add(u8[r0:r1], offsets, out=small[:n])
+        np.copyto(index[:n], small[:n])
+        np.take(tables[r0 // bo], index[:n], out=bits[r0:r1], mode="wrap")
         r0 = r1
     return out
