@@ -1,10 +1,11 @@
 """Performance model of DWDP vs DEP serving (issue 9): hardware profiles, layer costs, an event simulator.
 
-  hardware.py    achieved rates per GPU: H200_HGX (measured), GB200_NVL72 (datasheet x H200 fractions); peer
+  hardware.py    achieved rates per GPU: H200_HGX (measured), GB200_NVL72 (cited datasheet x H200 fractions); peer
                  copies per fetch backend (fixed cost + share of the link)
   costs.py       FLOPs, bytes and roofline times of one R1 layer; DWDP fetch and DEP all-to-all bytes
   simulator.py   one step per rank (DWDP pipeline, DEP lockstep) and serving with continuous batching
   calibration.py our JAX implementation on H200: the parameters fitted once on recorded runs, and the fits
+  gb200.py       the paper's setting on GB200 NVL72 (NVFP4 experts, DWDP4 vs DEP4 context servers), predicted blind
   validate.py    comparison with recorded measurements; the GB200 NVL72 prediction next to the paper's
                  (calibration and validate are not imported here, so that `python -m dwdp_jax.sim.validate`
                  runs cleanly)

@@ -86,9 +86,23 @@ def dwdp_fetch_bytes(cfg: ModelConfig, group_size: int, experts_fetched: float, 
     return (group_size - 1) / group_size * experts_fetched * expert_params(cfg) * BYTES_PER_PARAM[expert_format]
 
 
-def dep_a2a_bytes(cfg: ModelConfig, tokens: float, group_size: int, bytes_per_elem: float = 2.0) -> float:
-    """Bytes one rank sends in one DEP all-to-all (dispatch or combine): top-k rows per token, remote share."""
-    return tokens * cfg.num_experts_per_tok * cfg.hidden_size * bytes_per_elem * (group_size - 1) / group_size
+def dep_a2a_bytes(cfg: ModelConfig, tokens: float, group_size: int, bytes_per_elem: float = 2.0,
+                  per_rank: bool = False) -> float:
+    """Bytes one rank sends in one DEP all-to-all (dispatch or combine), remote share (G-1)/G: top-k rows per
+    token, or (`per_rank`) one row per token and rank holding any of its experts, as all-to-all kernels that
+    send a token once per destination (and combine its experts there) do."""
+    rows = ranks_touched(cfg, group_size) if per_rank else cfg.num_experts_per_tok
+    return tokens * rows * cfg.hidden_size * bytes_per_elem * (group_size - 1) / group_size
+
+
+def ranks_touched(cfg: ModelConfig, group_size: int) -> float:
+    """Distinct ranks holding a token's top-k experts, experts split evenly, routing uniform:
+    G * (1 - C(E - E/G, k) / C(E, k))."""
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    miss = 1.0
+    for i in range(k):  # P(none of the k experts on a given rank)
+        miss *= (e - e / group_size - i) / (e - i)
+    return group_size * (1.0 - max(miss, 0.0))
 
 
 def replicated_params(cfg: ModelConfig) -> int:
@@ -104,11 +118,17 @@ def replicated_params(cfg: ModelConfig) -> int:
 
 
 def weight_memory_gb(cfg: ModelConfig, group_size: int, staging_layers: int, expert_format: str = "fp8",
-                     dense_format: str = "fp8") -> float:
-    """Per-GPU weight memory: replicated weights, E/G experts per MoE layer, `staging_layers` fetch buffers."""
+                     dense_format: str = "fp8", prefetch_per_peer: int | None = None) -> float:
+    """Per-GPU weight memory: replicated weights, local experts per MoE layer, `staging_layers` fetch buffers.
+    Local experts: E/G, or with the paper's layout E - (G-1) p for `prefetch_per_peer` = p (staging (G-1) p)."""
     expert_b = expert_params(cfg) * BYTES_PER_PARAM[expert_format]
-    local = cfg.num_moe_layers * cfg.n_routed_experts / group_size * expert_b
-    staging = staging_layers * dwdp_fetch_bytes(cfg, group_size, cfg.n_routed_experts, expert_format)
+    if prefetch_per_peer is None:
+        local_experts = cfg.n_routed_experts / group_size
+        staging = staging_layers * dwdp_fetch_bytes(cfg, group_size, cfg.n_routed_experts, expert_format)
+    else:
+        local_experts = cfg.n_routed_experts - (group_size - 1) * prefetch_per_peer
+        staging = staging_layers * (group_size - 1) * prefetch_per_peer * expert_b
+    local = cfg.num_moe_layers * local_experts * expert_b
     return (replicated_params(cfg) * BYTES_PER_PARAM[dense_format] + local + staging) / 1e9
 
 

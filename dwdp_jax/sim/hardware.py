@@ -12,14 +12,9 @@ in GB, times in seconds. Sources of the H200 numbers:
 H200 datasheet numbers used to form the achieved fractions (NVIDIA H200 SXM product brief): dense bf16
 989 TFLOP/s, dense FP8 1979 TFLOP/s, HBM3e 4.8 TB/s, 141 GB; NVLink 4 with 18 links.
 
-GB200 NVL72 (datasheet: NVIDIA GB200 NVL72 product page, rack totals divided by 72 GPUs, sparse figures halved;
-cross-checked with glennklockwood.com/garden/processors/B200, "GB200 variant of B200 at 1200 W"):
-  * dense bf16 2500, FP8 5000, FP4 10000 TFLOP/s per GPU   [datasheet]
-  * HBM3e 8 TB/s (576 TB/s rack), 186 GB (13.4 TB rack)     [datasheet]
-  * NVLink 5: 1.8 TB/s bidirectional per GPU = 900 GB/s per direction (130 TB/s rack); 72 GPUs in one
-    NVLink domain                                            [datasheet]
-  * achieved fractions (matmul, HBM, peer copy, copy-engine fetch efficiency, all-to-all bandwidth) copied
-    from H200 [assumption: nothing measured on GB200]; all-to-all latency [assumption, see GB200_NVL72].
+GB200 NVL72: public specifications only (sources and what each says at `GB200_NVL72`), each achieved rate the
+datasheet rate times the fraction of its datasheet rate that we achieved on H200 (nothing is measured on
+GB200, and nothing is taken from TensorRT-LLM's or the DWDP paper's results).
 
 Peer copies. A copy of B bytes issued by a fetch backend takes `latency_s + B / (efficiency * share)`, where
 `share` is the link rate left to it: a GPU's outbound copy-engine rate (`peer_copy_gbps`) divided by the readers
@@ -92,12 +87,13 @@ class Hardware:
     fp8_tflops: float
     fp4_tflops: float | None  # None: no FP4 tensor cores (FP4 weights then run at the FP8 rate)
     hbm_gbps: float  # bytes moved per second, reads and writes counted
-    hbm_gb: float
+    hbm_gb: float  # usable
     nvlink_gbps: float  # link rate, per direction per GPU
     peer_copy_frac: float  # one cudaMemcpyPeerAsync stream out of a GPU / nvlink_gbps
     copy_engine: PeerCopy  # DWDP's CopyEnginePull (cudaMemcpyPeerAsync on the destination's stream)
     device_put: PeerCopy  # DWDP's DevicePutFetch (jax.device_put between GPUs)
     all_to_all: AllToAll
+    power_w: float | None = None  # the GPU's power limit (board TDP) in the configuration measured or specified
 
     def __post_init__(self):
         if self.gpus_per_domain < 1:
@@ -174,32 +170,46 @@ H200_HGX = Hardware(
     copy_engine=PeerCopy(latency_s=0.0, efficiency=H200_COPY_ENGINE_EFFICIENCY),
     device_put=_H200_DEVICE_PUT,
     all_to_all=_H200_A2A,
+    power_w=700.0,  # WORKSPACE Finding 10: every loaded phase ran at the 700 W software power cap
 )
 
 # --------------------------------------------------------------------------------------------------------------
 # GB200 NVL72: datasheet rates times the fractions achieved on H200 (see the module docstring).
+#
+# Public sources, per GPU (one B200 of a GB200 superchip, 72 per NVLink domain):
+#   [nvl72] NVIDIA GB200 NVL72 product page, rack totals: 72 Blackwell GPUs in one NVLink domain; FP4 tensor
+#           1,440 PFLOPS, FP8/FP6 720 PFLOPS, FP16/BF16 360 PFLOPS (all "with sparsity"); up to 13.4 TB HBM3e at
+#           576 TB/s; NVLink Switch System 130 TB/s. Per GPU: /72, and /2 for dense (no sparsity).
+#   [b200]  glennklockwood.com/garden/processors/B200: "the GB200 variant of B200 when configured to 1,200 W":
+#           dense matrix BF16 2500, FP8 5000, FP4 10000 TFLOPS (20000 sparse); 192 GB HBM3e, 8 TB/s; 1.8 TB/s
+#           NVLink 5 (2 x 900 GB/s).
+#   [nvl5]  NVIDIA NVLink page: fifth-generation NVLink, 18 links per Blackwell GPU, 1.8 TB/s total (bidirectional)
+#           per GPU, i.e. 900 GB/s each way.
+# So: 360 PF / 72 / 2 = 2.5 PF BF16, 720 / 72 / 2 = 5 PF FP8, 1440 / 72 / 2 = 10 PF FP4 ([nvl72] = [b200]);
+# HBM 576 TB/s / 72 = 8 TB/s; 13.4 TB / 72 = 186 GB usable of the 192 GB stacks; NVLink 130 TB/s / 72 = 1.8 TB/s.
 
-_BF16_FRAC = 799.0 / 989.0
-_FP8_FRAC = 1454.0 / 1979.0
-_HBM_FRAC = 4300.0 / 4800.0
-_A2A_BW_FRAC = _H200_A2A.bw_gbps / _H200_NVLINK_GBPS
+_BF16_FRAC = 799.0 / 989.0  # [df] cuBLAS bf16 / H200 datasheet
+_FP8_FRAC = 1454.0 / 1979.0  # [df] FP8 _scaled_mm / H200 datasheet
+_HBM_FRAC = 4300.0 / 4800.0  # [df] device copy / H200 datasheet
+_A2A_BW_FRAC = _H200_A2A.bw_gbps / _H200_NVLINK_GBPS  # [df] probe 3's all-to-all / the H200 link rate
 
 GB200_NVL72 = Hardware(
     name="GB200_NVL72",
-    gpus_per_domain=72,
-    bf16_tflops=2500.0 * _BF16_FRAC,
-    fp8_tflops=5000.0 * _FP8_FRAC,
-    fp4_tflops=10000.0 * _FP8_FRAC,  # FP4 fraction unmeasured: the FP8 one is assumed
-    hbm_gbps=8000.0 * _HBM_FRAC,
-    hbm_gb=186.0,
-    nvlink_gbps=900.0,
-    peer_copy_frac=H200_HGX.peer_copy_frac,
-    copy_engine=H200_HGX.copy_engine,
+    gpus_per_domain=72,  # [nvl72]
+    bf16_tflops=2500.0 * _BF16_FRAC,  # [nvl72], [b200] dense BF16
+    fp8_tflops=5000.0 * _FP8_FRAC,  # [nvl72], [b200] dense FP8
+    fp4_tflops=10000.0 * _FP8_FRAC,  # [nvl72], [b200] dense FP4; FP4's achieved fraction unmeasured: FP8's assumed
+    hbm_gbps=8000.0 * _HBM_FRAC,  # [nvl72] 576 TB/s / 72, [b200] 8 TB/s
+    hbm_gb=186.0,  # [nvl72] 13.4 TB / 72 (the stacks hold 192 GB, [b200])
+    nvlink_gbps=900.0,  # [nvl5], [b200] 1.8 TB/s bidirectional per GPU
+    peer_copy_frac=H200_HGX.peer_copy_frac,  # [df] one cudaMemcpyPeerAsync stream: 0.83 of the link
+    copy_engine=H200_HGX.copy_engine,  # [dwdp] our copy-engine pull: 0.94 of cudaMemcpyPeerAsync
     device_put=H200_HGX.device_put,
     # Bandwidth: the H200 fraction of the link rate. Latency: the H200 fit's 0.59 ms intercept belongs to XLA's
-    # all-to-all; the NVL72 baseline is TensorRT-LLM's NVLink all-to-all kernels, assumed at 50 us per call
-    # (order of DeepEP's published low-latency dispatch/combine times). Sensitivity in `predict_nvl72`.
+    # all-to-all; the NVL72 baseline is a dedicated NVLink all-to-all kernel, assumed at 50 us per call (the
+    # order of DeepEP's published intranode dispatch/combine latencies). Sensitivity in `gb200.py`.
     all_to_all=AllToAll(latency_s=50e-6, bw_gbps=900.0 * _A2A_BW_FRAC),
+    power_w=1200.0,  # [b200] the GB200 configuration of B200
 )
 
 PROFILES = {p.name: p for p in (H200_HGX, GB200_NVL72)}

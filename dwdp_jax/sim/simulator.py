@@ -168,6 +168,9 @@ class DWDPConfig:
     prefetch_depth: int = 1  # layer l+d's fetch may start once layer l's compute starts; d+1 staging buffers
     schedule: Literal["staggered", "same_order"] = "staggered"
     fetch_frac: float | None = 1.0  # experts prefetched / all experts; None: the expected routed set (planner)
+    # The paper's layout (TensorRT-LLM's num_prefetch_experts): p experts pulled from each peer per MoE layer,
+    # E - (G-1) p held locally (replicas when p < E/G); overrides fetch_frac.
+    prefetch_per_peer: int | None = None
     miss_rate: float = 0.0  # routed remote experts not prefetched, pulled on the critical path
     fetch_backend: Literal["copy_engine", "device_put"] = "copy_engine"  # Hardware.copy_engine / device_put
     compute_slowdown: float = COPY_ENGINE_SLOWDOWN
@@ -184,6 +187,8 @@ class DWDPConfig:
             raise ValueError("fetch_frac must be in [0, 1] or None")
         if not 0 <= self.miss_rate <= 1 or self.compute_slowdown < 0 or self.copy_slowdown < 0:
             raise ValueError("miss_rate must be in [0, 1]; slowdowns must be >= 0")
+        if self.prefetch_per_peer is not None and self.prefetch_per_peer < 0:
+            raise ValueError("prefetch_per_peer must be >= 0 or None")
 
     name = "dwdp"
 
@@ -199,6 +204,8 @@ class DEPConfig:
     # rows; ours (dwdp_jax/parallel/dep.py) sends a fixed-capacity buffer, padded, of this many times the mean.
     capacity_factor: float | None = None
     all_to_all: AllToAll | None = None  # None: the hardware's (Hardware.all_to_all); else an implementation's own
+    per_rank_rows: bool = False  # send a token once per destination rank (dedicated all-to-all kernels), not per
+    #                              routed expert (ours)
 
     def __post_init__(self):
         if self.group_size < 1:
@@ -359,8 +366,8 @@ def step_costs(cm: costs.CostModel, hw: Hardware, strategy: Strategy, batches: l
         # Uniform routing spreads every rank's tokens over all experts: expert load is the group mean.
         expert_s = cm.routed_experts_s(tokens.sum() * k / g, cm.experts_touched(tokens.sum()) / g)
         a2a, pad = strategy.all_to_all or hw.all_to_all, strategy.capacity_factor or 1.0
-        comm = (a2a.time_s(pad * costs.dep_a2a_bytes(cfg, tokens.max(), g, strategy.dispatch_bytes))
-                + a2a.time_s(pad * costs.dep_a2a_bytes(cfg, tokens.max(), g, strategy.combine_bytes)))
+        comm = sum(a2a.time_s(pad * costs.dep_a2a_bytes(cfg, tokens.max(), g, b, strategy.per_rank_rows))
+                   for b in (strategy.dispatch_bytes, strategy.combine_bytes))
         return dep_step(local, np.where(is_moe, expert_s, 0.0)[None, :].repeat(len(batches), 0),
                         np.where(is_moe, comm, 0.0))
     steps = []
@@ -369,9 +376,12 @@ def step_costs(cm: costs.CostModel, hw: Hardware, strategy: Strategy, batches: l
             steps.append(RankStep(time_s=0.0, compute_s=0.0))
             continue
         touched = cm.experts_touched(b.tokens)
-        fetched = touched if strategy.fetch_frac is None else strategy.fetch_frac * e
-        fetch = fetch_time_s(costs.dwdp_fetch_bytes(cfg, g, fetched, cm.expert_format), g, hw, strategy.schedule,
-                             strategy.fetch_backend)
+        if strategy.prefetch_per_peer is not None:
+            fetch_bytes = (g - 1) * strategy.prefetch_per_peer * cm.expert_bytes
+        else:
+            fetched = touched if strategy.fetch_frac is None else strategy.fetch_frac * e
+            fetch_bytes = costs.dwdp_fetch_bytes(cfg, g, fetched, cm.expert_format)
+        fetch = fetch_time_s(fetch_bytes, g, hw, strategy.schedule, strategy.fetch_backend)
         miss_bytes = costs.dwdp_fetch_bytes(cfg, g, strategy.miss_rate * touched, cm.expert_format)
         miss = fetch_time_s(miss_bytes, g, hw, "staggered", strategy.fetch_backend)
         compute = local[r] + np.where(is_moe, cm.routed_experts_s(b.tokens * k, touched), 0.0)
@@ -506,7 +516,8 @@ def simulate(cfg: ModelConfig, hw: Hardware, strategy: Strategy, workload: Workl
         out_len = np.ones(n, np.int64)
     reqs = [_Request(i, math.nan, int(a), int(b)) for i, (a, b) in enumerate(zip(in_len, out_len))]
     staging = (strategy.prefetch_depth + 1) if isinstance(strategy, DWDPConfig) else 0
-    fits = costs.weight_memory_gb(cfg, g, staging, expert_format) < hw.hbm_gb
+    per_peer = strategy.prefetch_per_peer if isinstance(strategy, DWDPConfig) else None
+    fits = costs.weight_memory_gb(cfg, g, staging, expert_format, prefetch_per_peer=per_peer) < hw.hbm_gb
 
     # Events: (time, seq, kind, payload). An executor is one rank (DWDP) or the whole group (DEP).
     executors = [[r] for r in range(g)] if isinstance(strategy, DWDPConfig) else [list(range(g))]
