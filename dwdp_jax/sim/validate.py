@@ -24,7 +24,8 @@ What is read:
     source GPU's queue, Finding 2, not modelled).
   * part `e2e` written by `experiments/launch.py` (colocated, on GPUs): output TPS/GPU, TPS/user and TTFT per
     concurrency, simulated with the same requests (the recorded lengths), scheduler limits, strategy, closed
-    loops and pinning, and padded program shapes (`engine_shapes`), and DWDP/DEP at equal concurrency. Sweep summaries of `experiments/e2e_sweep.py` repeat their arms' files and are not read.
+    loops and pinning, and padded program shapes (`engine_shapes`), and DWDP/DEP at equal concurrency. Sweep
+    summaries of `experiments/e2e_sweep.py` repeat their arms' files and are not read.
   * part `engine` written by `experiments/bench_engine.py` (one GPU, Pallas experts): prefill and decode steps.
 Compute of our implementation on H200 is `calibration.OURS_EFFICIENCY` (see there for what is fitted).
 
@@ -50,8 +51,8 @@ import numpy as np
 from dwdp_jax.config import ModelConfig, preset
 from dwdp_jax.sim import calibration, costs
 from dwdp_jax.sim.hardware import GB200_NVL72, H200_HGX, Hardware
-from dwdp_jax.sim.simulator import (DEVICE_PUT_SLOWDOWN, DEPConfig, DWDPConfig, EngineShapes, RankBatch, RunResult, SchedulerConfig,
-                                    Workload, dwdp_rank_step, fetch_time_s, simulate, step_costs)
+from dwdp_jax.sim.simulator import (DEVICE_PUT_SLOWDOWN, DEPConfig, DWDPConfig, EngineShapes, RankBatch, RunResult,
+                                    SchedulerConfig, Workload, dwdp_rank_step, fetch_time_s, simulate, step_costs)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS_DIR = REPO / "experiments" / "results"
