@@ -30,7 +30,7 @@ What is read:
 Compute of our implementation on H200 is `calibration.OURS_EFFICIENCY` (see there for what is fitted).
 
 Run: `python -m dwdp_jax.sim.validate [--write experiments/results]` prints the table and the NVL72
-prediction (and writes the `simulator` results JSON).
+prediction of `gb200.py`'s scenario (and writes the `simulator` results JSON).
 """
 
 from __future__ import annotations
@@ -611,7 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     report = validate(args.results)
     print(report.table())
-    nvl72 = predict_nvl72()
+    from dwdp_jax.sim import gb200  # the paper's scenario (gb200 imports this module lazily)
+
+    nvl72 = gb200.e2e_prediction()
     print(f"\nnvl72_dwdp_over_dep = {nvl72['nvl72_dwdp_over_dep']:.3f} (paper {PAPER_DWDP_OVER_DEP:.3f}); "
           f"by TPS/user: " + ", ".join(f"{u:g}: {r:.3f}" for u, r in nvl72["ratio_by_tps_per_user"].items()))
     if args.write:
