@@ -168,11 +168,18 @@ def last_tokens(x_bsd, q_lens):
     return x_bsd[jnp.arange(x_bsd.shape[0]), jnp.maximum(q_lens - 1, 0)]
 
 
-def _model_step(graph, state, pages, step, absorbed, executor, attention):
-    return paged_forward(nnx.merge(graph, state), pages, step, absorbed, executor, attention)
+def model_step_program(graph, state_def, executor, attention: PagedAttention, absorbed: bool):
+    """A jitted step of the whole model: (state leaves, pages (donated), step) -> (logits, pages). The graph,
+    executor and attention are closed over, so a call hashes nothing but the arrays (a static GraphDef
+    argument is hashed on every call)."""
+
+    def step_fn(leaves, pages, step):
+        model = nnx.merge(graph, jax.tree.unflatten(state_def, leaves))
+        return paged_forward(model, pages, step, absorbed, executor, attention)
+
+    return jax.jit(step_fn, donate_argnums=1)
 
 
-_model_step_jit = jax.jit(_model_step, static_argnums=(0, 4, 5, 6), donate_argnums=2)
 _sample_jit = jax.jit(sample, static_argnames="params")
 jax.tree_util.register_dataclass(StepArrays, data_fields=[f.name for f in dataclasses.fields(StepArrays)],
                                  meta_fields=[])
@@ -369,16 +376,21 @@ class ModelRunner(_SlotRunner):
         super().__init__(spec, buckets, sampling, seed, self.device, attention)
         self.graph, state = nnx.split(model)
         self.state = jax.device_put(state, self.device)
+        self._leaves, self._state_def = jax.tree.flatten(self.state)
         self.executor = executor or LocalExecutor()
         self.pages = paged_cache.allocate(spec, self.device)
+        self._programs: dict = {}  # (executor, absorbed) -> jitted step
 
     @property
     def group_devices(self) -> list[jax.Device]:
         return [self.device]
 
     def _call(self, step, absorbed):
-        logits, self.pages = _model_step_jit(self.graph, self.state, self.pages, step, absorbed, self.executor,
-                                             self.attention)
+        key = (self.executor, absorbed)
+        if key not in self._programs:
+            self._programs[key] = model_step_program(self.graph, self._state_def, self.executor, self.attention,
+                                                     absorbed)
+        logits, self.pages = self._programs[key](self._leaves, self.pages, step)
         return logits
 
 
@@ -423,13 +435,15 @@ class DepRunner(_SlotRunner):
         self.mesh, self.state = dep.mesh, dep.state
         self.pages = paged_cache.allocate(spec, NamedSharding(self.mesh, P(AXIS)), num_groups=g)
         executor = DepExecutor(g, capacity, backend)
-        specs = state_specs(dep.state)
+        self._leaves, state_def = jax.tree.flatten(dep.state)
+        specs = jax.tree.leaves(state_specs(dep.state), is_leaf=lambda x: isinstance(x, P))
         page_specs = [P(AXIS)] * model.cfg.num_layers
         step_specs = StepArrays(*([P(AXIS)] * len(dataclasses.fields(StepArrays))))
         attention_cfg = self.attention
 
-        def per_device(state, pages, step, absorbed):
-            return paged_forward(nnx.merge(graph, state), pages, step, absorbed, executor, attention_cfg)
+        def per_device(leaves, pages, step, absorbed):
+            model = nnx.merge(graph, jax.tree.unflatten(state_def, leaves))
+            return paged_forward(model, pages, step, absorbed, executor, attention_cfg)
 
         self._steps = {
             absorbed: jax.jit(
@@ -445,7 +459,7 @@ class DepRunner(_SlotRunner):
 
     def _call(self, step, absorbed):
         step = jax.device_put(step, self._block)
-        logits, self.pages = self._steps[absorbed](self.state, self.pages, step)
+        logits, self.pages = self._steps[absorbed](self._leaves, self.pages, step)
         return logits
 
     def step_fn(self, plan: LockstepPlan) -> dict[str, int]:

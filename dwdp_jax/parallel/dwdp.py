@@ -176,9 +176,24 @@ def _expert_step(graphdef, state, buffers, slots, x, ids, weights, backend, merg
     return layer.ffn_routed(x, ids, weights, _executor(buffers, slots, backend, merge_copy))
 
 
-_layer_step_jit = jax.jit(_layer_step, static_argnums=(0, 8, 9, 10), donate_argnums=6)
-_route_step_jit = jax.jit(_route_step, static_argnums=(0, 6), donate_argnums=4)
-_expert_step_jit = jax.jit(_expert_step, static_argnums=(0, 7, 8))
+def _layer_programs(graphdef, state_def, backend: str, merge_copy: bool) -> dict:
+    """Jitted programs of one layer with its graph and static options closed over: a call passes the state's
+    leaves and hashes only arrays (a static GraphDef argument is hashed on every call, ~0.1 ms a layer).
+    Keys: ("layer", absorbed), ("route", absorbed), "expert"; the layer's pages (argument 5) are donated."""
+    state = lambda leaves: jax.tree.unflatten(state_def, leaves)
+    programs = {}
+    for absorbed in (False, True):
+        programs["layer", absorbed] = jax.jit(
+            lambda leaves, buffers, slots, x, positions, pages, meta, absorbed=absorbed: _layer_step(
+                graphdef, state(leaves), buffers, slots, x, positions, pages, meta, absorbed, backend, merge_copy),
+            donate_argnums=5)
+        programs["route", absorbed] = jax.jit(
+            lambda leaves, x, positions, pages, meta, absorbed=absorbed: _route_step(
+                graphdef, state(leaves), x, positions, pages, meta, absorbed),
+            donate_argnums=3)
+    programs["expert"] = jax.jit(lambda leaves, buffers, slots, x, ids, weights: _expert_step(
+        graphdef, state(leaves), buffers, slots, x, ids, weights, backend, merge_copy))
+    return programs
 
 
 def _embed(state_graph, state, ids):
@@ -192,8 +207,6 @@ def _logits(graph, state, hidden, last_at=None):
     return nnx.merge(graph, state).logits(hidden)
 
 
-_embed_jit = jax.jit(_embed, static_argnums=0)
-_logits_jit = jax.jit(_logits, static_argnums=0)
 
 
 class _Head(nnx.Module):
@@ -227,7 +240,18 @@ class DwdpRank:
         self.cfg, self.rank, self.device = cfg, rank, device
         self.placement, self.dwdp, self.fetch = placement, dwdp, fetch
         self.head_graph, self.head_state = nnx.split(head)
+        self._head_leaves, head_def = jax.tree.flatten(self.head_state)
+        head_graph = self.head_graph  # closed over instead of self: no rank <-> program cycle
+        head_of = lambda leaves: jax.tree.unflatten(head_def, leaves)
+        self._embed = jax.jit(lambda leaves, ids: _embed(head_graph, head_of(leaves), ids))
+        self._logits = jax.jit(lambda leaves, hidden, last_at: _logits(head_graph, head_of(leaves), hidden, last_at))
         self.layers = [nnx.split(layer) for layer in layers]
+        self._layer_leaves, self._programs = [], []
+        for i, (graph, state) in enumerate(self.layers):
+            leaves, state_def = jax.tree.flatten(state)
+            self._layer_leaves.append(leaves)
+            moe = cfg.is_moe_layer(i)
+            self._programs.append(_layer_programs(graph, state_def, dwdp.expert_backend, dwdp.merge_copy and moe))
         self.expert_buffers = {i: layer.mlp.experts.weights() for i, layer in enumerate(layers) if layer.is_moe}
         self.moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
         self.order = source_order(rank, dwdp.group_size, dwdp.staggered)
@@ -370,16 +394,15 @@ class DwdpRank:
         # Whole-buffer fetches of the first `depth` MoE layers were issued at the end of the previous step.
         staged = self._carry or collections.OrderedDict((j, issue(j)) for j in moe[:depth])
         self._carry = None
-        x = _embed_jit(self.head_graph, self.head_state, token_ids)
+        x = self._embed(self._head_leaves, token_ids)
         pages_in, meta = paged if paged is not None else ([None] * cfg.num_layers, None)
         if meta is not None:
             meta = jax.device_put(meta, self.device)
         new_pages = []
         for i in range(cfg.num_layers):
-            graph, state = self.layers[i]
+            leaves, programs = self._layer_leaves[i], self._programs[i]
             if not cfg.is_moe_layer(i):
-                x, layer_pages, _ = _layer_step_jit(graph, state, [], None, x, positions, pages_in[i], meta,
-                                                    absorbed, dw.expert_backend, False)
+                x, layer_pages, _ = programs["layer", absorbed](leaves, [], None, x, positions, pages_in[i], meta)
                 new_pages.append(layer_pages)
                 continue
             ahead = moe.index(i) + depth
@@ -387,21 +410,19 @@ class DwdpRank:
                 staged[moe[ahead]] = issue(moe[ahead])
             pending = staged.pop(i) if depth > 0 else issue(i)
             if dw.planned:
-                x, layer_pages, ids, weights, counts = _route_step_jit(graph, state, x, positions, pages_in[i],
-                                                                       meta, absorbed)
+                x, layer_pages, ids, weights, counts = programs["route", absorbed](leaves, x, positions,
+                                                                                   pages_in[i], meta)
                 counts_host = np.asarray(counts)  # host sync: which experts the router chose
                 self.router_stats.update(self._moe_index(i), counts_host)
                 slots = self._serve_misses(i, pending, counts_host)
                 handles = [pending["handles"][p] for p in self.order]
                 buffers = self._wait(handles)
-                x = _expert_step_jit(graph, state, buffers, slots, x, ids, weights, dw.expert_backend,
-                                     dw.merge_copy)
+                x = programs["expert"](leaves, buffers, slots, x, ids, weights)
             else:
                 handles = pending
                 buffers = self._wait(handles)
-                x, layer_pages, counts = _layer_step_jit(graph, state, buffers, self.slot_maps[i], x, positions,
-                                                         pages_in[i], meta, absorbed, dw.expert_backend,
-                                                         dw.merge_copy)
+                x, layer_pages, counts = programs["layer", absorbed](leaves, buffers, self.slot_maps[i], x,
+                                                                     positions, pages_in[i], meta)
                 self._pending_counts.append((self._moe_index(i), counts))
             for h in handles:
                 self.fetch.consumed(h, x)
@@ -412,9 +433,8 @@ class DwdpRank:
         if dw.planned:
             self.router_stats.next_step()
         if last_at is not None:
-            logits = _logits_jit(self.head_graph, self.head_state, x, jax.device_put(last_at, self.device))
-        else:
-            logits = _logits_jit(self.head_graph, self.head_state, x[:, -1:] if last_only else x)
+            last_at = jax.device_put(last_at, self.device)
+        logits = self._logits(self._head_leaves, x[:, -1:] if last_only and last_at is None else x, last_at)
         if depth > 0 and not dw.planned:  # prefetch across steps: the next step's first MoE layers
             self._carry = collections.OrderedDict((j, issue(j)) for j in moe[:depth])
         return (logits, new_pages) if paged is not None else logits
@@ -424,10 +444,10 @@ class DwdpRank:
         x = jax.device_put(jnp.zeros((batch, seq, self.cfg.hidden_size), jnp.float32), self.device)
         positions = jax.device_put(jnp.zeros((batch, seq), jnp.int32), self.device)
         texts = []
-        for i, (graph, state) in enumerate(self.layers):
+        for i in range(len(self.layers)):
             buffers = [self.fetch.ready(p) for p in self.issue_fetch(i)] if self.cfg.is_moe_layer(i) else []
-            lowered = _layer_step_jit.lower(graph, state, buffers, self.slot_maps.get(i), x, positions, None, None,
-                                            False, self.dwdp.expert_backend)
+            lowered = self._programs[i]["layer", False].lower(self._layer_leaves[i], buffers,
+                                                              self.slot_maps.get(i), x, positions, None, None)
             texts.append(lowered.compile().as_text())
         return texts
 
