@@ -488,10 +488,11 @@ class Arena:
         self._used = 0
 
     def reset(self, nbytes: int):
-        """Frees every array cut so far (the caller no longer uses them); the next ones total <= nbytes."""
+        """Frees every array cut so far (the caller no longer uses them); the next ones take <= nbytes, 64-byte
+        alignment included."""
         if self._buffer.size < nbytes:
             self._buffer = np.empty(0, np.uint8)  # drop the old buffer before allocating the new one
-            self._buffer = np.empty(nbytes + 64 * 64, np.uint8)
+            self._buffer = np.empty(nbytes, np.uint8)
         self._used = 0
 
     def empty(self, shape: tuple, dtype) -> np.ndarray:
@@ -513,7 +514,7 @@ def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_lay
     out_shape = shape[:axis] + (stop - start,) + shape[axis + 1 :]
     out = arena.empty(out_shape, piece.dtype) if arena is not None else np.empty(out_shape, piece.dtype)
     if src.shape is not None and src.shape != src.padded:
-        out[...] = 0  # FP8 experts padded to whole blocks: the padding is zeros
+        quant.as_bits(out)[...] = 0  # FP8 experts padded to whole blocks: the padding is zeros
     extent = shape[axis]
     if src.kind == "experts":
         per_expert = piece.source_bytes // max(1, extent)
@@ -526,11 +527,13 @@ def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_lay
                     if src.shape[1] == src.padded[1]:  # whole rows: read straight into the slab
                         reader.rows(name, 0, rows, out=out[i - start, r0 : r0 + rows])
                     else:
-                        out[i - start, r0 : r0 + rows, : src.shape[1]] = reader.rows(name, 0, rows)
+                        quant.as_bits(out[i - start, r0 : r0 + rows, : src.shape[1]])[...] = quant.as_bits(
+                            reader.rows(name, 0, rows))
                 elif len(src.names) == 1:  # [in, out]: the down matrix, transposed straight into the slab
                     _rows_as_stored(reader, piece, name, 0, rows, True, out=out[i - start])
                 else:  # [in, out]: gate columns then up columns
-                    out[i - start, :, m * rows : (m + 1) * rows] = _rows_as_stored(reader, piece, name, 0, rows, True)
+                    quant.as_bits(out[i - start, :, m * rows : (m + 1) * rows])[...] = quant.as_bits(
+                        _rows_as_stored(reader, piece, name, 0, rows, True))
             progress(per_expert)
         return out
     name = src.names[0]
@@ -547,7 +550,8 @@ def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_lay
         elif start == a and b == stop:  # the whole slab in one read: transposed straight into it
             _rows_as_stored(reader, piece, name, a, b, True, out=out)
         else:
-            out[:, a - start : b - start] = _rows_as_stored(reader, piece, name, a, b, True)
+            rows = _rows_as_stored(reader, piece, name, a, b, True)
+            quant.as_bits(out[:, a - start : b - start])[...] = quant.as_bits(rows)
         progress(piece.source_bytes * (b - a) // extent)
     return out
 

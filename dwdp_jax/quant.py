@@ -50,6 +50,7 @@ def quantize_blocks_np(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarra
 # --------------------------------------------------------------------------------------------------------------
 # Host-side (numpy) helpers of the checkpoint loader and converter: fast enough to keep up with a disk.
 
+UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # unsigned integer of each itemsize
 _FP8_TO_F32 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)  # every e4m3 value
 
 
@@ -57,21 +58,33 @@ def transpose_np(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """src [R, C] -> a C-contiguous [C, R] copy of src.T (into `out` when given, any C-contiguous [C, R] view of
     src's dtype).
 
-    numpy's strided copy moves one element per step (~0.15 GB/s for 1-byte elements); this moves groups of
-    8 // itemsize adjacent columns as one uint64 through cache-sized tiles, then de-interleaves each group:
-    ~1 G elements/s for FP8 and bf16 on one core."""
+    numpy's strided copy moves one element per step (~0.15 GB/s for 1-byte elements, less for ml_dtypes' float8
+    and bfloat16, whose copies go through generic per-element functions); this moves the bytes as unsigned
+    integers, in groups of 8 // itemsize adjacent columns as one uint64 through cache-sized tiles, then
+    de-interleaves each group: ~1 G elements/s for FP8 and bf16 on one core."""
     rows, cols = src.shape
     if out is None:
         out = np.empty((cols, rows), src.dtype)
-    w = 8 // src.itemsize if src.itemsize in (1, 2, 4) else 1
-    if w == 1 or cols % w or not src.flags.c_contiguous or not out.flags.c_contiguous:
+    bits = UINT.get(src.itemsize)
+    if bits is None:
         _tiled_transpose(out, src)
         return out
+    src_bits, out_bits = src.view(bits), out.view(bits)
+    w = 8 // src.itemsize
+    if w == 1 or cols % w or not src.flags.c_contiguous or not out.flags.c_contiguous:
+        _tiled_transpose(out_bits, src_bits)
+        return out
     wide = np.empty((cols // w, rows), np.uint64)
-    _tiled_transpose(wide, src.view(np.uint64))
+    _tiled_transpose(wide, src_bits.view(np.uint64))
     # wide[k, i] holds src[i, w*k : w*k + w]
-    out.reshape(cols // w, w, rows)[...] = wide.view(src.dtype).reshape(cols // w, rows, w).transpose(0, 2, 1)
+    out_bits.reshape(cols // w, w, rows)[...] = wide.view(bits).reshape(cols // w, rows, w).transpose(0, 2, 1)
     return out
+
+
+def as_bits(array: np.ndarray) -> np.ndarray:
+    """The same memory as unsigned integers of the same width: numpy copies them with its fast built-in loops
+    (assignments between ml_dtypes arrays go element by element through generic functions)."""
+    return array.view(UINT[array.itemsize])
 
 
 def _tiled_transpose(dst: np.ndarray, src: np.ndarray, tile: int = 128):
@@ -102,7 +115,7 @@ def dequantize_np(value: np.ndarray, scale: np.ndarray, block: tuple[int, int], 
         out = np.empty((rows, cols), dtype)
     if out.shape != (rows, cols) or out.dtype != dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous {dtype} array of shape {(rows, cols)}")
-    bits = out.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[dtype.itemsize])
+    bits = as_bits(out)
     nc = scale.shape[1]
     # tables[a, b * 256 + byte] = dtype(f32(byte as e4m3) * scale[a, b])
     tables = (_FP8_TO_F32[None, None, :] * scale.astype(np.float32)[:, :, None]).astype(dtype)
