@@ -132,13 +132,14 @@ def default_config(m: int, num_groups: int, n: int | None = None,
   """Decode tiles when groups average <= 64 rows (memory-bound), prefill tiles otherwise; a narrower
   block_n when N does not divide (small test models).
 
-  Only configurations measured on an H200 are defaults (experiments/KERNELS.md); FP8_PREFILL_CONFIG
-  and PREFILL_M_SPLIT_CONFIG pass the interpret-mode tests and lower for the GPU but await their
-  first GPU run."""
+  Only configurations measured on an H200 are defaults (experiments/KERNELS.md). FP8 prefill: the
+  128x128 m-split tile's kernel beat the 64x256 decode tile at 9 of 10 prefill shapes by 7-18%
+  (kernels-20261123-nvidia-h200-prefill.json, CUPTI kernel times)."""
+  prefill = m > 64 * num_groups
   if fp8:
-    cfg = FP8_DECODE_CONFIG
+    cfg = FP8_PREFILL_CONFIG if prefill else FP8_DECODE_CONFIG
   else:
-    cfg = DECODE_CONFIG if m <= 64 * num_groups else PREFILL_CONFIG
+    cfg = PREFILL_CONFIG if prefill else DECODE_CONFIG
   if n is not None and n % cfg.block_n:
     if n % 128 == 0:
       cfg = dataclasses.replace(cfg, block_n=128)

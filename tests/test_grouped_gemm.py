@@ -231,6 +231,8 @@ def test_schedule_covers_every_row_once():
 
 def test_default_config_fits_narrow_n():
   assert gg.default_config(4096, 8, 7168) == gg.PREFILL_CONFIG
+  assert gg.default_config(4096, 8, 7168, fp8=True) == gg.FP8_PREFILL_CONFIG  # measured faster (KERNELS.md)
+  assert gg.default_config(64, 8, 7168, fp8=True) == gg.FP8_DECODE_CONFIG
   assert gg.default_config(64, 8, 384).block_n == 128
   cfg = gg.default_config(64, 8, 192)
   assert cfg.block_n == 64 and cfg.num_compute_wgs == 1
