@@ -117,27 +117,34 @@ def combine_sorted(y_sorted, order, weights_tk) -> jax.Array:
     return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where) -> jax.Array:
+def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, rows=None) -> jax.Array:
     """GPU path: SwiGLU FFN over rows sorted by group with the Mosaic GPU grouped GEMMs of
     `pallas_kernels.grouped_gemm`, which read every weight buffer in place. where: [groups, 2] (buffer, slot).
-    Rows past sum(sizes) come out as zeros. Returns [M, hidden] float32."""
+    rows: [M] int32, when given, x_sorted holds one row per token and row r of the sorted input is
+    x_sorted[rows[r]] (FP8 experts then quantize each token once, before the top_k replication, and gather the
+    e4m3 rows). Rows past sum(sizes) come out as zeros. Returns [M, hidden] bfloat16."""
     from pallas_kernels import grouped_gemm as gg
 
     d = x_sorted.shape[-1]
     x_sorted = _pad_cols(x_sorted.astype(jnp.bfloat16), buffers[0].hidden)
     if buffers[0].s_gate_up is not None:
-        h = gg.grouped_gemm_fp8(x_sorted, sizes, [b.w_gate_up for b in buffers], [b.s_gate_up for b in buffers],
-                                where, out_dtype=jnp.float32)
+        xq, xs = gg.quantize_activations(x_sorted)
+        if rows is not None:
+            xq, xs = xq[rows], xs[rows]
+        h = gg.grouped_gemm_fp8(xq, sizes, [b.w_gate_up for b in buffers], [b.s_gate_up for b in buffers],
+                                where, out_dtype=jnp.bfloat16, x_scale=xs)
         gate, up = jnp.split(h, 2, axis=-1)
-        a = (jax.nn.silu(gate) * up).astype(jnp.bfloat16)
+        a = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(jnp.bfloat16)
         return gg.grouped_gemm_fp8(a, sizes, [b.w_down for b in buffers], [b.s_down for b in buffers], where,
-                                   out_dtype=jnp.float32)[:, :d]
+                                   out_dtype=jnp.bfloat16)[:, :d]
+    if rows is not None:
+        x_sorted = x_sorted[rows]
     h = gg.grouped_gemm(x_sorted, sizes, [b.w_gate_up.astype(jnp.bfloat16) for b in buffers], where,
-                        out_dtype=jnp.float32)
+                        out_dtype=jnp.bfloat16)
     gate, up = jnp.split(h, 2, axis=-1)
-    a = (jax.nn.silu(gate) * up).astype(jnp.bfloat16)
+    a = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(jnp.bfloat16)
     return gg.grouped_gemm(a, sizes, [b.w_down.astype(jnp.bfloat16) for b in buffers], where,
-                           out_dtype=jnp.float32)[:, :d]
+                           out_dtype=jnp.bfloat16)[:, :d]
 
 
 def _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot) -> jax.Array:
@@ -147,7 +154,7 @@ def _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_
     token_of_row = order // k
     sizes = jnp.zeros((expert_buffer.shape[0],), jnp.int32).at[flat_ids].add(1)
     where = jnp.stack([expert_buffer, expert_slot], axis=-1)
-    y = pallas_sorted_ffn(x_td[token_of_row], sizes, buffers, where)
+    y = pallas_sorted_ffn(x_td, sizes, buffers, where, rows=token_of_row)
     return combine_sorted(y, order, weights_tk).astype(x_td.dtype)
 
 

@@ -212,12 +212,13 @@ def dequantize_weight(w, scale):
   return fp8_to_f32(w) * s  # not astype: w may have been quantized in the same jit
 
 
-def reference_fp8(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp.bfloat16):
+def reference_fp8(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp.bfloat16, x_scale=None):
   """FP8 reference: the activations quantized exactly as the kernel does (same function, same e4m3
-  values and scales), everything dequantized to f32 and multiplied in f32. Weights are [E, N, K]
-  (DeepSeek's [out, in] layout). Safe under jit on the GPU: the dequantization decodes bits
-  (`fp8_to_f32`), so XLA cannot fold the quantization away."""
-  xq, xs = quantize_activations(x)
+  values and scales; or taken as given, e4m3 with `x_scale`, as the kernel takes them), everything
+  dequantized to f32 and multiplied in f32. Weights are [E, N, K] (DeepSeek's [out, in] layout). Safe
+  under jit on the GPU: the dequantization decodes bits (`fp8_to_f32`), so XLA cannot fold the
+  quantization away."""
+  xq, xs = quantize_activations(x) if x_scale is None else (x, x_scale)
   xd = (fp8_to_f32(xq).reshape(x.shape[0], -1, FP8_BLOCK) * xs[..., None]).reshape(x.shape)
   wd = tuple(jnp.swapaxes(dequantize_weight(w, s), 1, 2) for w, s in zip(weights, scales))
   return reference(xd, group_sizes, wd, expert_slot, out_dtype=out_dtype)
@@ -752,12 +753,13 @@ def _fp8_overlap_pipeline(nk, acc0, *, stage, scale, promote, dot_interpret, ful
 
 def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Sequence[jax.Array],
                      expert_slot, *, config: GroupedGemmConfig | None = None,
-                     out_dtype=jnp.bfloat16, interpret: bool = False):
+                     out_dtype=jnp.bfloat16, interpret: bool = False, x_scale=None):
   """Grouped FP8 GEMM with DeepSeek-V3 block scales.
 
   Args:
     x: [M, K] bf16 (or f32) activations sorted by group; quantized here per token per 128 columns
-      to e4m3 (`quantize_activations`).
+      to e4m3 (`quantize_activations`). Or, with `x_scale` [M, K/128] f32, activations already quantized
+      (e4m3, e.g. quantized once per token and then gathered into expert order): used as they are.
     group_sizes, expert_slot: as in `grouped_gemm`.
     weights: tuple of [E_i, N, K] float8_e4m3fn buffers: DeepSeek's checkpoint layout ([out, in]).
       Hopper's FP8 wgmma reads B only K-major, so this layout is what the tensor cores consume.
@@ -789,7 +791,13 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
                      f"must be even, got K={k}")
   m = x.shape[0]
   m_pad = _padded_rows(m, cfg.block_m)
-  xq, xs = quantize_activations(x)
+  if x_scale is None:
+    xq, xs = quantize_activations(x)
+  else:
+    if x.dtype != jnp.float8_e4m3fn or x_scale.shape != (m, k // FP8_BLOCK):
+      raise ValueError(f"pre-quantized activations must be e4m3 [M, K] with x_scale [M, K/128] f32, got "
+                       f"{x.dtype}{x.shape} and {x_scale.shape}")
+    xq, xs = x, x_scale.astype(jnp.float32)
   xq = _pad_rows(xq, m_pad)
   # [K/128, M'] so that a tile's row scales of one K block are one contiguous TMA box.
   xs_t = jnp.pad(xs.T, ((0, 0), (0, m_pad - m)))

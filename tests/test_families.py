@@ -241,9 +241,9 @@ def test_padded_fp8_experts_keep_the_kernel_tiles_aligned(monkeypatch):
     w_down = np.asarray(experts.w_down, np.float32)
     assert not w_down[:, 192:].any() and not w_down[:, :, 96:].any() and w_down[:, :192, :96].any()
 
-    def aligned_reference(x, sizes, weights, scales, where, *, out_dtype):
+    def aligned_reference(x, sizes, weights, scales, where, *, out_dtype, x_scale=None):
         assert x.shape[1] % 128 == 0 and all(w.shape[1] % 128 == 0 and w.shape[2] % 128 == 0 for w in weights)
-        return gg.reference_fp8(x, sizes, weights, scales, where, out_dtype=out_dtype)
+        return gg.reference_fp8(x, sizes, weights, scales, where, out_dtype=out_dtype, x_scale=x_scale)
 
     monkeypatch.setattr(gg, "grouped_gemm_fp8", aligned_reference)
     rng = np.random.RandomState(0)

@@ -270,3 +270,18 @@ def test_overlap_promotion_validation():
   with pytest.raises(ValueError, match="even"):
     gg.grouped_gemm_fp8(x3, gs, w3, (jnp.ones((1, 1, 3), jnp.float32),), es, config=ok,
                         interpret=True)
+
+
+def test_fp8_takes_activations_quantized_once_per_token():
+  """Tokens quantized once, then gathered into expert order (top_k copies of each token) as e4m3 rows with
+  their scales: the same output as quantizing the gathered bf16 rows (quantization is per row)."""
+  x, sizes, weights, scales, where = make_inputs(7, 24, 256, 128, [5, 11, 8], (2, 2), fp8=True)
+  rows = jnp.asarray(np.random.default_rng(7).integers(0, 24, 24), jnp.int32)  # a gather with repeats
+  cfg = FP8_CONFIGS[0]
+  xq, xs = gg.quantize_activations(x)
+  once = gg.grouped_gemm_fp8(xq[rows], sizes, weights, scales, where, config=cfg, interpret=INTERPRET,
+                             x_scale=xs[rows])
+  per_row = gg.grouped_gemm_fp8(x[rows], sizes, weights, scales, where, config=cfg, interpret=INTERPRET)
+  np.testing.assert_array_equal(np.asarray(once, np.float32), np.asarray(per_row, np.float32))
+  with pytest.raises(ValueError, match="pre-quantized"):
+    gg.grouped_gemm_fp8(x, sizes, weights, scales, where, config=cfg, interpret=True, x_scale=xs)
