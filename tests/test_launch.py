@@ -173,6 +173,6 @@ def test_dep_pinning_keeps_arrival_order():
     from dwdp_jax.engine.workload import Request
 
     reqs = [Request(f"r{i}", [1, 2, 3], 2) for i in range(6)]
-    pinned = launch._pin(reqs, 2)
+    pinned = launch.serving.pin_requests(reqs, 2)
     assert [r.request_id for r in pinned] == [r.request_id for r in reqs]
     assert [r.rank for r in pinned] == [0, 1, 0, 1, 0, 1]

@@ -1,0 +1,70 @@
+"""A colocated run: one strategy on every device (single, DWDP, replicated DP, DEP), one timed pass per
+`--concurrency` value, one results record."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from dwdp_jax.engine import metrics as metrics_lib
+from dwdp_jax.engine import timeline
+from dwdp_jax.engine.paged_cache import PagedCacheSpec
+from experiments.launch.engines import build_engines
+from experiments.launch.records import (base_config, dwdp_ranks, fetch_metrics, make_record, outputs, request_rows,
+                                        summary_table, write_record)
+from experiments.launch.serving import check_finished, serve, warmup
+from experiments.launch.validation import Setup
+
+
+def launch_colocated(f, setup: Setup, argv: list[str]) -> dict:
+    """Runs the colocated sweep; returns the results record (with `path`, where it was written)."""
+    t0 = time.perf_counter()
+    engines = build_engines(f, setup)
+    build_s = time.perf_counter() - t0
+    n = len(setup.devices)
+    spec: PagedCacheSpec = engines.runners[0].spec
+    print(f"{setup.strategy} | {setup.model_name} | {n} x {setup.devices[0].platform} | "
+          f"{len(setup.requests)} requests | slots/rank {spec.num_slots} x {spec.max_len} tokens | "
+          f"KV cache {spec.total_bytes / 2**20:.2f} MiB/device ({spec.bytes_per_token} B/token) | "
+          f"weights {engines.weights_bytes_per_device / 2**20:.1f} MiB/device", flush=True)
+
+    points = []
+    for c in setup.concurrency:
+        warm_s = warmup(f, engines, setup, c) if f.warmup != "none" else 0.0
+        for rank in dwdp_ranks(engines):
+            rank.reset_counters()
+        finished, events, wall = serve(engines, setup.requests, c, setup.strategy, n, f"c={c or 'all'}",
+                                       f.progress)
+        check_finished(finished, setup.requests)
+        run = metrics_lib.summarize_run(finished, wall, num_gpus=n)
+        out = metrics_lib.to_json(run, metrics_lib.step_time_stats(timeline.step_records(events)))
+        points.append(dict(concurrency=c, warmup_s=warm_s, metrics=dict(out["metrics"], **fetch_metrics(engines)),
+                           ranks=out["rows"], finished=finished, events=events))
+
+    if f.save_router_trace:
+        os.makedirs(f.save_router_trace, exist_ok=True)
+        for rank in dwdp_ranks(engines):
+            rank.router_stats.save(os.path.join(f.save_router_trace, f"router-rank{rank.rank}.npz"))
+    best = max(points, key=lambda p: p["metrics"]["output_tps_per_gpu"] or 0.0)
+    print()
+    print(summary_table(points))
+    print(f"\nfirst generated tokens (c={best['concurrency'] or 'all'}):")
+    for x in sorted(best["finished"], key=lambda x: x.request_id)[: f.show_requests]:
+        print(f"  {x.request_id} rank {x.rank}: prompt {x.prompt_len} -> {x.num_output_tokens} tokens "
+              f"{list(x.output_tokens[:8])}{' ...' if x.num_output_tokens > 8 else ''}")
+
+    metrics = dict(best["metrics"], concurrency=best["concurrency"], kv_cache_bytes_per_gpu=spec.total_bytes,
+                   kv_bytes_per_token=spec.bytes_per_token, weights_bytes_per_gpu=engines.weights_bytes_per_device,
+                   build_s=build_s, warmup_s=best["warmup_s"])
+    rows = [dict(kind="point", point=i, concurrency=p["concurrency"], warmup_s=p["warmup_s"], **p["metrics"],
+                 ranks=p["ranks"], outputs=outputs(p["finished"], f.show_requests),
+                 timeline=timeline.columns(p["events"]))
+            for i, p in enumerate(points)]
+    rows += [row for i, p in enumerate(points) for row in request_rows(p["finished"], i)]
+    config = dict(base_config(f, setup), strategy=setup.strategy,
+                  group_size=setup.group_size if setup.strategy == "dwdp" else None, **engines.notes)
+    record = make_record(f, setup, argv, config, metrics, rows)
+    tag = f.tag or f"{setup.strategy}-{setup.model_name}-g{n}"
+    record["path"] = write_record(f.out, record, tag)
+    print(f"wrote {record['path']}")
+    return record
