@@ -117,7 +117,8 @@ def combine(o_parts, lse_parts):
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
   w = jnp.exp(lse_parts - mx)  # [B, S, R]; an empty split weighs 0
   tot = w.sum(1)
-  out = jnp.einsum("bsr,bsrc->brc", w, o_parts.astype(jnp.float32))
+  # HIGHEST: a GPU's default f32 matmul precision (TF32) would round the weights to 10 bits.
+  out = jnp.einsum("bsr,bsrc->brc", w, o_parts.astype(jnp.float32), precision=lax.Precision.HIGHEST)
   out = out / jnp.where(tot > 0, tot, 1.0)[..., None]
   lse = jnp.where(tot > 0, jnp.log(jnp.where(tot > 0, tot, 1.0)) + mx[:, 0], -jnp.inf)
   return out, lse
@@ -150,7 +151,7 @@ def _load_rows(ref, interpret):
   """A [64] f32 SMEM vector as one value per accumulator row."""
   if interpret:
     return ref[...]
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))  # (ref, ()): 0.10.2 has no ref-only form
 
 
 def _bcast_rows(v, shape):
@@ -175,13 +176,18 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q
   min_pos = length - s_q + lax.div(tile * rows, heads)
   unmasked = jnp.clip(lax.div(min_pos + 1, page) - first, 0, steps)
 
-  def scoped(q_smem, k_smem, p_smem, alpha_smem, l_smem, lse_smem, q_bar, full, free, p_ready,
-             p_free, final):
+  def scoped(qa_smem, qb_smem, qr_smem, k_smem, p_smem, stats_smem, q_bar, full, free, p_ready, p_free,
+             final):
+    # Q in three buffers (latent halves, rope) so that each compute warpgroup can stage its output half in
+    # a whole, contiguous buffer (a TMA store needs one) once Q is no longer read.
+    alpha_smem, l_smem, lse_smem = stats_smem.at[0], stats_smem.at[1], stats_smem.at[2]
+    q_parts = ((qa_smem, 0, half), (qb_smem, half, half), (qr_smem, dl, d - dl))
 
     @pl.when(wg == 2)
     def _memory():
       plgpu.set_max_registers(40, action="decrease")
-      plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(tile * rows, rows)], q_smem, q_bar)
+      for smem, col, width in q_parts:
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(tile * rows, rows), pl.ds(col, width)], smem, q_bar)
 
       @pl.loop(0, steps)
       def _(i):
@@ -216,12 +222,15 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q
       return jnp.where(k + key0 <= limit, s, -jnp.inf)
 
     def scores(slot):
-      k_tile = k_smem.at[slot]
+      """S = Q K^T over the three column ranges of Q: [rows, page] f32."""
+      parts = [(smem, k_smem.at[slot, :, pl.ds(col, width)]) for smem, col, width in q_parts]
       if interpret:
-        return jnp.dot(q_smem[...].astype(jnp.float32), k_tile[...].astype(jnp.float32).T)
+        f = lambda r: r[...].astype(jnp.float32)
+        return sum(jnp.dot(f(q), f(k).T) for q, k in parts)
 
       def qk(acc_ref):
-        plgpu.wgmma(acc_ref, q_smem, _compat.transpose_ref(k_tile, (1, 0)))
+        for q, k in parts:
+          plgpu.wgmma(acc_ref, q, _compat.transpose_ref(k, (1, 0)))
         return acc_ref[...]
       return pl.run_scoped(qk, plgpu.ACC((rows, page), jnp.float32))
 
@@ -280,11 +289,10 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q
       l_smem[...] = l
       plgpu.barrier_arrive(final)
       l_safe = jnp.where(l > 0, l, 1.0)
-      q_smem.at[:, pl.ds(0, half)][...] = (o / _bcast_rows(l_safe, o.shape)).astype(dtype)
+      qa_smem[...] = (o / _bcast_rows(l_safe, o.shape)).astype(dtype)  # Q is no longer read
       lse_smem[...] = jnp.where(l > 0, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem.at[:, pl.ds(0, half)],
-                              o_ref.at[b, split, pl.ds(tile * rows, rows), pl.ds(0, half)])
+      plgpu.copy_smem_to_gmem(qa_smem, o_ref.at[b, split, pl.ds(tile * rows, rows), pl.ds(0, half)])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, split, pl.ds(tile * rows, rows)])
       plgpu.wait_smem_to_gmem(0)
 
@@ -307,21 +315,20 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q
       plgpu.barrier_wait(final)  # warpgroup 0 is done with Q's SMEM and has written l
       l = _load_rows(l_smem, interpret)
       l_safe = jnp.where(l > 0, l, 1.0)
-      q_smem.at[:, pl.ds(half, half)][...] = (o / _bcast_rows(l_safe, o.shape)).astype(dtype)
+      qb_smem[...] = (o / _bcast_rows(l_safe, o.shape)).astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(q_smem.at[:, pl.ds(half, half)],
-                              o_ref.at[b, split, pl.ds(tile * rows, rows), pl.ds(half, half)])
+      plgpu.copy_smem_to_gmem(qb_smem, o_ref.at[b, split, pl.ds(tile * rows, rows), pl.ds(half, half)])
       plgpu.wait_smem_to_gmem(0)
 
   pl.run_scoped(
       scoped,
-      plgpu.SMEM((rows, d), dtype, transforms=_smem_transforms(64, dtype)),
+      plgpu.SMEM((rows, half), dtype, transforms=_smem_transforms(64, dtype)),
+      plgpu.SMEM((rows, half), dtype, transforms=_smem_transforms(64, dtype)),
+      plgpu.SMEM((rows, d - dl), dtype, transforms=_smem_transforms(64, dtype)),
       plgpu.SMEM((steps_in_flight, page, d), dtype, transforms=_smem_transforms(64, dtype)),
       plgpu.SMEM((rows, page), dtype, transforms=_smem_transforms(page, dtype)),
-      plgpu.SMEM((rows,), jnp.float32),
-      plgpu.SMEM((rows,), jnp.float32),
-      plgpu.SMEM((rows,), jnp.float32),
-      plgpu.Barrier(num_arrivals=1),
+      plgpu.SMEM((3, rows), jnp.float32),  # alpha, l, lse: one 1 KB allocation (each is 1 KB-aligned)
+      plgpu.Barrier(num_arrivals=3),
       plgpu.Barrier(num_arrivals=1, num_barriers=steps_in_flight),
       plgpu.Barrier(num_arrivals=2, num_barriers=steps_in_flight),
       plgpu.Barrier(num_arrivals=1),
@@ -331,9 +338,15 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q
   )
 
 
+_REDUCTION_SCRATCH_BYTES = 1024  # Mosaic's cross-warp reduction scratch (its default, 2 KB, would not fit)
+
+
 def _smem_bytes(d, steps_in_flight, itemsize=2):
-  return (BLOCK_ROWS * d + steps_in_flight * PAGE_SIZE * d + BLOCK_ROWS * PAGE_SIZE) * itemsize + \
-      3 * BLOCK_ROWS * 4
+  """SMEM of one CTA as Mosaic GPU lays it out (every allocation 1 KB-aligned), barriers aside."""
+  align = lambda n: -(-n // 1024) * 1024
+  q = BLOCK_ROWS * d * itemsize
+  return (q + align(steps_in_flight * PAGE_SIZE * d * itemsize) + align(BLOCK_ROWS * PAGE_SIZE * itemsize)
+          + align(3 * BLOCK_ROWS * 4) + _REDUCTION_SCRATCH_BYTES)
 
 
 def _validate(q, pages, block_table, lengths, kv_lora_rank):
@@ -415,7 +428,8 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
       grid_names=("tile", "split", "b"),
       num_threads=3,
       thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=plgpu.CompilerParams(approx_math=True,
+                                           reduction_scratch_bytes=_REDUCTION_SCRATCH_BYTES),
       interpret=_compat.InterpretGPUParams() if interpret else None,
   )(q_rows, pages_p, block_table.astype(jnp.int32), lengths.astype(jnp.int32))
   out, lse = combine(o_parts, lse_parts)

@@ -80,10 +80,12 @@ def test_combine_matches_one_split():
   v = jnp.asarray(rng.normal(size=(2, 3, 12, 4)), jnp.float32)
   s = s.at[1, 2].set(-jnp.inf)  # an empty split
   lse_p = jax.nn.logsumexp(s, axis=-1)
-  o_p = jnp.einsum("bsrk,bskc->bsrc", jnp.exp(s - jnp.where(jnp.isfinite(lse_p), lse_p, 0)[..., None]), v)
+  hi = jax.lax.Precision.HIGHEST
+  o_p = jnp.einsum("bsrk,bskc->bsrc", jnp.exp(s - jnp.where(jnp.isfinite(lse_p), lse_p, 0)[..., None]), v,
+                   precision=hi)
   out, lse = md.combine(o_p, lse_p)
   full = jax.nn.softmax(jnp.moveaxis(s, 1, 2).reshape(2, 5, 36), -1)
-  ref = jnp.einsum("brk,bkc->brc", full, v.reshape(2, 36, 4))
+  ref = jnp.einsum("brk,bkc->brc", full, v.reshape(2, 36, 4), precision=hi)
   np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(lse, jax.nn.logsumexp(jnp.moveaxis(s, 1, 2).reshape(2, 5, 36), -1), rtol=1e-5)
 

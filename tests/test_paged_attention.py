@@ -64,7 +64,11 @@ def _paged_step(mla, pages, table: PageTable, slots, x, starts, q_lens, absorbed
     return out, kv.pages
 
 
-@pytest.mark.parametrize("backend,dtype,tol", [("einsum", jnp.float32, 1e-5), ("pallas", jnp.bfloat16, 3e-2)])
+# f32 on a GPU multiplies in TF32 by default (both paths, in different orders): a looser bound there.
+F32_TOL = 5e-4 if jax.devices()[0].platform == "gpu" else 1e-5
+
+
+@pytest.mark.parametrize("backend,dtype,tol", [("einsum", jnp.float32, F32_TOL), ("pallas", jnp.bfloat16, 3e-2)])
 def test_paged_mla_matches_causal_forward(backend, dtype, tol):
     """Prefill two rows of unequal length in two chunks (the second against a cached prefix that spans a
     page boundary), then decode one token each; every output equals the causal self-attention over the
