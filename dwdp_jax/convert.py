@@ -436,13 +436,14 @@ class SourceReader:
         return out
 
     def dequantized_rows(self, name: str, r0: int, r1: int, dtype, transpose: bool = False,
-                         out: np.ndarray | None = None) -> np.ndarray:
+                         out: np.ndarray | None = None, alloc=np.empty) -> np.ndarray:
         """Rows [r0, r1) of an FP8 [out, in] weight times its block scales, in `dtype` (transposed: [in, r1 - r0]),
-        exactly as `weights.assemble` computes them; r0 must start a block."""
+        exactly as `weights.assemble` computes them; r0 must start a block. alloc: see `quant.dequantize_np`."""
         bo, _ = self.block
         assert r0 % bo == 0, (name, r0, bo)
         scale = self.rows(_scale_name(name), r0 // bo, -(-r1 // bo))
-        return quant.dequantize_np(self.rows(name, r0, r1), scale, self.block, dtype, transpose, out)
+        value = self.rows(name, r0, r1, out=alloc((r1 - r0,) + tuple(self.ckpt.info(name)[1][1:]), quant.FP8))
+        return quant.dequantize_np(value, scale, self.block, dtype, transpose, out, alloc)
 
     def _fd(self, path: str) -> int:
         with self._lock:
@@ -469,27 +470,35 @@ class SourceReader:
 
 
 def _rows_as_stored(reader: SourceReader, piece: Piece, name: str, r0: int, r1: int, transpose: bool,
-                    out: np.ndarray | None = None) -> np.ndarray:
+                    out: np.ndarray | None = None, scratch: Arena | None = None) -> np.ndarray:
     """Source rows [r0, r1) of tensor `name` in the piece's stored dtype, transposed ([in, r1 - r0]) or not:
-    dequantized when the piece is (FP8 source, unquantized parameter), else as read."""
+    dequantized when the piece is (FP8 source, unquantized parameter), else as read. The result (when `out` is
+    None) and the temporaries come from `scratch` (reset here) when given."""
+    alloc = np.empty
+    if scratch is not None:
+        scratch.reset()
+        alloc = scratch.empty
     if piece.dequantize:
-        return reader.dequantized_rows(name, r0, r1, piece.dtype, transpose, out)
-    rows = reader.rows(name, r0, r1, out=None if transpose else out)
-    return quant.transpose_np(rows, out) if transpose else rows
+        return reader.dequantized_rows(name, r0, r1, piece.dtype, transpose, out, alloc)
+    if not transpose:
+        return reader.rows(name, r0, r1, out=out)
+    dtype, shape = reader.ckpt.info(name)
+    return quant.transpose_np(reader.rows(name, r0, r1, out=alloc((r1 - r0,) + tuple(shape[1:]), dtype)), out, alloc)
 
 
 class Arena:
-    """A worker's reusable memory for the arrays of the item it builds: each item's arrays are cut from one buffer
-    that outlives the item (it is handed to orbax, which has written it when `save` returns), so building an item
-    costs no fresh pages (page faults and kernel zeroing: ~0.2 s per GB on the bench machine)."""
+    """A worker's reusable memory: arrays are cut from one buffer that outlives them, so building an item costs
+    no fresh pages (page faults and kernel zeroing were an eighth of the converter's CPU). Each worker has one for
+    the arrays of its item (handed to orbax, which has written them when `save` returns) and one for the
+    temporaries of one source chunk (reads, transposes, dequantization)."""
 
     def __init__(self):
         self._buffer = np.empty(0, np.uint8)
         self._used = 0
 
-    def reset(self, nbytes: int):
-        """Frees every array cut so far (the caller no longer uses them); the next ones take <= nbytes, 64-byte
-        alignment included."""
+    def reset(self, nbytes: int = 0):
+        """Frees every array cut so far (the caller no longer uses them); makes room for `nbytes` (64-byte
+        alignment included; more grows the buffer)."""
         if self._buffer.size < nbytes:
             self._buffer = np.empty(0, np.uint8)  # drop the old buffer before allocating the new one
             self._buffer = np.empty(nbytes, np.uint8)
@@ -499,17 +508,19 @@ class Arena:
         dtype = np.dtype(dtype)
         start = -(-self._used // 64) * 64
         stop = start + _prod(shape) * dtype.itemsize
-        if stop > self._buffer.size:
-            raise ValueError(f"arena of {self._buffer.size} bytes cannot hold {shape} {dtype} after {start} bytes")
+        if stop > self._buffer.size:  # a larger buffer; arrays cut from the old one keep it alive while in use
+            self._buffer = np.empty(max(stop - start, 2 * self._buffer.size), np.uint8)
+            start, stop = 0, stop - start
         self._used = stop
         return self._buffer[start:stop].view(dtype).reshape(shape)
 
 
 def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_layout: bool,
-              progress: Callable[[int], None] = lambda nbytes: None, arena: Arena | None = None) -> np.ndarray:
+              progress: Callable[[int], None] = lambda nbytes: None, arena: Arena | None = None,
+              scratch: Arena | None = None) -> np.ndarray:
     """piece[start:stop] along `piece.axis`, laid out as `weights.assemble` does, in a fresh array (or one cut from
-    `arena`); reads at most about CHUNK_BYTES of source at a time when transposing or dequantizing.
-    progress(source bytes) per read."""
+    `arena`; temporaries from `scratch`); reads at most about CHUNK_BYTES of source at a time when transposing or
+    dequantizing. progress(source bytes) per read."""
     src, shape, axis = piece.source, piece.shape, piece.axis
     out_shape = shape[:axis] + (stop - start,) + shape[axis + 1 :]
     out = arena.empty(out_shape, piece.dtype) if arena is not None else np.empty(out_shape, piece.dtype)
@@ -530,10 +541,10 @@ def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_lay
                         quant.as_bits(out[i - start, r0 : r0 + rows, : src.shape[1]])[...] = quant.as_bits(
                             reader.rows(name, 0, rows))
                 elif len(src.names) == 1:  # [in, out]: the down matrix, transposed straight into the slab
-                    _rows_as_stored(reader, piece, name, 0, rows, True, out=out[i - start])
+                    _rows_as_stored(reader, piece, name, 0, rows, True, out[i - start], scratch)
                 else:  # [in, out]: gate columns then up columns
                     quant.as_bits(out[i - start, :, m * rows : (m + 1) * rows])[...] = quant.as_bits(
-                        _rows_as_stored(reader, piece, name, 0, rows, True))
+                        _rows_as_stored(reader, piece, name, 0, rows, True, scratch=scratch))
             progress(per_expert)
         return out
     name = src.names[0]
@@ -546,11 +557,11 @@ def read_slab(piece: Piece, start: int, stop: int, reader: SourceReader, fp8_lay
     for a in range(start, stop, step):
         b = min(a + step, stop)
         if axis == 0:
-            _rows_as_stored(reader, piece, name, a, b, False, out=out[a - start : b - start])
+            _rows_as_stored(reader, piece, name, a, b, False, out[a - start : b - start], scratch)
         elif start == a and b == stop:  # the whole slab in one read: transposed straight into it
-            _rows_as_stored(reader, piece, name, a, b, True, out=out)
+            _rows_as_stored(reader, piece, name, a, b, True, out, scratch)
         else:
-            rows = _rows_as_stored(reader, piece, name, a, b, True)
+            rows = _rows_as_stored(reader, piece, name, a, b, True, scratch=scratch)
             quant.as_bits(out[:, a - start : b - start])[...] = quant.as_bits(rows)
         progress(piece.source_bytes * (b - a) // extent)
     return out
@@ -635,10 +646,11 @@ def convert(
                 def write(item: Item):
                     if stop.is_set():  # another item failed: do not start this one
                         return
-                    if not hasattr(arenas, "arena"):
-                        arenas.arena = Arena()
-                    arenas.arena.reset(sum(_slab_bytes(piece, a, b) + 64 for piece, a, b in item.slabs))
-                    arrays = {piece.path: read_slab(piece, a, b, reader, fp8_layout, update, arenas.arena)
+                    if not hasattr(arenas, "item"):
+                        arenas.item, arenas.scratch = Arena(), Arena()
+                    arenas.item.reset(sum(_slab_bytes(piece, a, b) + 64 for piece, a, b in item.slabs))
+                    arrays = {piece.path: read_slab(piece, a, b, reader, fp8_layout, update, arenas.item,
+                                                    arenas.scratch)
                               for piece, a, b in item.slabs}
                     writer.save_item(item.name, arrays)
 

@@ -54,9 +54,9 @@ UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}  # unsigned integ
 _FP8_TO_F32 = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)  # every e4m3 value
 
 
-def transpose_np(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def transpose_np(src: np.ndarray, out: np.ndarray | None = None, alloc=np.empty) -> np.ndarray:
     """src [R, C] -> a C-contiguous [C, R] copy of src.T (into `out` when given, any C-contiguous [C, R] view of
-    src's dtype).
+    src's dtype). alloc(shape, dtype): where the result (when `out` is None) and temporaries come from.
 
     numpy's strided copy moves one element per step (~0.15 GB/s for 1-byte elements, less for ml_dtypes' float8
     and bfloat16, whose copies go through generic per-element functions); this moves the bytes as unsigned
@@ -64,7 +64,7 @@ def transpose_np(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     de-interleaves each group: ~1 G elements/s for FP8 and bf16 on one core."""
     rows, cols = src.shape
     if out is None:
-        out = np.empty((cols, rows), src.dtype)
+        out = alloc((cols, rows), src.dtype)
     bits = UINT.get(src.itemsize)
     if bits is None:
         _tiled_transpose(out, src)
@@ -74,7 +74,7 @@ def transpose_np(src: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     if w == 1 or cols % w or not src.flags.c_contiguous or not out.flags.c_contiguous:
         _tiled_transpose(out_bits, src_bits)
         return out
-    wide = np.empty((cols // w, rows), np.uint64)
+    wide = alloc((cols // w, rows), np.uint64)
     _tiled_transpose(wide, src_bits.view(np.uint64))
     # wide[k, i] holds src[i, w*k : w*k + w]
     out_bits.reshape(cols // w, w, rows)[...] = wide.view(bits).reshape(cols // w, rows, w).transpose(0, 2, 1)
@@ -95,10 +95,11 @@ def _tiled_transpose(dst: np.ndarray, src: np.ndarray, tile: int = 128):
 
 
 def dequantize_np(value: np.ndarray, scale: np.ndarray, block: tuple[int, int], dtype, transpose: bool = False,
-                  out: np.ndarray | None = None) -> np.ndarray:
+                  out: np.ndarray | None = None, alloc=np.empty) -> np.ndarray:
     """FP8 [R, C] (float8_e4m3fn) with block scales [ceil(R/bo), ceil(C/bi)] -> dtype [R, C], or its transpose
     [C, R] (into `out` when given, C-contiguous). Bit-exact with `(value.astype(float32) * expanded
-    scale).astype(dtype)`, partial last blocks included.
+    scale).astype(dtype)`, partial last blocks included. alloc(shape, dtype): where the result (when `out` is
+    None) and the temporaries come from.
 
     Vectorized through tables instead of ml_dtypes' per-element casts (~0.08 G elements/s): for each block the 256
     possible results `dtype(f32(v) * scale)` are tabulated, and every element is one `np.take` of (its block's
@@ -110,9 +111,9 @@ def dequantize_np(value: np.ndarray, scale: np.ndarray, block: tuple[int, int], 
         raise ValueError(f"scale shape {scale.shape} does not match {value.shape} in blocks of {block}")
     u8 = value.view(np.uint8)
     if transpose:  # dequantize(v).T == dequantize(v.T) with transposed scales and block: move bytes, not results
-        u8, scale, (bo, bi), (rows, cols) = transpose_np(u8), scale.T, (bi, bo), (cols, rows)
+        u8, scale, (bo, bi), (rows, cols) = transpose_np(u8, alloc=alloc), scale.T, (bi, bo), (cols, rows)
     if out is None:
-        out = np.empty((rows, cols), dtype)
+        out = alloc((rows, cols), dtype)
     if out.shape != (rows, cols) or out.dtype != dtype or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous {dtype} array of shape {(rows, cols)}")
     bits = as_bits(out)
@@ -122,7 +123,7 @@ def dequantize_np(value: np.ndarray, scale: np.ndarray, block: tuple[int, int], 
     tables = tables.view(bits.dtype).reshape(scale.shape[0], nc * 256)
     offsets = (np.arange(cols) // bi).astype(np.uint16 if nc <= 256 else np.uint32) << 8  # [C]
     step = max(1, min(bo, (1 << 18) // max(1, cols)))  # rows per take: ~256K elements, inside one block row
-    small, index = np.empty((step, cols), offsets.dtype), np.empty((step, cols), np.intp)  # reused: no page faults
+    small, index = alloc((step, cols), offsets.dtype), alloc((step, cols), np.intp)  # reused for every step
     r0 = 0
     while r0 < rows:
         r1 = min(r0 + step, rows, (r0 // bo + 1) * bo)
