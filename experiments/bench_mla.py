@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import results_io  # noqa: E402
-from experiments.bench_kernels import hbm_copy_gbps  # noqa: E402
+from experiments.bench_kernels import bench, hbm_copy_gbps  # noqa: E402
 from pallas_kernels import mla_decode as md  # noqa: E402
 from pallas_kernels import mla_prefill as mp  # noqa: E402
 from pallas_kernels import profiling  # noqa: E402
@@ -44,17 +44,9 @@ PREFILL_CONFIGS = {
 }
 
 
-def wall(f, *args, reps=5, inner=3, warmup=2):
-  for _ in range(warmup):
-    jax.block_until_ready(f(*args))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    for _ in range(inner):
-      out = f(*args)
-    jax.block_until_ready(out)
-    times.append((time.perf_counter() - t0) / inner)
-  return statistics.median(times)
+def wall(f, *args, reps=5):
+  """Host-timed seconds per call (median of `reps`; one untimed call first when reps == 1 is smoke mode)."""
+  return bench(f, *args, reps=reps, inner=1 if reps == 1 else 3, warmup=0 if reps == 1 else 2)
 
 
 def kernel_s(f, *args, mosaic_only=True):

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, _mosaic
 
 FP8_BLOCK = 128  # DeepSeek-V3 block-scale granularity (weights 128x128, activations 1x128)
 _SCHED_COLS = 8  # is_mm, buffer, slot, load_row, smem_off, n_valid, group, pad
@@ -294,12 +294,6 @@ def _tile_fields(sched_ref, t):
   return is_mm, buf, slot, pl.multiple_of(load_row, 8), smem_off, n_valid, g
 
 
-def _smem_transforms(block_minor, dtype):
-  bits = jnp.dtype(dtype).itemsize * 8
-  swizzle = plgpu.find_swizzle(block_minor * bits)
-  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
-
-
 def _store_rows(o_smem, out_ref, *, row, smem_off, n_valid, block_m):
   """TMA-stores rows [smem_off, smem_off + n_valid) of o_smem to out_ref rows [row, row + n_valid),
   as a ladder of power-of-two row counts (TMA boxes are static)."""
@@ -400,8 +394,8 @@ def _bf16_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n, out_dt
 
   @functools.partial(
       pl.run_scoped,
-      a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_smem_transforms(bk, dtype)),
-      b_smem=plgpu.SMEM((steps, bk, bn), dtype, transforms=_smem_transforms(bn, dtype)),
+      a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
+      b_smem=plgpu.SMEM((steps, bk, bn), dtype, transforms=_mosaic.smem_transforms(bn, dtype)),
       o_smem=plgpu.SMEM((nwg, wg_m, _epilogue_cols(wg_n, out_dtype)), out_dtype),
       full=plgpu.Barrier(num_arrivals=2, num_barriers=steps),
       free=plgpu.Barrier(num_arrivals=nwg, num_barriers=steps),
@@ -485,9 +479,9 @@ def _bf16_simple_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n, ou
                 grid=(num_k,),
                 in_specs=[
                     plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), delay_release=1,
-                                    transforms=_smem_transforms(bk, dtype)),
+                                    transforms=_mosaic.smem_transforms(bk, dtype)),
                     plgpu.BlockSpec((bk, bn), lambda kk: (kk, 0), delay_release=1,
-                                    transforms=_smem_transforms(bn, dtype)),
+                                    transforms=_mosaic.smem_transforms(bn, dtype)),
                 ],
                 max_concurrent_steps=steps,
             )(x_ref.at[pl.ds(load_row, bm)], w_ref.at[wslot, :, pl.ds(j * bn, bn)])
@@ -583,8 +577,8 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
 
   @functools.partial(
       pl.run_scoped,
-      a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_smem_transforms(bk, dtype)),
-      b_smem=plgpu.SMEM((steps, bn, bk), dtype, transforms=_smem_transforms(bk, dtype)),
+      a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
+      b_smem=plgpu.SMEM((steps, bn, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
       s_smem=plgpu.SMEM((steps, bm), jnp.float32),
       o_smem=plgpu.SMEM((nwg, wg_m, _epilogue_cols(wg_n, out_dtype)), out_dtype),
       full=plgpu.Barrier(num_arrivals=3, num_barriers=steps),

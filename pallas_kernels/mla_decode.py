@@ -39,7 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, _mosaic
 
 PAGE_SIZE = 64  # tokens per cache page: the S tile's width and the P V product's K
 BLOCK_ROWS = 64  # query rows per CTA (the wgmma M of one warpgroup)
@@ -129,16 +129,6 @@ def combine(o_parts, lse_parts):
 # ---------------------------------------------------------------------------------------------
 
 
-def _smem_transforms(minor, dtype):
-  bits = jnp.dtype(dtype).itemsize * 8
-  swizzle = plgpu.find_swizzle(minor * bits)
-  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
-
-
-def _cdiv(a, b):
-  return lax.div(a + (b - 1), b)
-
-
 def _row_layout(x, interpret):
   return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
 
@@ -167,8 +157,8 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q
   dtype = q_ref.dtype
 
   length = lens_ref[b]
-  n_pages = _cdiv(length, page)
-  per_split = _cdiv(n_pages, num_splits)
+  n_pages = _mosaic.cdiv(length, page)
+  per_split = _mosaic.cdiv(n_pages, num_splits)
   first = split * per_split
   steps = jnp.maximum(jnp.minimum(first + per_split, n_pages) - first, 0)
   # Pages whose every key is visible to every row of the tile need no mask: keys <= the smallest
@@ -322,11 +312,11 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q
 
   pl.run_scoped(
       scoped,
-      plgpu.SMEM((rows, half), dtype, transforms=_smem_transforms(64, dtype)),
-      plgpu.SMEM((rows, half), dtype, transforms=_smem_transforms(64, dtype)),
-      plgpu.SMEM((rows, d - dl), dtype, transforms=_smem_transforms(64, dtype)),
-      plgpu.SMEM((steps_in_flight, page, d), dtype, transforms=_smem_transforms(64, dtype)),
-      plgpu.SMEM((rows, page), dtype, transforms=_smem_transforms(page, dtype)),
+      plgpu.SMEM((rows, half), dtype, transforms=_mosaic.smem_transforms(64, dtype)),
+      plgpu.SMEM((rows, half), dtype, transforms=_mosaic.smem_transforms(64, dtype)),
+      plgpu.SMEM((rows, d - dl), dtype, transforms=_mosaic.smem_transforms(64, dtype)),
+      plgpu.SMEM((steps_in_flight, page, d), dtype, transforms=_mosaic.smem_transforms(64, dtype)),
+      plgpu.SMEM((rows, page), dtype, transforms=_mosaic.smem_transforms(page, dtype)),
       plgpu.SMEM((3, rows), jnp.float32),  # alpha, l, lse: one 1 KB allocation (each is 1 KB-aligned)
       plgpu.Barrier(num_arrivals=3),
       plgpu.Barrier(num_arrivals=1, num_barriers=steps_in_flight),

@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, _mosaic
 
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 _LOG2E = math.log2(math.e)
@@ -111,16 +111,6 @@ def reference(q, kv, k_pe, q_lens, kv_lens, *, softmax_scale):
 # ---------------------------------------------------------------------------------------------
 
 
-def _smem_transforms(minor, dtype):
-  bits = jnp.dtype(dtype).itemsize * 8
-  swizzle = plgpu.find_swizzle(minor * bits)
-  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
-
-
-def _cdiv(a, b):
-  return lax.div(a + (b - 1), b)
-
-
 def _prefill_kernel(q_ref, kv_ref, kpe_ref, qlen_ref, kvlen_ref, out_ref, lse_ref, *, cfg, dn, dr,
                     dv, scale_log2, interpret):
   h, qt, b = lax.axis_index("heads"), lax.axis_index("q_tile"), lax.axis_index("b")
@@ -134,7 +124,7 @@ def _prefill_kernel(q_ref, kv_ref, kpe_ref, qlen_ref, kvlen_ref, out_ref, lse_re
     """Key tiles that warpgroup w's queries need: keys [0, last position + 1)."""
     q0 = qt * 2 * bq + w * bq
     keys = offset + jnp.minimum(q0 + bq, q_len)
-    return jnp.where(q0 < q_len, _cdiv(keys, bkv), 0)
+    return jnp.where(q0 < q_len, _mosaic.cdiv(keys, bkv), 0)
 
   cta_steps = jnp.maximum(steps_of(0), steps_of(1))
 
@@ -289,7 +279,7 @@ def _prefill_kernel(q_ref, kv_ref, kpe_ref, qlen_ref, kvlen_ref, out_ref, lse_re
       plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows])
       plgpu.wait_smem_to_gmem(0)
 
-  t = lambda minor: _smem_transforms(minor, dtype)
+  t = lambda minor: _mosaic.smem_transforms(minor, dtype)
   pl.run_scoped(
       scoped,
       plgpu.SMEM((2, bq, dn), dtype, transforms=t(dn)),
