@@ -470,10 +470,7 @@ class DwdpGroup:
                 f" {dwdp.group_size} ranks and the model {cfg.num_moe_layers} MoE layers"
             )
         self.cfg, self.placement, self.dwdp = cfg, placement, dwdp
-        rank_models = []
-        for r, device in enumerate(devices):
-            layers = [_rank_layer(model.layers[i], cfg, placement, i, r) for i in range(cfg.num_layers)]
-            rank_models.append(jax.device_put((_Head(model), layers), device))
+        rank_models = [rank_weights(model, placement, r, device) for r, device in enumerate(devices)]
         self._build(cfg, devices, rank_models, placement, dwdp, fetch or DevicePutFetch())
 
     @classmethod
@@ -484,8 +481,8 @@ class DwdpGroup:
         `load_model(..., expert_ids=...)`)."""
         self = cls.__new__(cls)
         self.cfg, self.placement, self.dwdp = models[0].cfg, placement, dwdp
-        devices = [next(iter(m.embed_tokens[...].devices())) for m in models]
-        self._build(self.cfg, devices, [(_Head(m), list(m.layers)) for m in models], placement, dwdp,
+        devices = [model_device(m) for m in models]
+        self._build(self.cfg, devices, [own_rank_weights(m) for m in models], placement, dwdp,
                     fetch or DevicePutFetch())
         return self
 
@@ -508,6 +505,23 @@ class DwdpGroup:
         """Runs fn(rank, arg) for every rank, each in its own host thread; returns results in rank order."""
         return run_in_threads([lambda r=r: fn(self.ranks[r], args_per_rank[r]) for r in range(len(self.ranks))],
                               name="dwdp-rank")
+
+
+def rank_weights(model: DeepseekV3, placement: Placement, rank: int, device: jax.Device) -> tuple:
+    """(head, layers) of rank `rank` on `device`, split from the whole `model`: the replicated weights and the
+    routed experts `placement` gives the rank."""
+    cfg = model.cfg
+    layers = [_rank_layer(model.layers[i], cfg, placement, i, rank) for i in range(cfg.num_layers)]
+    return jax.device_put((_Head(model), layers), device)
+
+
+def own_rank_weights(model: DeepseekV3) -> tuple:
+    """(head, layers) of a per-rank model that already holds only its rank's experts, where it lives."""
+    return _Head(model), list(model.layers)
+
+
+def model_device(model: DeepseekV3) -> jax.Device:
+    return next(iter(model.embed_tokens[...].devices()))
 
 
 def replicated_placement(cfg: ModelConfig, group_size: int) -> Placement:

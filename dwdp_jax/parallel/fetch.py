@@ -14,6 +14,11 @@ and, for the planner's partial fetches:
     positions [offset, offset + len(slots)) of a staging buffer shaped like `src` (a new one, or `into`, a
     handle this backend returned for the same layer and peer: how on-demand misses join the prefetched
     experts). Staging keeps `src`'s full shape, so the programs that read it never recompile.
+
+A peer in another process (`multiprocess.py`) hands out its buffers as `peer_memory.PeerArray`s (a pointer valid
+in this process, mapped for the reading device); every backend reads them as it reads an in-process peer's
+arrays: the copy engines from the pointer, the Pallas pull through the mapped view, `device_put` by
+`PeerArray.take_to`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dwdp_jax.experts import ExpertWeights
+from dwdp_jax.parallel.peer_memory import PeerArray, alias_device_memory, cuda_ordinal
 
 _FIELDS = ("w_gate_up", "w_down", "s_gate_up", "s_down")
 
@@ -71,7 +77,28 @@ def _put_experts(base: ExpertWeights, part: ExpertWeights, offset) -> ExpertWeig
 
 def _zeros_like_on(src: ExpertWeights, device: jax.Device) -> ExpertWeights:
     """A zero staging buffer of `src`'s shapes on `device`."""
-    return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=device), src)
+    return _map_fields(lambda a: jnp.zeros(a.shape, a.dtype, device=device), src)
+
+
+def _map_fields(fn, src: ExpertWeights) -> ExpertWeights:
+    """fn over the present fields of `src` (jax.Arrays or `PeerArray`s, which are no pytree leaves)."""
+    return ExpertWeights(*(None if getattr(src, f) is None else fn(getattr(src, f)) for f in _FIELDS), src.block)
+
+
+def _is_peer(src: ExpertWeights) -> bool:
+    """Whether `src` is a peer's buffer in another process (fields are `PeerArray`s)."""
+    return isinstance(src.w_gate_up, PeerArray)
+
+
+def _source_device(a) -> jax.Device:
+    """The device a copy reads from: a jax.Array's own, or the local device a peer process's buffer is mapped for."""
+    return a.device if isinstance(a, PeerArray) else next(iter(a.devices()))
+
+
+def _source_key(a) -> tuple:
+    """Who a staging ring belongs to: one ring per source, so that each is used once per layer (a peer process's
+    buffers are all mapped for the reading device, so their exporting rank tells them apart)."""
+    return ("rank", a.source) if isinstance(a, PeerArray) else ("device", next(iter(a.devices())).id)
 
 
 class DevicePutFetch(FetchBackend):
@@ -85,6 +112,8 @@ class DevicePutFetch(FetchBackend):
     name = "device_put"
 
     def __call__(self, src: ExpertWeights, device: jax.Device) -> ExpertWeights:
+        if _is_peer(src):
+            return _map_fields(lambda a: a.take_to(device), src)
         return jax.device_put(src, device)
 
     def subset(self, src, device, slots, into=None, offset=0) -> ExpertWeights:
@@ -92,7 +121,10 @@ class DevicePutFetch(FetchBackend):
         base = into if into is not None else _zeros_like_on(src, device)
         if len(slots) == 0:
             return base
-        part = jax.device_put(_take_experts(src, np.asarray(slots, np.int32)), device)
+        if _is_peer(src):
+            part = _map_fields(lambda a: a.take_to(device, list(slots)), src)
+        else:
+            part = jax.device_put(_take_experts(src, np.asarray(slots, np.int32)), device)
         return _put_experts(base, part, np.int32(offset))
 
 
@@ -146,7 +178,7 @@ class CopyEnginePull(FetchBackend):
         import cupy as cp
 
         if device.id not in self._streams:
-            with cp.cuda.Device(device.id):
+            with cp.cuda.Device(cuda_ordinal(device)):
                 self._streams[device.id] = cp.cuda.Stream(non_blocking=True)
         return self._streams[device.id]
 
@@ -158,17 +190,18 @@ class CopyEnginePull(FetchBackend):
     def __call__(self, src: ExpertWeights, device: jax.Device):
         return self.subset(src, device, range(src.num_experts))
 
-    def _acquire(self, src: ExpertWeights, device: jax.Device, src_dev, wait_reader: bool = True):
+    def _acquire(self, src: ExpertWeights, device: jax.Device, wait_reader: bool = True):
         """The next ring slot of staging buffers for (device, source, shape); with `wait_reader`, once the
         program that last read it is done (host wait)."""
-        key = (device.id, src_dev.id, src.w_gate_up.shape)
+        key = (device.id, _source_key(src.w_gate_up), src.w_gate_up.shape)
         n = self._calls.get(key, 0)
         self._calls[key] = n + 1
         ring = self._rings.setdefault(key, [None] * self.slots)
         slot = n % self.slots
         if ring[slot] is None:
             with jax.default_device(device):
-                bufs = {f: jnp.zeros_like(getattr(src, f), device=device) for f in _FIELDS if getattr(src, f) is not None}
+                bufs = {f: jnp.zeros(getattr(src, f).shape, getattr(src, f).dtype, device=device)
+                        for f in _FIELDS if getattr(src, f) is not None}
             jax.block_until_ready(bufs)
             ring[slot] = [bufs, None]
         bufs, last_output = ring[slot]
@@ -177,10 +210,10 @@ class CopyEnginePull(FetchBackend):
         staged = ExpertWeights(bufs["w_gate_up"], bufs["w_down"], bufs.get("s_gate_up"), bufs.get("s_down"), src.block)
         return key, slot, bufs, staged
 
-    def _staging(self, src, device, src_dev, into, wait_reader: bool = True):
+    def _staging(self, src, device, into, wait_reader: bool = True):
         """(key, slot, buffers by field, staged weights): a fresh ring slot, or the one of handle `into`."""
         if into is None:
-            return self._acquire(src, device, src_dev, wait_reader)
+            return self._acquire(src, device, wait_reader)
         key, slot, staged, _ = into
         return key, slot, self._rings[key][slot][0], staged
 
@@ -201,13 +234,13 @@ class CopyEnginePull(FetchBackend):
         """The copies of `_copy_list` as cudaMemcpyPeerAsync on the destination stream, then a CUDA event."""
         import cupy as cp
 
-        src_dev = next(iter(src.w_gate_up.devices()))
-        self._enable_peer(device.id, src_dev.id)
-        key, slot, bufs, staged = self._staging(src, device, src_dev, into)
+        src_dev = _source_device(src.w_gate_up)
+        self._enable_peer(cuda_ordinal(device), cuda_ordinal(src_dev))
+        key, slot, bufs, staged = self._staging(src, device, into)
         stream = self._stream(device)
-        with cp.cuda.Device(device.id):
+        with cp.cuda.Device(cuda_ordinal(device)):
             for dst, source, n in self._copy_list(src, bufs, slots, offset):
-                cp.cuda.runtime.memcpyPeerAsync(dst, device.id, source, src_dev.id, n, stream.ptr)
+                _copy_async(dst, device, source, src_dev, n, stream.ptr)
             event = stream.record()
         return (key, slot, staged, event)
 
@@ -293,8 +326,8 @@ class StreamOrderedPull(CopyEnginePull):
 
     def subset(self, src, device, slots, into=None, offset=0):
         """Dispatches the issue hook for the copies of src[slots] into staging (positions from `offset`)."""
-        src_dev = next(iter(src.w_gate_up.devices()))
-        key, slot, bufs, staged = self._staging(src, device, src_dev, into, wait_reader=False)
+        src_dev = _source_device(src.w_gate_up)
+        key, slot, bufs, staged = self._staging(src, device, into, wait_reader=False)
         done = self._copy_on_device(device, src_dev, self._copy_list(src, bufs, slots, offset))
         # Keep the source and staging arrays alive until the copies are enqueued (they are: the ring and the
         # model hold them for the group's lifetime).
@@ -310,18 +343,19 @@ class StreamOrderedPull(CopyEnginePull):
             return None
         import cupy as cp
 
-        self._enable_peer(device.id, src_dev.id)
+        ordinal = cuda_ordinal(device)
+        self._enable_peer(ordinal, cuda_ordinal(src_dev))
         copy_stream = self._stream(device)
-        with cp.cuda.Device(device.id):
+        with cp.cuda.Device(ordinal):
             start = cp.cuda.Event(disable_timing=True)
             done = cp.cuda.Event(disable_timing=True)
 
         def issue(compute_stream):
-            with cp.cuda.Device(device.id):
+            with cp.cuda.Device(ordinal):
                 cp.cuda.runtime.eventRecord(start.ptr, compute_stream)
                 copy_stream.wait_event(start)
                 for dst, src, n in copies:
-                    cp.cuda.runtime.memcpyPeerAsync(dst, device.id, src, src_dev.id, n, copy_stream.ptr)
+                    _copy_async(dst, device, src, src_dev, n, copy_stream.ptr)
                 done.record(copy_stream)
 
         self._hook(device).run(issue)
@@ -360,18 +394,10 @@ def peer_view(a: jax.Array, device: jax.Device) -> jax.Array:
     launch and no barrier. The view has `a`'s shape as unsigned ints of the same width (CuPy, which wraps the
     pointer for DLPack, has no bf16 or FP8); bitcast it back where it is read. It keeps `a` alive. GPU only;
     the peer must never write `a` while views are read (expert weights are immutable)."""
-    import cupy as cp
-
     src_dev = next(iter(a.devices()))
-    enable_peer_access(device.id, src_dev.id)
+    enable_peer_access(cuda_ordinal(device), cuda_ordinal(src_dev))
     a.block_until_ready()
-    mem = cp.cuda.UnownedMemory(a.unsafe_buffer_pointer(), a.nbytes, a, device_id=device.id)
-    raw = cp.ndarray(a.shape, {1: cp.uint8, 2: cp.uint16, 4: cp.uint32}[a.dtype.itemsize],
-                     cp.cuda.MemoryPointer(mem, 0))
-    view = jax.dlpack.from_dlpack(raw)
-    if view.devices() != {device} or view.unsafe_buffer_pointer() != a.unsafe_buffer_pointer():
-        raise RuntimeError(f"peer_view: DLPack import copied or moved the buffer ({view.devices()})")
-    return view
+    return alias_device_memory(a.unsafe_buffer_pointer(), a.shape, a.dtype, device, a)
 
 
 def _pallas_take_field(view, dtype, ids, config, interpret):
@@ -412,10 +438,15 @@ class PallasPull(FetchBackend):
         self.config = config or rd.RemoteDmaConfig(num_sms=16, max_in_flight=4, method="tma_pull")
         self._views: dict = {}
 
-    def _view(self, a: jax.Array, device: jax.Device) -> jax.Array:
+    def _view(self, a, device: jax.Device) -> jax.Array:
+        """A view of `a` on `device` (GPU: its memory, in place; CPU: a copy). `a` may be a `PeerArray`, which on
+        a GPU is its mapped view."""
         key = (id(a), device.id)
         if key not in self._views:
-            view = peer_view(a, device) if device.platform == "gpu" else jax.device_put(a, device)
+            if isinstance(a, PeerArray):
+                view = a.view if device.platform == "gpu" else a.take_to(device)
+            else:
+                view = peer_view(a, device) if device.platform == "gpu" else jax.device_put(a, device)
             self._views[key] = (a, view)  # keep `a` alive so its id stays unique
         return self._views[key][1]
 
@@ -459,6 +490,18 @@ def fetch_backend(name: str, slots: int = 3) -> FetchBackend:
         return PallasPull()
     raise ValueError(f"unknown fetch backend {name!r}: use device_put, copy_engine, copy_engine_stream or "
                      "pallas_pull")
+
+
+def _copy_async(dst: int, dst_device, src: int, src_device, nbytes: int, stream: int) -> None:
+    """Enqueues one copy engine copy on `stream`: between two GPUs cudaMemcpyPeerAsync; from a buffer mapped for
+    the destination device itself (a peer process's IPC mapping, or a local buffer) a plain cudaMemcpyAsync,
+    which unified addressing routes to wherever the memory lives."""
+    import cupy as cp
+
+    if dst_device == src_device:
+        cp.cuda.runtime.memcpyAsync(dst, src, nbytes, cp.cuda.runtime.memcpyDefault, stream)
+    else:
+        cp.cuda.runtime.memcpyPeerAsync(dst, cuda_ordinal(dst_device), src, cuda_ordinal(src_device), nbytes, stream)
 
 
 def enable_peer_access(dst: int, src: int) -> None:

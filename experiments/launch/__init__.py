@@ -28,15 +28,25 @@ Demos (tiny random model, simulated CPU devices, well under a minute each; one l
 Concurrency is the number of requests in flight over all GPUs (colocated: split evenly over the data-parallel
 ranks); 0 queues every request at the start (offline batch).
 
+Multi-process (`processes`): one DWDP or DP group over several processes or hosts, joined through
+jax.distributed (`--num_processes=N --process_id=I --coordinator_address=HOST:PORT`, or `--cluster_detection`
+under SLURM / Open MPI), expert buffers shared by CUDA IPC (CPU: POSIX shared memory); `--spawn_local_processes=N`
+starts the N processes on this machine. Process 0 writes the group's record. CPU demo (one line):
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=1 python -m experiments.launch --preset=tiny --strategy=dwdp
+      --num_devices=2 --spawn_local_processes=2 --num_requests=8 --input_len=32 --output_len=16
+
 The package, one concern per module: `options` (the flag table), `validation` (flags -> a frozen `Setup`),
 `engines` (models, DWDP/DP/DEP/single runners), `serving` (the serving passes, one host thread per engine),
-`records` (tables and the results JSON), `colocated` and `disaggregated` (the two kinds of run).
+`records` (tables and the results JSON), `colocated` and `disaggregated` (the two kinds of run), `processes`
+(multi-process groups and the local spawner).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
@@ -46,11 +56,16 @@ from absl import app  # noqa: E402
 from experiments.launch.colocated import launch_colocated  # noqa: E402
 from experiments.launch.disaggregated import launch_disagg  # noqa: E402
 from experiments.launch.options import FLAGS, define_flags, undefine_flags  # noqa: E402,F401 (undefine: tests)
+from experiments.launch.processes import is_multiprocess, launch_processes, spawn_local  # noqa: E402
 from experiments.launch.validation import validate  # noqa: E402
 
 
 def launch(f, argv: list[str]) -> dict:
     """Runs the configured sweep; returns the results record (with `path`, where it was written)."""
+    if f.spawn_local_processes:
+        return spawn_local(f, argv)
+    if is_multiprocess(f):
+        return launch_processes(f, argv)
     setup = validate(f)
     if setup.disagg is not None:
         return launch_disagg(f, setup, argv)
@@ -68,7 +83,16 @@ def run_main(argv: list[str]) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    launch(FLAGS, sys.argv)
+    if not is_multiprocess(FLAGS):
+        launch(FLAGS, sys.argv)
+        return
+    try:
+        launch(FLAGS, sys.argv)
+    except BaseException:  # one process of a group failed: say why and leave now, past jax's shutdown barrier
+        traceback.print_exc()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def run():

@@ -9,9 +9,9 @@ import time
 from dwdp_jax.engine import metrics as metrics_lib
 from dwdp_jax.engine import timeline
 from dwdp_jax.engine.paged_cache import PagedCacheSpec
-from experiments.launch.engines import build_engines
-from experiments.launch.records import (base_config, dwdp_ranks, fetch_metrics, make_record, outputs, request_rows,
-                                        summary_table, write_record)
+from experiments.launch.engines import Engines, build_engines
+from experiments.launch.records import (base_config, dwdp_ranks, fetch_counters, fetch_metrics, make_record, outputs,
+                                        request_rows, summary_table, write_record)
 from experiments.launch.serving import check_finished, serve, warmup
 from experiments.launch.validation import Setup
 
@@ -21,30 +21,54 @@ def launch_colocated(f, setup: Setup, argv: list[str]) -> dict:
     t0 = time.perf_counter()
     engines = build_engines(f, setup)
     build_s = time.perf_counter() - t0
-    n = len(setup.devices)
+    print_header(setup, engines)
+    points = [serve_point(f, setup, engines, c) for c in setup.concurrency]
+    save_router_traces(f, engines)
+    return report(f, setup, argv, engines, [summarize_point(p, setup) for p in points], build_s)
+
+
+def print_header(setup: Setup, engines: Engines) -> None:
     spec: PagedCacheSpec = engines.runners[0].spec
-    print(f"{setup.strategy} | {setup.model_name} | {n} x {setup.devices[0].platform} | "
+    print(f"{setup.strategy} | {setup.model_name} | {setup.num_devices} x {setup.devices[0].platform} | "
           f"{len(setup.requests)} requests | slots/rank {spec.num_slots} x {spec.max_len} tokens | "
           f"KV cache {spec.total_bytes / 2**20:.2f} MiB/device ({spec.bytes_per_token} B/token) | "
           f"weights {engines.weights_bytes_per_device / 2**20:.1f} MiB/device", flush=True)
 
-    points = []
-    for c in setup.concurrency:
-        warm_s = warmup(f, engines, setup, c) if f.warmup != "none" else 0.0
-        for rank in dwdp_ranks(engines):
-            rank.reset_counters()
-        finished, events, wall = serve(engines, setup.requests, c, setup.strategy, n, f"c={c or 'all'}",
-                                       f.progress)
-        check_finished(finished, setup.requests)
-        run = metrics_lib.summarize_run(finished, wall, num_gpus=n)
-        out = metrics_lib.to_json(run, metrics_lib.step_time_stats(timeline.step_records(events)))
-        points.append(dict(concurrency=c, warmup_s=warm_s, metrics=dict(out["metrics"], **fetch_metrics(engines)),
-                           ranks=out["rows"], finished=finished, events=events))
 
+def serve_point(f, setup: Setup, engines: Engines, concurrency: int, before_clock=None) -> dict:
+    """A warm-up (as --warmup says) and one timed pass at `concurrency` of this process's engines: the pass's
+    finished requests, events, span and fetch counters."""
+    warm_s = warmup(f, engines, setup, concurrency) if f.warmup != "none" else 0.0
+    for rank in dwdp_ranks(engines):
+        rank.reset_counters()
+    run = serve(engines, setup.requests, concurrency, setup.strategy, setup.num_devices,
+                f"c={concurrency or 'all'}", f.progress, before_clock)
+    return dict(concurrency=concurrency, warmup_s=warm_s, finished=run.finished, events=run.events,
+                start_s=run.start_s, end_s=run.end_s, counters=fetch_counters(engines))
+
+
+def summarize_point(point: dict, setup: Setup) -> dict:
+    """A pass of every engine of the run (`serve_point`, or every process's merged) with its metrics and per-rank
+    step statistics."""
+    check_finished(point["finished"], setup.requests)
+    run = metrics_lib.summarize_run(point["finished"], point["end_s"] - point["start_s"], num_gpus=setup.num_devices)
+    out = metrics_lib.to_json(run, metrics_lib.step_time_stats(timeline.step_records(point["events"])))
+    return dict(point, metrics=dict(out["metrics"], **fetch_metrics(point["counters"])), ranks=out["rows"])
+
+
+def save_router_traces(f, engines: Engines) -> None:
+    """--save_router_trace: each DWDP rank's router statistics, `router-rank<r>.npz`."""
     if f.save_router_trace:
         os.makedirs(f.save_router_trace, exist_ok=True)
         for rank in dwdp_ranks(engines):
             rank.router_stats.save(os.path.join(f.save_router_trace, f"router-rank{rank.rank}.npz"))
+
+
+def report(f, setup: Setup, argv: list[str], engines: Engines, points: list[dict], build_s: float,
+           config: dict | None = None, tag: str = "") -> dict:
+    """Prints the summary and writes the run's record; `config` adds to the record's config, `tag` to its default
+    file-name tag."""
+    spec: PagedCacheSpec = engines.runners[0].spec
     best = max(points, key=lambda p: p["metrics"]["output_tps_per_gpu"] or 0.0)
     print()
     print(summary_table(points))
@@ -62,9 +86,9 @@ def launch_colocated(f, setup: Setup, argv: list[str]) -> dict:
             for i, p in enumerate(points)]
     rows += [row for i, p in enumerate(points) for row in request_rows(p["finished"], i)]
     config = dict(base_config(f, setup), strategy=setup.strategy,
-                  group_size=setup.group_size if setup.strategy == "dwdp" else None, **engines.notes)
+                  group_size=setup.group_size if setup.strategy == "dwdp" else None, **engines.notes, **(config or {}))
     record = make_record(f, setup, argv, config, metrics, rows)
-    tag = f.tag or f"{setup.strategy}-{setup.model_name}-g{n}"
-    record["path"] = write_record(f.out, record, tag)
+    default_tag = f"{setup.strategy}-{setup.model_name}-g{setup.num_devices}{tag}"
+    record["path"] = write_record(f.out, record, f.tag or default_tag)
     print(f"wrote {record['path']}")
     return record

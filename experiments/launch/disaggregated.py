@@ -45,7 +45,7 @@ def launch_disagg(f, setup: Setup, argv: list[str]) -> dict:
     """The disaggregated sweep: per (context strategy, context devices) one build; per budget and concurrency
     one warm-up (as --warmup says) and one timed pass."""
     d = setup.disagg
-    n = len(setup.devices)
+    n = setup.num_devices
     needs_single = any(r.strategy == "single" for pair in d.roles for r in pair)
     model = shared_model(f, setup, single_needed=needs_single)
     transport = make_transport(d.kv_transfer)

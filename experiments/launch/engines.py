@@ -57,8 +57,9 @@ def shared_model(f, setup: Setup, single_needed: bool = False):
     return build_model(f, setup.cfg, setup.dtype, setup.devices[0], skew=setup.skew) if full or single_needed else None
 
 
-def rank_models(f, setup, devices, placement):
-    """One model per device holding the placement's experts (random presets: the same seed on every rank)."""
+def rank_models(f, setup, devices, placement, first_rank: int = 0):
+    """One model per device holding the placement's experts of ranks first_rank, first_rank + 1, ... (random
+    presets: the same seed on every rank)."""
     cfg = setup.cfg
 
     def expert_ids(rank):
@@ -66,7 +67,7 @@ def rank_models(f, setup, devices, placement):
         return lambda layer: (placement.local_experts(layer - first, rank)
                               if first <= layer < cfg.num_layers else None)
 
-    return [build_model(f, cfg, setup.dtype, d, expert_ids(r), setup.skew) for r, d in enumerate(devices)]
+    return [build_model(f, cfg, setup.dtype, d, expert_ids(first_rank + i), setup.skew) for i, d in enumerate(devices)]
 
 
 @dataclasses.dataclass
@@ -77,6 +78,12 @@ class Engines:
     make_schedulers: Callable[[], list]  # () -> one scheduler per runner
     weights_bytes_per_device: int
     notes: dict
+    first_index: int = 0  # runner i is engine first_index + i of the run (multi-process: of every process's)
+    num_engines: int | None = None  # engines of the whole run (None: len(runners))
+
+    @property
+    def total(self) -> int:
+        return self.num_engines or len(self.runners)
 
 
 def bytes_on(tree, device) -> int:
@@ -164,15 +171,27 @@ def build_runners(f, setup: Setup, model, strategy: str, devices: list, group_si
     # dwdp and dp: one rank per device, each with its own runner, scheduler and host thread
     g = group_size if strategy == "dwdp" else len(devices)
     groups = dwdp_groups(f, setup, model, devices, g, replicated=strategy == "dp")
-    ranks = [rank for group in groups for rank in group.ranks]
-    runners = [DwdpRankRunner(rank, slots, max_len, seed=seed + r, **kw) for r, rank in enumerate(ranks)]
+    return rank_runners(f, setup, [rank for group in groups for rank in group.ranks], strategy, g, sched, buckets,
+                        seed, notes)
+
+
+def rank_runners(f, setup: Setup, ranks: list, strategy: str, group_size: int, sched: SchedulerConfig,
+                 buckets: Buckets, seed: int, notes: dict, first_index: int = 0,
+                 num_engines: int | None = None) -> Engines:
+    """One runner and scheduler per DWDP/DP rank; runner i is engine `first_index + i` of the run's `num_engines`
+    (its seed and scheduler rank: a multi-process run's processes number their ranks globally)."""
+    kw = dict(buckets=buckets, sampling=SamplingParams(temperature=f.temperature),
+              attention=None if f.attention == "auto" else f.attention, num_pages=f.kv_pages or None)
+    slots, max_len = sched.max_batch_size, sched.max_seq_len
+    runners = [DwdpRankRunner(rank, slots, max_len, seed=seed + first_index + r, **kw) for r, rank in enumerate(ranks)]
     rank0 = ranks[0]
     weights = bytes_on([rank0.head_state] + [state for _, state in rank0.layers], rank0.device)
-    notes["staging_bytes_per_device_est"] = memory_per_device(
-        cfg, g, f.prefetch_depth, 1.0 if cfg.weight_block_size else setup.dtype.itemsize)["staging_bytes"] \
-        if strategy == "dwdp" else 0
-    make = lambda: [Scheduler(sched, rank=r, page_table=runners[r].page_table) for r in range(len(runners))]
-    return Engines(runners, make, weights, notes)
+    weight_bytes = 1.0 if setup.cfg.weight_block_size else setup.dtype.itemsize
+    notes = dict(notes, staging_bytes_per_device_est=memory_per_device(
+        setup.cfg, group_size, f.prefetch_depth, weight_bytes)["staging_bytes"] if strategy == "dwdp" else 0)
+    make = lambda: [Scheduler(sched, rank=first_index + r, page_table=runners[r].page_table)
+                    for r in range(len(runners))]
+    return Engines(runners, make, weights, notes, first_index, num_engines)
 
 
 def build_engines(f, setup: Setup) -> Engines:

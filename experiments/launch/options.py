@@ -97,6 +97,26 @@ _FLAGS = [
     (flags.DEFINE_integer, "max_seq_len", 0, "tokens per cache slot (0: the longest request's prompt + output)", {}),
     (flags.DEFINE_float, "temperature", 0.0, "sampling temperature (0: greedy)", {}),
     (flags.DEFINE_integer, "seed", 0, "seed of the weights, the workload and sampling", {}),
+    # multi-process DWDP / DP (processes.py): one group over several processes or hosts
+    (flags.DEFINE_integer, "num_processes", 1, "processes of one DWDP/DP group (one per host or GPU), joined through "
+     "jax.distributed; each serves its ranks' share and process 0 writes the record", {}),
+    (flags.DEFINE_integer, "process_id", 0, "this process's index in the group (0 hosts the coordination service)",
+     {}),
+    (flags.DEFINE_string, "coordinator_address", None, "host:port of process 0's coordination service", {}),
+    (flags.DEFINE_bool, "cluster_detection", False, "let jax detect the coordinator address, process count and id "
+     "that the flags leave out (SLURM, Open MPI, ...)", {}),
+    (flags.DEFINE_integer, "spawn_local_processes", 0, "start this many processes of one group on this machine "
+     "(--num_devices split evenly; GPUs assigned in order) and wait for them", {}),
+    (flags.DEFINE_list, "local_device_ids", [], "GPUs of this process (default: every visible one)", {}),
+    (flags.DEFINE_enum, "peer_memory", "auto", "how ranks read the expert buffers of other processes: auto (CUDA "
+     "IPC on GPUs, POSIX shared memory on CPU), cuda_ipc, shm, or fabric (multi-node NVLink; not runnable here)",
+     dict(enum_values=["auto", "cuda_ipc", "shm", "fabric"])),
+    (flags.DEFINE_float, "peer_timeout_s", 600.0, "multi-process: time-out of start-up and of every control-channel "
+     "wait (barriers, the gather of results); a peer that does not answer in time is an error", {}),
+    (flags.DEFINE_float, "heartbeat_timeout_s", 60.0, "multi-process: the coordination service declares a silent "
+     "process dead after this long (JAX then stops the others)", {}),
+    (flags.DEFINE_bool, "join_devices", True, "multi-process: join JAX's multi-process device view "
+     "(jax.distributed.initialize); false: only the coordination service (DWDP needs no global devices)", {}),
     # the run and its record
     (flags.DEFINE_enum, "warmup", "run", "before each timed pass: run the same pass untimed (exactly its "
      "programs), compile every bucket, or nothing", dict(enum_values=["run", "buckets", "none"])),

@@ -51,13 +51,13 @@ def disagg_table(points) -> str:
          p["metrics"]["wall_s"]] for p in points])
 
 
-def device_kind(f, devices) -> str:
+def device_kind(f, setup: Setup) -> str:
     if f.device_kind:
         return f.device_kind
-    d = devices[0]
+    d = setup.devices[0]
     if d.platform == "cpu":
         return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", d.device_kind.lower()).strip("-") + f"-x{len(devices)}"
+    return re.sub(r"[^a-z0-9]+", "-", d.device_kind.lower()).strip("-") + f"-x{setup.num_devices}"
 
 
 def clean(x):
@@ -81,7 +81,7 @@ def make_record(f, setup: Setup, argv: list[str], config: dict, metrics: dict, r
     """A results record with exactly the schema's keys, in order."""
     record = dict(part="e2e", date=datetime.date.today().isoformat(), commit=git_commit(),
                   command=shlex.join(["python", "-m", "experiments.launch", *argv[1:]]),
-                  device_kind=device_kind(f, setup.devices), num_devices=len(setup.devices),
+                  device_kind=device_kind(f, setup), num_devices=setup.num_devices,
                   jax_version=jax.__version__, config=config, metrics=metrics, rows=rows)
     assert tuple(record) == RECORD_KEYS
     return clean(record)
@@ -111,7 +111,7 @@ def outputs(finished, show: int) -> dict:
 
 def base_config(f, setup: Setup) -> dict:
     return dict(
-        model=setup.model_name, checkpoint=f.checkpoint, mode=setup.mode, num_devices=len(setup.devices),
+        model=setup.model_name, checkpoint=f.checkpoint, mode=setup.mode, num_devices=setup.num_devices,
         fetch=f.fetch, expert_backend=f.expert_backend, prefetch_depth=f.prefetch_depth, staggered=f.staggered,
         merge_copy=f.merge_copy, planner_policy=f.planner_policy, planner_top_k=f.planner_top_k,
         planner_coverage=f.planner_coverage, staging_budget=f.staging_budget, placement=f.placement or "contiguous",
@@ -127,13 +127,21 @@ def dwdp_ranks(engines: Engines) -> list:
     return [r.rank for r in engines.runners if hasattr(r, "rank")]
 
 
-def fetch_metrics(engines: Engines) -> dict:
-    """DWDP ranks' fetch counters over one pass (`DwdpRank.counters`), summed over ranks; {} for other strategies."""
+def fetch_counters(engines: Engines) -> dict | None:
+    """DWDP ranks' fetch counters over one pass (`DwdpRank.counters`), summed over this process's ranks; None
+    for other strategies."""
     ranks = dwdp_ranks(engines)
     if not ranks:
+        return None
+    return {k: sum(r.counters[k] for r in ranks) for k in ("prefetched_bytes", "miss_bytes", "miss_experts",
+                                                           "routed_remote_experts", "fetch_wait_s")}
+
+
+def fetch_metrics(counters: dict | None) -> dict:
+    """The pass's fetch metrics from `fetch_counters` (summed over every rank); {} for other strategies."""
+    if counters is None:
         return {}
-    c = {k: sum(r.counters[k] for r in ranks) for k in ("prefetched_bytes", "miss_bytes", "miss_experts",
-                                                        "routed_remote_experts", "fetch_wait_s")}
+    c = counters
     return dict(fetch_prefetched_bytes=c["prefetched_bytes"], fetch_miss_bytes=c["miss_bytes"],
                 fetch_miss_rate=c["miss_experts"] / c["routed_remote_experts"] if c["routed_remote_experts"] else None,
                 fetch_wait_s=c["fetch_wait_s"])

@@ -36,21 +36,42 @@ def pin_requests(requests, num_devices):
     return [dataclasses.replace(r, rank=rank_of[r.request_id]) for r in requests]
 
 
+@dataclasses.dataclass(frozen=True)
+class Pass:
+    """One serving pass of this process's engines: finished requests, step events, and its span on the pass's
+    clock (seconds since it started)."""
+
+    finished: list
+    events: list
+    start_s: float
+    end_s: float
+
+    @property
+    def wall_s(self) -> float:
+        return self.end_s - self.start_s
+
+
 def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devices: int, desc: str,
-          progress: bool):
-    """One colocated pass over `requests`. Returns (finished requests, step events, wall seconds)."""
+          progress: bool, before_clock=None) -> Pass:
+    """One colocated pass over `requests`: this process serves its engines' share (all of it, unless a
+    multi-process run's `engines` are a slice). `before_clock()` runs right before the pass's clock starts (a
+    multi-process run's barrier, so that every process's clock starts together)."""
     if strategy == "dep":
         requests = pin_requests(requests, num_devices)
     schedulers = engines.make_schedulers()
-    per_engine, conc = split_requests(requests, len(engines.runners), concurrency, strategy)
-    bar = tqdm(total=sum(r.max_new_tokens for r in requests), desc=desc, unit="tok", disable=not progress,
-               leave=False)
+    per_engine, conc = split_requests(requests, engines.total, concurrency, strategy)
+    mine = range(engines.first_index, engines.first_index + len(engines.runners))
+    per_engine, conc = [per_engine[i] for i in mine], [conc[i] for i in mine]
+    bar = tqdm(total=sum(r.max_new_tokens for reqs in per_engine for r in reqs), desc=desc, unit="tok",
+               disable=not progress, leave=False)
+    if before_clock is not None:
+        before_clock()
     clock = wall_clock()
     events: list[timeline.StepEvent] = []
 
     def engine(i):
         runner = engines.runners[i]
-        step_fn = timeline.timed_step_fn(runner.step_fn, strategy, i, runner.group_devices, clock, events,
+        step_fn = timeline.timed_step_fn(runner.step_fn, strategy, mine[i], runner.group_devices, clock, events,
                                          timeline.fetch_wait_counter(runner))
 
         def counted(plan):
@@ -65,9 +86,8 @@ def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devic
     rejected = [r for run in runs for r in run.rejected]
     if rejected:
         raise RuntimeError(f"{len(rejected)} requests were rejected, e.g. {rejected[0]}")
-    finished = [f for s in schedulers for f in s.finished]
-    wall = max(run.end_s for run in runs) - min(run.start_s for run in runs)
-    return finished, events, wall
+    return Pass([f for s in schedulers for f in s.finished], events, min(run.start_s for run in runs),
+                max(run.end_s for run in runs))
 
 
 def serve_disagg(engine: disagg_lib.DisaggEngine, requests, concurrency: int, desc: str,
@@ -85,7 +105,7 @@ def serve_disagg(engine: disagg_lib.DisaggEngine, requests, concurrency: int, de
 def warmup(f, engines: Engines, setup: Setup, concurrency: int) -> float:
     t0 = time.perf_counter()
     if f.warmup == "run":
-        serve(engines, setup.requests, concurrency, setup.strategy, len(setup.devices), "warm-up", f.progress)
+        serve(engines, setup.requests, concurrency, setup.strategy, setup.num_devices, "warm-up", f.progress)
     elif f.warmup == "buckets":
         run_in_threads([lambda r=r: r.warmup() for r in engines.runners])
     return time.perf_counter() - t0

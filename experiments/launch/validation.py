@@ -35,7 +35,8 @@ class DisaggSetup:
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """Validated flags. Colocated: `strategy`, `group_size`, `sched` and `buckets` serve every device.
-    Disaggregated (`disagg` set): `sched` and `buckets` are the generation servers'."""
+    Disaggregated (`disagg` set): `sched` and `buckets` are the generation servers'. `devices` are this process's;
+    a multi-process run (`num_processes` > 1) spans `num_devices` devices, `len(devices)` in each process."""
 
     cfg: config_lib.ModelConfig
     model_name: str
@@ -49,6 +50,12 @@ class Setup:
     buckets: Buckets
     disagg: DisaggSetup | None = None
     skew: object = None  # planner.skew.SkewSpec for random weights with --routing_skew
+    num_processes: int = 1
+
+    @property
+    def num_devices(self) -> int:
+        """Devices of the whole run (every process)."""
+        return len(self.devices) * self.num_processes
 
     @property
     def mode(self) -> str:
@@ -116,18 +123,23 @@ def _check_mode_flags(f) -> None:
         usage_error(f"--{given[0]} is a --mode={other} flag; this run has --mode={f.mode}")
 
 
-def validate(f) -> Setup:
-    """Checks the flags against each other and the visible devices; raises `app.UsageError` saying why."""
+def validate(f, num_processes: int = 1) -> Setup:
+    """Checks the flags against each other and the visible devices; raises `app.UsageError` saying why. With
+    `num_processes` > 1 (a joined multi-process run) --num_devices counts every process's devices, split evenly."""
     _check_mode_flags(f)
     cfg, model_name = _model_config(f)
-    visible = jax.devices()
+    visible = jax.local_devices()
     platform = visible[0].platform
     disagg = f.mode == "disagg"
-    n = f.num_devices or (1 if f.strategy == "single" and not disagg else len(visible))
-    if n > len(visible):
+    n = f.num_devices or (1 if f.strategy == "single" and not disagg else len(visible) * num_processes)
+    if n % num_processes:
+        usage_error(f"--num_devices={n} must split evenly over the {num_processes} processes")
+    if n // num_processes > len(visible):
         hint = (" (on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N)"
                 if platform == "cpu" else "")
-        usage_error(f"--num_devices={n} but only {len(visible)} {platform} devices are visible{hint}")
+        per = " per process" if num_processes > 1 else ""
+        usage_error(f"--num_devices={n} needs {n // num_processes} devices{per} but only {len(visible)} {platform} "
+                    f"devices are visible{hint}")
     if n < 1:
         usage_error(f"--num_devices must be >= 1, got {n}")
     g = f.group_size or n
@@ -190,8 +202,8 @@ def validate(f) -> Setup:
     skew = None
     if f.routing_skew > 0:  # calibrated on unit-spread logits; each built model's routers are rescaled to match
         skew = skew_lib.make_skew(cfg, exponent=f.routing_skew, num_tokens=4096, iters=100, seed=f.seed)
-    return Setup(cfg, model_name, "disagg" if disagg else f.strategy, tuple(visible[:n]), g, dtype,
-                 tuple(requests), concurrency, sched, buckets, setup_disagg, skew)
+    return Setup(cfg, model_name, "disagg" if disagg else f.strategy, tuple(visible[: n // num_processes]), g, dtype,
+                 tuple(requests), concurrency, sched, buckets, setup_disagg, skew, num_processes)
 
 
 def _validate_disagg(f, cfg, n: int, platform: str, requests) -> DisaggSetup:
