@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _ALIGN = 256  # bytes: offsets of buffers inside a shared-memory segment
+_IPC_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess: a mapping on another GPU enables peer access
 
 
 def cuda_ordinal(device: jax.Device) -> int:
@@ -206,6 +207,7 @@ def _attach(name: str) -> shared_memory.SharedMemory:
         return segment
 
 
+@functools.lru_cache(maxsize=None)
 def _libcuda():
     try:
         return ctypes.CDLL("libcuda.so.1")
@@ -273,7 +275,7 @@ class CudaIpcTransport(Transport):
         if key not in self._opened:
             with cp.cuda.Device(ordinal):
                 self._opened[key] = cp.cuda.runtime.ipcOpenMemHandle(bytes.fromhex(descriptor["handle"]),
-                                                                     cp.cuda.runtime.cudaIpcMemLazyEnablePeerAccess)
+                                                                     _IPC_LAZY_ENABLE_PEER_ACCESS)
         pointer = self._opened[key] + descriptor["offset"]
         dtype, shape = jnp.dtype(descriptor["dtype"]), tuple(descriptor["shape"])
         return PeerArray(pointer, shape, dtype, device, view=alias_device_memory(pointer, shape, dtype, device, self),
