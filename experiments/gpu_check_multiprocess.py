@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=8)
     p.add_argument("--steps", type=int, default=3, help="greedy tokens per rank")
-    p.add_argument("--timeout_s", type=float, default=120.0, help="start-up and control time-out of the workers")
+    p.add_argument("--timeout_s", type=float, default=60.0, help="start-up and control time-out of the workers (a "
+                   "spawn is killed after 2x this + 60 s)")
+    p.add_argument("--autotune", action="store_true", help="GPU: keep XLA's autotuning (off by default: processes "
+                   "that time kernels apart may pick different GEMM algorithms, and the comparison is bitwise)")
     p.add_argument("--heartbeat_timeout_s", type=float, default=300.0)
     p.add_argument("--kill_process", type=int, default=-1)
     p.add_argument("--kill_at", choices=["startup", "serving"], default="startup")
@@ -220,7 +224,7 @@ def spawn(args, join_devices: bool, env_extra: dict, tmp: str) -> dict:
                "--join_devices" if join_devices else "--no-join_devices"]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         logs.append(log)
-    limit = 3 * args.timeout_s + 120
+    limit = 2 * args.timeout_s + 60
     for p in procs:
         try:
             p.wait(timeout=max(1.0, limit - (time.monotonic() - t0)))
@@ -270,10 +274,12 @@ def references(args, variants, model, placement) -> dict:
         if len(set(devices)) == g:
             group = DwdpGroup(model, devices, placement, dwdp, fetch)
             ranks = group.ranks
-        else:  # ranks sharing a device, wired as a group by hand (DwdpGroup wants distinct devices)
+        else:  # ranks sharing a device, wired as a group by hand (DwdpGroup wants distinct devices): a backend
+            # each, as in their own processes; their peers share one source device, hence one staging ring, which
+            # needs the slots of every peer (3 per source otherwise)
             group = None
-            ranks = [DwdpRank(cfg, r, d, *rank_weights(model, placement, r, d), placement, dwdp, fetch)
-                     for r, d in enumerate(devices)]
+            ranks = [DwdpRank(cfg, r, d, *rank_weights(model, placement, r, d), placement, dwdp,
+                              fetch_backend(fetch_name, slots=3 * (g - 1))) for r, d in enumerate(devices)]
             for rank in ranks:
                 rank.group = ranks
         refs[variant] = [rank_work(rank, ids, args.steps) for rank, ids in zip(ranks, batches)]
@@ -324,6 +330,8 @@ def compare(args, variants, refs, worker_npz: dict) -> tuple[list[dict], dict]:
 def parent(args) -> int:
     if args.platform == "cpu":
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    elif not args.autotune and "xla_gpu_autotune_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_autotune_level=0").strip()
     os.environ.update(_cache_env(args))
     import jax
 
@@ -368,12 +376,13 @@ def parent(args) -> int:
     print({k: v for k, v in metrics.items()})
     print("PASS" if ok else "FAIL", flush=True)
     if args.out:
-        device_kind = args.device_kind or ("cpu" if args.platform == "cpu" else jax.devices()[0].device_kind)
+        device_kind = args.device_kind or ("cpu" if args.platform == "cpu" else re.sub(
+            r"[^a-z0-9]+", "-", jax.devices()[0].device_kind.lower()).strip("-") + "-x1")
         config = dict(platform=args.platform, num_processes=args.num_processes,
                       ranks_per_process=args.ranks_per_process, shared_gpu=args.shared_gpu, variants=variants,
                       preset=args.preset, fp8=args.fp8, expert_backend=args.expert_backend, batch=args.batch,
                       seq=args.seq, steps=args.steps, kill_process=args.kill_process, kill_at=args.kill_at,
-                      attempts=tried)
+                      xla_flags=os.environ.get("XLA_FLAGS", ""), attempts=tried)
         tag = "multiprocess" + (f"-kill-{args.kill_at}" if kill else "")
         print("wrote", write_result(args.out, "dwdp", device_kind, config, dict(metrics, passed=ok), rows, tag=tag))
     return 0 if ok else 1
