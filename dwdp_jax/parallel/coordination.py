@@ -116,8 +116,8 @@ class ControlChannel:
         return [json.loads(v) for v in self.all_gather(key, json.dumps(value).encode(), timeout_s, what)]
 
     def barrier(self, name: str, timeout_s: float) -> None:
-        """Returns once every process has reached barrier `name`; a `PeerError` names those that did not within
-        `timeout_s`."""
+        """Returns once every process has reached barrier `name`; a `PeerTimeout` names those that did not within
+        `timeout_s` (a `PeerError` if one reported a failure)."""
         self.publish(f"barrier/{name}/p{self.process_id}", b"")
         deadline, missing = time.monotonic() + timeout_s, []
         for p in range(self.num_processes):
@@ -128,7 +128,7 @@ class ControlChannel:
                 deadline = time.monotonic()  # the rest: one look each, no further wait
         if missing:
             raise PeerTimeout(f"processes {missing} did not reach barrier {self.namespace}/{name!r} within "
-                            f"{timeout_s:g} s (dead, hung, or still running)")
+                              f"{timeout_s:g} s (dead, hung, or still running)")
 
     # -- failures ------------------------------------------------------------------------------------------
 
@@ -158,7 +158,7 @@ class ControlChannel:
             if time.monotonic() >= deadline:
                 self.check_peers()
                 raise PeerTimeout(f"{what} did not arrive within {timeout_s:g} s: that process died, hung, or is "
-                                "still starting (raise the timeout if it is slow)")
+                                  "still starting (raise the timeout if it is slow)")
 
     def close(self) -> None:
         """Leaves the group (jax.distributed.shutdown, or the service-only client and service)."""

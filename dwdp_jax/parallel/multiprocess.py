@@ -168,7 +168,7 @@ class DwdpProcessGroup:
         try:
             self.channel.barrier("stopped", timeout)
             for rank in self.ranks:
-                rank._carry = None  # noqa: SLF001 (staged fetches of the next step read peers' copies)
+                rank._carry = None  # noqa: SLF001 (the next step's staged fetches, copies of peers' buffers)
                 rank.group = []
             gc.collect()
             self.transport.close_imports()
