@@ -57,7 +57,7 @@ from dwdp_jax.model import DeepseekV3
 from dwdp_jax.safetensors_io import CheckpointError
 
 FORMAT = "dwdp_jax.checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: FP8 linear layers stored [out, in] (2: [in, out])
 METADATA_ITEM = "dwdp_metadata"
 EXPERT_PARAMS = ("w_gate_up", "w_down", "s_gate_up", "s_down")
 _FORMAT_1_FILE = "dwdp_checkpoint.json"  # format 1 (plain zarr3 arrays): refused with a clear message

@@ -54,16 +54,30 @@ class RMSNorm(nnx.Module):
         return (self.weight[...].astype(jnp.float32) * xf.astype(x.dtype).astype(jnp.float32)).astype(x.dtype)
 
 
+FP8_MATMULS = ("dequantize", "pallas", "pallas_interpret")
+
+
 class Linear(nnx.Module):
-    """y = x @ kernel; kernel [in, out], FP8 with block `scale` [ceil(in/bk), ceil(out/bn)] when `block` is set."""
+    """y = x @ W with W [in, out].
+
+    Unquantized: `kernel` [in, out]. FP8 (`block` set): `kernel` [out, in] float8_e4m3fn with block `scale`
+    [ceil(out/bo), ceil(in/bi)]: the checkpoint's layout, which Hopper's FP8 tensor cores read K-major.
+    `fp8_matmul` (static) says how an FP8 layer multiplies: "dequantize" (the weight dequantized to the
+    activation dtype, then a dense dot: the reference and the CPU path) or "pallas" (the block-scaled FP8
+    grouped GEMM of one group, `pallas_kernels.grouped_gemm_fp8`: activations quantized per token per 128
+    columns, as DeepSeek's inference does; layers whose dims are not multiples of 128, e.g. R1's 576-wide
+    kv_a_proj_with_mqa, dequantize); "pallas_interpret" runs the kernel in interpret mode (CPU tests). Set it
+    model-wide with `set_fp8_matmul`.
+    """
 
     def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype, block: tuple[int, int] | None = None):
         self.block = block
+        self.fp8_matmul = "dequantize"
         if block is None:
             self.kernel = nnx.Param(_normal(rngs, (d_in, d_out), dtype))
             self.scale = None
         else:
-            value, scale = _quantized_normal(rngs, (d_in, d_out), block)
+            value, scale = _quantized_normal(rngs, (d_out, d_in), block)
             self.kernel = nnx.Param(value)
             self.scale = nnx.Param(scale)
 
@@ -71,10 +85,38 @@ class Linear(nnx.Module):
         """The [in, out] weight in `dtype` (dequantized if FP8)."""
         if self.scale is None:
             return self.kernel[...].astype(dtype)
-        return quant.dequantize(self.kernel[...], self.scale[...], self.block, dtype)
+        return quant.dequantize(self.kernel[...], self.scale[...], self.block, dtype).T
+
+    def fp8_kernel_applies(self) -> bool:
+        """Whether the FP8 grouped GEMM can take this layer: 128x128 blocks, both dims multiples of 128."""
+        return self.scale is not None and self.block == (128, 128) and not any(
+            d % 128 for d in self.kernel.shape)
 
     def __call__(self, x):
+        if self.fp8_matmul != "dequantize" and self.fp8_kernel_applies():
+            return self._fp8_kernel(x, interpret=self.fp8_matmul == "pallas_interpret")
         return jnp.dot(x, self.weight(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def _fp8_kernel(self, x, interpret: bool):
+        from pallas_kernels import grouped_gemm as gg
+
+        d_out, d_in = self.kernel.shape
+        x2 = x.reshape(-1, d_in).astype(jnp.bfloat16)
+        m = x2.shape[0]
+        y = gg.grouped_gemm_fp8(x2, jnp.full((1,), m, jnp.int32), (self.kernel[...][None],), (self.scale[...][None],),
+                                jnp.zeros((1, 2), jnp.int32), out_dtype=jnp.bfloat16, interpret=interpret)
+        return y.reshape(*x.shape[:-1], d_out).astype(x.dtype)
+
+
+def set_fp8_matmul(model: nnx.Module, mode: str) -> nnx.Module:
+    """Sets `Linear.fp8_matmul` on every FP8 linear layer of `model` (in place; returns it). The routed experts
+    are not linears: their executor picks their kernels."""
+    if mode not in FP8_MATMULS:
+        raise ValueError(f"fp8_matmul must be one of {FP8_MATMULS}, got {mode!r}")
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Linear) and module.scale is not None:
+            module.fp8_matmul = mode
+    return model
 
 
 class MLP(nnx.Module):

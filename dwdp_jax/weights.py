@@ -1,9 +1,10 @@
 """Loading HF-format DeepSeek-V3/R1 checkpoints into the Flax model.
 
 Every parameter of `DeepseekV3` is named by its path in the NNX state, e.g. ('layers', 3, 'self_attn',
-'q_a_proj', 'kernel'). `hf_source(path, cfg)` says which HF tensors make it and how: transpose ([out, in] ->
-[in, out]), or stack the per-expert gate/up/down matrices of a MoE layer into [E, in, out]. The same table
-serves the loader here and the checkpoint converter.
+'q_a_proj', 'kernel'). `hf_source(path, cfg)` says which HF tensors make it and how: copy (FP8 linear layers
+and their block scales keep the checkpoint's [out, in]), transpose (unquantized [out, in] -> [in, out]), or
+stack the per-expert gate/up/down matrices of a MoE layer. The same table serves the loader here and the
+checkpoint converter.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def _layer_source(prefix: str, rest: Path, cfg, expert_ids) -> Source:
     if rest[-1] in ("kernel", "scale"):
         module = ".".join("shared_experts" if p == "shared" else str(p) for p in rest[:-1])
         w, s = _hf_linear(f"{prefix}.{module}")
-        return Source("transpose", (s if rest[-1] == "scale" else w,))
+        # FP8 linears keep the checkpoint's [out, in] (what the FP8 GEMM reads); unquantized ones are [in, out].
+        return Source("transpose" if cfg.weight_block_size is None else "copy", (s if rest[-1] == "scale" else w,))
     raise KeyError(f"no HF source known for parameter {prefix}.{'.'.join(map(str, rest))}")
 
 

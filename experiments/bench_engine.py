@@ -49,11 +49,13 @@ from dwdp_jax.engine import roofline
 from dwdp_jax.engine.runner import Buckets, ModelRunner
 from dwdp_jax.engine.scheduler import DecodeItem, PrefillChunk
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
-from dwdp_jax.model import init_model
+from dwdp_jax.model import init_model, set_fp8_matmul
 from experiments.results_io import write_result
 
 flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
 flags.DEFINE_enum("backend", "pallas", ["pallas", "jnp"], "routed-expert GEMMs (pallas: Mosaic GPU, GPU only)")
+flags.DEFINE_enum("fp8_matmul", "pallas", ["pallas", "dequantize"], "FP8 linear layers: the block-scaled FP8 GEMM "
+                  "(GPU only) or the weight dequantized to bf16 (the engine before issue 17)")
 flags.DEFINE_list("prefill_requests", ["1", "2", "4"], "requests per prefill step (tokens/step = n x chunk)")
 flags.DEFINE_integer("prefill_prompt_len", 4096, "prompt length; the cache's max_len for prefill")
 flags.DEFINE_integer("prefill_chunk", 2048, "prefill chunk length (the runner's length bucket)")
@@ -279,7 +281,8 @@ class Sweep:
 # Prefill and decode
 
 
-def run_prefill(model, cfg, executor, sweep: Sweep, peaks: dict, routed_fp8: bool, budget, t0, rng) -> list[dict]:
+def run_prefill(model, cfg, executor, sweep: Sweep, peaks: dict, routed_fp8: bool, budget, t0, rng,
+                linears_fp8: bool = False) -> list[dict]:
     """One row per request count: n prompts per `runner.prefill` call, which runs them in prompt_len / chunk
     steps of n x chunk tokens (the cache's max_len is the prompt length). peaks: TFLOP/s by dtype."""
     chunk, prompt_len = sweep.chunk, sweep.prompt_len
@@ -305,7 +308,8 @@ def run_prefill(model, cfg, executor, sweep: Sweep, peaks: dict, routed_fp8: boo
             rows.append(row)
             log(t0, f"{point}: FAILED {row['error']}")
             continue
-        flops = roofline.prefill_flops(cfg, [(r * chunk, chunk) for r in range(rounds)] * n, routed_fp8)
+        flops = roofline.prefill_flops(cfg, [(r * chunk, chunk) for r in range(rounds)] * n, routed_fp8,
+                                       linears_fp8)
         row.update(first_call_s=first, call_s=call_s, step_s=call_s / rounds,
                    input_tokens_per_s=n * prompt_len / call_s, flops_bf16=flops.bf16, flops_fp8=flops.fp8,
                    tflops=flops.total / call_s / 1e12,
@@ -458,15 +462,16 @@ def main(argv):
     log(t0, f"matmul peaks {F.peak_matmul_size}^3: bf16 {peaks['bf16']:.0f}, FP8 {peaks['fp8']:.0f} TFLOP/s "
             f"(XLA FP8 / bf16 = {mm['xla_fp8_over_bf16']:.2f}) {mm}")
 
-    model = build_model(cfg, F.seed)
+    model = set_fp8_matmul(build_model(cfg, F.seed), F.fp8_matmul)
     accounted, actual = roofline.model_bytes(cfg, 2), decoder_param_bytes(model)
     log(t0, f"model built: {actual / 1e9:.2f} GB of parameters"
             + ("" if accounted == actual else f"; MISMATCH: the roofline accounting says {accounted / 1e9:.2f} GB"))
     executor = LocalExecutor(backend=F.backend)
     routed_fp8 = F.backend == "pallas" and cfg.weight_block_size is not None
+    linears_fp8 = F.fp8_matmul == "pallas" and cfg.weight_block_size is not None
     budget = Budget(t0, F.time_budget_s)
     rng = np.random.RandomState(F.seed)
-    prefill_rows = run_prefill(model, cfg, executor, sweep, peaks, routed_fp8, budget, t0, rng)
+    prefill_rows = run_prefill(model, cfg, executor, sweep, peaks, routed_fp8, budget, t0, rng, linears_fp8)
     decode_rows = run_decode(model, cfg, executor, sweep, hbm_gbps, budget, t0, rng, F.seed)
 
     metrics = headline(prefill_rows, decode_rows, sweep, hbm_gbps)
@@ -475,7 +480,7 @@ def main(argv):
                    skipped_points=budget.skipped, wall_s=time.perf_counter() - t0)
     config = dict(preset=F.preset, backend=F.backend, activations="bfloat16", cache_dtype="bfloat16",
                   weights="random (init_model): FP8 linears and experts with block scales, bf16 embedding/head",
-                  routed_flops_fp8=routed_fp8, sweep=dataclasses.asdict(sweep), time_budget_s=F.time_budget_s,
+                  routed_flops_fp8=routed_fp8, linear_flops_fp8=linears_fp8, fp8_matmul=F.fp8_matmul, sweep=dataclasses.asdict(sweep), time_budget_s=F.time_budget_s,
                   hbm_copy_mib=F.hbm_copy_mib, peak_matmul_size=F.peak_matmul_size, seed=F.seed,
                   device=device.device_kind)
     print_table(prefill_rows, decode_rows)

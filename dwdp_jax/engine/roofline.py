@@ -88,8 +88,11 @@ class Flops:
 
 
 def _linear(cfg: ModelConfig, name: str, d_in: int, d_out: int, itemsize: int) -> Weight:
-    """A `model.Linear` inside a decoder layer: stored [in, out], FP8 when the config is quantized."""
-    return Weight(name, d_in, d_out, itemsize, cfg.weight_block_size)
+    """A `model.Linear` inside a decoder layer: stored [in, out], or FP8 [out, in] (the checkpoint's layout)
+    when the config is quantized."""
+    if cfg.weight_block_size is None:
+        return Weight(name, d_in, d_out, itemsize)
+    return Weight(name, d_out, d_in, itemsize, cfg.weight_block_size)
 
 
 def attention_weights(cfg: ModelConfig, itemsize: int) -> list[Weight]:
@@ -176,15 +179,32 @@ def model_bytes(cfg: ModelConfig, itemsize: int) -> int:
 # Prefill FLOPs
 
 
-def token_matmul_flops(cfg: ModelConfig, routed_fp8: bool) -> Flops:
+def fp8_kernel_applies(w: Weight) -> bool:
+    """Whether an FP8 linear layer runs on the FP8 GEMM (`model.Linear.fp8_kernel_applies`: 128x128 blocks,
+    both dims multiples of 128); the others are dequantized to bf16, and so is kv_b, which MLA applies as
+    a dequantized weight in both forms (up-projecting the cached latents, or absorbed into q and the output)."""
+    return (w.block == (128, 128) and w.rows % 128 == 0 and w.cols % 128 == 0
+            and not w.name.endswith("kv_b_proj"))
+
+
+def token_matmul_flops(cfg: ModelConfig, routed_fp8: bool, linears_fp8: bool = False) -> Flops:
     """Weight-matmul FLOPs of one token through every decoder layer (top-k routed experts per MoE layer),
-    LM head and attention core excluded. routed_fp8: the routed experts run on FP8 tensor cores."""
-    dense, routed = 0, 0
+    LM head and attention core excluded. routed_fp8: the routed experts run on FP8 tensor cores; linears_fp8:
+    so do the FP8 linear layers the FP8 GEMM takes (`fp8_kernel_applies`)."""
+    bf16, fp8 = 0, 0
     for layer in range(cfg.num_layers):
-        dense += sum(w.flops(1) for w in layer_weights(cfg, layer, 1))
+        for w in layer_weights(cfg, layer, 1):
+            if linears_fp8 and fp8_kernel_applies(w):
+                fp8 += w.flops(1)
+            else:
+                bf16 += w.flops(1)
         if cfg.is_moe_layer(layer):
-            routed += cfg.num_experts_per_tok * sum(w.flops(1) for w in routed_expert_weights(cfg, 1))
-    return Flops(dense, routed) if routed_fp8 else Flops(dense + routed, 0)
+            routed = cfg.num_experts_per_tok * sum(w.flops(1) for w in routed_expert_weights(cfg, 1))
+            if routed_fp8:
+                fp8 += routed
+            else:
+                bf16 += routed
+    return Flops(bf16, fp8)
 
 
 def attention_core_flops(cfg: ModelConfig, start: int, length: int) -> int:
@@ -197,11 +217,12 @@ def attention_core_flops(cfg: ModelConfig, start: int, length: int) -> int:
     return cfg.num_layers * per_pair * pairs
 
 
-def prefill_flops(cfg: ModelConfig, rows: Sequence[tuple[int, int]], routed_fp8: bool) -> Flops:
+def prefill_flops(cfg: ModelConfig, rows: Sequence[tuple[int, int]], routed_fp8: bool,
+                  linears_fp8: bool = False) -> Flops:
     """Model FLOPs of prefill rows, each (start, length): tokens [start, start + length) of one sequence whose
     earlier positions are cached. The LM head runs on each row's last token only (the runner returns
     last-token logits per row and program call), in bf16."""
-    per_token = token_matmul_flops(cfg, routed_fp8)
+    per_token = token_matmul_flops(cfg, routed_fp8, linears_fp8)
     head = lm_head_weight(cfg, 1).flops(1)
     total = Flops()
     for start, length in rows:

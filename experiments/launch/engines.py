@@ -14,7 +14,7 @@ from dwdp_jax.engine.runner import Buckets, DepRunner, DwdpRankRunner, LockstepS
 from dwdp_jax.engine.sampling import SamplingParams
 from dwdp_jax.engine.scheduler import Scheduler, SchedulerConfig
 from dwdp_jax.experts import LocalExecutor
-from dwdp_jax.model import init_model
+from dwdp_jax.model import init_model, set_fp8_matmul
 from dwdp_jax.parallel.dep import DepModel
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup, memory_per_device, replicated_placement
 from dwdp_jax.parallel.fetch import fetch_backend
@@ -33,21 +33,30 @@ def _full_model_fits(cfg, dtype) -> bool:
     return memory_per_device(cfg, 1, 0, weight_bytes)["total_bytes"] <= FULL_MODEL_MAX_BYTES
 
 
+def fp8_matmul_mode(f, device) -> str:
+    """--fp8_matmul resolved: auto is the FP8 GEMM on a GPU, the dequantizing reference elsewhere."""
+    if f.fp8_matmul != "auto":
+        return f.fp8_matmul
+    return "pallas" if device.platform == "gpu" else "dequantize"
+
+
 def build_model(f, cfg, dtype, device, expert_ids=None, skew=None):
     """The model on `device`; with `expert_ids(layer)`, only those routed experts (a rank's shard); random
-    weights get the routing skew `skew` (each router rescaled to unit logit spread, biases calibrated)."""
+    weights get the routing skew `skew` (each router rescaled to unit logit spread, biases calibrated). Its
+    FP8 linear layers multiply as --fp8_matmul says."""
     if f.checkpoint:
         from dwdp_jax import load_model
 
-        return load_model(f.checkpoint, dtype=dtype, with_mtp=False, expert_ids=expert_ids,
-                          n_local_experts=None if expert_ids is None else len(expert_ids(cfg.first_k_dense_replace)),
-                          device=device)
+        model = load_model(f.checkpoint, dtype=dtype, with_mtp=False, expert_ids=expert_ids,
+                           n_local_experts=None if expert_ids is None else len(expert_ids(cfg.first_k_dense_replace)),
+                           device=device)
+        return set_fp8_matmul(model, fp8_matmul_mode(f, device))
     with jax.default_device(device):
         n_local = None if expert_ids is None else len(expert_ids(cfg.first_k_dense_replace))
         model = init_model(cfg.replace(num_mtp_layers=0), seed=f.seed, dtype=dtype, n_local_experts=n_local)
         if skew is not None:
             skew_lib.apply_skew(model, skew, logit_std=1.0)
-        return model
+        return set_fp8_matmul(model, fp8_matmul_mode(f, device))
 
 
 def shared_model(f, setup: Setup, single_needed: bool = False):

@@ -57,6 +57,8 @@ _FLAGS = [
      dict(enum_values=["jnp", "pallas"])),
     (flags.DEFINE_enum, "attention", "auto", "MLA over the paged cache: the Pallas kernels, the einsum "
      "reference, or auto (Pallas on a GPU with a bf16 cache)", dict(enum_values=["auto", "pallas", "einsum"])),
+    (flags.DEFINE_enum, "fp8_matmul", "auto", "FP8 linear layers: the block-scaled FP8 GEMM (pallas), the weight "
+     "dequantized to bf16 (dequantize), or auto (pallas on a GPU)", dict(enum_values=["auto", "pallas", "dequantize"])),
     (flags.DEFINE_integer, "kv_pages", 0, "pages of 64 tokens in each rank's cache pool (0: every slot at "
      "max_seq_len); requests are admitted while the pool can hold their prompt + output", {}),
     (flags.DEFINE_integer, "prefetch_depth", 1, "DWDP: MoE layers fetched ahead (0: fetch each layer right before "
