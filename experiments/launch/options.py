@@ -53,8 +53,8 @@ _FLAGS = [
      "host-ordered), copy_engine_stream (the same copies ordered on the device, no host wait) or pallas_pull (the "
      "Pallas remote-DMA kernel reading peer memory in place, on the compute stream: not overlapped)",
      dict(enum_values=["device_put", "copy_engine", "copy_engine_stream", "pallas_pull"])),
-    (flags.DEFINE_enum, "expert_backend", "jnp", "expert GEMMs: ragged_dot or Mosaic GPU kernels",
-     dict(enum_values=["jnp", "pallas"])),
+    (flags.DEFINE_enum, "expert_backend", "auto", "expert GEMMs: ragged_dot (jnp), Mosaic GPU kernels (pallas), or "
+     "auto (pallas on GPUs)", dict(enum_values=["auto", "jnp", "pallas"])),
     (flags.DEFINE_enum, "attention", "auto", "MLA over the paged cache: the Pallas kernels, the einsum "
      "reference, or auto (Pallas on a GPU with a bf16 cache)", dict(enum_values=["auto", "pallas", "einsum"])),
     (flags.DEFINE_enum, "fp8_matmul", "auto", "FP8 linear layers: the block-scaled FP8 GEMM (pallas), the weight "

@@ -153,6 +153,8 @@ def validate(f, num_processes: int = 1) -> Setup:
                 usage_error(f"--group_size={g} must divide the {cfg.n_routed_experts} routed experts")
         if f.strategy == "dep" and cfg.n_routed_experts % n:
             usage_error(f"DEP needs --num_devices={n} to divide the {cfg.n_routed_experts} routed experts")
+    if f.expert_backend == "auto":  # the Pallas grouped GEMMs on GPUs (the jnp path dequantizes every expert)
+        f.expert_backend = "pallas" if platform == "gpu" else "jnp"
     if f.expert_backend == "pallas" and platform != "gpu":
         usage_error(f"--expert_backend=pallas needs GPUs (Mosaic GPU kernels); this run sees {platform} devices")
     if f.fetch in ("copy_engine", "copy_engine_stream") and platform != "gpu":
