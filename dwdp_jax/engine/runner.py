@@ -377,7 +377,8 @@ class ModelRunner(_SlotRunner):
         self.graph, state = nnx.split(model)
         self.state = jax.device_put(state, self.device)
         self._leaves, self._state_def = jax.tree.flatten(self.state)
-        self.executor = executor or LocalExecutor()
+        # Default experts: the Pallas grouped GEMMs on a GPU (ragged_dot would dequantize every FP8 expert).
+        self.executor = executor or LocalExecutor(backend="pallas" if self.device.platform == "gpu" else "jnp")
         self.pages = paged_cache.allocate(spec, self.device)
         self._programs: dict = {}  # (executor, absorbed) -> jitted step
 
