@@ -31,7 +31,8 @@ from dwdp_jax.config import preset  # noqa: E402
 from dwdp_jax.model import init_model  # noqa: E402
 from dwdp_jax.parallel.dep import DepModel  # noqa: E402
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup  # noqa: E402
-from dwdp_jax.parallel.fetch import CachedFetch, CopyEnginePull, copy_engine_gbps, fetch_backend  # noqa: E402
+from dwdp_jax.parallel.fetch import CachedFetch, CopyEnginePull, fetch_backend  # noqa: E402
+from pallas_kernels.profiling import copy_engine_gbps  # noqa: E402
 from dwdp_jax.planner.placement import Placement  # noqa: E402
 from experiments.gpu_clocks import ClockSampler  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402

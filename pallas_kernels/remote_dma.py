@@ -353,7 +353,7 @@ def bench(argv=None):
           flush=True)
   put_gbps = nbytes / t_put / 1e9
   try:  # the copy-engine ceiling: cudaMemcpyPeerAsync, every GPU pulling from a peer at once (CuPy)
-    from dwdp_jax.parallel.fetch import copy_engine_gbps
+    from pallas_kernels.profiling import copy_engine_gbps
     ce_gbps = copy_engine_gbps(devs, nbytes=nbytes, device_timed=True)  # beside the kernels' CUPTI time
     ce_host_gbps = copy_engine_gbps(devs, nbytes=nbytes)  # beside the calls' host time
   except ImportError:
