@@ -117,8 +117,9 @@ def combine(o_parts, lse_parts):
   mx = jnp.where(jnp.isfinite(mx), mx, 0.0)
   w = jnp.exp(lse_parts - mx)  # [B, S, R]; an empty split weighs 0
   tot = w.sum(1)
-  # HIGHEST: a GPU's default f32 matmul precision (TF32) would round the weights to 10 bits.
-  out = jnp.einsum("bsr,bsrc->brc", w, o_parts.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+  # A weighted sum in f32 (one reduction fusion), not an einsum: XLA would make a matmul of it, in TF32 by
+  # default on a GPU (weights rounded to 10 bits) or emulated f32 at HIGHEST precision (several passes).
+  out = jnp.sum(w[..., None] * o_parts.astype(jnp.float32), axis=1)
   out = out / jnp.where(tot > 0, tot, 1.0)[..., None]
   lse = jnp.where(tot > 0, jnp.log(jnp.where(tot > 0, tot, 1.0)) + mx[:, 0], -jnp.inf)
   return out, lse
