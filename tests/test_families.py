@@ -19,45 +19,22 @@ import jax.numpy as jnp  # noqa: E402
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from absl import flags  # noqa: E402
-from flax import nnx, traverse_util  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from dwdp_jax import checkpoint, convert, quant  # noqa: E402
+from dwdp_jax import checkpoint, quant  # noqa: E402
 from dwdp_jax import config as C  # noqa: E402
 from dwdp_jax.experts import fp8_expert_dims  # noqa: E402
 
 torch = pytest.importorskip("torch")
 from dwdp_jax import load_model  # noqa: E402
+from tests import convert_util  # noqa: E402
 from tests import hf_fixtures as hf  # noqa: E402
 
 FAMILIES = sorted(hf.FAMILIES)
 
 
-def _cli(*args) -> int:
-    flags.FLAGS.unparse_flags()
-    with pytest.raises(SystemExit) as exit_info:
-        convert.run(["dwdp-convert", *map(str, args), "--noprogress"])
-    return exit_info.value.code
-
-
-def _flat(model) -> dict:
-    return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.split(model)[1]))
-
-
-def _assert_same_params(a, b):
-    fa, fb = _flat(a), _flat(b)
-    assert fa.keys() == fb.keys()
-    for k in fa:
-        x, y = np.asarray(fa[k]), np.asarray(fb[k])
-        assert x.dtype == y.dtype and x.shape == y.shape, k
-        assert np.array_equal(x.view(np.uint8), y.view(np.uint8)), k
-
-
-def _logits(models, ids):
-    """Logits of models with one structure, through one jitted forward."""
-    graphdef = nnx.split(models[0])[0]
-    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
-    return [np.asarray(forward(nnx.split(m)[1], jnp.asarray(ids))) for m in models]
+_cli, _flat = convert_util.run_convert_cli, convert_util.flat_params
+_assert_same_params, _logits = convert_util.assert_same_params, convert_util.logits_of
 
 
 # ------------------------------------------------------------------------------------------------- accepted
