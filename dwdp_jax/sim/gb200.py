@@ -38,7 +38,6 @@ import datetime
 import json
 import math
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
@@ -46,6 +45,7 @@ import numpy as np
 from dwdp_jax.config import ModelConfig, preset
 from dwdp_jax.sim import costs
 from dwdp_jax.sim.hardware import GB200_NVL72, H200_HGX, AllToAll, Hardware
+from dwdp_jax.sim.validate import _git_commit
 from dwdp_jax.sim.simulator import (COPY_ENGINE_SLOWDOWN, DEPConfig, DWDPConfig, RankBatch, _local_layer_times,
                                     dep_step, dwdp_rank_step, fetch_time_s)
 
@@ -495,14 +495,6 @@ def compare_record(blind_path: pathlib.Path, argv: list[str]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def _json_default(x):
     return x.item() if hasattr(x, "item") else str(x)
