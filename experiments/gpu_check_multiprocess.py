@@ -181,7 +181,9 @@ def worker(args) -> None:
         if pid == args.kill_process and args.kill_at == "serving":
             os._exit(3)
         group.close()
-        print(f"process {pid}: {variant} done (ranks {group.rank_ids}, {transport.name})", flush=True)
+        moved = getattr(transport, "relocated", 0)
+        print(f"process {pid}: {variant} done (ranks {group.rank_ids}, {transport.name}, {moved} expert arrays "
+              "copied into exportable memory)", flush=True)
     np.savez(os.path.join(args.tmp, f"p{pid}.npz"), **out)
     channel.close()
 

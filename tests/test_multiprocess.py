@@ -20,6 +20,7 @@ import pytest
 
 from dwdp_jax.config import TINY
 from dwdp_jax.model import init_model
+from dwdp_jax.parallel.dlpack_alias import alias, host_buffer, live_capsules
 from dwdp_jax.parallel.coordination import ControlChannel, PeerError, PeerTimeout, ProcessGroupSpec
 from dwdp_jax.parallel.dwdp import DwdpConfig
 from dwdp_jax.parallel.fetch import DevicePutFetch
@@ -146,6 +147,61 @@ def test_process_group_in_threads_matches_the_model(model):
         ref = np.asarray(model(jnp.asarray(ids[r])))
         assert np.abs(logits - ref).max() / np.abs(ref).max() <= 1e-5
     run_in_threads([g.close for g in groups])
+
+
+class RelocatingTransport(SharedMemoryTransport):
+    """Shared memory, plus what CudaIpcTransport does when XLA's memory cannot be exported: every expert array is
+    copied into memory the transport owns (here an aligned host buffer) and handed back to be used instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.owned = []
+
+    def exportable(self, arrays):
+        out = []
+        for a in arrays:
+            buf = host_buffer(int(a.nbytes))
+            buf[:] = np.asarray(a).reshape(-1).view(np.uint8)
+            out.append(alias(buf.ctypes.data, a.shape, a.dtype, next(iter(a.devices())), buf))
+            self.owned.append(buf.ctypes.data)
+        return out
+
+
+def test_ranks_compute_from_the_relocated_exported_memory(model):
+    """When the transport relocates the expert buffers (XLA's memory not exportable), each rank reads its own
+    experts from the new memory in its programs and peers, and the logits stay the model's."""
+    placement, dwdp = Placement.from_config(CFG, 2), DwdpConfig(2)
+    chs = channels(2)
+    transports = [RelocatingTransport(), SharedMemoryTransport()]  # (CPU DLPack imports land on device 0 only)
+    groups = run_in_threads([lambda p=p: DwdpProcessGroup(chs[p], [jax.devices()[p]], placement, dwdp,
+                                                          DevicePutFetch(), transports[p], model=model)
+                             for p in range(2)])
+    (rank,), owned = groups[0].ranks, set(transports[0].owned)
+    pointers = {a.unsafe_buffer_pointer() for w in rank.expert_buffers.values() for a in (w.w_gate_up, w.w_down)}
+    assert pointers == owned and len(owned) == 2 * len(rank.expert_buffers)
+    layer_pointers = {x.unsafe_buffer_pointer() for i in rank.expert_buffers for x in rank._layer_leaves[i]}
+    assert pointers <= layer_pointers
+    ids = [np.random.RandomState(r).randint(0, CFG.vocab_size, (2, 5)) for r in range(2)]
+    forward = lambda rank, x: np.asarray(rank.forward(x))
+    got = run_in_threads([lambda p=p: groups[p].run_parallel(forward, ids[p : p + 1]) for p in range(2)])
+    for r in range(2):
+        ref = np.asarray(model(jnp.asarray(ids[r])))
+        assert np.abs(got[r][0] - ref).max() / np.abs(ref).max() <= 1e-5
+    run_in_threads([g.close for g in groups])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float8_e4m3fn, jnp.float32])
+def test_dlpack_alias_is_typed_zero_copy_and_released(dtype):
+    values = np.random.RandomState(0).randn(3, 5).astype(dtype)
+    buf = host_buffer(values.nbytes)
+    buf[:] = values.reshape(-1).view(np.uint8)
+    before = live_capsules()
+    a = alias(buf.ctypes.data, (3, 5), dtype, jax.devices()[0], buf)
+    assert a.dtype == jnp.dtype(dtype) and a.unsafe_buffer_pointer() == buf.ctypes.data
+    np.testing.assert_array_equal(np.asarray(a).view(np.uint8), values.view(np.uint8))
+    assert live_capsules() == before + 1
+    del a
+    assert live_capsules() == before
 
 
 def test_processes_that_disagree_on_the_placement_are_refused(model):

@@ -57,6 +57,8 @@ class DwdpConfig:
     merge_copy: ablation of split-weight management: copy local and staged experts into one buffer before
       the grouped GEMM (what DWDP avoids).
     stats_decay: per-step decay of the router statistics the planner reads.
+    gemm_sms: Pallas expert GEMMs: persistent CTAs (None: one per SM). With the `pallas_async` fetch, the SM count
+      minus the fetch kernel's CTAs, so that neither kernel waits for the other's SMs.
     """
 
     group_size: int
@@ -67,6 +69,7 @@ class DwdpConfig:
     staging_budget_experts: int | None = None
     merge_copy: bool = False
     stats_decay: float = 0.9
+    gemm_sms: int | None = None
 
     def __post_init__(self):
         if self.group_size < 1:
@@ -79,6 +82,8 @@ class DwdpConfig:
             raise ValueError("staging_budget_experts needs a planner policy (policy=FetchPolicy(...))")
         if self.staging_budget_experts is not None and self.staging_budget_experts < 0:
             raise ValueError(f"staging_budget_experts must be >= 0, got {self.staging_budget_experts}")
+        if self.gemm_sms is not None and self.gemm_sms < 1:
+            raise ValueError(f"gemm_sms must be >= 1 (or None), got {self.gemm_sms}")
 
     @property
     def planned(self) -> bool:
@@ -123,7 +128,7 @@ def slot_map(placement: Placement, moe_layer: int, rank: int, peers: Sequence[in
     return SlotMap(jnp.asarray(buffer), jnp.asarray(slot)), used
 
 
-def _executor(buffers, slots: SlotMap, backend: str, merge_copy: bool):
+def _executor(buffers, slots: SlotMap, backend: str, merge_copy: bool, gemm_sms: int | None = None):
     """The expert executor of a DWDP layer: local buffer (the layer's own) plus staged peer buffers."""
 
     def executor(x_td, ids, weights, local: ExpertWeights):
@@ -132,8 +137,9 @@ def _executor(buffers, slots: SlotMap, backend: str, merge_copy: bool):
             offsets = jnp.asarray(np.cumsum([0] + [p.num_experts for p in parts[:-1]]), jnp.int32)
             merged = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
             return split_weight_ffn(x_td, ids, weights, [merged], jnp.zeros_like(slots.buffer),
-                                    offsets[slots.buffer] + slots.slot, backend=backend)
-        return split_weight_ffn(x_td, ids, weights, parts, slots.buffer, slots.slot, backend=backend)
+                                    offsets[slots.buffer] + slots.slot, backend=backend, gemm_sms=gemm_sms)
+        return split_weight_ffn(x_td, ids, weights, parts, slots.buffer, slots.slot, backend=backend,
+                                gemm_sms=gemm_sms)
 
     return executor
 
@@ -148,14 +154,15 @@ def _attention(layer: Block, x, positions, pages, meta, absorbed):
     return x, kv.pages
 
 
-def _layer_step(graphdef, state, buffers, slots, x, positions, pages, meta, absorbed, backend, merge_copy=False):
+def _layer_step(graphdef, state, buffers, slots, x, positions, pages, meta, absorbed, backend, merge_copy=False,
+                gemm_sms=None):
     """One decoder layer on one rank (jit-compiled per layer shape; the layer's pages donated).
     Returns (x, pages, expert_counts)."""
     layer: Block = nnx.merge(graphdef, state)
     x, pages = _attention(layer, x, positions, pages, meta, absorbed)
     stats = {}
     if layer.is_moe:
-        x = layer.ffn(x, _executor(buffers, slots, backend, merge_copy), stats)
+        x = layer.ffn(x, _executor(buffers, slots, backend, merge_copy, gemm_sms), stats)
     else:
         x = layer.ffn(x, None)
     return x, pages, stats.get("expert_counts")
@@ -170,13 +177,13 @@ def _route_step(graphdef, state, x, positions, pages, meta, absorbed):
     return x, pages, ids, weights, expert_histogram(ids, layer.mlp.cfg.n_routed_experts)
 
 
-def _expert_step(graphdef, state, buffers, slots, x, ids, weights, backend, merge_copy):
+def _expert_step(graphdef, state, buffers, slots, x, ids, weights, backend, merge_copy, gemm_sms=None):
     """Planned fetches, second half: routed experts (local + staged buffers) and shared experts."""
     layer: Block = nnx.merge(graphdef, state)
-    return layer.ffn_routed(x, ids, weights, _executor(buffers, slots, backend, merge_copy))
+    return layer.ffn_routed(x, ids, weights, _executor(buffers, slots, backend, merge_copy, gemm_sms))
 
 
-def _layer_programs(graphdef, state_def, backend: str, merge_copy: bool) -> dict:
+def _layer_programs(graphdef, state_def, backend: str, merge_copy: bool, gemm_sms: int | None = None) -> dict:
     """Jitted programs of one layer with its graph and static options closed over: a call passes the state's
     leaves and hashes only arrays (a static GraphDef argument is hashed on every call, ~0.1 ms a layer).
     Keys: ("layer", absorbed), ("route", absorbed), "expert"; the layer's pages (argument 5) are donated."""
@@ -185,14 +192,15 @@ def _layer_programs(graphdef, state_def, backend: str, merge_copy: bool) -> dict
     for absorbed in (False, True):
         programs["layer", absorbed] = jax.jit(
             lambda leaves, buffers, slots, x, positions, pages, meta, absorbed=absorbed: _layer_step(
-                graphdef, state(leaves), buffers, slots, x, positions, pages, meta, absorbed, backend, merge_copy),
+                graphdef, state(leaves), buffers, slots, x, positions, pages, meta, absorbed, backend, merge_copy,
+                gemm_sms),
             donate_argnums=5)
         programs["route", absorbed] = jax.jit(
             lambda leaves, x, positions, pages, meta, absorbed=absorbed: _route_step(
                 graphdef, state(leaves), x, positions, pages, meta, absorbed),
             donate_argnums=3)
     programs["expert"] = jax.jit(lambda leaves, buffers, slots, x, ids, weights: _expert_step(
-        graphdef, state(leaves), buffers, slots, x, ids, weights, backend, merge_copy))
+        graphdef, state(leaves), buffers, slots, x, ids, weights, backend, merge_copy, gemm_sms))
     return programs
 
 
@@ -251,7 +259,8 @@ class DwdpRank:
             leaves, state_def = jax.tree.flatten(state)
             self._layer_leaves.append(leaves)
             moe = cfg.is_moe_layer(i)
-            self._programs.append(_layer_programs(graph, state_def, dwdp.expert_backend, dwdp.merge_copy and moe))
+            self._programs.append(_layer_programs(graph, state_def, dwdp.expert_backend, dwdp.merge_copy and moe,
+                                                  dwdp.gemm_sms))
         self.expert_buffers = {i: layer.mlp.experts.weights() for i, layer in enumerate(layers) if layer.is_moe}
         self.moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
         self.order = source_order(rank, dwdp.group_size, dwdp.staggered)
@@ -275,6 +284,25 @@ class DwdpRank:
 
     def reset_counters(self) -> None:
         self.counters = collections.Counter()
+
+    def replace_expert_arrays(self, layer: int, replacement: dict[int, jax.Array]) -> None:
+        """Makes `layer`'s local experts read from other memory holding the same values: `replacement` maps the
+        device address of each expert array to replace (its `unsafe_buffer_pointer`) to its substitute. Used when
+        the exported copy must live in memory peers can open (CUDA IPC): the rank then computes from the very
+        memory it exports and holds each buffer once."""
+        address = lambda a: a.unsafe_buffer_pointer() if isinstance(a, jax.Array) else None
+        leaves = [replacement.get(address(x), x) for x in self._layer_leaves[layer]]
+        swapped = sum(new is not old for new, old in zip(leaves, self._layer_leaves[layer]))
+        if swapped != len(replacement):
+            raise ValueError(f"layer {layer}: {len(replacement)} expert arrays to replace, {swapped} found among "
+                             "the layer's parameters")
+        graph, state = self.layers[layer]
+        self._layer_leaves[layer] = leaves
+        self.layers[layer] = (graph, jax.tree.unflatten(jax.tree.structure(state), leaves))
+        w = self.expert_buffers[layer]
+        self.expert_buffers[layer] = dataclasses.replace(w, **{
+            f: replacement.get(address(getattr(w, f)), getattr(w, f))
+            for f in ("w_gate_up", "w_down", "s_gate_up", "s_down") if getattr(w, f) is not None})
 
     def local_experts(self, layer: int) -> ExpertWeights:
         """This rank's expert buffer of decoder layer `layer` (what peers copy from)."""

@@ -10,7 +10,9 @@ Protocol (keys under the group's namespace in the coordination service; every wa
   1. hello: each process publishes its local rank count, host and a fingerprint of (model config, placement,
      DWDP config, transport); every process checks that all fingerprints agree and the ranks add up to G.
   2. exports: each local rank exports its expert buffers (every MoE layer, every field) and publishes their
-     descriptors under `exports/rank<r>`.
+     descriptors under `exports/rank<r>`. Where a buffer's memory cannot be exported (XLA's allocator under jax
+     0.11.2 / CUDA 13 gives memory cudaIpcGetMemHandle refuses), the transport copies it into memory that can
+     be, and the rank computes from that copy from then on (`DwdpRank.replace_expert_arrays`).
   3. imports: each process reads every remote rank's descriptors and opens them for each local device.
   4. ready: a barrier; then the ranks serve independently.
   5. close (`DwdpProcessGroup.close`): barrier `stopped` (nobody reads peers any more), unmap the imports,
@@ -126,6 +128,12 @@ class DwdpProcessGroup:
     def _export(self) -> None:
         for rank in self.ranks:
             layers = sorted(rank.expert_buffers)
+            for i in layers:
+                old = _buffers(rank.expert_buffers[i])
+                new = self.transport.exportable(old)
+                moved = {a.unsafe_buffer_pointer(): b for a, b in zip(old, new) if b is not a}
+                if moved:
+                    rank.replace_expert_arrays(i, moved)
             arrays = [a for i in layers for a in _buffers(rank.expert_buffers[i])]
             descriptors = iter(dict(d, source=rank.rank) for d in self.transport.export(arrays))
             table = {str(i): {f: next(descriptors) for f in _FIELDS if getattr(rank.expert_buffers[i], f) is not None}

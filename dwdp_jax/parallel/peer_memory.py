@@ -35,6 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dwdp_jax.parallel.dlpack_alias import alias
+
 _ALIGN = 256  # bytes: offsets of buffers inside a shared-memory segment
 _IPC_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess: a mapping on another GPU enables peer access
 
@@ -121,6 +123,12 @@ class Transport:
     """Export and open expert buffers across processes (see the module docstring)."""
 
     name = "base"
+
+    def exportable(self, arrays: Sequence[jax.Array]) -> list[jax.Array]:
+        """`arrays` in memory this transport can export, with the same values: each array itself where its memory
+        already is, else a copy the caller must use in its place (`DwdpRank.replace_expert_arrays`), so that the
+        owner computes from the memory its peers read and holds each buffer once."""
+        return list(arrays)
 
     def export(self, arrays: Sequence[jax.Array]) -> list[dict]:
         """JSON-able descriptors of `arrays` (each on one device), in order; keeps them alive until
@@ -227,6 +235,20 @@ def allocation_range(pointer: int) -> tuple[int, int]:
     return base.value, size.value
 
 
+def ipc_exportable_copy(a: jax.Array) -> jax.Array:
+    """A copy of GPU array `a` in its own cudaMalloc allocation (exportable through legacy IPC), as a jax.Array of
+    a's dtype and shape over that memory; the allocation is freed with the last array over it."""
+    import cupy as cp
+
+    (device,) = a.devices()
+    with cp.cuda.Device(cuda_ordinal(device)):
+        memory = cp.cuda.Memory(max(int(a.nbytes), 1))  # cudaMalloc itself, not CuPy's pool
+        cp.cuda.runtime.memcpy(memory.ptr, jax.block_until_ready(a).unsafe_buffer_pointer(), int(a.nbytes),
+                               cp.cuda.runtime.memcpyDeviceToDevice)
+        cp.cuda.runtime.deviceSynchronize()
+    return alias(memory.ptr, a.shape, a.dtype, device, memory)
+
+
 class CudaIpcTransport(Transport):
     """CUDA IPC memory handles, for processes on one host (any GPUs of it: one process per GPU, or several
     processes sharing a GPU). A descriptor: the allocation's handle, the buffer's offset in it, the host name
@@ -240,27 +262,43 @@ class CudaIpcTransport(Transport):
         self._exported: list[jax.Array] = []
         self._handles: dict[int, bytes] = {}  # allocation base -> its IPC handle
         self._opened: dict[tuple[int, str], int] = {}  # (reading ordinal, handle) -> mapped base
+        self.relocated = 0  # arrays copied out of XLA's memory by `exportable` (XLA's allocator not IPC-capable)
 
-    def export(self, arrays):
-        import cupy as cp
-
+    def exportable(self, arrays):
         out = []
         for a in jax.block_until_ready(list(arrays)):
-            (device,) = a.devices()
-            pointer = a.unsafe_buffer_pointer()
-            with cp.cuda.Device(cuda_ordinal(device)):
-                base, size = allocation_range(pointer)
-                if base not in self._handles:
-                    try:
-                        self._handles[base] = cp.cuda.runtime.ipcGetMemHandle(base)
-                    except cp.cuda.runtime.CUDARuntimeError as e:
-                        raise RuntimeError(
-                            f"cudaIpcGetMemHandle of XLA's allocation at 0x{base:x} failed ({e}): legacy IPC handles "
-                            "need cudaMalloc/cuMemAlloc memory; with XLA_PYTHON_CLIENT_ALLOCATOR=cuda_async or a "
-                            "VMM allocator use XLA_PYTHON_CLIENT_ALLOCATOR=platform (or the default bfc)") from e
+            try:
+                self._allocation_handle(a)
+                out.append(a)
+            except RuntimeError:  # e.g. XLA's allocator gives VMM or pool memory (seen with jax 0.11.2 / CUDA 13)
+                out.append(ipc_exportable_copy(a))
+                self.relocated += 1
+        return out
+
+    def _allocation_handle(self, a: jax.Array) -> tuple[int, int]:
+        """(base, bytes) of the allocation holding `a`, its IPC handle made once (RuntimeError if it cannot be)."""
+        import cupy as cp
+
+        (device,) = a.devices()
+        with cp.cuda.Device(cuda_ordinal(device)):
+            base, size = allocation_range(a.unsafe_buffer_pointer())
+            if base not in self._handles:
+                try:
+                    self._handles[base] = cp.cuda.runtime.ipcGetMemHandle(base)
+                except cp.cuda.runtime.CUDARuntimeError as e:
+                    raise RuntimeError(
+                        f"cudaIpcGetMemHandle of the allocation at 0x{base:x} failed ({e}): legacy IPC handles need "
+                        "cudaMalloc/cuMemAlloc memory; pass the arrays through `exportable` first") from e
+        return base, size
+
+    def export(self, arrays):
+        out = []
+        for a in jax.block_until_ready(list(arrays)):
+            base, size = self._allocation_handle(a)
             self._exported.append(a)
-            out.append(_descriptor(a, transport=self.name, handle=self._handles[base].hex(), offset=pointer - base,
-                                   allocation_bytes=size, host=socket.gethostname()))
+            out.append(_descriptor(a, transport=self.name, handle=self._handles[base].hex(),
+                                   offset=a.unsafe_buffer_pointer() - base, allocation_bytes=size,
+                                   host=socket.gethostname()))
         return out
 
     def open(self, descriptor, device):
