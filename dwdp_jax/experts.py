@@ -117,44 +117,60 @@ def combine_sorted(y_sorted, order, weights_tk) -> jax.Array:
     return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
 
-def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, rows=None) -> jax.Array:
+def _gemm_config(num_sms, m: int, groups: int, n: int, fp8: bool):
+    """The grouped GEMM's default tiles on a persistent grid of `num_sms` CTAs (None: the kernel's own choice, one
+    CTA per SM)."""
+    if num_sms is None:
+        return None
+    from pallas_kernels import grouped_gemm as gg
+
+    return dataclasses.replace(gg.default_config(m, groups, n, fp8=fp8), num_sms=num_sms)
+
+
+def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, rows=None, num_sms=None) -> jax.Array:
     """GPU path: SwiGLU FFN over rows sorted by group with the Mosaic GPU grouped GEMMs of
     `pallas_kernels.grouped_gemm`, which read every weight buffer in place. where: [groups, 2] (buffer, slot).
     rows: [M] int32, when given, x_sorted holds one row per token and row r of the sorted input is
     x_sorted[rows[r]] (FP8 experts then quantize each token once, before the top_k replication, and gather the
-    e4m3 rows). Rows past sum(sizes) come out as zeros. Returns [M, hidden] bfloat16."""
+    e4m3 rows). num_sms: the GEMMs' persistent CTAs (None: one per SM; fewer leave SMs to a kernel running beside
+    them, e.g. the `pallas_async` fetch). Rows past sum(sizes) come out as zeros. Returns [M, hidden] bfloat16."""
     from pallas_kernels import grouped_gemm as gg
 
     d = x_sorted.shape[-1]
+    m, groups = (x_sorted.shape[0] if rows is None else rows.shape[0]), sizes.shape[0]
     x_sorted = _pad_cols(x_sorted.astype(jnp.bfloat16), buffers[0].hidden)
     if buffers[0].s_gate_up is not None:
         xq, xs = gg.quantize_activations(x_sorted)
         if rows is not None:
             xq, xs = xq[rows], xs[rows]
         h = gg.grouped_gemm_fp8(xq, sizes, [b.w_gate_up for b in buffers], [b.s_gate_up for b in buffers],
-                                where, out_dtype=jnp.bfloat16, x_scale=xs)
+                                where, out_dtype=jnp.bfloat16, x_scale=xs,
+                                config=_gemm_config(num_sms, m, groups, buffers[0].w_gate_up.shape[1], True))
         gate, up = jnp.split(h, 2, axis=-1)
         a = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(jnp.bfloat16)
         return gg.grouped_gemm_fp8(a, sizes, [b.w_down for b in buffers], [b.s_down for b in buffers], where,
-                                   out_dtype=jnp.bfloat16)[:, :d]
+                                   out_dtype=jnp.bfloat16,
+                                   config=_gemm_config(num_sms, m, groups, buffers[0].w_down.shape[1], True))[:, :d]
     if rows is not None:
         x_sorted = x_sorted[rows]
     h = gg.grouped_gemm(x_sorted, sizes, [b.w_gate_up.astype(jnp.bfloat16) for b in buffers], where,
-                        out_dtype=jnp.bfloat16)
+                        out_dtype=jnp.bfloat16,
+                        config=_gemm_config(num_sms, m, groups, buffers[0].w_gate_up.shape[2], False))
     gate, up = jnp.split(h, 2, axis=-1)
     a = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(jnp.bfloat16)
     return gg.grouped_gemm(a, sizes, [b.w_down.astype(jnp.bfloat16) for b in buffers], where,
-                           out_dtype=jnp.bfloat16)[:, :d]
+                           out_dtype=jnp.bfloat16,
+                           config=_gemm_config(num_sms, m, groups, buffers[0].w_down.shape[2], False))[:, :d]
 
 
-def _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot) -> jax.Array:
+def _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot, num_sms=None) -> jax.Array:
     t, k = expert_ids_tk.shape
     flat_ids = expert_ids_tk.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     token_of_row = order // k
     sizes = jnp.zeros((expert_buffer.shape[0],), jnp.int32).at[flat_ids].add(1)
     where = jnp.stack([expert_buffer, expert_slot], axis=-1)
-    y = pallas_sorted_ffn(x_td, sizes, buffers, where, rows=token_of_row)
+    y = pallas_sorted_ffn(x_td, sizes, buffers, where, rows=token_of_row, num_sms=num_sms)
     return combine_sorted(y, order, weights_tk).astype(x_td.dtype)
 
 
@@ -167,15 +183,17 @@ def split_weight_ffn(
     expert_slot: jax.Array,
     compute_dtype=None,
     backend: str = "jnp",
+    gemm_sms: int | None = None,
 ) -> jax.Array:
     """Routed-expert output with experts spread over several weight buffers.
 
     expert_buffer, expert_slot: [n_routed_experts] int32: global expert e lives in buffers[expert_buffer[e]]
     at index expert_slot[e]. Every routed expert must be present in some buffer (DWDP guarantees this by
-    fetching misses on demand). Returns y_td [tokens, hidden] in x's dtype.
+    fetching misses on demand). gemm_sms: the Pallas backend's GEMM grid (`pallas_sorted_ffn`'s num_sms).
+    Returns y_td [tokens, hidden] in x's dtype.
     """
     if backend == "pallas":
-        return _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot)
+        return _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot, gemm_sms)
     if backend != "jnp":
         raise ValueError(f"expert backend must be 'jnp' or 'pallas', got {backend!r}")
     compute_dtype = compute_dtype or x_td.dtype

@@ -24,3 +24,13 @@ def on_gpu() -> bool:
 
 def num_sms() -> int:
   return jax.devices()[0].core_count
+
+
+def on_stream(fn, stream: int):
+  """`fn` as a call that XLA runs on GPU stream `stream` beside the program's other work (XLA's stream
+  annotation: `call-start`/`call-done` around it, flag `xla_gpu_experimental_stream_annotation`). The
+  function form is `compute_on2` in 0.10.2 and `compute_on` in 0.11; outputs stay in device memory."""
+  from jax.experimental import compute_on
+
+  wrap = compute_on.compute_on if JAX_VERSION >= (0, 11) else compute_on.compute_on2
+  return wrap(fn, compute_type=f"gpu_stream:{stream}", out_memory_spaces=jax.memory.Space.Device)

@@ -21,6 +21,12 @@ the other SMs to the grouped GEMM. `bench()` sweeps num_sms x max_in_flight to p
 In remote mode each CTA signals the peer when its loads are done, and CTA 0 of every device waits
 for the signals of its `num_readers` readers before the kernel ends, so no device's buffer is
 released while a peer still reads it.
+
+The kernel reads what to copy from a header in GPU memory, [count, first, id_0, ..., id_{capacity-1}]
+(`gather_header`): out[first + i] = src[id_i] for i < count, other rows untouched. `fetch_experts` builds
+it with jnp; `gather_kernel` exposes the kernel itself, so that a caller outside XLA can compile it once
+and launch it on a stream of its own with a header it wrote (`pallas_kernels/stream_launch.py`): one
+compiled kernel then serves any expert list and any staging position (DWDP's planned subset fetches).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -39,6 +46,7 @@ from pallas_kernels import _compat
 
 
 METHODS = ("tma_pull", "tma_push", "ld_pull")
+HEADER = 2  # [count, first] before the expert ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +79,17 @@ class RemoteDmaConfig:
 def reference(src, expert_ids):
   """staging[i] = src[expert_ids[i]] (ids clamped to the buffer, like the kernel)."""
   return src[jnp.clip(expert_ids, 0, src.shape[0] - 1)]
+
+
+def gather_header(expert_ids, first: int, capacity: int, num_src: int) -> np.ndarray:
+  """The kernel's header (host side): [count, first, ids clamped to [0, num_src), zeros up to capacity]."""
+  ids = np.clip(np.asarray(expert_ids, np.int64).reshape(-1), 0, num_src - 1)
+  if ids.size > capacity or first < 0:
+    raise ValueError(f"{ids.size} ids at position {first} do not fit a header of capacity {capacity}")
+  hdr = np.zeros(HEADER + capacity, np.int32)
+  hdr[0], hdr[1] = ids.size, first
+  hdr[HEADER:HEADER + ids.size] = ids
+  return hdr
 
 
 def _tile_shape(r, c, itemsize, cfg):
@@ -115,11 +134,11 @@ def _peer(peer_offset, axis_name, sign):
                  lax.axis_size(axis_name))
 
 
-def _body_tma(ids_ref, src_ref, out_ref, *, cfg, br, bc, n_sel, peer_offset, axis_name):
+def _body_tma(hdr_ref, src_ref, out_ref, *, cfg, br, bc, peer_offset, axis_name):
   _, r, c = src_ref.shape
   rb, cb = r // br, c // bc
   per_expert = rb * cb
-  n_items = n_sel * per_expert
+  n_items, first = hdr_ref[0] * per_expert, hdr_ref[1]
   stages, nsm = cfg.max_in_flight, cfg.num_sms
   sm = lax.axis_index("sm")
   n_local = lax.div(n_items - sm + nsm - 1, nsm)
@@ -135,7 +154,7 @@ def _body_tma(ids_ref, src_ref, out_ref, *, cfg, br, bc, n_sel, peer_offset, axi
     item = sm + it * nsm
     e, rest = lax.div(item, per_expert), lax.rem(item, per_expert)
     rows, cols = pl.ds(lax.div(rest, cb) * br, br), pl.ds(lax.rem(rest, cb) * bc, bc)
-    return src.at[ids_ref[e], rows, cols], out.at[e, rows, cols]
+    return src.at[hdr_ref[HEADER + e], rows, cols], out.at[first + e, rows, cols]
 
   @functools.partial(
       pl.run_scoped,
@@ -165,11 +184,11 @@ def _body_tma(ids_ref, src_ref, out_ref, *, cfg, br, bc, n_sel, peer_offset, axi
     _handshake(sm, nsm, partner)
 
 
-def _body_ld(ids_ref, src_ref, out_ref, *, cfg, tile, vec, n_sel, peer_offset, axis_name, interpret):
+def _body_ld(hdr_ref, src_ref, out_ref, *, cfg, tile, vec, peer_offset, axis_name, interpret):
   """src_ref [E, F] and out_ref [n, F]: experts flattened; work items are `tile`-element slices.
   The layout hint (strided, `vec` elements per thread per access) has no interpret-mode rule."""
   per_expert = src_ref.shape[1] // tile
-  n_items = n_sel * per_expert
+  n_items, first = hdr_ref[0] * per_expert, hdr_ref[1]
   nsm = cfg.num_sms
   sm = lax.axis_index("sm")
   n_local = lax.div(n_items - sm + nsm - 1, nsm)
@@ -183,10 +202,10 @@ def _body_ld(ids_ref, src_ref, out_ref, *, cfg, tile, vec, n_sel, peer_offset, a
     item = sm + it * nsm
     e, part = lax.div(item, per_expert), lax.rem(item, per_expert)
     cols = pl.ds(part * tile, tile)
-    vals = src.at[ids_ref[e]][cols]
+    vals = src.at[hdr_ref[HEADER + e]][cols]
     if not interpret:
       vals = plgpu.layout_cast(vals, plgpu.Layout.WG_STRIDED((tile,), vec_size=vec))
-    out_ref.at[e][cols] = vals
+    out_ref.at[first + e][cols] = vals
 
   if partner is not None:
     _handshake(sm, nsm, partner)
@@ -220,25 +239,50 @@ def fetch_experts(src, expert_ids, *, peer_offset: int | None = None, axis_name:
   e, r, c = src.shape
   n_sel = expert_ids.shape[0]
   ids = jnp.clip(expert_ids.astype(jnp.int32), 0, e - 1)
-  common = dict(cfg=config, n_sel=n_sel, peer_offset=peer_offset, axis_name=axis_name)
+  hdr = jnp.concatenate([jnp.array([n_sel, 0], jnp.int32), ids])
+  call, operand_shape, _ = gather_kernel(src.shape, src.dtype, n_sel, config=config,
+                                         peer_offset=peer_offset, axis_name=axis_name, interpret=interpret)
+  return call(hdr, src.reshape(operand_shape)).reshape(n_sel, r, c)
+
+
+def gather_kernel(src_shape, dtype, out_experts: int, *, config: RemoteDmaConfig = RemoteDmaConfig(),
+                  peer_offset: int | None = None, axis_name: str | None = None, interpret: bool = False):
+  """The Mosaic GPU kernel itself: call(header, src) -> out with out[first + i] = src[id_i] for i < count.
+
+  Args:
+    src_shape, dtype: the source buffer [E, R, C].
+    out_experts: experts in the output buffer (rows outside [first, first + count) are not written:
+      undefined in a fresh output, untouched in a buffer the caller passes in place of it).
+  The header is any [HEADER + capacity] int32 (`gather_header`); its length is part of the call's signature.
+  Returns:
+    (call, operand shape, output shape): the kernel's own layout ([E, R, C], or [E, R * C] for ld_pull),
+    a view of the same bytes.
+  """
+  e, r, c = src_shape
+  dtype = jnp.dtype(dtype)
+  common = dict(cfg=config, peer_offset=peer_offset, axis_name=axis_name)
   if config.method == "ld_pull":
-    tile, vec = _flat_tile(r * c, src.dtype.itemsize, config)
+    tile, vec = _flat_tile(r * c, dtype.itemsize, config)
     body = functools.partial(_body_ld, tile=tile, vec=vec, interpret=interpret, **common)
-    operand, out_shape = src.reshape(e, r * c), (n_sel, r * c)
+    operand_shape, out_shape = (e, r * c), (out_experts, r * c)
   else:
-    br, bc = _tile_shape(r, c, src.dtype.itemsize, config)
+    br, bc = _tile_shape(r, c, dtype.itemsize, config)
     body = functools.partial(_body_tma, br=br, bc=bc, **common)
-    operand, out_shape = src, (n_sel, r, c)
+    operand_shape, out_shape = (e, r, c), (out_experts, r, c)
+
+  def remote_dma_gather(*refs):  # the name profiles show (kernel "remote_dma_gather...")
+    body(*refs)
+
   call = plgpu.kernel(
-      body,
-      out_type=jax.ShapeDtypeStruct(out_shape, src.dtype),
+      remote_dma_gather,
+      out_type=jax.ShapeDtypeStruct(out_shape, dtype),
       grid=(config.num_sms,),
       grid_names=("sm",),
       # Lane semantics: the warpgroup lowering does not take refs with peer ids.
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
       interpret=_compat.InterpretGPUParams() if interpret else None,
   )
-  return call(ids, operand).reshape(n_sel, r, c)
+  return call, operand_shape, out_shape
 
 
 # ---------------------------------------------------------------------------------------------

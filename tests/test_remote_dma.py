@@ -108,3 +108,26 @@ def test_ring_fetch_multigpu():
       want = rd.reference(shards[(d + 1) % n].data, ids)
       np.testing.assert_array_equal(np.asarray(shard.data[0].astype(jnp.float32)),
                                     np.asarray(want.astype(jnp.float32)))
+
+
+def test_gather_header():
+  hdr = rd.gather_header([4, 9, 0], first=2, capacity=5, num_src=6)
+  np.testing.assert_array_equal(hdr, [3, 2, 4, 5, 0, 0, 0])  # id 9 clamped to 5
+  with pytest.raises(ValueError, match="capacity"):
+    rd.gather_header(range(6), first=0, capacity=5, num_src=6)
+
+
+@pytest.mark.parametrize("cfg", [rd.RemoteDmaConfig(num_sms=3, block_rows=32, max_in_flight=2),
+                                 rd.RemoteDmaConfig(num_sms=2, method="ld_pull", tile_bytes=8192)],
+                         ids=["tma_pull", "ld_pull"])
+def test_gather_kernel_reads_count_and_position_from_the_header(cfg):
+  """One compiled kernel for any expert list and staging position (what a side-stream launch reuses): two
+  headers through the same jitted call, each writing exactly its rows."""
+  e, r, c, out_e = 6, 64, 256, 8
+  src = random_buffer(jax.random.key(7), (e, r, c), jnp.bfloat16)
+  call, operand_shape, out_shape = rd.gather_kernel((e, r, c), jnp.bfloat16, out_e, config=cfg, interpret=not ON_GPU)
+  f = jax.jit(lambda hdr, s: call(hdr, s.reshape(operand_shape)).reshape(out_e, r, c))
+  for ids, first in (([5, 1, 1], 4), ([0, 3, 2, 4, 5], 0)):
+    out = np.asarray(f(jnp.asarray(rd.gather_header(ids, first, out_e, e)), src).astype(jnp.float32))
+    np.testing.assert_array_equal(out[first:first + len(ids)], np.asarray(src.astype(jnp.float32))[ids])
+  assert out_shape[0] == out_e and f._cache_size() == 1

@@ -476,8 +476,9 @@ _INTERPRET_LOCK = threading.Lock()
 
 
 def fetch_backend(name: str, slots: int = 3) -> FetchBackend:
-    """A fetch backend by name: device_put, copy_engine (host-ordered), copy_engine_stream (device-ordered) or
-    pallas_pull (the Pallas remote-DMA kernel reading peer memory in place, on the compute stream)."""
+    """A fetch backend by name: device_put, copy_engine (host-ordered), copy_engine_stream (device-ordered),
+    pallas_pull (the Pallas remote-DMA kernel reading peer memory in place, on the compute stream) or pallas_async
+    (the same kernel on a side stream beside the layer programs, device-ordered: `pallas_async.py`)."""
     if name == "device_put":
         return DevicePutFetch()
     if name == "copy_engine":
@@ -486,8 +487,12 @@ def fetch_backend(name: str, slots: int = 3) -> FetchBackend:
         return StreamOrderedPull(slots=slots)
     if name == "pallas_pull":
         return PallasPull()
-    raise ValueError(f"unknown fetch backend {name!r}: use device_put, copy_engine, copy_engine_stream or "
-                     "pallas_pull")
+    if name == "pallas_async":
+        from dwdp_jax.parallel.pallas_async import PallasAsyncPull
+
+        return PallasAsyncPull(slots=slots)
+    raise ValueError(f"unknown fetch backend {name!r}: use device_put, copy_engine, copy_engine_stream, "
+                     "pallas_pull or pallas_async")
 
 
 def _copy_async(dst: int, dst_device, src: int, src_device, nbytes: int, stream: int) -> None:
