@@ -26,7 +26,7 @@ from flax import nnx, traverse_util  # noqa: E402
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from dwdp_jax import checkpoint, convert, from_hf_json, load_model  # noqa: E402
+from dwdp_jax import checkpoint, convert, convert_plan, convert_source, from_hf_json, load_model  # noqa: E402
 from dwdp_jax.planner.placement import Placement  # noqa: E402
 from dwdp_jax.safetensors_io import CheckpointError  # noqa: E402
 from tests import convert_util  # noqa: E402
@@ -200,8 +200,8 @@ def test_bf16_policy_matches_dequantizing_loader(ckpts, tmp_path):
 def test_small_items_split_arrays_into_slabs(ckpts, tmp_path, monkeypatch):
     """Tiny items: copies split by rows, transposes by columns (whole FP8 blocks when dequantizing), experts by
     expert; each slab is a leaf of its own item and the restore concatenates them, on the host and on a device."""
-    monkeypatch.setattr(convert, "ITEM_BYTES", 2048)
-    monkeypatch.setattr(convert, "CHUNK_BYTES", 300)
+    monkeypatch.setattr(convert_plan, "ITEM_BYTES", 2048)
+    monkeypatch.setattr(convert_source, "CHUNK_BYTES", 300)
     out = tmp_path / "out"
     assert _cli(f"--input={ckpts['fp8']}", f"--output={out}", "--dtype_policy=bf16", "--group_size=2", "--verify") == 0
     meta = checkpoint.read_metadata(out)
