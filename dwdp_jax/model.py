@@ -93,9 +93,10 @@ class Linear(nnx.Module):
             d % 128 for d in self.kernel.shape)
 
     def __call__(self, x):
-        if self.fp8_matmul != "dequantize" and self.fp8_kernel_applies():
-            return self._fp8_kernel(x, interpret=self.fp8_matmul == "pallas_interpret")
-        return jnp.dot(x, self.weight(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        with jax.named_scope("linear"):  # named scopes: the profile's categories (experiments/engine_profile.py)
+            if self.fp8_matmul != "dequantize" and self.fp8_kernel_applies():
+                return self._fp8_kernel(x, interpret=self.fp8_matmul == "pallas_interpret")
+            return jnp.dot(x, self.weight(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
     def _fp8_kernel(self, x, interpret: bool):
         from pallas_kernels import grouped_gemm as gg
@@ -188,13 +189,15 @@ class MoE(nnx.Module):
         )
 
     def route(self, x_td):
-        return route(x_td, self.router[...], self.bias[...], self.cfg)
+        with jax.named_scope("router"):
+            return route(x_td, self.router[...], self.bias[...], self.cfg)
 
     def apply(self, x_bsd, expert_ids_tk, weights_tk, executor: ExpertExecutor):
         """Routed experts (as already routed: [b*s, k] ids and weights) plus shared experts: [b, s, d]."""
         b, s, d = x_bsd.shape
         x_td = x_bsd.reshape(b * s, d)
-        y = executor(x_td, expert_ids_tk, weights_tk, self.experts.weights())
+        with jax.named_scope("routed_experts"):
+            y = executor(x_td, expert_ids_tk, weights_tk, self.experts.weights())
         if self.shared is not None:
             y = y + self.shared(x_td)
         return y.reshape(b, s, d)
@@ -303,7 +306,8 @@ class MLA(nnx.Module):
         Matmuls in the activation dtype with float32 accumulation; softmax in float32."""
         cfg = self.cfg
         dt = q_nope.dtype
-        kv = jnp.einsum("bkc,chn->bkhn", latent, self._kv_b(dt), preferred_element_type=jnp.float32).astype(dt)
+        with jax.named_scope("kv_b"):
+            kv = jnp.einsum("bkc,chn->bkhn", latent, self._kv_b(dt), preferred_element_type=jnp.float32).astype(dt)
         k_nope, v = kv[..., : cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim :]
 
         def rows(q_nope, q_pe, mask):
@@ -318,9 +322,10 @@ class MLA(nnx.Module):
         """Weight-absorbed form (decode): queries projected into the latent space, attention over the latent."""
         cfg = self.cfg
         dt = q_nope.dtype
-        w = self._kv_b(dt)
-        w_k, w_v = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim :]
-        q_lat = jnp.einsum("bqhn,chn->bqhc", q_nope, w_k, preferred_element_type=jnp.float32).astype(dt)
+        with jax.named_scope("kv_b"):
+            w = self._kv_b(dt)
+            w_k, w_v = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim :]
+            q_lat = jnp.einsum("bqhn,chn->bqhc", q_nope, w_k, preferred_element_type=jnp.float32).astype(dt)
         lat = latent.astype(dt)
 
         def rows(q_lat, q_pe, mask):
@@ -329,7 +334,8 @@ class MLA(nnx.Module):
             probs = self._softmax(scores, mask).astype(dt)
             # "bhqk,bkc->bhqc" rather than "->bqhc": XLA's CPU backend has no bf16 x bf16 -> f32 dot for the latter.
             out_lat = jnp.einsum("bhqk,bkc->bhqc", probs, lat, preferred_element_type=jnp.float32).astype(dt)
-            return jnp.einsum("bhqc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
+            with jax.named_scope("kv_b"):
+                return jnp.einsum("bhqc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
 
         return over_query_chunks(rows, (q_lat, q_pe), mask, cfg.num_heads)
 
@@ -349,20 +355,23 @@ class MLA(nnx.Module):
         latent, k_pe = self._latent(x_bsd, cos, sin)
         if kv is not None and not isinstance(kv, LayerKV):  # a paged cache (`dwdp_jax.paged_attention`)
             kv = kv.write(latent, k_pe, positions_bs)
-            out = kv.attend(self, q_nope, q_pe, positions_bs, absorbed).astype(x_bsd.dtype)
+            with jax.named_scope("attend"):
+                out = kv.attend(self, q_nope, q_pe, positions_bs, absorbed).astype(x_bsd.dtype)
             return self.o_proj(out.reshape(*x_bsd.shape[:2], -1)), kv
         if kv is None:
             mask = positions_bs[:, None, :] <= positions_bs[:, :, None]
         else:
             rows = jnp.arange(x_bsd.shape[0])[:, None]
-            kv = LayerKV(
-                kv.latent.at[rows, positions_bs].set(latent.astype(kv.latent.dtype)),
-                kv.k_pe.at[rows, positions_bs].set(k_pe.astype(kv.k_pe.dtype)),
-            )
+            with jax.named_scope("kv_cache"):
+                kv = LayerKV(
+                    kv.latent.at[rows, positions_bs].set(latent.astype(kv.latent.dtype)),
+                    kv.k_pe.at[rows, positions_bs].set(k_pe.astype(kv.k_pe.dtype)),
+                )
             latent, k_pe = kv.latent, kv.k_pe
             mask = jnp.arange(latent.shape[1])[None, None, :] <= positions_bs[:, :, None]
         attend = self._attend_absorbed if absorbed else self._attend_expanded
-        out = attend(q_nope, q_pe, latent, k_pe, mask).astype(x_bsd.dtype)
+        with jax.named_scope("attend"):
+            out = attend(q_nope, q_pe, latent, k_pe, mask).astype(x_bsd.dtype)
         return self.o_proj(out.reshape(*x_bsd.shape[:2], -1)), kv
 
 

@@ -89,12 +89,14 @@ class PagedKV:
         pos = jnp.where(real, positions_bs, 0)
         page = jnp.take_along_axis(self.block_table, pos // self.page_size, axis=1)
         page = jnp.where(real, page, self.pages.shape[0] - 1)
-        return self.with_pages(self.pages.at[page, pos % self.page_size].set(rows))
+        with jax.named_scope("kv_cache"):  # the profile's categories (experiments/engine_profile.py)
+            return self.with_pages(self.pages.at[page, pos % self.page_size].set(rows))
 
     def gather_rows(self):
         """Every row's cached tokens in order: [b, max_pages * page_size, width] (the einsum path's view)."""
         b = self.block_table.shape[0]
-        return self.pages[self.block_table].reshape(b, -1, self.pages.shape[-1])
+        with jax.named_scope("kv_cache"):
+            return self.pages[self.block_table].reshape(b, -1, self.pages.shape[-1])
 
     def attend(self, mla, q_nope, q_pe, positions_bs, absorbed: bool):
         """Attention of the step's queries (q_nope [b, s, h, nope], rotated q_pe [b, s, h, rope]) over the
@@ -125,23 +127,26 @@ class PagedKV:
     def _attend_decode_kernel(self, mla, q_nope, q_pe):
         cfg = mla.cfg
         dt = q_nope.dtype
-        w = mla._kv_b(dt)  # [kv_lora, heads, nope + v]
-        w_k, w_v = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
-        q_lat = jnp.einsum("bqhn,chn->bqhc", q_nope, w_k, preferred_element_type=jnp.float32)
+        with jax.named_scope("kv_b"):
+            w = mla._kv_b(dt)  # [kv_lora, heads, nope + v]
+            w_k, w_v = w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+            q_lat = jnp.einsum("bqhn,chn->bqhc", q_nope, w_k, preferred_element_type=jnp.float32)
         lw, rw = self.latent_width, self.pages.shape[-1] - self.latent_width
         pad = lambda x, width: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
         q = jnp.concatenate([pad(q_lat, lw), pad(q_pe.astype(jnp.float32), rw)], -1).astype(self.pages.dtype)
         out_lat, _ = mla_decode.mla_decode(q, self.pages, self.block_table, self.lengths, kv_lora_rank=lw,
                                            softmax_scale=cfg.softmax_scale, interpret=self.interpret)
         out_lat = out_lat[..., : cfg.kv_lora_rank].astype(dt)
-        return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
+        with jax.named_scope("kv_b"):
+            return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
 
     def _attend_prefill_kernel(self, mla, q_nope, q_pe):
         cfg = mla.cfg
         dt = self.pages.dtype
         latent, k_pe = self._split(self.gather_rows(), cfg)
-        kv = jnp.einsum("bkc,chn->bkhn", latent.astype(dt), mla._kv_b(dt),
-                        preferred_element_type=jnp.float32).astype(dt)
+        with jax.named_scope("kv_b"):
+            kv = jnp.einsum("bkc,chn->bkhn", latent.astype(dt), mla._kv_b(dt),
+                            preferred_element_type=jnp.float32).astype(dt)
         q = jnp.concatenate([q_nope, q_pe], -1).astype(dt)
         out, _ = mla_prefill.mla_prefill(q, kv, k_pe.astype(dt), self.q_lens, self.lengths,
                                          softmax_scale=cfg.softmax_scale, interpret=self.interpret)

@@ -18,11 +18,16 @@ through the engine's `ModelRunner` (its bucketed prefill and decode programs on 
     batch are the B-row step's choices).
 Times: median of `--repeats` steps after `--warmup` (each step blocks on its logits, as serving does); the
 first call (compile) is reported apart. `--time_budget_s` skips the points left when it runs out.
+`--profile`: the headline prefill point (best MFU) and the typical decode point are also profiled for
+`--profile_steps` steps (`experiments/engine_profile.py`): their rows (and the metrics) get a `breakdown` of a
+step: GPU time per category (attention, kv_b projections, expert GEMMs, dense GEMMs, quantization, weight
+dequantization, cache, router/MoE glue, other), GPU busy time, host wall and dispatch/idle; a failed profile
+is recorded as the row's `breakdown_error`, and the run exits non-zero after writing the results.
 
 GPU, one H200 (about 39 GB of weights; an H100 takes the same model with --prefill_prompt_len=2048, which
 quarters the prefill's [rows, heads, chunk, max_len] attention scores):
   DWDP_COMMIT=<sha> PYTHONUNBUFFERED=1 PYTHONPATH=. python3 experiments/bench_engine.py --device_kind=nvidia-h200 \
-      --out=$OUT 2>&1 | tee $OUT/bench_engine.log
+      --profile --out=$OUT 2>&1 | tee $OUT/bench_engine.log
 CPU smoke (tests/test_bench_engine.py): --preset=tiny --backend=jnp with tiny sizes.
 """
 
@@ -50,6 +55,7 @@ from dwdp_jax.engine.runner import Buckets, ModelRunner
 from dwdp_jax.engine.scheduler import DecodeItem, PrefillChunk
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
 from dwdp_jax.model import init_model, set_fp8_matmul
+from experiments import engine_profile
 from experiments.results_io import write_result
 
 flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
@@ -68,6 +74,11 @@ flags.DEFINE_float("time_budget_s", 240.0, "skip the points left after this many
 flags.DEFINE_integer("hbm_copy_mib", 4096, "size of the HBM bandwidth copy")
 flags.DEFINE_integer("peak_matmul_size", 8192, "M = N = K of the dense matmul peaks")
 flags.DEFINE_integer("seed", 0, "weights and inputs")
+flags.DEFINE_bool("profile", False, "profile the headline prefill and decode points: a per-step breakdown "
+                  "(GPU time per category, busy, dispatch/idle) in their rows (experiments/engine_profile.py)")
+flags.DEFINE_integer("profile_steps", 4, "engine steps profiled per point (prefill: whole calls of "
+                     "prompt_len / chunk steps, at least this many steps)")
+flags.DEFINE_string("profile_dir", "", "keep the profiles' traces under this directory (default: discarded)")
 flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the results file")
 flags.DEFINE_string("out", "experiments/results", "results directory")
 flags.DEFINE_string("tag", "", "suffix of the results file name")
@@ -277,20 +288,53 @@ class Sweep:
                    ints("decode_context"), typical, F.repeats, F.warmup)
 
 
+@dataclasses.dataclass(frozen=True)
+class Profiling:
+    """`--profile`: how many engine steps a profiled point runs, and where traces are kept ("": discarded)."""
+
+    steps: int
+    trace_dir: str = ""
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"--profile_steps must be >= 1, got {self.steps}")
+
+    def point(self, point: str, runner, call, steps_per_call: int, row: dict, budget, t0) -> None:
+        """Profiles whole calls of `call` (each `steps_per_call` engine steps) on `runner`; adds the per-step
+        breakdown to `row` (or the error, as `breakdown_error`)."""
+        if not budget.allows(f"profile {point}"):
+            log(t0, f"{point}: profile skipped (time budget)")
+            return
+        calls = -(-self.steps // steps_per_call)
+        trace_dir = os.path.join(self.trace_dir, re.sub(r"\W+", "_", point)) if self.trace_dir else None
+        t = time.perf_counter()
+        try:
+            b = engine_profile.profile_steps(runner, call, calls, steps_per_call, trace_dir)
+        except Exception as e:  # noqa: BLE001 (keep the measurements; main exits non-zero after writing them)
+            row["breakdown_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+            log(t0, f"{point}: PROFILE FAILED: {row['breakdown_error']}")
+            return
+        row["breakdown"] = engine_profile.with_unprofiled(b, row["step_s"])
+        log(t0, f"{point}: profiled {b['steps']} steps ({time.perf_counter() - t:.1f} s): GPU busy "
+                f"{b['gpu_busy_s'] * 1e3:.2f} ms of {b['wall_s'] * 1e3:.2f} ms wall per step (unprofiled step "
+                f"{row['step_s'] * 1e3:.2f} ms)" + "".join(f"; WARNING: {w}" for w in b["warnings"]))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Prefill and decode
 
 
 def run_prefill(model, cfg, executor, sweep: Sweep, peaks: dict, routed_fp8: bool, budget, t0, rng,
-                linears_fp8: bool = False) -> list[dict]:
+                linears_fp8: bool = False, profiling: Profiling | None = None) -> list[dict]:
     """One row per request count: n prompts per `runner.prefill` call, which runs them in prompt_len / chunk
-    steps of n x chunk tokens (the cache's max_len is the prompt length). peaks: TFLOP/s by dtype."""
+    steps of n x chunk tokens (the cache's max_len is the prompt length). peaks: TFLOP/s by dtype. profiling:
+    also profile the row of the best MFU (the headline)."""
     chunk, prompt_len = sweep.chunk, sweep.prompt_len
     rounds = prompt_len // chunk
     runner = ModelRunner(model, max(sweep.prefill_requests), prompt_len, executor=executor,
                          buckets=Buckets(tuple(sorted(set(sweep.prefill_requests))), (chunk,)))
     bf16_peak, fp8_peak = peaks["bf16"] * 1e12, peaks["fp8"] * 1e12
-    rows = []
+    rows, calls = [], {}
     for n in sweep.prefill_requests:
         point = f"prefill n={n} x {chunk}"
         if not budget.allows(point):
@@ -301,8 +345,9 @@ def run_prefill(model, cfg, executor, sweep: Sweep, peaks: dict, routed_fp8: boo
                   for i, p in enumerate(prompts)]
         row = dict(regime="prefill", requests=n, chunk=chunk, prompt_len=prompt_len, tokens_per_step=n * chunk,
                    steps_per_call=rounds)
+        calls[n] = functools.partial(runner.prefill, chunks)
         try:
-            first, call_s = median_time(functools.partial(runner.prefill, chunks), sweep.repeats, sweep.warmup)
+            first, call_s = median_time(calls[n], sweep.repeats, sweep.warmup)
         except Exception as e:  # noqa: BLE001 (e.g. out of memory at the largest step: keep the other points)
             row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
             rows.append(row)
@@ -321,19 +366,26 @@ def run_prefill(model, cfg, executor, sweep: Sweep, peaks: dict, routed_fp8: boo
         log(t0, f"{point}: step {row['step_s'] * 1e3:8.2f} ms, {row['input_tokens_per_s']:9.0f} tok/s, "
                 f"{row['tflops']:6.1f} TFLOP/s: MFU {row['mfu_mixed']:.3f} of the mixed peak "
                 f"({row['mfu_bf16_peak']:.3f} bf16, {row['mfu_fp8_peak']:.3f} FP8); compile+first {first:.1f} s")
-    del runner
+    best = max((r for r in rows if "error" not in r), key=lambda r: r["mfu_mixed"], default=None)
+    if profiling is not None and best is not None:
+        profiling.point(f"prefill n={best['requests']} x {chunk}", runner, calls[best["requests"]], rounds, best,
+                        budget, t0)
+    del runner, calls
     gc.collect()
     return rows
 
 
-def run_decode(model, cfg, executor, sweep: Sweep, hbm_gbps: float, budget, t0, rng, seed: int) -> list[dict]:
-    """One row per (batch, context), the typical point first (a short time budget still measures it)."""
+def run_decode(model, cfg, executor, sweep: Sweep, hbm_gbps: float, budget, t0, rng, seed: int,
+               profiling: Profiling | None = None) -> list[dict]:
+    """One row per (batch, context), the typical point first (a short time budget still measures it).
+    profiling: also profile the typical point."""
     typ_b, typ_l = sweep.typical
     batches = sorted(sweep.decode_batch, key=lambda b: b != typ_b)
     rows = []
     for ctx in sorted(sweep.decode_context, key=lambda l: l != typ_l):
         if budget.allows(f"decode L={ctx}"):
-            rows += decode_at_context(model, cfg, executor, sweep, batches, ctx, hbm_gbps, budget, t0, rng, seed)
+            rows += decode_at_context(model, cfg, executor, sweep, batches, ctx, hbm_gbps, budget, t0, rng, seed,
+                                      profiling)
             gc.collect()  # the runner's cache, before the next context's
         else:
             log(t0, f"decode L={ctx}: skipped (time budget)")
@@ -341,7 +393,7 @@ def run_decode(model, cfg, executor, sweep: Sweep, hbm_gbps: float, budget, t0, 
 
 
 def decode_at_context(model, cfg, executor, sweep: Sweep, batches, ctx: int, hbm_gbps: float, budget, t0, rng,
-                      seed: int) -> list[dict]:
+                      seed: int, profiling: Profiling | None = None) -> list[dict]:
     """Steps of b requests at position ctx - 1 (ctx tokens attended) on a cache of max_len = ctx filled with
     random latents, for each b in `batches`."""
     bmax = max(batches)
@@ -385,6 +437,8 @@ def decode_at_context(model, cfg, executor, sweep: Sweep, batches, ctx: int, hbm
         log(t0, f"{point}: step {step_s * 1e3:7.2f} ms, {row['output_tokens_per_s']:8.0f} tok/s, "
                 f"{need.total / 1e9:6.2f} GB needed ({sum(distinct)} experts hit) -> "
                 f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; compile+first {first:.1f} s")
+        if profiling is not None and (b, ctx) == sweep.typical:
+            profiling.point(point, runner, functools.partial(runner.decode, items[:b]), 1, row, budget, t0)
     return rows
 
 
@@ -399,6 +453,8 @@ def headline(prefill_rows, decode_rows, sweep: Sweep, hbm_gbps: float) -> dict:
     best_d = max(ok_d, key=lambda r: r["hbm_frac"], default=None)
     get = lambda row, key: None if row is None else row[key]
     return {
+        "prefill_breakdown": None if best_p is None else best_p.get("breakdown"),
+        "decode_breakdown": None if typ is None else typ.get("breakdown"),
         "decode_hbm_frac": get(typ, "hbm_frac"),
         "decode_typical_point": "{}x{}".format(*sweep.typical),
         "decode_output_tps_typical": get(typ, "output_tokens_per_s"),
@@ -438,12 +494,27 @@ def print_table(prefill_rows, decode_rows) -> None:
               f"{r['achieved_gbps']:7.0f}{r['hbm_frac']:7.3f}")
 
 
+def print_breakdowns(prefill_rows, decode_rows) -> None:
+    columns = {}
+    for r in prefill_rows + decode_rows:
+        label = (f"prefill {r['requests']}x{r['chunk']}" if r["regime"] == "prefill"
+                 else f"decode {r['batch']}x{r['context']}")
+        if "breakdown" in r:
+            columns[label] = r["breakdown"]
+        elif "breakdown_error" in r:
+            print(f"\n{label}: PROFILE FAILED: {r['breakdown_error']}")
+    if columns:
+        print("\n== per-step breakdown (profile; GPU time per category, % of GPU busy) ==")
+        print(engine_profile.format_table(columns))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     t0 = time.perf_counter()
     try:
         sweep = Sweep.from_flags()
+        profiling = Profiling(F.profile_steps, F.profile_dir) if F.profile else None
     except ValueError as e:
         raise app.UsageError(str(e)) from e
     cfg = preset(F.preset)
@@ -471,8 +542,9 @@ def main(argv):
     linears_fp8 = F.fp8_matmul == "pallas" and cfg.weight_block_size is not None
     budget = Budget(t0, F.time_budget_s)
     rng = np.random.RandomState(F.seed)
-    prefill_rows = run_prefill(model, cfg, executor, sweep, peaks, routed_fp8, budget, t0, rng, linears_fp8)
-    decode_rows = run_decode(model, cfg, executor, sweep, hbm_gbps, budget, t0, rng, F.seed)
+    prefill_rows = run_prefill(model, cfg, executor, sweep, peaks, routed_fp8, budget, t0, rng, linears_fp8,
+                               profiling)
+    decode_rows = run_decode(model, cfg, executor, sweep, hbm_gbps, budget, t0, rng, F.seed, profiling)
 
     metrics = headline(prefill_rows, decode_rows, sweep, hbm_gbps)
     metrics.update(hbm_detail_gbps=hbm, matmul_peaks_tflops=mm, bf16_peak_tflops=peaks["bf16"],
@@ -482,11 +554,15 @@ def main(argv):
                   weights="random (init_model): FP8 linears and experts with block scales, bf16 embedding/head",
                   routed_flops_fp8=routed_fp8, linear_flops_fp8=linears_fp8, fp8_matmul=F.fp8_matmul, sweep=dataclasses.asdict(sweep), time_budget_s=F.time_budget_s,
                   hbm_copy_mib=F.hbm_copy_mib, peak_matmul_size=F.peak_matmul_size, seed=F.seed,
-                  device=device.device_kind)
+                  device=device.device_kind, profile=F.profile, profile_steps=F.profile_steps)
     print_table(prefill_rows, decode_rows)
+    print_breakdowns(prefill_rows, decode_rows)
     print({k: v for k, v in metrics.items() if not isinstance(v, dict)}, flush=True)
     path = write_result(F.out, "engine", F.device_kind, config, metrics, prefill_rows + decode_rows, F.tag)
     log(t0, f"wrote {path}")
+    failed = [r["breakdown_error"] for r in prefill_rows + decode_rows if "breakdown_error" in r]
+    if failed:
+        raise SystemExit(f"--profile: {len(failed)} profile(s) failed (results written): {failed[0][:500]}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def run_bench(out_dir, *extra) -> dict:
 
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
-    return run_bench(tmp_path_factory.mktemp("engine"))
+    return run_bench(tmp_path_factory.mktemp("engine"), "--profile", "--profile_steps=2")
 
 
 def test_schema_and_headline(record):
@@ -77,6 +77,24 @@ def test_prefill_row_counts_the_chunked_prompts(record):
     assert row["step_s"] == pytest.approx(row["call_s"] / 2)
     peak = record["metrics"]["bf16_peak_tflops"] * 1e12
     assert row["mfu_bf16_peak"] == pytest.approx(flops.total / row["call_s"] / peak)
+
+
+def test_profile_breaks_down_the_headline_points(record):
+    """--profile: the best prefill row and the typical decode row carry a per-step breakdown (engine_profile),
+    copied into the metrics."""
+    rows = record["rows"]
+    prefill = next(r for r in rows if r["regime"] == "prefill")
+    decode = {r["batch"]: r for r in rows if r["regime"] == "decode"}
+    assert "breakdown" not in decode[1]  # only the typical point (4x32) is profiled
+    m = record["metrics"]
+    for row, key, steps in ((prefill, "prefill_breakdown", 2), (decode[4], "decode_breakdown", 2)):
+        b = row["breakdown"]
+        assert m[key] == b and b["steps"] == steps and b["warnings"] == []
+        assert b["gpu_s"]["attention"] > 0 and b["gpu_s"]["expert_gemm"] > 0 and b["gpu_s"]["unattributed"] == 0
+        assert b["unprofiled_step_s"] == row["step_s"]
+        assert b["dispatch_idle_unprofiled_s"] == pytest.approx(row["step_s"] - b["gpu_busy_s"])
+        assert b["dispatch_idle_s"] == pytest.approx(b["wall_s"] - b["gpu_busy_s"])
+    assert record["config"]["profile"] is True
 
 
 def test_time_budget_skips_points_but_writes_the_file(tmp_path):
