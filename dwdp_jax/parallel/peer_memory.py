@@ -365,8 +365,8 @@ def fabric_missing() -> list[str]:
         missing.append(f"an IMEX channel ({IMEX_CHANNELS}/channel0: nvidia-imex running on every node of the NVLink "
                        "domain and the channel device visible in this container)")
     missing.append("expert buffers allocated with cuMemCreate(requestedHandleTypes=CU_MEM_HANDLE_TYPE_FABRIC) and "
-                   "mapped with cuMemAddressReserve/cuMemMap/cuMemSetAccess (XLA allocates with cuMemAlloc; an "
-                   "exported-buffer allocator outside XLA, wrapped into jax through DLPack, is not implemented)")
+                   "mapped with cuMemAddressReserve/cuMemMap/cuMemSetAccess in place of ipc_exportable_copy's "
+                   "cudaMalloc (not written: it cannot be run here)")
     return missing
 
 
