@@ -47,7 +47,9 @@ flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the r
 flags.DEFINE_string("out", "experiments/results", "results directory")
 flags.DEFINE_bool("dep", True, "also measure DEP")
 flags.DEFINE_list("fetch", ["device_put", "copy_engine"], "fetch backends to measure (device_put, copy_engine, "
-                  "copy_engine_stream, pallas_pull)")
+                  "copy_engine_stream, pallas_pull, pallas_async)")
+flags.DEFINE_integer("gemm_sms", 0, "persistent CTAs of the Pallas expert GEMMs (0: one per SM; with pallas_async "
+                     "the SM count minus its 16 fetch CTAs)")
 flags.DEFINE_bool("interference", True, "also run the no-fetch programs with the same copies running beside them, "
                   "never waited for (what the copies cost the compute, apart from any wait)")
 flags.DEFINE_integer("prefetch_depth", 1, "MoE layers fetched ahead")
@@ -128,7 +130,8 @@ def main(_):
     placement = Placement.from_config(cfg, g)
     if F.ring_slots <= F.prefetch_depth:
         raise SystemExit(f"--ring_slots={F.ring_slots} must exceed --prefetch_depth={F.prefetch_depth}")
-    dw = DwdpConfig(g, prefetch_depth=F.prefetch_depth, staggered=True, expert_backend=F.backend)
+    dw = DwdpConfig(g, prefetch_depth=F.prefetch_depth, staggered=True, expert_backend=F.backend,
+                    gemm_sms=F.gemm_sms or None)
     cached = DwdpGroup.from_rank_models(models, placement, dw, CachedFetch())
     moe_layer = cfg.first_k_dense_replace
     layer_bytes = (g - 1) * cached.ranks[0].local_experts(moe_layer).nbytes()

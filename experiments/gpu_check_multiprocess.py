@@ -135,11 +135,11 @@ def rank_work(rank, ids: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _cpu_in_order(variants) -> None:
-    """The device-ordered copy engine on CPU runs its copies when the device reaches them: dispatch order only with
-    synchronous CPU dispatch."""
+    """The device-ordered backends on CPU (copy engine, pallas_async) write staging when the device reaches them:
+    dispatch order only with synchronous CPU dispatch."""
     import jax
 
-    if any(v.startswith("copy_engine_stream") for v in variants):
+    if any(v.startswith(("copy_engine_stream", "pallas_async")) for v in variants):
         jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 

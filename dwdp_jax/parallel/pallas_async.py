@@ -94,7 +94,7 @@ class PallasAsyncPull(StreamOrderedPull):
 
     def _kernel(self, ordinal: int, shape, dtype):
         """The compiled kernel for this device and expert shape (None where the experts do not tile)."""
-        key = (ordinal, tuple(shape), np.dtype(dtype).str)
+        key = (ordinal, tuple(shape), np.dtype(dtype).name)
         with self._lock:
             if key not in self._kernels:
                 self._kernels[key] = self._compile(ordinal, shape, dtype) if self._tiles(shape, dtype) else None

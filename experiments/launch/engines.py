@@ -126,7 +126,7 @@ def dwdp_setup(f, cfg, group_size: int, replicated: bool) -> tuple[Placement, Dw
                           experts_per_token=cfg.num_experts_per_tok))
     return placement_from_flags(f, cfg, group_size), DwdpConfig(
         group_size, f.prefetch_depth, staggered=f.staggered, expert_backend=f.expert_backend, policy=policy,
-        staging_budget_experts=f.staging_budget or None, merge_copy=f.merge_copy)
+        staging_budget_experts=f.staging_budget or None, merge_copy=f.merge_copy, gemm_sms=f.gemm_sms or None)
 
 
 def dwdp_groups(f, setup: Setup, model, devices: list, group_size: int, replicated: bool) -> list[DwdpGroup]:

@@ -50,9 +50,12 @@ _FLAGS = [
      "source's, bit for bit (two device-to-host copies per request, off the serving threads)", {}),
     # DWDP
     (flags.DEFINE_enum, "fetch", "device_put", "DWDP fetch backend: device_put, copy_engine (cudaMemcpyPeerAsync, "
-     "host-ordered), copy_engine_stream (the same copies ordered on the device, no host wait) or pallas_pull (the "
-     "Pallas remote-DMA kernel reading peer memory in place, on the compute stream: not overlapped)",
-     dict(enum_values=["device_put", "copy_engine", "copy_engine_stream", "pallas_pull"])),
+     "host-ordered), copy_engine_stream (the same copies ordered on the device, no host wait), pallas_pull (the "
+     "Pallas remote-DMA kernel reading peer memory in place, on the compute stream: not overlapped) or pallas_async "
+     "(that kernel on a side stream beside the layers, device-ordered; pair it with --gemm_sms)",
+     dict(enum_values=["device_put", "copy_engine", "copy_engine_stream", "pallas_pull", "pallas_async"])),
+    (flags.DEFINE_integer, "gemm_sms", 0, "DWDP: persistent CTAs of the Pallas expert GEMMs (0: one per SM); with "
+     "--fetch=pallas_async, the SM count minus its 16 fetch CTAs", {}),
     (flags.DEFINE_enum, "expert_backend", "auto", "expert GEMMs: ragged_dot (jnp), Mosaic GPU kernels (pallas), or "
      "auto (pallas on GPUs)", dict(enum_values=["auto", "jnp", "pallas"])),
     (flags.DEFINE_enum, "attention", "auto", "MLA over the paged cache: the Pallas kernels, the einsum "

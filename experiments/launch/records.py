@@ -113,7 +113,7 @@ def base_config(f, setup: Setup) -> dict:
     return dict(
         model=setup.model_name, checkpoint=f.checkpoint, mode=setup.mode, num_devices=setup.num_devices,
         fetch=f.fetch, expert_backend=f.expert_backend, prefetch_depth=f.prefetch_depth, staggered=f.staggered,
-        merge_copy=f.merge_copy, planner_policy=f.planner_policy, planner_top_k=f.planner_top_k,
+        merge_copy=f.merge_copy, gemm_sms=f.gemm_sms, planner_policy=f.planner_policy, planner_top_k=f.planner_top_k,
         planner_coverage=f.planner_coverage, staging_budget=f.staging_budget, placement=f.placement or "contiguous",
         routing_skew=f.routing_skew, dtype=setup.dtype.name,
         workload=f.workload, num_requests=len(setup.requests), input_len=f.input_len, output_len=f.output_len,

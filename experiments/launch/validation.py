@@ -157,8 +157,10 @@ def validate(f, num_processes: int = 1) -> Setup:
         f.expert_backend = "pallas" if platform == "gpu" else "jnp"
     if f.expert_backend == "pallas" and platform != "gpu":
         usage_error(f"--expert_backend=pallas needs GPUs (Mosaic GPU kernels); this run sees {platform} devices")
-    if f.fetch in ("copy_engine", "copy_engine_stream") and platform != "gpu":
-        usage_error(f"--fetch={f.fetch} needs GPUs (cudaMemcpyPeerAsync through CuPy)")
+    if f.fetch in ("copy_engine", "copy_engine_stream", "pallas_async") and platform != "gpu":
+        usage_error(f"--fetch={f.fetch} needs GPUs (CUDA streams through CuPy)")
+    if f.gemm_sms < 0:
+        usage_error(f"--gemm_sms must be >= 0, got {f.gemm_sms}")
     if f.prefetch_depth < 0:
         usage_error(f"--prefetch_depth must be >= 0, got {f.prefetch_depth}")
     if f.staging_budget < 0 or (f.staging_budget and f.planner_policy == "none"):

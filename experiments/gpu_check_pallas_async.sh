@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# GPU check of the asynchronous Pallas fetch (issue 20), one GPU, about 5 minutes: the GPU tests (the kernel
+# launched on our own stream, the backend against the copy engine), the benchmark's three parts (overlap with a
+# timeline and k = 4/8/16 fetch CTAs; XLA's stream-annotation route; planner subsets vs cudaMemcpyAsync), and DWDP
+# with --fetch=pallas_async across two processes sharing the GPU. Each part has its own time-out and process (a
+# failing launch outside XLA aborts its process only); a pass/fail table and the headline numbers come last.
+#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_pallas_async.sh [device_kind]
+# Logs, results JSONs and profiler traces go to $OUT (device tool) or experiments/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+KIND="${1:-nvidia-h100-x1}"
+OUTDIR="${OUT:-experiments/results}"
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
+PY="${PYTHON:-python3}"
+declare -A STATUS
+ORDER=()
+step() {  # step NAME TIMEOUT_S COMMAND...: runs it, logs to $OUTDIR/pallas_async-NAME.log, records pass/FAIL/TIMEOUT
+  local name=$1 limit=$2; shift 2
+  ORDER+=("$name")
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUTDIR/pallas_async-$name.log" 2>&1
+  local rc=$?
+  STATUS[$name]=$([[ $rc == 0 ]] && echo pass || ([[ $rc == 124 ]] && echo "TIMEOUT(${limit}s)" || echo "FAIL(rc=$rc)"))
+  echo "== $name: ${STATUS[$name]} in $((SECONDS - t0)) s"; grep -v '^\s*$' "$OUTDIR/pallas_async-$name.log" | tail -12
+}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit --format=csv,noheader
+$PY -c "import jax; print('jax', jax.__version__, jax.devices()[0].device_kind, jax.devices()[0].core_count, 'SMs')"
+
+step tests 120 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_pallas_async.py tests/test_remote_dma.py \
+  tests/test_stream_timeline.py
+step overlap 180 $PY experiments/bench_pallas_async.py --parts=overlap --device_kind="$KIND" --out="$OUTDIR"
+step subset 70 $PY experiments/bench_pallas_async.py --parts=subset --device_kind="$KIND" --out="$OUTDIR"
+step xla_stream 90 $PY experiments/bench_pallas_async.py --parts=xla_stream --device_kind="$KIND" --out="$OUTDIR"
+step dwdp_2proc 100 $PY experiments/gpu_check_multiprocess.py --device_kind="$KIND" --variants=pallas_async \
+  --out="$OUTDIR"
+
+echo "== summary"
+for k in "${ORDER[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
+$PY - "$OUTDIR" <<'PYEOF' || true
+import glob, json, sys
+for path in sorted(glob.glob(f"{sys.argv[1]}/dwdp-*pallas-async-*.json")):
+    m = json.load(open(path))["metrics"]
+    print(path.split("/")[-1], {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()})
+PYEOF
