@@ -100,14 +100,22 @@ def mosaic_module(fn, *arg_types) -> MosaicModule:
 
 
 def _plugin_library() -> ctypes.CDLL:
-  """The loaded CUDA PJRT plugin (it exports MosaicGpuCompile); dlopen of a loaded library returns it."""
+  """The library exporting MosaicGpuCompile: the loaded CUDA PJRT plugin (where jax's own interop looks; dlopen
+  of a loaded library returns it), else whatever the process has loaded globally."""
+  tried = []
   for name in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):
     try:
-      plugin = importlib.import_module(name)
-    except ImportError:
+      path = str(importlib.import_module(name)._get_library_path())
+    except (ImportError, AttributeError):
       continue
-    return ctypes.CDLL(str(plugin._get_library_path()))
-  return ctypes.CDLL(None)
+    lib = ctypes.CDLL(path)
+    if hasattr(lib, "MosaicGpuCompile"):
+      return lib
+    tried.append(path)
+  lib = ctypes.CDLL(None)
+  if hasattr(lib, "MosaicGpuCompile"):
+    return lib
+  raise RuntimeError(f"no loaded library exports MosaicGpuCompile (tried {tried} and the global namespace)")
 
 
 _LAUNCH = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p))
