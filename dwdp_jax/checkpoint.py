@@ -213,10 +213,14 @@ class Writer:
         """Saves item `name` = {parameter path: numpy array}; returns when it is on disk. The arrays go to orbax
         as numpy arrays (restorable as jax arrays onto any device), written from the caller's memory without a
         copy: the caller must not change them before this returns."""
+        where = os.path.join(self._items_dir, name)
         try:
-            self._checkpointer().save(os.path.join(self._items_dir, name), args=ocp.args.PyTreeSave(nest(arrays)))
+            self._checkpointer().save(where, args=ocp.args.PyTreeSave(nest(arrays)))
         except Exception as e:  # orbax and TensorStore raise plain Exceptions
             raise CheckpointError(f"{self.tmp}: saving item {name} failed: {e}") from e
+        # TensorStore syncs the array files, orbax not its JSON files: synced here, in the saving thread, so that
+        # `commit` has only directories left to sync.
+        _fsync_tree(where)
         with self._lock:
             self._items.append(name)
 
@@ -236,12 +240,13 @@ class Writer:
                 checkpointer.save(final, args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonSave(metadata)}))
         except Exception as e:
             raise CheckpointError(f"{self.tmp}: saving the metadata item failed: {e}") from e
-        for name in self._items:
-            os.rename(os.path.join(self._items_dir, name), os.path.join(final, name))
         for name, obj in json_files.items():
             with open(os.path.join(final, name), "w") as f:
                 json.dump(obj, f, indent=1)
-        _fsync_tree(final)
+        _fsync_tree(final)  # before the items move in: they are synced already (`save_item`)
+        for name in self._items:
+            os.rename(os.path.join(self._items_dir, name), os.path.join(final, name))
+        _fsync_dir(final)
         if os.path.lexists(self.path):
             raise FileExistsError(f"{self.path}: output directory appeared while converting (refusing to overwrite)")
         os.rename(final, self.path)

@@ -12,7 +12,8 @@ from tqdm import tqdm
 
 from dwdp_jax import checkpoint, weights
 from dwdp_jax.convert_plan import Piece, make_plan, prod, read_hf_config
-from dwdp_jax.convert_source import SourceReader, hash_files
+from dwdp_jax.convert_hash import SourceHasher
+from dwdp_jax.convert_source import SourceReader
 from dwdp_jax.planner.placement import Placement
 from dwdp_jax.safetensors_io import CheckpointDir, CheckpointError
 
@@ -33,7 +34,9 @@ def verify(output_dir: str, input_dir: str | None = None, *, check_hashes: bool 
     ckpt = CheckpointDir(input_dir)
     if check_hashes:
         recorded = {f["name"]: f for f in meta["source"]["files"]}
-        for now in hash_files(input_dir, list(recorded)):
+        with SourceHasher(input_dir, list(recorded)) as hasher:
+            hashes = hasher.result()
+        for now in hashes:
             then = recorded[now["name"]]
             if (now["bytes"], now["sha256"]) != (then["bytes"], then["sha256"]):
                 raise VerifyError(

@@ -26,7 +26,8 @@ from flax import nnx, traverse_util  # noqa: E402
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from dwdp_jax import checkpoint, convert, convert_plan, convert_source, from_hf_json, load_model  # noqa: E402
+from dwdp_jax import (checkpoint, convert, convert_hash, convert_plan, convert_source, from_hf_json,  # noqa: E402
+                      load_model, safetensors_io)
 from dwdp_jax.planner.placement import Placement  # noqa: E402
 from dwdp_jax.safetensors_io import CheckpointError  # noqa: E402
 from tests import convert_util  # noqa: E402
@@ -491,3 +492,14 @@ def test_module_entry_point_exits_nonzero(ckpts, tmp_path):
     )
     assert result.returncode == 1 and "no model.safetensors.index.json" in result.stderr
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_command_line_hashes_before_jax_loads():
+    """`dwdp-convert` starts hashing the source before it imports JAX (~1.5 s): its module and the hasher's need
+    only the standard library and absl."""
+    code = ("import sys; import dwdp_jax.convert, dwdp_jax.convert_hash; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'numpy', 'orbax', 'flax')))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    assert convert_hash.INDEX_NAME == safetensors_io.INDEX_NAME

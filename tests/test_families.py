@@ -180,27 +180,44 @@ def test_loader_and_converter_refuse_by_name(tmp_path, capsys, kind):
 # ------------------------------------------------------------------------------------------------- numpy helpers
 
 
-@pytest.mark.parametrize("shape, block", [((576, 300), (128, 128)), ((24, 48), (16, 16)), ((5, 3), (128, 128)),
-                                          ((70, 100), (32, 16))])
-def test_numpy_dequantization_is_bit_exact(shape, block):
+@pytest.mark.parametrize("shapes, block", [
+    ([(576, 300)], (128, 128)), ([(24, 48)], (16, 16)), ([(5, 3)], (128, 128)), ([(70, 100)], (32, 16)),
+    ([(256, 384)], (128, 128)), ([(100, 72)], (24, 8)),  # whole groups of 8 columns: the grouped transpose
+    ([(256, 384), (256, 384)], (128, 128)), ([(100, 72), (36, 72)], (24, 8)), ([(5, 3), (7, 3)], (4, 2)),
+])
+def test_numpy_dequantization_is_bit_exact(shapes, block):
     """The converter's table dequantization equals value * scale in float32 rounded once, for every e4m3 byte
-    (NaN and subnormals included), partial last blocks, both output dtypes, transposed or not."""
+    (NaN and subnormals included), partial last blocks, both output dtypes, transposed or not, into a slice of a
+    wider array or not; a list of matrices (an expert's gate and up) gives the result of their concatenation."""
     rng = np.random.default_rng(0)
-    value = rng.integers(0, 256, shape, dtype=np.uint8)
-    n = min(256, value.size)
-    value.reshape(-1)[:n] = np.arange(n)  # every byte (where there is room)
-    value = value.view(ml_dtypes.float8_e4m3fn)
-    scale = rng.uniform(1e-4, 1e-1, (-(-shape[0] // block[0]), -(-shape[1] // block[1]))).astype(np.float32)
-    full = np.repeat(np.repeat(scale, block[0], 0), block[1], 1)[: shape[0], : shape[1]]
+    values, scales, wants = [], [], {}
+    for shape in shapes:
+        value = rng.integers(0, 256, shape, dtype=np.uint8)
+        n = min(256, value.size)
+        value.reshape(-1)[:n] = np.arange(n)  # every byte (where there is room)
+        values.append(value.view(ml_dtypes.float8_e4m3fn))
+        scales.append(rng.uniform(1e-4, 1e-1, (-(-shape[0] // block[0]), -(-shape[1] // block[1]))).astype(np.float32))
+        full = np.repeat(np.repeat(scales[-1], block[0], 0), block[1], 1)[: shape[0], : shape[1]]
+        for dtype in (ml_dtypes.bfloat16, np.float32):
+            wants.setdefault(dtype, []).append((values[-1].astype(np.float32) * full).astype(dtype))
+    value, scale = (values, scales) if len(shapes) > 1 else (values[0], scales[0])
     for dtype, bits in ((ml_dtypes.bfloat16, np.uint16), (np.float32, np.uint32)):
-        want = (value.astype(np.float32) * full).astype(dtype)
+        want = np.concatenate(wants[dtype])
         got = quant.dequantize_np(value, scale, block, dtype)
         np.testing.assert_array_equal(got.view(bits), want.view(bits))
         got_t = quant.dequantize_np(value, scale, block, dtype, transpose=True)
         np.testing.assert_array_equal(got_t.view(bits), np.ascontiguousarray(want.T).view(bits))
-    for dtype in (np.uint8, np.uint16, np.float32):
-        a = rng.integers(0, 200, shape).astype(dtype)
+        wide = np.zeros((want.shape[1], want.shape[0] + 5), dtype)
+        quant.dequantize_np(value, scale, block, dtype, transpose=True, out=wide[:, 2 : 2 + want.shape[0]])
+        np.testing.assert_array_equal(wide[:, 2 : 2 + want.shape[0]].view(bits), np.ascontiguousarray(want.T).view(bits))
+        assert not wide[:, :2].view(bits).any() and not wide[:, 2 + want.shape[0] :].view(bits).any()
+    for dtype in (np.uint8, np.uint16, np.float32, ml_dtypes.bfloat16):
+        a = rng.integers(0, 200, shapes[0]).astype(dtype)
         np.testing.assert_array_equal(quant.transpose_np(a), a.T)
+        wide = np.zeros((a.shape[1], a.shape[0] + 3), dtype)
+        quant.transpose_np(a, wide[:, 1 : 1 + a.shape[0]])
+        np.testing.assert_array_equal(wide[:, 1 : 1 + a.shape[0]], a.T)
+        assert not wide[:, 0].any() and not wide[:, 1 + a.shape[0] :].any()
 
 
 def test_padded_fp8_experts_keep_the_kernel_tiles_aligned(monkeypatch):
