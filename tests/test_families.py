@@ -209,7 +209,8 @@ def test_numpy_dequantization_is_bit_exact(shapes, block):
         np.testing.assert_array_equal(got_t.view(bits), np.ascontiguousarray(want.T).view(bits))
         wide = np.zeros((want.shape[1], want.shape[0] + 5), dtype)
         quant.dequantize_np(value, scale, block, dtype, transpose=True, out=wide[:, 2 : 2 + want.shape[0]])
-        np.testing.assert_array_equal(wide[:, 2 : 2 + want.shape[0]].view(bits), np.ascontiguousarray(want.T).view(bits))
+        np.testing.assert_array_equal(wide[:, 2 : 2 + want.shape[0]].view(bits),
+                                      np.ascontiguousarray(want.T).view(bits))
         assert not wide[:, :2].view(bits).any() and not wide[:, 2 + want.shape[0] :].view(bits).any()
     for dtype in (np.uint8, np.uint16, np.float32, ml_dtypes.bfloat16):
         a = rng.integers(0, 200, shapes[0]).astype(dtype)
@@ -235,7 +236,7 @@ def test_padded_fp8_experts_keep_the_kernel_tiles_aligned(monkeypatch):
     w_down = np.asarray(experts.w_down, np.float32)
     assert not w_down[:, 192:].any() and not w_down[:, :, 96:].any() and w_down[:, :192, :96].any()
 
-    def aligned_reference(x, sizes, weights, scales, where, *, out_dtype, x_scale=None):
+    def aligned_reference(x, sizes, weights, scales, where, *, out_dtype, x_scale=None, config=None):
         assert x.shape[1] % 128 == 0 and all(w.shape[1] % 128 == 0 and w.shape[2] % 128 == 0 for w in weights)
         return gg.reference_fp8(x, sizes, weights, scales, where, out_dtype=out_dtype, x_scale=x_scale)
 
