@@ -49,10 +49,10 @@ def convert(
 ) -> dict:
     """Converts HF_DIR into OUT_DIR (which must not exist). Returns the metadata.
 
-    `workers` (default WORKERS) threads each build one item at a time (pread, transposes, dequantization: numpy releases the GIL)
-    and save it (orbax, which syncs it to disk), so reads, compute and writes of different items overlap while at
-    most `workers` items are in memory; `hasher` (started here when None; closed here) hashes the source files
-    meanwhile."""
+    `workers` (default WORKERS) threads each build one item at a time (reads, transposes, dequantization: numpy
+    releases the GIL) and save it (orbax and the writer sync it to disk), so reads, compute and writes of
+    different items overlap while at most `workers` items are in memory; `hasher` (started here when None or
+    hashing other files; closed here) hashes the source files meanwhile."""
     workers = WORKERS if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")

@@ -1,29 +1,33 @@
 """Converter memory and throughput, and restore time, on a multi-GB synthetic FP8 checkpoint with R1's shapes.
 
     PYTHONPATH=. python experiments/bench_convert.py [--layers=2 --experts=128 --group_size=8]
-        [--policies=keep_fp8,bf16] [--baseline_repo=/path/to/another/checkout] [--tag=...]
+        [--policies=keep_fp8,bf16] [--repeats=N] [--baseline_repo=/path/to/another/checkout] [--tag=...]
 
 Writes an HF-layout checkpoint (config.json, FP8 [out, in] weights with float32 block scales, bf16 embeddings,
 sharded with an index) of random bytes straight to disk, never holding a tensor in memory; syncs it and drops
 it from the page cache (posix_fadvise), so the conversion reads from disk. Then runs the real CLI
 (`dwdp_jax.convert.run`, the `dwdp-convert` entry point) in a child process that reports its own peak RSS
-(getrusage ru_maxrss) at exit, and takes its wall time; then `convert.verify` the same way, and the RSS of a
-child that only imports the converter (the fixed overhead). For the first policy it also times restores from a
-cold page cache, each in its own child: the full model (`load_model(OUT)`) and DWDP rank 0's share (replicated
-weights + its experts, `checkpoint.rank_experts`), both onto the CPU device. With --baseline_repo, the same
-conversions (every policy) and restores run with that checkout's code (e.g. an export of an earlier commit), in
-the same run, for comparison. Source and outputs are deleted afterwards. The 1-minute load average is recorded
-before and after every timed phase: the machine may be shared, and a busy CPU slows a CPU-bound conversion.
+(getrusage ru_maxrss) and CPU time (user + system, all threads) at exit, and takes its wall time; then
+`convert.verify` the same way, and the RSS of a child that only imports what a conversion imports (the fixed
+overhead). With --repeats=N every policy converts N times, a copy after each round. For the first policy it
+also times restores from a cold page cache, each in its own child: the full model (`load_model(OUT)`) and DWDP
+rank 0's share (replicated weights + its experts, `checkpoint.rank_experts`), both onto the CPU device. With
+--baseline_repo, the same conversions (every policy) and restores run with that checkout's code (e.g. an export
+of an earlier commit), in the same run, for comparison. Source and outputs are deleted afterwards. The 1-minute
+load average is recorded before and after every timed phase: the machine may be shared, and a busy CPU slows a
+CPU-bound conversion.
 
 Headline metrics (results schema, part "converter"): `peak_rss_over_largest_tensor` = the converter's peak
 resident memory / the largest single output array (here the bf16 embedding, also the largest source tensor);
 `throughput_gbps` = source GB converted per second of wall time (process start to exit, fsync included), and
-`throughput_frac_of_copy` = that / the speed of copying the same shards on the same disk (cold, fsynced) in the
-same run, the ceiling for a conversion that reads and writes every byte once; per policy as
-`throughput_frac_of_copy_<policy>`, the lowest as `throughput_frac_of_copy_min`, and without the child's
-start (imports, timed inside it) as `throughput_frac_of_copy_excl_startup_<policy>`. `restore_full_gbps` and
-`restore_rank0_gbps`: stored bytes restored per second of restore call (imports and JAX start excluded), and
-`restore_full_frac_of_copy` / `restore_rank0_frac_of_copy`: that over the same disk copy's speed.
+`throughput_frac_of_copy` = that / the speed of the fastest copy of the same shards on the same disk (cold,
+fsynced) in the same run, the ceiling for a conversion that reads and writes every byte once; per policy (median
+over the repeats) as `throughput_frac_of_copy_<policy>` with `cpu_s_<policy>` (the median child CPU time: the
+machine may be shared, CPU time is the steadier measure of our work), the lowest as
+`throughput_frac_of_copy_min`, and without importing the converter's module (timed inside the child) as
+`throughput_frac_of_copy_excl_startup_<policy>`. `restore_full_gbps` and `restore_rank0_gbps`: stored bytes
+restored per second of restore call (imports and JAX start excluded), and `restore_full_frac_of_copy` /
+`restore_rank0_frac_of_copy`: that over the same disk copy's speed.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ flags.DEFINE_bool("verify", True, "also time --verify on the first converted out
 flags.DEFINE_bool("restore", True, "also time full-model and rank-0 restores of the first converted output")
 flags.DEFINE_string("baseline_repo", None, "another checkout of this repository whose converter and restore are run"
                     " the same way (first policy only), for comparison")
+flags.DEFINE_integer("repeats", 1, "conversions per policy (the median is reported; a copy after each round)")
 flags.DEFINE_string("tag", "", "suffix of the results file name")
 flags.DEFINE_string("out_dir", os.path.join(REPO, "experiments", "results"), "results directory")
 FLAGS = flags.FLAGS
@@ -176,10 +181,11 @@ def _drop_cache(root: str):
 
 
 def _measured(code: str, repo: str = REPO) -> tuple[float, int, str]:
-    """Runs `code` in a child Python (importing from `repo`) that prints its own peak RSS at exit (after any
-    sys.exit). Returns (wall seconds, peak RSS bytes, stdout)."""
-    prologue = ("import atexit, resource; atexit.register(lambda: print('peak_rss_kib',"
-                " resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)); ")
+    """Runs `code` in a child Python (importing from `repo`) that prints its own CPU time (user + system, all
+    threads) and peak RSS at exit (after any sys.exit). Returns (wall seconds, peak RSS bytes, stdout)."""
+    prologue = ("import atexit, resource; atexit.register(lambda: print('cpu_s', sum(resource.getrusage("
+                "resource.RUSAGE_SELF)[:2]), 'peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,"
+                " flush=True)); ")
     t0 = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", prologue + code], cwd=repo,
                             env=dict(os.environ, PYTHONPATH=repo), capture_output=True, text=True, check=False)
@@ -249,9 +255,11 @@ def convert_once(repo: str, source: str, out: str, policy: str) -> dict:
     wall, peak, stdout = _measured(code, repo)
     lines = stdout.strip().splitlines()
     startup_s, convert_s = (float(x) for x in next(l for l in lines if l.startswith("startup_s")).split()[1::2])
-    print(f"{lines[0]} ({wall:.1f} s, {startup_s:.1f} s of it imports; load average {load_before} -> {_load()})")
-    return dict(wall_s=wall, startup_s=startup_s, convert_s=convert_s, peak_rss_bytes=peak, command=" ".join(argv),
-                load_before=load_before, load_after=_load())
+    cpu_s = float(next(l for l in lines if l.startswith("cpu_s")).split()[1])
+    print(f"{lines[0]} ({wall:.1f} s, {startup_s:.1f} s of it importing the converter's module, {cpu_s:.1f} CPU s;"
+          f" load average {load_before} -> {_load()})")
+    return dict(wall_s=wall, startup_s=startup_s, convert_s=convert_s, cpu_s=cpu_s, peak_rss_bytes=peak,
+                command=" ".join(argv), load_before=load_before, load_after=_load())
 
 
 def restore_times(repo: str, out: str) -> dict:
@@ -281,49 +289,53 @@ def main(argv):
         copy_load = [_load()]
         copy_s = [copy_baseline(source, os.path.join(work, "copy"))]
         largest_source = max(int(np.prod(s)) * _ITEMSIZE[d] for _, d, s in hf_tensors(cfg))
-        for i, policy in enumerate(FLAGS.policies):
-            out = os.path.join(work, f"out_{policy}")
-            row = dict(dtype_policy=policy, **convert_once(REPO, source, out, policy))
-            meta = checkpoint.read_metadata(out)
-            arrays = [a for p in meta["params"] for a in p["arrays"]]
-            largest_array = max(int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize for a in arrays)
-            row.update(
-                source_bytes=meta["source_bytes"], output_bytes=meta["output_bytes"], arrays=len(arrays),
-                items=len(meta["items"]), item_bytes=meta["item_bytes"], largest_output_array_bytes=largest_array,
-                largest_source_tensor_bytes=largest_source,
-                peak_rss_over_largest_tensor=row["peak_rss_bytes"] / largest_array,
-                throughput_gbps=meta["source_bytes"] / row["wall_s"] / 1e9,
-            )
-            if FLAGS.verify and i == 0:
-                _drop_cache(source)
-                _drop_cache(out)
-                v_wall, v_peak, _ = _measured(f"from dwdp_jax import convert; convert.verify({out!r}, progress=False)")
-                row.update(verify_wall_s=v_wall, verify_peak_rss_bytes=v_peak,
-                           verify_gbps=(meta["source_bytes"] + meta["output_bytes"]) / v_wall / 1e9)
-            if FLAGS.restore and i == 0:
-                row.update(restore_times(REPO, out))
-            shutil.rmtree(out)
-            rows.append(row)
-            if FLAGS.baseline_repo:
-                out = os.path.join(work, f"baseline_{policy}")
-                row = dict(dtype_policy=policy, code=FLAGS.baseline_repo, baseline_commit=os.environ.get(
-                    "BASELINE_COMMIT") or _commit_of(FLAGS.baseline_repo),
-                    **convert_once(FLAGS.baseline_repo, source, out, policy))
-                row["throughput_gbps"] = source_bytes / row["wall_s"] / 1e9
-                row["peak_rss_over_largest_tensor"] = row["peak_rss_bytes"] / largest_source
-                if FLAGS.restore and i == 0:
-                    row.update(restore_times(FLAGS.baseline_repo, out))
+        for rep in range(FLAGS.repeats):
+            for i, policy in enumerate(FLAGS.policies):
+                first = rep == 0 and i == 0
+                out = os.path.join(work, f"out_{policy}")
+                row = dict(dtype_policy=policy, repeat=rep, **convert_once(REPO, source, out, policy))
+                meta = checkpoint.read_metadata(out)
+                arrays = [a for p in meta["params"] for a in p["arrays"]]
+                largest_array = max(int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize for a in arrays)
+                row.update(
+                    source_bytes=meta["source_bytes"], output_bytes=meta["output_bytes"], arrays=len(arrays),
+                    items=len(meta["items"]), item_bytes=meta["item_bytes"],
+                    largest_output_array_bytes=largest_array, largest_source_tensor_bytes=largest_source,
+                    peak_rss_over_largest_tensor=row["peak_rss_bytes"] / largest_array,
+                    throughput_gbps=meta["source_bytes"] / row["wall_s"] / 1e9,
+                )
+                if FLAGS.verify and first:
+                    _drop_cache(source)
+                    _drop_cache(out)
+                    v_wall, v_peak, _ = _measured(
+                        f"from dwdp_jax import convert; convert.verify({out!r}, progress=False)")
+                    row.update(verify_wall_s=v_wall, verify_peak_rss_bytes=v_peak,
+                               verify_gbps=(meta["source_bytes"] + meta["output_bytes"]) / v_wall / 1e9)
+                if FLAGS.restore and first:
+                    row.update(restore_times(REPO, out))
                 shutil.rmtree(out)
-                baseline_rows.append(row)
-        copy_load.append(_load())
-        copy_s.append(copy_baseline(source, os.path.join(work, "copy")))
+                rows.append(row)
+                if FLAGS.baseline_repo:
+                    out = os.path.join(work, f"baseline_{policy}")
+                    commit = os.environ.get("BASELINE_COMMIT") or _commit_of(FLAGS.baseline_repo)
+                    row = dict(dtype_policy=policy, repeat=rep, code=FLAGS.baseline_repo, baseline_commit=commit,
+                               **convert_once(FLAGS.baseline_repo, source, out, policy))
+                    row["throughput_gbps"] = source_bytes / row["wall_s"] / 1e9
+                    row["peak_rss_over_largest_tensor"] = row["peak_rss_bytes"] / largest_source
+                    if FLAGS.restore and first:
+                        row.update(restore_times(FLAGS.baseline_repo, out))
+                    shutil.rmtree(out)
+                    baseline_rows.append(row)
+            copy_load.append(_load())
+            copy_s.append(copy_baseline(source, os.path.join(work, "copy")))
         copy_gbps = source_bytes / min(copy_s) / 1e9
-        print(f"copy baseline: {copy_s[0]:.1f} s before, {copy_s[1]:.1f} s after the conversions")
-        _, baseline, _ = _measured("from dwdp_jax import convert")
+        print(f"copy baseline: {', '.join(f'{t:.1f}' for t in copy_s)} s (before the conversions, after each round)")
+        _, baseline, _ = _measured("from dwdp_jax import convert_pipeline")  # what a conversion imports
         for row in rows + baseline_rows:
             row["copy_baseline_gbps"] = copy_gbps
             row["throughput_frac_of_copy"] = row["throughput_gbps"] / copy_gbps
-            # The conversion alone: process start (Python, JAX and orbax imports, ~2 s here) excluded.
+            # Without importing the converter's module (JAX, orbax and the model until 0275843, ~2 s here; since
+            # then they load inside the run, beside the hashing).
             row["throughput_frac_of_copy_excl_startup"] = source_bytes / row["convert_s"] / 1e9 / copy_gbps
             for kind in ("full", "rank0"):
                 if f"restore_{kind}_gbps" in row:
@@ -350,27 +362,33 @@ def main(argv):
               "restore_rank0_frac_of_copy", "restore_rank0_peak_rss_bytes"):
         if k in head:
             metrics[k] = head[k]
-    for row in rows:
-        for k in ("throughput_gbps", "throughput_frac_of_copy", "throughput_frac_of_copy_excl_startup",
-                  "peak_rss_over_largest_tensor"):
-            metrics[f"{k}_{row['dtype_policy']}"] = row[k]
-    metrics["throughput_frac_of_copy_min"] = min(row["throughput_frac_of_copy"] for row in rows)
-    for row in baseline_rows:
-        for k in ("throughput_gbps", "throughput_frac_of_copy", "throughput_frac_of_copy_excl_startup",
-                  "peak_rss_bytes"):
-            metrics[f"baseline_{k}_{row['dtype_policy']}"] = row[k]
+    for prefix, group in (("", rows), ("baseline_", baseline_rows)):
+        for policy in FLAGS.policies:
+            runs = [row for row in group if row["dtype_policy"] == policy]
+            for k in ("throughput_gbps", "throughput_frac_of_copy", "throughput_frac_of_copy_excl_startup",
+                      "wall_s", "cpu_s"):  # medians over the repeats
+                if runs:
+                    metrics[f"{prefix}{k}_{policy}"] = float(np.median([row[k] for row in runs]))
+            for k in ("peak_rss_over_largest_tensor", "peak_rss_bytes"):  # the worst repeat
+                if runs:
+                    metrics[f"{prefix}{k}_{policy}"] = max(row[k] for row in runs)
+    for k in ("throughput_gbps", "throughput_frac_of_copy", "wall_s", "peak_rss_over_largest_tensor", "peak_rss_bytes"):
+        metrics[k] = metrics[f"{k}_{FLAGS.policies[0]}"]  # the headline: the first policy's
+    metrics["throughput_frac_of_copy_min"] = min(metrics[f"throughput_frac_of_copy_{p}"] for p in FLAGS.policies)
+    for row in baseline_rows[:1]:
         for k in ("restore_full_s", "restore_rank0_s"):
             if k in row:
                 metrics[f"baseline_{k}"] = row[k]
                 metrics[f"{k}_over_baseline"] = head[k] / row[k]
     rows += baseline_rows
     path = write_result(FLAGS.out_dir, "converter", "cpu", config, metrics, rows, tag=FLAGS.tag)
-    print(f"\n{'policy':<10} {'source GB':>9} {'out GB':>7} {'wall s':>7} {'GB/s':>6} {'of copy':>7}"
+    print(f"\n{'policy':<10} {'source GB':>9} {'out GB':>7} {'wall s':>7} {'CPU s':>6} {'GB/s':>6} {'of copy':>7}"
           f" {'peak RSS GB':>11} {'largest GB':>10} {'RSS/largest':>11} {'verify GB/s':>11}")
     for r in rows:
         name = r["dtype_policy"] + (" (baseline)" if "code" in r else "")
         print(f"{name:<10} {source_bytes / 1e9:>9.2f} {r.get('output_bytes', float('nan')) / 1e9:>7.2f}"
-              f" {r['wall_s']:>7.1f} {r['throughput_gbps']:>6.2f} {r['throughput_frac_of_copy']:>7.2f}"
+              f" {r['wall_s']:>7.1f} {r['cpu_s']:>6.1f} {r['throughput_gbps']:>6.2f}"
+              f" {r['throughput_frac_of_copy']:>7.2f}"
               f" {r['peak_rss_bytes'] / 1e9:>11.2f}"
               f" {largest_source / 1e9:>10.2f} {r['peak_rss_over_largest_tensor']:>11.2f}"
               f" {r.get('verify_gbps', float('nan')):>11.2f}")
@@ -380,8 +398,9 @@ def main(argv):
                   f" ({r['restore_full_gbps']:.2f} GB/s, {r['restore_full_frac_of_copy']:.2f} of the copy), rank 0"
                   f" {r['restore_rank0_s']:.1f} s ({r['restore_rank0_gbps']:.2f} GB/s,"
                   f" {r['restore_rank0_frac_of_copy']:.2f} of the copy)")
-    print(f"copy baseline {copy_gbps:.2f} GB/s (best of before/after); import-only RSS {baseline / 1e9:.2f} GB;"
-          f" wrote {path}")
+    print(f"copy baseline {copy_gbps:.2f} GB/s (the fastest copy); import-only RSS {baseline / 1e9:.2f} GB;"
+          f" medians: " + ", ".join(f"{p} {metrics[f'throughput_frac_of_copy_{p}']:.2f}" for p in FLAGS.policies)
+          + f" of the copy; wrote {path}")
 
 
 if __name__ == "__main__":
