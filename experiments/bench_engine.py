@@ -39,9 +39,15 @@ import gc
 import os
 import re
 import statistics
+import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+if any(a in ("--profile", "--profile=true", "--profile=True") for a in sys.argv[1:]):
+    # A kernel run inside an XLA command buffer (CUDA graph) appears in a profile as that command buffer, not as the
+    # HLO instruction that launched it (jax 0.11.2, H100, 2026-12-06: the whole step unattributed), so a profiled
+    # run turns command buffers off before jax starts; its timed rows are then without them too (config says so).
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
 import jax
 import jax.numpy as jnp
@@ -554,7 +560,8 @@ def main(argv):
                   weights="random (init_model): FP8 linears and experts with block scales, bf16 embedding/head",
                   routed_flops_fp8=routed_fp8, linear_flops_fp8=linears_fp8, fp8_matmul=F.fp8_matmul, sweep=dataclasses.asdict(sweep), time_budget_s=F.time_budget_s,
                   hbm_copy_mib=F.hbm_copy_mib, peak_matmul_size=F.peak_matmul_size, seed=F.seed,
-                  device=device.device_kind, profile=F.profile, profile_steps=F.profile_steps)
+                  device=device.device_kind, profile=F.profile, profile_steps=F.profile_steps,
+                  xla_command_buffers=not F.profile)
     print_table(prefill_rows, decode_rows)
     print_breakdowns(prefill_rows, decode_rows)
     print({k: v for k, v in metrics.items() if not isinstance(v, dict)}, flush=True)

@@ -4,8 +4,9 @@ the step programs that `bench_engine.py` times (its `--profile` flag).
 Method (no CUPTI calls of our own): a few steps run under `jax.profiler.trace`, whose XSpace (`*.xplane.pb`, read
 with `jax.profiler.ProfileData`) holds the kernel events (GPU: the CUDA stream lines of `/device:GPU:N`, from
 CUPTI; CPU: XLA's thunk events) with the HLO instruction that launched them (stats `hlo_op`, `hlo_module`,
-`program_id`; XLA runs command buffers op by op while a profile is active, so every kernel keeps its
-annotation). Each instruction is looked up in the compiled HLO text of the program that ran it
+`program_id`). Kernels XLA runs inside a command buffer (CUDA graph) name only the command buffer (seen with jax
+0.11.2 on an H100: a whole step unattributed), so bench_engine turns command buffers off for a profiled run;
+should one remain, a fusion's kernel inside it is still found by its kernel name (the fusion's name). Each instruction is looked up in the compiled HLO text of the program that ran it
 (`jitted.lower(args).compile().as_text()`, recorded on one untimed call: a compilation-cache hit; a module's
 programs are matched to program ids in call order) and categorized by
   * its dtypes: an XLA pass that makes FP8 e4m3 values from bf16/f32 is activation quantization, one that turns
@@ -27,8 +28,8 @@ GPU time each way categorized, `modules_gpu_s` GPU time per program, `top_ops` t
 
 Per step: GPU time per category (kernels on several streams may overlap, so the sum can exceed the busy time),
 GPU busy = union of the kernel intervals, host wall = time of a blocking step as bench_engine times it, and
-dispatch/idle = wall - busy. Profiling disables CUDA graphs and adds per-launch overhead, so the breakdown also
-sets the unprofiled step time of the same point against the same busy time.
+dispatch/idle = wall - busy. Profiling adds per-launch overhead, so the breakdown also sets the unprofiled step
+time of the same point (same process: command buffers off as well) against the same busy time.
 """
 
 from __future__ import annotations
@@ -344,6 +345,14 @@ def program_keys(events: list[OpEvent], texts_by_module: dict[str, list[str]]) -
     return keys
 
 
+def _kernel_index(ops: dict[str, HloOp]) -> dict[str, HloOp]:
+    """The ops of a program by the name XLA:GPU gives a fusion's kernel ('loop_add_fusion.3' ->
+    'loop_add_fusion_3'): how a kernel run inside a command buffer, whose events carry only the command buffer's
+    name, finds its instruction. Kernels of custom calls (cuBLAS, Mosaic) have names of their own and stay
+    unattributed there."""
+    return {name.replace(".", "_"): op for name, op in ops.items()}
+
+
 def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]], steps: int, wall_s: float,
               top: int = 10) -> dict:
     """Per-step breakdown of `steps` steps' events. programs: {module name: [ops of each program of that name, in
@@ -362,7 +371,10 @@ def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]]
     for e in events:
         op = None
         if (e.module, e.program_id) in keys:
-            op = programs[e.module][keys[(e.module, e.program_id)]].get(e.hlo_op)
+            ops = programs[e.module][keys[(e.module, e.program_id)]]
+            op = ops.get(e.hlo_op)
+            if op is None and (e.hlo_op or "").startswith("command_buffer"):
+                op = _kernel_index(ops).get(e.name)  # a fusion's kernel inside a CUDA graph: named after it
         if op is not None and op.opcode in _CONTROL_FLOW and not e.on_gpu:
             continue  # a CPU thunk that spans the thunks of its body, which are counted themselves
         kept.append(e)

@@ -203,6 +203,20 @@ def test_breakdown_of_a_synthetic_gpu_profile():
     assert b["gpu_s"]["attention"] * 2 == pytest.approx(0.5e-6) and any("matched" in w for w in b["warnings"])
 
 
+def test_kernels_inside_a_command_buffer_are_found_by_their_fusion_names():
+    """Inside a CUDA graph the events name the command buffer, not the instruction: a fusion's kernel is named after
+    the fusion (dots as underscores) and is found that way; a custom call's kernel (cuBLAS) stays unattributed."""
+    step = dict(hlo_module="jit_step_fn", program_id=41)
+    events = ep.op_events([_plane("/device:GPU:0", **{"Stream #7(Kernel)": [
+        _event("quant", 0, 1000, hlo_op="command_buffer_3", **step),
+        _event("loop_softmax", 1000, 2000, hlo_op="command_buffer_3", **step),
+        _event("sm90_xmma_gemm_bf16", 3000, 4000, hlo_op="command_buffer_3", **step)]})])
+    _, ops = ep.parse_hlo(HLO)
+    b = ep.breakdown(events, {"jit_step_fn": [ops]}, steps=1, wall_s=1e-5)
+    us = {k: v * 1e6 for k, v in b["gpu_s"].items() if v}
+    assert us == pytest.approx(dict(quantize=1, attention=2, unattributed=4))
+
+
 def test_no_kernel_events_fails_loudly():
     planes = [_plane("/device:GPU:0", **{"CUPTI overhead": [_event("overhead", 0, 10)]}), _plane("/host:CPU")]
     with pytest.raises(RuntimeError, match="no kernel events.*CUPTI overhead"):
