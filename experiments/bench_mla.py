@@ -226,7 +226,8 @@ def prefill_baselines(row, q, kv, k_pe, ql, kl, case, flops):
 
 def decode_cases(smoke, quick):
   if smoke:
-    return [dict(name="smoke", batch=3, s_q=1, lengths=[1, 70, 130], h=4)]
+    smoke = dict(name="smoke", batch=3, s_q=1, lengths=[1, 70, 130], h=4)
+    return [smoke, dict(smoke, name="smoke_bal", balanced=True)]
   cases = [dict(name=f"b{b}_4k", batch=b, s_q=1, lengths=[4096] * b, h=H) for b in (1, 8, 32, 64, 128)]
   cases += [
       dict(name="b1_32k", batch=1, s_q=1, lengths=[32768], h=H),
@@ -235,8 +236,11 @@ def decode_cases(smoke, quick):
            lengths=np.random.default_rng(0).integers(256, 8192, 64).tolist()),
       dict(name="b256_1k", batch=256, s_q=1, lengths=[1024] * 256, h=H),
   ]
+  # The same batches with units of equal pages over the batch (DecodeConfig.balanced), beside the default.
+  cases += [dict(c, name=c["name"] + "_bal", balanced=True) for c in cases
+            if c["name"] in ("b1_4k", "b64_4k", "b128_4k", "b1_32k", "b64_mixed")]
   if quick:
-    cases = [c for c in cases if c["name"] in ("b64_4k", "b1_32k", "b1_4k")]
+    cases = [c for c in cases if c["name"].removesuffix("_bal") in ("b64_4k", "b1_32k", "b1_4k", "b64_mixed")]
   return cases
 
 
@@ -268,9 +272,11 @@ def run_decode(args, peak, hbm, interp):
     cache_bytes = sum(pages_per) * md.PAGE_SIZE * d * 2
     bytes_ = cache_bytes + b * s_q * h * (d + dl) * 2
     flops = 2 * h * s_q * sum(lengths) * (d + dl)
-    f = jax.jit(functools.partial(md.mla_decode, kv_lora_rank=dl, softmax_scale=SCALE, interpret=interp))
+    config = md.DecodeConfig(balanced=case.get("balanced", False))
+    f = jax.jit(functools.partial(md.mla_decode, kv_lora_rank=dl, softmax_scale=SCALE, config=config,
+                                  interpret=interp))
     row = dict(part="decode", case=case["name"], batch=b, s_q=s_q, heads=h, context_tokens=sum(lengths),
-               bytes=bytes_, flops=flops, errors={})
+               bytes=bytes_, flops=flops, schedule="balanced" if config.balanced else "uniform", errors={})
     try:
       row["call_s"] = wall(f, q, pages, table, lens, reps=1 if interp else 5)
       out, _ = f(q, pages, table, lens)

@@ -11,9 +11,10 @@ Cache layout (the engine's paged cache): `pages [num_pages, page_size, D]`; requ
 included. Query t of s_q sits at position lengths[b] - s_q + t and attends cached positions <= it.
 
 Kernel design (FlashMLA's division of work, our code):
-  * A CTA owns 64 query rows of one request (rows = (query token, head) pairs) and one KV split: a range of
-    the request's pages. The grid is (row tiles, splits, requests), row tiles fastest, so the CTAs that read
-    the same pages run together and the second read hits L2.
+  * A CTA owns 64 query rows of one request (rows = (query token, head) pairs) and one work unit: a range of
+    the request's pages (`mla_schedule`: the same number of splits per request, or units of equal size over
+    the batch). The grid is (row tiles, units), row tiles fastest, so the CTAs that read the same pages run
+    together and the second read hits L2.
   * Three warpgroups. The memory warpgroup loads Q once and then one page per step (one TMA of
     [page_size, D]) into a two-stage ring, looking each page up in the block table.
   * Compute warpgroup 0 computes S = Q K^T (wgmma, K = D), the online softmax, writes P (bf16) and the
@@ -21,8 +22,9 @@ Kernel design (FlashMLA's division of work, our code):
     registers. Compute warpgroup 1 accumulates O[:, kv_lora/2:] from P in SMEM. Each owns a [64, 256] f32
     accumulator: the whole [64, 512] would not fit one warpgroup's registers. While warpgroup 0 runs the
     softmax of page i + 1 on the CUDA cores, warpgroup 1's P V of page i keeps the tensor cores busy.
-  * Split-KV: each split writes its normalized partial O (bf16) and its log-sum-exp; `combine` merges the
-    splits in f32 (`num_splits` 1 skips it). Empty splits (short requests) write lse = -inf.
+  * Split-KV: each unit writes its normalized partial O (bf16) and its log-sum-exp; `combine` (or
+    `mla_schedule.combine_units`) merges a request's units in f32 (one split per request skips it). Empty
+    units (short requests) write lse = -inf.
 With 128 heads this is compute-bound on an H200 (2 x 128 x (576 + 512) FLOP per cached token against 1152
 bytes, ~240 FLOP/byte), so the speed to compare with is max(FLOPs / peak, bytes / HBM rate), not HBM alone.
 """
@@ -39,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _compat, _mosaic
+from pallas_kernels import _compat, _mosaic, mla_schedule
 
 PAGE_SIZE = 64  # tokens per cache page: the S tile's width and the P V product's K
 BLOCK_ROWS = 64  # query rows per CTA (the wgmma M of one warpgroup)
@@ -50,10 +52,14 @@ _LOG2E = math.log2(math.e)
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
   """`num_splits`: KV splits per request (None: enough CTAs to fill the GPU, at least `min_pages_per_split`
-  pages each). `max_concurrent_steps`: pages in flight (SMEM: Q + this many pages must fit)."""
+  pages each). `max_concurrent_steps`: pages in flight (SMEM: Q + this many pages must fit).
+  `balanced`: share the pages of the whole batch in units of about equal size (`mla_schedule.
+  balanced_schedule`: about one CTA per SM per row tile, or `num_splits` x B units when given) instead of the
+  same number of splits per request; for batches of unequal lengths."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
+  balanced: bool = False
 
   def __post_init__(self):
     if self.num_splits is not None and self.num_splits < 1:
@@ -149,19 +155,16 @@ def _bcast_rows(v, shape):
   return lax.broadcast_in_dim(v, shape, [0])
 
 
-def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q, heads, dl,
-                   num_splits, scale_log2, steps_in_flight, interpret):
-  tile, split, b = lax.axis_index("tile"), lax.axis_index("split"), lax.axis_index("b")
+def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, sched_ref, o_ref, lse_ref, *, s_q, heads, dl,
+                   scale_log2, steps_in_flight, interpret):
+  tile, unit = lax.axis_index("tile"), lax.axis_index("unit")
   wg = lax.axis_index("wg")
   rows, page, d = BLOCK_ROWS, PAGE_SIZE, q_ref.shape[-1]
   half = dl // 2
   dtype = q_ref.dtype
 
+  b, first, steps = sched_ref[unit, 0], sched_ref[unit, 1], sched_ref[unit, 2]  # `mla_schedule`
   length = lens_ref[b]
-  n_pages = _mosaic.cdiv(length, page)
-  per_split = _mosaic.cdiv(n_pages, num_splits)
-  first = split * per_split
-  steps = jnp.maximum(jnp.minimum(first + per_split, n_pages) - first, 0)
   # Pages whose every key is visible to every row of the tile need no mask: keys <= the smallest
   # position in the tile, lengths[b] - s_q + (first row's query token).
   min_pos = length - s_q + lax.div(tile * rows, heads)
@@ -283,8 +286,8 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q
       qa_smem[...] = (o / _bcast_rows(l_safe, o.shape)).astype(dtype)  # Q is no longer read
       lse_smem[...] = jnp.where(l > 0, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qa_smem, o_ref.at[b, split, pl.ds(tile * rows, rows), pl.ds(0, half)])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, split, pl.ds(tile * rows, rows)])
+      plgpu.copy_smem_to_gmem(qa_smem, o_ref.at[unit, pl.ds(tile * rows, rows), pl.ds(0, half)])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[unit, pl.ds(tile * rows, rows)])
       plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 1)
@@ -308,7 +311,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, o_ref, lse_ref, *, s_q
       l_safe = jnp.where(l > 0, l, 1.0)
       qb_smem[...] = (o / _bcast_rows(l_safe, o.shape)).astype(dtype)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qb_smem, o_ref.at[b, split, pl.ds(tile * rows, rows), pl.ds(half, half)])
+      plgpu.copy_smem_to_gmem(qb_smem, o_ref.at[unit, pl.ds(tile * rows, rows), pl.ds(half, half)])
       plgpu.wait_smem_to_gmem(0)
 
   pl.run_scoped(
@@ -406,23 +409,32 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
     q_rows = jnp.pad(q_rows, ((0, 0), (0, r_pad - r), (0, 0)))
   tiles = r_pad // BLOCK_ROWS
   num_sms = 2 if interpret else _compat.num_sms()
-  splits = cfg.num_splits or choose_num_splits(b, tiles, block_table.shape[1], num_sms,
-                                               cfg.min_pages_per_split)
-  body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, num_splits=splits,
-                           scale_log2=softmax_scale * _LOG2E,
+  lengths = lengths.astype(jnp.int32)
+  if cfg.balanced:
+    target = cfg.num_splits * b if cfg.num_splits else max(1, num_sms // tiles)
+    sched, unit_request = mla_schedule.balanced_schedule(lengths, target, cfg.min_pages_per_split, PAGE_SIZE)
+  else:
+    splits = cfg.num_splits or choose_num_splits(b, tiles, block_table.shape[1], num_sms,
+                                                 cfg.min_pages_per_split)
+    sched, _ = mla_schedule.uniform_schedule(lengths, splits, PAGE_SIZE)
+  units = sched.shape[0]
+  body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _LOG2E,
                            steps_in_flight=cfg.max_concurrent_steps, interpret=interpret)
   o_parts, lse_parts = plgpu.kernel(
       body,
-      out_type=(jax.ShapeDtypeStruct((b, splits, r_pad, dl), q.dtype),
-                jax.ShapeDtypeStruct((b, splits, r_pad), jnp.float32)),
-      grid=(tiles, splits, b),
-      grid_names=("tile", "split", "b"),
+      out_type=(jax.ShapeDtypeStruct((units, r_pad, dl), q.dtype),
+                jax.ShapeDtypeStruct((units, r_pad), jnp.float32)),
+      grid=(tiles, units),
+      grid_names=("tile", "unit"),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True,
                                            reduction_scratch_bytes=_REDUCTION_SCRATCH_BYTES),
       interpret=_compat.InterpretGPUParams() if interpret else None,
-  )(q_rows, pages_p, block_table.astype(jnp.int32), lengths.astype(jnp.int32))
-  out, lse = combine(o_parts, lse_parts)
+  )(q_rows, pages_p, block_table.astype(jnp.int32), lengths, sched)
+  if cfg.balanced:
+    out, lse = mla_schedule.combine_units(o_parts, lse_parts, unit_request, b)
+  else:
+    out, lse = combine(o_parts.reshape(b, splits, r_pad, dl), lse_parts.reshape(b, splits, r_pad))
   out = out[:, :r, :kv_lora_rank].reshape(b, s_q, h, kv_lora_rank).astype(q.dtype)
   return out, lse[:, :r].reshape(b, s_q, h)

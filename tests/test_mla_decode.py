@@ -8,6 +8,7 @@ import pytest
 
 from pallas_kernels import _compat
 from pallas_kernels import mla_decode as md
+from pallas_kernels import mla_schedule
 
 ON_GPU = _compat.on_gpu()
 INTERPRET = not ON_GPU
@@ -61,12 +62,57 @@ def test_unequal_lengths_mtp_splits_tiny_widths():
   check(0, 3, 2, 40, 32, 16, [2, 130, 0], 3, md.DecodeConfig(num_splits=2, min_pages_per_split=1))
 
 
+def test_balanced_schedule_unequal_lengths():
+  # One interpret-mode call: units of equal pages over the batch (a long request in several units, a short one
+  # in one, an idle row in none), merged per request by combine_units.
+  check(1, 4, 1, 8, 32, 16, [70, 700, 0, 5], 11, md.DecodeConfig(balanced=True, num_splits=2, min_pages_per_split=1))
+
+
+def _covered(sched, lengths):
+  """{request: sorted pages its units read} from a schedule [U, 3]."""
+  pages = {}
+  for b, first, steps in np.asarray(sched).tolist():
+    pages.setdefault(b, []).extend(range(first, first + steps))
+  return {b: sorted(p) for b, p in pages.items() if p}
+
+
+@pytest.mark.parametrize("lengths", [[4096] * 8, [256, 8192, 1, 0, 3000, 64, 65, 12000], [32768]])
+def test_schedules_cover_every_page_once(lengths):
+  lens = jnp.asarray(lengths, jnp.int32)
+  need = {b: list(range(-(-n // md.PAGE_SIZE))) for b, n in enumerate(lengths) if n > 0}
+  sched, req = mla_schedule.uniform_schedule(lens, 3, md.PAGE_SIZE)
+  assert _covered(sched, lengths) == need and sched.shape == (3 * len(lengths), 3)
+  sched, req = mla_schedule.balanced_schedule(lens, 66, 4, md.PAGE_SIZE)
+  assert _covered(sched, lengths) == need and sched.shape == (66 + len(lengths), 3)
+  sched, req = np.asarray(sched), np.asarray(req)
+  used = req < len(lengths)
+  assert (sched[~used, 2] == 0).all() and (sched[used, 0] == req[used]).all()
+  total = sum(need_pages := [len(p) for p in need.values()])
+  share = max(4, -(-total // 66))
+  assert sched[:, 2].max() <= max(1.5 * share, min(max(need_pages), 2 * share))  # no unit much above the share
+
+
+def test_combine_units_matches_combine():
+  rng = np.random.default_rng(4)
+  o = jnp.asarray(rng.normal(size=(3, 2, 5, 4)), jnp.float32)  # [b, splits, rows, c]
+  lse = jnp.asarray(rng.normal(size=(3, 2, 5)), jnp.float32).at[1, 1].set(-jnp.inf)
+  want, want_lse = md.combine(o, lse)
+  req = jnp.asarray([0, 0, 1, 1, 2, 2, 3], jnp.int32)  # a trailing unit of no request (3 = B)
+  o_u = jnp.concatenate([o.reshape(6, 5, 4), jnp.full((1, 5, 4), 7.0)])
+  lse_u = jnp.concatenate([lse.reshape(6, 5), jnp.full((1, 5), -jnp.inf)])
+  got, got_lse = mla_schedule.combine_units(o_u, lse_u, req, 3)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(got_lse, want_lse, rtol=1e-6)
+  got, got_lse = mla_schedule.combine_units(o_u, lse_u, jnp.asarray([0, 0, 3, 3, 2, 2, 3], jnp.int32), 3)
+  assert (np.asarray(got[1]) == 0).all() and np.isneginf(np.asarray(got_lse[1])).all()  # no units: 0, -inf
+
+
 @pytest.mark.skipif(not ON_GPU, reason="R1 shapes: GPU only")
-@pytest.mark.parametrize("s_q", [1, 2])
-def test_r1_shapes(s_q):
+@pytest.mark.parametrize("s_q,balanced", [(1, False), (2, False), (1, True)])
+def test_r1_shapes(s_q, balanced):
   rng = np.random.default_rng(s_q)
   lengths = rng.integers(s_q, 3000, 6).tolist() + [0, 4096]
-  check(2, 8, s_q, 128, 512, 64, lengths, 64, None, scale=192 ** -0.5)
+  check(2, 8, s_q, 128, 512, 64, lengths, 64, md.DecodeConfig(balanced=balanced), scale=192 ** -0.5)
 
 
 def test_combine_matches_one_split():
