@@ -36,7 +36,7 @@ class SourceHasher:
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="dwdp-hash")
         self._futures = [self._pool.submit(hash_file, os.path.join(root, name), self._stop) for name in names]
-        self.names = list(names)
+        self.root, self.names = os.path.abspath(root), list(names)
 
     def result(self) -> list[dict]:
         """[{name, bytes, sha256}] in the order of `names`; waits for the hashes."""

@@ -61,7 +61,7 @@ def convert(
         if hasher is not None:
             stack.enter_context(hasher)
         ckpt = CheckpointDir(input_dir)
-        if hasher is None or hasher.names != source_files(input_dir):
+        if hasher is None or (hasher.root, hasher.names) != (input_dir, source_files(input_dir)):
             hasher = stack.enter_context(SourceHasher(input_dir, source_files(input_dir)))
         hf_config = read_hf_config(input_dir)
         plan = make_plan(ckpt, hf_config, dtype_policy=dtype_policy, group_size=group_size, placement=placement,
