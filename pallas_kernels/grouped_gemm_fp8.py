@@ -1,0 +1,310 @@
+"""Grouped FP8 GEMM with DeepSeek-V3 block scales, and the FP8 pieces around it (jnp).
+
+Activations are quantized per token per 128 columns to e4m3 (`quantize_activations`), weights carry one f32
+scale per 128x128 block; the kernel promotes each 128-wide K block's FP8 partial product into an f32
+accumulator with the row scale times the block scale, optionally overlapping the promotion of one k step with
+the next step's wgmma (`GroupedGemmConfig.fp8_overlap_promotion`). The schedule, memory warpgroup and epilogue
+are the bf16 kernel's (`grouped_gemm_common.py`); `fp8_to_f32` decodes e4m3 bits for references that XLA
+cannot fold away.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _compat, _mosaic
+from pallas_kernels.grouped_gemm_common import (epilogue_cols, kernel_call, pad_rows, reference,
+                                                validate_inputs, warp_specialized)
+from pallas_kernels.grouped_gemm_tiles import (FP8_BLOCK, GroupedGemmConfig, default_config, padded_rows,
+                                               tile_schedule)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation quantization and the FP8 reference (pure jnp, f32 accumulation).
+# ---------------------------------------------------------------------------------------------
+
+
+# The f32 value of each of the 256 e4m3fn bit patterns (0x7F and 0xFF are NaN).
+_E4M3_VALUES = np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
+
+
+def fp8_to_f32(v):
+  """e4m3fn -> f32 by decoding the bit pattern (a 256-entry table), not with `astype`.
+
+  Why not `v.astype(f32)`: under `jax.jit`, XLA:GPU's simplify-fp-conversions pass (on by default,
+  `--xla_allow_excess_precision`) rewrites any chain of float converts, so when the quantization
+  `a.astype(e4m3)` and the up-cast are in one program, `convert(convert(a, f8), f32)` becomes `a`:
+  the FP8 rounding silently disappears (openxla/xla#41605; XLA:CPU keeps it). A jitted reference
+  then compares the kernel against unquantized activations: on the H200 test_grouped_gemm_fp8 saw
+  exactly the e4m3 rounding error, 0.0257. A bitcast to uint8 is not a float convert, so the
+  rounding survives on every backend; the table lookup is exact."""
+  bits = lax.bitcast_convert_type(v.astype(jnp.float8_e4m3fn), jnp.uint8).astype(jnp.int32)
+  return jnp.take(jnp.asarray(_E4M3_VALUES), bits, mode="clip")
+
+
+def quantize_activations(x):
+  """Per-token, per-128-column e4m3 quantization. Returns (x_q [M, K] e4m3, scale [M, K/128] f32).
+
+  To emulate FP8 in jnp, dequantize x_q with `fp8_to_f32`, not `astype` (see there)."""
+  m, k = x.shape
+  xb = x.astype(jnp.float32).reshape(m, k // FP8_BLOCK, FP8_BLOCK)
+  amax = jnp.max(jnp.abs(xb), axis=-1)
+  scale = jnp.maximum(amax, 1e-12) / 448.0  # 448: largest finite e4m3 value
+  xq = (xb / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(m, k)
+  return xq, scale
+
+
+def dequantize_weight(w, scale):
+  """[E, N, K] e4m3 with [E, N/128, K/128] block scales -> f32 [E, N, K]."""
+  s = jnp.repeat(jnp.repeat(scale, FP8_BLOCK, axis=1), FP8_BLOCK, axis=2)
+  return fp8_to_f32(w) * s  # not astype: w may have been quantized in the same jit
+
+
+def reference_fp8(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp.bfloat16, x_scale=None):
+  """FP8 reference: the activations quantized exactly as the kernel does (same function, same e4m3
+  values and scales; or taken as given, e4m3 with `x_scale`, as the kernel takes them), everything
+  dequantized to f32 and multiplied in f32. Weights are [E, N, K] (DeepSeek's [out, in] layout). Safe
+  under jit on the GPU: the dequantization decodes bits (`fp8_to_f32`), so XLA cannot fold the
+  quantization away."""
+  xq, xs = quantize_activations(x) if x_scale is None else (x, x_scale)
+  xd = (fp8_to_f32(xq).reshape(x.shape[0], -1, FP8_BLOCK) * xs[..., None]).reshape(x.shape)
+  wd = tuple(jnp.swapaxes(dequantize_weight(w, s), 1, 2) for w, s in zip(weights, scales))
+  return reference(xd, group_sizes, wd, expert_slot, out_dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# FP8 kernel (DeepSeek-V3 block scales).
+# ---------------------------------------------------------------------------------------------
+
+
+def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_max, k, n,
+                 out_dtype, interpret):
+  w_refs, out_ref = refs[:num_buffers], refs[num_buffers]
+  bm, bn, bk, steps, nwg = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.max_concurrent_steps,
+                            cfg.num_compute_wgs)
+  num_k, n_blocks, wg_m, wg_n = k // bk, n // bn, cfg.wg_m, cfg.wg_n
+  dtype = x_ref.dtype
+
+  @functools.partial(
+      pl.run_scoped,
+      a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
+      b_smem=plgpu.SMEM((steps, bn, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
+      s_smem=plgpu.SMEM((steps, bm), jnp.float32),
+      o_smem=plgpu.SMEM((nwg, wg_m, epilogue_cols(wg_n, out_dtype)), out_dtype),
+      full=plgpu.Barrier(num_arrivals=3, num_barriers=steps),
+      free=plgpu.Barrier(num_arrivals=nwg, num_barriers=steps),
+      collective_axes="wg",
+  )
+  def _scope(a_smem, b_smem, s_smem, o_smem, full, free):
+    def issue(fields, j, kk, slot):
+      _, buf, wslot, load_row, *_ = fields
+      plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(load_row, bm), pl.ds(kk * bk, bk)],
+                              a_smem.at[slot], full.at[slot])
+      plgpu.copy_gmem_to_smem(xs_ref.at[kk, pl.ds(load_row, bm)], s_smem.at[slot], full.at[slot])
+      for b, w_ref in enumerate(w_refs):
+        @pl.when(buf == b)
+        def _():
+          plgpu.copy_gmem_to_smem(w_ref.at[wslot, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)],
+                                  b_smem.at[slot], full.at[slot])
+
+    def accumulate(fields, j, nk, carry, row0, col0):
+      g = fields[6]
+      nb = (j * bn + col0) // FP8_BLOCK
+
+      def stage(kk):
+        """SMEM stage of k step kk and this warpgroup's views: a [wg_m, 128] e4m3,
+        b [wg_n, 128] e4m3 (K-major), row scales [wg_m] f32."""
+        slot = lax.rem(carry + kk, steps)
+        a_tile, b_tile, s_tile = a_smem.at[slot], b_smem.at[slot], s_smem.at[slot]
+        if wg_m != bm:
+          a_tile, s_tile = a_tile.at[pl.ds(row0, wg_m)], s_tile.at[pl.ds(row0, wg_m)]
+        if wg_n != bn:
+          b_tile = b_tile.at[pl.ds(col0, wg_n)]
+        return slot, a_tile, b_tile, s_tile
+
+      def dot_interpret(a_tile, b_tile):
+        # Interpret-mode wgmma ignores transposed operands: the same product with jnp.dot.
+        return jnp.dot(a_tile[...].astype(jnp.float32), b_tile[...].astype(jnp.float32).T)
+
+      def scale(s_tile, kk, valid=True):
+        """x_scale[row] * w_scale[g, n block, kk], [wg_m] f32; 0 where valid is False."""
+        row_scale = s_tile[...] * ws_ref[g, nb, kk]
+        if valid is not True:
+          # A select, not a product: an unused stage may hold NaN. Explicit broadcast: the
+          # warpgroup lowering has no implicit one.
+          row_scale = jnp.where(jnp.broadcast_to(valid, row_scale.shape), row_scale, 0.0)
+        return row_scale
+
+      def promote(acc, part, row_scale):
+        return acc + part * lax.broadcast_in_dim(row_scale, part.shape, [0])
+
+      def step(kk, acc):
+        slot, a_tile, b_tile, s_tile = stage(kk)
+        plgpu.barrier_wait(full.at[slot])
+        if interpret:
+          part = dot_interpret(a_tile, b_tile)
+        else:
+          def mm(tmp_ref):
+            plgpu.wgmma(tmp_ref, a_tile, _compat.transpose_ref(b_tile, (1, 0)))
+            return tmp_ref[...]
+          part = pl.run_scoped(mm, plgpu.ACC((wg_m, wg_n), jnp.float32))
+        row_scale = scale(s_tile, kk)
+        plgpu.barrier_arrive(free.at[slot])
+        return promote(acc, part, row_scale)
+
+      acc0 = jnp.zeros((wg_m, wg_n), jnp.float32)
+      if not interpret:
+        acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
+      if cfg.fp8_overlap_promotion:
+        return _fp8_overlap_pipeline(nk, acc0, stage=stage, scale=scale, promote=promote,
+                                     dot_interpret=dot_interpret, full=full, free=free,
+                                     interpret=interpret)
+      return lax.fori_loop(0, nk, step, acc0)
+
+    warp_specialized(sched_ref, out_ref, o_smem, cfg=cfg, t_max=t_max, n_blocks=n_blocks, num_k=num_k,
+                     issue=issue, free=free, accumulate=accumulate)
+
+
+def _fp8_overlap_pipeline(nk, acc0, *, stage, scale, promote, dot_interpret, full, free,
+                          interpret):
+  """k loop of one warpgroup with two partial accumulators P0, P1 in ping-pong ([wg_m, wg_n] f32
+  each; nk = 0 or an even number of k steps). Step k goes into P[k % 2]:
+
+    issue k:   wait for stage k's TMA, wgmma(P[k % 2] += a_k @ b_k^T) (async, one commit group)
+    retire k:  wgmma_wait(1) (every group but the newest, k + 1, is complete: PTX commit groups
+               complete in order), read P[k % 2], release stage k, acc += P[k % 2] * scale_k,
+               P[k % 2] = 0
+    order:     issue 0, issue 1, retire 0, issue 2, retire 1, ..., issue nk-1, retire nk-2,
+               retire nk-1 (wgmma_wait(0))
+
+  so the promotion of step k runs on the CUDA cores while the tensor core runs step k + 1. The loop
+  runs over pairs (static P0 / P1); its first "retire k - 1" (k = 0) reads the still-zero P1 with
+  scale 0 and releases nothing, which avoids a conditional around accumulator operations.
+  Interpret mode computes each partial with `jnp.dot` at issue (the interpreter's wgmma ignores
+  the transposed B) and carries the partials as values; barriers, scales and order are the same."""
+  zeros = acc0  # acc0 is zeros with the accumulator layout
+
+  def run(p_refs):
+    def issue(kk, which, parts):
+      slot, a_tile, b_tile, _ = stage(kk)
+      plgpu.barrier_wait(full.at[slot])
+      if interpret:
+        return tuple(dot_interpret(a_tile, b_tile) if i == which else p
+                     for i, p in enumerate(parts))
+      plgpu.wgmma(p_refs[which], a_tile, _compat.transpose_ref(b_tile, (1, 0)))
+      return parts
+
+    def retire(kk, which, acc, parts, *, valid=True, wait_n=1):
+      kk = jnp.maximum(kk, 0)  # kk = -1 (valid False) reads stage 0's scales, then drops them
+      slot, _, _, s_tile = stage(kk)
+      row_scale = scale(s_tile, kk, valid)  # read before the stage is released
+      if interpret:
+        part = parts[which]
+        parts = tuple(zeros if i == which else p for i, p in enumerate(parts))
+      else:
+        # After the wait every wgmma but the newest (step kk + 1) is complete, so step kk's
+        # SMEM reads are done. The barrier pins later uses of `part` after the wait.
+        part = lax.optimization_barrier(
+            plgpu.wgmma_accumulator_load(p_refs[which], wait_n=wait_n))
+      if valid is True:
+        plgpu.barrier_arrive(free.at[slot])
+      else:
+        pl.when(valid)(lambda: plgpu.barrier_arrive(free.at[slot]))
+      acc = promote(acc, part, row_scale)
+      if not interpret:
+        acc = lax.optimization_barrier(acc)  # consume part before its registers are zeroed
+        p_refs[which][...] = zeros
+      return acc, parts
+
+    def pair(i, carry):
+      acc, parts = carry
+      k0 = 2 * i
+      parts = issue(k0, 0, parts)
+      acc, parts = retire(k0 - 1, 1, acc, parts, valid=i > 0)
+      parts = issue(k0 + 1, 1, parts)
+      acc, parts = retire(k0, 0, acc, parts)
+      return acc, parts
+
+    parts0 = (zeros, zeros) if interpret else ()
+    acc, parts = lax.fori_loop(0, nk // 2, pair, (acc0, parts0))
+    acc, _ = retire(nk - 1, 1, acc, parts, valid=nk > 0, wait_n=0)
+    return acc
+
+  if interpret:
+    return run(())
+  return pl.run_scoped(lambda p0, p1: run((p0, p1)), plgpu.ACC(acc0.shape, jnp.float32),
+                       plgpu.ACC(acc0.shape, jnp.float32))
+
+
+def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Sequence[jax.Array],
+                     expert_slot, *, config: GroupedGemmConfig | None = None,
+                     out_dtype=jnp.bfloat16, interpret: bool = False, x_scale=None):
+  """Grouped FP8 GEMM with DeepSeek-V3 block scales.
+
+  Args:
+    x: [M, K] bf16 (or f32) activations sorted by group; quantized here per token per 128 columns
+      to e4m3 (`quantize_activations`). Or, with `x_scale` [M, K/128] f32, activations already quantized
+      (e4m3, e.g. quantized once per token and then gathered into expert order): used as they are.
+    group_sizes, expert_slot: as in `grouped_gemm`.
+    weights: tuple of [E_i, N, K] float8_e4m3fn buffers: DeepSeek's checkpoint layout ([out, in]).
+      Hopper's FP8 wgmma reads B only K-major, so this layout is what the tensor cores consume.
+    scales: tuple of [E_i, N/128, K/128] f32 block scales (the checkpoint's `weight_scale_inv`):
+      dequantized weight = w * scale per 128x128 block.
+    config: None picks FP8_DECODE_CONFIG; FP8_PREFILL_OVERLAP_CONFIG (fp8_overlap_promotion)
+      overlaps each k step's promotion with the next step's wgmma and needs K/128 even.
+  Returns:
+    [M, N] out_dtype; per 128-wide K block the fp8 partial product is promoted into an f32
+    accumulator with the activation row scale times the weight block scale.
+  """
+  weights, scales = tuple(weights), tuple(scales)
+  n, k = validate_inputs(x, group_sizes, weights, expert_slot, w_kn_axes=(2, 1), what="FP8 weight")[::-1]
+  if weights[0].dtype != jnp.float8_e4m3fn:
+    raise ValueError(f"weights must be float8_e4m3fn, got {weights[0].dtype}")
+  if len(scales) != len(weights) or any(
+      s.shape != (w.shape[0], n // FP8_BLOCK, k // FP8_BLOCK) for s, w in zip(scales, weights)):
+    raise ValueError("scales must be one [E_i, N/128, K/128] array per weight buffer, got "
+                     f"{[s.shape for s in scales]}")
+  cfg = config or default_config(x.shape[0], group_sizes.shape[0], n, fp8=True)
+  if cfg.block_k != FP8_BLOCK or FP8_BLOCK % cfg.wg_n:
+    raise ValueError("FP8 needs block_k == 128 and a warpgroup N (64 or 128) inside one scale block")
+  if not cfg.warp_specialized:
+    raise ValueError("the FP8 kernel is warp specialized only")
+  if k % FP8_BLOCK or n % FP8_BLOCK or n % cfg.block_n:
+    raise ValueError(f"K={k} and N={n} must divide by 128, and N by block_n={cfg.block_n}")
+  if cfg.fp8_overlap_promotion and (k // FP8_BLOCK) % 2:
+    raise ValueError(f"fp8_overlap_promotion alternates two partials per pair of k steps: K/128 "
+                     f"must be even, got K={k}")
+  m = x.shape[0]
+  m_pad = padded_rows(m, cfg.block_m)
+  if x_scale is None:
+    xq, xs = quantize_activations(x)
+  else:
+    if x.dtype != jnp.float8_e4m3fn or x_scale.shape != (m, k // FP8_BLOCK):
+      raise ValueError(f"pre-quantized activations must be e4m3 [M, K] with x_scale [M, K/128] f32, got "
+                       f"{x.dtype}{x.shape} and {x_scale.shape}")
+    xq, xs = x, x_scale.astype(jnp.float32)
+  xq = pad_rows(xq, m_pad)
+  # [K/128, M'] so that a tile's row scales of one K block are one contiguous TMA box.
+  xs_t = jnp.pad(xs.T, ((0, 0), (0, m_pad - m)))
+  sched = tile_schedule(group_sizes, expert_slot, m=m, m_pad=m_pad, block_m=cfg.block_m,
+                        buffer_sizes=tuple(w.shape[0] for w in weights))
+  # Per-group weight scales (a few KB per group): the kernel reads one scalar per k step.
+  buf = jnp.clip(expert_slot[:, 0], 0, len(weights) - 1)
+  ws_g = jnp.zeros((group_sizes.shape[0], n // FP8_BLOCK, k // FP8_BLOCK), jnp.float32)
+  for b, s in enumerate(scales):
+    ws_g = jnp.where((buf == b)[:, None, None], s[jnp.clip(expert_slot[:, 1], 0, s.shape[0] - 1)],
+                     ws_g)
+  out_dtype = jnp.dtype(out_dtype)
+  body = functools.partial(_fp8_ws_body, cfg=cfg, num_buffers=len(weights), k=k, n=n,
+                           out_dtype=out_dtype, t_max=sched.shape[0] - 1, interpret=interpret)
+  call = kernel_call(body, jax.ShapeDtypeStruct((m_pad, n), out_dtype), cfg=cfg,
+                      interpret=interpret, num_threads=cfg.num_compute_wgs + 1)
+  return call(sched, xq, xs_t, ws_g, *weights)[:m]
