@@ -3,7 +3,9 @@
   hardware.py    achieved rates per GPU: H200_HGX (measured), GB200_NVL72 (cited datasheet x H200 fractions); peer
                  copies per fetch backend (fixed cost + share of the link)
   costs.py       FLOPs, bytes and roofline times of one R1 layer; DWDP fetch and DEP all-to-all bytes
-  simulator.py   one step per rank (DWDP pipeline, DEP lockstep) and serving with continuous batching
+  strategies.py  the two strategies: DWDPConfig (with the measured compute/copy slowdowns) and DEPConfig
+  step.py        one step per rank (DWDP pipeline, DEP lockstep), from a rank's batch through the costs
+  simulator.py   the workload, the per-rank scheduler and serving with continuous batching
   calibration.py our JAX implementation on H200: the parameters fitted once on recorded runs, and the fits
   gb200.py       the paper's setting on GB200 NVL72 (NVFP4 experts, DWDP4 vs DEP4 context servers), predicted blind
   validate.py    comparison with recorded measurements; the GB200 NVL72 prediction next to the paper's

@@ -46,8 +46,8 @@ from dwdp_jax.config import ModelConfig, preset
 from dwdp_jax.sim import costs
 from dwdp_jax.sim.hardware import GB200_NVL72, H200_HGX, AllToAll, Hardware
 from dwdp_jax.sim.validate import _git_commit
-from dwdp_jax.sim.simulator import (COPY_ENGINE_SLOWDOWN, DEPConfig, DWDPConfig, RankBatch, _local_layer_times,
-                                    dep_step, dwdp_rank_step, fetch_time_s)
+from dwdp_jax.sim.step import RankBatch, _local_layer_times, dep_step, dwdp_rank_step, fetch_time_s
+from dwdp_jax.sim.strategies import COPY_ENGINE_SLOWDOWN, DEPConfig, DWDPConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 RESULTS = REPO / "experiments" / "results"

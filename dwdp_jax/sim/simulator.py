@@ -1,15 +1,17 @@
 """Discrete-event simulation of DWDP and DEP serving of DeepSeek-R1, per rank and per layer.
 
 Read it top to bottom:
-  1. configs: the workload (arrivals, lengths), the per-rank scheduler, and the two strategies;
-  2. one step, given each rank's per-layer times: `dwdp_rank_step` (one rank alone: prefetch overlapped with
-     compute) and `dep_step` (all ranks in lockstep: every MoE layer waits for the slowest rank);
-  3. `step_costs`: from a rank's batch to those per-layer times, through `costs.CostModel`;
-  4. `simulate`: requests arrive, a router gives each to a rank, each rank's scheduler builds batches with
+  1. configs: the workload (arrivals, lengths) and the per-rank scheduler (here), and the two strategies
+     (`strategies.py`);
+  2. one step, given each rank's per-layer times (`step.py`): `dwdp_rank_step` (one rank alone: prefetch
+     overlapped with compute) and `dep_step` (all ranks in lockstep: every MoE layer waits for the slowest rank);
+  3. `step_costs` (`step.py`): from a rank's batch to those per-layer times, through `costs.CostModel`;
+  4. `simulate` (here): requests arrive, a router gives each to a rank, each rank's scheduler builds batches with
      continuous batching, and steps run (DWDP: every rank on its own clock; DEP: one clock for the group).
      Everything that happens at one instant (step ends, the closed-loop refills they cause, arrivals) is
      applied before any idle rank plans its next step, as `dwdp_jax/engine/scheduler.run_engine` submits, then
      plans. Optionally a step is padded into our engine's fixed-shape calls (`EngineShapes`).
+The names of `strategies.py` and `step.py` are importable from here too.
 
 One group is simulated (G ranks); groups of a larger system are independent, so per-GPU rates carry over.
 Not modelled: KV-cache capacity (`max_batch` bounds the batch), MTP, routing skew across experts, host
@@ -27,11 +29,19 @@ import numpy as np
 
 from dwdp_jax.config import ModelConfig
 from dwdp_jax.sim import costs
-from dwdp_jax.sim.hardware import AllToAll, Hardware
+from dwdp_jax.sim.hardware import Hardware
+from dwdp_jax.sim.step import RankBatch, RankStep, dep_step, dwdp_rank_step, fetch_time_s, step_costs
+from dwdp_jax.sim.strategies import COPY_ENGINE_SLOWDOWN, DEVICE_PUT_SLOWDOWN, DEPConfig, DWDPConfig, Strategy
+
+__all__ = [
+    "COPY_ENGINE_SLOWDOWN", "DEVICE_PUT_SLOWDOWN", "DEPConfig", "DWDPConfig", "EngineShapes", "RankBatch", "RankStep",
+    "RunResult", "SchedulerConfig", "Strategy", "Workload", "dep_step", "dwdp_rank_step", "fetch_time_s",
+    "simulate", "step_costs",
+]
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 1. Configs.
+# 1. Configs (the strategies: `strategies.py`).
 
 @dataclasses.dataclass(frozen=True)
 class Workload:
@@ -148,250 +158,8 @@ class SchedulerConfig:
     shapes: EngineShapes | None = None
 
 
-# Compute and copy slow each other down by this factor while both run: fitted on our DWDP step with the
-# copy-engine fetch (validate.fit_copy_engine_slowdown, dwdp-20261122-nvidia-h200-x2.json at 8192 tokens/rank).
-COPY_ENGINE_SLOWDOWN = 0.0961
-# The same for device_put copies issued before the compute (validate.probe4_default_slowdown, device-facts probe 4).
-DEVICE_PUT_SLOWDOWN = 0.232
-
-
-@dataclasses.dataclass(frozen=True)
-class DWDPConfig:
-    """DWDP: each rank holds E/G routed experts per MoE layer and prefetches the rest from its G-1 peers.
-
-    While a copy is in flight compute runs `1 + compute_slowdown` times slower, and a copy `1 + copy_slowdown`
-    times slower while compute runs (memory and SM contention); both default to the measured value of the
-    default fetch backend (COPY_ENGINE_SLOWDOWN).
-    """
-
-    group_size: int = 4
-    prefetch_depth: int = 1  # layer l+d's fetch may start once layer l's compute starts; d+1 staging buffers
-    schedule: Literal["staggered", "same_order"] = "staggered"
-    fetch_frac: float | None = 1.0  # experts prefetched / all experts; None: the expected routed set (planner)
-    # The paper's layout (TensorRT-LLM's num_prefetch_experts): p experts pulled from each peer per MoE layer,
-    # E - (G-1) p held locally (replicas when p < E/G); overrides fetch_frac.
-    prefetch_per_peer: int | None = None
-    miss_rate: float = 0.0  # routed remote experts not prefetched, pulled on the critical path
-    fetch_backend: Literal["copy_engine", "device_put"] = "copy_engine"  # Hardware.copy_engine / device_put
-    compute_slowdown: float = COPY_ENGINE_SLOWDOWN
-    copy_slowdown: float = COPY_ENGINE_SLOWDOWN
-
-    def __post_init__(self):
-        if self.group_size < 1 or self.prefetch_depth < 1:
-            raise ValueError("group_size and prefetch_depth must be >= 1")
-        if self.schedule not in ("staggered", "same_order"):
-            raise ValueError(f"schedule must be 'staggered' or 'same_order', got {self.schedule!r}")
-        if self.fetch_backend not in ("copy_engine", "device_put"):
-            raise ValueError(f"fetch_backend must be 'copy_engine' or 'device_put', got {self.fetch_backend!r}")
-        if self.fetch_frac is not None and not 0 <= self.fetch_frac <= 1:
-            raise ValueError("fetch_frac must be in [0, 1] or None")
-        if not 0 <= self.miss_rate <= 1 or self.compute_slowdown < 0 or self.copy_slowdown < 0:
-            raise ValueError("miss_rate must be in [0, 1]; slowdowns must be >= 0")
-        if self.prefetch_per_peer is not None and self.prefetch_per_peer < 0:
-            raise ValueError("prefetch_per_peer must be >= 0 or None")
-
-    name = "dwdp"
-
-
-@dataclasses.dataclass(frozen=True)
-class DEPConfig:
-    """DEP: attention data-parallel, experts split over the group, dispatch and combine all-to-all per MoE layer."""
-
-    group_size: int = 4
-    dispatch_bytes: float = 2.0  # per activation element (bf16; 1.0 for FP8 dispatch)
-    combine_bytes: float = 2.0
-    # Rows a rank sends to each peer, in units of the mean (tokens * top_k / G): None sends exactly the routed
-    # rows; ours (dwdp_jax/parallel/dep.py) sends a fixed-capacity buffer, padded, of this many times the mean.
-    capacity_factor: float | None = None
-    all_to_all: AllToAll | None = None  # None: the hardware's (Hardware.all_to_all); else an implementation's own
-    per_rank_rows: bool = False  # send a token once per destination rank (dedicated all-to-all kernels), not per
-    #                              routed expert (ours)
-
-    def __post_init__(self):
-        if self.group_size < 1:
-            raise ValueError("group_size must be >= 1")
-        if self.capacity_factor is not None and self.capacity_factor <= 0:
-            raise ValueError("capacity_factor must be > 0 or None")
-
-    name = "dep"
-
-
-Strategy = DWDPConfig | DEPConfig
-
-
 # --------------------------------------------------------------------------------------------------------------
-# 2. One step, from per-layer times.
-
-@dataclasses.dataclass
-class RankStep:
-    """Where one rank's step time went (seconds). time_s = compute + interference + exposed_fetch + comm + wait."""
-
-    time_s: float
-    compute_s: float
-    interference_s: float = 0.0  # compute slowed by copies beside it
-    exposed_fetch_s: float = 0.0  # compute waiting for a fetch (prefetch late, or on-demand misses)
-    comm_s: float = 0.0  # all-to-all
-    wait_s: float = 0.0  # waiting for the slowest rank at DEP barriers
-
-
-def fetch_time_s(bytes_: float, group_size: int, hw: Hardware, schedule: str = "staggered",
-                 backend: str = "copy_engine") -> float:
-    """Time for one rank to pull `bytes_` evenly from its G-1 peers, one copy per peer in turn, while every rank
-    of the group pulls.
-
-    staggered: at any moment each source has one reader (round-robin offsets), so a copy gets the source's whole
-    outbound rate. same_order: all ranks read the same source at once, so G-1 readers share it. Each copy also
-    pays the backend's fixed cost (`Hardware.fetch_backend(backend)`).
-    """
-    if bytes_ <= 0 or group_size <= 1:
-        return 0.0
-    readers = 1 if schedule == "staggered" else group_size - 1
-    copy = hw.fetch_backend(backend)
-    return (group_size - 1) * copy.time_s(bytes_ / (group_size - 1), hw.peer_copy_gbps / readers)
-
-
-def dwdp_rank_step(compute_s, fetch_s, depth: int = 1, compute_slowdown: float = 0.0,
-                   copy_slowdown: float = 0.0, miss_s=None) -> RankStep:
-    """One rank's pass over its layers: a compute chain and a copy-engine chain, coupled by two rules.
-
-    compute_s[l]: layer l's compute at full speed; fetch_s[l]: its expert prefetch alone (0: nothing to fetch);
-    miss_s[l]: on-demand pulls after layer l's routing, on the critical path.
-    Rules: layer l computes once its fetch is done; layer l's fetch starts once the copy engine is free and
-    layer l-depth's compute has started (there are depth+1 staging buffers). While both run, each is slowed.
-    """
-    compute_s = np.asarray(compute_s, dtype=np.float64).tolist()  # plain floats: this loop is the hot path
-    fetch_s = np.asarray(fetch_s, dtype=np.float64).tolist()
-    miss_s = [0.0] * len(compute_s) if miss_s is None else np.asarray(miss_s, dtype=np.float64).tolist()
-    num_layers = len(compute_s)
-    t = interference = exposed = 0.0
-    ci, c_left, m_left, started = 0, None, None, -1  # compute chain: layer, work left, miss left, last started
-    fi, f_left = 0, None  # copy chain: layer being (or next to be) fetched; layers < fi are fetched
-    while ci < num_layers:
-        if f_left is None:
-            while fi < num_layers and fetch_s[fi] <= 0:
-                fi += 1
-        if c_left is None and m_left is None and ci < fi:
-            c_left, started = compute_s[ci], ci
-        if f_left is None and fi < num_layers and fi - depth <= started:
-            f_left = fetch_s[fi]
-        c_rate = 1.0 / (1.0 + compute_slowdown) if f_left is not None else 1.0
-        f_rate = 1.0 / (1.0 + copy_slowdown) if c_left is not None else 1.0
-        # Advance to the next completion. Something always runs: layer ci waits only for fetch ci, which may
-        # start because layer ci-1 >= ci-depth has started.
-        dt = min(x for x in (c_left and c_left / c_rate, m_left, f_left and f_left / f_rate) if x is not None)
-        if c_left is not None:
-            interference += dt * (1.0 - c_rate)
-            c_left -= dt * c_rate
-        else:
-            exposed += dt  # waiting for a fetch, or doing an on-demand one
-            if m_left is not None:
-                m_left -= dt
-        if f_left is not None:
-            f_left -= dt * f_rate
-        t += dt
-        eps = 1e-15 + 1e-12 * t
-        if f_left is not None and f_left <= eps:
-            f_left, fi = None, fi + 1
-        if c_left is not None and c_left <= eps:
-            c_left = None
-            if miss_s[ci] > 0:
-                m_left = miss_s[ci]
-            else:
-                ci += 1
-        elif m_left is not None and m_left <= eps:
-            m_left, ci = None, ci + 1
-    return RankStep(time_s=t, compute_s=sum(compute_s), interference_s=interference, exposed_fetch_s=exposed)
-
-
-def dep_step(local_s, expert_s, comm_s) -> list[RankStep]:
-    """All ranks in lockstep. local_s, expert_s: [ranks, layers]; comm_s: [layers] (dispatch + combine).
-
-    A layer with comm_s > 0 is a MoE layer: every rank waits for the slowest one's local work (attention, and
-    any layers since the last barrier), exchanges tokens, waits for the slowest expert compute, combines.
-    """
-    local_s = np.atleast_2d(np.asarray(local_s, dtype=np.float64))
-    expert_s = np.atleast_2d(np.asarray(expert_s, dtype=np.float64))
-    comm_s = np.asarray(comm_s, dtype=np.float64)
-    since_barrier = np.zeros(local_s.shape[0])
-    t = 0.0
-    for layer in range(local_s.shape[1]):
-        since_barrier += local_s[:, layer]
-        if comm_s[layer] > 0:
-            t += since_barrier.max() + expert_s[:, layer].max() + comm_s[layer]
-            since_barrier[:] = 0.0
-    t += since_barrier.max()
-    comm = float(comm_s.sum())
-    busy = local_s.sum(axis=1) + expert_s.sum(axis=1)
-    return [RankStep(time_s=t, compute_s=float(b), comm_s=comm, wait_s=t - float(b) - comm) for b in busy]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 3. From a rank's batch to per-layer times.
-
-@dataclasses.dataclass(frozen=True)
-class RankBatch:
-    """One rank's work in one step: request i processes new_tokens[i] tokens after context[i] cached ones."""
-
-    new_tokens: np.ndarray  # [n]
-    context: np.ndarray  # [n]
-    sampled: int  # tokens emitted this step (LM head rows)
-    row_len: np.ndarray | None = None  # [n] cache positions each query reads (None: context + new; see costs)
-
-    @property
-    def tokens(self) -> int:
-        return int(self.new_tokens.sum())
-
-
-def _local_layer_times(cm: costs.CostModel, batch: RankBatch) -> tuple[float, float]:
-    """(dense layer, MoE layer without routed experts) time of one rank's batch."""
-    if batch.tokens == 0:
-        return 0.0, 0.0
-    attn = (cm.attention_s(batch.new_tokens, batch.context, batch.row_len) + cm.eff.layer_overhead_s
-            + cm.eff.token_overhead_s * batch.tokens)
-    return attn + cm.dense_mlp_s(batch.tokens), attn + cm.shared_expert_s(batch.tokens)
-
-
-def step_costs(cm: costs.CostModel, hw: Hardware, strategy: Strategy, batches: list[RankBatch]) -> list[RankStep]:
-    """Per-rank step breakdown for the batches of one group's ranks (for DWDP each rank is independent)."""
-    cfg = cm.cfg
-    is_moe = np.array([cfg.is_moe_layer(layer) for layer in range(cfg.num_layers)])
-    k, e, g = cfg.num_experts_per_tok, cfg.n_routed_experts, strategy.group_size
-    local = np.zeros((len(batches), cfg.num_layers))
-    for r, b in enumerate(batches):
-        dense_s, moe_s = _local_layer_times(cm, b)
-        local[r] = np.where(is_moe, moe_s, dense_s)
-        local[r, -1] += cm.head_s(b.sampled)
-    if isinstance(strategy, DEPConfig):
-        tokens = np.array([b.tokens for b in batches], dtype=np.float64)
-        # Uniform routing spreads every rank's tokens over all experts: expert load is the group mean.
-        expert_s = cm.routed_experts_s(tokens.sum() * k / g, cm.experts_touched(tokens.sum()) / g)
-        a2a, pad = strategy.all_to_all or hw.all_to_all, strategy.capacity_factor or 1.0
-        comm = sum(a2a.time_s(pad * costs.dep_a2a_bytes(cfg, tokens.max(), g, b, strategy.per_rank_rows))
-                   for b in (strategy.dispatch_bytes, strategy.combine_bytes))
-        return dep_step(local, np.where(is_moe, expert_s, 0.0)[None, :].repeat(len(batches), 0),
-                        np.where(is_moe, comm, 0.0))
-    steps = []
-    for r, b in enumerate(batches):
-        if b.tokens == 0:
-            steps.append(RankStep(time_s=0.0, compute_s=0.0))
-            continue
-        touched = cm.experts_touched(b.tokens)
-        if strategy.prefetch_per_peer is not None:
-            fetch_bytes = (g - 1) * strategy.prefetch_per_peer * cm.expert_bytes
-        else:
-            fetched = touched if strategy.fetch_frac is None else strategy.fetch_frac * e
-            fetch_bytes = costs.dwdp_fetch_bytes(cfg, g, fetched, cm.expert_format)
-        fetch = fetch_time_s(fetch_bytes, g, hw, strategy.schedule, strategy.fetch_backend)
-        miss_bytes = costs.dwdp_fetch_bytes(cfg, g, strategy.miss_rate * touched, cm.expert_format)
-        miss = fetch_time_s(miss_bytes, g, hw, "staggered", strategy.fetch_backend)
-        compute = local[r] + np.where(is_moe, cm.routed_experts_s(b.tokens * k, touched), 0.0)
-        steps.append(dwdp_rank_step(compute, np.where(is_moe, fetch, 0.0), strategy.prefetch_depth,
-                                    strategy.compute_slowdown, strategy.copy_slowdown, np.where(is_moe, miss, 0.0)))
-    return steps
-
-
-# --------------------------------------------------------------------------------------------------------------
-# 4. Serving.
+# 4. Serving (steps 2 and 3: `step.py`).
 
 @dataclasses.dataclass
 class _Request:
