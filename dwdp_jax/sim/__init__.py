@@ -8,6 +8,7 @@
   simulator.py   the workload, the per-rank scheduler and serving with continuous batching
   calibration.py our JAX implementation on H200: the parameters fitted once on recorded runs, and the fits
   gb200.py       the paper's setting on GB200 NVL72 (NVFP4 experts, DWDP4 vs DEP4 context servers), predicted blind
+  disagg_prediction.py  DWDP vs DEP context servers sized against DEP generation servers (`predict_nvl72`)
   validate.py    comparison with recorded measurements; the GB200 NVL72 prediction next to the paper's
                  (calibration and validate are not imported here, so that `python -m dwdp_jax.sim.validate`
                  runs cleanly)
