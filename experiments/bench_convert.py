@@ -13,9 +13,10 @@ overhead). With --repeats=N every policy converts N times, a copy after each rou
 also times restores from a cold page cache, each in its own child: the full model (`load_model(OUT)`) and DWDP
 rank 0's share (replicated weights + its experts, `checkpoint.rank_experts`), both onto the CPU device. With
 --baseline_repo, the same conversions (every policy) and restores run with that checkout's code (e.g. an export
-of an earlier commit), in the same run, for comparison. Source and outputs are deleted afterwards. The 1-minute
-load average is recorded before and after every timed phase: the machine may be shared, and a busy CPU slows a
-CPU-bound conversion.
+of an earlier commit), in the same run, for comparison. Source and outputs are deleted afterwards. The machine
+may be shared, and other work slows a CPU-bound conversion: every copy and conversion first waits (up to
+--wait_quiet_s) until the rest of the machine is idle, and each conversion records the CPU time the rest of the
+machine used while it ran (`others_cpu_s`) and the 1-minute load average before and after.
 
 Headline metrics (results schema, part "converter"): `peak_rss_over_largest_tensor` = the converter's peak
 resident memory / the largest single output array (here the bf16 embedding, also the largest source tensor);
@@ -63,6 +64,8 @@ flags.DEFINE_bool("restore", True, "also time full-model and rank-0 restores of 
 flags.DEFINE_string("baseline_repo", None, "another checkout of this repository whose converter and restore are run"
                     " the same way (first policy only), for comparison")
 flags.DEFINE_integer("repeats", 1, "conversions per policy (the median is reported; a copy after each round)")
+flags.DEFINE_float("wait_quiet_s", 120, "before each copy and conversion, wait up to this long for the rest of the"
+                   " machine to be idle")
 flags.DEFINE_string("tag", "", "suffix of the results file name")
 flags.DEFINE_string("out_dir", os.path.join(REPO, "experiments", "results"), "results directory")
 FLAGS = flags.FLAGS
@@ -200,6 +203,24 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def _busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes, /proc/stat)."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def _wait_until_quiet():
+    """Waits (at most --wait_quiet_s) until the rest of the machine is idle: a shared machine's other work slows a
+    CPU-bound conversion, and its load average still counts our previous run for a minute."""
+    deadline = time.monotonic() + FLAGS.wait_quiet_s
+    while True:
+        busy = _busy_s()
+        time.sleep(1.0)
+        if _busy_s() - busy < 0.15 or time.monotonic() > deadline:
+            return
+
+
 def _commit_of(repo: str) -> str:
     try:
         return subprocess.check_output(["git", "-C", repo, "rev-parse", "HEAD"], text=True).strip()
@@ -211,6 +232,7 @@ def copy_baseline(source: str, dst: str) -> float:
     """Seconds to copy the source shards (kernel copy, cold cache) and fsync them: the disk's own ceiling for
     a conversion that reads and writes every byte once."""
     _drop_cache(source)
+    _wait_until_quiet()
     os.makedirs(dst)
     t0 = time.perf_counter()
     for name in sorted(os.listdir(source)):
@@ -248,7 +270,8 @@ def convert_once(repo: str, source: str, out: str, policy: str) -> dict:
     _drop_cache(source)
     argv = ["dwdp-convert", f"--input={source}", f"--output={out}", f"--dtype_policy={policy}",
             f"--group_size={FLAGS.group_size}", "--noprogress"]
-    load_before = _load()
+    _wait_until_quiet()
+    load_before, busy_before = _load(), _busy_s()
     code = ("import time; t0 = time.perf_counter(); from dwdp_jax import convert; t1 = time.perf_counter()\n"
             f"try:\n    convert.run({argv!r})\nfinally:\n"
             "    print('startup_s', t1 - t0, 'convert_s', time.perf_counter() - t1, flush=True)")
@@ -256,10 +279,11 @@ def convert_once(repo: str, source: str, out: str, policy: str) -> dict:
     lines = stdout.strip().splitlines()
     startup_s, convert_s = (float(x) for x in next(l for l in lines if l.startswith("startup_s")).split()[1::2])
     cpu_s = float(next(l for l in lines if l.startswith("cpu_s")).split()[1])
+    others_cpu_s = max(0.0, _busy_s() - busy_before - cpu_s)  # the machine's other work meanwhile (kernel too)
     print(f"{lines[0]} ({wall:.1f} s, {startup_s:.1f} s of it importing the converter's module, {cpu_s:.1f} CPU s;"
-          f" load average {load_before} -> {_load()})")
-    return dict(wall_s=wall, startup_s=startup_s, convert_s=convert_s, cpu_s=cpu_s, peak_rss_bytes=peak,
-                command=" ".join(argv), load_before=load_before, load_after=_load())
+          f" other CPU meanwhile {others_cpu_s:.1f} s; load average {load_before} -> {_load()})")
+    return dict(wall_s=wall, startup_s=startup_s, convert_s=convert_s, cpu_s=cpu_s, others_cpu_s=others_cpu_s,
+                peak_rss_bytes=peak, command=" ".join(argv), load_before=load_before, load_after=_load())
 
 
 def restore_times(repo: str, out: str) -> dict:
@@ -267,6 +291,7 @@ def restore_times(repo: str, out: str) -> dict:
     row = {}
     for name, rank in (("full", None), ("rank0", 0)):
         _drop_cache(out)
+        _wait_until_quiet()
         _, peak, stdout = _measured(_RESTORE.format(out=out, rank=rank), repo)
         seconds, nbytes = next(line.split()[1:] for line in stdout.splitlines() if line.startswith("restore_s"))
         row.update({f"restore_{name}_s": float(seconds), f"restore_{name}_bytes": int(nbytes),
@@ -366,7 +391,7 @@ def main(argv):
         for policy in FLAGS.policies:
             runs = [row for row in group if row["dtype_policy"] == policy]
             for k in ("throughput_gbps", "throughput_frac_of_copy", "throughput_frac_of_copy_excl_startup",
-                      "wall_s", "cpu_s"):  # medians over the repeats
+                      "wall_s", "cpu_s", "others_cpu_s"):  # medians over the repeats
                 if runs:
                     metrics[f"{prefix}{k}_{policy}"] = float(np.median([row[k] for row in runs]))
             for k in ("peak_rss_over_largest_tensor", "peak_rss_bytes"):  # the worst repeat
@@ -382,12 +407,13 @@ def main(argv):
                 metrics[f"{k}_over_baseline"] = head[k] / row[k]
     rows += baseline_rows
     path = write_result(FLAGS.out_dir, "converter", "cpu", config, metrics, rows, tag=FLAGS.tag)
-    print(f"\n{'policy':<10} {'source GB':>9} {'out GB':>7} {'wall s':>7} {'CPU s':>6} {'GB/s':>6} {'of copy':>7}"
+    print(f"\n{'policy':<10} {'source GB':>9} {'out GB':>7} {'wall s':>7} {'CPU s':>6} {'other':>6} {'GB/s':>6}"
+          f" {'of copy':>7}"
           f" {'peak RSS GB':>11} {'largest GB':>10} {'RSS/largest':>11} {'verify GB/s':>11}")
     for r in rows:
         name = r["dtype_policy"] + (" (baseline)" if "code" in r else "")
         print(f"{name:<10} {source_bytes / 1e9:>9.2f} {r.get('output_bytes', float('nan')) / 1e9:>7.2f}"
-              f" {r['wall_s']:>7.1f} {r['cpu_s']:>6.1f} {r['throughput_gbps']:>6.2f}"
+              f" {r['wall_s']:>7.1f} {r['cpu_s']:>6.1f} {r['others_cpu_s']:>6.1f} {r['throughput_gbps']:>6.2f}"
               f" {r['throughput_frac_of_copy']:>7.2f}"
               f" {r['peak_rss_bytes'] / 1e9:>11.2f}"
               f" {largest_source / 1e9:>10.2f} {r['peak_rss_over_largest_tensor']:>11.2f}"
