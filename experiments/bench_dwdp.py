@@ -36,6 +36,7 @@ from pallas_kernels.profiling import copy_engine_gbps  # noqa: E402
 from dwdp_jax.planner.placement import Placement  # noqa: E402
 from experiments.gpu_clocks import ClockSampler  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
+from experiments.timing import median_wall_s  # noqa: E402
 
 FLAGS = flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
 flags.DEFINE_integer("group_size", 0, "GPUs in the DWDP group (0: all)")
@@ -83,14 +84,7 @@ def extra_per_moe_layer(step_s, cached_s, cfg):
     return per_layer, layer_s, max(p / m for p, m in zip(per_layer, layer_s))
 
 
-def timed(fn, repeats):
-    fn()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+timed = median_wall_s
 
 
 def concurrent_step_times(group, batches, repeats):

@@ -43,6 +43,7 @@ from absl import app, flags  # noqa: E402
 
 from dwdp_jax.experts import ExpertWeights, pallas_sorted_ffn  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
+from experiments.timing import median_wall_s  # noqa: E402
 from experiments.stream_timeline import profiled  # noqa: E402
 
 flags.DEFINE_list("parts", ["overlap", "xla_stream", "subset"], "what to measure")
@@ -70,14 +71,7 @@ DMA_KERNEL = "remote_dma_gather"  # the fetch kernel's name in profiles
 # Setup
 
 
-def median_s(fn, repeats: int) -> float:
-    fn()  # warm-up (compiles, ring allocation)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
+median_s = median_wall_s  # the untimed first call compiles and allocates the ring
 
 
 def experts(key, e: int, hidden: int, inter: int) -> ExpertWeights:

@@ -31,14 +31,6 @@ needs_cpu = pytest.mark.skipif(ON_GPU, reason="the CPU form of the backend (inte
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="launches on a CUDA stream")
 
 
-@pytest.fixture
-def sync_dispatch():
-    old = jax.config.values["jax_cpu_enable_async_dispatch"]
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-    yield
-    jax.config.update("jax_cpu_enable_async_dispatch", old)
-
-
 @pytest.fixture(scope="module")
 def model():
     return init_model(CFG, dtype=jnp.float32, seed=3)

@@ -21,14 +21,6 @@ from dwdp_jax.planner import FetchPolicy
 CFG = TINY.replace(num_layers=3, first_k_dense_replace=1)
 
 
-@pytest.fixture
-def sync_dispatch():
-    old = jax.config.values["jax_cpu_enable_async_dispatch"]
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-    yield
-    jax.config.update("jax_cpu_enable_async_dispatch", old)
-
-
 @pytest.fixture(scope="module")
 def model():
     return init_model(CFG, dtype=jnp.float32, seed=11)
