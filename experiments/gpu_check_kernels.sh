@@ -8,11 +8,7 @@ cd "$(dirname "$0")/.."
 QUICK=""
 if [[ "${1:-}" == "--quick" ]]; then QUICK="--quick"; shift; fi
 KIND="${1:-nvidia-h200}"
-OUTDIR="${OUT:-experiments/results}"
-mkdir -p "$OUTDIR"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-PY="${PYTHON:-python3}"
+source experiments/gpu_env.sh
 NGPU=$($PY -c "import jax; print(sum(d.platform == 'gpu' for d in jax.devices()))" 2>/dev/null || echo 0)
 echo "GPUs: $NGPU"
 declare -A STATUS

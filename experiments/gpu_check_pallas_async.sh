@@ -9,12 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 KIND="${1:-nvidia-h100-x1}"
-OUTDIR="${OUT:-experiments/results}"
-mkdir -p "$OUTDIR"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
-PY="${PYTHON:-python3}"
+source experiments/gpu_env.sh
 declare -A STATUS
 ORDER=()
 step() {  # step NAME TIMEOUT_S COMMAND...: runs it, logs to $OUTDIR/pallas_async-NAME.log, records pass/FAIL/TIMEOUT
