@@ -30,7 +30,7 @@ from dwdp_jax.safetensors_io import CheckpointDir
 
 CONVERTER_VERSION = "2.0"
 # Items built and saved at once (each thread holds one): 3 on the 2-core machine of experiments/bench_convert.py
-# (2: 12.0 s, 3: 10.5 s for 5.9 GB of keep_fp8); more cores and faster disks take more.
+# (3 to 8 give the same times there, within its noise; 2 was slower); more cores and faster disks take more.
 WORKERS = min(8, (os.cpu_count() or 2) + 1)
 
 
