@@ -49,20 +49,12 @@ def cuda_ordinal(device: jax.Device) -> int:
 
 
 def alias_device_memory(pointer: int, shape: tuple, dtype, device: jax.Device, owner) -> jax.Array:
-    """A jax.Array on GPU `device` whose memory is the `nbytes` at `pointer` (no copy; CuPy wraps the pointer for
-    DLPack). Its dtype is the unsigned int of `dtype`'s width (CuPy has no bf16 or FP8): bitcast where it is
-    read. `owner` is kept alive as long as the view. The memory may live on a peer GPU (peer access or an IPC
-    mapping makes it addressable here)."""
-    import cupy as cp
-
-    dtype = jnp.dtype(dtype)
-    raw = {1: cp.uint8, 2: cp.uint16, 4: cp.uint32}[dtype.itemsize]
-    nbytes = int(np.prod(shape)) * dtype.itemsize
-    mem = cp.cuda.UnownedMemory(pointer, nbytes, owner, device_id=cuda_ordinal(device))
-    view = jax.dlpack.from_dlpack(cp.ndarray(shape, raw, cp.cuda.MemoryPointer(mem, 0)))
-    if view.devices() != {device} or view.unsafe_buffer_pointer() != pointer:
-        raise RuntimeError(f"alias of 0x{pointer:x}: DLPack import copied or moved the buffer ({view.devices()})")
-    return view
+    """A jax.Array on GPU `device` whose memory is the bytes at `pointer` (no copy; `dlpack_alias.alias`), as the
+    unsigned int of `dtype`'s width: bitcast where it is read (the fetch backends' contract). `owner` is kept
+    alive as long as the view. The memory may live on a peer GPU (peer access or an IPC mapping makes it
+    addressable here)."""
+    raw = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(dtype).itemsize]
+    return alias(pointer, shape, raw, device, owner)
 
 
 @functools.partial(jax.jit, static_argnames="dtype")
