@@ -368,13 +368,16 @@ def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]]
         warnings.append(f"programs of {sorted(unmatched)} could not be matched to their compiled HLO (counts of "
                         "program ids and recorded programs differ): the events' own annotations are used")
     kept = []
+    by_kernel: dict[int, dict[str, HloOp]] = {}  # a program's ops by kernel name, built once when needed
     for e in events:
         op = None
         if (e.module, e.program_id) in keys:
             ops = programs[e.module][keys[(e.module, e.program_id)]]
             op = ops.get(e.hlo_op)
             if op is None and (e.hlo_op or "").startswith("command_buffer"):
-                op = _kernel_index(ops).get(e.name)  # a fusion's kernel inside a CUDA graph: named after it
+                if id(ops) not in by_kernel:
+                    by_kernel[id(ops)] = _kernel_index(ops)
+                op = by_kernel[id(ops)].get(e.name)  # a fusion's kernel inside a CUDA graph: named after it
         if op is not None and op.opcode in _CONTROL_FLOW and not e.on_gpu:
             continue  # a CPU thunk that spans the thunks of its body, which are counted themselves
         kept.append(e)
