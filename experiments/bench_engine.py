@@ -95,6 +95,18 @@ def log(t0: float, msg: str) -> None:
     print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
 
+def host_return_time(fn, repeats: int) -> float:
+    """Median seconds until `fn()` returns (the host's share of a step: packing, transfers, dispatch; the
+    device work runs on asynchronously), each call then waited for."""
+    samples = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        samples.append(time.perf_counter() - t)
+        jax.block_until_ready(out)
+    return statistics.median(samples)
+
+
 def median_time(fn, repeats: int, warmup: int, inner: int = 1) -> tuple[float, float]:
     """(first call seconds, median over `repeats` of the mean of `inner` back-to-back calls) after `warmup`
     further calls; every timed group ends with block_until_ready."""
@@ -434,15 +446,17 @@ def decode_at_context(model, cfg, executor, sweep: Sweep, batches, ctx: int, hbm
             rows.append(row)
             log(t0, f"{point}: FAILED {row['error']}")
             continue
+        host_s = host_return_time(functools.partial(runner.decode, items[:b]), sweep.repeats)
         distinct = [len(np.unique(ids[:b])) for ids in recorder.calls]
         need = roofline.decode_bytes(cfg, b, b * ctx, distinct, itemsize=2, cache_itemsize=2)
-        row.update(first_call_s=first, step_s=step_s, output_tokens_per_s=b / step_s,
+        row.update(first_call_s=first, step_s=step_s, host_return_s=host_s, output_tokens_per_s=b / step_s,
                    distinct_experts_per_moe_layer=distinct, bytes=need.as_dict(),
                    achieved_gbps=need.total / step_s / 1e9, hbm_frac=need.total / step_s / 1e9 / hbm_gbps)
         rows.append(row)
         log(t0, f"{point}: step {step_s * 1e3:7.2f} ms, {row['output_tokens_per_s']:8.0f} tok/s, "
                 f"{need.total / 1e9:6.2f} GB needed ({sum(distinct)} experts hit) -> "
-                f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; compile+first {first:.1f} s")
+                f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; host returns after "
+                f"{host_s * 1e3:.2f} ms; compile+first {first:.1f} s")
         if profiling is not None and (b, ctx) == sweep.typical:
             profiling.point(point, runner, functools.partial(runner.decode, items[:b]), 1, row, budget, t0)
     return rows

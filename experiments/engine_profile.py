@@ -354,7 +354,7 @@ def _kernel_index(ops: dict[str, HloOp]) -> dict[str, HloOp]:
 
 
 def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]], steps: int, wall_s: float,
-              top: int = 10) -> dict:
+              top: int = 25) -> dict:
     """Per-step breakdown of `steps` steps' events. programs: {module name: [ops of each program of that name, in
     the order of their first calls]}; wall_s: host wall seconds of all the steps together."""
     keys = program_keys(events, {m: list(p) for m, p in programs.items()})
@@ -398,6 +398,7 @@ def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]]
         per_op[key] = per_op.get(key, 0.0) + e.dur_us
     busy_s = union_us(kept) / 1e6 / steps
     wall = wall_s / steps
+    idle = idle_gaps(kept, top)
     top_ops = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
     if gpu_us["unattributed"] > 0.05 * sum(gpu_us.values()):
         warnings.append(f"{gpu_us['unattributed'] / sum(gpu_us.values()):.0%} of the GPU time is unattributed")
@@ -413,8 +414,41 @@ def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]]
         "attributed_by_gpu_s": {k: v / 1e6 / steps for k, v in by_source.items()},
         "modules_gpu_s": {k: v / 1e6 / steps for k, v in sorted(modules_us.items(), key=lambda kv: -kv[1])},
         "top_ops": [dict(category=c, op_name=n, op=o, gpu_s=us / 1e6 / steps) for (c, n, o), us in top_ops],
+        # where the GPU waits: between two kernels of one program (the host launching too slowly), between
+        # programs (the host's work between calls: packing, transfers, dispatch, the blocking read), and before
+        # the first / after the last kernel of the profile (wall minus the events' span)
+        "idle_inside_programs_s": idle["inside_us"] / 1e6 / steps,
+        "idle_between_programs_s": idle["between_us"] / 1e6 / steps,
+        "idle_edges_s": max(0.0, wall - busy_s - (idle["inside_us"] + idle["between_us"]) / 1e6 / steps),
+        "top_idle_gaps": [dict(after=a, before=b, count=n, idle_s=us / 1e6 / steps)
+                          for (a, b), (n, us) in idle["top"]],
         "warnings": warnings,
     }
+
+
+def idle_gaps(events: list[OpEvent], top: int = 10) -> dict:
+    """The GPU's idle gaps between the union intervals of `events` (microseconds, all steps together):
+    inside_us (both neighbours ran in the same program, `module`), between_us (a change of program, or a kernel
+    outside any program such as a memcpy), and the `top` inside gaps by total time, keyed by (op or kernel
+    before, op or kernel after): [((after, before), (count, us))]."""
+    inside = between = 0.0
+    per_pair: dict[tuple, list] = {}
+    last = None  # the event that ends the current union interval
+    for e in sorted(events, key=lambda e: e.start_us):
+        if last is not None:
+            gap = e.start_us - (last.start_us + last.dur_us)
+            if gap > 0:
+                if e.module is not None and e.module == last.module:
+                    inside += gap
+                    cell = per_pair.setdefault((last.hlo_op or last.name, e.hlo_op or e.name), [0, 0.0])
+                    cell[0] += 1
+                    cell[1] += gap
+                else:
+                    between += gap
+        if last is None or e.start_us + e.dur_us > last.start_us + last.dur_us:
+            last = e
+    ranked = sorted(per_pair.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"inside_us": inside, "between_us": between, "top": [(k, tuple(v)) for k, v in ranked]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -517,10 +551,17 @@ def format_table(columns: dict[str, dict]) -> str:
     line("GPU busy (union)", [b["gpu_busy_s"] for b in columns.values()])
     line("host wall, profiled", [b["wall_s"] for b in columns.values()])
     line("dispatch/idle, profiled", [b["dispatch_idle_s"] for b in columns.values()])
+    line("  inside programs", [b.get("idle_inside_programs_s") for b in columns.values()])
+    line("  between programs", [b.get("idle_between_programs_s") for b in columns.values()])
+    line("  edges", [b.get("idle_edges_s") for b in columns.values()])
     line("step, unprofiled", [b.get("unprofiled_step_s") for b in columns.values()])
     line("dispatch/idle, unprofiled", [b.get("dispatch_idle_unprofiled_s") for b in columns.values()])
     rows.append(f"{'kernels per step':26s}" + "".join(f"{b['kernels_per_step']:>{width}.0f}"
                                                        for b in columns.values()))
+    for label, b in columns.items():
+        for g in b.get("top_idle_gaps", [])[:6]:
+            rows.append(f"idle ({label}): {g['idle_s'] * 1e3:.3f} ms in {g['count']} gaps after {g['after']} "
+                        f"before {g['before']}")
     for label, b in columns.items():
         for w in b.get("warnings", []):
             rows.append(f"WARNING ({label}): {w}")

@@ -196,6 +196,13 @@ def test_breakdown_of_a_synthetic_gpu_profile():
     assert b["top_ops"][0] == dict(category="dense_gemm", op_name="jit(step_fn)/linear/dot_general",
                                    op="linear_gemm", gpu_s=pytest.approx(2.5e-6))
     assert b["warnings"] == ["7% of the GPU time is unattributed"]
+    # idle: 3 + 8 + 0.5 us between kernels of jit_step_fn, 8 (to the gather) + 0.7 (to the memcpy) between
+    assert b["idle_inside_programs_s"] * 2 == pytest.approx(11.5e-6)
+    assert b["idle_between_programs_s"] * 2 == pytest.approx(8.7e-6)
+    assert b["idle_edges_s"] * 2 == pytest.approx(1e-4 - 2 * b["gpu_busy_s"] - 20.2e-6)
+    assert [(g["after"], g["before"], g["count"]) for g in b["top_idle_gaps"]] == [
+        ("quant", "fusion.99", 1), ("linear_gemm", "quant", 1), ("fusion.99", "fusion.98", 1)]
+    assert b["top_idle_gaps"][0]["idle_s"] * 2 == pytest.approx(8e-6)
     table = ep.format_table({"decode 64x4096": ep.with_unprofiled(b, 1e-4)})
     assert "expert_gemm" in table and "dispatch/idle, unprofiled" in table and "weight_dequant" not in table
     # a module's programs whose count does not match the recorded ones: annotations only, and a warning
