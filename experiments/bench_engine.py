@@ -68,7 +68,8 @@ flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
 flags.DEFINE_enum("backend", "pallas", ["pallas", "jnp"], "routed-expert GEMMs (pallas: Mosaic GPU, GPU only)")
 flags.DEFINE_enum("fp8_matmul", "pallas", ["pallas", "dequantize"], "FP8 linear layers: the block-scaled FP8 GEMM "
                   "(GPU only) or the weight dequantized to bf16 (the engine before issue 17)")
-flags.DEFINE_list("prefill_requests", ["1", "2", "4"], "requests per prefill step (tokens/step = n x chunk)")
+flags.DEFINE_list("prefill_requests", ["1", "2", "4"], "requests per prefill step (tokens/step = n x chunk); "
+                  "empty: no prefill")
 flags.DEFINE_integer("prefill_prompt_len", 4096, "prompt length; the cache's max_len for prefill")
 flags.DEFINE_integer("prefill_chunk", 2048, "prefill chunk length (the runner's length bucket)")
 flags.DEFINE_list("decode_batch", ["1", "8", "32", "64", "128"], "decode batch sizes")
@@ -280,8 +281,11 @@ class Sweep:
     def __post_init__(self):
         for name in ("prefill_requests", "decode_batch", "decode_context"):
             values = getattr(self, name)
-            if not values or min(values) < 1:
+            if values and min(values) < 1:
                 raise ValueError(f"--{name} must be positive integers, got {values}")
+        if not self.prefill_requests and not (self.decode_batch and self.decode_context):
+            raise ValueError("nothing to measure: --prefill_requests and --decode_batch (or --decode_context) "
+                             "are both empty")
         if min(self.prompt_len, self.chunk) < 1 or self.prompt_len % self.chunk:
             raise ValueError(f"--prefill_prompt_len={self.prompt_len} must be a positive multiple of "
                              f"--prefill_chunk={self.chunk}")
@@ -347,6 +351,8 @@ def run_prefill(model, cfg, executor, sweep: Sweep, peaks: dict, routed_fp8: boo
     """One row per request count: n prompts per `runner.prefill` call, which runs them in prompt_len / chunk
     steps of n x chunk tokens (the cache's max_len is the prompt length). peaks: TFLOP/s by dtype. profiling:
     also profile the row of the best MFU (the headline)."""
+    if not sweep.prefill_requests:
+        return []
     chunk, prompt_len = sweep.chunk, sweep.prompt_len
     rounds = prompt_len // chunk
     runner = ModelRunner(model, max(sweep.prefill_requests), prompt_len, executor=executor,

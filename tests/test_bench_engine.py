@@ -67,6 +67,7 @@ def test_decode_rows_follow_from_the_router_and_the_accounting(record):
         assert r["bytes"] == need.as_dict()
         assert r["hbm_frac"] == pytest.approx(need.total / r["step_s"] / 1e9 / hbm)
         assert r["output_tokens_per_s"] == pytest.approx(b / r["step_s"])
+        assert 0 < r["host_return_s"]  # the host's share of a step (no upper bound: CPU steps run on the host)
 
 
 def test_prefill_row_counts_the_chunked_prompts(record):
@@ -102,3 +103,8 @@ def test_time_budget_skips_points_but_writes_the_file(tmp_path):
     m = record["metrics"]
     assert record["rows"] == [] and m["decode_hbm_frac"] is None and m["prefill_mfu"] is None
     assert m["skipped_points"] == ["prefill n=2 x 16", "decode L=32"]
+
+
+def test_an_empty_prefill_list_measures_decode_only(tmp_path):
+    record = run_bench(tmp_path, "--prefill_requests=", "--time_budget_s=0")
+    assert record["metrics"]["skipped_points"] == ["decode L=32"]
