@@ -275,7 +275,7 @@ def test_overlap_promotion_validation():
 def test_fp8_takes_activations_quantized_once_per_token():
   """Tokens quantized once, then gathered into expert order (top_k copies of each token) as e4m3 rows with
   their scales: the same output as quantizing the gathered bf16 rows (quantization is per row)."""
-  x, sizes, weights, scales, where = make_inputs(7, 24, 256, 128, [5, 11, 8], (2, 2), fp8=True)
+  x, sizes, weights, scales, where = make_inputs(7, 24, 256, 256, [5, 11, 8], (2, 2), fp8=True)
   rows = jnp.asarray(np.random.default_rng(7).integers(0, 24, 24), jnp.int32)  # a gather with repeats
   cfg = FP8_CONFIGS[0]
   xq, xs = gg.quantize_activations(x)

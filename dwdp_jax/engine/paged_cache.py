@@ -181,6 +181,8 @@ class PageTable:
         if length > self.spec.max_len:
             raise ValueError(f"slot {slot}: {length} tokens exceed the cache's max_len={self.spec.max_len}")
         need = self.pages_needed(slot, length)
+        if need == 0:  # most calls (a decode step needs a page once per page_size tokens): no pool scan
+            return
         own = max(0, self._reserved[slot] - len(self._held[slot]))  # this slot's own promise
         if need > self.num_available + own:
             raise OutOfPages(f"slot {slot} needs {need} more pages for {length} tokens; {self.num_available} of "

@@ -128,7 +128,7 @@ def pack_rows(rows: Sequence[_Row], num_rows: int, length: int, table: PageTable
     """Left-aligned [num_rows, length] block of `rows` (pages for their tokens taken from `table` first)."""
     spec = table.spec
     ids = np.zeros((num_rows, length), np.int32)
-    positions = np.zeros((num_rows, length), np.int32)
+    starts = np.zeros((num_rows,), np.int32)
     q_lens = np.zeros((num_rows,), np.int32)
     slots = np.full((num_rows,), -1, np.int32)
     for i, row in enumerate(rows):
@@ -139,9 +139,11 @@ def pack_rows(rows: Sequence[_Row], num_rows: int, length: int, table: PageTable
             raise ValueError(f"positions up to {row.start + n} exceed the cache's max_len={spec.max_len}")
         table.ensure(row.slot, row.start + n)
         ids[i, :n] = row.tokens
-        positions[i, :n] = np.arange(row.start, row.start + n, dtype=np.int32)
-        q_lens[i], slots[i] = n, row.slot
-    lengths = np.where(q_lens > 0, positions[:, 0] + q_lens, 0).astype(np.int32)
+        starts[i], q_lens[i], slots[i] = row.start, n, row.slot
+    # row i: positions start_i .. start_i + q_len_i - 1, then zeros (padding)
+    column = np.arange(length, dtype=np.int32)
+    positions = np.where(column < q_lens[:, None], starts[:, None] + column, 0).astype(np.int32)
+    lengths = np.where(q_lens > 0, starts + q_lens, 0).astype(np.int32)
     return StepArrays(ids, positions, q_lens, lengths, table.block_table(slots, num_pages))
 
 
@@ -181,6 +183,8 @@ def model_step_program(graph, state_def, executor, attention: PagedAttention, ab
 
 
 _sample_jit = jax.jit(sample, static_argnames="params")
+# logits[index] as one compiled call: jnp indexing traces its gather in Python on every call (~1-2 ms a step)
+_take_rows = jax.jit(lambda logits, index: jnp.take(logits, index, axis=0))
 jax.tree_util.register_dataclass(StepArrays, data_fields=[f.name for f in dataclasses.fields(StepArrays)],
                                  meta_fields=[])
 
@@ -272,7 +276,7 @@ class _SlotRunner:
             c = next(n for n, call in enumerate(calls) if key in call.members)
             index.append(offsets[c] + calls[c].members[key])
         logits = calls[0].logits if len(calls) == 1 else jnp.concatenate([c.logits for c in calls])
-        return logits[np.asarray(index, np.int32)]
+        return _take_rows(logits, np.asarray(index, np.int32))
 
     # -- public ----------------------------------------------------------------------------------------------
 
