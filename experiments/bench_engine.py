@@ -58,7 +58,7 @@ from flax import nnx
 from dwdp_jax.config import preset
 from dwdp_jax.engine import roofline
 from dwdp_jax.engine.runner import Buckets, ModelRunner
-from dwdp_jax.engine.scheduler import DecodeItem, PrefillChunk
+from dwdp_jax.engine.scheduler import PENDING, DecodeItem, PrefillChunk, StepPlan
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
 from dwdp_jax.model import init_model, set_fp8_matmul
 from experiments import engine_profile
@@ -106,6 +106,28 @@ def host_return_time(fn, repeats: int) -> float:
         samples.append(time.perf_counter() - t)
         jax.block_until_ready(out)
     return statistics.median(samples)
+
+
+def step_ahead_time(runner, items, steps: int, repeats: int) -> float:
+    """Seconds per decode step as `run_engine(step_ahead=runner)` runs them: each step dispatched (its tokens
+    fed on the device from the step before) before the previous step's sampled tokens are read on the host;
+    median over `repeats` chains of `steps` steps, after one untimed chain. Sampling and the host read of every
+    step's tokens are included (the blocking `step_s` has neither)."""
+    ahead = StepPlan(0, 0, (), tuple(dataclasses.replace(d, token=PENDING) for d in items))
+    first = StepPlan(0, 0, (), tuple(items))
+
+    def chain():
+        t = time.perf_counter()
+        handle = runner.dispatch(first)
+        for _ in range(steps):
+            nxt = runner.dispatch(ahead, handle)
+            runner.collect(handle)
+            handle = nxt
+        runner.collect(handle)
+        return (time.perf_counter() - t) / (steps + 1)
+
+    chain()
+    return statistics.median(chain() for _ in range(repeats))
 
 
 def median_time(fn, repeats: int, warmup: int, inner: int = 1) -> tuple[float, float]:
@@ -453,16 +475,20 @@ def decode_at_context(model, cfg, executor, sweep: Sweep, batches, ctx: int, hbm
             log(t0, f"{point}: FAILED {row['error']}")
             continue
         host_s = host_return_time(functools.partial(runner.decode, items[:b]), sweep.repeats)
+        ahead_s = step_ahead_time(runner, items[:b], 8, sweep.repeats)
         distinct = [len(np.unique(ids[:b])) for ids in recorder.calls]
         need = roofline.decode_bytes(cfg, b, b * ctx, distinct, itemsize=2, cache_itemsize=2)
         row.update(first_call_s=first, step_s=step_s, host_return_s=host_s, output_tokens_per_s=b / step_s,
                    distinct_experts_per_moe_layer=distinct, bytes=need.as_dict(),
-                   achieved_gbps=need.total / step_s / 1e9, hbm_frac=need.total / step_s / 1e9 / hbm_gbps)
+                   achieved_gbps=need.total / step_s / 1e9, hbm_frac=need.total / step_s / 1e9 / hbm_gbps,
+                   step_ahead_s=ahead_s, output_tokens_per_s_step_ahead=b / ahead_s,
+                   hbm_frac_step_ahead=need.total / ahead_s / 1e9 / hbm_gbps)
         rows.append(row)
         log(t0, f"{point}: step {step_s * 1e3:7.2f} ms, {row['output_tokens_per_s']:8.0f} tok/s, "
                 f"{need.total / 1e9:6.2f} GB needed ({sum(distinct)} experts hit) -> "
                 f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; host returns after "
-                f"{host_s * 1e3:.2f} ms; compile+first {first:.1f} s")
+                f"{host_s * 1e3:.2f} ms; step ahead {ahead_s * 1e3:.2f} ms = {row['hbm_frac_step_ahead']:.3f} of "
+                f"HBM; compile+first {first:.1f} s")
         if profiling is not None and (b, ctx) == sweep.typical:
             profiling.point(point, runner, functools.partial(runner.decode, items[:b]), 1, row, budget, t0)
     return rows
@@ -482,6 +508,8 @@ def headline(prefill_rows, decode_rows, sweep: Sweep, hbm_gbps: float) -> dict:
         "prefill_breakdown": None if best_p is None else best_p.get("breakdown"),
         "decode_breakdown": None if typ is None else typ.get("breakdown"),
         "decode_hbm_frac": get(typ, "hbm_frac"),
+        # the same point as run_engine(step_ahead=...) serves it: sampling and the token read included
+        "decode_hbm_frac_step_ahead": get(typ, "hbm_frac_step_ahead"),
         "decode_typical_point": "{}x{}".format(*sweep.typical),
         "decode_output_tps_typical": get(typ, "output_tokens_per_s"),
         "decode_step_s_typical": get(typ, "step_s"),
@@ -510,14 +538,16 @@ def print_table(prefill_rows, decode_rows) -> None:
         print(f"{r['requests']:4d}{r['tokens_per_step']:9d}{r['step_s'] * 1e3:9.2f}{r['input_tokens_per_s']:9.0f}"
               f"{r['tflops']:9.1f}{r['mfu_mixed']:8.3f}{r['mfu_bf16_peak']:7.3f}{r['mfu_fp8_peak']:7.3f}")
     print("\n== decode ==")
-    print(f"{'B':>5s}{'L':>7s}{'step ms':>9s}{'tok/s':>9s}{'GB':>8s}{'experts':>8s}{'GB/s':>7s}{'hbm':>7s}")
+    print(f"{'B':>5s}{'L':>7s}{'step ms':>9s}{'tok/s':>9s}{'GB':>8s}{'experts':>8s}{'GB/s':>7s}{'hbm':>7s}"
+          f"{'ahead ms':>9s}{'hbm':>7s}")
     for r in sorted(decode_rows, key=lambda r: (r["context"], r["batch"])):
         if "error" in r:
             print(f"{r['batch']:5d}{r['context']:7d}  failed: {r['error'][:60]}")
             continue
         print(f"{r['batch']:5d}{r['context']:7d}{r['step_s'] * 1e3:9.2f}{r['output_tokens_per_s']:9.0f}"
               f"{r['bytes']['total'] / 1e9:8.2f}{sum(r['distinct_experts_per_moe_layer']):8d}"
-              f"{r['achieved_gbps']:7.0f}{r['hbm_frac']:7.3f}")
+              f"{r['achieved_gbps']:7.0f}{r['hbm_frac']:7.3f}{r['step_ahead_s'] * 1e3:9.2f}"
+              f"{r['hbm_frac_step_ahead']:7.3f}")
 
 
 def print_breakdowns(prefill_rows, decode_rows) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dwdp_jax.engine import metrics, sampling
-from dwdp_jax.engine.scheduler import FakeClock, Scheduler, SchedulerConfig, StepPlan, run_engine
+from dwdp_jax.engine.scheduler import PENDING, FakeClock, Scheduler, SchedulerConfig, StepPlan, run_engine
 from dwdp_jax.engine.workload import (
     FixedLength,
     LognormalLength,
@@ -458,3 +458,77 @@ def test_step_time_stats_and_json():
     assert out["metrics"]["step_time_median_max_over_ranks_s"] == 4.0
     assert [r["rank"] for r in out["rows"]] == [0, 1] and out["rows"][0]["counts"] == [1, 1, 1]
     assert math.isnan(run.tps_per_user_mean)
+
+
+class FakeStepAhead:
+    """`FakeModel` behind the step-ahead contract: `dispatch` runs the plan at once (PENDING tokens taken from
+    the previous dispatch's tokens, which the host has not collected yet), `collect` hands its tokens over."""
+
+    def __init__(self, model: FakeModel):
+        self.model = model
+        self.chained = 0  # decode items fed from the previous step's tokens
+
+    def dispatch(self, plan, prev):
+        decode = []
+        for d in plan.decode:
+            if d.token == PENDING:
+                assert prev is not None and prev[d.request_id] is not None
+                d = dataclasses.replace(d, token=prev[d.request_id])
+                self.chained += 1
+            decode.append(d)
+        return self.model(dataclasses.replace(plan, decode=tuple(decode)))
+
+    @staticmethod
+    def collect(pending):
+        return pending
+
+
+def test_step_ahead_gives_the_same_outputs_and_drops_tokens_after_eos():
+    """run_engine(step_ahead=...) plans and dispatches each decode step before the tokens of the step in flight
+    are read: the outputs, finish reasons and page-free scheduler state equal the step-by-step run's, also for
+    requests that end on EOS (their extra step's token is dropped) and with arrivals during decoding."""
+    reqs = generate(WorkloadSpec(30, LognormalLength(60, 0.7, 4, 200), LognormalLength(12, 0.7, 1, 40),
+                                 vocab_size=1000, arrival_rate_rps=300.0, seed=5))
+    eos_at = reqs[3]  # its third output is the EOS id
+    cfg = SchedulerConfig(max_batch_size=5, max_seq_len=512, token_budget=48,
+                          eos_id=FakeModel.token(eos_at.request_id, eos_at.prompt_len + 2))
+
+    def serve(ahead: bool):
+        clock = FakeClock()
+        s = Scheduler(cfg)
+        model = FakeModel(cfg, clock)
+        fake = FakeStepAhead(model)
+        run = run_engine(s, None if ahead else model, clock, requests=reqs, sleep=clock.sleep,
+                         step_ahead=fake if ahead else None)
+        assert s.idle and not run.rejected
+        return {f.request_id: (f.output_tokens, f.finish_reason) for f in s.finished}, fake.chained, model.plans
+
+    sync, _, _ = serve(False)
+    ahead, chained, plans = serve(True)
+    assert ahead == sync and sync[eos_at.request_id] == (expected_output(eos_at)[:3], "eos")
+    assert sum(r == "eos" for _, r in sync.values()) >= 1
+    assert chained > len(plans) // 2  # most decode items came from the step before, on the "device"
+
+
+def test_schedule_ahead_contract():
+    cfg = SchedulerConfig(max_batch_size=2, max_seq_len=64, token_budget=16)
+    s = Scheduler(cfg)
+    with pytest.raises(RuntimeError, match="none is in flight"):
+        s.schedule_ahead(0.0)
+    s.submit(req("a", 20, 3))
+    first = s.schedule(0.0)  # a 16-token chunk: the prompt is not done, nothing to plan ahead
+    assert s.schedule_ahead(0.0) is None
+    s.complete_step(first, {}, 0.1)
+    last = s.schedule(0.1)  # the last chunk
+    ahead = s.schedule_ahead(0.1)
+    assert [(d.request_id, d.token, d.position) for d in ahead.decode] == [("a", PENDING, 20)]
+    with pytest.raises(RuntimeError, match="already planned"):
+        s.schedule_ahead(0.1)
+    s.complete_step(last, {"a": 5}, 0.2)
+    # the ahead step is now in flight; its successor: max_new_tokens=3 allows one more step after it
+    after = s.schedule_ahead(0.2)
+    assert [(d.token, d.position) for d in after.decode] == [(PENDING, 21)]
+    s.complete_step(ahead, {"a": 6}, 0.3)
+    assert s.schedule_ahead(0.3) is None  # the step in flight gives "a" its last token
+    s.complete_step(after, {"a": 7}, 0.4)
+    assert s.idle and s.finished[0].output_tokens == (5, 6, 7)

@@ -20,7 +20,8 @@ from dwdp_jax.engine.paged_cache import PagedCacheSpec, PageTable
 from dwdp_jax.engine.runner import (Buckets, DepRunner, DwdpRankRunner, LockstepScheduler, ModelRunner, _Row,
                                     pack_rows, pages_bucket)
 from dwdp_jax.engine.sampling import SamplingParams
-from dwdp_jax.engine.scheduler import DecodeItem, FakeClock, PrefillChunk, Scheduler, SchedulerConfig, run_engine
+from dwdp_jax.engine.scheduler import (PENDING, DecodeItem, FakeClock, PrefillChunk, Scheduler, SchedulerConfig, StepPlan,
+                                      run_engine)
 from dwdp_jax.engine.workload import Request, RequestError, split_by_rank
 from dwdp_jax.model import init_model
 from dwdp_jax.parallel.dep import DepModel
@@ -240,7 +241,28 @@ def test_engine_run_matches_naive_greedy_loop(single_tokens, naive_tokens):
     assert single_tokens == naive_tokens
 
 
-def test_dwdp_rank_runners_match_single_device(model, single_tokens):
+def test_step_ahead_matches_step_by_step(model, single_tokens):
+    """run_engine(step_ahead=runner): decode steps dispatched before the tokens of the step in flight are read,
+    fed on the device from its samples: the same greedy tokens."""
+    r = runner(model)
+    sched = Scheduler(sched_config(), page_table=r.page_table)
+    chained = []
+    dispatch = r.dispatch
+
+    def spy(plan, prev):
+        chained.append(sum(d.token == PENDING for d in plan.decode))
+        return dispatch(plan, prev)
+
+    r.dispatch = spy
+    run = run_engine(sched, None, FakeClock(), requests=engine_requests(), step_ahead=r)
+    assert not run.rejected and outputs(sched.finished) == single_tokens
+    assert sum(chained) > 0 and r.page_table.num_free == r.spec.num_pages
+    with pytest.raises(ValueError, match="waits for a token"):
+        r.dispatch(StepPlan(0, 0, (), (DecodeItem("x", 0, PENDING, 3),)), None)
+
+
+@pytest.mark.parametrize("step_ahead", [False, True])
+def test_dwdp_rank_runners_match_single_device(model, single_tokens, step_ahead):
     group = DwdpGroup(model, jax.devices()[:2])
     runners = [DwdpRankRunner(rank, SLOTS, MAX_LEN, buckets=BUCKETS) for rank in group.ranks]
     assert runners[1].pages[0].devices() == {jax.devices()[1]}
@@ -248,7 +270,9 @@ def test_dwdp_rank_runners_match_single_device(model, single_tokens):
     per_rank = split_by_rank(engine_requests(), 2)
 
     def serve(rank, reqs):
-        run_engine(scheds[rank.rank], runners[rank.rank].step_fn, FakeClock(), requests=reqs)
+        r = runners[rank.rank]
+        run_engine(scheds[rank.rank], None if step_ahead else r.step_fn, FakeClock(), requests=reqs,
+                   step_ahead=r if step_ahead else None)
 
     group.run_parallel(serve, per_rank)
     got = outputs(scheds[0].finished + scheds[1].finished)

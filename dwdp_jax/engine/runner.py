@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dwdp_jax.engine import paged_cache
 from dwdp_jax.engine.paged_cache import PagedCacheSpec, PageTable
 from dwdp_jax.engine.sampling import SamplingParams, sample
-from dwdp_jax.engine.scheduler import DecodeItem, FinishedRequest, PrefillChunk, Scheduler, StepPlan
+from dwdp_jax.engine.scheduler import PENDING, DecodeItem, FinishedRequest, PrefillChunk, Scheduler, StepPlan
 from dwdp_jax.engine.workload import Request, RequestError
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
 from dwdp_jax.model import DeepseekV3
@@ -183,6 +183,9 @@ def model_step_program(graph, state_def, executor, attention: PagedAttention, ab
 
 
 _sample_jit = jax.jit(sample, static_argnames="params")
+# A decode row's id from a previous step's samples (source >= 0) or its own (source -1): ids [rows, 1].
+_chained_ids = jax.jit(lambda ids, tokens, source: jnp.where(
+    (source >= 0)[:, None], jnp.take(tokens, jnp.maximum(source, 0))[:, None], ids))
 # logits[index] as one compiled call: jnp indexing traces its gather in Python on every call (~1-2 ms a step)
 _take_rows = jax.jit(lambda logits, index: jnp.take(logits, index, axis=0))
 jax.tree_util.register_dataclass(StepArrays, data_fields=[f.name for f in dataclasses.fields(StepArrays)],
@@ -191,6 +194,15 @@ jax.tree_util.register_dataclass(StepArrays, data_fields=[f.name for f in datacl
 
 # ---------------------------------------------------------------------------------------------------------------
 # Runners
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingStep:
+    """A dispatched step whose sampled tokens are still on the device: tokens int32 [n] and
+    index {request_id: position in tokens} (every decode item and every last prefill chunk of the plan)."""
+
+    tokens: jax.Array | None
+    index: dict[str, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +246,10 @@ class _SlotRunner:
 
     # -- execution -------------------------------------------------------------------------------------------
 
-    def _run_block(self, groups: Sequence[Sequence[tuple[int, _Row]]], length: int, absorbed: bool) -> _Call:
+    def _run_block(self, groups: Sequence[Sequence[tuple[int, _Row]]], length: int, absorbed: bool,
+                   chain=None) -> _Call:
+        """chain: (tokens on the device [n], {(group, index): position in tokens}): those rows' ids come from
+        `tokens` (a previous step's samples, never read on the host) instead of their rows' tokens."""
         nb = self.buckets.batch_for(max(len(g) for g in groups))
         max_pages = self.spec.max_pages_per_slot
         # Decode reads pages in place (the block table's width costs nothing); prefill's keys are bucketed.
@@ -242,16 +257,22 @@ class _SlotRunner:
         num_pages = max_pages if absorbed else pages_bucket(need, max_pages)
         parts = [pack_rows([row for _, row in g], nb, length, self.page_tables[gi], num_pages)
                  for gi, g in enumerate(groups)]
-        logits = self._call(StepArrays.concat(parts), absorbed)
+        step = StepArrays.concat(parts)
         members = {(g, idx): g * nb + j for g, group in enumerate(groups) for j, (idx, _) in enumerate(group)}
-        return _Call(logits, members)
+        if chain is not None and chain[1]:
+            source = np.full((step.ids.shape[0],), -1, np.int32)
+            for key, position in chain[1].items():
+                source[members[key]] = position
+            step = dataclasses.replace(step, ids=_chained_ids(step.ids, chain[0], source))
+        return _Call(self._call(step, absorbed), members)
 
-    def _execute(self, rows_per_group: Sequence[Sequence[_Row]], decode: bool) -> list[_Call]:
+    def _execute(self, rows_per_group: Sequence[Sequence[_Row]], decode: bool, chain=None) -> list[_Call]:
         """Runs every group's rows (distinct slots within a group): decode rows (one token each) in one
-        absorbed call of length 1, prefill rows in expanded calls of their length buckets."""
+        absorbed call of length 1 (chain: see `_run_block`), prefill rows in expanded calls of their length
+        buckets."""
         rows = [list(rows) for rows in rows_per_group]
         if decode:
-            return [self._run_block([list(enumerate(group)) for group in rows], 1, True)]
+            return [self._run_block([list(enumerate(group)) for group in rows], 1, True, chain)]
         max_len = self.buckets.length[-1]
         # Chunks longer than the largest bucket: their leading pieces first, in rounds.
         while any(len(r.tokens) > max_len for group in rows for r in group):
@@ -296,26 +317,58 @@ class _SlotRunner:
             self._key = jax.random.split(self._key)[1]
         return _sample_jit(logits, params=self.sampling, key=self._key)
 
-    def _step_groups(self, plans: Sequence[StepPlan]) -> dict[str, int]:
-        """Executes one plan per group; samples a token for every last chunk and decode item."""
+    def _dispatch_groups(self, plans: Sequence[StepPlan], prev: PendingStep | None) -> PendingStep:
+        """Dispatches one plan per group and samples a token for every last chunk and decode item, without
+        waiting for the device. A decode item whose token is `PENDING` is fed the token `prev` sampled for it."""
         sampled = []  # (tokens [rows] on device, {padded row: request_id})
         for decode in (False, True):
-            rows, wanted = [], {}
+            rows, wanted, chain = [], {}, {}
             for g, plan in enumerate(plans):
                 if decode:
-                    rows.append([_Row(d.slot, d.position, np.array([d.token], np.int32)) for d in plan.decode])
+                    rows.append([_Row(d.slot, d.position, np.array([max(d.token, 0)], np.int32))
+                                 for d in plan.decode])
                     wanted.update({(g, i): d.request_id for i, d in enumerate(plan.decode)})
+                    for i, d in enumerate(plan.decode):
+                        if d.token == PENDING:
+                            if prev is None or d.request_id not in prev.index:
+                                raise ValueError(f"decode item {d.request_id!r} waits for a token the previous "
+                                                 "dispatched step did not sample")
+                            chain[(g, i)] = prev.index[d.request_id]
                 else:
                     rows.append([_Row(c.slot, c.start, np.asarray(c.tokens, np.int32)) for c in plan.prefill])
                     wanted.update({(g, i): c.request_id for i, c in enumerate(plan.prefill) if c.is_last})
             if not any(rows):
                 continue
-            for call in self._execute(rows, decode):
+            calls = self._execute(rows, decode, (prev.tokens, chain) if chain else None)
+            for call in calls:
                 picked = {call.members[k]: rid for k, rid in wanted.items() if k in call.members}
                 if picked:
                     sampled.append((self._sample(call.logits), picked))
-        host = jax.device_get([tokens for tokens, _ in sampled])
-        return {rid: int(tokens[j]) for tokens, (_, picked) in zip(host, sampled) for j, rid in picked.items()}
+        index, offset = {}, 0
+        for tokens, picked in sampled:
+            index.update({rid: offset + row for row, rid in picked.items()})
+            offset += tokens.shape[0]
+        if not sampled:
+            return PendingStep(None, {})
+        tokens = sampled[0][0] if len(sampled) == 1 else jnp.concatenate([t for t, _ in sampled])
+        return PendingStep(tokens, index)
+
+    def dispatch(self, plan: StepPlan, prev: PendingStep | None = None) -> PendingStep:
+        """Starts `plan` on the device and returns at once (the step-ahead contract of `run_engine`): decode
+        items with token `PENDING` take the token `prev` (the step dispatched before) sampled for them."""
+        return self._dispatch_groups([plan], prev)
+
+    @staticmethod
+    def collect(pending: PendingStep) -> dict[str, int]:
+        """{request_id: token} of a dispatched step (waits for it)."""
+        if pending.tokens is None:
+            return {}
+        host = np.asarray(jax.device_get(pending.tokens))
+        return {rid: int(host[j]) for rid, j in pending.index.items()}
+
+    def _step_groups(self, plans: Sequence[StepPlan]) -> dict[str, int]:
+        """Executes one plan per group; returns the token sampled for every last chunk and decode item."""
+        return self.collect(self._dispatch_groups(plans, None))
 
     def step_fn(self, plan: StepPlan) -> dict[str, int]:
         """Executes `plan` and returns {request_id: sampled token} (the `run_engine` step contract)."""

@@ -23,7 +23,7 @@ import dataclasses
 import heapq
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -77,9 +77,13 @@ class PrefillChunk:
     is_last: bool
 
 
+PENDING = -1  # DecodeItem.token of a step planned ahead: the token the step before it samples for the request
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeItem:
-    """Feed `token` (the request's latest output) at `position` (== tokens already cached in `slot`)."""
+    """Feed `token` (the request's latest output; `PENDING` in a step planned ahead: the token the step in
+    flight samples) at `position` (== tokens already cached in `slot`)."""
 
     request_id: str
     slot: int
@@ -157,7 +161,8 @@ class _Sequence:
 
 
 class Scheduler:
-    """Continuous batching for one rank; one plan in flight at a time (`schedule`, then `complete_step`).
+    """Continuous batching for one rank; one plan in flight at a time (`schedule`, then `complete_step`), or
+    two when the second is planned ahead (`schedule_ahead`: decode steps, while the first one runs).
 
     hold_retired_slots: a retired request's slot stays allocated until `release_slot` (its cache rows are
     still being read, e.g. copied to another server).
@@ -182,6 +187,8 @@ class Scheduler:
         self._submitted = 0
         self._step = 0
         self._inflight: StepPlan | None = None
+        self._ahead: StepPlan | None = None  # planned by `schedule_ahead` while `_inflight` runs
+        self._discard: set[str] = set()  # requests of `_ahead` that retired in `_inflight`: tokens dropped
 
     @property
     def idle(self) -> bool:
@@ -251,6 +258,40 @@ class Scheduler:
         if not plan.is_empty:
             self._inflight = plan
         return plan
+
+    def schedule_ahead(self, now_s: float) -> StepPlan | None:
+        """The step after the one in flight, planned before its tokens are known (so that the host's work for
+        it overlaps the device's), or None when that step must wait for them: when a prompt is still being
+        chunked, an arrived request could be admitted (into a free slot), or no request would decode.
+
+        The plan decodes every running request that may still be running after the step in flight: its token
+        there is `PENDING` (the runner feeds it from the step in flight's samples on the device). A request
+        sure to stop there (its max_new_tokens reached) is left out; one that stops there on EOS is computed
+        once more and that token dropped. Pass it to `complete_step` after the step in flight."""
+        plan = self._inflight
+        if plan is None:
+            raise RuntimeError("schedule_ahead plans the step after the one in flight: none is in flight")
+        if self._ahead is not None:
+            raise RuntimeError(f"step {self._ahead.step} is already planned ahead")
+        if any(not c.is_last for c in plan.prefill):
+            return None
+        if self._free_slots and self._waiting and self._waiting[0][0] <= now_s:
+            return None
+        pending = {d.request_id for d in plan.decode} | {c.request_id for c in plan.prefill}
+        decode = []
+        for seq in self._running:
+            rid, n = seq.request.request_id, len(seq.output)
+            if rid in pending:
+                if n + 1 < seq.request.max_new_tokens:  # the token in flight does not end it by length
+                    decode.append(DecodeItem(rid, seq.slot, PENDING, seq.request.prompt_len + n))
+            elif seq.prefill_done:  # e.g. admitted with its first token (`admit_prefilled`) after the plan
+                decode.append(DecodeItem(rid, seq.slot, seq.output[-1], seq.request.prompt_len + n - 1))
+            else:
+                return None  # a prompt not yet started in any step
+        if not decode or len(decode) > self.config.token_budget:
+            return None
+        self._ahead = StepPlan(plan.step + 1, self.rank, (), tuple(decode))
+        return self._ahead
 
     # -- hooks for disaggregated serving ----------------------------------------------------------------------
 
@@ -332,7 +373,10 @@ class Scheduler:
         unknown = set(new_tokens) - in_plan
         if unknown:
             raise ValueError(f"step {plan.step}: tokens for requests not in the plan: {sorted(unknown)}")
-        expect = [c.request_id for c in plan.prefill if c.is_last] + [d.request_id for d in plan.decode]
+        # requests that retired in the step before (planned ahead of them): their tokens here are dropped
+        dropped, self._discard = self._discard, set()
+        expect = [c.request_id for c in plan.prefill if c.is_last] + [d.request_id for d in plan.decode
+                                                                       if d.request_id not in dropped]
         missing = [rid for rid in expect if new_tokens.get(rid) is None]
         if missing:
             raise ValueError(f"step {plan.step}: no token for {missing}")
@@ -348,7 +392,10 @@ class Scheduler:
             seq.token_times_s.append(float(now_s))
             if token == self.config.eos_id or len(seq.output) >= seq.request.max_new_tokens:
                 retired.append(self._retire(seq, "eos" if token == self.config.eos_id else "length"))
-        self._inflight = None
+        self._inflight, self._ahead = self._ahead, None
+        if self._inflight is not None:
+            ahead_ids = {d.request_id for d in self._inflight.decode}
+            self._discard = {r.request_id for r in retired} & ahead_ids
         self._step += 1
         return retired
 
@@ -421,15 +468,26 @@ class EngineRun:
 StepFn = Callable[[StepPlan], Mapping[str, int | None]]
 
 
+class StepAhead(Protocol):
+    """A runner that starts a step without waiting for it (`run_engine`'s step-ahead mode; `_SlotRunner`)."""
+
+    def dispatch(self, plan: StepPlan, prev: object | None) -> object:
+        """Starts `plan`; its `PENDING` decode tokens come from `prev` (the step dispatched just before)."""
+
+    def collect(self, pending: object) -> Mapping[str, int | None]:
+        """The step's tokens on the host, as `step_fn` returns them (waits for the step)."""
+
+
 def run_engine(
     scheduler: Scheduler,
-    step_fn: StepFn,
+    step_fn: StepFn | None,
     clock: Callable[[], float],
     *,
     requests: Iterable[Request] = (),
     concurrency: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
     max_steps: int | None = None,
+    step_ahead: StepAhead | None = None,
 ) -> EngineRun:
     """Runs `scheduler` until every request is served (or `max_steps` steps ran).
 
@@ -442,9 +500,16 @@ def run_engine(
       than `concurrency` requests are waiting or running. Requests that `submit` rejects are recorded in
       `rejected` and skipped.
     sleep(dt_s): waits when nothing can run before the next arrival (`FakeClock.sleep` in tests).
+    step_ahead: instead of step_fn, a runner that dispatches without waiting: while a step runs, the next one
+      is planned (`Scheduler.schedule_ahead`) and dispatched, its tokens fed on the device from the running
+      step's, before the running step's tokens are read, so the device never waits for the host between
+      decode steps. Same tokens as step_fn (a request that ends on EOS costs one dropped step of compute).
+      A step's record then starts when the step before it ended.
     """
     if concurrency is not None and concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    if (step_fn is None) == (step_ahead is None):
+        raise ValueError("run_engine takes exactly one of step_fn and step_ahead")
     start_s = clock()
     rejected: list[tuple[str, str]] = []
     steps: list[StepRecord] = []
@@ -459,22 +524,37 @@ def run_engine(
     if concurrency is None:
         while pending:
             submit(pending.pop())
+    inflight = None  # step-ahead: (plan, handle, t0) of the step running on the device
     while max_steps is None or len(steps) < max_steps:
         now = clock()
         while pending and scheduler.num_waiting + scheduler.num_running < concurrency:
             submit(dataclasses.replace(pending.pop(), arrival_s=now))
-        if scheduler.idle and not pending:
-            break
-        plan = scheduler.schedule(now)
-        if plan.is_empty:
-            next_s = scheduler.next_arrival_s()
-            if next_s is None or next_s <= now:
-                raise RuntimeError("scheduler made no progress with work queued")  # a scheduler bug
-            sleep(next_s - now)
-            continue
-        t0 = clock()
-        tokens = step_fn(plan)
+        if inflight is None:
+            if scheduler.idle and not pending:
+                break
+            plan = scheduler.schedule(now)
+            if plan.is_empty:
+                next_s = scheduler.next_arrival_s()
+                if next_s is None or next_s <= now:
+                    raise RuntimeError("scheduler made no progress with work queued")  # a scheduler bug
+                sleep(next_s - now)
+                continue
+            t0 = clock()
+            if step_ahead is None:
+                tokens = step_fn(plan)
+                t1 = clock()
+                scheduler.complete_step(plan, tokens, t1)
+                steps.append(StepRecord(scheduler.rank, t0, t1, plan.num_tokens))
+                continue
+            inflight = (plan, step_ahead.dispatch(plan, None), t0)
+        plan, handle, t0 = inflight
+        ahead = None
+        if (max_steps is None or len(steps) + 1 < max_steps) and hasattr(scheduler, "schedule_ahead"):
+            ahead = scheduler.schedule_ahead(now)
+        ahead_handle = None if ahead is None else step_ahead.dispatch(ahead, handle)
+        tokens = step_ahead.collect(handle)
         t1 = clock()
         scheduler.complete_step(plan, tokens, t1)
         steps.append(StepRecord(scheduler.rank, t0, t1, plan.num_tokens))
+        inflight = None if ahead is None else (ahead, ahead_handle, t1)
     return EngineRun(start_s, clock(), tuple(steps), tuple(rejected))

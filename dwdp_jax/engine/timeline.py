@@ -63,6 +63,34 @@ def timed_step_fn(step_fn: Callable, role: str, engine: int, devices: Sequence, 
     return run
 
 
+class TimedStepAhead:
+    """A runner's step-ahead contract (`run_engine(step_ahead=...)`) that also appends its steps' events to
+    `sink`, as `timed_step_fn` does: a step starts when it is dispatched or when the step before it ended,
+    whichever is later (the device runs them in order), and ends when its tokens reach the host."""
+
+    def __init__(self, runner, role: str, engine: int, devices: Sequence, clock: Callable[[], float], sink: list,
+                 fetch_wait: Callable[[], float] | None = None, on_tokens: Callable[[dict], None] | None = None):
+        self.runner, self.role, self.engine, self.devices = runner, role, engine, devices
+        self.clock, self.sink, self.fetch_wait, self.on_tokens = clock, sink, fetch_wait, on_tokens
+        self._last_end = -math.inf
+
+    def dispatch(self, plan, prev):
+        w0 = self.fetch_wait() if self.fetch_wait else math.nan
+        t0 = self.clock()
+        return plan, self.runner.dispatch(plan, None if prev is None else prev[1]), t0, w0
+
+    def collect(self, pending):
+        plan, handle, t0, w0 = pending
+        tokens = self.runner.collect(handle)
+        t1 = self.clock()
+        wait = self.fetch_wait() - w0 if self.fetch_wait else math.nan
+        self.sink.extend(plan_events(plan, self.role, self.engine, self.devices, max(t0, self._last_end), t1, wait))
+        self._last_end = t1
+        if self.on_tokens is not None:
+            self.on_tokens(tokens)
+        return tokens
+
+
 COLUMNS = StepEvent._fields
 
 

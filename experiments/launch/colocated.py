@@ -42,7 +42,7 @@ def serve_point(f, setup: Setup, engines: Engines, concurrency: int, before_cloc
     for rank in dwdp_ranks(engines):
         rank.reset_counters()
     run = serve(engines, setup.requests, concurrency, setup.strategy, setup.num_devices,
-                f"c={concurrency or 'all'}", f.progress, before_clock)
+                f"c={concurrency or 'all'}", f.progress, before_clock, step_ahead=f.step_ahead)
     return dict(concurrency=concurrency, warmup_s=warm_s, finished=run.finished, events=run.events,
                 start_s=run.start_s, end_s=run.end_s, counters=fetch_counters(engines))
 

@@ -101,6 +101,8 @@ _FLAGS = [
     (flags.DEFINE_integer, "token_budget", 0, "tokens per step per rank (0: max(max_batch_size, 2048))", {}),
     (flags.DEFINE_integer, "max_seq_len", 0, "tokens per cache slot (0: the longest request's prompt + output)", {}),
     (flags.DEFINE_float, "temperature", 0.0, "sampling temperature (0: greedy)", {}),
+    (flags.DEFINE_bool, "step_ahead", True, "single and DWDP ranks: plan and dispatch each decode step while the "
+     "one before runs, its tokens fed on the device (no host round trip between decode steps); DEP: off", {}),
     (flags.DEFINE_integer, "seed", 0, "seed of the weights, the workload and sampling", {}),
     # multi-process DWDP / DP (processes.py): one group over several processes or hosts
     (flags.DEFINE_integer, "num_processes", 1, "processes of one DWDP/DP group (one per host or GPU), joined through "

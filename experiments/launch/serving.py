@@ -52,10 +52,11 @@ class Pass:
 
 
 def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devices: int, desc: str,
-          progress: bool, before_clock=None) -> Pass:
+          progress: bool, before_clock=None, step_ahead: bool = True) -> Pass:
     """One colocated pass over `requests`: this process serves its engines' share (all of it, unless a
     multi-process run's `engines` are a slice). `before_clock()` runs right before the pass's clock starts (a
-    multi-process run's barrier, so that every process's clock starts together)."""
+    multi-process run's barrier, so that every process's clock starts together). step_ahead: single and DWDP
+    runners dispatch each decode step before the previous step's tokens are read (`run_engine`)."""
     if strategy == "dep":
         requests = pin_requests(requests, num_devices)
     schedulers = engines.make_schedulers()
@@ -71,6 +72,11 @@ def serve(engines: Engines, requests, concurrency: int, strategy: str, num_devic
 
     def engine(i):
         runner = engines.runners[i]
+        if step_ahead and hasattr(runner, "dispatch") and strategy != "dep":
+            ahead = timeline.TimedStepAhead(runner, strategy, mine[i], runner.group_devices, clock, events,
+                                            timeline.fetch_wait_counter(runner), lambda t: bar.update(len(t)))
+            return run_engine(schedulers[i], None, clock, requests=per_engine[i], concurrency=conc[i],
+                              step_ahead=ahead)
         step_fn = timeline.timed_step_fn(runner.step_fn, strategy, mine[i], runner.group_devices, clock, events,
                                          timeline.fetch_wait_counter(runner))
 
@@ -105,7 +111,8 @@ def serve_disagg(engine: disagg_lib.DisaggEngine, requests, concurrency: int, de
 def warmup(f, engines: Engines, setup: Setup, concurrency: int) -> float:
     t0 = time.perf_counter()
     if f.warmup == "run":
-        serve(engines, setup.requests, concurrency, setup.strategy, setup.num_devices, "warm-up", f.progress)
+        serve(engines, setup.requests, concurrency, setup.strategy, setup.num_devices, "warm-up", f.progress,
+              step_ahead=f.step_ahead)
     elif f.warmup == "buckets":
         run_in_threads([lambda r=r: r.warmup() for r in engines.runners])
     return time.perf_counter() - t0
