@@ -17,7 +17,8 @@ from flax import nnx
 from dwdp_jax.config import TINY
 from dwdp_jax.engine import paged_cache
 from dwdp_jax.engine.paged_cache import PagedCacheSpec, PageTable
-from dwdp_jax.engine.runner import (Buckets, DepRunner, DwdpRankRunner, LockstepScheduler, ModelRunner, _Row,
+from dwdp_jax.engine.lockstep import LockstepScheduler
+from dwdp_jax.engine.runner import (Buckets, DepRunner, DwdpRankRunner, ModelRunner, _Row,
                                     pack_rows, pages_bucket)
 from dwdp_jax.engine.sampling import SamplingParams
 from dwdp_jax.engine.scheduler import (PENDING, DecodeItem, FakeClock, PrefillChunk, Scheduler, SchedulerConfig, StepPlan,

@@ -20,7 +20,8 @@ import numpy as np
 from dwdp_jax.engine import timeline
 from dwdp_jax.engine.disagg_metrics import DisaggRun, RequestRecord
 from dwdp_jax.engine.kv_transfer import Transfer, TransferWatcher
-from dwdp_jax.engine.runner import DepRunner, LockstepScheduler
+from dwdp_jax.engine.lockstep import LockstepScheduler
+from dwdp_jax.engine.runner import DepRunner
 from dwdp_jax.engine.scheduler import FinishedRequest, Scheduler, SchedulerConfig
 from dwdp_jax.engine.workload import Request, RequestError
 from dwdp_jax.parallel.threads import run_in_threads

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from dwdp_jax.engine import disagg as disagg_lib
-from dwdp_jax.engine.runner import Buckets, DepRunner, DwdpRankRunner, LockstepScheduler, ModelRunner
+from dwdp_jax.engine.lockstep import LockstepScheduler
+from dwdp_jax.engine.runner import Buckets, DepRunner, DwdpRankRunner, ModelRunner
 from dwdp_jax.engine.sampling import SamplingParams
 from dwdp_jax.engine.scheduler import Scheduler, SchedulerConfig
 from dwdp_jax.experts import LocalExecutor
