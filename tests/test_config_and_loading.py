@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dwdp_jax import config as C
-from dwdp_jax.routing import route
+from dwdp_jax.routing import route, router_logits
 
 
 def test_presets():
@@ -93,6 +93,23 @@ def _route_numpy(x, router, bias, cfg):
     masked = np.where(np.repeat(keep, e // cfg.n_group, axis=1), biased, fill)
     ids = np.argsort(-masked, axis=1, kind="stable")[:, : cfg.num_experts_per_tok]
     return np.sort(ids, axis=1)
+
+
+@pytest.mark.parametrize("x_dtype, w_dtype", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.float32),
+                                             (jnp.bfloat16, jnp.bfloat16)])
+def test_router_logits_have_float32_accuracy(x_dtype, w_dtype):
+    """router_logits (bf16 products, f32 accumulation) against the float64 product: within 2^-15 of
+    sum |x| |w| for every dtype mix (exact products when both are bf16), where one bf16 pass errs ~2^-8."""
+    rng = np.random.RandomState(1)
+    x = jnp.asarray(rng.randn(64, 512), x_dtype)
+    w = jnp.asarray(rng.randn(512, 32) * 0.05, w_dtype)
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    exact, scale = x64 @ w64, np.abs(x64) @ np.abs(w64)
+    err = np.abs(np.asarray(router_logits(x, w), np.float64) - exact) / scale
+    assert err.max() < 2.0**-15
+    one_pass = jnp.dot(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    if x_dtype != jnp.bfloat16 or w_dtype != jnp.bfloat16:
+        assert (np.abs(np.asarray(one_pass, np.float64) - exact) / scale).max() > 2.0**-12
 
 
 def test_group_mask_fill_variants():
