@@ -57,6 +57,13 @@ class RMSNorm(nnx.Module):
 FP8_MATMULS = ("dequantize", "pallas", "pallas_interpret")
 
 
+# FP8 linears of at most DECODE_ROWS rows (the grouped GEMM's decode regime) cut K into slices when their output
+# tiles would not fill the GPU's SMs (`pallas_kernels.grouped_gemm.fp8_matmul_split_k`); in interpret mode
+# (CPU) the choice is made for INTERPRET_SMS, so that CPU tests take the split path too.
+DECODE_ROWS = 64
+INTERPRET_SMS = 8
+
+
 class Linear(nnx.Module):
     """y = x @ W with W [in, out].
 
@@ -64,8 +71,9 @@ class Linear(nnx.Module):
     [ceil(out/bo), ceil(in/bi)]: the checkpoint's layout, which Hopper's FP8 tensor cores read K-major.
     `fp8_matmul` (static) says how an FP8 layer multiplies: "dequantize" (the weight dequantized to the
     activation dtype, then a dense dot: the reference and the CPU path) or "pallas" (the block-scaled FP8
-    grouped GEMM of one group, `pallas_kernels.grouped_gemm_fp8`: activations quantized per token per 128
-    columns, as DeepSeek's inference does; layers whose dims are not multiples of 128, e.g. R1's 576-wide
+    grouped GEMM of one group, `pallas_kernels.grouped_gemm_fp8`, split along K for a few rows: activations
+    quantized per token per 128 columns, as DeepSeek's inference does; layers whose dims are not multiples of
+    128, e.g. R1's 576-wide
     kv_a_proj_with_mqa, dequantize); "pallas_interpret" runs the kernel in interpret mode (CPU tests). Set it
     model-wide with `set_fp8_matmul`.
     """
@@ -99,13 +107,24 @@ class Linear(nnx.Module):
             return jnp.dot(x, self.weight(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
     def _fp8_kernel(self, x, interpret: bool):
+        from pallas_kernels import _compat
         from pallas_kernels import grouped_gemm as gg
 
         d_out, d_in = self.kernel.shape
         x2 = x.reshape(-1, d_in).astype(jnp.bfloat16)
         m = x2.shape[0]
-        y = gg.grouped_gemm_fp8(x2, jnp.full((1,), m, jnp.int32), (self.kernel[...][None],), (self.scale[...][None],),
-                                jnp.zeros((1, 2), jnp.int32), out_dtype=jnp.bfloat16, interpret=interpret)
+        cfg = gg.default_config(m, 1, d_out, fp8=True)
+        splits = 1
+        if m <= DECODE_ROWS:  # a few rows: N / block_n output tiles would leave most SMs idle
+            splits = gg.choose_k_splits(d_out, d_in, INTERPRET_SMS if interpret else _compat.num_sms(),
+                                        cfg.block_n)
+        if splits > 1:
+            y = gg.fp8_matmul_split_k(x2, self.kernel[...], self.scale[...], splits, config=cfg,
+                                      out_dtype=jnp.bfloat16, interpret=interpret)
+        else:
+            y = gg.grouped_gemm_fp8(x2, jnp.full((1,), m, jnp.int32), (self.kernel[...][None],),
+                                    (self.scale[...][None],), jnp.zeros((1, 2), jnp.int32), config=cfg,
+                                    out_dtype=jnp.bfloat16, interpret=interpret)
         return y.reshape(*x.shape[:-1], d_out).astype(x.dtype)
 
 

@@ -41,8 +41,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _mosaic
 from pallas_kernels.grouped_gemm_common import (epilogue, epilogue_cols, kernel_call, pad_rows, reference,
                                                 tile_fields, validate_inputs, warp_specialized)
-from pallas_kernels.grouped_gemm_fp8 import (dequantize_weight, fp8_to_f32, grouped_gemm_fp8,
-                                             quantize_activations, reference_fp8)
+from pallas_kernels.grouped_gemm_fp8 import (choose_k_splits, dequantize_weight, fp8_matmul_split_k,
+                                             fp8_to_f32, grouped_gemm_fp8, quantize_activations,
+                                             reference_fp8)
 from pallas_kernels.grouped_gemm_tiles import (DECODE_CONFIG, FP8_BLOCK, FP8_DECODE_CONFIG,
                                                FP8_PREFILL_CONFIG, FP8_PREFILL_OVERLAP_CONFIG,
                                                PREFILL_CONFIG, PREFILL_M_SPLIT_CONFIG, GroupedGemmConfig,
@@ -50,8 +51,9 @@ from pallas_kernels.grouped_gemm_tiles import (DECODE_CONFIG, FP8_BLOCK, FP8_DEC
 
 __all__ = [
     "DECODE_CONFIG", "FP8_BLOCK", "FP8_DECODE_CONFIG", "FP8_PREFILL_CONFIG", "FP8_PREFILL_OVERLAP_CONFIG",
-    "PREFILL_CONFIG", "PREFILL_M_SPLIT_CONFIG", "GroupedGemmConfig", "default_config", "dequantize_weight",
-    "fp8_to_f32", "grouped_gemm", "grouped_gemm_fp8", "quantize_activations", "reference", "reference_fp8",
+    "PREFILL_CONFIG", "PREFILL_M_SPLIT_CONFIG", "GroupedGemmConfig", "choose_k_splits", "default_config",
+    "dequantize_weight", "fp8_matmul_split_k", "fp8_to_f32", "grouped_gemm", "grouped_gemm_fp8",
+    "quantize_activations", "reference", "reference_fp8",
     "tile_schedule",
 ]
 
@@ -124,7 +126,7 @@ def _bf16_simple_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n, ou
     @plgpu.nd_loop((num_tiles, n_blocks), collective_axes="sm")
     def _loop(info):
       t, j = info.index
-      is_mm, buf, wslot, load_row, smem_off, n_valid, _ = tile_fields(sched_ref, t)
+      is_mm, buf, wslot, load_row, smem_off, n_valid, *_ = tile_fields(sched_ref, t)
 
       def mm(acc_ref):
         for b, w_ref in enumerate(w_refs):

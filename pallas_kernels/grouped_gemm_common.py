@@ -77,8 +77,9 @@ def pad_rows(x, rows):
 
 
 def tile_fields(sched_ref, t):
-  is_mm, buf, slot, load_row, smem_off, n_valid, g = (sched_ref[t, c] for c in range(7))
-  return is_mm, buf, slot, pl.multiple_of(load_row, 8), smem_off, n_valid, g
+  """(is_mm, buffer, slot, load_row, smem_off, n_valid, group, k_block) of tile t (`tile_schedule`)."""
+  is_mm, buf, slot, load_row, smem_off, n_valid, g, k_block = (sched_ref[t, c] for c in range(8))
+  return is_mm, buf, slot, pl.multiple_of(load_row, 8), smem_off, n_valid, g, k_block
 
 
 def _store_rows(o_smem, out_ref, *, row, smem_off, n_valid, block_m):
@@ -175,7 +176,7 @@ def warp_specialized(sched_ref, out_ref, o_smem, *, cfg, t_max, n_blocks, num_k,
     def _loop(info, carry):
       t, j = info.index
       fields = tile_fields(sched_ref, t)
-      is_mm, _, _, load_row, smem_off, n_valid, _ = fields
+      is_mm, _, _, load_row, smem_off, n_valid, *_ = fields
       nk = jnp.where(is_mm != 0, num_k, 0)
       row0, col0 = cfg.wg_origin(wg)
       acc = accumulate(fields, j, nk, carry, row0, col0)

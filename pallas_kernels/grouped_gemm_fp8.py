@@ -105,14 +105,15 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
   )
   def _scope(a_smem, b_smem, s_smem, o_smem, full, free):
     def issue(fields, j, kk, slot):
-      _, buf, wslot, load_row, *_ = fields
+      _, buf, wslot, load_row, *_, k_block = fields
       plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(load_row, bm), pl.ds(kk * bk, bk)],
                               a_smem.at[slot], full.at[slot])
       plgpu.copy_gmem_to_smem(xs_ref.at[kk, pl.ds(load_row, bm)], s_smem.at[slot], full.at[slot])
       for b, w_ref in enumerate(w_refs):
         @pl.when(buf == b)
         def _():
-          plgpu.copy_gmem_to_smem(w_ref.at[wslot, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)],
+          # split-K: the tile's K slice of the weight starts at block k_block (x holds only the slice)
+          plgpu.copy_gmem_to_smem(w_ref.at[wslot, pl.ds(j * bn, bn), pl.ds((kk + k_block) * bk, bk)],
                                   b_smem.at[slot], full.at[slot])
 
     def accumulate(fields, j, nk, carry, row0, col0):
@@ -283,7 +284,6 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
     raise ValueError(f"fp8_overlap_promotion alternates two partials per pair of k steps: K/128 "
                      f"must be even, got K={k}")
   m = x.shape[0]
-  m_pad = padded_rows(m, cfg.block_m)
   if x_scale is None:
     xq, xs = quantize_activations(x)
   else:
@@ -291,20 +291,81 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
       raise ValueError(f"pre-quantized activations must be e4m3 [M, K] with x_scale [M, K/128] f32, got "
                        f"{x.dtype}{x.shape} and {x_scale.shape}")
     xq, xs = x, x_scale.astype(jnp.float32)
-  xq = pad_rows(xq, m_pad)
-  # [K/128, M'] so that a tile's row scales of one K block are one contiguous TMA box.
-  xs_t = jnp.pad(xs.T, ((0, 0), (0, m_pad - m)))
-  sched = tile_schedule(group_sizes, expert_slot, m=m, m_pad=m_pad, block_m=cfg.block_m,
-                        buffer_sizes=tuple(w.shape[0] for w in weights))
   # Per-group weight scales (a few KB per group): the kernel reads one scalar per k step.
   buf = jnp.clip(expert_slot[:, 0], 0, len(weights) - 1)
   ws_g = jnp.zeros((group_sizes.shape[0], n // FP8_BLOCK, k // FP8_BLOCK), jnp.float32)
   for b, s in enumerate(scales):
     ws_g = jnp.where((buf == b)[:, None, None], s[jnp.clip(expert_slot[:, 1], 0, s.shape[0] - 1)],
                      ws_g)
+  return _fp8_call(xq, xs, group_sizes, expert_slot, weights, ws_g, cfg=cfg, k=k, n=n,
+                   out_dtype=out_dtype, interpret=interpret)
+
+
+def _fp8_call(xq, xs, group_sizes, expert_slot, weights, ws_g, *, cfg, k, n, out_dtype, interpret,
+              k_blocks=None):
+  """The kernel on quantized rows xq [M, K] e4m3 with row scales xs [M, K/128] and per-group weight
+  scales ws_g [G, N/128, K/128]; weights [E_i, N, K_w] with K_w >= K (split-K: group g reads the K
+  columns from block k_blocks[g] on). Returns [M, N] out_dtype."""
+  m = xq.shape[0]
+  m_pad = padded_rows(m, cfg.block_m)
+  xq = pad_rows(xq, m_pad)
+  # [K/128, M'] so that a tile's row scales of one K block are one contiguous TMA box.
+  xs_t = jnp.pad(xs.T, ((0, 0), (0, m_pad - m)))
+  sched = tile_schedule(group_sizes, expert_slot, m=m, m_pad=m_pad, block_m=cfg.block_m,
+                        buffer_sizes=tuple(w.shape[0] for w in weights), k_blocks=k_blocks)
   out_dtype = jnp.dtype(out_dtype)
   body = functools.partial(_fp8_ws_body, cfg=cfg, num_buffers=len(weights), k=k, n=n,
                            out_dtype=out_dtype, t_max=sched.shape[0] - 1, interpret=interpret)
   call = kernel_call(body, jax.ShapeDtypeStruct((m_pad, n), out_dtype), cfg=cfg,
                       interpret=interpret, num_threads=cfg.num_compute_wgs + 1)
   return call(sched, xq, xs_t, ws_g, *weights)[:m]
+
+
+def choose_k_splits(n: int, k: int, num_sms: int, block_n: int, min_k_blocks: int = 2) -> int:
+  """K slices for a matmul of a few rows whose N / block_n output tiles leave SMs idle: the smallest
+  divisor S of K/128 with S * (N / block_n) >= num_sms, each slice at least `min_k_blocks` 128-wide
+  blocks; 1 when the tiles already fill the SMs or K cannot be cut."""
+  n_tiles, k_blocks = -(-n // block_n), k // FP8_BLOCK
+  if n_tiles >= num_sms:
+    return 1
+  best = 1
+  for s in range(2, k_blocks // min_k_blocks + 1):
+    if k_blocks % s == 0:
+      best = s
+      if s * n_tiles >= num_sms:
+        break
+  return best
+
+
+def fp8_matmul_split_k(x, weight, scale, splits: int, *, config: GroupedGemmConfig | None = None,
+                       out_dtype=jnp.bfloat16, interpret: bool = False):
+  """y = x @ dequant(weight).T for a few rows (decode), with K cut into `splits` slices that run as
+  separate tiles (more CTAs stream the weight: a [N, K] weight has only N / block_n output tiles) and
+  are summed in f32.
+
+  x: [M, K] bf16/f32, quantized per token per 128 columns as `grouped_gemm_fp8` does; weight: [N, K]
+  e4m3 (the checkpoint's [out, in]) with scale [N/128, K/128] f32; splits divides K/128. The slices are
+  groups of the grouped GEMM: x's rows re-laid as [splits * M, K / splits] (slice-major), group g's tiles
+  read the weight's K columns from block g * K / (128 splits) on, in place. Returns [M, N] out_dtype,
+  equal to the one-group GEMM up to the f32 summation order of the slices."""
+  m, k = x.shape
+  n = weight.shape[0]
+  if weight.ndim != 2 or weight.shape[1] != k or weight.dtype != jnp.float8_e4m3fn:
+    raise ValueError(f"weight must be e4m3 [N, K={k}], got {weight.dtype}{weight.shape}")
+  if scale.shape != (n // FP8_BLOCK, k // FP8_BLOCK) or n % FP8_BLOCK or k % FP8_BLOCK:
+    raise ValueError(f"N={n} and K={k} must divide by 128 and scale be [N/128, K/128], got {scale.shape}")
+  if splits < 1 or (k // FP8_BLOCK) % splits:
+    raise ValueError(f"splits={splits} must divide K/128={k // FP8_BLOCK}")
+  kb = k // FP8_BLOCK // splits  # 128-wide blocks per slice
+  cfg = config or default_config(m, 1, n, fp8=True)
+  if cfg.block_k != FP8_BLOCK or n % cfg.block_n or (cfg.fp8_overlap_promotion and kb % 2):
+    raise ValueError(f"config {cfg} does not fit N={n} and slices of {kb} K blocks")
+  xq, xs = quantize_activations(x)
+  xq = xq.reshape(m, splits, kb * FP8_BLOCK).transpose(1, 0, 2).reshape(splits * m, kb * FP8_BLOCK)
+  xs = xs.reshape(m, splits, kb).transpose(1, 0, 2).reshape(splits * m, kb)
+  ws_g = scale.astype(jnp.float32).reshape(n // FP8_BLOCK, splits, kb).transpose(1, 0, 2)
+  group_sizes = jnp.full((splits,), m, jnp.int32)
+  y = _fp8_call(xq, xs, group_sizes, jnp.zeros((splits, 2), jnp.int32), (weight[None],), ws_g, cfg=cfg,
+                k=kb * FP8_BLOCK, n=n, out_dtype=jnp.float32, interpret=interpret,
+                k_blocks=jnp.arange(splits, dtype=jnp.int32) * kb)
+  return y.reshape(splits, m, n).sum(0).astype(out_dtype)

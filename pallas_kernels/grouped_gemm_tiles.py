@@ -137,9 +137,10 @@ def _round_up(v, r):
   return (v + r - 1) // r * r
 
 
-def tile_schedule(group_sizes, expert_slot, *, m, m_pad, block_m, buffer_sizes):
-  """int32 [T+1, 8]; row t < T: (is_mm, buffer, slot, load_row, smem_off, n_valid, group, 0);
-  row T: (number of tiles in use, 0, ...).
+def tile_schedule(group_sizes, expert_slot, *, m, m_pad, block_m, buffer_sizes, k_blocks=None):
+  """int32 [T+1, 8]; row t < T: (is_mm, buffer, slot, load_row, smem_off, n_valid, group, k_block);
+  row T: (number of tiles in use, 0, ...). k_blocks: int [G], the first 128-wide K block of the weight
+  that each group's tiles read (split-K: groups are K slices of one weight); None: 0 for every group.
 
   Tile t loads rows [load_row, load_row + block_m) (load_row a multiple of 8: Mosaic GPU's TMA into
   tiled SMEM needs it) and stores its rows [smem_off, smem_off + n_valid) to the output rows
@@ -177,8 +178,10 @@ def tile_schedule(group_sizes, expert_slot, *, m, m_pad, block_m, buffer_sizes):
   buf = jnp.clip(expert_slot[g, 0].astype(jnp.int32), 0, num_buffers - 1)
   slot = jnp.clip(expert_slot[g, 1].astype(jnp.int32), 0,
                   jnp.asarray(buffer_sizes, jnp.int32)[buf] - 1)
-  sched = jnp.stack([is_mm.astype(jnp.int32), buf, slot, load_row, smem_off, n_valid, g,
-                     jnp.zeros_like(t)], axis=1)
+  k_block = jnp.zeros_like(t) if k_blocks is None else jnp.where(
+      is_mm, jnp.asarray(k_blocks, jnp.int32)[g], 0)
+  sched = jnp.stack([is_mm.astype(jnp.int32), buf, slot, load_row, smem_off, n_valid, g, k_block],
+                    axis=1)
   header = jnp.zeros((1, _SCHED_COLS), jnp.int32).at[0, 0].set(n_mm + n_zero)
   return jnp.concatenate([sched, header], axis=0)
 

@@ -285,3 +285,43 @@ def test_fp8_takes_activations_quantized_once_per_token():
   np.testing.assert_array_equal(np.asarray(once, np.float32), np.asarray(per_row, np.float32))
   with pytest.raises(ValueError, match="pre-quantized"):
     gg.grouped_gemm_fp8(x, sizes, weights, scales, where, config=cfg, interpret=True, x_scale=xs)
+
+
+@pytest.mark.parametrize("m, splits", [(5, 2), (17, 4)])
+def test_fp8_split_k_matches_the_one_group_gemm(m, splits):
+  """Split-K for a few rows: K cut into slices that run as groups, each reading its slice of the weight in
+  place (the schedule's k_block), partials summed in f32. Against the one-group kernel and the FP8
+  reference, with row counts that are not multiples of 8 and random (never zero) inputs."""
+  k, n = 128 * 4, 256
+  x, _, weights, scales, _ = make_inputs(11, m, k, n, [m], (1,), fp8=True)
+  w, s = weights[0][0], scales[0][0]
+  cfg = FP8_CONFIGS[0]
+  split = gg.fp8_matmul_split_k(x, w, s, splits, config=cfg, out_dtype=jnp.float32, interpret=INTERPRET)
+  one = gg.grouped_gemm_fp8(x, jnp.full((1,), m, jnp.int32), (w[None],), (s[None],), jnp.zeros((1, 2), jnp.int32),
+                            config=cfg, out_dtype=jnp.float32, interpret=INTERPRET)
+  ref = reference_fp8(x, jnp.full((1,), m, jnp.int32), (w[None],), (s[None],), jnp.zeros((1, 2), jnp.int32),
+                      out_dtype=jnp.float32)
+  assert rel_err(split, one) < 1e-5  # the same products; only the order of the f32 sums differs
+  assert rel_err(split, ref) < 1e-5
+  with pytest.raises(ValueError, match="must divide"):
+    gg.fp8_matmul_split_k(x, w, s, 3, config=cfg, interpret=True)
+
+
+def test_choose_k_splits():
+  # R1 at decode on 132 SMs, 256-wide tiles: q_a (N 1536, K 7168) 6 tiles -> 28 slices of 2 blocks;
+  # o_proj (N 7168, K 16384) 28 tiles -> 8 slices; q_b (N 24576) 96 tiles -> 2; a full grid -> 1.
+  assert gg.choose_k_splits(1536, 7168, 132, 256) == 28
+  assert gg.choose_k_splits(7168, 16384, 132, 256) == 8
+  assert gg.choose_k_splits(24576, 1536, 132, 256) == 2
+  assert gg.choose_k_splits(36864, 7168, 132, 256) == 1
+  assert gg.choose_k_splits(256, 256, 132, 256) == 1  # two K blocks cannot be cut into slices of two
+
+
+def test_fp8_split_k_lowers_for_gpu():
+  """The split-K call (decode tile, R1's o_proj) lowers to Mosaic GPU on the CPU machine."""
+  cfg = dataclasses.replace(gg.FP8_DECODE_CONFIG, num_sms=132)
+  spec = jax.ShapeDtypeStruct
+  f = jax.jit(lambda x, w, s: gg.fp8_matmul_split_k(x, w, s, 8, config=cfg))
+  args = (spec((64, 16384), jnp.bfloat16), spec((7168, 16384), jnp.float8_e4m3fn),
+          spec((56, 128), jnp.float32))
+  assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
