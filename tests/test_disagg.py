@@ -193,14 +193,20 @@ def test_dwdp_context_dep_generation_matches_single_device(runners, single_token
     check_records(run, engine)
 
 
-def test_dep_context_dwdp_generation_closed_loop_matches_single_device(runners, single_tokens):
+def test_dep_context_dwdp_generation_closed_loop_matches_single_device(runners, single_tokens, monkeypatch):
     """The same runners with their roles swapped (two ranks of the DWDP group generate, all four hold experts);
     a closed loop of 3 requests in flight, a budget of 4 tokens per prefill step (chunked prefill) and 2
-    generation slots per device (hand-offs wait for credits)."""
+    generation slots per device (hand-offs wait for credits). The generation ranks run decode steps ahead
+    (tokens fed on the device from the step before)."""
     config = disagg.DisaggConfig(sched_config(budget=4), SchedulerConfig(2, MAX_LEN, 4))
     engine = disagg.DisaggEngine([runners["dep"]], runners["dwdp"][:2], config)
+    chained = []
+    for r in runners["dwdp"][:2]:
+        dispatch = r.dispatch
+        monkeypatch.setattr(r, "dispatch", lambda plan, prev, d=dispatch: chained.append(prev is not None)
+                            or d(plan, prev))
     run = engine.serve(requests(), concurrency=3)
-    assert run.outputs() == single_tokens
+    assert run.outputs() == single_tokens and any(chained)
     assert {r.context_device for r in run.requests} == {4, 5}
     assert max(e.prefill_tokens for e in run.events if e.role == "context") <= 4
     in_flight = [sum(r.arrival_s <= t < r.last_token_s for r in run.requests) for t in

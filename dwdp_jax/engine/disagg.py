@@ -113,11 +113,14 @@ class DisaggConfig:
     waiting for their hand-off, max_seq_len >= the longest prompt + 1, token_budget = tokens per prefill step)
     and `generation` (slots for decoding requests, max_seq_len >= the longest prompt + output, token_budget >=
     max_batch_size). Hand-offs copy the prompt's positions rounded up to a power of two from
-    `min_transfer_len` (one gather program per length), capped by the caches' lengths."""
+    `min_transfer_len` (one gather program per length), capped by the caches' lengths. step_ahead: a
+    generation engine of one slot group (not DEP) dispatches each decode step before the previous step's tokens
+    reach the host (`scheduler.run_engine`'s step-ahead mode)."""
 
     context: SchedulerConfig
     generation: SchedulerConfig
     min_transfer_len: int = 16
+    step_ahead: bool = True
 
     def __post_init__(self):
         if self.min_transfer_len < 1:

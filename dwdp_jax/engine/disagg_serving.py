@@ -281,7 +281,12 @@ class ServePass:
         scheds, sched = _schedulers(runner, self.engine.config.generation, hold=False)
         step = timeline.timed_step_fn(runner.step_fn, "generation", j, runner.group_devices, self.clock,
                                       self.events, timeline.fetch_wait_counter(runner))
+        ahead = None
+        if self.engine.config.step_ahead and hasattr(sched, "schedule_ahead"):
+            ahead = timeline.TimedStepAhead(runner, "generation", j, runner.group_devices, self.clock, self.events,
+                                            timeline.fetch_wait_counter(runner))
         active: dict[str, _Handoff] = {}
+        inflight = None  # step ahead: (plan, handle) of the step on the device
         while True:
             with self.cond:
                 seen, failed = self.version, self.failed
@@ -306,13 +311,22 @@ class ServePass:
                 done = s.admit_prefilled(h.request, slot, h.first_token, now, now)
                 if done is not None:
                     self._retire_generation(j, active.pop(done.request_id), done)
-            if sched.num_running == 0:
+            if sched.num_running == 0 and inflight is None:
                 if no_more and not arrived:
                     return
                 self._wait(seen)
                 continue
-            plan = sched.schedule(self.clock())
-            tokens = step(plan)
+            if ahead is None:
+                plan = sched.schedule(self.clock())
+                tokens = step(plan)
+            else:  # dispatch the next step (its tokens fed on the device) before reading this one's
+                if inflight is None:
+                    plan = sched.schedule(self.clock())
+                    inflight = (plan, ahead.dispatch(plan, None))
+                plan, handle = inflight
+                nxt = sched.schedule_ahead(self.clock())
+                inflight = None if nxt is None else (nxt, ahead.dispatch(nxt, handle))
+                tokens = ahead.collect(handle)
             for f in sched.complete_step(plan, tokens, self.clock()):
                 self._retire_generation(j, active.pop(f.request_id), f)
 
