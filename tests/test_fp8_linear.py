@@ -72,3 +72,18 @@ def test_set_fp8_matmul_reaches_every_fp8_linear_only():
     assert any(m.scale is not None for m in linears) and model.lm_head.scale is None
     with pytest.raises(ValueError, match="fp8_matmul"):
         set_fp8_matmul(model, "cublas")
+
+
+def test_bench_fp8_linear_smoke(tmp_path):
+    """experiments/bench_fp8_linear.py on CPU (interpret mode, tiny shapes): every variant checked against its
+    reference, one row per (linear, rows), the split count the engine would use."""
+    import json
+
+    from experiments import bench_fp8_linear
+
+    bench_fp8_linear.main(["--smoke", f"--out_dir={tmp_path}", "--rows=1,24"])
+    (path,) = tmp_path.iterdir()
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["linear"], r["rows"], r["splits"]) for r in rows] == [
+        ("tiny_a", 1, 2), ("tiny_a", 24, 2), ("tiny_b", 1, 1), ("tiny_b", 24, 1)]
+    assert all(max(r["rel_err"].values()) <= 1e-2 for r in rows)

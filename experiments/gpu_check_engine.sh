@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# GPU check of the engine (issue 17), in parts that each fit one device call (< 10 minutes):
+#   kernels  the FP8 linear tests on the GPU (split-K included) and bench_fp8_linear.py (one-group GEMM vs
+#            split-K vs XLA dequantization on R1's linears at 1 and 64 rows)                     ~3 min
+#   engine   bench_engine: prefill 4 x 2048 tokens (with its profile) and decode B=1 and B=128 at 4K, blocking
+#            and step ahead                                                                       ~9 min
+#   sweep    bench_engine decode only: B=8, 32, 256 at 1K and 16K context                          ~9 min
+#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
+# Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART="${1:?part: kernels, engine or sweep}"
+KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
+source experiments/gpu_env.sh
+declare -A STATUS
+ORDER=()
+step() {  # step NAME TIMEOUT_S COMMAND...: runs it, logs to $OUTDIR/engine-NAME.log, records pass/FAIL/TIMEOUT
+  local name=$1 limit=$2; shift 2
+  ORDER+=("$name")
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUTDIR/engine-$name.log" 2>&1
+  local rc=$?
+  STATUS[$name]=$([[ $rc == 0 ]] && echo pass || ([[ $rc == 124 ]] && echo "TIMEOUT(${limit}s)" || echo "FAIL(rc=$rc)"))
+  echo "== $name: ${STATUS[$name]} in $((SECONDS - t0)) s"
+  grep -v '^\s*$' "$OUTDIR/engine-$name.log" | grep -v '^[IW][0-9]\{4\} ' | tail -24
+}
+echo "device kind: $KIND"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit --format=csv,noheader
+BENCH=(python3 experiments/bench_engine.py --device_kind="$KIND" --backend=pallas --fp8_matmul=pallas
+       --out="$OUTDIR")
+case "$PART" in
+  kernels)
+    step tests 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fp8_linear.py \
+      tests/test_grouped_gemm.py -k "split or fp8_gemm_path or decode_rows"
+    step bench_fp8_linear 200 python3 experiments/bench_fp8_linear.py --device_kind "$KIND" --out_dir "$OUTDIR"
+    ;;
+  engine)
+    step engine 560 "${BENCH[@]}" --prefill_requests=4 --decode_batch=1,128 --decode_context=4096 \
+      --typical=1x4096 --profile --time_budget_s=470 --tag=engine-check
+    ;;
+  sweep)
+    step sweep 560 "${BENCH[@]}" --prefill_requests= --decode_batch=8,32,256 --decode_context=1024,16384 \
+      --typical=32x1024 --peak_matmul_size=4096 --time_budget_s=480 --tag=decode-sweep
+    ;;
+  *)
+    echo "unknown part $PART (kernels, engine, sweep)"; exit 2 ;;
+esac
+echo "== summary ($PART)"
+for k in "${ORDER[@]}"; do printf '%-18s %s\n' "$k" "${STATUS[$k]}"; done
