@@ -108,13 +108,19 @@ def _swiglu_ffn(x_md, group_sizes, w: ExpertWeights, compute_dtype) -> jax.Array
 def combine_sorted(y_sorted, order, weights_tk) -> jax.Array:
     """Routed output per token from per-(token, slot) rows sorted by `order` (a permutation of t*k).
 
-    Un-sorts with a gather and sums the k slots in a fixed order: deterministic on every backend (a
-    scatter-add would use atomics on GPUs, whose order flips near-tie routing decisions between runs).
-    Returns [t, hidden] float32."""
+    Un-sorts with a gather and sums the k slots in a fixed order, slot 0 first: deterministic on every backend
+    (a scatter-add would use atomics on GPUs, whose order flips near-tie routing decisions between runs).
+    Written as k products and sums, not an einsum, so that XLA fuses the gathers, the f32 products and the
+    sum into one pass over y_sorted: as a dot, the gathered rows were materialized in f32 ([t, k, hidden],
+    1.9 GB at 8K tokens) and multiplied at HIGHEST precision. Returns [t, hidden] float32."""
     t, k = weights_tk.shape
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
-    y_tkd = y_sorted.astype(jnp.float32)[inverse].reshape(t, k, -1)
-    return jnp.einsum("tkd,tk->td", y_tkd, weights_tk.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    rows = inverse.reshape(t, k)
+    w = weights_tk.astype(jnp.float32)
+    out = y_sorted[rows[:, 0]].astype(jnp.float32) * w[:, :1]
+    for j in range(1, k):
+        out = out + y_sorted[rows[:, j]].astype(jnp.float32) * w[:, j : j + 1]
+    return out
 
 
 def _gemm_config(num_sms, m: int, groups: int, n: int, fp8: bool):
