@@ -402,7 +402,9 @@ def run_prefill(model, cfg, executor, sweep: Sweep, peaks: dict, routed_fp8: boo
         flops = roofline.prefill_flops(cfg, [(r * chunk, chunk) for r in range(rounds)] * n, routed_fp8,
                                        linears_fp8)
         row.update(first_call_s=first, call_s=call_s, step_s=call_s / rounds,
-                   input_tokens_per_s=n * prompt_len / call_s, flops_bf16=flops.bf16, flops_fp8=flops.fp8,
+                   input_tokens_per_s=n * prompt_len / call_s,
+                   layer_tokens_per_s=n * prompt_len / call_s * cfg.num_layers,
+                   flops_bf16=flops.bf16, flops_fp8=flops.fp8,
                    tflops=flops.total / call_s / 1e12,
                    mfu_mixed=flops.ideal_time_s(bf16_peak, fp8_peak) / call_s,
                    mfu_bf16_peak=flops.total / call_s / bf16_peak,
@@ -497,6 +499,15 @@ def decode_at_context(model, cfg, executor, sweep: Sweep, batches, ctx: int, hbm
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# DeepSeek's published prefill profile as the SGLang team quotes it (../shared/anchors.md): 62.7K input tokens/s
+# per 8-GPU H800 node at 16K tokens per device and 4K inputs, the full 61-layer R1 (EP across nodes, two
+# micro-batches overlapping communication): 62.7K / 8 GPUs x 61 layers. Ours: one GPU, r1-layers-N, no EP.
+DEEPSEEK_PREFILL_LAYER_TPS = 62.7e3 / 8 * 61
+DEEPSEEK_PREFILL_SOURCE = ("deepseek-ai/open-infra-index 202502OpenSourceWeek day 6 profile, as quoted by the SGLang "
+                           "team: 62.7K tokens/s per H800 node (8 GPUs) at 16K tokens/device, 4K inputs; x 61 layers "
+                           "/ 8 GPUs")
+
+
 def headline(prefill_rows, decode_rows, sweep: Sweep, hbm_gbps: float) -> dict:
     ok_p = [r for r in prefill_rows if "error" not in r]
     ok_d = [r for r in decode_rows if "error" not in r]
@@ -523,6 +534,10 @@ def headline(prefill_rows, decode_rows, sweep: Sweep, hbm_gbps: float) -> dict:
         "prefill_mfu_fp8_peak": get(best_p, "mfu_fp8_peak"),
         "prefill_best_tokens_per_step": get(best_p, "tokens_per_step"),
         "prefill_input_tps_best": max((r["input_tokens_per_s"] for r in ok_p), default=None),
+        # input tokens/s x decoder layers: comparable across model depths (../shared/anchors.md)
+        "prefill_layer_tps_best": max((r["layer_tokens_per_s"] for r in ok_p), default=None),
+        "deepseek_prefill_layer_tps_per_gpu": DEEPSEEK_PREFILL_LAYER_TPS,
+        "deepseek_prefill_source": DEEPSEEK_PREFILL_SOURCE,
         "hbm_gbps": hbm_gbps,
     }
 

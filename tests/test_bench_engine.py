@@ -79,6 +79,9 @@ def test_prefill_row_counts_the_chunked_prompts(record):
     assert row["step_s"] == pytest.approx(row["call_s"] / 2)
     peak = record["metrics"]["bf16_peak_tflops"] * 1e12
     assert row["mfu_bf16_peak"] == pytest.approx(flops.total / row["call_s"] / peak)
+    assert row["layer_tokens_per_s"] == pytest.approx(row["input_tokens_per_s"] * TINY.num_layers)
+    assert record["metrics"]["prefill_layer_tps_best"] == row["layer_tokens_per_s"]
+    assert record["metrics"]["deepseek_prefill_layer_tps_per_gpu"] == pytest.approx(62.7e3 / 8 * 61)
 
 
 def test_profile_breaks_down_the_headline_points(record):
