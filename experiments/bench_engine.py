@@ -13,11 +13,13 @@ through the engine's `ModelRunner` (its bucketed prefill and decode programs on 
   * decode: B requests at context L (one absorbed-MLA step at position L - 1, cache max_len = L, random
     latents in the cache); bytes that must be read (`roofline.decode_bytes`: weights touched, the distinct
     routed experts the step's tokens select, L cached tokens per request) / step time / HBM bandwidth
-    = `decode_hbm_frac`. The experts a step selects are recorded in one extra step per L with an executor
-    that sends the router's choices to the host (rows are independent, so the first B rows of the largest
-    batch are the B-row step's choices).
-Times: median of `--repeats` steps after `--warmup` (each step blocks on its logits, as serving does); the
-first call (compile) is reported apart. `--time_budget_s` skips the points left when it runs out.
+    = `decode_hbm_frac`. The experts a step selects are counted inside the timed step program
+    (`ModelRunner(expert_counts=True)`: one scatter-add of [B, top_k] ids per MoE layer), so no extra program
+    is compiled for them. Step ahead (`step_ahead_s`, `decode_hbm_frac_step_ahead`): the same point as
+    `run_engine(step_ahead=...)` serves it, each step dispatched before the previous step's tokens are read,
+    its tokens fed from those samples (sampling and the host read included; the bytes from its own routing).
+Times: median of `--repeats` steps after `--warmup` (each step blocks on its logits); the first call
+(compile) is reported apart. `--time_budget_s` skips the points left when it runs out.
 `--profile`: the headline prefill point (best MFU) and the typical decode point are also profiled for
 `--profile_steps` steps (`experiments/engine_profile.py`): their rows (and the metrics) get a `breakdown` of a
 step: GPU time per category (attention, kv_b projections, expert GEMMs, dense GEMMs, quantization, weight
@@ -59,7 +61,7 @@ from dwdp_jax.config import preset
 from dwdp_jax.engine import roofline
 from dwdp_jax.engine.runner import Buckets, ModelRunner
 from dwdp_jax.engine.scheduler import PENDING, DecodeItem, PrefillChunk, StepPlan
-from dwdp_jax.experts import ExpertExecutor, LocalExecutor
+from dwdp_jax.experts import LocalExecutor
 from dwdp_jax.model import init_model, set_fp8_matmul
 from experiments import engine_profile
 from experiments.results_io import write_result
@@ -251,20 +253,6 @@ def decoder_param_bytes(model) -> int:
                for leaf in jax.tree.leaves(sub))
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class RecordingExecutor:
-    """Runs `inner`, and sends each call's expert ids [tokens, top_k] to the host list `calls` (one call per
-    MoE layer and step; the order of the calls is not guaranteed). Used for one untimed step only: the host
-    callback would perturb the timing."""
-
-    inner: ExpertExecutor
-    calls: list
-
-    def __call__(self, x_td, expert_ids_tk, weights_tk, experts):
-        jax.debug.callback(lambda ids: self.calls.append(np.asarray(ids)), expert_ids_tk)
-        return self.inner(x_td, expert_ids_tk, weights_tk, experts)
-
-
 @functools.partial(jax.jit, donate_argnums=0)
 def _randomized(pages, key):
     """The cache pages with N(0, 1) rows (a decode step's cost does not depend on the values; random ones give
@@ -440,28 +428,27 @@ def run_decode(model, cfg, executor, sweep: Sweep, hbm_gbps: float, budget, t0, 
     return rows
 
 
+def distinct_experts(runner, cfg, b: int) -> list[int]:
+    """Experts hit per MoE layer by the runner's last call (`expert_counts`), checked to cover b rows."""
+    counts = np.asarray(runner.last_expert_counts)  # [MoE layers, experts]
+    if counts.shape[0] != cfg.num_moe_layers or (counts.sum(1) != b * cfg.num_experts_per_tok).any():
+        raise RuntimeError(f"expert counts {counts.shape} do not cover {cfg.num_moe_layers} MoE layers x {b} rows "
+                           f"x top-{cfg.num_experts_per_tok}")
+    return [int(n) for n in (counts > 0).sum(1)]
+
+
 def decode_at_context(model, cfg, executor, sweep: Sweep, batches, ctx: int, hbm_gbps: float, budget, t0, rng,
                       seed: int, profiling: Profiling | None = None) -> list[dict]:
     """Steps of b requests at position ctx - 1 (ctx tokens attended) on a cache of max_len = ctx filled with
     random latents, for each b in `batches`."""
     bmax = max(batches)
-    runner = ModelRunner(model, bmax, ctx, executor=executor, buckets=Buckets(tuple(sorted(set(batches))), (ctx,)))
+    # expert_counts: each step program also counts the tokens routed to each expert (a scatter-add per MoE
+    # layer, in the timed program), from which the bytes a step must read follow
+    runner = ModelRunner(model, bmax, ctx, executor=executor, buckets=Buckets(tuple(sorted(set(batches))), (ctx,)),
+                         expert_counts=True)
     runner.pages = _randomized(runner.pages, jax.random.key(seed))
     items = [DecodeItem(request_id=f"d{i}", slot=i, token=int(rng.randint(cfg.vocab_size)), position=ctx - 1)
              for i in range(bmax)]
-    # The router's choices, from one untimed step through the runner with a recording executor.
-    recorder = RecordingExecutor(executor, [])
-    runner.executor = recorder
-    try:
-        t = time.perf_counter()
-        jax.block_until_ready(runner.decode(items))
-        jax.effects_barrier()
-    finally:
-        runner.executor = executor
-    if len(recorder.calls) != cfg.num_moe_layers:
-        raise RuntimeError(f"the recording step saw {len(recorder.calls)} MoE layer calls, expected "
-                           f"{cfg.num_moe_layers}")
-    log(t0, f"decode L={ctx}: router choices of {bmax} rows recorded ({time.perf_counter() - t:.1f} s)")
     rows = []
     for b in batches:
         point = f"decode B={b} L={ctx}"
@@ -476,15 +463,19 @@ def decode_at_context(model, cfg, executor, sweep: Sweep, batches, ctx: int, hbm
             rows.append(row)
             log(t0, f"{point}: FAILED {row['error']}")
             continue
+        distinct = distinct_experts(runner, cfg, b)  # of the timed steps (the same tokens every step)
+        need = roofline.decode_bytes(cfg, b, b * ctx, distinct, itemsize=2, cache_itemsize=2)
         host_s = host_return_time(functools.partial(runner.decode, items[:b]), sweep.repeats)
         ahead_s = step_ahead_time(runner, items[:b], 8, sweep.repeats)
-        distinct = [len(np.unique(ids[:b])) for ids in recorder.calls]
-        need = roofline.decode_bytes(cfg, b, b * ctx, distinct, itemsize=2, cache_itemsize=2)
+        # the chained steps feed sampled tokens: their routing is their own (the last step's, as a sample)
+        distinct_ahead = distinct_experts(runner, cfg, b)
+        need_ahead = roofline.decode_bytes(cfg, b, b * ctx, distinct_ahead, itemsize=2, cache_itemsize=2)
         row.update(first_call_s=first, step_s=step_s, host_return_s=host_s, output_tokens_per_s=b / step_s,
                    distinct_experts_per_moe_layer=distinct, bytes=need.as_dict(),
                    achieved_gbps=need.total / step_s / 1e9, hbm_frac=need.total / step_s / 1e9 / hbm_gbps,
                    step_ahead_s=ahead_s, output_tokens_per_s_step_ahead=b / ahead_s,
-                   hbm_frac_step_ahead=need.total / ahead_s / 1e9 / hbm_gbps)
+                   distinct_experts_step_ahead=distinct_ahead, bytes_step_ahead=need_ahead.total,
+                   hbm_frac_step_ahead=need_ahead.total / ahead_s / 1e9 / hbm_gbps)
         rows.append(row)
         log(t0, f"{point}: step {step_s * 1e3:7.2f} ms, {row['output_tokens_per_s']:8.0f} tok/s, "
                 f"{need.total / 1e9:6.2f} GB needed ({sum(distinct)} experts hit) -> "

@@ -68,7 +68,8 @@ def test_decode_rows_follow_from_the_router_and_the_accounting(record):
         assert r["hbm_frac"] == pytest.approx(need.total / r["step_s"] / 1e9 / hbm)
         assert r["output_tokens_per_s"] == pytest.approx(b / r["step_s"])
         assert 0 < r["host_return_s"]  # the host's share of a step (no upper bound: CPU steps run on the host)
-        assert r["hbm_frac_step_ahead"] == pytest.approx(need.total / r["step_ahead_s"] / 1e9 / hbm)
+        ahead = roofline.decode_bytes(TINY, b, b * 32, r["distinct_experts_step_ahead"])
+        assert r["hbm_frac_step_ahead"] == pytest.approx(ahead.total / r["step_ahead_s"] / 1e9 / hbm)
 
 
 def test_prefill_row_counts_the_chunked_prompts(record):

@@ -170,14 +170,39 @@ def last_tokens(x_bsd, q_lens):
     return x_bsd[jnp.arange(x_bsd.shape[0]), jnp.maximum(q_lens - 1, 0)]
 
 
-def model_step_program(graph, state_def, executor, attention: PagedAttention, absorbed: bool):
-    """A jitted step of the whole model: (state leaves, pages (donated), step) -> (logits, pages). The graph,
-    executor and attention are closed over, so a call hashes nothing but the arrays (a static GraphDef
-    argument is hashed on every call)."""
+@dataclasses.dataclass(eq=False)
+class _CountingExecutor:
+    """`inner`, also counting (traced) the real tokens routed to each of `num_experts` experts in every call:
+    int32 [num_experts] per MoE layer, appended to `counts` in layer order. valid: bool [tokens] (a step
+    block's flattened rows: padding is not counted)."""
+
+    inner: ExpertExecutor
+    valid: jax.Array
+    num_experts: int
+    counts: list
+
+    def __call__(self, x_td, expert_ids_tk, weights_tk, experts):
+        hits = jnp.broadcast_to(self.valid[:, None], expert_ids_tk.shape).astype(jnp.int32)
+        self.counts.append(jnp.zeros((self.num_experts,), jnp.int32).at[expert_ids_tk].add(hits))
+        return self.inner(x_td, expert_ids_tk, weights_tk, experts)
+
+
+def model_step_program(graph, state_def, executor, attention: PagedAttention, absorbed: bool,
+                       expert_counts: bool = False):
+    """A jitted step of the whole model: (state leaves, pages (donated), step) -> (logits, pages), and with
+    `expert_counts` also the tokens routed to each expert, int32 [MoE layers, n_routed_experts] (a scatter-add
+    per MoE layer). The graph, executor and attention are closed over, so a call hashes nothing but the arrays
+    (a static GraphDef argument is hashed on every call)."""
 
     def step_fn(leaves, pages, step):
         model = nnx.merge(graph, jax.tree.unflatten(state_def, leaves))
-        return paged_forward(model, pages, step, absorbed, executor, attention)
+        if not expert_counts:
+            return paged_forward(model, pages, step, absorbed, executor, attention)
+        length = step.ids.shape[1]
+        valid = (jnp.arange(length)[None, :] < step.q_lens[:, None]).reshape(-1)
+        counting = _CountingExecutor(executor, valid, model.cfg.n_routed_experts, [])
+        logits, pages = paged_forward(model, pages, step, absorbed, counting, attention)
+        return logits, pages, jnp.stack(counting.counts)
 
     return jax.jit(step_fn, donate_argnums=1)
 
@@ -422,14 +447,17 @@ def _spec_for(cfg, num_slots: int, max_len: int, dtype, num_pages: int | None) -
 class ModelRunner(_SlotRunner):
     """A `DeepseekV3` on one device with a paged cache for `num_slots` requests of up to `max_len` tokens
     (`num_pages` pages; default: enough for every slot at max_len). `attention`: "pallas" or "einsum"
-    (default: `paged_attention.default_backend`)."""
+    (default: `paged_attention.default_backend`). expert_counts: every program call also counts the real
+    tokens routed to each expert per MoE layer (`last_expert_counts`; e.g. the bytes a decode step must read)."""
 
     def __init__(self, model: DeepseekV3, num_slots: int, max_len: int, *, buckets: Buckets | None = None,
                  device: jax.Device | None = None, executor: ExpertExecutor | None = None, cache_dtype=None,
                  sampling: SamplingParams = SamplingParams(), seed: int = 0, num_pages: int | None = None,
-                 attention: str | None = None):
+                 attention: str | None = None, expert_counts: bool = False):
         spec = _spec_for(model.cfg, num_slots, max_len, cache_dtype or model.dtype, num_pages)
         self.device = device or jax.devices()[0]
+        self.expert_counts = expert_counts
+        self.last_expert_counts = None  # with expert_counts: int32 [MoE layers, experts] of the last call
         super().__init__(spec, buckets, sampling, seed, self.device, attention)
         self.graph, state = nnx.split(model)
         self.state = jax.device_put(state, self.device)
@@ -447,8 +475,12 @@ class ModelRunner(_SlotRunner):
         key = (self.executor, absorbed)
         if key not in self._programs:
             self._programs[key] = model_step_program(self.graph, self._state_def, self.executor, self.attention,
-                                                     absorbed)
-        logits, self.pages = self._programs[key](self._leaves, self.pages, step)
+                                                     absorbed, self.expert_counts)
+        out = self._programs[key](self._leaves, self.pages, step)
+        if self.expert_counts:
+            logits, self.pages, self.last_expert_counts = out
+        else:
+            logits, self.pages = out
         return logits
 
 
