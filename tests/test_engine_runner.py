@@ -242,6 +242,20 @@ def test_engine_run_matches_naive_greedy_loop(single_tokens, naive_tokens):
     assert single_tokens == naive_tokens
 
 
+def test_expert_counts_cover_the_real_tokens_only(model):
+    """ModelRunner(expert_counts=True): per MoE layer, the tokens routed to each expert in the last call; padding
+    (rows past the batch, columns past a chunk's length) is not counted; the logits are unchanged."""
+    r, plain = runner(model, expert_counts=True), runner(model)
+    chunks = [PrefillChunk("a", 0, 0, tokens(1, 5), True), PrefillChunk("b", 1, 0, tokens(2, 8), True)]
+    np.testing.assert_array_equal(np.asarray(r.prefill(chunks)), np.asarray(plain.prefill(chunks)))
+    counts = np.asarray(r.last_expert_counts)
+    k = model.cfg.num_experts_per_tok
+    assert counts.shape == (model.cfg.num_moe_layers, model.cfg.n_routed_experts)
+    assert (counts.sum(1) == 13 * k).all()  # 5 + 8 tokens in a [4, 8] block
+    r.decode([DecodeItem("a", 0, 7, 5)])
+    assert (np.asarray(r.last_expert_counts).sum(1) == k).all() and ((r.last_expert_counts > 0).sum(1) == k).all()
+
+
 def test_step_ahead_matches_step_by_step(model, single_tokens):
     """run_engine(step_ahead=runner): decode steps dispatched before the tokens of the step in flight are read,
     fed on the device from its samples: the same greedy tokens."""
