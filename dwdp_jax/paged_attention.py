@@ -145,8 +145,10 @@ class PagedKV:
         dt = self.pages.dtype
         latent, k_pe = self._split(self.gather_rows(), cfg)
         with jax.named_scope("kv_b"):
-            kv = jnp.einsum("bkc,chn->bkhn", latent.astype(dt), mla._kv_b(dt),
-                            preferred_element_type=jnp.float32).astype(dt)
+            # through the layer itself: the block-scaled FP8 GEMM where the model runs its FP8 linears on it
+            # (activations quantized per token per 128 columns, as DeepSeek's inference does for wkv_b), else
+            # the same product as the einsum reference's
+            kv = mla.kv_b_proj(latent.astype(dt)).reshape(*latent.shape[:2], cfg.num_heads, -1)
         q = jnp.concatenate([q_nope, q_pe], -1).astype(dt)
         out, _ = mla_prefill.mla_prefill(q, kv, k_pe.astype(dt), self.q_lens, self.lengths,
                                          softmax_scale=cfg.softmax_scale, interpret=self.interpret)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of the engine (issue 17), in parts that each fit one device call (< 10 minutes):
-#   kernels  the FP8 linear tests on the GPU (split-K included) and bench_fp8_linear.py (one-group GEMM vs
-#            split-K vs XLA dequantization on R1's linears at 1 and 64 rows)                     ~3 min
+#   kernels  the FP8 linear tests on the GPU (split-K included), the engine with every FP8 kernel against its
+#            dequantized reference, and bench_fp8_linear.py (one-group GEMM vs split-K vs XLA
+#            dequantization on R1's linears at 1 and 64 rows)                                       ~4 min
 #   engine   bench_engine: prefill 4 x 2048 tokens (with its profile) and decode B=1 and B=128 at 4K, blocking
 #            and step ahead                                                                       ~9 min
 #   sweep    bench_engine decode only: B=8, 32, 256 at 1K and 16K context                          ~9 min
@@ -30,8 +31,8 @@ BENCH=(python3 experiments/bench_engine.py --device_kind="$KIND" --backend=palla
        --out="$OUTDIR")
 case "$PART" in
   kernels)
-    step tests 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fp8_linear.py \
-      tests/test_grouped_gemm.py -k "split or fp8_gemm_path or decode_rows"
+    step tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fp8_linear.py \
+      tests/test_grouped_gemm.py tests/test_engine_fp8_gpu.py -k "split or fp8_gemm_path or decode_rows or engine"
     step bench_fp8_linear 200 python3 experiments/bench_fp8_linear.py --device_kind "$KIND" --out_dir "$OUTDIR"
     ;;
   engine)
