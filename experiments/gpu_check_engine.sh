@@ -6,11 +6,12 @@
 #   engine   bench_engine: prefill 4 x 2048 tokens (with its profile) and decode B=1 and B=128 at 4K, blocking
 #            and step ahead                                                                       ~9 min
 #   sweep    bench_engine decode only: B=8, 32, 256 at 1K and 16K context                          ~9 min
+#   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine or sweep}"
+PART="${1:?part: kernels, engine, sweep or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -43,8 +44,17 @@ case "$PART" in
     step sweep 560 "${BENCH[@]}" --prefill_requests= --decode_batch=8,32,256 --decode_context=1024,16384 \
       --typical=32x1024 --peak_matmul_size=4096 --time_budget_s=480 --tag=decode-sweep
     ;;
+  e2e)
+    # the single-GPU serving demo at R1 layer shapes, with and without step-ahead decode (the rest equal)
+    E2E=(python3 -m experiments.launch --strategy=single --preset=r1-layers-4 --num_devices=1
+         --workload=fixed --input_len=2048 --output_len=64 --num_requests=64 --max_batch_size=32
+         --concurrency=32 --token_budget=8192 --warmup=buckets --progress=false --device_kind="$KIND"
+         --out="$OUTDIR")
+    step e2e_ahead 280 "${E2E[@]}" --step_ahead --tag=single-r1l4-step-ahead
+    step e2e_blocking 280 "${E2E[@]}" --nostep_ahead --tag=single-r1l4-blocking
+    ;;
   *)
-    echo "unknown part $PART (kernels, engine, sweep)"; exit 2 ;;
+    echo "unknown part $PART (kernels, engine, sweep, e2e)"; exit 2 ;;
 esac
 echo "== summary ($PART)"
 for k in "${ORDER[@]}"; do printf '%-18s %s\n' "$k" "${STATUS[$k]}"; done

@@ -37,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dwdp_jax.engine import paged_cache
 from dwdp_jax.engine.lockstep import LockstepPlan
 from dwdp_jax.engine.paged_cache import PagedCacheSpec, PageTable
+from dwdp_jax.engine.step_block import Buckets, StepArrays, _Row, pack_rows, pages_bucket
 from dwdp_jax.engine.sampling import SamplingParams, sample
 from dwdp_jax.engine.scheduler import PENDING, DecodeItem, PrefillChunk, StepPlan
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
@@ -44,107 +45,6 @@ from dwdp_jax.model import DeepseekV3
 from dwdp_jax.paged_attention import PagedAttention, default_backend
 from dwdp_jax.parallel.dep import AXIS, DepExecutor, DepModel, state_specs
 from dwdp_jax.parallel.dwdp import DwdpRank
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shapes
-
-
-def _pow2_from(lo: int, hi: int) -> tuple[int, ...]:
-    """lo, 2 lo, 4 lo, ... up to the first value >= hi."""
-    values = [lo]
-    while values[-1] < hi:
-        values.append(values[-1] * 2)
-    return tuple(values)
-
-
-@dataclasses.dataclass(frozen=True)
-class Buckets:
-    """Row counts (`batch`) and prefill chunk lengths (`length`) that a step's blocks are padded to."""
-
-    batch: tuple[int, ...]
-    length: tuple[int, ...]
-
-    def __post_init__(self):
-        for name in ("batch", "length"):
-            values = getattr(self, name)
-            if not values or min(values) < 1 or list(values) != sorted(set(values)):
-                raise ValueError(f"Buckets.{name} must be distinct positive ints in ascending order, got {values}")
-
-    @classmethod
-    def default(cls, max_batch_size: int, max_chunk_len: int, min_len: int = 16) -> Buckets:
-        """Powers of two: rows 1, 2, 4, ... >= max_batch_size; lengths min_len, 2 min_len, ... >= max_chunk_len."""
-        return cls(_pow2_from(1, max_batch_size), _pow2_from(min_len, max_chunk_len))
-
-    def batch_for(self, n: int) -> int:
-        for b in self.batch:
-            if b >= n:
-                return b
-        raise ValueError(f"{n} rows exceed the largest batch bucket {self.batch[-1]}")
-
-    def length_for(self, n: int) -> int:
-        """Smallest length bucket >= n (n must be <= the largest; longer chunks run in pieces)."""
-        for b in self.length:
-            if b >= n:
-                return b
-        raise ValueError(f"{n} tokens exceed the largest length bucket {self.length[-1]}")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Row:
-    """Tokens [start, start + len(tokens)) of the sequence in `slot`."""
-
-    slot: int
-    start: int
-    tokens: np.ndarray  # int32 [n]
-
-
-@dataclasses.dataclass(frozen=True)
-class StepArrays:
-    """A step block's inputs, int32 numpy: ids and positions [rows, length] (left-aligned: row i's tokens
-    first, padding after), q_lens [rows] (its tokens), lengths [rows] (tokens cached after the step),
-    block_table [rows, pages]. A padding row has q_lens = lengths = 0 and only scratch pages."""
-
-    ids: np.ndarray
-    positions: np.ndarray
-    q_lens: np.ndarray
-    lengths: np.ndarray
-    block_table: np.ndarray
-
-    @staticmethod
-    def concat(parts: Sequence[StepArrays]) -> StepArrays:
-        return StepArrays(*(np.concatenate(f) for f in zip(*(dataclasses.astuple(p) for p in parts))))
-
-
-def pages_bucket(n: int, max_pages: int) -> int:
-    """Block-table width for a step whose rows need up to n pages: a power of two, at most max_pages."""
-    b = 1
-    while b < n:
-        b *= 2
-    return min(b, max_pages)
-
-
-def pack_rows(rows: Sequence[_Row], num_rows: int, length: int, table: PageTable, num_pages: int) -> StepArrays:
-    """Left-aligned [num_rows, length] block of `rows` (pages for their tokens taken from `table` first)."""
-    spec = table.spec
-    ids = np.zeros((num_rows, length), np.int32)
-    starts = np.zeros((num_rows,), np.int32)
-    q_lens = np.zeros((num_rows,), np.int32)
-    slots = np.full((num_rows,), -1, np.int32)
-    for i, row in enumerate(rows):
-        n = len(row.tokens)
-        if not 0 < n <= length:
-            raise ValueError(f"row of {n} tokens does not fit length {length}")
-        if row.start + n > spec.max_len:
-            raise ValueError(f"positions up to {row.start + n} exceed the cache's max_len={spec.max_len}")
-        table.ensure(row.slot, row.start + n)
-        ids[i, :n] = row.tokens
-        starts[i], q_lens[i], slots[i] = row.start, n, row.slot
-    # row i: positions start_i .. start_i + q_len_i - 1, then zeros (padding)
-    column = np.arange(length, dtype=np.int32)
-    positions = np.where(column < q_lens[:, None], starts[:, None] + column, 0).astype(np.int32)
-    lengths = np.where(q_lens > 0, starts + q_lens, 0).astype(np.int32)
-    return StepArrays(ids, positions, q_lens, lengths, table.block_table(slots, num_pages))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -208,13 +108,13 @@ def model_step_program(graph, state_def, executor, attention: PagedAttention, ab
 
 
 _sample_jit = jax.jit(sample, static_argnames="params")
-# A decode row's id from a previous step's samples (source >= 0) or its own (source -1): ids [rows, 1].
-_chained_ids = jax.jit(lambda ids, tokens, source: jnp.where(
-    (source >= 0)[:, None], jnp.take(tokens, jnp.maximum(source, 0))[:, None], ids))
+# A decode row's id from the previous step's samples by slot (source >= 0) or its own (source -1): ids [rows, 1].
+_chained_ids = jax.jit(lambda ids, slot_tokens, source: jnp.where(
+    (source >= 0)[:, None], jnp.take(slot_tokens, jnp.maximum(source, 0))[:, None], ids))
+# slot_tokens with tokens [rows] written at positions at [rows] (padding rows: out of range, dropped).
+_record_tokens = jax.jit(lambda slot_tokens, tokens, at: slot_tokens.at[at].set(tokens, mode="drop"))
 # logits[index] as one compiled call: jnp indexing traces its gather in Python on every call (~1-2 ms a step)
 _take_rows = jax.jit(lambda logits, index: jnp.take(logits, index, axis=0))
-jax.tree_util.register_dataclass(StepArrays, data_fields=[f.name for f in dataclasses.fields(StepArrays)],
-                                 meta_fields=[])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -223,11 +123,13 @@ jax.tree_util.register_dataclass(StepArrays, data_fields=[f.name for f in datacl
 
 @dataclasses.dataclass(frozen=True)
 class PendingStep:
-    """A dispatched step whose sampled tokens are still on the device: tokens int32 [n] and
-    index {request_id: position in tokens} (every decode item and every last prefill chunk of the plan)."""
+    """A dispatched step whose sampled tokens are still on the device: tokens, one int32 [rows] array per
+    program call that sampled; index {request_id: (call, row)} (every decode item and every last prefill chunk
+    of the plan); slot_tokens [num_groups * num_slots]: each slot's latest sampled token after this step."""
 
-    tokens: jax.Array | None
-    index: dict[str, int]
+    tokens: tuple
+    index: dict[str, tuple[int, int]]
+    slot_tokens: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +162,8 @@ class _SlotRunner:
         # The key lives where the logits do: a key on another device would order this rank's sampling after
         # that device's queued work (and couple DWDP ranks).
         self._key = jax.device_put(jax.random.key(seed), where)
+        # each slot's latest sampled token, on the device (what a step planned ahead feeds back)
+        self._slot_tokens = jax.device_put(jnp.zeros((num_groups * spec.num_slots,), jnp.int32), where)
 
     @property
     def page_table(self) -> PageTable:
@@ -273,8 +177,8 @@ class _SlotRunner:
 
     def _run_block(self, groups: Sequence[Sequence[tuple[int, _Row]]], length: int, absorbed: bool,
                    chain=None) -> _Call:
-        """chain: (tokens on the device [n], {(group, index): position in tokens}): those rows' ids come from
-        `tokens` (a previous step's samples, never read on the host) instead of their rows' tokens."""
+        """chain: (slot tokens on the device [n], {(group, index): position in them}): those rows' ids come
+        from the previous step's samples (never read on the host) instead of their rows' tokens."""
         nb = self.buckets.batch_for(max(len(g) for g in groups))
         max_pages = self.spec.max_pages_per_slot
         # Decode reads pages in place (the block table's width costs nothing); prefill's keys are bucketed.
@@ -344,39 +248,48 @@ class _SlotRunner:
 
     def _dispatch_groups(self, plans: Sequence[StepPlan], prev: PendingStep | None) -> PendingStep:
         """Dispatches one plan per group and samples a token for every last chunk and decode item, without
-        waiting for the device. A decode item whose token is `PENDING` is fed the token `prev` sampled for it."""
-        sampled = []  # (tokens [rows] on device, {padded row: request_id})
+        waiting for the device. A decode item whose token is `PENDING` is fed the token `prev` sampled for it.
+
+        Every sampled token is also written at its request's slot of a per-runner device vector
+        [num_groups * num_slots] (`PendingStep.slot_tokens`), which the next step's `PENDING` rows read: fixed
+        shapes, so nothing compiles per step mix (the programs involved compile once per batch bucket)."""
+        num_slots = self.spec.num_slots
+        sampled, index = [], {}  # tokens [rows] on device per call; {request_id: (call, row)}
+        slot_tokens = self._slot_tokens
         for decode in (False, True):
             rows, wanted, chain = [], {}, {}
             for g, plan in enumerate(plans):
                 if decode:
                     rows.append([_Row(d.slot, d.position, np.array([max(d.token, 0)], np.int32))
                                  for d in plan.decode])
-                    wanted.update({(g, i): d.request_id for i, d in enumerate(plan.decode)})
+                    wanted.update({(g, i): (d.request_id, d.slot) for i, d in enumerate(plan.decode)})
                     for i, d in enumerate(plan.decode):
                         if d.token == PENDING:
                             if prev is None or d.request_id not in prev.index:
                                 raise ValueError(f"decode item {d.request_id!r} waits for a token the previous "
                                                  "dispatched step did not sample")
-                            chain[(g, i)] = prev.index[d.request_id]
+                            chain[(g, i)] = g * num_slots + d.slot
                 else:
                     rows.append([_Row(c.slot, c.start, np.asarray(c.tokens, np.int32)) for c in plan.prefill])
-                    wanted.update({(g, i): c.request_id for i, c in enumerate(plan.prefill) if c.is_last})
+                    wanted.update({(g, i): (c.request_id, c.slot) for i, c in enumerate(plan.prefill)
+                                   if c.is_last})
             if not any(rows):
                 continue
-            calls = self._execute(rows, decode, (prev.tokens, chain) if chain else None)
+            calls = self._execute(rows, decode, (prev.slot_tokens, chain) if chain else None)
             for call in calls:
-                picked = {call.members[k]: rid for k, rid in wanted.items() if k in call.members}
-                if picked:
-                    sampled.append((self._sample(call.logits), picked))
-        index, offset = {}, 0
-        for tokens, picked in sampled:
-            index.update({rid: offset + row for row, rid in picked.items()})
-            offset += tokens.shape[0]
-        if not sampled:
-            return PendingStep(None, {})
-        tokens = sampled[0][0] if len(sampled) == 1 else jnp.concatenate([t for t, _ in sampled])
-        return PendingStep(tokens, index)
+                picked = {call.members[k]: (k[0], rid, slot) for k, (rid, slot) in wanted.items()
+                          if k in call.members}
+                if not picked:
+                    continue
+                tokens = self._sample(call.logits)
+                at = np.full((tokens.shape[0],), slot_tokens.shape[0], np.int32)  # padding rows: dropped
+                for row, (g, rid, slot) in picked.items():
+                    at[row] = g * num_slots + slot
+                    index[rid] = (len(sampled), row)
+                slot_tokens = _record_tokens(slot_tokens, tokens, at)
+                sampled.append(tokens)
+        self._slot_tokens = slot_tokens
+        return PendingStep(tuple(sampled), index, slot_tokens)
 
     def dispatch(self, plan: StepPlan, prev: PendingStep | None = None) -> PendingStep:
         """Starts `plan` on the device and returns at once (the step-ahead contract of `run_engine`): decode
@@ -386,10 +299,8 @@ class _SlotRunner:
     @staticmethod
     def collect(pending: PendingStep) -> dict[str, int]:
         """{request_id: token} of a dispatched step (waits for it)."""
-        if pending.tokens is None:
-            return {}
-        host = np.asarray(jax.device_get(pending.tokens))
-        return {rid: int(host[j]) for rid, j in pending.index.items()}
+        host = jax.device_get(list(pending.tokens))
+        return {rid: int(host[c][row]) for rid, (c, row) in pending.index.items()}
 
     def _step_groups(self, plans: Sequence[StepPlan]) -> dict[str, int]:
         """Executes one plan per group; returns the token sampled for every last chunk and decode item."""
@@ -436,7 +347,12 @@ class _SlotRunner:
         for b, n, absorbed, width in shapes:
             part = pack_rows([], b, n, self.page_table, width)
             step = StepArrays.concat([part] * self.num_groups)
-            self._sample(self._call(step, absorbed)).block_until_ready()
+            tokens = self._sample(self._call(step, absorbed))
+            rows = np.full((tokens.shape[0],), -1, np.int32)
+            # the step-ahead helpers at this row count (nothing written: every row out of range / unchained)
+            _record_tokens(self._slot_tokens, tokens, rows + self._slot_tokens.shape[0] + 1).block_until_ready()
+            if absorbed:
+                _chained_ids(step.ids, self._slot_tokens, rows).block_until_ready()
 
 
 def _spec_for(cfg, num_slots: int, max_len: int, dtype, num_pages: int | None) -> PagedCacheSpec:
@@ -476,7 +392,9 @@ class ModelRunner(_SlotRunner):
         if key not in self._programs:
             self._programs[key] = model_step_program(self.graph, self._state_def, self.executor, self.attention,
                                                      absorbed, self.expert_counts)
-        out = self._programs[key](self._leaves, self.pages, step)
+        # committed to the device in every call: ids computed on the device (a step planned ahead) and ids from
+        # the host must give the program the same input shardings, or it compiles twice
+        out = self._programs[key](self._leaves, self.pages, jax.device_put(step, self.device))
         if self.expert_counts:
             logits, self.pages, self.last_expert_counts = out
         else:
