@@ -236,6 +236,9 @@ def decode_cases(smoke, quick):
            lengths=np.random.default_rng(0).integers(256, 8192, 64).tolist()),
       dict(name="b256_1k", batch=256, s_q=1, lengths=[1024] * 256, h=H),
   ]
+  # B=1 at 32K with fewer splits than the default 66 (each split's bf16 partial, 128 KB at 128 heads, is
+  # written and read again by the combine: 17 MB of 55 at 66 splits), to find the best count.
+  cases += [dict(name=f"b1_32k_s{n}", batch=1, s_q=1, lengths=[32768], h=H, num_splits=n) for n in (16, 33)]
   # The same batches with units of equal pages over the batch (DecodeConfig.balanced), beside the default.
   cases += [dict(c, name=c["name"] + "_bal", balanced=True) for c in cases
             if c["name"] in ("b1_4k", "b64_4k", "b128_4k", "b1_32k", "b64_mixed")]
@@ -272,7 +275,7 @@ def run_decode(args, peak, hbm, interp):
     cache_bytes = sum(pages_per) * md.PAGE_SIZE * d * 2
     bytes_ = cache_bytes + b * s_q * h * (d + dl) * 2
     flops = 2 * h * s_q * sum(lengths) * (d + dl)
-    config = md.DecodeConfig(balanced=case.get("balanced", False))
+    config = md.DecodeConfig(num_splits=case.get("num_splits"), balanced=case.get("balanced", False))
     f = jax.jit(functools.partial(md.mla_decode, kv_lora_rank=dl, softmax_scale=SCALE, config=config,
                                   interpret=interp))
     row = dict(part="decode", case=case["name"], batch=b, s_q=s_q, heads=h, context_tokens=sum(lengths),
@@ -292,8 +295,8 @@ def run_decode(args, peak, hbm, interp):
         row["tflops_kernel"] = flops / t / 1e12
         row["frac_of_roof"] = max(bytes_ / (hbm * 1e9), flops / (peak * 1e12)) / t
         row["frac_of_hbm_op"] = bytes_ / row["op_s"] / 1e9 / hbm
-        row["num_splits"] = md.choose_num_splits(b, -(-s_q * h // md.BLOCK_ROWS), max_pages,
-                                                 jax.devices()[0].core_count)
+        row["num_splits"] = case.get("num_splits") or md.choose_num_splits(
+            b, -(-s_q * h // md.BLOCK_ROWS), max_pages, jax.devices()[0].core_count)
         if case["name"] in ("b64_4k", "b1_32k", "b8_4k"):
           row["einsum_s"] = kernel_s(jax.jit(einsum_decode), q, pages, table, lens, mosaic_only=False)
           row["speedup_vs_einsum"] = row["einsum_s"] / row["op_s"]
