@@ -532,3 +532,25 @@ def test_schedule_ahead_contract():
     assert s.schedule_ahead(0.3) is None  # the step in flight gives "a" its last token
     s.complete_step(after, {"a": 7}, 0.4)
     assert s.idle and s.finished[0].output_tokens == (5, 6, 7)
+
+
+def test_schedule_ahead_keeps_running_while_the_queue_waits_for_pages():
+    """A request that arrived but cannot be promised pages yet does not stop decode steps from running ahead;
+    one that can be admitted does (the next `schedule` admits it)."""
+    from dwdp_jax.engine.paged_cache import PagedCacheSpec, PageTable
+
+    def scheduler():
+        table = PageTable(PagedCacheSpec(num_layers=1, num_pages=3, num_slots=2, max_len=192, kv_lora_rank=32,
+                                         rope_dim=16, page_size=64))
+        s = Scheduler(SchedulerConfig(max_batch_size=2, max_seq_len=192, token_budget=64), page_table=table)
+        s.submit(req("a", 60, 60))  # 120 tokens: 2 of the 3 pages promised
+        return s, table, s.schedule(0.0)
+
+    s, table, _ = scheduler()
+    s.submit(req("b", 60, 60))  # needs 2 pages: 1 is left
+    assert not table.can_reserve(1, 120)
+    ahead = s.schedule_ahead(0.0)
+    assert ahead is not None and [(d.request_id, d.token) for d in ahead.decode] == [("a", PENDING)]
+    s, table, _ = scheduler()
+    s.submit(req("c", 10, 20))  # 30 tokens: the free page covers it
+    assert table.can_reserve(1, 30) and s.schedule_ahead(0.0) is None

@@ -154,17 +154,20 @@ class PageTable:
     def _count(self, tokens: int) -> int:
         return -(-tokens // self.spec.page_size)
 
-    def reserve(self, slot: int, tokens: int) -> bool:
-        """Promises `slot` pages for `tokens` tokens (its request's prompt + max_new_tokens); False, promising
-        nothing, when the pool cannot cover them besides every other promise."""
+    def can_reserve(self, slot: int, tokens: int) -> bool:
+        """Whether `reserve(slot, tokens)` would succeed (changes nothing)."""
         self._check_slot(slot)
         if tokens > self.spec.max_len:
             return False
-        need = self._count(tokens)
         others = self.num_available + max(0, self._reserved[slot] - len(self._held[slot]))
-        if max(0, need - len(self._held[slot])) > others:
+        return max(0, self._count(tokens) - len(self._held[slot])) <= others
+
+    def reserve(self, slot: int, tokens: int) -> bool:
+        """Promises `slot` pages for `tokens` tokens (its request's prompt + max_new_tokens); False, promising
+        nothing, when the pool cannot cover them besides every other promise."""
+        if not self.can_reserve(slot, tokens):
             return False
-        self._reserved[slot] = need
+        self._reserved[slot] = self._count(tokens)
         return True
 
     def pages_of(self, slot: int) -> list[int]:

@@ -262,7 +262,7 @@ class Scheduler:
     def schedule_ahead(self, now_s: float) -> StepPlan | None:
         """The step after the one in flight, planned before its tokens are known (so that the host's work for
         it overlaps the device's), or None when that step must wait for them: when a prompt is still being
-        chunked, an arrived request could be admitted (into a free slot), or no request would decode.
+        chunked, an arrived request can be admitted (a free slot, and pages for it), or no request would decode.
 
         The plan decodes every running request that may still be running after the step in flight: its token
         there is `PENDING` (the runner feeds it from the step in flight's samples on the device). A request
@@ -275,8 +275,10 @@ class Scheduler:
             raise RuntimeError(f"step {self._ahead.step} is already planned ahead")
         if any(not c.is_last for c in plan.prefill):
             return None
-        if self._free_slots and self._waiting and self._waiting[0][0] <= now_s:
-            return None
+        if self._free_slots and self._waiting and self._waiting[0][0] <= now_s and (
+                self.page_table is None
+                or self.page_table.can_reserve(self._free_slots[0], _tokens(self._waiting[0][2]))):
+            return None  # the next `schedule` admits it (one that waits for pages does not stop running ahead)
         pending = {d.request_id for d in plan.decode} | {c.request_id for c in plan.prefill}
         decode = []
         for seq in self._running:
