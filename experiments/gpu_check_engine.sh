@@ -45,10 +45,11 @@ case "$PART" in
       --typical=32x1024 --peak_matmul_size=4096 --time_budget_s=480 --tag=decode-sweep
     ;;
   e2e)
-    # the single-GPU serving demo at R1 layer shapes, with and without step-ahead decode (the rest equal)
+    # the single-GPU serving demo at R1 layer shapes, with and without step-ahead decode (the rest equal);
+    # few shapes (8 prompts of 1K in one prefill step, decode batches of <= 8): each program compiles in ~1 min
     E2E=(python3 -m experiments.launch --strategy=single --preset=r1-layers-4 --num_devices=1
-         --workload=fixed --input_len=2048 --output_len=64 --num_requests=64 --max_batch_size=32
-         --concurrency=32 --token_budget=8192 --warmup=buckets --progress=false --device_kind="$KIND"
+         --workload=fixed --input_len=1024 --output_len=64 --num_requests=16 --max_batch_size=8
+         --concurrency=8 --token_budget=8192 --warmup=run --progress=false --device_kind="$KIND"
          --out="$OUTDIR")
     step e2e_ahead 280 "${E2E[@]}" --step_ahead --tag=single-r1l4-step-ahead
     step e2e_blocking 280 "${E2E[@]}" --nostep_ahead --tag=single-r1l4-blocking
