@@ -75,15 +75,17 @@ class TimedStepAhead:
         self._last_end = -math.inf
 
     def dispatch(self, plan, prev):
+        # a DWDP rank's fetch waits happen on the host while it dispatches its layers: the step's own
         w0 = self.fetch_wait() if self.fetch_wait else math.nan
         t0 = self.clock()
-        return plan, self.runner.dispatch(plan, None if prev is None else prev[1]), t0, w0
+        handle = self.runner.dispatch(plan, None if prev is None else prev[1])
+        wait = self.fetch_wait() - w0 if self.fetch_wait else math.nan
+        return plan, handle, t0, wait
 
     def collect(self, pending):
-        plan, handle, t0, w0 = pending
+        plan, handle, t0, wait = pending
         tokens = self.runner.collect(handle)
         t1 = self.clock()
-        wait = self.fetch_wait() - w0 if self.fetch_wait else math.nan
         self.sink.extend(plan_events(plan, self.role, self.engine, self.devices, max(t0, self._last_end), t1, wait))
         self._last_end = t1
         if self.on_tokens is not None:
