@@ -16,32 +16,22 @@ KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 &&
 source experiments/gpu_env.sh
 declare -A STATUS
 ORDER=()
-step() {  # step NAME TIMEOUT_S COMMAND...: runs it, logs to $OUTDIR/engine-NAME.log, records pass/FAIL/TIMEOUT
-  local name=$1 limit=$2; shift 2
-  ORDER+=("$name")
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUTDIR/engine-$name.log" 2>&1
-  local rc=$?
-  STATUS[$name]=$([[ $rc == 0 ]] && echo pass || ([[ $rc == 124 ]] && echo "TIMEOUT(${limit}s)" || echo "FAIL(rc=$rc)"))
-  echo "== $name: ${STATUS[$name]} in $((SECONDS - t0)) s"
-  grep -v '^\s*$' "$OUTDIR/engine-$name.log" | grep -v '^[IW][0-9]\{4\} ' | tail -24
-}
 echo "device kind: $KIND"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit --format=csv,noheader
 BENCH=(python3 experiments/bench_engine.py --device_kind="$KIND" --backend=pallas --fp8_matmul=pallas
        --out="$OUTDIR")
 case "$PART" in
   kernels)
-    step tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fp8_linear.py \
+    step engine tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fp8_linear.py \
       tests/test_grouped_gemm.py tests/test_engine_fp8_gpu.py -k "split or fp8_gemm_path or decode_rows or engine"
-    step bench_fp8_linear 200 python3 experiments/bench_fp8_linear.py --device_kind "$KIND" --out_dir "$OUTDIR"
+    step engine bench_fp8_linear 200 python3 experiments/bench_fp8_linear.py --device_kind "$KIND" --out_dir "$OUTDIR"
     ;;
   engine)
-    step engine 560 "${BENCH[@]}" --prefill_requests=4 --decode_batch=1,128 --decode_context=4096 \
+    step engine engine 560 "${BENCH[@]}" --prefill_requests=4 --decode_batch=1,128 --decode_context=4096 \
       --typical=1x4096 --profile --time_budget_s=470 --tag=engine-check
     ;;
   sweep)
-    step sweep 560 "${BENCH[@]}" --prefill_requests= --decode_batch=8,32,256 --decode_context=1024,16384 \
+    step engine sweep 560 "${BENCH[@]}" --prefill_requests= --decode_batch=8,32,256 --decode_context=1024,16384 \
       --typical=32x1024 --peak_matmul_size=4096 --time_budget_s=480 --tag=decode-sweep
     ;;
   e2e)
@@ -51,8 +41,8 @@ case "$PART" in
          --workload=fixed --input_len=1024 --output_len=64 --num_requests=16 --max_batch_size=8
          --concurrency=8 --token_budget=8192 --warmup=run --progress=false --device_kind="$KIND"
          --out="$OUTDIR")
-    step e2e_ahead 280 "${E2E[@]}" --step_ahead --tag=single-r1l4-step-ahead
-    step e2e_blocking 280 "${E2E[@]}" --nostep_ahead --tag=single-r1l4-blocking
+    step engine e2e_ahead 280 "${E2E[@]}" --step_ahead --tag=single-r1l4-step-ahead
+    step engine e2e_blocking 280 "${E2E[@]}" --nostep_ahead --tag=single-r1l4-blocking
     ;;
   *)
     echo "unknown part $PART (kernels, engine, sweep, e2e)"; exit 2 ;;

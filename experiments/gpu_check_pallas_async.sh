@@ -12,24 +12,15 @@ KIND="${1:-nvidia-h100-x1}"
 source experiments/gpu_env.sh
 declare -A STATUS
 ORDER=()
-step() {  # step NAME TIMEOUT_S COMMAND...: runs it, logs to $OUTDIR/pallas_async-NAME.log, records pass/FAIL/TIMEOUT
-  local name=$1 limit=$2; shift 2
-  ORDER+=("$name")
-  local t0=$SECONDS
-  timeout "$limit" "$@" > "$OUTDIR/pallas_async-$name.log" 2>&1
-  local rc=$?
-  STATUS[$name]=$([[ $rc == 0 ]] && echo pass || ([[ $rc == 124 ]] && echo "TIMEOUT(${limit}s)" || echo "FAIL(rc=$rc)"))
-  echo "== $name: ${STATUS[$name]} in $((SECONDS - t0)) s"; grep -v '^\s*$' "$OUTDIR/pallas_async-$name.log" | tail -12
-}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit --format=csv,noheader
 $PY -c "import jax; print('jax', jax.__version__, jax.devices()[0].device_kind, jax.devices()[0].core_count, 'SMs')"
 
-step tests 120 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_pallas_async.py tests/test_remote_dma.py \
+step pallas_async tests 120 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_pallas_async.py tests/test_remote_dma.py \
   tests/test_stream_timeline.py
-step overlap 180 $PY experiments/bench_pallas_async.py --parts=overlap --device_kind="$KIND" --out="$OUTDIR"
-step subset 70 $PY experiments/bench_pallas_async.py --parts=subset --device_kind="$KIND" --out="$OUTDIR"
-step xla_stream 90 $PY experiments/bench_pallas_async.py --parts=xla_stream --device_kind="$KIND" --out="$OUTDIR"
-step dwdp_2proc 100 $PY experiments/gpu_check_multiprocess.py --device_kind="$KIND" --variants=pallas_async \
+step pallas_async overlap 180 $PY experiments/bench_pallas_async.py --parts=overlap --device_kind="$KIND" --out="$OUTDIR"
+step pallas_async subset 70 $PY experiments/bench_pallas_async.py --parts=subset --device_kind="$KIND" --out="$OUTDIR"
+step pallas_async xla_stream 90 $PY experiments/bench_pallas_async.py --parts=xla_stream --device_kind="$KIND" --out="$OUTDIR"
+step pallas_async dwdp_2proc 100 $PY experiments/gpu_check_multiprocess.py --device_kind="$KIND" --variants=pallas_async \
   --out="$OUTDIR"
 
 echo "== summary"

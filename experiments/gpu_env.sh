@@ -7,3 +7,19 @@ export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export GIT_COMMIT="${GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 PY="${PYTHON:-python3}"
+
+# A pass/fail step of a GPU check script:
+#   step PREFIX NAME TIMEOUT_S COMMAND...
+# runs COMMAND with a time-out, logs it to $OUTDIR/PREFIX-NAME.log, records pass / FAIL(rc=N) / TIMEOUT(Ns) in
+# STATUS[NAME] (declare -A STATUS; ORDER=() first; ORDER keeps the steps in order) and prints the log's tail
+# (absl's I/W lines left out).
+step() {
+  local prefix=$1 name=$2 limit=$3; shift 3
+  ORDER+=("$name")
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUTDIR/$prefix-$name.log" 2>&1
+  local rc=$?
+  STATUS[$name]=$([[ $rc == 0 ]] && echo pass || ([[ $rc == 124 ]] && echo "TIMEOUT(${limit}s)" || echo "FAIL(rc=$rc)"))
+  echo "== $name: ${STATUS[$name]} in $((SECONDS - t0)) s"
+  grep -v '^\s*$' "$OUTDIR/$prefix-$name.log" | grep -v '^[IW][0-9]\{4\} ' | tail -24
+}
