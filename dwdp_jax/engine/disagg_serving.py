@@ -22,7 +22,7 @@ from dwdp_jax.engine.disagg_metrics import DisaggRun, RequestRecord
 from dwdp_jax.engine.kv_transfer import Transfer, TransferWatcher
 from dwdp_jax.engine.lockstep import LockstepScheduler
 from dwdp_jax.engine.runner import DepRunner
-from dwdp_jax.engine.scheduler import FinishedRequest, Scheduler, SchedulerConfig
+from dwdp_jax.engine.scheduler import FinishedRequest, Scheduler, SchedulerConfig, collect_ahead
 from dwdp_jax.engine.workload import Request, RequestError
 from dwdp_jax.parallel.threads import run_in_threads
 
@@ -324,9 +324,7 @@ class ServePass:
                     plan = sched.schedule(self.clock())
                     inflight = (plan, ahead.dispatch(plan, None))
                 plan, handle = inflight
-                nxt = sched.schedule_ahead(self.clock())
-                inflight = None if nxt is None else (nxt, ahead.dispatch(nxt, handle))
-                tokens = ahead.collect(handle)
+                tokens, inflight = collect_ahead(sched, ahead, handle, self.clock())
             for f in sched.complete_step(plan, tokens, self.clock()):
                 self._retire_generation(j, active.pop(f.request_id), f)
 

@@ -480,6 +480,15 @@ class StepAhead(Protocol):
         """The step's tokens on the host, as `step_fn` returns them (waits for the step)."""
 
 
+def collect_ahead(scheduler, stepper: StepAhead, handle, now_s: float, plan_next: bool = True):
+    """One turn of the step-ahead loop for the step running as `handle`: plans and dispatches the step after
+    it (`Scheduler.schedule_ahead`, when `plan_next` and the scheduler can), then reads the running step's
+    tokens. Returns (tokens, (next plan, its handle) or None)."""
+    nxt = scheduler.schedule_ahead(now_s) if plan_next and hasattr(scheduler, "schedule_ahead") else None
+    nxt_handle = None if nxt is None else stepper.dispatch(nxt, handle)
+    return stepper.collect(handle), (None if nxt is None else (nxt, nxt_handle))
+
+
 def run_engine(
     scheduler: Scheduler,
     step_fn: StepFn | None,
@@ -550,13 +559,10 @@ def run_engine(
                 continue
             inflight = (plan, step_ahead.dispatch(plan, None), t0)
         plan, handle, t0 = inflight
-        ahead = None
-        if (max_steps is None or len(steps) + 1 < max_steps) and hasattr(scheduler, "schedule_ahead"):
-            ahead = scheduler.schedule_ahead(now)
-        ahead_handle = None if ahead is None else step_ahead.dispatch(ahead, handle)
-        tokens = step_ahead.collect(handle)
+        tokens, ahead = collect_ahead(scheduler, step_ahead, handle, now,
+                                      plan_next=max_steps is None or len(steps) + 1 < max_steps)
         t1 = clock()
         scheduler.complete_step(plan, tokens, t1)
         steps.append(StepRecord(scheduler.rank, t0, t1, plan.num_tokens))
-        inflight = None if ahead is None else (ahead, ahead_handle, t1)
+        inflight = None if ahead is None else (*ahead, t1)
     return EngineRun(start_s, clock(), tuple(steps), tuple(rejected))
