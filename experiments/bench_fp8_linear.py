@@ -65,6 +65,20 @@ def variants(n: int, k: int, m: int, num_sms: int, interpret: bool):
   return fns, splits
 
 
+def references(x, w, s):
+  """f32 products with the dequantized weight [N, K]: of the activations quantized as the kernels
+  quantize them (the FP8 kernels' reference), and of the activations as given (xla_dequant's). One
+  dense matmul each: the grouped reference's per-row weight gather needs M x N x K floats (28 GiB
+  for o_proj at 64 rows)."""
+  m = x.shape[0]
+  xq, xs = gg.quantize_activations(x)
+  xd = (gg.fp8_to_f32(xq).reshape(m, -1, gg.FP8_BLOCK) * xs[..., None]).reshape(x.shape)
+  wd = gg.dequantize_weight(w[None], s[None])[0]
+  hi = jax.lax.Precision.HIGHEST
+  return (jnp.dot(xd, wd.T, precision=hi),
+          jnp.dot(x.astype(jnp.float32), wd.T, precision=hi))
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--device_kind", default="cpu")
@@ -83,10 +97,7 @@ def main(argv=None):
   for name, n, k in (SMOKE_LINEARS if a.smoke else R1_LINEARS):
     for m in (int(r) for r in a.rows.split(",")):
       x, w, s = inputs(n, k, m, seed=n + k + m)
-      want = gg.reference_fp8(x, jnp.full((1,), m, jnp.int32), (w[None],), (s[None],), jnp.zeros((1, 2), jnp.int32),
-                              out_dtype=jnp.float32)
-      # xla_dequant multiplies unquantized activations: its reference is the f32 product with the weight
-      want_unquantized = x.astype(jnp.float32) @ gg.dequantize_weight(w[None], s[None])[0].T
+      want, want_unquantized = references(x, w, s)
       fns, splits = variants(n, k, m, num_sms, interpret)
       weight_bytes = n * k + s.size * 4
       row = dict(linear=name, n=n, k=k, rows=m, splits=splits, weight_bytes=weight_bytes, time_s={},

@@ -149,7 +149,9 @@ def _prefill_kernel(q_ref, kv_ref, kpe_ref, qlen_ref, kvlen_ref, out_ref, lse_re
         plgpu.copy_gmem_to_smem(kv_ref.at[b, pl.ds(j * bkv, bkv), h, pl.ds(dn, dv)], v_smem.at[slot],
                                 v_bar.at[slot])
 
-      for i in range(stages):
+      # the prologue's tiles are static slices: none past the padded key length (a single key tile
+      # with two stages, say), whose bounds are checked when the kernel is traced
+      for i in range(min(stages, kv_ref.shape[1] // bkv)):
         @pl.when(i < cta_steps)
         def _():
           issue_k(i, i)

@@ -65,6 +65,12 @@ def test_two_query_tiles_partner_drains():
   check(1, 1, 160, 192, 1, 64, 64, 128, [130], [180], SMALL)
 
 
+def test_fewer_key_tiles_than_stages():
+  # One key tile (Sk 40, padded to 64) under the default two pipeline stages, as the engine's
+  # bucketed steps of a tiny model have: the prologue must not slice a second tile.
+  check(3, 2, 24, 40, 2, 16, 16, 16, [24, 9], [40, 9], SMALL)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="R1 shapes: GPU only")
 @pytest.mark.parametrize("config", [mp.PrefillConfig(block_kv=128), mp.PrefillConfig(block_kv=64,
                                                                                       max_concurrent_steps=3)])
