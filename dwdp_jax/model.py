@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dwdp_jax import quant, rope
@@ -122,8 +123,9 @@ class Linear(nnx.Module):
             y = gg.fp8_matmul_split_k(x2, self.kernel[...], self.scale[...], splits, config=cfg,
                                       out_dtype=jnp.bfloat16, interpret=interpret)
         else:
-            y = gg.grouped_gemm_fp8(x2, jnp.full((1,), m, jnp.int32), (self.kernel[...][None],),
-                                    (self.scale[...][None],), jnp.zeros((1, 2), jnp.int32), config=cfg,
+            # numpy group sizes: the tile schedule is a constant of the program
+            y = gg.grouped_gemm_fp8(x2, np.full((1,), m, np.int32), (self.kernel[...][None],),
+                                    (self.scale[...][None],), np.zeros((1, 2), np.int32), config=cfg,
                                     out_dtype=jnp.bfloat16, interpret=interpret)
         return y.reshape(*x.shape[:-1], d_out).astype(x.dtype)
 

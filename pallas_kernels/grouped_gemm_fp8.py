@@ -364,8 +364,9 @@ def fp8_matmul_split_k(x, weight, scale, splits: int, *, config: GroupedGemmConf
   xq = xq.reshape(m, splits, kb * FP8_BLOCK).transpose(1, 0, 2).reshape(splits * m, kb * FP8_BLOCK)
   xs = xs.reshape(m, splits, kb).transpose(1, 0, 2).reshape(splits * m, kb)
   ws_g = scale.astype(jnp.float32).reshape(n // FP8_BLOCK, splits, kb).transpose(1, 0, 2)
-  group_sizes = jnp.full((splits,), m, jnp.int32)
-  y = _fp8_call(xq, xs, group_sizes, jnp.zeros((splits, 2), jnp.int32), (weight[None],), ws_g, cfg=cfg,
+  # numpy sizes: the tile schedule is a constant of the program (`tile_schedule`)
+  group_sizes = np.full((splits,), m, np.int32)
+  y = _fp8_call(xq, xs, group_sizes, np.zeros((splits, 2), np.int32), (weight[None],), ws_g, cfg=cfg,
                 k=kb * FP8_BLOCK, n=n, out_dtype=jnp.float32, interpret=interpret,
-                k_blocks=jnp.arange(splits, dtype=jnp.int32) * kb)
+                k_blocks=np.arange(splits, dtype=np.int32) * kb)
   return y.reshape(splits, m, n).sum(0).astype(out_dtype)

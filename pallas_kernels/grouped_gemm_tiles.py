@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 FP8_BLOCK = 128  # DeepSeek-V3 block-scale granularity (weights 128x128, activations 1x128)
@@ -142,11 +144,21 @@ def tile_schedule(group_sizes, expert_slot, *, m, m_pad, block_m, buffer_sizes, 
   row T: (number of tiles in use, 0, ...). k_blocks: int [G], the first 128-wide K block of the weight
   that each group's tiles read (split-K: groups are K slices of one weight); None: 0 for every group.
 
+  Given numpy arrays (sizes known when tracing: a dense linear, split-K slices) the schedule is computed
+  while tracing and returned as numpy, a constant of the program; under jit a traced schedule costs
+  about ten small kernels per call (measured 5 us for one group, 15-27 us for split-K on an H100).
+
   Tile t loads rows [load_row, load_row + block_m) (load_row a multiple of 8: Mosaic GPU's TMA into
   tiled SMEM needs it) and stores its rows [smem_off, smem_off + n_valid) to the output rows
   load_row + smem_off + [0, n_valid). A group's tiles start at its first row rounded down to 8, so a
   decode group of <= block_m - 7 rows is one tile and its weight is read once. Mm tiles come first,
   then zero tiles covering the rows past sum(group_sizes), then unused rows."""
+  if all(isinstance(a, np.ndarray) for a in (group_sizes, expert_slot, np.zeros(0) if k_blocks is None
+                                              else k_blocks)):
+    with jax.ensure_compile_time_eval():
+      return np.asarray(tile_schedule(jnp.asarray(group_sizes), jnp.asarray(expert_slot), m=m, m_pad=m_pad,
+                                      block_m=block_m, buffer_sizes=buffer_sizes,
+                                      k_blocks=None if k_blocks is None else jnp.asarray(k_blocks)))
   num_groups = group_sizes.shape[0]
   t_max = _max_tiles(m, num_groups, block_m)
   sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)

@@ -309,6 +309,22 @@ def test_fp8_split_k_matches_the_one_group_gemm(m, splits):
     gg.fp8_matmul_split_k(x, w, s, 3, config=cfg, interpret=True)
 
 
+def test_schedule_of_known_sizes_is_a_constant():
+  """numpy group sizes (a dense linear, split-K): the schedule is computed while tracing, equal to the
+  traced one, and the program holds no schedule arithmetic (cumsum, searchsorted's loop)."""
+  sizes, slots, kb = np.array([5, 5, 5], np.int32), np.zeros((3, 2), np.int32), np.array([0, 2, 4], np.int32)
+  kw = dict(m=15, m_pad=64, block_m=64, buffer_sizes=(1,))
+  const = gg.tile_schedule(sizes, slots, k_blocks=kb, **kw)
+  assert isinstance(const, np.ndarray)
+  traced = jax.jit(lambda a, b, c: gg.tile_schedule(a, b, k_blocks=c, **kw))(sizes, slots, kb)
+  np.testing.assert_array_equal(const, np.asarray(traced))
+  x, _, weights, scales, _ = make_inputs(11, 5, 512, 256, [5], (1,), fp8=True)
+  jaxpr = jax.make_jaxpr(lambda x, w, s: gg.fp8_matmul_split_k(x, w, s, 2, interpret=True))(
+      x, weights[0][0], scales[0][0])
+  prims = {e.primitive.name for e in jaxpr.jaxpr.eqns}
+  assert not prims & {"cumsum", "while", "scan"}, prims
+
+
 def test_choose_k_splits():
   # R1 at decode on 132 SMs, 256-wide tiles: q_a (N 1536, K 7168) 6 tiles -> 28 slices of 2 blocks;
   # o_proj (N 7168, K 16384) 28 tiles -> 8 slices; q_b (N 24576) 96 tiles -> 2; a full grid -> 1.
