@@ -7,11 +7,12 @@
 #            and step ahead                                                                       ~9 min
 #   sweep    bench_engine decode only: B=8, 32, 256 at 1K and 16K context                          ~9 min
 #   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
+#   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, sweep or e2e}"
+PART="${1:?part: kernels, engine, sweep, cb or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -34,6 +35,19 @@ case "$PART" in
     step engine sweep 560 "${BENCH[@]}" --prefill_requests= --decode_batch=8,32,256 --decode_context=1024,16384 \
       --typical=32x1024 --peak_matmul_size=4096 --time_budget_s=480 --tag=decode-sweep
     ;;
+  cb)
+    # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, the
+    # stable-address update mode, and every command type with no minimum graph size; r1-layers-2 to compile fast
+    declare -A CB_FLAGS=([off]="--xla_gpu_enable_command_buffer="
+                         [default]=""
+                         [skip_temp]="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
+                         [all_min1]="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1")
+    for v in off default skip_temp all_min1; do
+      XLA_FLAGS="${CB_FLAGS[$v]}" step engine "cb_$v" 135 "${BENCH[@]}" --preset=r1-layers-2 --prefill_requests= \
+        --decode_batch=1 --decode_context=1024 --typical=1x1024 --peak_matmul_size=2048 --hbm_copy_mib=1024 \
+        --repeats=20 --time_budget_s=120 --tag="cb-$v"
+    done
+    ;;
   e2e)
     # the single-GPU serving demo at R1 layer shapes, with and without step-ahead decode (the rest equal);
     # few shapes (8 prompts of 1K in one prefill step, decode batches of <= 8): each program compiles in ~1 min
@@ -45,7 +59,7 @@ case "$PART" in
     step engine e2e_blocking 280 "${E2E[@]}" --nostep_ahead --tag=single-r1l4-blocking
     ;;
   *)
-    echo "unknown part $PART (kernels, engine, sweep, e2e)"; exit 2 ;;
+    echo "unknown part $PART (kernels, engine, sweep, cb, e2e)"; exit 2 ;;
 esac
 echo "== summary ($PART)"
 for k in "${ORDER[@]}"; do printf '%-18s %s\n' "$k" "${STATUS[$k]}"; done
