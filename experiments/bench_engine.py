@@ -41,15 +41,9 @@ import gc
 import os
 import re
 import statistics
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-if any(a in ("--profile", "--profile=true", "--profile=True") for a in sys.argv[1:]):
-    # A kernel run inside an XLA command buffer (CUDA graph) appears in a profile as that command buffer, not as the
-    # HLO instruction that launched it (jax 0.11.2, H100, 2026-12-06: the whole step unattributed), so a profiled
-    # run turns command buffers off before jax starts; its timed rows are then without them too (config says so).
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +51,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from dwdp_jax import xla_flags
 from dwdp_jax.config import preset
 from dwdp_jax.engine import roofline
 from dwdp_jax.engine.runner import Buckets, ModelRunner
@@ -88,6 +83,11 @@ flags.DEFINE_bool("profile", False, "profile the headline prefill and decode poi
 flags.DEFINE_integer("profile_steps", 4, "engine steps profiled per point (prefill: whole calls of "
                      "prompt_len / chunk steps, at least this many steps)")
 flags.DEFINE_string("profile_dir", "", "keep the profiles' traces under this directory (default: discarded)")
+flags.DEFINE_enum("command_buffers", "engine", sorted(xla_flags.COMMAND_BUFFER_FLAGS),
+                  "XLA command buffers (CUDA graphs) of the step programs: the engine's setting (dwdp_jax.xla_flags), "
+                  "XLA's default, or off. --profile turns them off: a kernel inside a command buffer appears in a "
+                  "profile as that buffer, not as its HLO instruction (jax 0.11.2, H100: the whole step "
+                  "unattributed), so a profiled run's timed rows are without them too (config says so)")
 flags.DEFINE_string("device_kind", "unknown", "the device tool's kind, for the results file")
 flags.DEFINE_string("out", "experiments/results", "results directory")
 flags.DEFINE_string("tag", "", "suffix of the results file name")
@@ -574,6 +574,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     t0 = time.perf_counter()
+    command_buffers = "off" if F.profile else F.command_buffers
+    xla_flags_used = xla_flags.configure(command_buffers)  # before the first device use
     try:
         sweep = Sweep.from_flags()
         profiling = Profiling(F.profile_steps, F.profile_dir) if F.profile else None
@@ -617,7 +619,7 @@ def main(argv):
                   routed_flops_fp8=routed_fp8, linear_flops_fp8=linears_fp8, fp8_matmul=F.fp8_matmul, sweep=dataclasses.asdict(sweep), time_budget_s=F.time_budget_s,
                   hbm_copy_mib=F.hbm_copy_mib, peak_matmul_size=F.peak_matmul_size, seed=F.seed,
                   device=device.device_kind, profile=F.profile, profile_steps=F.profile_steps,
-                  xla_command_buffers=not F.profile)
+                  command_buffers=command_buffers, xla_flags=xla_flags_used)
     print_table(prefill_rows, decode_rows)
     print_breakdowns(prefill_rows, decode_rows)
     print({k: v for k, v in metrics.items() if not isinstance(v, dict)}, flush=True)

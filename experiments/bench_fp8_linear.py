@@ -37,7 +37,7 @@ from pallas_kernels import grouped_gemm as gg  # noqa: E402
 R1_LINEARS = (("q_a", 1536, 7168), ("q_b", 24576, 1536), ("o_proj", 7168, 16384),
               ("dense_gate_up", 36864, 7168), ("dense_down", 7168, 18432),
               ("shared_gate_up", 4096, 7168), ("shared_down", 7168, 2048))
-SMOKE_LINEARS = (("tiny_a", 256, 512), ("tiny_b", 512, 256))
+SMOKE_LINEARS = (("tiny_a", 256, 1024), ("tiny_b", 512, 256))
 
 
 def inputs(n: int, k: int, m: int, seed: int):

@@ -5,6 +5,8 @@
 #            dequantization on R1's linears at 1 and 64 rows)                                       ~4 min
 #   engine   bench_engine: prefill 4 x 2048 tokens (with its profile) and decode B=1 and B=128 at 4K, blocking
 #            and step ahead                                                                       ~9 min
+#   decode   bench_engine decode only, B=1, 64, 128 at 4K, blocking and step ahead, the engine's command
+#            buffers (the engine part's profile turns them off)                                    ~4 min
 #   sweep    bench_engine decode only: B=8, 32, 256 at 1K and 16K context                          ~9 min
 #   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
 #   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
@@ -12,7 +14,7 @@
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, sweep, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep, cb or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -25,27 +27,33 @@ case "$PART" in
   kernels)
     step engine tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fp8_linear.py \
       tests/test_grouped_gemm.py tests/test_engine_fp8_gpu.py -k "split or fp8_gemm_path or decode_rows or engine"
+    # the same engine test with the engine's command buffers (Mosaic kernels inside CUDA graphs)
+    CB="$($PY -c "from dwdp_jax import xla_flags; print(' '.join(xla_flags.COMMAND_BUFFER_FLAGS['engine']))")"
+    XLA_FLAGS="$CB" step engine tests_command_buffers 200 python3 -m pytest -q -p no:cacheprovider --tb=short \
+      tests/test_engine_fp8_gpu.py
     step engine bench_fp8_linear 200 python3 experiments/bench_fp8_linear.py --device_kind "$KIND" --out_dir "$OUTDIR"
     ;;
   engine)
     step engine engine 560 "${BENCH[@]}" --prefill_requests=4 --decode_batch=1,128 --decode_context=4096 \
       --typical=1x4096 --profile --time_budget_s=470 --tag=engine-check
     ;;
+  decode)
+    step engine decode 480 "${BENCH[@]}" --prefill_requests= --decode_batch=1,64,128 --decode_context=4096 \
+      --typical=1x4096 --peak_matmul_size=2048 --hbm_copy_mib=2048 --time_budget_s=400 --tag=decode-check
+    ;;
   sweep)
     step engine sweep 560 "${BENCH[@]}" --prefill_requests= --decode_batch=8,32,256 --decode_context=1024,16384 \
       --typical=32x1024 --peak_matmul_size=4096 --time_budget_s=480 --tag=decode-sweep
     ;;
   cb)
-    # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, the
-    # stable-address update mode, and every command type with no minimum graph size; r1-layers-2 to compile fast
-    declare -A CB_FLAGS=([off]="--xla_gpu_enable_command_buffer="
-                         [default]=""
-                         [skip_temp]="--xla_gpu_command_buffer_update_mode=SKIP_TEMP"
-                         [all_min1]="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1")
-    for v in off default skip_temp all_min1; do
-      XLA_FLAGS="${CB_FLAGS[$v]}" step engine "cb_$v" 135 "${BENCH[@]}" --preset=r1-layers-2 --prefill_requests= \
-        --decode_batch=1 --decode_context=1024 --typical=1x1024 --peak_matmul_size=2048 --hbm_copy_mib=1024 \
-        --repeats=20 --time_budget_s=120 --tag="cb-$v"
+    # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, XLA's
+    # stable-address update mode, and the engine's setting (dwdp_jax.xla_flags); r1-layers-2 to compile fast
+    declare -A CB_MODE=([off]=off [default]=xla_default [skip_temp]=xla_default [engine]=engine)
+    declare -A CB_FLAGS=([skip_temp]="--xla_gpu_command_buffer_update_mode=SKIP_TEMP")
+    for v in off default skip_temp engine; do
+      XLA_FLAGS="${CB_FLAGS[$v]:-}" step engine "cb_$v" 135 "${BENCH[@]}" --command_buffers="${CB_MODE[$v]}" \
+        --preset=r1-layers-2 --prefill_requests= --decode_batch=1 --decode_context=1024 --typical=1x1024 \
+        --peak_matmul_size=2048 --hbm_copy_mib=1024 --repeats=20 --time_budget_s=120 --tag="cb-$v"
     done
     ;;
   e2e)
@@ -59,7 +67,7 @@ case "$PART" in
     step engine e2e_blocking 280 "${E2E[@]}" --nostep_ahead --tag=single-r1l4-blocking
     ;;
   *)
-    echo "unknown part $PART (kernels, engine, sweep, cb, e2e)"; exit 2 ;;
+    echo "unknown part $PART (kernels, engine, decode, sweep, cb, e2e)"; exit 2 ;;
 esac
 echo "== summary ($PART)"
 for k in "${ORDER[@]}"; do printf '%-18s %s\n' "$k" "${STATUS[$k]}"; done

@@ -321,10 +321,13 @@ def _fp8_call(xq, xs, group_sizes, expert_slot, weights, ws_g, *, cfg, k, n, out
   return call(sched, xq, xs_t, ws_g, *weights)[:m]
 
 
-def choose_k_splits(n: int, k: int, num_sms: int, block_n: int, min_k_blocks: int = 2) -> int:
+def choose_k_splits(n: int, k: int, num_sms: int, block_n: int, min_k_blocks: int = 2,
+                    min_splits: int = 4) -> int:
   """K slices for a matmul of a few rows whose N / block_n output tiles leave SMs idle: the smallest
   divisor S of K/128 with S * (N / block_n) >= num_sms, each slice at least `min_k_blocks` 128-wide
-  blocks; 1 when the tiles already fill the SMs or K cannot be cut."""
+  blocks; 1 when the tiles already fill the SMs, K cannot be cut, or fewer than `min_splits` slices
+  would do: two slices did not pay for the pass over the partials (R1's q_b on an H100, 1 and 64 rows:
+  15.0 -> 17.8 and 18.0 -> 31.2 us; kernels-20261206-nvidia-h100-x1-fp8-linear-decode-const-sched.json)."""
   n_tiles, k_blocks = -(-n // block_n), k // FP8_BLOCK
   if n_tiles >= num_sms:
     return 1
@@ -334,7 +337,7 @@ def choose_k_splits(n: int, k: int, num_sms: int, block_n: int, min_k_blocks: in
       best = s
       if s * n_tiles >= num_sms:
         break
-  return best
+  return best if best >= min_splits else 1
 
 
 def fp8_matmul_split_k(x, weight, scale, splits: int, *, config: GroupedGemmConfig | None = None,

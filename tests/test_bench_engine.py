@@ -44,6 +44,10 @@ def test_schema_and_headline(record):
         assert key in record, key
     assert record["part"] == "engine" and record["device_kind"] == "cpu" and record["jax_version"] == jax.__version__
     assert "--preset=tiny" in record["command"] and record["config"]["backend"] == "jnp"
+    # a profiled run turns command buffers off, and the file says with which XLA flags it ran
+    assert record["config"]["command_buffers"] == "off"
+    assert record["config"]["xla_flags"].endswith("--xla_gpu_enable_command_buffer=")
+    assert record["config"]["xla_flags"].startswith("--xla_backend_optimization_level=0")
     m = record["metrics"]
     assert m["param_bytes"] == m["param_bytes_accounted"] == roofline.model_bytes(TINY, 2)
     assert m["skipped_points"] == [] and m["hbm_gbps"] > 0 and m["bf16_peak_tflops"] > 0

@@ -37,21 +37,22 @@ def test_fp8_gemm_path_matches_the_quantized_reference():
 
 
 def test_decode_rows_take_the_split_k_path(monkeypatch):
-    """A few rows of a layer with one output tile: K is cut into slices (two here, for the 8 SMs interpret mode
+    """A few rows of a layer with one output tile: K is cut into slices (four here, for the 8 SMs interpret mode
     plans for; R1's q_a gets 28 on an H100), same result as the quantized reference."""
-    lin = Linear(512, 256, rngs=nnx.Rngs(4), dtype=jnp.bfloat16, block=(128, 128))
-    lin.scale[...] = jax.random.uniform(jax.random.key(5), (2, 4), jnp.float32, 0.01, 0.03)
-    x = jax.random.normal(jax.random.key(6), (5, 512), jnp.float32).astype(jnp.bfloat16)
+    lin = Linear(1024, 256, rngs=nnx.Rngs(4), dtype=jnp.bfloat16, block=(128, 128))
+    lin.scale[...] = jax.random.uniform(jax.random.key(5), (2, 8), jnp.float32, 0.01, 0.03)
+    x = jax.random.normal(jax.random.key(6), (5, 1024), jnp.float32).astype(jnp.bfloat16)
     set_fp8_matmul(lin, PALLAS)
     sms = _compat.num_sms() if PALLAS == "pallas" else 8
-    assert gg.choose_k_splits(256, 512, sms, 256) == 2
+    splits = gg.choose_k_splits(256, 1024, sms, 256)
+    assert splits == 4  # slices of two 128-wide blocks
     want = gg.reference_fp8(x, jnp.array([5], jnp.int32), (lin.kernel[...][None],), (lin.scale[...][None],),
                             jnp.zeros((1, 2), jnp.int32), out_dtype=jnp.float32)
     calls = []
     split_k = gg.fp8_matmul_split_k
     monkeypatch.setattr(gg, "fp8_matmul_split_k", lambda *a, **k: calls.append(a[3]) or split_k(*a, **k))
     assert rel_err(lin(x), want) <= 1e-2  # bf16 output rounding
-    assert calls == [2]
+    assert calls == [splits]
 
 
 def test_layers_the_kernel_cannot_take_dequantize():
@@ -85,5 +86,5 @@ def test_bench_fp8_linear_smoke(tmp_path):
     (path,) = tmp_path.iterdir()
     rows = json.loads(path.read_text())["rows"]
     assert [(r["linear"], r["rows"], r["splits"]) for r in rows] == [
-        ("tiny_a", 1, 2), ("tiny_a", 24, 2), ("tiny_b", 1, 1), ("tiny_b", 24, 1)]
+        ("tiny_a", 1, 4), ("tiny_a", 24, 4), ("tiny_b", 1, 1), ("tiny_b", 24, 1)]
     assert all(max(r["rel_err"].values()) <= 1e-2 for r in rows)

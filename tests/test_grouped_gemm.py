@@ -327,10 +327,12 @@ def test_schedule_of_known_sizes_is_a_constant():
 
 def test_choose_k_splits():
   # R1 at decode on 132 SMs, 256-wide tiles: q_a (N 1536, K 7168) 6 tiles -> 28 slices of 2 blocks;
-  # o_proj (N 7168, K 16384) 28 tiles -> 8 slices; q_b (N 24576) 96 tiles -> 2; a full grid -> 1.
+  # o_proj (N 7168, K 16384) 28 tiles -> 8 slices; q_b (N 24576) 96 tiles would take 2 slices, fewer than
+  # min_splits -> 1; a full grid -> 1.
   assert gg.choose_k_splits(1536, 7168, 132, 256) == 28
   assert gg.choose_k_splits(7168, 16384, 132, 256) == 8
-  assert gg.choose_k_splits(24576, 1536, 132, 256) == 2
+  assert gg.choose_k_splits(24576, 1536, 132, 256) == 1
+  assert gg.choose_k_splits(24576, 1536, 132, 256, min_splits=2) == 2
   assert gg.choose_k_splits(36864, 7168, 132, 256) == 1
   assert gg.choose_k_splits(256, 256, 132, 256) == 1  # two K blocks cannot be cut into slices of two
 

@@ -53,6 +53,8 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
 
 from absl import app  # noqa: E402
 
+from dwdp_jax import xla_flags  # noqa: E402
+
 from experiments.launch.colocated import launch_colocated  # noqa: E402
 from experiments.launch.disaggregated import launch_disagg  # noqa: E402
 from experiments.launch.options import FLAGS, define_flags, undefine_flags  # noqa: E402,F401 (undefine: tests)
@@ -62,6 +64,7 @@ from experiments.launch.validation import validate  # noqa: E402
 
 def launch(f, argv: list[str]) -> dict:
     """Runs the configured sweep; returns the results record (with `path`, where it was written)."""
+    xla_flags.configure(f.command_buffers)  # before the first device use (a no-op once JAX has started)
     if f.spawn_local_processes:
         return spawn_local(f, argv)
     if is_multiprocess(f):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from dwdp_jax import xla_flags
 from dwdp_jax.engine import disagg as disagg_lib
 
 STRATEGIES = list(disagg_lib.STRATEGIES)
@@ -103,6 +104,9 @@ _FLAGS = [
     (flags.DEFINE_float, "temperature", 0.0, "sampling temperature (0: greedy)", {}),
     (flags.DEFINE_bool, "step_ahead", True, "single and DWDP ranks: plan and dispatch each decode step while the "
      "one before runs, its tokens fed on the device (no host round trip between decode steps); DEP: off", {}),
+    (flags.DEFINE_enum, "command_buffers", "engine", "XLA command buffers (CUDA graphs) of the step programs: "
+     "engine (every kernel type, no minimum size: dwdp_jax.xla_flags), xla_default, or off; set before JAX starts "
+     "(a flag already in XLA_FLAGS wins)", dict(enum_values=sorted(xla_flags.COMMAND_BUFFER_FLAGS))),
     (flags.DEFINE_integer, "seed", 0, "seed of the weights, the workload and sampling", {}),
     # multi-process DWDP / DP (processes.py): one group over several processes or hosts
     (flags.DEFINE_integer, "num_processes", 1, "processes of one DWDP/DP group (one per host or GPU), joined through "

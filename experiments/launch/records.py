@@ -119,7 +119,8 @@ def base_config(f, setup: Setup) -> dict:
         workload=f.workload, num_requests=len(setup.requests), input_len=f.input_len, output_len=f.output_len,
         concurrency=list(setup.concurrency), max_batch_size=setup.sched.max_batch_size,
         token_budget=setup.sched.token_budget, max_seq_len=setup.sched.max_seq_len, temperature=f.temperature,
-        seed=f.seed, warmup=f.warmup, buckets=dataclasses.asdict(setup.buckets),
+        seed=f.seed, warmup=f.warmup, buckets=dataclasses.asdict(setup.buckets), step_ahead=f.step_ahead,
+        command_buffers=f.command_buffers, xla_flags=os.environ.get("XLA_FLAGS", ""),
     )
 
 
