@@ -128,6 +128,35 @@ def test_prefill_then_decode_matches_full_forward(model, full_logits, form):
         assert rel_err(logits, ref[s - 1 + j]) <= TOL, (form, j)
 
 
+def test_fp8_kv_b_is_dequantized_once_for_decode():
+    """An FP8 checkpoint's kv_b: the runner holds it dequantized once (`with_absorbed_kv_b`) and its programs
+    read that copy, not the FP8 weight (poisoned here with NaN scales after the copy was made), and still
+    match the causal forward of the user's model, which keeps no copy and dequantizes kv_b in place."""
+    import dataclasses
+
+    from dwdp_jax.model import AbsorbedKvB
+
+    cfg = dataclasses.replace(CFG, weight_block_size=(16, 16))
+    fp8 = init_model(cfg, dtype=jnp.float32, seed=5)
+    graph, state = nnx.split(fp8)
+    seq, s = tokens(7, 12), 10
+    ref = np.asarray(jax.jit(lambda st, ids: nnx.merge(graph, st)(ids))(state, seq[None]))[0]
+    r = runner(fp8)
+    copies = [x for x in jax.tree.leaves(r.state, is_leaf=lambda x: isinstance(x, AbsorbedKvB))
+              if isinstance(x, AbsorbedKvB)]
+    assert len(copies) == cfg.num_layers + cfg.num_mtp_layers
+    assert all(layer.self_attn.kv_b_absorbed is None for layer in fp8.layers)
+    for i in range(cfg.num_layers):
+        scale = r.state["layers"][i]["self_attn"]["kv_b_proj"]["scale"]
+        scale[...] = jnp.full_like(scale[...], jnp.nan)
+    r._leaves, r._state_def = jax.tree.flatten(r.state)
+    got = [r.prefill([PrefillChunk("a", 0, 0, seq[:s], True)])[0]]
+    for p in range(s, len(seq)):
+        got.append(r.decode([DecodeItem("a", 0, int(seq[p]), p)])[0])
+    for j, logits in enumerate(got):
+        assert rel_err(logits, ref[s - 1 + j]) <= TOL, j
+
+
 def test_chunked_prefill_equals_one_shot(model):
     seq = tokens(1, 13)
     one, two = runner(model), runner(model)

@@ -41,7 +41,7 @@ from dwdp_jax.engine.step_block import Buckets, StepArrays, _Row, pack_rows, pag
 from dwdp_jax.engine.sampling import SamplingParams, sample
 from dwdp_jax.engine.scheduler import PENDING, DecodeItem, PrefillChunk, StepPlan
 from dwdp_jax.experts import ExpertExecutor, LocalExecutor
-from dwdp_jax.model import DeepseekV3
+from dwdp_jax.model import DeepseekV3, with_absorbed_kv_b
 from dwdp_jax.paged_attention import PagedAttention, default_backend
 from dwdp_jax.parallel.dep import AXIS, DepExecutor, DepModel, state_specs
 from dwdp_jax.parallel.dwdp import DwdpRank
@@ -375,7 +375,8 @@ class ModelRunner(_SlotRunner):
         self.expert_counts = expert_counts
         self.last_expert_counts = None  # with expert_counts: int32 [MoE layers, experts] of the last call
         super().__init__(spec, buckets, sampling, seed, self.device, attention)
-        self.graph, state = nnx.split(model)
+        # decode reads kv_b dequantized once (not per step) where the checkpoint's kv_b is FP8
+        self.graph, state = nnx.split(with_absorbed_kv_b(model, model.dtype))
         self.state = jax.device_put(state, self.device)
         self._leaves, self._state_def = jax.tree.flatten(self.state)
         # Default experts: the Pallas grouped GEMMs on a GPU (ragged_dot would dequantize every FP8 expert).

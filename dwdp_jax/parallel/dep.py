@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dwdp_jax.experts import ExpertWeights, _swiglu_ffn, combine_sorted, pallas_sorted_ffn
-from dwdp_jax.model import DeepseekV3
+from dwdp_jax.model import DeepseekV3, with_absorbed_kv_b
 
 AXIS = "ep"
 
@@ -87,7 +87,8 @@ class DepModel:
         if cfg.n_routed_experts % g:
             raise ValueError(f"DEP needs n_routed_experts={cfg.n_routed_experts} divisible by {g} devices")
         self.mesh = Mesh(np.asarray(devices), (AXIS,))
-        self.graph, state = nnx.split(model)
+        # decode reads kv_b dequantized once (not per step) where the checkpoint's kv_b is FP8
+        self.graph, state = nnx.split(with_absorbed_kv_b(model, model.dtype))
         specs = state_specs(state)
         self.state = jax.device_put(state, jax.tree.map(lambda s: NamedSharding(self.mesh, s), specs))
         self._forward = self._compile(specs, DepExecutor(g, capacity, backend))

@@ -32,7 +32,7 @@ from flax import nnx
 from dwdp_jax.config import ModelConfig
 from dwdp_jax.experts import ExpertWeights, split_weight_ffn
 from dwdp_jax.routing import expert_histogram
-from dwdp_jax.model import Block, DeepseekV3
+from dwdp_jax.model import Block, DeepseekV3, with_absorbed_kv_b
 from dwdp_jax.parallel.fetch import DevicePutFetch, FetchBackend
 from dwdp_jax.parallel.threads import run_in_threads
 from dwdp_jax.planner.placement import Placement
@@ -253,7 +253,9 @@ class DwdpRank:
         head_of = lambda leaves: jax.tree.unflatten(head_def, leaves)
         self._embed = jax.jit(lambda leaves, ids: _embed(head_graph, head_of(leaves), ids))
         self._logits = jax.jit(lambda leaves, hidden, last_at: _logits(head_graph, head_of(leaves), hidden, last_at))
-        self.layers = [nnx.split(layer) for layer in layers]
+        # decode reads kv_b dequantized once (not per step) where the checkpoint's kv_b is FP8
+        dtype = head.embed_tokens[...].dtype
+        self.layers = [nnx.split(with_absorbed_kv_b(layer, dtype)) for layer in layers]
         self._layer_leaves, self._programs = [], []
         for i, (graph, state) in enumerate(self.layers):
             leaves, state_def = jax.tree.flatten(state)
