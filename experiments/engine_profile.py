@@ -14,7 +14,7 @@ programs are matched to program ids in call order) and categorized by
     into such a pass counts with it);
   * else the innermost named scope of its op name (`jax.named_scope` in `dwdp_jax/model.py` and
     `paged_attention.py`; a fusion's name is the longest common prefix of its ops' names, as XLA's own kernel
-    annotation): `kv_cache` (page writes and gathers) -> cache; `linear` (every `Linear`: q/kv/o projections,
+    annotation, or of its matmuls' names if it has any: a norm fused into the LM head's dot is the dot's): `kv_cache` (page writes and gathers) -> cache; `linear` (every `Linear`: q/kv/o projections,
     dense and shared-expert MLPs, LM head; the FP8 GEMM kernel included) -> dense_gemm; `kv_b` (kv_b
     up-projection of the expanded form, query absorption and output projection of the absorbed form) ->
     attention_kv_b; `attend` (einsum attention, the MLA kernels and their split-KV combine) -> attention;
@@ -216,9 +216,12 @@ def parse_hlo(text: str) -> tuple[str, dict[str, HloOp]]:
                                       if i.opcode == "parameter"))
         else:
             ins = frozenset().union(*(dtypes(instrs[o].type) for o in instr.operands if o in instrs))
-        matmul = any(i.opcode in _MATMUL_OPCODES or (i.opcode == "custom-call" and _KERNEL_TARGET.search(i.target))
-                     for i in [instr] + inner)
-        ops[instr.name] = HloOp(instr.name, instr.opcode, _common_prefix(named), dtypes(instr.type), ins, matmul)
+        matmuls = [i for i in [instr] + inner
+                   if i.opcode in _MATMUL_OPCODES or (i.opcode == "custom-call" and _KERNEL_TARGET.search(i.target))]
+        # a GEMM fusion is named by its matmuls (XLA fuses e.g. the final norm into the LM head's dot)
+        named_mm = [i.op_name for i in matmuls if "/" in i.op_name]
+        name = _common_prefix(named_mm or named)
+        ops[instr.name] = HloOp(instr.name, instr.opcode, name, dtypes(instr.type), ins, bool(matmuls))
     return module.group(1), ops
 
 

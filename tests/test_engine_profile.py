@@ -79,6 +79,13 @@ FileNames
   ROOT %y = bf16[8,128]{1,0} multiply(%param_0.6, %param_0.6), metadata={op_name="jit(step_fn)/mul"}
 }
 
+%fused_head (param_0.7: bf16[8,128], param_1.7: bf16[128,64]) -> bf16[8,64] {
+  %param_0.7 = bf16[8,128]{1,0} parameter(0)
+  %nrm = bf16[8,128]{1,0} multiply(%param_0.7, %param_0.7), metadata={op_name="jit(step_fn)/mul"}
+  %param_1.7 = bf16[128,64]{1,0} parameter(1)
+  ROOT %hd = bf16[8,64]{1,0} dot(%nrm, %param_1.7), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step_fn)/linear/dot_general"}
+}
+
 %body (bp: (s32[], bf16[8,128])) -> (s32[], bf16[8,128]) {
   %bp = (s32[], bf16[8,128]{1,0}) parameter(0)
   %bx = bf16[8,128]{1,0} get-tuple-element(%bp), index=1
@@ -107,6 +114,8 @@ ENTRY %main.1 (p0: bf16[8,128], p1: f8e4m3fn[128,128]) -> bf16[8,128] {
   %mixed = bf16[8,128]{1,0} fusion(%p0), kind=kLoop, calls=%fused_mixed
   %pages = bf16[8,128]{1,0} scatter(%p0, %ids, %p0), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%region_add, metadata={op_name="jit(step_fn)/kv_cache/scatter"}
   %norm = bf16[8,128]{1,0} fusion(%p0), kind=kLoop, calls=%fused_norm
+  %w_head = bf16[128,64]{1,0} constant({...})
+  %head = bf16[8,64]{1,0} fusion(%p0, %w_head), kind=kCustom, calls=%fused_head
   %init = (s32[], bf16[8,128]{1,0}) tuple(%ids, %p0)
   %loop = (s32[], bf16[8,128]{1,0}) while(%init), condition=%body, body=%body, metadata={op_name="jit(step_fn)/attend/while"}
   ROOT %out = bf16[8,128]{1,0} add(%norm, %softmax), metadata={op_name="jit(step_fn)/add"}
@@ -117,7 +126,7 @@ EXPECTED = {
     "quant": "quantize", "dequant": "weight_dequant", "kvb": "attention_kv_b", "linear_gemm": "dense_gemm",
     "sort": "moe_glue", "rows": "moe_glue", "expert_gemm": "expert_gemm", "mla": "attention", "topk": "moe_glue",
     "f32": "attention", "softmax": "attention", "mixed": "attention", "pages": "cache", "norm": "other",
-    "loop_softmax": "attention", "out": "other",
+    "loop_softmax": "attention", "out": "other", "head": "dense_gemm",
 }
 
 
@@ -132,6 +141,8 @@ def test_parse_hlo_features_and_categories():
     # the op name of the instruction, not of its backend_config; a fusion's: its ops' longest common prefix
     assert ops["expert_gemm"].op_name == "jit(step_fn)/routed_experts/jit(grouped_gemm_fp8)/pallas_call"
     assert ops["mixed"].op_name == "jit(step_fn)/attend"
+    # a GEMM fusion (a norm fused into the LM head's dot): the name of its matmul
+    assert ops["head"].op_name == "jit(step_fn)/linear/dot_general"
     assert ops["quant"].op_name == "jit(step_fn)/linear/jit(grouped_gemm_fp8)"
     with pytest.raises(ValueError, match="HloModule"):
         ep.parse_hlo("ENTRY %main { }")
