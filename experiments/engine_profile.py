@@ -24,7 +24,8 @@ programs are matched to program ids in call order) and categorized by
 A kernel whose instruction cannot be found falls back to the op name in the event's own annotation (GPU: XLA's
 `prefix`/`name`; scopes only, no dtype rules), else counts as `unattributed`. Kernels of other programs (the
 runner's eager logits gather) and outside programs (memcpy) count as `other`. `attributed_by_gpu_s` says how much
-GPU time each way categorized, `modules_gpu_s` GPU time per program, `top_ops` the costliest instructions.
+GPU time each way categorized, `modules_gpu_s` GPU time per program, `top_ops` the costliest instructions,
+`kernels_per_step_by_category` and `top_ops_by_category` the kernels and costliest instructions of each category.
 
 Per step: GPU time per category (kernels on several streams may overlap, so the sum can exceed the busy time),
 GPU busy = union of the kernel intervals, host wall = time of a blocking step as bench_engine times it, and
@@ -365,6 +366,7 @@ def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]]
     by_source = dict.fromkeys(("hlo", "annotation", "none", "other_programs"), 0.0)
     modules_us: dict[str, float] = {}
     per_op: dict[tuple, float] = {}
+    kernels_by_category = dict.fromkeys(CATEGORIES, 0)
     warnings = []
     unmatched = {e.module for e in events if e.module in programs and (e.module, e.program_id) not in keys}
     if unmatched:
@@ -394,6 +396,7 @@ def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]]
         else:  # another program (the eager logits gather), or no program (a memcpy)
             source, category, op_name = "other_programs", "other", ""
         gpu_us[category] += e.dur_us
+        kernels_by_category[category] += 1
         by_source[source] += e.dur_us
         module = e.module or "(no module)"
         modules_us[module] = modules_us.get(module, 0.0) + e.dur_us
@@ -402,7 +405,9 @@ def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]]
     busy_s = union_us(kept) / 1e6 / steps
     wall = wall_s / steps
     idle = idle_gaps(kept, top)
-    top_ops = sorted(per_op.items(), key=lambda kv: -kv[1])[:top]
+    ranked = sorted(per_op.items(), key=lambda kv: -kv[1])
+    top_ops = ranked[:top]
+    op_row = lambda c, n, o, us: dict(category=c, op_name=n, op=o, gpu_s=us / 1e6 / steps)
     if gpu_us["unattributed"] > 0.05 * sum(gpu_us.values()):
         warnings.append(f"{gpu_us['unattributed'] / sum(gpu_us.values()):.0%} of the GPU time is unattributed")
     return {
@@ -416,7 +421,12 @@ def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]]
         # ran outside the step programs
         "attributed_by_gpu_s": {k: v / 1e6 / steps for k, v in by_source.items()},
         "modules_gpu_s": {k: v / 1e6 / steps for k, v in sorted(modules_us.items(), key=lambda kv: -kv[1])},
-        "top_ops": [dict(category=c, op_name=n, op=o, gpu_s=us / 1e6 / steps) for (c, n, o), us in top_ops],
+        "top_ops": [op_row(c, n, o, us) for (c, n, o), us in top_ops],
+        # where a step's kernels are (a decode step of a few rows is bound by their number) and, per category,
+        # its costliest instructions (what "other" holds)
+        "kernels_per_step_by_category": {k: v / steps for k, v in kernels_by_category.items() if v},
+        "top_ops_by_category": {cat: [op_row(c, n, o, us) for (c, n, o), us in ranked if c == cat][:8]
+                                for cat in CATEGORIES if kernels_by_category[cat]},
         # where the GPU waits: between two kernels of one program (the host launching too slowly), between
         # programs (the host's work between calls: packing, transfers, dispatch, the blocking read), and before
         # the first / after the last kernel of the profile (wall minus the events' span)
@@ -561,6 +571,10 @@ def format_table(columns: dict[str, dict]) -> str:
     line("dispatch/idle, unprofiled", [b.get("dispatch_idle_unprofiled_s") for b in columns.values()])
     rows.append(f"{'kernels per step':26s}" + "".join(f"{b['kernels_per_step']:>{width}.0f}"
                                                        for b in columns.values()))
+    for c in CATEGORIES:
+        if any(b.get("kernels_per_step_by_category", {}).get(c) for b in columns.values()):
+            rows.append(f"{'  ' + c:26s}" + "".join(
+                f"{b.get('kernels_per_step_by_category', {}).get(c, 0):>{width}.0f}" for b in columns.values()))
     for label, b in columns.items():
         for g in b.get("top_idle_gaps", [])[:6]:
             rows.append(f"idle ({label}): {g['idle_s'] * 1e3:.3f} ms in {g['count']} gaps after {g['after']} "

@@ -201,6 +201,10 @@ def test_breakdown_of_a_synthetic_gpu_profile():
     assert b["gpu_busy_s"] * 2 == pytest.approx(7e-6 + 2e-6 + 0.5e-6 + 1e-6 + 0.3e-6 + 0.2e-6)
     assert b["wall_s"] == pytest.approx(5e-5) and b["dispatch_idle_s"] == pytest.approx(5e-5 - b["gpu_busy_s"])
     assert b["kernels_per_step"] == 4 and b["steps"] == 2
+    assert sum(b["kernels_per_step_by_category"].values()) == 4
+    assert set(b["kernels_per_step_by_category"]) == {c for c, v in us.items() if v}
+    assert b["top_ops_by_category"]["dense_gemm"][0]["op"] == "linear_gemm"
+    assert all(r["category"] == c for c, rows in b["top_ops_by_category"].items() for r in rows)
     assert {k: v * 1e6 * 2 for k, v in b["attributed_by_gpu_s"].items()} == pytest.approx(
         dict(hlo=12, annotation=0.5, none=1, other_programs=0.5))
     assert b["modules_gpu_s"]["jit_gather"] * 2 == pytest.approx(0.3e-6)
@@ -216,6 +220,7 @@ def test_breakdown_of_a_synthetic_gpu_profile():
     assert b["top_idle_gaps"][0]["idle_s"] * 2 == pytest.approx(8e-6)
     table = ep.format_table({"decode 64x4096": ep.with_unprofiled(b, 1e-4)})
     assert "expert_gemm" in table and "dispatch/idle, unprofiled" in table and "weight_dequant" not in table
+    assert "  unattributed" in table  # kernels per step by category
     # a module's programs whose count does not match the recorded ones: annotations only, and a warning
     b = ep.breakdown(events, {"jit_step_fn": [first]}, steps=2, wall_s=0.0001)
     assert b["gpu_s"]["attention"] * 2 == pytest.approx(0.5e-6) and any("matched" in w for w in b["warnings"])
