@@ -175,7 +175,10 @@ def tile_schedule(group_sizes, expert_slot, *, m, m_pad, block_m, buffer_sizes, 
   n_zero = jnp.where(total < m, (m - z_first + block_m - 1) // block_m, 0)
 
   t = jnp.arange(t_max, dtype=jnp.int32)
-  g = jnp.minimum(jnp.searchsorted(tile_end, t, side="right"), num_groups - 1).astype(jnp.int32)
+  # compare_all: one [t_max, groups] comparison; the default binary search is a loop (a while on GPUs,
+  # which runs on the host and splits the step's CUDA graph)
+  g = jnp.minimum(jnp.searchsorted(tile_end, t, side="right", method="compare_all"),
+                  num_groups - 1).astype(jnp.int32)
   is_mm = t < n_mm
   zt = t - n_mm
   is_zero = (~is_mm) & (zt < n_zero)

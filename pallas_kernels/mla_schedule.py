@@ -48,7 +48,8 @@ def balanced_schedule(lengths, num_units: int, min_pages: int, page_size: int):
   end = jnp.cumsum(units)
   start = end - units
   u = jnp.arange(num_units + b, dtype=jnp.int32)
-  req = jnp.clip(jnp.searchsorted(end, u, side="right"), 0, b - 1).astype(jnp.int32)
+  # compare_all: one [units, B] comparison, not a binary-search loop (a while on GPUs)
+  req = jnp.clip(jnp.searchsorted(end, u, side="right", method="compare_all"), 0, b - 1).astype(jnp.int32)
   used = u < end[-1]
   first = (u - start[req]) * per[req]
   steps = jnp.where(used, jnp.clip(n[req] - first, 0, per[req]), 0)

@@ -92,6 +92,13 @@ def test_schedules_cover_every_page_once(lengths):
   assert sched[:, 2].max() <= max(1.5 * share, min(max(need_pages), 2 * share))  # no unit much above the share
 
 
+def test_balanced_schedule_has_no_loop():
+  # straight-line array ops: a binary-search loop would be a host-driven while on GPUs
+  text = str(jax.make_jaxpr(lambda n: mla_schedule.balanced_schedule(n, 66, 4, md.PAGE_SIZE))(
+      jnp.ones((8,), jnp.int32)))
+  assert "while[" not in text and "scan[" not in text, text
+
+
 def test_combine_units_matches_combine():
   rng = np.random.default_rng(4)
   o = jnp.asarray(rng.normal(size=(3, 2, 5, 4)), jnp.float32)  # [b, splits, rows, c]
