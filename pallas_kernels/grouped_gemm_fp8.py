@@ -85,9 +85,10 @@ def reference_fp8(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp
 # ---------------------------------------------------------------------------------------------
 
 
-def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_max, k, n,
+def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
                  out_dtype, interpret):
-  w_refs, out_ref = refs[:num_buffers], refs[num_buffers]
+  w_refs, s_refs = refs[:num_buffers], refs[num_buffers:2 * num_buffers]
+  out_ref = refs[2 * num_buffers]
   bm, bn, bk, steps, nwg = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.max_concurrent_steps,
                             cfg.num_compute_wgs)
   num_k, n_blocks, wg_m, wg_n = k // bk, n // bn, cfg.wg_m, cfg.wg_n
@@ -117,8 +118,18 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
                                   b_smem.at[slot], full.at[slot])
 
     def accumulate(fields, j, nk, carry, row0, col0):
-      g = fields[6]
+      _, buf, wslot, *_, k_block = fields
       nb = (j * bn + col0) // FP8_BLOCK
+
+      def weight_scale(kk):
+        """The block scale of the tile's weight (buffer buf, slot wslot) at n block nb, k block
+        kk + k_block, read in place from that buffer's scales (each buffer's read stays in its bounds)."""
+        if num_buffers == 1:
+          return s_refs[0][wslot, nb, kk + k_block]
+        out = jnp.float32(0.0)
+        for b, s_ref in enumerate(s_refs):
+          out = jnp.where(buf == b, s_ref[jnp.minimum(wslot, s_ref.shape[0] - 1), nb, kk + k_block], out)
+        return out
 
       def stage(kk):
         """SMEM stage of k step kk and this warpgroup's views: a [wg_m, 128] e4m3,
@@ -137,7 +148,7 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, ws_ref, *refs, cfg, num_buffers, t_ma
 
       def scale(s_tile, kk, valid=True):
         """x_scale[row] * w_scale[g, n block, kk], [wg_m] f32; 0 where valid is False."""
-        row_scale = s_tile[...] * ws_ref[g, nb, kk]
+        row_scale = s_tile[...] * weight_scale(kk)
         if valid is not True:
           # A select, not a product: an unused stage may hold NaN. Explicit broadcast: the
           # warpgroup lowering has no implicit one.
@@ -291,21 +302,15 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
       raise ValueError(f"pre-quantized activations must be e4m3 [M, K] with x_scale [M, K/128] f32, got "
                        f"{x.dtype}{x.shape} and {x_scale.shape}")
     xq, xs = x, x_scale.astype(jnp.float32)
-  # Per-group weight scales (a few KB per group): the kernel reads one scalar per k step.
-  buf = jnp.clip(expert_slot[:, 0], 0, len(weights) - 1)
-  ws_g = jnp.zeros((group_sizes.shape[0], n // FP8_BLOCK, k // FP8_BLOCK), jnp.float32)
-  for b, s in enumerate(scales):
-    ws_g = jnp.where((buf == b)[:, None, None], s[jnp.clip(expert_slot[:, 1], 0, s.shape[0] - 1)],
-                     ws_g)
-  return _fp8_call(xq, xs, group_sizes, expert_slot, weights, ws_g, cfg=cfg, k=k, n=n,
+  return _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, cfg=cfg, k=k, n=n,
                    out_dtype=out_dtype, interpret=interpret)
 
 
-def _fp8_call(xq, xs, group_sizes, expert_slot, weights, ws_g, *, cfg, k, n, out_dtype, interpret,
+def _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, *, cfg, k, n, out_dtype, interpret,
               k_blocks=None):
-  """The kernel on quantized rows xq [M, K] e4m3 with row scales xs [M, K/128] and per-group weight
-  scales ws_g [G, N/128, K/128]; weights [E_i, N, K_w] with K_w >= K (split-K: group g reads the K
-  columns from block k_blocks[g] on). Returns [M, N] out_dtype."""
+  """The kernel on quantized rows xq [M, K] e4m3 with row scales xs [M, K/128]; weights [E_i, N, K_w]
+  with block scales [E_i, N/128, K_w/128], both read in place by (buffer, slot) (K_w >= K: split-K's
+  group g reads the K columns and scales from block k_blocks[g] on). Returns [M, N] out_dtype."""
   m = xq.shape[0]
   m_pad = padded_rows(m, cfg.block_m)
   xq = pad_rows(xq, m_pad)
@@ -318,7 +323,7 @@ def _fp8_call(xq, xs, group_sizes, expert_slot, weights, ws_g, *, cfg, k, n, out
                            out_dtype=out_dtype, t_max=sched.shape[0] - 1, interpret=interpret)
   call = kernel_call(body, jax.ShapeDtypeStruct((m_pad, n), out_dtype), cfg=cfg,
                       interpret=interpret, num_threads=cfg.num_compute_wgs + 1)
-  return call(sched, xq, xs_t, ws_g, *weights)[:m]
+  return call(sched, xq, xs_t, *weights, *(s.astype(jnp.float32) for s in scales))[:m]
 
 
 def choose_k_splits(n: int, k: int, num_sms: int, block_n: int, min_k_blocks: int = 2,
@@ -366,10 +371,9 @@ def fp8_matmul_split_k(x, weight, scale, splits: int, *, config: GroupedGemmConf
   xq, xs = quantize_activations(x)
   xq = xq.reshape(m, splits, kb * FP8_BLOCK).transpose(1, 0, 2).reshape(splits * m, kb * FP8_BLOCK)
   xs = xs.reshape(m, splits, kb).transpose(1, 0, 2).reshape(splits * m, kb)
-  ws_g = scale.astype(jnp.float32).reshape(n // FP8_BLOCK, splits, kb).transpose(1, 0, 2)
   # numpy sizes: the tile schedule is a constant of the program (`tile_schedule`)
   group_sizes = np.full((splits,), m, np.int32)
-  y = _fp8_call(xq, xs, group_sizes, np.zeros((splits, 2), np.int32), (weight[None],), ws_g, cfg=cfg,
+  y = _fp8_call(xq, xs, group_sizes, np.zeros((splits, 2), np.int32), (weight[None],), (scale[None],), cfg=cfg,
                 k=kb * FP8_BLOCK, n=n, out_dtype=jnp.float32, interpret=interpret,
                 k_blocks=np.arange(splits, dtype=np.int32) * kb)
   return y.reshape(splits, m, n).sum(0).astype(out_dtype)

@@ -347,6 +347,20 @@ def test_choose_k_splits():
   assert gg.choose_k_splits(256, 256, 132, 256) == 1  # two K blocks cannot be cut into slices of two
 
 
+@pytest.mark.parametrize("cfg", [gg.FP8_PREFILL_CONFIG, gg.FP8_DECODE_CONFIG, gg.FP8_PREFILL_OVERLAP_CONFIG])
+def test_fp8_two_buffers_lower_for_gpu(cfg):
+  """Split weights (DWDP: local and fetched buffers of different sizes): each tile's weight scales are read
+  from its own buffer by (buffer, slot) inside the kernel; lowers to Mosaic GPU on the CPU machine."""
+  cfg = dataclasses.replace(cfg, num_sms=132)
+  spec = jax.ShapeDtypeStruct
+  f = jax.jit(lambda x, sizes, w0, w1, s0, s1, where: gg.grouped_gemm_fp8(x, sizes, (w0, w1), (s0, s1), where,
+                                                                           config=cfg))
+  args = (spec((512, 1024), jnp.bfloat16), spec((6,), jnp.int32), spec((4, 512, 1024), jnp.float8_e4m3fn),
+          spec((2, 512, 1024), jnp.float8_e4m3fn), spec((4, 4, 8), jnp.float32), spec((2, 4, 8), jnp.float32),
+          spec((6, 2), jnp.int32))
+  assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
 def test_fp8_split_k_lowers_for_gpu():
   """The split-K call (decode tile, R1's o_proj) lowers to Mosaic GPU on the CPU machine."""
   cfg = dataclasses.replace(gg.FP8_DECODE_CONFIG, num_sms=132)
