@@ -26,7 +26,7 @@ BENCH=(python3 experiments/bench_engine.py --device_kind="$KIND" --backend=palla
 case "$PART" in
   kernels)
     step engine tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fp8_linear.py \
-      tests/test_grouped_gemm.py tests/test_engine_fp8_gpu.py -k "split or fp8_gemm_path or decode_rows or engine"
+      tests/test_grouped_gemm.py tests/test_engine_fp8_gpu.py -k "fp8 or split or decode_rows or engine"
     # the same engine test with the engine's command buffers (Mosaic kernels inside CUDA graphs)
     CB="$($PY -c "from dwdp_jax import xla_flags; print(' '.join(xla_flags.COMMAND_BUFFER_FLAGS['engine']))")"
     XLA_FLAGS="$CB" step engine tests_command_buffers 200 python3 -m pytest -q -p no:cacheprovider --tb=short \
