@@ -2,7 +2,7 @@
 # GPU check of the engine (issue 17), in parts that each fit one device call (< 10 minutes):
 #   kernels  the FP8 linear tests on the GPU (split-K included), the engine with every FP8 kernel against its
 #            dequantized reference, and bench_fp8_linear.py (one-group GEMM vs split-K vs XLA
-#            dequantization on R1's linears at 1 and 64 rows)                                       ~4 min
+#            dequantization on R1's linears at 1 and 64 rows)                                       ~6 min
 #   engine   bench_engine: prefill 4 x 2048 tokens (with its profile) and decode B=1 and B=128 at 4K, blocking
 #            and step ahead                                                                       ~9 min
 #   decode   bench_engine decode only, B=1, 64, 128 at 4K, blocking and step ahead, the engine's command
@@ -25,7 +25,7 @@ BENCH=(python3 experiments/bench_engine.py --device_kind="$KIND" --backend=palla
        --out="$OUTDIR")
 case "$PART" in
   kernels)
-    step engine tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fp8_linear.py \
+    step engine tests 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fp8_linear.py \
       tests/test_grouped_gemm.py tests/test_engine_fp8_gpu.py -k "fp8 or split or decode_rows or engine"
     # the same engine test with the engine's command buffers (Mosaic kernels inside CUDA graphs)
     CB="$($PY -c "from dwdp_jax import xla_flags; print(' '.join(xla_flags.COMMAND_BUFFER_FLAGS['engine']))")"
