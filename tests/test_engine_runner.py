@@ -157,6 +157,16 @@ def test_fp8_kv_b_is_dequantized_once_for_decode():
         assert rel_err(logits, ref[s - 1 + j]) <= TOL, j
 
 
+def test_logits_of_every_row_in_order_need_no_gather():
+    from dwdp_jax.engine.runner import _Call, _SlotRunner
+
+    logits = jnp.arange(12.0).reshape(3, 4)
+    calls = [_Call(logits, {(0, 0): 0, (0, 1): 1, (0, 2): 2})]
+    assert _SlotRunner._gather_logits(calls, [(0, 0), (0, 1), (0, 2)]) is logits  # no program dispatched
+    np.testing.assert_array_equal(_SlotRunner._gather_logits(calls, [(0, 2), (0, 0)]), logits[jnp.array([2, 0])])
+    np.testing.assert_array_equal(_SlotRunner._gather_logits(calls, [(0, 0), (0, 1)]), logits[:2])  # padding row
+
+
 def test_chunked_prefill_equals_one_shot(model):
     seq = tokens(1, 13)
     one, two = runner(model), runner(model)

@@ -107,12 +107,20 @@ def model_step_program(graph, state_def, executor, attention: PagedAttention, ab
     return jax.jit(step_fn, donate_argnums=1)
 
 
-_sample_jit = jax.jit(sample, static_argnames="params")
+@functools.partial(jax.jit, static_argnames="params")
+def _sample_and_record(logits, slot_tokens, at, key, params: SamplingParams):
+    """One program per step for sampling and the step-ahead bookkeeping: (tokens [rows] int32, slot_tokens with
+    them written at positions `at` [rows] (padding rows: out of range, dropped), the next key (split only when
+    sampling draws from it))."""
+    if params.temperature > 0:
+        key = jax.random.split(key)[1]
+    tokens = sample(logits, params, key)
+    return tokens, slot_tokens.at[at].set(tokens, mode="drop"), key
+
+
 # A decode row's id from the previous step's samples by slot (source >= 0) or its own (source -1): ids [rows, 1].
 _chained_ids = jax.jit(lambda ids, slot_tokens, source: jnp.where(
     (source >= 0)[:, None], jnp.take(slot_tokens, jnp.maximum(source, 0))[:, None], ids))
-# slot_tokens with tokens [rows] written at positions at [rows] (padding rows: out of range, dropped).
-_record_tokens = jax.jit(lambda slot_tokens, tokens, at: slot_tokens.at[at].set(tokens, mode="drop"))
 # logits[index] as one compiled call: jnp indexing traces its gather in Python on every call (~1-2 ms a step)
 _take_rows = jax.jit(lambda logits, index: jnp.take(logits, index, axis=0))
 
@@ -226,6 +234,8 @@ class _SlotRunner:
             c = next(n for n, call in enumerate(calls) if key in call.members)
             index.append(offsets[c] + calls[c].members[key])
         logits = calls[0].logits if len(calls) == 1 else jnp.concatenate([c.logits for c in calls])
+        if index == list(range(logits.shape[0])):  # every row, in order (a full batch bucket): no program
+            return logits
         return _take_rows(logits, np.asarray(index, np.int32))
 
     # -- public ----------------------------------------------------------------------------------------------
@@ -241,10 +251,11 @@ class _SlotRunner:
         calls = self._execute([[_Row(d.slot, d.position, np.array([d.token], np.int32)) for d in items]], decode=True)
         return self._gather_logits(calls, [(0, i) for i in range(len(items))])
 
-    def _sample(self, logits):
-        if self.sampling.temperature > 0:  # greedy needs no fresh key (and no extra dispatch)
-            self._key = jax.random.split(self._key)[1]
-        return _sample_jit(logits, params=self.sampling, key=self._key)
+    def _sample(self, logits, slot_tokens, at):
+        """Samples every row of `logits` and records the tokens in `slot_tokens` at `at` (one program)."""
+        tokens, slot_tokens, self._key = _sample_and_record(logits, slot_tokens, at, self._key,
+                                                            params=self.sampling)
+        return tokens, slot_tokens
 
     def _dispatch_groups(self, plans: Sequence[StepPlan], prev: PendingStep | None) -> PendingStep:
         """Dispatches one plan per group and samples a token for every last chunk and decode item, without
@@ -281,12 +292,11 @@ class _SlotRunner:
                           if k in call.members}
                 if not picked:
                     continue
-                tokens = self._sample(call.logits)
-                at = np.full((tokens.shape[0],), slot_tokens.shape[0], np.int32)  # padding rows: dropped
+                at = np.full((call.logits.shape[0],), slot_tokens.shape[0], np.int32)  # padding rows: dropped
                 for row, (g, rid, slot) in picked.items():
                     at[row] = g * num_slots + slot
                     index[rid] = (len(sampled), row)
-                slot_tokens = _record_tokens(slot_tokens, tokens, at)
+                tokens, slot_tokens = self._sample(call.logits, slot_tokens, at)
                 sampled.append(tokens)
         self._slot_tokens = slot_tokens
         return PendingStep(tuple(sampled), index, slot_tokens)
@@ -347,10 +357,12 @@ class _SlotRunner:
         for b, n, absorbed, width in shapes:
             part = pack_rows([], b, n, self.page_table, width)
             step = StepArrays.concat([part] * self.num_groups)
-            tokens = self._sample(self._call(step, absorbed))
-            rows = np.full((tokens.shape[0],), -1, np.int32)
-            # the step-ahead helpers at this row count (nothing written: every row out of range / unchained)
-            _record_tokens(self._slot_tokens, tokens, rows + self._slot_tokens.shape[0] + 1).block_until_ready()
+            logits = self._call(step, absorbed)
+            rows = np.full((logits.shape[0],), -1, np.int32)
+            # sampling and the step-ahead helpers at this row count (nothing written: every row out of range /
+            # unchained; the key is kept)
+            _sample_and_record(logits, self._slot_tokens, rows + self._slot_tokens.shape[0] + 1, self._key,
+                               params=self.sampling)[0].block_until_ready()
             if absorbed:
                 _chained_ids(step.ids, self._slot_tokens, rows).block_until_ready()
 
