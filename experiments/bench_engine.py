@@ -59,6 +59,7 @@ from dwdp_jax.engine.scheduler import PENDING, DecodeItem, PrefillChunk, StepPla
 from dwdp_jax.experts import LocalExecutor
 from dwdp_jax.model import init_model, set_fp8_matmul
 from experiments import engine_profile
+from experiments.device_peaks import hbm_copy_gbps, matmul_peaks
 from experiments.results_io import write_result
 
 flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
@@ -152,86 +153,6 @@ def median_time(fn, repeats: int, warmup: int, inner: int = 1) -> tuple[float, f
 
 # ---------------------------------------------------------------------------------------------------------------
 # Baselines
-
-
-def _torch_cuda():
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch if torch.cuda.is_available() else None
-
-
-def _torch_time(torch, fn, repeats: int, inner: int) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - t) / inner)
-    return statistics.median(samples)
-
-
-def hbm_bandwidth(nbytes: int) -> dict:
-    """GB/s (1e9) of device copies counted as bytes read + written: an XLA elementwise pass over float32
-    (`x * 2`, one read and one write per byte) and, with CUDA torch, `copy_` (cudaMemcpy class). The best is
-    the ceiling (device-facts: XLA's elementwise passes fall short of a copy)."""
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    _, t = median_time(functools.partial(jax.jit(lambda v: v * 2), x), repeats=5, warmup=1, inner=3)
-    out = {"xla_elementwise_f32": 2 * x.nbytes / t / 1e9}
-    del x
-    torch = _torch_cuda()
-    if torch is not None:
-        src = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
-        dst = torch.empty_like(src)
-        t = _torch_time(torch, lambda: dst.copy_(src), repeats=5, inner=3)
-        out["torch_copy"] = 2 * nbytes / t / 1e9
-        del src, dst
-        torch.cuda.empty_cache()
-    return out
-
-
-def matmul_peaks(n: int) -> dict:
-    """TFLOP/s of an [n, n] x [n, n] matmul (2 n^3 FLOPs) with float32 accumulation: XLA `dot_general` in bf16
-    and in FP8 e4m3 (both operands K-major, the layout Hopper's FP8 MMA reads), plus cuBLAS through torch
-    (bf16 `mm`, FP8 `_scaled_mm`) where CUDA torch is installed. `xla_fp8_gemm_in_hlo`: XLA compiled the FP8
-    dot to a cuBLASLt FP8 GEMM (`xla_fp8_custom_calls` lists the compiled program's custom calls); the FP8 /
-    bf16 time ratio is the other check (an upcast FP8 dot is no faster than bf16)."""
-    flops = 2 * n**3
-    dims = (((1,), (1,)), ((), ()))
-    dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32))
-    ka, kb = jax.random.split(jax.random.key(0))
-    out = {}
-    for name, dtype in (("bf16", jnp.bfloat16), ("fp8", jnp.float8_e4m3fn)):
-        a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
-        b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
-        _, t = median_time(functools.partial(dot, a, b), repeats=5, warmup=1, inner=5)
-        out[f"xla_{name}_tflops"] = flops / t / 1e12
-        if name == "fp8":
-            hlo = dot.lower(a, b).compile().as_text()
-            out["xla_fp8_gemm_in_hlo"] = "cublas$lt$matmul$f8" in hlo
-            out["xla_fp8_custom_calls"] = sorted(set(re.findall(r'custom_call_target="([^"]+)"', hlo)))
-        del a, b
-    out["xla_fp8_over_bf16"] = out["xla_fp8_tflops"] / out["xla_bf16_tflops"]
-    torch = _torch_cuda()
-    if torch is not None:
-        a = torch.randn(n, n, device="cuda").to(torch.bfloat16)
-        b = torch.randn(n, n, device="cuda").to(torch.bfloat16)
-        out["torch_bf16_tflops"] = flops / _torch_time(torch, lambda: torch.mm(a, b), 5, 5) / 1e12
-        try:
-            a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn)
-            one = torch.ones((), device="cuda")
-            mm8 = lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-            out["torch_fp8_tflops"] = flops / _torch_time(torch, mm8, 5, 5) / 1e12
-        except (RuntimeError, AttributeError) as e:  # no FP8 cuBLAS on this GPU or torch build
-            print(f"torch FP8 matmul not measured: {e}", flush=True)
-        del a, b
-        torch.cuda.empty_cache()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -588,8 +509,7 @@ def main(argv):
     log(t0, f"{device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, preset {F.preset}, "
             f"experts {F.backend}")
 
-    hbm = hbm_bandwidth(F.hbm_copy_mib << 20)
-    hbm_gbps = max(hbm.values())
+    hbm_gbps, hbm = hbm_copy_gbps(F.hbm_copy_mib << 20)
     log(t0, f"HBM copy (read + write): {hbm_gbps:.0f} GB/s {hbm}")
     mm = matmul_peaks(F.peak_matmul_size)
     peaks = {"bf16": max(v for k, v in mm.items() if k.endswith("bf16_tflops")),

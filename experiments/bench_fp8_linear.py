@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.bench_kernels import hbm_copy_gbps  # noqa: E402
+from experiments.bench_kernels import hbm_ceiling  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
 from pallas_kernels import _compat  # noqa: E402
 from pallas_kernels import grouped_gemm as gg  # noqa: E402
@@ -92,7 +92,7 @@ def main(argv=None):
   if interpret and not a.smoke:
     raise SystemExit("no GPU: run with --smoke (interpret mode, tiny shapes)")
   num_sms = 8 if interpret else _compat.num_sms()
-  hbm, hbm_detail = hbm_copy_gbps(small=a.smoke)  # the kernel benchmarks' HBM ceiling (XLA and torch copies)
+  hbm, hbm_detail = hbm_ceiling(small=a.smoke)  # the kernel benchmarks' HBM ceiling (XLA and torch copies)
   print(f"HBM copy {hbm:.0f} GB/s {hbm_detail}, {num_sms} SMs")
   rows_out = []
   for name, n, k in (SMOKE_LINEARS if a.smoke else R1_LINEARS):

@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pallas_kernels import grouped_gemm as gg  # noqa: E402
 from pallas_kernels import profiling  # noqa: E402
+from experiments.device_peaks import hbm_copy_gbps  # noqa: E402
 
 SHAPES = {"gate_up": (7168, 4096), "down": (2048, 7168)}  # (K, N) of DeepSeek-R1's experts
 
@@ -72,35 +73,10 @@ def extreme(rows, key, pick):
   return pick((r[key] for r in rows if key in r), default=None)
 
 
-def hbm_copy_gbps(small=False):
-  """HBM ceiling for the memory-bound ratio: device-to-device copy of 2 GiB, bytes read + written.
-  The best of an XLA elementwise pass and, where PyTorch is installed, torch's copy_ (cudaMemcpy
-  class), both measured here."""
-  a = jax.random.normal(jax.random.key(0), (16 if small else 1024, 1024 * 1024), jnp.bfloat16)
-  t = bench(jax.jit(lambda v: v * 2), a, reps=5, inner=5)
-  result = {"xla_elementwise": 2 * a.nbytes / t / 1e9}
-  del a
-  try:
-    import torch
-    if torch.cuda.is_available() and not small:
-      src = torch.empty(1024 ** 3, dtype=torch.bfloat16, device="cuda").normal_()
-      dst = torch.empty_like(src)
-      for _ in range(3):
-        dst.copy_(src)
-      torch.cuda.synchronize()
-      times = []
-      for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(5):
-          dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) / 5)
-      result["torch_copy"] = 2 * src.numel() * 2 / statistics.median(times) / 1e9
-      del src, dst
-      torch.cuda.empty_cache()
-  except Exception as e:  # torch is optional
-    print("torch copy not measured:", e)
-  return max(result.values()), result
+def hbm_ceiling(small=False):
+  """HBM ceiling for the memory-bound ratio (`device_peaks.hbm_copy_gbps`): (GB/s, detail) of a 2 GiB copy, or
+  of 32 MiB in smoke mode."""
+  return hbm_copy_gbps(32 << 20 if small else 2 << 30)
 
 
 def make_case(key, groups, tokens, k, n, fp8):
@@ -164,7 +140,7 @@ def main():
 
   from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
 
-  copy_gbps, copy_detail = hbm_copy_gbps(small=args.smoke)
+  copy_gbps, copy_detail = hbm_ceiling(small=args.smoke)
   print(f"HBM copy (read+write): {copy_gbps:.0f} GB/s {copy_detail}", flush=True)
 
   decode = [(8, 8), (32, 1), (32, 8), (32, 32), (256, 8)]

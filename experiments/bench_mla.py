@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import results_io  # noqa: E402
-from experiments.bench_kernels import bench, hbm_copy_gbps  # noqa: E402
+from experiments.bench_kernels import bench, hbm_ceiling  # noqa: E402
 from pallas_kernels import mla_decode as md  # noqa: E402
 from pallas_kernels import mla_prefill as mp  # noqa: E402
 from pallas_kernels import profiling  # noqa: E402
@@ -323,7 +323,7 @@ def main():
   args = p.parse_args()
   interp = args.smoke
   peak, peak_detail = dense_peak_tflops(args.smoke)
-  hbm, hbm_detail = hbm_copy_gbps(small=args.smoke)
+  hbm, hbm_detail = hbm_ceiling(small=args.smoke)
   print(f"dense bf16 {peak:.0f} TF/s {peak_detail}; HBM copy {hbm:.0f} GB/s {hbm_detail}", flush=True)
   rows = []
   if args.part in ("both", "prefill"):
