@@ -11,7 +11,8 @@ import pytest
 from dwdp_jax.config import TINY
 from dwdp_jax.model import init_model
 from dwdp_jax.parallel.dep import DepModel
-from dwdp_jax.parallel.dwdp import (DwdpConfig, DwdpGroup, memory_per_device, replicated_placement, source_order)
+from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup, replicated_placement, source_order
+from dwdp_jax.parallel.memory import memory_per_device
 from dwdp_jax.planner.placement import Placement
 
 CFG = TINY.replace(num_layers=3, first_k_dense_replace=1)

@@ -17,7 +17,8 @@ from dwdp_jax.engine.scheduler import Scheduler, SchedulerConfig
 from dwdp_jax.experts import LocalExecutor
 from dwdp_jax.model import init_model, set_fp8_matmul
 from dwdp_jax.parallel.dep import DepModel
-from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup, memory_per_device, replicated_placement
+from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup, replicated_placement
+from dwdp_jax.parallel.memory import memory_per_device
 from dwdp_jax.parallel.fetch import fetch_backend
 from dwdp_jax.planner import skew as skew_lib
 from dwdp_jax.planner.placement import Placement
