@@ -75,7 +75,12 @@ class StepArrays:
 
     @staticmethod
     def concat(parts: Sequence[StepArrays]) -> StepArrays:
-        return StepArrays(*(np.concatenate(f) for f in zip(*(dataclasses.astuple(p) for p in parts))))
+        """The parts' rows one after the other (a single part as it is: no copy; `dataclasses.astuple` would
+        deep-copy every array)."""
+        if len(parts) == 1:
+            return parts[0]
+        names = [f.name for f in dataclasses.fields(StepArrays)]
+        return StepArrays(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
 
 
 jax.tree_util.register_dataclass(StepArrays, data_fields=[f.name for f in dataclasses.fields(StepArrays)],
