@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 
 import jax
@@ -65,6 +66,9 @@ def test_launch_writes_e2e_results(records, strategy, num_devices):
     assert saved["part"] == "e2e" and saved["device_kind"] == "cpu" and saved["num_devices"] == num_devices
     assert saved["jax_version"] == jax.__version__ and f"--strategy={strategy}" in saved["command"]
     assert saved["config"]["strategy"] == strategy and saved["config"]["model"] == "tiny"
+    # the XLA flags the run had (JAX started before the launcher here: the test process's, unchanged)
+    assert saved["config"]["command_buffers"] == "engine" and saved["config"]["step_ahead"] is True
+    assert saved["config"]["xla_flags"] == os.environ.get("XLA_FLAGS", "")
     m = saved["metrics"]
     assert m["num_requests"] == 2 and m["output_tokens"] == 2 * 4 and m["num_gpus"] == num_devices
     assert m["output_tps_per_gpu"] > 0 and m["ttft_median_s"] > 0 and m["kv_cache_bytes_per_gpu"] > 0
