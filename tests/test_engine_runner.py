@@ -338,6 +338,31 @@ def test_dwdp_rank_runners_match_single_device(model, single_tokens, step_ahead)
     assert all(f.rank == 1 for f in scheds[1].finished) and len(scheds[1].finished) == len(per_rank[1])
 
 
+def test_fp8_strategies_match_single_device():
+    """An FP8 checkpoint (kv_b among its FP8 weights): DWDP rank runners (steps ahead) and the DEP runner, each
+    holding its own dequantized kv_b copy, give the single-device runner's greedy tokens."""
+    import dataclasses
+
+    fp8 = init_model(dataclasses.replace(CFG, weight_block_size=(16, 16)), dtype=jnp.float32, seed=9)
+    single = runner(fp8)
+    sched = Scheduler(sched_config(), page_table=single.page_table)
+    run_engine(sched, single.step_fn, FakeClock(), requests=engine_requests())
+    want = outputs(sched.finished)
+
+    group = DwdpGroup(fp8, jax.devices()[:2])
+    ranks = [DwdpRankRunner(rank, SLOTS, MAX_LEN, buckets=BUCKETS) for rank in group.ranks]
+    scheds = [Scheduler(sched_config(), rank=r, page_table=ranks[r].page_table) for r in range(2)]
+    group.run_parallel(lambda rank, reqs: run_engine(scheds[rank.rank], None, FakeClock(), requests=reqs,
+                                                     step_ahead=ranks[rank.rank]),
+                       split_by_rank(engine_requests(), 2))
+    assert outputs(scheds[0].finished + scheds[1].finished) == want
+
+    dep = DepRunner(DepModel(fp8, jax.devices()[:2]), SLOTS, MAX_LEN, buckets=BUCKETS)
+    lock = LockstepScheduler([Scheduler(sched_config(), rank=r, page_table=dep.page_tables[r]) for r in range(2)])
+    run_engine(lock, dep.step_fn, FakeClock(), requests=engine_requests())
+    assert outputs(lock.finished) == want
+
+
 def test_dep_lockstep_runner_matches_single_device(model, single_tokens):
     dep = DepRunner(DepModel(model, jax.devices()[:2]), SLOTS, MAX_LEN, buckets=BUCKETS)
     sched = LockstepScheduler([Scheduler(sched_config(), rank=r, page_table=dep.page_tables[r]) for r in range(2)])
