@@ -8,6 +8,8 @@ of one [4, 32] shape.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ from dwdp_jax.config import TINY
 from dwdp_jax.engine import paged_cache
 from dwdp_jax.engine.paged_cache import PagedCacheSpec, PageTable
 from dwdp_jax.engine.lockstep import LockstepScheduler
-from dwdp_jax.engine.runner import (Buckets, DepRunner, DwdpRankRunner, ModelRunner, _Row,
+from dwdp_jax.engine.runner import (Buckets, DepRunner, DwdpRankRunner, ModelRunner, StepArrays, _Row,
                                     pack_rows, pages_bucket)
 from dwdp_jax.engine.sampling import SamplingParams
 from dwdp_jax.engine.scheduler import (PENDING, DecodeItem, FakeClock, PrefillChunk, Scheduler, SchedulerConfig, StepPlan,
@@ -97,6 +99,16 @@ def test_cache_spec_sizes_and_allocation():
     assert table.pages_of(1) == [0, 1] and pages_bucket(3, 8) == 4 and pages_bucket(9, 8) == 8
 
 
+def test_step_arrays_pack_and_unpack():
+    rng = np.random.RandomState(0)
+    step = StepArrays(*(rng.randint(0, 99, shape).astype(np.int32) for shape in [(3, 5), (3, 5), (3,), (3,), (3, 4)]))
+    ids, rest = step.pack()
+    assert ids is step.ids and rest.shape == (3 * (5 + 2 + 4),) and rest.dtype == np.int32
+    back = jax.jit(StepArrays.unpack)(ids, rest)
+    for f in dataclasses.fields(StepArrays):
+        np.testing.assert_array_equal(getattr(back, f.name), getattr(step, f.name))
+
+
 def test_buckets():
     b = Buckets.default(max_batch_size=5, max_chunk_len=100, min_len=16)
     assert b.batch == (1, 2, 4, 8) and b.length == (16, 32, 64, 128)
@@ -132,8 +144,6 @@ def test_fp8_kv_b_is_dequantized_once_for_decode():
     """An FP8 checkpoint's kv_b: the runner holds it dequantized once (`with_absorbed_kv_b`) and its programs
     read that copy, not the FP8 weight (poisoned here with NaN scales after the copy was made), and still
     match the causal forward of the user's model, which keeps no copy and dequantizes kv_b in place."""
-    import dataclasses
-
     from dwdp_jax.model import AbsorbedKvB
 
     cfg = dataclasses.replace(CFG, weight_block_size=(16, 16))
@@ -341,8 +351,6 @@ def test_dwdp_rank_runners_match_single_device(model, single_tokens, step_ahead)
 def test_fp8_strategies_match_single_device():
     """An FP8 checkpoint (kv_b among its FP8 weights): DWDP rank runners (steps ahead) and the DEP runner, each
     holding its own dequantized kv_b copy, give the single-device runner's greedy tokens."""
-    import dataclasses
-
     fp8 = init_model(dataclasses.replace(CFG, weight_block_size=(16, 16)), dtype=jnp.float32, seed=9)
     single = runner(fp8)
     sched = Scheduler(sched_config(), page_table=single.page_table)

@@ -89,12 +89,13 @@ class _CountingExecutor:
 
 def model_step_program(graph, state_def, executor, attention: PagedAttention, absorbed: bool,
                        expert_counts: bool = False):
-    """A jitted step of the whole model: (state leaves, pages (donated), step) -> (logits, pages), and with
-    `expert_counts` also the tokens routed to each expert, int32 [MoE layers, n_routed_experts] (a scatter-add
-    per MoE layer). The graph, executor and attention are closed over, so a call hashes nothing but the arrays
-    (a static GraphDef argument is hashed on every call)."""
+    """A jitted step of the whole model: (state leaves, pages (donated), ids, rest) -> (logits, pages), the
+    step's inputs as `StepArrays.pack` gives them; with `expert_counts` also the tokens routed to each expert,
+    int32 [MoE layers, n_routed_experts] (a scatter-add per MoE layer). The graph, executor and attention are
+    closed over, so a call hashes nothing but the arrays (a static GraphDef argument is hashed on every call)."""
 
-    def step_fn(leaves, pages, step):
+    def step_fn(leaves, pages, ids, rest):
+        step = StepArrays.unpack(ids, rest)
         model = nnx.merge(graph, jax.tree.unflatten(state_def, leaves))
         if not expert_counts:
             return paged_forward(model, pages, step, absorbed, executor, attention)
@@ -410,8 +411,9 @@ class ModelRunner(_SlotRunner):
             self._programs[key] = model_step_program(self.graph, self._state_def, self.executor, self.attention,
                                                      absorbed, self.expert_counts)
         # committed to the device in every call: ids computed on the device (a step planned ahead) and ids from
-        # the host must give the program the same input shardings, or it compiles twice
-        out = self._programs[key](self._leaves, self.pages, jax.device_put(step, self.device))
+        # the host must give the program the same input shardings, or it compiles twice; two transfers, not five
+        ids, rest = jax.device_put(step.pack(), self.device)
+        out = self._programs[key](self._leaves, self.pages, ids, rest)
         if self.expert_counts:
             logits, self.pages, self.last_expert_counts = out
         else:

@@ -82,6 +82,22 @@ class StepArrays:
         names = [f.name for f in dataclasses.fields(StepArrays)]
         return StepArrays(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
 
+    def pack(self):
+        """(ids, every other field in one int32 vector [rows * (length + 2 + pages)]): a step's inputs in two
+        host-to-device transfers instead of five (each a copy the host issues and orders; ids may already be
+        on the device, fed from the previous step's samples)."""
+        return self.ids, np.concatenate([self.positions.ravel(), self.q_lens, self.lengths,
+                                         self.block_table.ravel()]).astype(np.int32, copy=False)
+
+    @staticmethod
+    def unpack(ids, rest) -> StepArrays:
+        """The inverse of `pack` (inside a step program: the shapes follow from ids [rows, length] and rest)."""
+        rows, length = ids.shape
+        pages = (rest.shape[0] - rows * (length + 2)) // rows
+        q0 = rows * length
+        return StepArrays(ids, rest[:q0].reshape(rows, length), rest[q0:q0 + rows], rest[q0 + rows:q0 + 2 * rows],
+                          rest[q0 + 2 * rows:].reshape(rows, pages))
+
 
 jax.tree_util.register_dataclass(StepArrays, data_fields=[f.name for f in dataclasses.fields(StepArrays)],
                                  meta_fields=[])
