@@ -75,8 +75,7 @@ class Linear(nnx.Module):
     activation dtype, then a dense dot: the reference and the CPU path) or "pallas" (the block-scaled FP8
     grouped GEMM of one group, `pallas_kernels.grouped_gemm_fp8`, split along K for a few rows: activations
     quantized per token per 128 columns, as DeepSeek's inference does; layers whose dims are not multiples of
-    128, e.g. R1's 576-wide
-    kv_a_proj_with_mqa, dequantize); "pallas_interpret" runs the kernel in interpret mode (CPU tests). Set it
+    128, e.g. R1's 576-wide kv_a_proj_with_mqa, dequantize); "pallas_interpret" runs the kernel in interpret mode (CPU tests). Set it
     model-wide with `set_fp8_matmul`.
     """
 

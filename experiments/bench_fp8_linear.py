@@ -71,9 +71,7 @@ def references(x, w, s):
   quantize them (the FP8 kernels' reference), and of the activations as given (xla_dequant's). One
   dense matmul each: the grouped reference's per-row weight gather needs M x N x K floats (28 GiB
   for o_proj at 64 rows)."""
-  m = x.shape[0]
-  xq, xs = gg.quantize_activations(x)
-  xd = (gg.fp8_to_f32(xq).reshape(m, -1, gg.FP8_BLOCK) * xs[..., None]).reshape(x.shape)
+  xd = gg.dequantized_activations(x)
   wd = gg.dequantize_weight(w[None], s[None])[0]
   hi = jax.lax.Precision.HIGHEST
   return (jnp.dot(xd, wd.T, precision=hi),

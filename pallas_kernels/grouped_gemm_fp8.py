@@ -68,14 +68,20 @@ def dequantize_weight(w, scale):
   return fp8_to_f32(w) * s  # not astype: w may have been quantized in the same jit
 
 
+def dequantized_activations(x, x_scale=None):
+  """The f32 values the FP8 kernels multiply for activations x [M, K]: quantized per token per 128 columns
+  (`quantize_activations`), or taken as given (e4m3 with `x_scale` [M, K/128]), then dequantized."""
+  xq, xs = quantize_activations(x) if x_scale is None else (x, x_scale)
+  return (fp8_to_f32(xq).reshape(x.shape[0], -1, FP8_BLOCK) * xs[..., None]).reshape(x.shape)
+
+
 def reference_fp8(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp.bfloat16, x_scale=None):
   """FP8 reference: the activations quantized exactly as the kernel does (same function, same e4m3
   values and scales; or taken as given, e4m3 with `x_scale`, as the kernel takes them), everything
   dequantized to f32 and multiplied in f32. Weights are [E, N, K] (DeepSeek's [out, in] layout). Safe
   under jit on the GPU: the dequantization decodes bits (`fp8_to_f32`), so XLA cannot fold the
   quantization away."""
-  xq, xs = quantize_activations(x) if x_scale is None else (x, x_scale)
-  xd = (fp8_to_f32(xq).reshape(x.shape[0], -1, FP8_BLOCK) * xs[..., None]).reshape(x.shape)
+  xd = dequantized_activations(x, x_scale)
   wd = tuple(jnp.swapaxes(dequantize_weight(w, s), 1, 2) for w, s in zip(weights, scales))
   return reference(xd, group_sizes, wd, expert_slot, out_dtype=out_dtype)
 
@@ -147,7 +153,7 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
         return jnp.dot(a_tile[...].astype(jnp.float32), b_tile[...].astype(jnp.float32).T)
 
       def scale(s_tile, kk, valid=True):
-        """x_scale[row] * w_scale[g, n block, kk], [wg_m] f32; 0 where valid is False."""
+        """x_scale[row] * w_scale[slot, n block, kk + k_block], [wg_m] f32; 0 where valid is False."""
         row_scale = s_tile[...] * weight_scale(kk)
         if valid is not True:
           # A select, not a product: an unused stage may hold NaN. Explicit broadcast: the

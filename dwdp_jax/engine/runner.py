@@ -252,12 +252,13 @@ class _SlotRunner:
         calls = self._execute([[_Row(d.slot, d.position, np.array([d.token], np.int32)) for d in items]], decode=True)
         return self._gather_logits(calls, [(0, i) for i in range(len(items))])
 
-    def _sample(self, logits, slot_tokens, at):
-        """Samples every row of `logits` and records the tokens in `slot_tokens` at `at` (one program)."""
+    def _sample(self, logits, slot_tokens, at, advance_key: bool = True):
+        """Samples every row of `logits` and records the tokens in `slot_tokens` at `at` (one program); the
+        runner's key moves on unless `advance_key` is False (warm-up)."""
         greedy = self.sampling.temperature == 0
         tokens, slot_tokens, key = _sample_and_record(logits, slot_tokens, at, None if greedy else self._key,
                                                       params=self.sampling)
-        if not greedy:
+        if advance_key and not greedy:
             self._key = key
         return tokens, slot_tokens
 
@@ -365,9 +366,8 @@ class _SlotRunner:
             rows = np.full((logits.shape[0],), -1, np.int32)
             # sampling and the step-ahead helpers at this row count (nothing written: every row out of range /
             # unchained; the key is kept)
-            greedy = self.sampling.temperature == 0
-            _sample_and_record(logits, self._slot_tokens, rows + self._slot_tokens.shape[0] + 1,
-                               None if greedy else self._key, params=self.sampling)[0].block_until_ready()
+            self._sample(logits, self._slot_tokens, rows + self._slot_tokens.shape[0] + 1,
+                         advance_key=False)[0].block_until_ready()
             if absorbed:
                 _chained_ids(step.ids, self._slot_tokens, rows).block_until_ready()
 
