@@ -146,7 +146,7 @@ def tile_schedule(group_sizes, expert_slot, *, m, m_pad, block_m, buffer_sizes, 
 
   Given numpy arrays (sizes known when tracing: a dense linear, split-K slices) the schedule is computed
   while tracing and returned as numpy, a constant of the program; under jit a traced schedule costs
-  about ten small kernels per call (measured 5 us for one group, 15-27 us for split-K on an H100).
+  several small kernels per call (measured 5 us for one group, 15-27 us for split-K on an H100).
 
   Tile t loads rows [load_row, load_row + block_m) (load_row a multiple of 8: Mosaic GPU's TMA into
   tiled SMEM needs it) and stores its rows [smem_off, smem_off + n_valid) to the output rows

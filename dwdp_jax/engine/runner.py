@@ -112,7 +112,7 @@ def model_step_program(graph, state_def, executor, attention: PagedAttention, ab
 def _sample_and_record(logits, slot_tokens, at, key, params: SamplingParams):
     """One program per step for sampling and the step-ahead bookkeeping: (tokens [rows] int32, slot_tokens with
     them written at positions `at` [rows] (padding rows: out of range, dropped), the next key). Greedy takes and
-    returns no key (key None): a key array in and out costs ~0.2 ms of host time a call."""
+    returns no key (key None): unflattening a key array out of every call is host work (seen in a CPU profile)."""
     if params.temperature > 0:
         key = jax.random.split(key)[1]
     tokens = sample(logits, params, key)
