@@ -123,14 +123,15 @@ def combine_sorted(y_sorted, order, weights_tk) -> jax.Array:
     return out
 
 
-def _gemm_config(num_sms, m: int, groups: int, n: int, fp8: bool):
+def _gemm_config(num_sms, m: int, groups: int, n: int, fp8: bool, swiglu: bool = False):
     """The grouped GEMM's default tiles on a persistent grid of `num_sms` CTAs (None: the kernel's own choice, one
-    CTA per SM)."""
+    CTA per SM). swiglu: the FP8 gate/up GEMM with SwiGLU in its epilogue, n its output width."""
     if num_sms is None:
         return None
     from pallas_kernels import grouped_gemm as gg
 
-    return dataclasses.replace(gg.default_config(m, groups, n, fp8=fp8), num_sms=num_sms)
+    cfg = gg.default_swiglu_config(m, groups, n) if swiglu else gg.default_config(m, groups, n, fp8=fp8)
+    return dataclasses.replace(cfg, num_sms=num_sms)
 
 
 def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, rows=None, num_sms=None) -> jax.Array:
@@ -149,11 +150,11 @@ def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, 
         xq, xs = gg.quantize_activations(x_sorted)
         if rows is not None:
             xq, xs = xq[rows], xs[rows]
-        h = gg.grouped_gemm_fp8(xq, sizes, [b.w_gate_up for b in buffers], [b.s_gate_up for b in buffers],
-                                where, out_dtype=jnp.bfloat16, x_scale=xs,
-                                config=_gemm_config(num_sms, m, groups, buffers[0].w_gate_up.shape[1], True))
-        gate, up = jnp.split(h, 2, axis=-1)
-        a = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(jnp.bfloat16)
+        # SwiGLU in the gate/up GEMM's epilogue: only the [M, I] product reaches HBM
+        inter = buffers[0].w_gate_up.shape[1] // 2
+        a = gg.grouped_gemm_fp8_swiglu(xq, sizes, [b.w_gate_up for b in buffers], [b.s_gate_up for b in buffers],
+                                       where, out_dtype=jnp.bfloat16, x_scale=xs,
+                                       config=_gemm_config(num_sms, m, groups, inter, True, swiglu=True))
         return gg.grouped_gemm_fp8(a, sizes, [b.w_down for b in buffers], [b.s_down for b in buffers], where,
                                    out_dtype=jnp.bfloat16,
                                    config=_gemm_config(num_sms, m, groups, buffers[0].w_down.shape[1], True))[:, :d]

@@ -43,17 +43,22 @@ from pallas_kernels.grouped_gemm_common import (epilogue, epilogue_cols, kernel_
                                                 tile_fields, validate_inputs, warp_specialized)
 from pallas_kernels.grouped_gemm_fp8 import (choose_k_splits, dequantize_weight, dequantized_activations,
                                              fp8_matmul_split_k, fp8_to_f32, grouped_gemm_fp8,
-                                             quantize_activations, reference_fp8)
+                                             grouped_gemm_fp8_swiglu, quantize_activations, reference_fp8,
+                                             reference_fp8_swiglu)
 from pallas_kernels.grouped_gemm_tiles import (DECODE_CONFIG, FP8_BLOCK, FP8_DECODE_CONFIG,
                                                FP8_PREFILL_CONFIG, FP8_PREFILL_OVERLAP_CONFIG,
+                                               FP8_SWIGLU_DECODE_CONFIG, FP8_SWIGLU_PREFILL_CONFIG,
                                                PREFILL_CONFIG, PREFILL_M_SPLIT_CONFIG, GroupedGemmConfig,
-                                               default_config, padded_rows, tile_schedule)
+                                               default_config, default_swiglu_config, padded_rows,
+                                               tile_schedule)
 
 __all__ = [
     "DECODE_CONFIG", "FP8_BLOCK", "FP8_DECODE_CONFIG", "FP8_PREFILL_CONFIG", "FP8_PREFILL_OVERLAP_CONFIG",
-    "PREFILL_CONFIG", "PREFILL_M_SPLIT_CONFIG", "GroupedGemmConfig", "choose_k_splits", "default_config",
-    "dequantize_weight", "dequantized_activations", "fp8_matmul_split_k", "fp8_to_f32", "grouped_gemm",
-    "grouped_gemm_fp8", "quantize_activations", "reference", "reference_fp8", "tile_schedule",
+    "FP8_SWIGLU_DECODE_CONFIG", "FP8_SWIGLU_PREFILL_CONFIG", "PREFILL_CONFIG", "PREFILL_M_SPLIT_CONFIG",
+    "GroupedGemmConfig", "choose_k_splits", "default_config", "default_swiglu_config", "dequantize_weight",
+    "dequantized_activations", "fp8_matmul_split_k", "fp8_to_f32", "grouped_gemm", "grouped_gemm_fp8",
+    "grouped_gemm_fp8_swiglu", "quantize_activations", "reference", "reference_fp8", "reference_fp8_swiglu",
+    "tile_schedule",
 ]
 
 

@@ -23,8 +23,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _compat, _mosaic
 from pallas_kernels.grouped_gemm_common import (epilogue_cols, kernel_call, pad_rows, reference,
                                                 validate_inputs, warp_specialized)
-from pallas_kernels.grouped_gemm_tiles import (FP8_BLOCK, GroupedGemmConfig, default_config, padded_rows,
-                                               tile_schedule)
+from pallas_kernels.grouped_gemm_tiles import (FP8_BLOCK, GroupedGemmConfig, default_config,
+                                               default_swiglu_config, padded_rows, tile_schedule)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,27 +86,41 @@ def reference_fp8(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp
   return reference(xd, group_sizes, wd, expert_slot, out_dtype=out_dtype)
 
 
+def reference_fp8_swiglu(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp.bfloat16,
+                         x_scale=None):
+  """`grouped_gemm_fp8_swiglu`'s reference: `reference_fp8` of the [E, 2I, K] gate/up weights in f32, then
+  silu(gate) * up in f32."""
+  h = reference_fp8(x, group_sizes, weights, scales, expert_slot, out_dtype=jnp.float32, x_scale=x_scale)
+  gate, up = jnp.split(h, 2, axis=-1)
+  return (jax.nn.silu(gate) * up).astype(out_dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # FP8 kernel (DeepSeek-V3 block scales).
 # ---------------------------------------------------------------------------------------------
 
+_LOG2E = 1.4426950408889634
+
 
 def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
-                 out_dtype, interpret):
+                 out_dtype, interpret, swiglu=False):
+  """swiglu: n is the output width I and the weights hold 2I rows (gate rows [0, I), up rows [I, 2I));
+  each tile accumulates its gate and up columns and stores silu(gate) * up."""
   w_refs, s_refs = refs[:num_buffers], refs[num_buffers:2 * num_buffers]
   out_ref = refs[2 * num_buffers]
   bm, bn, bk, steps, nwg = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.max_concurrent_steps,
                             cfg.num_compute_wgs)
   num_k, n_blocks, wg_m, wg_n = k // bk, n // bn, cfg.wg_m, cfg.wg_n
+  halves = 2 if swiglu else 1  # weight row blocks per tile: (gate, up) or the one
   dtype = x_ref.dtype
 
   @functools.partial(
       pl.run_scoped,
       a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
-      b_smem=plgpu.SMEM((steps, bn, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
+      b_smem=plgpu.SMEM((steps * halves, bn, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
       s_smem=plgpu.SMEM((steps, bm), jnp.float32),
       o_smem=plgpu.SMEM((nwg, wg_m, epilogue_cols(wg_n, out_dtype)), out_dtype),
-      full=plgpu.Barrier(num_arrivals=3, num_barriers=steps),
+      full=plgpu.Barrier(num_arrivals=2 + halves, num_barriers=steps),
       free=plgpu.Barrier(num_arrivals=nwg, num_barriers=steps),
       collective_axes="wg",
   )
@@ -120,16 +134,19 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
         @pl.when(buf == b)
         def _():
           # split-K: the tile's K slice of the weight starts at block k_block (x holds only the slice)
-          plgpu.copy_gmem_to_smem(w_ref.at[wslot, pl.ds(j * bn, bn), pl.ds((kk + k_block) * bk, bk)],
-                                  b_smem.at[slot], full.at[slot])
+          for h in range(halves):
+            plgpu.copy_gmem_to_smem(
+                w_ref.at[wslot, pl.ds(h * n + j * bn, bn), pl.ds((kk + k_block) * bk, bk)],
+                b_smem.at[slot * halves + h], full.at[slot])
 
     def accumulate(fields, j, nk, carry, row0, col0):
       _, buf, wslot, *_, k_block = fields
-      nb = (j * bn + col0) // FP8_BLOCK
 
-      def weight_scale(kk):
-        """The block scale of the tile's weight (buffer buf, slot wslot) at n block nb, k block
-        kk + k_block, read in place from that buffer's scales (each buffer's read stays in its bounds)."""
+      def weight_scale(kk, h=0):
+        """The block scale of the tile's weight (buffer buf, slot wslot) at the n block of row block h
+        (gate or up) and k block kk + k_block, read in place from that buffer's scales (each buffer's
+        read stays in its bounds)."""
+        nb = (h * n + j * bn + col0) // FP8_BLOCK
         if num_buffers == 1:
           return s_refs[0][wslot, nb, kk + k_block]
         out = jnp.float32(0.0)
@@ -137,11 +154,11 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
           out = jnp.where(buf == b, s_ref[jnp.minimum(wslot, s_ref.shape[0] - 1), nb, kk + k_block], out)
         return out
 
-      def stage(kk):
+      def stage(kk, h=0):
         """SMEM stage of k step kk and this warpgroup's views: a [wg_m, 128] e4m3,
-        b [wg_n, 128] e4m3 (K-major), row scales [wg_m] f32."""
+        b [wg_n, 128] e4m3 (K-major; row block h: gate 0 or up 1), row scales [wg_m] f32."""
         slot = lax.rem(carry + kk, steps)
-        a_tile, b_tile, s_tile = a_smem.at[slot], b_smem.at[slot], s_smem.at[slot]
+        a_tile, b_tile, s_tile = a_smem.at[slot], b_smem.at[slot * halves + h], s_smem.at[slot]
         if wg_m != bm:
           a_tile, s_tile = a_tile.at[pl.ds(row0, wg_m)], s_tile.at[pl.ds(row0, wg_m)]
         if wg_n != bn:
@@ -152,9 +169,9 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
         # Interpret-mode wgmma ignores transposed operands: the same product with jnp.dot.
         return jnp.dot(a_tile[...].astype(jnp.float32), b_tile[...].astype(jnp.float32).T)
 
-      def scale(s_tile, kk, valid=True):
+      def scale(s_tile, kk, valid=True, h=0):
         """x_scale[row] * w_scale[slot, n block, kk + k_block], [wg_m] f32; 0 where valid is False."""
-        row_scale = s_tile[...] * weight_scale(kk)
+        row_scale = s_tile[...] * weight_scale(kk, h)
         if valid is not True:
           # A select, not a product: an unused stage may hold NaN. Explicit broadcast: the
           # warpgroup lowering has no implicit one.
@@ -164,19 +181,27 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
       def promote(acc, part, row_scale):
         return acc + part * lax.broadcast_in_dim(row_scale, part.shape, [0])
 
-      def step(kk, acc):
-        slot, a_tile, b_tile, s_tile = stage(kk)
-        plgpu.barrier_wait(full.at[slot])
-        if interpret:
-          part = dot_interpret(a_tile, b_tile)
-        else:
-          def mm(tmp_ref):
-            plgpu.wgmma(tmp_ref, a_tile, _compat.transpose_ref(b_tile, (1, 0)))
-            return tmp_ref[...]
-          part = pl.run_scoped(mm, plgpu.ACC((wg_m, wg_n), jnp.float32))
-        row_scale = scale(s_tile, kk)
-        plgpu.barrier_arrive(free.at[slot])
-        return promote(acc, part, row_scale)
+      def step(kk, accs):
+        """One k step: per row block h, the FP8 partial product promoted into accs[h]. The
+        partials share one wgmma accumulator, one after the other (registers: SwiGLU holds two
+        accumulators)."""
+        new = []
+        for h, acc in enumerate(accs):
+          slot, a_tile, b_tile, s_tile = stage(kk, h)
+          if h == 0:
+            plgpu.barrier_wait(full.at[slot])
+          if interpret:
+            part = dot_interpret(a_tile, b_tile)
+          else:
+            def mm(tmp_ref):
+              plgpu.wgmma(tmp_ref, a_tile, _compat.transpose_ref(b_tile, (1, 0)))
+              return tmp_ref[...]
+            part = pl.run_scoped(mm, plgpu.ACC((wg_m, wg_n), jnp.float32))
+          row_scale = scale(s_tile, kk, h=h)
+          if h == halves - 1:
+            plgpu.barrier_arrive(free.at[slot])
+          new.append(promote(acc, part, row_scale))
+        return tuple(new)
 
       acc0 = jnp.zeros((wg_m, wg_n), jnp.float32)
       if not interpret:
@@ -185,7 +210,12 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
         return _fp8_overlap_pipeline(nk, acc0, stage=stage, scale=scale, promote=promote,
                                      dot_interpret=dot_interpret, full=full, free=free,
                                      interpret=interpret)
-      return lax.fori_loop(0, nk, step, acc0)
+      accs = lax.fori_loop(0, nk, step, (acc0,) * halves)
+      if not swiglu:
+        return accs[0]
+      gate, up = accs
+      # silu(g) = g / (1 + e^-g), with exp2 (what the kernels' exponentials lower to)
+      return gate / (1.0 + jnp.exp2(gate * -_LOG2E)) * up
 
     warp_specialized(sched_ref, out_ref, o_smem, cfg=cfg, t_max=t_max, n_blocks=n_blocks, num_k=num_k,
                      issue=issue, free=free, accumulate=accumulate)
@@ -264,7 +294,7 @@ def _fp8_overlap_pipeline(nk, acc0, *, stage, scale, promote, dot_interpret, ful
 
 def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Sequence[jax.Array],
                      expert_slot, *, config: GroupedGemmConfig | None = None,
-                     out_dtype=jnp.bfloat16, interpret: bool = False, x_scale=None):
+                     out_dtype=jnp.bfloat16, interpret: bool = False, x_scale=None, swiglu: bool = False):
   """Grouped FP8 GEMM with DeepSeek-V3 block scales.
 
   Args:
@@ -280,7 +310,8 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
       overlaps each k step's promotion with the next step's wgmma and needs K/128 even.
   Returns:
     [M, N] out_dtype; per 128-wide K block the fp8 partial product is promoted into an f32
-    accumulator with the activation row scale times the weight block scale.
+    accumulator with the activation row scale times the weight block scale. (swiglu=True:
+    `grouped_gemm_fp8_swiglu`, [M, N/2].)
   """
   weights, scales = tuple(weights), tuple(scales)
   n, k = validate_inputs(x, group_sizes, weights, expert_slot, w_kn_axes=(2, 1), what="FP8 weight")[::-1]
@@ -290,13 +321,14 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
       s.shape != (w.shape[0], n // FP8_BLOCK, k // FP8_BLOCK) for s, w in zip(scales, weights)):
     raise ValueError("scales must be one [E_i, N/128, K/128] array per weight buffer, got "
                      f"{[s.shape for s in scales]}")
+  n_out = n // 2 if swiglu else n
   cfg = config or default_config(x.shape[0], group_sizes.shape[0], n, fp8=True)
   if cfg.block_k != FP8_BLOCK or FP8_BLOCK % cfg.wg_n:
     raise ValueError("FP8 needs block_k == 128 and a warpgroup N (64 or 128) inside one scale block")
   if not cfg.warp_specialized:
     raise ValueError("the FP8 kernel is warp specialized only")
-  if k % FP8_BLOCK or n % FP8_BLOCK or n % cfg.block_n:
-    raise ValueError(f"K={k} and N={n} must divide by 128, and N by block_n={cfg.block_n}")
+  if k % FP8_BLOCK or n_out % FP8_BLOCK or n_out % cfg.block_n:
+    raise ValueError(f"K={k} and the output's N={n_out} must divide by 128, and N by block_n={cfg.block_n}")
   if cfg.fp8_overlap_promotion and (k // FP8_BLOCK) % 2:
     raise ValueError(f"fp8_overlap_promotion alternates two partials per pair of k steps: K/128 "
                      f"must be even, got K={k}")
@@ -308,15 +340,38 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
       raise ValueError(f"pre-quantized activations must be e4m3 [M, K] with x_scale [M, K/128] f32, got "
                        f"{x.dtype}{x.shape} and {x_scale.shape}")
     xq, xs = x, x_scale.astype(jnp.float32)
-  return _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, cfg=cfg, k=k, n=n,
-                   out_dtype=out_dtype, interpret=interpret)
+  return _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, cfg=cfg, k=k, n=n_out,
+                   out_dtype=out_dtype, interpret=interpret, swiglu=swiglu)
+
+
+def grouped_gemm_fp8_swiglu(x, group_sizes, weights: Sequence[jax.Array], scales: Sequence[jax.Array],
+                            expert_slot, *, config: GroupedGemmConfig | None = None,
+                            out_dtype=jnp.bfloat16, interpret: bool = False, x_scale=None):
+  """The experts' gate/up projection with SwiGLU in the epilogue: silu(x @ gate.T) * (x @ up.T).
+
+  Arguments as `grouped_gemm_fp8`, except that weights are [E_i, 2I, K] e4m3 with the gate rows first
+  (DeepSeek's gate_proj and up_proj stacked, `ExpertWeights.w_gate_up`) and scales [E_i, 2I/128, K/128].
+  Each tile accumulates its I-columns of gate and of up (two f32 accumulators, each promoted per K block
+  as `grouped_gemm_fp8` does) and stores only the product: the [M, 2I] intermediate never reaches HBM.
+  config: None picks `default_swiglu_config`; fp8_overlap_promotion is not supported (registers).
+  Returns [M, I] out_dtype."""
+  weights, scales = tuple(weights), tuple(scales)
+  n2 = weights[0].shape[1]
+  if n2 % (2 * FP8_BLOCK):
+    raise ValueError(f"the gate/up weight's rows (2I = {n2}) must divide by 256: gate and up blocks of 128")
+  cfg = config or default_swiglu_config(x.shape[0], group_sizes.shape[0], n2 // 2)
+  if cfg.fp8_overlap_promotion:
+    raise ValueError("SwiGLU holds two accumulators: fp8_overlap_promotion does not fit the registers")
+  return grouped_gemm_fp8(x, group_sizes, weights, scales, expert_slot, config=cfg, out_dtype=out_dtype,
+                          interpret=interpret, x_scale=x_scale, swiglu=True)
 
 
 def _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, *, cfg, k, n, out_dtype, interpret,
-              k_blocks=None):
-  """The kernel on quantized rows xq [M, K] e4m3 with row scales xs [M, K/128]; weights [E_i, N, K_w]
-  with block scales [E_i, N/128, K_w/128], both read in place by (buffer, slot) (K_w >= K: split-K's
-  group g reads the K columns and scales from block k_blocks[g] on). Returns [M, N] out_dtype."""
+              k_blocks=None, swiglu=False):
+  """The kernel on quantized rows xq [M, K] e4m3 with row scales xs [M, K/128]; weights [E_i, N_w, K_w]
+  with block scales [E_i, N_w/128, K_w/128], both read in place by (buffer, slot) (K_w >= K: split-K's
+  group g reads the K columns and scales from block k_blocks[g] on). N_w = n, or 2n with swiglu.
+  Returns [M, n] out_dtype."""
   m = xq.shape[0]
   m_pad = padded_rows(m, cfg.block_m)
   xq = pad_rows(xq, m_pad)
@@ -326,7 +381,8 @@ def _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, *, cfg, k, n, o
                         buffer_sizes=tuple(w.shape[0] for w in weights), k_blocks=k_blocks)
   out_dtype = jnp.dtype(out_dtype)
   body = functools.partial(_fp8_ws_body, cfg=cfg, num_buffers=len(weights), k=k, n=n,
-                           out_dtype=out_dtype, t_max=sched.shape[0] - 1, interpret=interpret)
+                           out_dtype=out_dtype, t_max=sched.shape[0] - 1, interpret=interpret,
+                           swiglu=swiglu)
   call = kernel_call(body, jax.ShapeDtypeStruct((m_pad, n), out_dtype), cfg=cfg,
                       interpret=interpret, num_threads=cfg.num_compute_wgs + 1)
   return call(sched, xq, xs_t, *weights, *(s.astype(jnp.float32) for s in scales))[:m]

@@ -104,6 +104,22 @@ FP8_PREFILL_CONFIG = GroupedGemmConfig(block_m=128, block_n=128, block_k=128,
 FP8_PREFILL_OVERLAP_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, fp8_overlap_promotion=True)
 
 
+# FP8 gate/up with SwiGLU in the epilogue (`grouped_gemm_fp8_swiglu`): a tile reads gate and up rows, so
+# block_n counts output columns and each stage holds 2 x block_n weight rows. Decode: 64 x 128 outputs
+# (256 weight rows a stage, as FP8_DECODE_CONFIG), warpgroups of 64 x 64; prefill: FP8_PREFILL_CONFIG's
+# 128 x 128 with 3 stages (4 do not fit the SMEM), warpgroups of 64 x 128 holding two accumulators and
+# the partial (192 registers per thread).
+FP8_SWIGLU_DECODE_CONFIG = dataclasses.replace(FP8_DECODE_CONFIG, block_n=128)
+FP8_SWIGLU_PREFILL_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, max_concurrent_steps=3)
+
+
+def default_swiglu_config(m: int, num_groups: int, n_out: int) -> GroupedGemmConfig:
+  """`grouped_gemm_fp8_swiglu`'s tiles for M rows in `num_groups` groups and n_out (= I) output columns,
+  by the same decode/prefill rule as `default_config`."""
+  del n_out  # every I of the DeepSeek-V3 family divides by 128
+  return FP8_SWIGLU_PREFILL_CONFIG if m > 64 * num_groups else FP8_SWIGLU_DECODE_CONFIG
+
+
 def default_config(m: int, num_groups: int, n: int | None = None,
                    fp8: bool = False) -> GroupedGemmConfig:
   """Decode tiles when groups average <= 64 rows (memory-bound), prefill tiles otherwise; a narrower

@@ -240,7 +240,13 @@ def test_padded_fp8_experts_keep_the_kernel_tiles_aligned(monkeypatch):
         assert x.shape[1] % 128 == 0 and all(w.shape[1] % 128 == 0 and w.shape[2] % 128 == 0 for w in weights)
         return gg.reference_fp8(x, sizes, weights, scales, where, out_dtype=out_dtype, x_scale=x_scale)
 
+    def aligned_swiglu_reference(x, sizes, weights, scales, where, *, out_dtype, x_scale=None, config=None):
+        assert all(w.shape[1] % 256 == 0 for w in weights)  # gate and up each whole 128-row blocks
+        aligned_reference(x, sizes, weights, scales, where, out_dtype=out_dtype, x_scale=x_scale)
+        return gg.reference_fp8_swiglu(x, sizes, weights, scales, where, out_dtype=out_dtype, x_scale=x_scale)
+
     monkeypatch.setattr(gg, "grouped_gemm_fp8", aligned_reference)
+    monkeypatch.setattr(gg, "grouped_gemm_fp8_swiglu", aligned_swiglu_reference)
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(12, 192), jnp.float32)
     ids = jnp.asarray(rng.randint(0, 8, (12, 2)), jnp.int32)

@@ -1,0 +1,152 @@
+"""The routed experts' FFN on the GPU with SwiGLU in the gate/up GEMM's epilogue, against the separate pass.
+
+One MoE layer's expert computation at DeepSeek-R1's shapes (256 FP8 experts, hidden 7168, I 2048, top-8,
+random routing), as `experts.pallas_sorted_ffn` runs it (activations quantized once per token, the rows gathered
+in expert order, gate/up, down):
+  * `swiglu_epilogue`: the engine's path, `grouped_gemm_fp8_swiglu` stores silu(gate) * up [M, I] bf16;
+  * `separate`: the gate/up GEMM stores [M, 2I] bf16 and an XLA fusion computes silu(gate) * up (the path
+    before 2026-12-06).
+Per token count: CUPTI time of the whole call and of its Mosaic kernels, the weight bytes of the experts the
+routing touches over the call's time (decode: a weight stream, against the HBM copy rate measured in the same
+run) and TFLOP/s (prefill). The variants must agree within 3e-2 relative error: `separate` rounds gate and up
+to bf16 before their product, so some of the down GEMM's e4m3 activations round the other way (1.3% measured
+on the CPU smoke shapes); each kernel's exactness is tests/test_grouped_gemm.py's.
+
+  python experiments/bench_moe_ffn.py --device_kind nvidia-h100-x1 [--tokens 1,64,128,8192]
+  python experiments/bench_moe_ffn.py --smoke   # CPU: interpret mode, tiny shapes (checks the loops)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments.bench_kernels import hbm_ceiling  # noqa: E402
+from experiments.results_io import write_result  # noqa: E402
+from pallas_kernels import _compat  # noqa: E402
+from pallas_kernels import grouped_gemm as gg  # noqa: E402
+
+R1 = dict(experts=256, hidden=7168, inter=2048, top_k=8)
+SMOKE = dict(experts=8, hidden=256, inter=128, top_k=2)
+
+
+def expert_weights(experts: int, hidden: int, inter: int, seed: int):
+  """Random FP8 gate/up [E, 2I, hidden] and down [E, hidden, I] with block scales (never zeros)."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+
+  def fp8(key, e, n, k):
+    w = jnp.concatenate([jax.random.normal(kk, (1, n, k), jnp.float32).astype(jnp.float8_e4m3fn)
+                         for kk in jax.random.split(key, e)])  # one expert at a time: no f32 copy of all
+    return w
+
+  wgu, wd = fp8(keys[0], experts, 2 * inter, hidden), fp8(keys[1], experts, hidden, inter)
+  sgu = jax.random.uniform(keys[2], (experts, 2 * inter // 128, hidden // 128), jnp.float32, 0.5, 2.0)
+  sd = jax.random.uniform(keys[3], (experts, hidden // 128, inter // 128), jnp.float32, 0.5, 2.0)
+  return wgu, sgu / np.sqrt(hidden), wd, sd / np.sqrt(inter)
+
+
+def routed_rows(tokens: int, experts: int, top_k: int, seed: int):
+  """(rows [T*k] token of each row in expert order, sizes [E]) of a random top-k routing."""
+  rng = np.random.default_rng(seed)
+  ids = np.stack([rng.choice(experts, top_k, replace=False) for _ in range(tokens)])
+  flat = ids.reshape(-1)
+  order = np.argsort(flat, kind="stable")
+  sizes = np.bincount(flat, minlength=experts).astype(np.int32)
+  return jnp.asarray(order // top_k, jnp.int32), jnp.asarray(sizes)
+
+
+def variants(interpret: bool):
+  where_of = lambda e: jnp.stack([jnp.zeros((e,), jnp.int32), jnp.arange(e, dtype=jnp.int32)], axis=1)
+
+  def front(x, rows):
+    xq, xs = gg.quantize_activations(x)
+    return xq[rows], xs[rows]
+
+  def down(a, sizes, wd, sd):
+    return gg.grouped_gemm_fp8(a, sizes, (wd,), (sd,), where_of(sizes.shape[0]), interpret=interpret)
+
+  def swiglu_epilogue(x, rows, sizes, wgu, sgu, wd, sd):
+    xq, xs = front(x, rows)
+    a = gg.grouped_gemm_fp8_swiglu(xq, sizes, (wgu,), (sgu,), where_of(sizes.shape[0]), x_scale=xs,
+                                   interpret=interpret)
+    return down(a, sizes, wd, sd)
+
+  def separate(x, rows, sizes, wgu, sgu, wd, sd):
+    xq, xs = front(x, rows)
+    h = gg.grouped_gemm_fp8(xq, sizes, (wgu,), (sgu,), where_of(sizes.shape[0]), x_scale=xs, interpret=interpret)
+    gate, up = jnp.split(h, 2, axis=-1)
+    a = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(jnp.bfloat16)
+    return down(a, sizes, wd, sd)
+
+  return {"swiglu_epilogue": jax.jit(swiglu_epilogue), "separate": jax.jit(separate)}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--device_kind", default="cpu")
+  p.add_argument("--tokens", default="1,64,128,8192", help="comma list of token counts (rows = tokens x top_k)")
+  p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  p.add_argument("--tag", default="moe-ffn-swiglu")
+  p.add_argument("--smoke", action="store_true", help="CPU: interpret mode, tiny shapes")
+  a = p.parse_args(argv)
+  interpret = a.smoke or not _compat.on_gpu()
+  if interpret and not a.smoke:
+    raise SystemExit("no GPU: run with --smoke (interpret mode, tiny shapes)")
+  shape = SMOKE if a.smoke else R1
+  e, d, inter, top_k = shape["experts"], shape["hidden"], shape["inter"], shape["top_k"]
+  hbm, hbm_detail = (0.0, {}) if interpret else hbm_ceiling(small=False)
+  print(f"HBM copy {hbm:.0f} GB/s {hbm_detail}")
+  wgu, sgu, wd, sd = expert_weights(e, d, inter, seed=0)
+  expert_bytes = (wgu[0].size + wd[0].size) + (sgu[0].size + sd[0].size) * 4
+  fns = variants(interpret)
+  rows_out = []
+  for t in (int(v) for v in a.tokens.split(",")):
+    rows, sizes = routed_rows(t, e, top_k, seed=t)
+    x = jax.random.normal(jax.random.key(t), (t, d), jnp.float32).astype(jnp.bfloat16)
+    active = int((np.asarray(sizes) > 0).sum())
+    row = dict(tokens=t, rows=t * top_k, active_experts=active, weight_bytes=active * expert_bytes,
+               flops=2 * t * top_k * 3 * d * inter, time_s={}, kernel_s={}, kernels_us={}, frac_of_hbm={},
+               tflops={})
+    outs = {v: f(x, rows, sizes, wgu, sgu, wd, sd) for v, f in fns.items()}
+    ref = outs["separate"].astype(jnp.float32)
+    row["rel_err_vs_separate"] = float(jnp.linalg.norm(outs["swiglu_epilogue"].astype(jnp.float32) - ref)
+                                       / jnp.linalg.norm(ref))
+    if not row["rel_err_vs_separate"] <= 3e-2:
+      raise SystemExit(f"T={t}: the variants disagree, rel err {row['rel_err_vs_separate']:.3g}")
+    if not interpret:
+      from pallas_kernels import profiling
+      for v, f in fns.items():
+        calls = profiling.kernel_calls(f, x, rows, sizes, wgu, sgu, wd, sd)
+        total = profiling.median_per_call(calls, lambda ks: sum(s for _, s in ks))
+        kern = profiling.median_per_call(calls, lambda ks: sum(s for kn, s in ks if profiling.is_mosaic(kn)))
+        median_call = min(calls, key=lambda ks: abs(sum(s for _, s in ks) - total))
+        row["time_s"][v], row["kernel_s"][v] = total, kern
+        row["kernels_us"][v] = [(kn[:60], round(s * 1e6, 2)) for kn, s in median_call]
+        row["frac_of_hbm"][v] = row["weight_bytes"] / total / 1e9 / hbm
+        row["tflops"][v] = row["flops"] / total / 1e12
+      print(f"T={t:5d} experts={active:3d} | " + "  ".join(
+          f"{v} {row['time_s'][v] * 1e6:8.1f} us (kernels {row['kernel_s'][v] * 1e6:8.1f}; "
+          f"{row['frac_of_hbm'][v]:.2f} of HBM, {row['tflops'][v]:.0f} TF/s)" for v in fns)
+          + f" | speedup {row['time_s']['separate'] / row['time_s']['swiglu_epilogue']:.3f}")
+    rows_out.append(row)
+  metrics = {}
+  if not interpret:
+    for r in rows_out:
+      metrics[f"moe_ffn_swiglu_speedup_t{r['tokens']}"] = r["time_s"]["separate"] / r["time_s"]["swiglu_epilogue"]
+      metrics[f"moe_ffn_frac_of_hbm_t{r['tokens']}"] = r["frac_of_hbm"]["swiglu_epilogue"]
+    metrics["hbm_copy_gbps"], metrics["hbm_copy_detail_gbps"] = hbm, hbm_detail
+  config = dict(shape=shape, tokens=a.tokens, interpret=interpret)
+  path = write_result(a.out_dir, "kernels", a.device_kind, config, metrics, rows_out, a.tag)
+  print(metrics)
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()
