@@ -22,8 +22,9 @@ warpgroup; it stays selectable as a fallback.
 
 Modules: this one holds the bf16 kernel and the public API (every name below is importable from here:
 `from pallas_kernels import grouped_gemm as gg; gg.grouped_gemm_fp8(...)`); `grouped_gemm_fp8.py` the FP8
-kernel, activation quantization and the FP8 reference; `grouped_gemm_tiles.py` the tile configs, presets and
-the tile schedule; `grouped_gemm_common.py` the jnp reference, input validation and the kernel pieces both
+kernel, activation quantization and the FP8 reference; `grouped_gemm_swiglu.py` the experts' gate/up with
+SwiGLU (and the next quantization) in that kernel's epilogue; `grouped_gemm_tiles.py` the tile configs,
+presets, the tile schedule and rows quantized by tile; `grouped_gemm_common.py` the jnp reference, input validation and the kernel pieces both
 kernels share.
 """
 
@@ -43,21 +44,21 @@ from pallas_kernels.grouped_gemm_common import (epilogue, epilogue_cols, kernel_
                                                 tile_fields, validate_inputs, warp_specialized)
 from pallas_kernels.grouped_gemm_fp8 import (choose_k_splits, dequantize_weight, dequantized_activations,
                                              fp8_matmul_split_k, fp8_to_f32, grouped_gemm_fp8,
-                                             grouped_gemm_fp8_swiglu, quantize_activations, reference_fp8,
-                                             reference_fp8_swiglu)
+                                             quantize_activations, reference_fp8)
+from pallas_kernels.grouped_gemm_swiglu import grouped_gemm_fp8_swiglu, reference_fp8_swiglu
 from pallas_kernels.grouped_gemm_tiles import (DECODE_CONFIG, FP8_BLOCK, FP8_DECODE_CONFIG,
                                                FP8_PREFILL_CONFIG, FP8_PREFILL_OVERLAP_CONFIG,
                                                FP8_SWIGLU_DECODE_CONFIG, FP8_SWIGLU_PREFILL_CONFIG,
                                                PREFILL_CONFIG, PREFILL_M_SPLIT_CONFIG, GroupedGemmConfig,
-                                               default_config, default_swiglu_config, padded_rows,
-                                               tile_schedule)
+                                               TileQuantizedRows, default_config, default_swiglu_config,
+                                               max_tiles, padded_rows, tile_schedule)
 
 __all__ = [
     "DECODE_CONFIG", "FP8_BLOCK", "FP8_DECODE_CONFIG", "FP8_PREFILL_CONFIG", "FP8_PREFILL_OVERLAP_CONFIG",
     "FP8_SWIGLU_DECODE_CONFIG", "FP8_SWIGLU_PREFILL_CONFIG", "PREFILL_CONFIG", "PREFILL_M_SPLIT_CONFIG",
-    "GroupedGemmConfig", "choose_k_splits", "default_config", "default_swiglu_config", "dequantize_weight",
+    "GroupedGemmConfig", "TileQuantizedRows", "choose_k_splits", "default_config", "default_swiglu_config", "dequantize_weight",
     "dequantized_activations", "fp8_matmul_split_k", "fp8_to_f32", "grouped_gemm", "grouped_gemm_fp8",
-    "grouped_gemm_fp8_swiglu", "quantize_activations", "reference", "reference_fp8", "reference_fp8_swiglu",
+    "grouped_gemm_fp8_swiglu", "max_tiles", "quantize_activations", "reference", "reference_fp8", "reference_fp8_swiglu",
     "tile_schedule",
 ]
 
@@ -84,7 +85,7 @@ def _bf16_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n, out_dt
       collective_axes="wg",
   )
   def _scope(a_smem, b_smem, o_smem, full, free):
-    def issue(fields, j, kk, slot):
+    def issue(t, fields, j, kk, slot):
       _, buf, wslot, load_row, *_ = fields
       plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(load_row, bm), pl.ds(kk * bk, bk)],
                               a_smem.at[slot], full.at[slot])

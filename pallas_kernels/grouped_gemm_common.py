@@ -82,7 +82,7 @@ def tile_fields(sched_ref, t):
   return is_mm, buf, slot, pl.multiple_of(load_row, 8), smem_off, n_valid, g, k_block
 
 
-def _store_rows(o_smem, out_ref, *, row, smem_off, n_valid, block_m):
+def store_rows(o_smem, out_ref, *, row, smem_off, n_valid, block_m):
   """TMA-stores rows [smem_off, smem_off + n_valid) of o_smem to out_ref rows [row, row + n_valid),
   as a ladder of power-of-two row counts (TMA boxes are static)."""
   done = jnp.int32(0)
@@ -115,12 +115,13 @@ def epilogue(acc, o_smem, out_ref, *, load_row, smem_off, n_valid, row0, col, cf
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem's last stores have read it
     o_smem[...] = acc[:, c * epi_n:(c + 1) * epi_n].astype(o_smem.dtype)
     plgpu.commit_smem()
-    _store_rows(o_smem, out_ref.at[:, pl.ds(col + c * epi_n, epi_n)], row=load_row + lo,
+    store_rows(o_smem, out_ref.at[:, pl.ds(col + c * epi_n, epi_n)], row=load_row + lo,
                 smem_off=lo - row0, n_valid=cnt, block_m=cfg.wg_m)
 
 
 def memory_loop(sched_ref, num_tiles, n_blocks, num_k, steps, issue_copies, free):
-  """The memory warpgroup: for every work item and k step, wait for a free stage, issue its TMAs."""
+  """The memory warpgroup: for every work item (tile t, n block j) and k step, wait for a free stage, issue
+  its TMAs: issue_copies(t, fields, j, k, slot)."""
   plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
   @plgpu.nd_loop((num_tiles, n_blocks), collective_axes="sm", init_carry=jnp.int32(0))
@@ -137,7 +138,7 @@ def memory_loop(sched_ref, num_tiles, n_blocks, num_k, steps, issue_copies, free
       def _():
         plgpu.barrier_wait(free.at[slot])
 
-      issue_copies(fields, j, k, slot)
+      issue_copies(t, fields, j, k, slot)
 
     lax.fori_loop(0, nk, step, None)
     return carry + nk
@@ -153,12 +154,13 @@ def memory_loop(sched_ref, num_tiles, n_blocks, num_k, steps, issue_copies, free
 
 
 def warp_specialized(sched_ref, out_ref, o_smem, *, cfg, t_max, n_blocks, num_k, issue, free,
-                     accumulate):
+                     accumulate, store=None):
   """The roles of a warp-specialized kernel. Warpgroup `num_compute_wgs` is the memory warpgroup
   (`memory_loop` with `issue`); each compute warpgroup wg loops over the (tile, n block) work items,
   computes its [wg_m, wg_n] f32 accumulator with `accumulate(fields, j, nk, carry, row0, col0)` (fields:
   the tile's schedule row, nk: its k steps, carry: k steps consumed so far, (row0, col0): the
-  warpgroup's sub-tile origin) and stores it through its o_smem[wg]."""
+  warpgroup's sub-tile origin) and stores it through its o_smem[wg] (`epilogue`), or with
+  `store(acc, t, j, fields, row0, col0, wg)` when given."""
   nwg = cfg.num_compute_wgs
   wg = lax.axis_index("wg")
   num_tiles = sched_ref[t_max, 0]
@@ -180,8 +182,11 @@ def warp_specialized(sched_ref, out_ref, o_smem, *, cfg, t_max, n_blocks, num_k,
       nk = jnp.where(is_mm != 0, num_k, 0)
       row0, col0 = cfg.wg_origin(wg)
       acc = accumulate(fields, j, nk, carry, row0, col0)
-      epilogue(acc, o_smem.at[wg], out_ref, load_row=load_row, smem_off=smem_off,
-               n_valid=n_valid, row0=row0, col=j * cfg.block_n + col0, cfg=cfg)
+      if store is not None:
+        store(acc, t, j, fields, row0, col0, wg)
+      else:
+        epilogue(acc, o_smem.at[wg], out_ref, load_row=load_row, smem_off=smem_off,
+                 n_valid=n_valid, row0=row0, col=j * cfg.block_n + col0, cfg=cfg)
       return carry + nk
 
     plgpu.wait_smem_to_gmem(0)

@@ -21,16 +21,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _compat, _mosaic
-from pallas_kernels.grouped_gemm_common import (epilogue_cols, kernel_call, pad_rows, reference,
+from pallas_kernels.grouped_gemm_common import (epilogue_cols, kernel_call, pad_rows, reference, store_rows,
                                                 validate_inputs, warp_specialized)
-from pallas_kernels.grouped_gemm_tiles import (FP8_BLOCK, GroupedGemmConfig, default_config,
-                                               default_swiglu_config, padded_rows, tile_schedule)
+from pallas_kernels.grouped_gemm_tiles import (FP8_BLOCK, GroupedGemmConfig, TileQuantizedRows, default_config,
+                                               max_tiles, padded_rows, tile_schedule)
 
 
 # ---------------------------------------------------------------------------------------------
 # Activation quantization and the FP8 reference (pure jnp, f32 accumulation).
 # ---------------------------------------------------------------------------------------------
 
+
+E4M3_MAX = 448.0  # the largest finite e4m3fn value
 
 # The f32 value of each of the 256 e4m3fn bit patterns (0x7F and 0xFF are NaN).
 _E4M3_VALUES = np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
@@ -57,7 +59,7 @@ def quantize_activations(x):
   m, k = x.shape
   xb = x.astype(jnp.float32).reshape(m, k // FP8_BLOCK, FP8_BLOCK)
   amax = jnp.max(jnp.abs(xb), axis=-1)
-  scale = jnp.maximum(amax, 1e-12) / 448.0  # 448: largest finite e4m3 value
+  scale = jnp.maximum(amax, 1e-12) / E4M3_MAX
   xq = (xb / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(m, k)
   return xq, scale
 
@@ -86,15 +88,6 @@ def reference_fp8(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp
   return reference(xd, group_sizes, wd, expert_slot, out_dtype=out_dtype)
 
 
-def reference_fp8_swiglu(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp.bfloat16,
-                         x_scale=None):
-  """`grouped_gemm_fp8_swiglu`'s reference: `reference_fp8` of the [E, 2I, K] gate/up weights in f32, then
-  silu(gate) * up in f32."""
-  h = reference_fp8(x, group_sizes, weights, scales, expert_slot, out_dtype=jnp.float32, x_scale=x_scale)
-  gate, up = jnp.split(h, 2, axis=-1)
-  return (jax.nn.silu(gate) * up).astype(out_dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # FP8 kernel (DeepSeek-V3 block scales).
 # ---------------------------------------------------------------------------------------------
@@ -103,11 +96,16 @@ _LOG2E = 1.4426950408889634
 
 
 def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
-                 out_dtype, interpret, swiglu=False):
+                 out_dtype, interpret, swiglu=False, tile_scales_in=False, quantize_out=False):
   """swiglu: n is the output width I and the weights hold 2I rows (gate rows [0, I), up rows [I, 2I));
-  each tile accumulates its gate and up columns and stores silu(gate) * up."""
+  each tile accumulates its gate and up columns and stores silu(gate) * up.
+  tile_scales_in: xs_ref is [T, K/128, block_m], the row scales of tile t's rows (`TileQuantizedRows`),
+  instead of [K/128, M'].
+  quantize_out: the output is quantized per row per 128 columns to e4m3 (out_ref), with the scales of tile t
+  in the extra output [T, n/128, block_m] (every row of the tile, valid or not: no other tile writes there)."""
   w_refs, s_refs = refs[:num_buffers], refs[num_buffers:2 * num_buffers]
   out_ref = refs[2 * num_buffers]
+  ts_out_ref = refs[2 * num_buffers + 1] if quantize_out else None
   bm, bn, bk, steps, nwg = (cfg.block_m, cfg.block_n, cfg.block_k, cfg.max_concurrent_steps,
                             cfg.num_compute_wgs)
   num_k, n_blocks, wg_m, wg_n = k // bk, n // bn, cfg.wg_m, cfg.wg_n
@@ -119,17 +117,19 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
       a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
       b_smem=plgpu.SMEM((steps * halves, bn, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
       s_smem=plgpu.SMEM((steps, bm), jnp.float32),
-      o_smem=plgpu.SMEM((nwg, wg_m, epilogue_cols(wg_n, out_dtype)), out_dtype),
+      o_smem=plgpu.SMEM((nwg, wg_m, wg_n if quantize_out else epilogue_cols(wg_n, out_dtype)), out_dtype),
+      **(dict(sc_smem=plgpu.SMEM((nwg, wg_m), jnp.float32)) if quantize_out else {}),
       full=plgpu.Barrier(num_arrivals=2 + halves, num_barriers=steps),
       free=plgpu.Barrier(num_arrivals=nwg, num_barriers=steps),
       collective_axes="wg",
   )
-  def _scope(a_smem, b_smem, s_smem, o_smem, full, free):
-    def issue(fields, j, kk, slot):
+  def _scope(a_smem, b_smem, s_smem, o_smem, full, free, sc_smem=None):
+    def issue(t, fields, j, kk, slot):
       _, buf, wslot, load_row, *_, k_block = fields
       plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(load_row, bm), pl.ds(kk * bk, bk)],
                               a_smem.at[slot], full.at[slot])
-      plgpu.copy_gmem_to_smem(xs_ref.at[kk, pl.ds(load_row, bm)], s_smem.at[slot], full.at[slot])
+      row_scales = xs_ref.at[t, kk] if tile_scales_in else xs_ref.at[kk, pl.ds(load_row, bm)]
+      plgpu.copy_gmem_to_smem(row_scales, s_smem.at[slot], full.at[slot])
       for b, w_ref in enumerate(w_refs):
         @pl.when(buf == b)
         def _():
@@ -217,8 +217,27 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
       # silu(g) = g / (1 + e^-g), with exp2 (what the kernels' exponentials lower to)
       return gate / (1.0 + jnp.exp2(gate * -_LOG2E)) * up
 
+    def store_quantized(acc, t, j, fields, row0, col0, wg):
+      """The warpgroup's [wg_m, 128] sub-tile quantized per row (`quantize_activations`' rule): its valid rows
+      to out_ref, the row scales of all wg_m rows to ts_out[t, n block, row0:]."""
+      *_, load_row, smem_off, n_valid, _, _ = fields
+      amax = jnp.max(jnp.maximum(acc, -acc), axis=1)
+      row_scale = jnp.maximum(amax, 1e-12) / E4M3_MAX
+      q = (acc / lax.broadcast_in_dim(row_scale, acc.shape, [0])).astype(out_dtype)
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last stores have read o_smem and sc_smem
+      o_smem.at[wg][...] = q
+      sc_smem.at[wg][...] = row_scale
+      plgpu.commit_smem()
+      col = j * bn + col0
+      lo = jnp.maximum(smem_off, row0)
+      cnt = jnp.maximum(jnp.minimum(smem_off + n_valid, row0 + wg_m) - lo, 0)
+      store_rows(o_smem.at[wg], out_ref.at[:, pl.ds(col, wg_n)], row=load_row + lo, smem_off=lo - row0,
+                 n_valid=cnt, block_m=wg_m)
+      plgpu.copy_smem_to_gmem(sc_smem.at[wg], ts_out_ref.at[t, col // FP8_BLOCK, pl.ds(row0, wg_m)])
+
     warp_specialized(sched_ref, out_ref, o_smem, cfg=cfg, t_max=t_max, n_blocks=n_blocks, num_k=num_k,
-                     issue=issue, free=free, accumulate=accumulate)
+                     issue=issue, free=free, accumulate=accumulate,
+                     store=store_quantized if quantize_out else None)
 
 
 def _fp8_overlap_pipeline(nk, acc0, *, stage, scale, promote, dot_interpret, full, free,
@@ -294,13 +313,15 @@ def _fp8_overlap_pipeline(nk, acc0, *, stage, scale, promote, dot_interpret, ful
 
 def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Sequence[jax.Array],
                      expert_slot, *, config: GroupedGemmConfig | None = None,
-                     out_dtype=jnp.bfloat16, interpret: bool = False, x_scale=None, swiglu: bool = False):
+                     out_dtype=jnp.bfloat16, interpret: bool = False, x_scale=None):
   """Grouped FP8 GEMM with DeepSeek-V3 block scales.
 
   Args:
     x: [M, K] bf16 (or f32) activations sorted by group; quantized here per token per 128 columns
       to e4m3 (`quantize_activations`). Or, with `x_scale` [M, K/128] f32, activations already quantized
-      (e4m3, e.g. quantized once per token and then gathered into expert order): used as they are.
+      (e4m3, e.g. quantized once per token and then gathered into expert order): used as they are. Or
+      `TileQuantizedRows` from a grouped GEMM over the same groups (`grouped_gemm_fp8_swiglu`'s quantized
+      output): the row scales are read by tile.
     group_sizes, expert_slot: as in `grouped_gemm`.
     weights: tuple of [E_i, N, K] float8_e4m3fn buffers: DeepSeek's checkpoint layout ([out, in]).
       Hopper's FP8 wgmma reads B only K-major, so this layout is what the tensor cores consume.
@@ -310,11 +331,20 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
       overlaps each k step's promotion with the next step's wgmma and needs K/128 even.
   Returns:
     [M, N] out_dtype; per 128-wide K block the fp8 partial product is promoted into an f32
-    accumulator with the activation row scale times the weight block scale. (swiglu=True:
-    `grouped_gemm_fp8_swiglu`, [M, N/2].)
+    accumulator with the activation row scale times the weight block scale.
   """
+  return grouped_fp8(x, group_sizes, weights, scales, expert_slot, config=config, out_dtype=out_dtype,
+                     interpret=interpret, x_scale=x_scale)
+
+
+def grouped_fp8(x, group_sizes, weights, scales, expert_slot, *, config, out_dtype, interpret, x_scale,
+                swiglu: bool = False, quantize_out: bool = False):
+  """`grouped_gemm_fp8`, and with swiglu / quantize_out `grouped_gemm_fp8_swiglu`'s kernel (weights of 2I
+  rows, output [M, I]; quantized: `TileQuantizedRows`). Validates, quantizes, calls the kernel."""
   weights, scales = tuple(weights), tuple(scales)
-  n, k = validate_inputs(x, group_sizes, weights, expert_slot, w_kn_axes=(2, 1), what="FP8 weight")[::-1]
+  tiled = isinstance(x, TileQuantizedRows)
+  rows = x.values if tiled else x
+  n, k = validate_inputs(rows, group_sizes, weights, expert_slot, w_kn_axes=(2, 1), what="FP8 weight")[::-1]
   if weights[0].dtype != jnp.float8_e4m3fn:
     raise ValueError(f"weights must be float8_e4m3fn, got {weights[0].dtype}")
   if len(scales) != len(weights) or any(
@@ -322,7 +352,8 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
     raise ValueError("scales must be one [E_i, N/128, K/128] array per weight buffer, got "
                      f"{[s.shape for s in scales]}")
   n_out = n // 2 if swiglu else n
-  cfg = config or default_config(x.shape[0], group_sizes.shape[0], n, fp8=True)
+  m = rows.shape[0]
+  cfg = config or default_config(m, group_sizes.shape[0], n, fp8=True)
   if cfg.block_k != FP8_BLOCK or FP8_BLOCK % cfg.wg_n:
     raise ValueError("FP8 needs block_k == 128 and a warpgroup N (64 or 128) inside one scale block")
   if not cfg.warp_specialized:
@@ -332,8 +363,16 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
   if cfg.fp8_overlap_promotion and (k // FP8_BLOCK) % 2:
     raise ValueError(f"fp8_overlap_promotion alternates two partials per pair of k steps: K/128 "
                      f"must be even, got K={k}")
-  m = x.shape[0]
-  if x_scale is None:
+  if quantize_out and cfg.wg_n != FP8_BLOCK:
+    raise ValueError(f"a quantized output needs a warpgroup N of 128 (one scale block), got {cfg.wg_n}")
+  tile_scales = None
+  if tiled:
+    want = (max_tiles(m, group_sizes.shape[0], cfg.block_m), k // FP8_BLOCK, cfg.block_m)
+    if x_scale is not None or x.block_m != cfg.block_m or x.tile_scales.shape != want:
+      raise ValueError(f"TileQuantizedRows must come from tiles of the same block_m ({x.block_m} vs "
+                       f"{cfg.block_m}) with tile_scales {want}, got {x.tile_scales.shape}, and no x_scale")
+    xq, xs, tile_scales = rows, None, x.tile_scales
+  elif x_scale is None:
     xq, xs = quantize_activations(x)
   else:
     if x.dtype != jnp.float8_e4m3fn or x_scale.shape != (m, k // FP8_BLOCK):
@@ -341,51 +380,38 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
                        f"{x.dtype}{x.shape} and {x_scale.shape}")
     xq, xs = x, x_scale.astype(jnp.float32)
   return _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, cfg=cfg, k=k, n=n_out,
-                   out_dtype=out_dtype, interpret=interpret, swiglu=swiglu)
-
-
-def grouped_gemm_fp8_swiglu(x, group_sizes, weights: Sequence[jax.Array], scales: Sequence[jax.Array],
-                            expert_slot, *, config: GroupedGemmConfig | None = None,
-                            out_dtype=jnp.bfloat16, interpret: bool = False, x_scale=None):
-  """The experts' gate/up projection with SwiGLU in the epilogue: silu(x @ gate.T) * (x @ up.T).
-
-  Arguments as `grouped_gemm_fp8`, except that weights are [E_i, 2I, K] e4m3 with the gate rows first
-  (DeepSeek's gate_proj and up_proj stacked, `ExpertWeights.w_gate_up`) and scales [E_i, 2I/128, K/128].
-  Each tile accumulates its I-columns of gate and of up (two f32 accumulators, each promoted per K block
-  as `grouped_gemm_fp8` does) and stores only the product: the [M, 2I] intermediate never reaches HBM.
-  config: None picks `default_swiglu_config`; fp8_overlap_promotion is not supported (registers).
-  Returns [M, I] out_dtype."""
-  weights, scales = tuple(weights), tuple(scales)
-  n2 = weights[0].shape[1]
-  if n2 % (2 * FP8_BLOCK):
-    raise ValueError(f"the gate/up weight's rows (2I = {n2}) must divide by 256: gate and up blocks of 128")
-  cfg = config or default_swiglu_config(x.shape[0], group_sizes.shape[0], n2 // 2)
-  if cfg.fp8_overlap_promotion:
-    raise ValueError("SwiGLU holds two accumulators: fp8_overlap_promotion does not fit the registers")
-  return grouped_gemm_fp8(x, group_sizes, weights, scales, expert_slot, config=cfg, out_dtype=out_dtype,
-                          interpret=interpret, x_scale=x_scale, swiglu=True)
+                   out_dtype=out_dtype, interpret=interpret, swiglu=swiglu, tile_scales=tile_scales,
+                   quantize_out=quantize_out)
 
 
 def _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, *, cfg, k, n, out_dtype, interpret,
-              k_blocks=None, swiglu=False):
-  """The kernel on quantized rows xq [M, K] e4m3 with row scales xs [M, K/128]; weights [E_i, N_w, K_w]
-  with block scales [E_i, N_w/128, K_w/128], both read in place by (buffer, slot) (K_w >= K: split-K's
-  group g reads the K columns and scales from block k_blocks[g] on). N_w = n, or 2n with swiglu.
-  Returns [M, n] out_dtype."""
+              k_blocks=None, swiglu=False, tile_scales=None, quantize_out=False):
+  """The kernel on quantized rows xq [M, K] e4m3 with row scales xs [M, K/128] (or `tile_scales` [T, K/128,
+  block_m]); weights [E_i, N_w, K_w] with block scales [E_i, N_w/128, K_w/128], both read in place by (buffer,
+  slot) (K_w >= K: split-K's group g reads the K columns and scales from block k_blocks[g] on). N_w = n, or 2n
+  with swiglu. Returns [M, n] out_dtype, or with quantize_out `TileQuantizedRows` of [M, n] e4m3."""
   m = xq.shape[0]
   m_pad = padded_rows(m, cfg.block_m)
   xq = pad_rows(xq, m_pad)
-  # [K/128, M'] so that a tile's row scales of one K block are one contiguous TMA box.
-  xs_t = jnp.pad(xs.T, ((0, 0), (0, m_pad - m)))
   sched = tile_schedule(group_sizes, expert_slot, m=m, m_pad=m_pad, block_m=cfg.block_m,
                         buffer_sizes=tuple(w.shape[0] for w in weights), k_blocks=k_blocks)
-  out_dtype = jnp.dtype(out_dtype)
+  t_max = sched.shape[0] - 1
+  # [K/128, M'] so that a tile's row scales of one K block are one contiguous TMA box.
+  row_scales = tile_scales if tile_scales is not None else jnp.pad(xs.T, ((0, 0), (0, m_pad - m)))
   body = functools.partial(_fp8_ws_body, cfg=cfg, num_buffers=len(weights), k=k, n=n,
-                           out_dtype=out_dtype, t_max=sched.shape[0] - 1, interpret=interpret,
-                           swiglu=swiglu)
-  call = kernel_call(body, jax.ShapeDtypeStruct((m_pad, n), out_dtype), cfg=cfg,
-                      interpret=interpret, num_threads=cfg.num_compute_wgs + 1)
-  return call(sched, xq, xs_t, *weights, *(s.astype(jnp.float32) for s in scales))[:m]
+                           out_dtype=jnp.dtype(jnp.float8_e4m3fn if quantize_out else out_dtype), t_max=t_max,
+                           interpret=interpret, swiglu=swiglu, tile_scales_in=tile_scales is not None,
+                           quantize_out=quantize_out)
+  if quantize_out:
+    out_shape = (jax.ShapeDtypeStruct((m_pad, n), jnp.float8_e4m3fn),
+                 jax.ShapeDtypeStruct((t_max, n // FP8_BLOCK, cfg.block_m), jnp.float32))
+  else:
+    out_shape = jax.ShapeDtypeStruct((m_pad, n), out_dtype)
+  call = kernel_call(body, out_shape, cfg=cfg, interpret=interpret, num_threads=cfg.num_compute_wgs + 1)
+  out = call(sched, xq, row_scales, *weights, *(s.astype(jnp.float32) for s in scales))
+  if quantize_out:
+    return TileQuantizedRows(out[0][:m], out[1], cfg.block_m)
+  return out[:m]
 
 
 def choose_k_splits(n: int, k: int, num_sms: int, block_n: int, min_k_blocks: int = 2,

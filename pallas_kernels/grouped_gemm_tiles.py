@@ -105,11 +105,12 @@ FP8_PREFILL_OVERLAP_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, fp8_overlap
 
 
 # FP8 gate/up with SwiGLU in the epilogue (`grouped_gemm_fp8_swiglu`): a tile reads gate and up rows, so
-# block_n counts output columns and each stage holds 2 x block_n weight rows. Decode: 64 x 128 outputs
-# (256 weight rows a stage, as FP8_DECODE_CONFIG), warpgroups of 64 x 64; prefill: FP8_PREFILL_CONFIG's
-# 128 x 128 with 3 stages (4 do not fit the SMEM), warpgroups of 64 x 128 holding two accumulators and
-# the partial (192 registers per thread).
-FP8_SWIGLU_DECODE_CONFIG = dataclasses.replace(FP8_DECODE_CONFIG, block_n=128)
+# block_n counts output columns and each stage holds 2 x block_n weight rows. Every warpgroup owns 128 output
+# columns (one scale block of the quantized output) and holds two accumulators and the partial (192 registers
+# per thread). Decode: 64 x 128 outputs (256 weight rows a stage, as FP8_DECODE_CONFIG) and one compute
+# warpgroup (a weight stream: the tensor cores idle either way); prefill: FP8_PREFILL_CONFIG's 128 x 128
+# with 3 stages (4 do not fit the SMEM).
+FP8_SWIGLU_DECODE_CONFIG = dataclasses.replace(FP8_DECODE_CONFIG, block_n=128, num_compute_wgs=1)
 FP8_SWIGLU_PREFILL_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, max_concurrent_steps=3)
 
 
@@ -220,3 +221,41 @@ def tile_schedule(group_sizes, expert_slot, *, m, m_pad, block_m, buffer_sizes, 
 def padded_rows(m, block_m):
   # The last tile loads block_m rows from a multiple of 8: pad x when M < block_m or M % 8 != 0.
   return _round_up(max(m, block_m), 8)
+
+
+def max_tiles(m: int, num_groups: int, block_m: int) -> int:
+  """T, the schedule's tile rows for M rows in `num_groups` groups (`tile_schedule` returns [T + 1, 8])."""
+  return _max_tiles(m, num_groups, block_m)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TileQuantizedRows:
+  """Rows quantized per 128 columns to e4m3 by the grouped GEMM that computed them
+  (`grouped_gemm_fp8_swiglu(..., quantize_output=True)`), each row's scales stored by its tile.
+
+  values: [M, K] float8_e4m3fn. tile_scales: [T, K/128, block_m] f32 (T = `max_tiles`): row load_row(t) + i of
+  tile t (`tile_schedule`) has, in K block kb, the scale tile_scales[t, kb, i] (entries of rows that are not
+  tile t's valid rows are unspecified). A grouped GEMM over the same group sizes, expert slots, buffer sizes
+  and block_m has the same tiles and reads the scales by tile (`grouped_gemm_fp8`); `row_scales` gives them
+  per row, [M, K/128], for references."""
+  values: jax.Array
+  tile_scales: jax.Array
+  block_m: int = dataclasses.field(metadata=dict(static=True))
+
+  def row_scales(self, group_sizes, expert_slot, buffer_sizes) -> jax.Array:
+    """[M, K/128] f32: each valid row's scales, gathered from the tile that stored the row (rows past
+    sum(group_sizes) come from the schedule's zero tiles)."""
+    m = self.values.shape[0]
+    m_pad = padded_rows(m, self.block_m)
+    sched = jnp.asarray(tile_schedule(group_sizes, expert_slot, m=m, m_pad=m_pad, block_m=self.block_m,
+                                      buffer_sizes=buffer_sizes))[:-1]
+    i = jnp.arange(self.block_m, dtype=jnp.int32)
+    load_row, smem_off, n_valid = sched[:, 3:4], sched[:, 4:5], sched[:, 5:6]
+    valid = (i >= smem_off) & (i < smem_off + n_valid)
+    dest = jnp.where(valid, load_row + i, m_pad)  # [T, block_m]; m_pad: dropped
+    scales = jnp.swapaxes(self.tile_scales, 1, 2)  # [T, block_m, K/128]
+    out = jnp.zeros((m_pad, scales.shape[-1]), jnp.float32).at[dest.reshape(-1)].set(
+        scales.reshape(-1, scales.shape[-1]), mode="drop")
+    return out[:m]
+

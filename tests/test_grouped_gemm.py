@@ -415,3 +415,76 @@ def test_fp8_swiglu_validation():
   x, gs, w, s, es = make_inputs(3, 16, 256, 256, [16], (1,), fp8=True)
   with pytest.raises(ValueError, match="fp8_overlap_promotion"):
     gg.grouped_gemm_fp8_swiglu(x, gs, w, s, es, config=gg.FP8_PREFILL_OVERLAP_CONFIG, interpret=True)
+
+
+QUANT_SWIGLU_CONFIGS = SWIGLU_CONFIGS if ON_GPU else [
+    dataclasses.replace(gg.FP8_SWIGLU_DECODE_CONFIG, max_concurrent_steps=2),  # one warpgroup, 64 x 128
+    dataclasses.replace(gg.FP8_SWIGLU_PREFILL_CONFIG, max_concurrent_steps=2)]  # two, 64 x 128 each ("m")
+
+
+@pytest.mark.parametrize("cfg", QUANT_SWIGLU_CONFIGS, ids=fp8_id)
+def test_fp8_swiglu_quantized_output_feeds_the_down_gemm(cfg):
+  """SwiGLU with the next quantization in the epilogue: the e4m3 rows and their per-tile scales equal
+  `quantize_activations` of the f32 SwiGLU reference (up to e4m3 rounding flips of near-ties), and the down GEMM
+  reading the scales by tile gives the FP8 reference of those activations; unequal groups, an empty group, two
+  buffers, rows past the sum."""
+  m, k, inter, hidden = (300, 1024, 512, 384) if ON_GPU else (70, 256, 256, 128)
+  sizes = [30, 0, 125, 3, 64] if ON_GPU else [30, 0, 25, 3, 9]
+  x, gs, w, s, es = make_inputs(13, m, k, 2 * inter, sizes, (2, 3), fp8=True)
+  _, _, w_down, s_down, _ = make_inputs(14, m, inter, hidden, sizes, (2, 3), fp8=True)
+  total = int(sum(sizes))
+  a = gg.grouped_gemm_fp8_swiglu(x, gs, w, s, es, config=cfg, quantize_output=True, interpret=INTERPRET)
+  assert isinstance(a, gg.TileQuantizedRows) and a.values.shape == (m, inter) and a.block_m == cfg.block_m
+  assert a.values.dtype == jnp.float8_e4m3fn
+  row_scales = a.row_scales(gs, es, (2, 3))
+  got = np.asarray(gg.dequantized_activations(a.values, row_scales))
+  ref = jax.jit(gg.reference_fp8_swiglu, static_argnames="out_dtype")(x, gs, w, s, es, out_dtype=jnp.float32)
+  ref_q = np.asarray(gg.dequantized_activations(ref))  # quantize_activations' rule on the f32 reference
+  assert np.isfinite(got[:total]).all()
+  assert rel_err(got[:total], ref_q[:total]) <= 1e-2
+  assert (got[total:] == 0).all(), "rows past the sum come from zero tiles: 0"
+  # the down projection reads the scales by tile
+  down_cfg = gg.default_config(m, len(sizes), hidden, fp8=True)
+  down_cfg = dataclasses.replace(down_cfg, block_m=cfg.block_m, block_n=128,
+                                 wg_split="m" if cfg.block_m == 128 else "n",
+                                 num_compute_wgs=2 if cfg.block_m == 128 else 1, max_concurrent_steps=2)
+  y = gg.grouped_gemm_fp8(a, gs, w_down, s_down, es, config=down_cfg, out_dtype=jnp.float32, interpret=INTERPRET)
+  want = reference_fp8(a.values, gs, w_down, s_down, es, out_dtype=jnp.float32, x_scale=row_scales)
+  check_rows(y, want, total)
+
+
+def test_tile_quantized_rows_are_checked():
+  x, gs, w, s, es = make_inputs(3, 16, 256, 256, [9, 7], (1, 2), fp8=True)
+  cfg = dataclasses.replace(gg.FP8_SWIGLU_DECODE_CONFIG, max_concurrent_steps=2)
+  with pytest.raises(ValueError, match="warpgroup N of 128"):
+    gg.grouped_gemm_fp8_swiglu(x, gs, w, s, es, quantize_output=True, interpret=True,
+                               config=dataclasses.replace(cfg, block_n=128, num_compute_wgs=2))
+  a = gg.grouped_gemm_fp8_swiglu(x, gs, w, s, es, quantize_output=True, interpret=True, config=cfg)
+  _, _, w_down, s_down, _ = make_inputs(4, 16, 128, 128, [9, 7], (1, 2), fp8=True)
+  with pytest.raises(ValueError, match="same block_m"):
+    gg.grouped_gemm_fp8(a, gs, w_down, s_down, es, interpret=True,
+                        config=dataclasses.replace(gg.FP8_PREFILL_CONFIG, max_concurrent_steps=2))
+
+
+@pytest.mark.parametrize("cfg", [gg.FP8_SWIGLU_DECODE_CONFIG, gg.FP8_SWIGLU_PREFILL_CONFIG], ids=fp8_id)
+def test_fp8_swiglu_quantized_chain_lowers_for_gpu(cfg):
+  """The MoE path's chain at R1's expert shape with two buffers: SwiGLU with the quantized output, then the down
+  GEMM reading the scales by tile, lowered to Mosaic GPU on the CPU machine (e4m3 stores, SMEM checked)."""
+  cfg = dataclasses.replace(cfg, num_sms=132)
+  down = dataclasses.replace(gg.default_config(4096 if cfg.block_m == 128 else 64, 40 if cfg.block_m == 128
+                                               else 40, 7168, fp8=True), num_sms=132)
+  spec = jax.ShapeDtypeStruct
+  m = 4096 if cfg.block_m == 128 else 64
+
+  def chain(x, xs, sizes, w0, w1, s0, s1, d0, d1, sd0, sd1, where):
+    a = gg.grouped_gemm_fp8_swiglu(x, sizes, (w0, w1), (s0, s1), where, config=cfg, x_scale=xs,
+                                   quantize_output=True)
+    return gg.grouped_gemm_fp8(a, sizes, (d0, d1), (sd0, sd1), where, config=down)
+
+  args = (spec((m, 7168), jnp.float8_e4m3fn), spec((m, 56), jnp.float32), spec((40,), jnp.int32),
+          spec((32, 4096, 7168), jnp.float8_e4m3fn), spec((8, 4096, 7168), jnp.float8_e4m3fn),
+          spec((32, 32, 56), jnp.float32), spec((8, 32, 56), jnp.float32),
+          spec((32, 7168, 2048), jnp.float8_e4m3fn), spec((8, 7168, 2048), jnp.float8_e4m3fn),
+          spec((32, 56, 16), jnp.float32), spec((8, 56, 16), jnp.float32), spec((40, 2), jnp.int32))
+  assert down.block_m == cfg.block_m
+  assert jax.jit(chain).trace(*args).lower(lowering_platforms=("cuda",)).as_text().count("mosaic_gpu") >= 2
