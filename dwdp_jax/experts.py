@@ -150,11 +150,12 @@ def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, 
         xq, xs = gg.quantize_activations(x_sorted)
         if rows is not None:
             xq, xs = xq[rows], xs[rows]
-        # SwiGLU and the down projection's activation quantization in the gate/up GEMM's epilogue: only the
-        # [M, I] e4m3 rows and their scales reach HBM, and the down GEMM reads the scales by tile
+        # SwiGLU in the gate/up GEMM's epilogue: only the [M, I] bf16 product reaches HBM. Its quantization for
+        # the down GEMM stays an XLA pass: the epilogue that also quantizes (quantize_output=True) measured slower
+        # at prefill (kernels-20261206-nvidia-h100-x1-moe-ffn-swiglu.json, WORKSPACE Finding 22)
         inter = buffers[0].w_gate_up.shape[1] // 2
         a = gg.grouped_gemm_fp8_swiglu(xq, sizes, [b.w_gate_up for b in buffers], [b.s_gate_up for b in buffers],
-                                       where, x_scale=xs, quantize_output=True,
+                                       where, x_scale=xs,
                                        config=_gemm_config(num_sms, m, groups, inter, True, swiglu=True))
         return gg.grouped_gemm_fp8(a, sizes, [b.w_down for b in buffers], [b.s_down for b in buffers], where,
                                    out_dtype=jnp.bfloat16,

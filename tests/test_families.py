@@ -237,18 +237,14 @@ def test_padded_fp8_experts_keep_the_kernel_tiles_aligned(monkeypatch):
     assert not w_down[:, 192:].any() and not w_down[:, :, 96:].any() and w_down[:, :192, :96].any()
 
     def aligned_reference(x, sizes, weights, scales, where, *, out_dtype, x_scale=None, config=None):
-        if isinstance(x, tuple):  # the swiglu stand-in's (e4m3 rows, row scales)
-            x, x_scale = x
         assert x.shape[1] % 128 == 0 and all(w.shape[1] % 128 == 0 and w.shape[2] % 128 == 0 for w in weights)
         return gg.reference_fp8(x, sizes, weights, scales, where, out_dtype=out_dtype, x_scale=x_scale)
 
     def aligned_swiglu_reference(x, sizes, weights, scales, where, *, x_scale=None, config=None,
-                                 quantize_output=False):
+                                 out_dtype=jnp.bfloat16):
         assert all(w.shape[1] % 256 == 0 for w in weights)  # gate and up each whole 128-row blocks
         aligned_reference(x, sizes, weights, scales, where, out_dtype=jnp.float32, x_scale=x_scale)
-        assert quantize_output  # the path under test quantizes in the epilogue: e4m3 rows with row scales
-        return gg.quantize_activations(gg.reference_fp8_swiglu(x, sizes, weights, scales, where,
-                                                               out_dtype=jnp.float32, x_scale=x_scale))
+        return gg.reference_fp8_swiglu(x, sizes, weights, scales, where, out_dtype=out_dtype, x_scale=x_scale)
 
     monkeypatch.setattr(gg, "grouped_gemm_fp8", aligned_reference)
     monkeypatch.setattr(gg, "grouped_gemm_fp8_swiglu", aligned_swiglu_reference)
