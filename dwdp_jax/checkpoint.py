@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -157,12 +158,21 @@ def item_leaves(meta: dict) -> dict[str, list[tuple[tuple, dict, dict]]]:
 # -------------------------------------------------------------------------------------------------------- writer
 
 
-# numpy arrays saved as orbax's default handler saves them (same typestr and files), minus its defensive deep copy
-# of every array: `Writer.save_item` returns only once the item is on disk, and its caller keeps the arrays
-# unchanged until then (the copy, and the kernel zeroing its fresh pages, were a sixth of the converter's CPU).
+def _numpy_save_handler():
+    """orbax's numpy handler without its defensive deep copy of every array where this orbax offers that
+    (`deepcopy_host_arrays`, orbax-checkpoint 0.12.8 here): `Writer.save_item` returns only once the item is on
+    disk, and its caller keeps the arrays unchanged until then (the copy, and the kernel zeroing its fresh pages,
+    were a sixth of the converter's CPU). Older orbax (the GPU image's, 2026-12-06) has no such argument: its
+    default handler, which copies. Same typestr and files either way."""
+    handler = ocp.type_handlers.NumpyHandler
+    if "deepcopy_host_arrays" in inspect.signature(handler.__init__).parameters:
+        return handler(deepcopy_host_arrays=False)
+    return handler()
+
+
 # jax.Array keeps orbax's handler only because orbax warns about every registry without one.
 _SAVE_HANDLERS = ocp.type_handlers.create_type_handler_registry(
-    (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+    (np.ndarray, _numpy_save_handler()),
     (jax.Array, ocp.type_handlers.ArrayHandler()),
 )
 

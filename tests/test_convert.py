@@ -503,3 +503,25 @@ def test_command_line_hashes_before_jax_loads():
                             capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
     assert convert_hash.INDEX_NAME == safetensors_io.INDEX_NAME
+def test_numpy_save_handler_on_older_orbax(monkeypatch):
+    """The GPU image's orbax has no `deepcopy_host_arrays` (the converter failed there on import, 2026-12-06):
+    the writer then takes orbax's default numpy handler; with the argument, it turns the copy off."""
+    import orbax.checkpoint as ocp
+
+    from dwdp_jax import checkpoint as ckpt
+
+    made = []
+
+    class OldHandler:
+        def __init__(self):
+            made.append("old")
+
+    class NewHandler:
+        def __init__(self, deepcopy_host_arrays=True):
+            made.append(deepcopy_host_arrays)
+
+    monkeypatch.setattr(ocp.type_handlers, "NumpyHandler", OldHandler)
+    assert isinstance(ckpt._numpy_save_handler(), OldHandler)
+    monkeypatch.setattr(ocp.type_handlers, "NumpyHandler", NewHandler)
+    assert isinstance(ckpt._numpy_save_handler(), NewHandler)
+    assert made == ["old", False]

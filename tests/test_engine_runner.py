@@ -103,10 +103,20 @@ def test_step_arrays_pack_and_unpack():
     rng = np.random.RandomState(0)
     step = StepArrays(*(rng.randint(0, 99, shape).astype(np.int32) for shape in [(3, 5), (3, 5), (3,), (3,), (3, 4)]))
     ids, rest = step.pack()
-    assert ids is step.ids and rest.shape == (3 * (5 + 2 + 4),) and rest.dtype == np.int32
+    # positions, q_lens, lengths, block_table from 256-byte aligned offsets (a Mosaic GPU kernel refuses a view of
+    # the vector that is not 256-byte aligned), block_table unpadded at the end
+    assert ids is step.ids and rest.shape == (3 * 64 + 3 * 4,) and rest.dtype == np.int32
+    np.testing.assert_array_equal(rest[[64, 65, 66, 128, 129, 130]], np.concatenate([step.q_lens, step.lengths]))
     back = jax.jit(StepArrays.unpack)(ids, rest)
     for f in dataclasses.fields(StepArrays):
         np.testing.assert_array_equal(getattr(back, f.name), getattr(step, f.name))
+    # a decode step of one row (where the unaligned pack failed on the GPU) and a wide prefill step
+    for rows, length, pages in [(1, 1, 64), (128, 1, 64), (4, 2048, 32)]:
+        step = StepArrays(*(rng.randint(0, 99, shape).astype(np.int32) for shape in
+                            [(rows, length), (rows, length), (rows,), (rows,), (rows, pages)]))
+        back = StepArrays.unpack(*step.pack())
+        for f in dataclasses.fields(StepArrays):
+            np.testing.assert_array_equal(getattr(back, f.name), getattr(step, f.name))
 
 
 def test_buckets():

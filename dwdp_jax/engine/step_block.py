@@ -83,20 +83,42 @@ class StepArrays:
         return StepArrays(*(np.concatenate([getattr(p, n) for p in parts]) for n in names))
 
     def pack(self):
-        """(ids, every other field in one int32 vector [rows * (length + 2 + pages)]): a step's inputs in two
-        host-to-device transfers instead of five (each a copy the host issues and orders; ids may already be
-        on the device, fed from the previous step's samples)."""
-        return self.ids, np.concatenate([self.positions.ravel(), self.q_lens, self.lengths,
-                                         self.block_table.ravel()]).astype(np.int32, copy=False)
+        """(ids, every other field in one int32 vector): a step's inputs in two host-to-device transfers instead of
+        five (each a copy the host issues and orders; ids may already be on the device, fed from the previous
+        step's samples). The vector holds positions, q_lens and lengths each from an offset that is a multiple of
+        PACK_ALIGN elements (256 bytes), then block_table: XLA hands contiguous slices of an input to a kernel as
+        views, and a Mosaic GPU kernel refuses an input not 256-byte aligned (jaxlib/mosaic/gpu/custom_call.cc;
+        the unaligned pack failed every decode step on an H100, 2026-12-06)."""
+        rows, length = self.ids.shape
+        offsets, total = _pack_offsets(rows, length)
+        rest = np.zeros((total + self.block_table.size,), np.int32)
+        for name, off in offsets.items():
+            value = getattr(self, name).ravel()
+            rest[off:off + value.size] = value
+        rest[total:] = self.block_table.ravel()
+        return self.ids, rest
 
     @staticmethod
     def unpack(ids, rest) -> StepArrays:
         """The inverse of `pack` (inside a step program: the shapes follow from ids [rows, length] and rest)."""
         rows, length = ids.shape
-        pages = (rest.shape[0] - rows * (length + 2)) // rows
-        q0 = rows * length
-        return StepArrays(ids, rest[:q0].reshape(rows, length), rest[q0:q0 + rows], rest[q0 + rows:q0 + 2 * rows],
-                          rest[q0 + 2 * rows:].reshape(rows, pages))
+        offsets, total = _pack_offsets(rows, length)
+        pages = (rest.shape[0] - total) // rows
+        q, n = offsets["q_lens"], offsets["lengths"]
+        return StepArrays(ids, rest[:rows * length].reshape(rows, length), rest[q:q + rows], rest[n:n + rows],
+                          rest[total:].reshape(rows, pages))
+
+
+PACK_ALIGN = 64  # int32 elements: 256 bytes, Mosaic GPU's required input alignment
+
+
+def _pack_offsets(rows: int, length: int) -> tuple[dict[str, int], int]:
+    """Offsets (int32 elements) of positions, q_lens and lengths in `StepArrays.pack`'s vector, and where
+    block_table starts: each a multiple of PACK_ALIGN."""
+    up = lambda v: -(-v // PACK_ALIGN) * PACK_ALIGN  # noqa: E731
+    q = up(rows * length)
+    n = q + up(rows)
+    return {"positions": 0, "q_lens": q, "lengths": n}, n + up(rows)
 
 
 jax.tree_util.register_dataclass(StepArrays, data_fields=[f.name for f in dataclasses.fields(StepArrays)],
