@@ -115,18 +115,20 @@ class Linear(nnx.Module):
         x2 = x.reshape(-1, d_in).astype(jnp.bfloat16)
         m = x2.shape[0]
         cfg = gg.default_config(m, 1, d_out, fp8=True)
-        splits = 1
-        if m <= DECODE_ROWS:  # a few rows: N / block_n output tiles would leave most SMs idle
+        splits, decode = 1, m <= DECODE_ROWS
+        if decode:  # a few rows: N / block_n output tiles would leave most SMs idle
             splits = gg.choose_k_splits(d_out, d_in, INTERPRET_SMS if interpret else _compat.num_sms(),
                                         cfg.block_n)
+            # and the kernel quantizes them itself: no XLA passes around the call but the padding
+            cfg = gg.bf16_x_config(cfg)
         if splits > 1:
             y = gg.fp8_matmul_split_k(x2, self.kernel[...], self.scale[...], splits, config=cfg,
-                                      out_dtype=jnp.bfloat16, interpret=interpret)
+                                      out_dtype=jnp.bfloat16, interpret=interpret, quantize_in_kernel=True)
         else:
             # numpy group sizes: the tile schedule is a constant of the program
             y = gg.grouped_gemm_fp8(x2, np.full((1,), m, np.int32), (self.kernel[...][None],),
                                     (self.scale[...][None],), np.zeros((1, 2), np.int32), config=cfg,
-                                    out_dtype=jnp.bfloat16, interpret=interpret)
+                                    out_dtype=jnp.bfloat16, interpret=interpret, quantize_in_kernel=decode)
         return y.reshape(*x.shape[:-1], d_out).astype(x.dtype)
 
 

@@ -5,7 +5,10 @@ tile is 64 x 256, so a layer has only N / 256 output tiles (q_a: 6, o_proj and t
 and most SMs idle; split-K (`grouped_gemm.fp8_matmul_split_k`) cuts K into slices that run as extra tiles and
 sums them in f32. For every R1 linear and row count, CUPTI kernel times of one call:
   * `one_group`: `grouped_gemm_fp8` with one group (the engine's path before split-K),
-  * `split_k`: `fp8_matmul_split_k` with `choose_k_splits`' slice count (the engine's path now),
+  * `split_k`: `fp8_matmul_split_k` with `choose_k_splits`' slice count, the kernel quantizing the bf16 rows
+    itself (`quantize_in_kernel`: the engine's path now),
+  * `split_k_xla_quant`: the same with the activations quantized by XLA before the kernel (the path until
+    2026-12-06, session 9),
   * `xla_dequant`: the weight dequantized to bf16 by XLA, then a dot (the CPU path; no FP8 tensor cores),
 each as the Mosaic kernel alone and as the whole call (activation quantization, the slices' sum), against the
 weight bytes: GB/s and the fraction of the HBM copy rate measured in the same run. Outputs are checked against
@@ -52,13 +55,16 @@ def variants(n: int, k: int, m: int, num_sms: int, interpret: bool):
   """{name: jitted f(x, w, s)} and the split count."""
   cfg = gg.default_config(m, 1, n, fp8=True)
   splits = gg.choose_k_splits(n, k, num_sms, cfg.block_n)
+  qx_cfg = gg.bf16_x_config(cfg)
   one = np.full((1,), m, np.int32)  # numpy: the tile schedule is a constant, as in the engine's Linear
   zero = np.zeros((1, 2), np.int32)
   fns = {
       "one_group": jax.jit(lambda x, w, s: gg.grouped_gemm_fp8(x, one, (w[None],), (s[None],), zero, config=cfg,
                                                                interpret=interpret)),
-      "split_k": jax.jit(lambda x, w, s: gg.fp8_matmul_split_k(x, w, s, splits, config=cfg,
-                                                               interpret=interpret)),
+      "split_k": jax.jit(lambda x, w, s: gg.fp8_matmul_split_k(x, w, s, splits, config=qx_cfg,
+                                                               interpret=interpret, quantize_in_kernel=True)),
+      "split_k_xla_quant": jax.jit(lambda x, w, s: gg.fp8_matmul_split_k(x, w, s, splits, config=cfg,
+                                                                         interpret=interpret)),
       "xla_dequant": jax.jit(lambda x, w, s: jnp.dot(
           x, gg.dequantize_weight(w[None], s[None])[0].T.astype(jnp.bfloat16),
           preferred_element_type=jnp.float32).astype(jnp.bfloat16)),
@@ -130,7 +136,7 @@ def main(argv=None):
     for m in sorted({r["rows"] for r in rows_out}):
       rs = [r for r in rows_out if r["rows"] == m]
       nbytes = sum(r["weight_bytes"] for r in rs)
-      for v in ("one_group", "split_k", "xla_dequant"):
+      for v in ("one_group", "split_k", "split_k_xla_quant", "xla_dequant"):
         # all seven linears streamed once, as a decode step does per layer
         metrics[f"fp8_linear_frac_of_hbm_m{m}_{v}"] = nbytes / sum(r["time_s"][v] for r in rs) / 1e9 / hbm
     metrics["hbm_copy_gbps"], metrics["hbm_copy_detail_gbps"] = hbm, hbm_detail

@@ -42,7 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _mosaic
 from pallas_kernels.grouped_gemm_common import (epilogue, epilogue_cols, kernel_call, pad_rows, reference,
                                                 tile_fields, validate_inputs, warp_specialized)
-from pallas_kernels.grouped_gemm_fp8 import (choose_k_splits, dequantize_weight, dequantized_activations,
+from pallas_kernels.grouped_gemm_fp8 import (bf16_x_config, choose_k_splits, dequantize_weight, dequantized_activations,
                                              fp8_matmul_split_k, fp8_to_f32, grouped_gemm_fp8,
                                              quantize_activations, reference_fp8)
 from pallas_kernels.grouped_gemm_swiglu import grouped_gemm_fp8_swiglu, reference_fp8_swiglu
@@ -56,7 +56,7 @@ from pallas_kernels.grouped_gemm_tiles import (DECODE_CONFIG, FP8_BLOCK, FP8_DEC
 __all__ = [
     "DECODE_CONFIG", "FP8_BLOCK", "FP8_DECODE_CONFIG", "FP8_PREFILL_CONFIG", "FP8_PREFILL_OVERLAP_CONFIG",
     "FP8_SWIGLU_DECODE_CONFIG", "FP8_SWIGLU_PREFILL_CONFIG", "PREFILL_CONFIG", "PREFILL_M_SPLIT_CONFIG",
-    "GroupedGemmConfig", "TileQuantizedRows", "choose_k_splits", "default_config", "default_swiglu_config", "dequantize_weight",
+    "GroupedGemmConfig", "TileQuantizedRows", "bf16_x_config", "choose_k_splits", "default_config", "default_swiglu_config", "dequantize_weight",
     "dequantized_activations", "fp8_matmul_split_k", "fp8_to_f32", "grouped_gemm", "grouped_gemm_fp8",
     "grouped_gemm_fp8_swiglu", "max_tiles", "quantize_activations", "reference", "reference_fp8", "reference_fp8_swiglu",
     "tile_schedule",

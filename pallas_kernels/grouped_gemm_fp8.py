@@ -10,6 +10,7 @@ cannot fold away.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -95,14 +96,19 @@ def reference_fp8(x, group_sizes, weights, scales, expert_slot, *, out_dtype=jnp
 _LOG2E = 1.4426950408889634
 
 
-def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
-                 out_dtype, interpret, swiglu=False, tile_scales_in=False, quantize_out=False):
+def _fp8_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n,
+                 out_dtype, interpret, swiglu=False, tile_scales_in=False, quantize_out=False, quantize_x=False):
   """swiglu: n is the output width I and the weights hold 2I rows (gate rows [0, I), up rows [I, 2I));
   each tile accumulates its gate and up columns and stores silu(gate) * up.
   tile_scales_in: xs_ref is [T, K/128, block_m], the row scales of tile t's rows (`TileQuantizedRows`),
   instead of [K/128, M'].
   quantize_out: the output is quantized per row per 128 columns to e4m3 (out_ref), with the scales of tile t
-  in the extra output [T, n/128, block_m] (every row of the tile, valid or not: no other tile writes there)."""
+  in the extra output [T, n/128, block_m] (every row of the tile, valid or not: no other tile writes there).
+  quantize_x: x_ref holds bf16 activations and no row-scale input follows it; each compute warpgroup quantizes
+  its [wg_m, 128] rows of every k stage itself (`quantize_activations`' rule) into its own e4m3 SMEM tile, which
+  the wgmma reads (the decode regime: a few rows, so the re-quantization per n block is cheap beside the
+  weight stream, and no XLA pass runs before the kernel)."""
+  xs_ref, refs = (None, refs) if quantize_x else (refs[0], refs[1:])
   w_refs, s_refs = refs[:num_buffers], refs[num_buffers:2 * num_buffers]
   out_ref = refs[2 * num_buffers]
   ts_out_ref = refs[2 * num_buffers + 1] if quantize_out else None
@@ -110,26 +116,33 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
                             cfg.num_compute_wgs)
   num_k, n_blocks, wg_m, wg_n = k // bk, n // bn, cfg.wg_m, cfg.wg_n
   halves = 2 if swiglu else 1  # weight row blocks per tile: (gate, up) or the one
-  dtype = x_ref.dtype
+  x_dtype, w_dtype = x_ref.dtype, jnp.float8_e4m3fn
+  extra = {}
+  if quantize_out:
+    extra["sc_smem"] = plgpu.SMEM((nwg, wg_m), jnp.float32)
+  if quantize_x:
+    extra["aq_smem"] = plgpu.SMEM((nwg, wg_m, bk), w_dtype, transforms=_mosaic.smem_transforms(bk, w_dtype))
+  else:
+    extra["s_smem"] = plgpu.SMEM((steps, bm), jnp.float32)
 
   @functools.partial(
       pl.run_scoped,
-      a_smem=plgpu.SMEM((steps, bm, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
-      b_smem=plgpu.SMEM((steps * halves, bn, bk), dtype, transforms=_mosaic.smem_transforms(bk, dtype)),
-      s_smem=plgpu.SMEM((steps, bm), jnp.float32),
+      a_smem=plgpu.SMEM((steps, bm, bk), x_dtype, transforms=_mosaic.smem_transforms(bk, x_dtype)),
+      b_smem=plgpu.SMEM((steps * halves, bn, bk), w_dtype, transforms=_mosaic.smem_transforms(bk, w_dtype)),
       o_smem=plgpu.SMEM((nwg, wg_m, wg_n if quantize_out else epilogue_cols(wg_n, out_dtype)), out_dtype),
-      **(dict(sc_smem=plgpu.SMEM((nwg, wg_m), jnp.float32)) if quantize_out else {}),
-      full=plgpu.Barrier(num_arrivals=2 + halves, num_barriers=steps),
+      full=plgpu.Barrier(num_arrivals=(1 if quantize_x else 2) + halves, num_barriers=steps),
       free=plgpu.Barrier(num_arrivals=nwg, num_barriers=steps),
       collective_axes="wg",
+      **extra,
   )
-  def _scope(a_smem, b_smem, s_smem, o_smem, full, free, sc_smem=None):
+  def _scope(a_smem, b_smem, o_smem, full, free, s_smem=None, sc_smem=None, aq_smem=None):
     def issue(t, fields, j, kk, slot):
       _, buf, wslot, load_row, *_, k_block = fields
       plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(load_row, bm), pl.ds(kk * bk, bk)],
                               a_smem.at[slot], full.at[slot])
-      row_scales = xs_ref.at[t, kk] if tile_scales_in else xs_ref.at[kk, pl.ds(load_row, bm)]
-      plgpu.copy_gmem_to_smem(row_scales, s_smem.at[slot], full.at[slot])
+      if not quantize_x:
+        row_scales = xs_ref.at[t, kk] if tile_scales_in else xs_ref.at[kk, pl.ds(load_row, bm)]
+        plgpu.copy_gmem_to_smem(row_scales, s_smem.at[slot], full.at[slot])
       for b, w_ref in enumerate(w_refs):
         @pl.when(buf == b)
         def _():
@@ -158,9 +171,11 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
         """SMEM stage of k step kk and this warpgroup's views: a [wg_m, 128] e4m3,
         b [wg_n, 128] e4m3 (K-major; row block h: gate 0 or up 1), row scales [wg_m] f32."""
         slot = lax.rem(carry + kk, steps)
-        a_tile, b_tile, s_tile = a_smem.at[slot], b_smem.at[slot * halves + h], s_smem.at[slot]
+        a_tile, b_tile = a_smem.at[slot], b_smem.at[slot * halves + h]
+        s_tile = None if quantize_x else s_smem.at[slot]
         if wg_m != bm:
-          a_tile, s_tile = a_tile.at[pl.ds(row0, wg_m)], s_tile.at[pl.ds(row0, wg_m)]
+          a_tile = a_tile.at[pl.ds(row0, wg_m)]
+          s_tile = None if quantize_x else s_tile.at[pl.ds(row0, wg_m)]
         if wg_n != bn:
           b_tile = b_tile.at[pl.ds(col0, wg_n)]
         return slot, a_tile, b_tile, s_tile
@@ -169,13 +184,24 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
         # Interpret-mode wgmma ignores transposed operands: the same product with jnp.dot.
         return jnp.dot(a_tile[...].astype(jnp.float32), b_tile[...].astype(jnp.float32).T)
 
-      def scale(s_tile, kk, valid=True, h=0):
-        """x_scale[row] * w_scale[slot, n block, kk + k_block], [wg_m] f32; 0 where valid is False."""
-        row_scale = s_tile[...] * weight_scale(kk, h)
+      def scale(s_tile, kk, valid=True, h=0, x_row_scale=None):
+        """x_scale[row] * w_scale[slot, n block, kk + k_block], [wg_m] f32; 0 where valid is False.
+        x_scale: read from s_tile, or given (x_row_scale, quantize_x)."""
+        row_scale = (s_tile[...] if x_row_scale is None else x_row_scale) * weight_scale(kk, h)
         if valid is not True:
           # A select, not a product: an unused stage may hold NaN. Explicit broadcast: the
           # warpgroup lowering has no implicit one.
           row_scale = jnp.where(jnp.broadcast_to(valid, row_scale.shape), row_scale, 0.0)
+        return row_scale
+
+      def quantize_tile(a_tile, aq_tile):
+        """The warpgroup's bf16 rows a_tile [wg_m, 128] quantized into aq_tile (e4m3, SMEM); returns their
+        scales [wg_m] f32 (`quantize_activations`: max |x| / 448 per row, at least 1e-12 / 448)."""
+        a = a_tile[...] if interpret else plgpu.load(a_tile, (), layout=plgpu.Layout.WGMMA)
+        a = a.astype(jnp.float32)
+        row_scale = jnp.maximum(jnp.max(jnp.maximum(a, -a), axis=1), 1e-12) / E4M3_MAX
+        aq_tile[...] = (a / lax.broadcast_in_dim(row_scale, a.shape, [0])).astype(w_dtype)
+        plgpu.commit_smem()  # the stores reach the async proxy (wgmma) and every thread of the warpgroup
         return row_scale
 
       def promote(acc, part, row_scale):
@@ -186,10 +212,16 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
         partials share one wgmma accumulator, one after the other (registers: SwiGLU holds two
         accumulators)."""
         new = []
+        x_row_scale = None
         for h, acc in enumerate(accs):
           slot, a_tile, b_tile, s_tile = stage(kk, h)
           if h == 0:
             plgpu.barrier_wait(full.at[slot])
+            if quantize_x:
+              aq_tile = aq_smem.at[lax.axis_index("wg")]
+              x_row_scale = quantize_tile(a_tile, aq_tile)
+          if quantize_x:
+            a_tile = aq_tile
           if interpret:
             part = dot_interpret(a_tile, b_tile)
           else:
@@ -197,7 +229,7 @@ def _fp8_ws_body(sched_ref, x_ref, xs_ref, *refs, cfg, num_buffers, t_max, k, n,
               plgpu.wgmma(tmp_ref, a_tile, _compat.transpose_ref(b_tile, (1, 0)))
               return tmp_ref[...]
             part = pl.run_scoped(mm, plgpu.ACC((wg_m, wg_n), jnp.float32))
-          row_scale = scale(s_tile, kk, h=h)
+          row_scale = scale(s_tile, kk, h=h, x_row_scale=x_row_scale)
           if h == halves - 1:
             plgpu.barrier_arrive(free.at[slot])
           new.append(promote(acc, part, row_scale))
@@ -313,7 +345,8 @@ def _fp8_overlap_pipeline(nk, acc0, *, stage, scale, promote, dot_interpret, ful
 
 def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Sequence[jax.Array],
                      expert_slot, *, config: GroupedGemmConfig | None = None,
-                     out_dtype=jnp.bfloat16, interpret: bool = False, x_scale=None):
+                     out_dtype=jnp.bfloat16, interpret: bool = False, x_scale=None,
+                     quantize_in_kernel: bool = False):
   """Grouped FP8 GEMM with DeepSeek-V3 block scales.
 
   Args:
@@ -329,16 +362,19 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
       dequantized weight = w * scale per 128x128 block.
     config: None picks FP8_DECODE_CONFIG; FP8_PREFILL_OVERLAP_CONFIG (fp8_overlap_promotion)
       overlaps each k step's promotion with the next step's wgmma and needs K/128 even.
+    quantize_in_kernel: x is bf16 and the kernel quantizes it, per k stage in the compute warpgroups
+      (`quantize_activations`' rule, the same e4m3 values): no XLA passes before the kernel. For few rows
+      per group (decode): the rows are re-quantized for every n block, cheap beside the weight stream there.
   Returns:
     [M, N] out_dtype; per 128-wide K block the fp8 partial product is promoted into an f32
     accumulator with the activation row scale times the weight block scale.
   """
   return grouped_fp8(x, group_sizes, weights, scales, expert_slot, config=config, out_dtype=out_dtype,
-                     interpret=interpret, x_scale=x_scale)
+                     interpret=interpret, x_scale=x_scale, quantize_x=quantize_in_kernel)
 
 
 def grouped_fp8(x, group_sizes, weights, scales, expert_slot, *, config, out_dtype, interpret, x_scale,
-                swiglu: bool = False, quantize_out: bool = False):
+                swiglu: bool = False, quantize_out: bool = False, quantize_x: bool = False):
   """`grouped_gemm_fp8`, and with swiglu / quantize_out `grouped_gemm_fp8_swiglu`'s kernel (weights of 2I
   rows, output [M, I]; quantized: `TileQuantizedRows`). Validates, quantizes, calls the kernel."""
   weights, scales = tuple(weights), tuple(scales)
@@ -354,6 +390,8 @@ def grouped_fp8(x, group_sizes, weights, scales, expert_slot, *, config, out_dty
   n_out = n // 2 if swiglu else n
   m = rows.shape[0]
   cfg = config or default_config(m, group_sizes.shape[0], n, fp8=True)
+  if quantize_x and config is None:
+    cfg = bf16_x_config(cfg)
   if cfg.block_k != FP8_BLOCK or FP8_BLOCK % cfg.wg_n:
     raise ValueError("FP8 needs block_k == 128 and a warpgroup N (64 or 128) inside one scale block")
   if not cfg.warp_specialized:
@@ -366,7 +404,11 @@ def grouped_fp8(x, group_sizes, weights, scales, expert_slot, *, config, out_dty
   if quantize_out and cfg.wg_n != FP8_BLOCK:
     raise ValueError(f"a quantized output needs a warpgroup N of 128 (one scale block), got {cfg.wg_n}")
   tile_scales = None
-  if tiled:
+  if quantize_x:
+    if tiled or x_scale is not None or x.dtype != jnp.bfloat16 or cfg.fp8_overlap_promotion:
+      raise ValueError("quantize_in_kernel takes bf16 activations, no x_scale, and no fp8_overlap_promotion")
+    xq, xs = x, None
+  elif tiled:
     want = (max_tiles(m, group_sizes.shape[0], cfg.block_m), k // FP8_BLOCK, cfg.block_m)
     if x_scale is not None or x.block_m != cfg.block_m or x.tile_scales.shape != want:
       raise ValueError(f"TileQuantizedRows must come from tiles of the same block_m ({x.block_m} vs "
@@ -381,13 +423,13 @@ def grouped_fp8(x, group_sizes, weights, scales, expert_slot, *, config, out_dty
     xq, xs = x, x_scale.astype(jnp.float32)
   return _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, cfg=cfg, k=k, n=n_out,
                    out_dtype=out_dtype, interpret=interpret, swiglu=swiglu, tile_scales=tile_scales,
-                   quantize_out=quantize_out)
+                   quantize_out=quantize_out, quantize_x=quantize_x)
 
 
 def _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, *, cfg, k, n, out_dtype, interpret,
-              k_blocks=None, swiglu=False, tile_scales=None, quantize_out=False):
+              k_blocks=None, swiglu=False, tile_scales=None, quantize_out=False, quantize_x=False):
   """The kernel on quantized rows xq [M, K] e4m3 with row scales xs [M, K/128] (or `tile_scales` [T, K/128,
-  block_m]); weights [E_i, N_w, K_w] with block scales [E_i, N_w/128, K_w/128], both read in place by (buffer,
+  block_m]; or, quantize_x, bf16 rows xq that the kernel quantizes, xs None); weights [E_i, N_w, K_w] with block scales [E_i, N_w/128, K_w/128], both read in place by (buffer,
   slot) (K_w >= K: split-K's group g reads the K columns and scales from block k_blocks[g] on). N_w = n, or 2n
   with swiglu. Returns [M, n] out_dtype, or with quantize_out `TileQuantizedRows` of [M, n] e4m3."""
   m = xq.shape[0]
@@ -397,21 +439,32 @@ def _fp8_call(xq, xs, group_sizes, expert_slot, weights, scales, *, cfg, k, n, o
                         buffer_sizes=tuple(w.shape[0] for w in weights), k_blocks=k_blocks)
   t_max = sched.shape[0] - 1
   # [K/128, M'] so that a tile's row scales of one K block are one contiguous TMA box.
-  row_scales = tile_scales if tile_scales is not None else jnp.pad(xs.T, ((0, 0), (0, m_pad - m)))
+  if quantize_x:
+    row_scales = ()
+  elif tile_scales is not None:
+    row_scales = (tile_scales,)
+  else:
+    row_scales = (jnp.pad(xs.T, ((0, 0), (0, m_pad - m))),)
   body = functools.partial(_fp8_ws_body, cfg=cfg, num_buffers=len(weights), k=k, n=n,
                            out_dtype=jnp.dtype(jnp.float8_e4m3fn if quantize_out else out_dtype), t_max=t_max,
                            interpret=interpret, swiglu=swiglu, tile_scales_in=tile_scales is not None,
-                           quantize_out=quantize_out)
+                           quantize_out=quantize_out, quantize_x=quantize_x)
   if quantize_out:
     out_shape = (jax.ShapeDtypeStruct((m_pad, n), jnp.float8_e4m3fn),
                  jax.ShapeDtypeStruct((t_max, n // FP8_BLOCK, cfg.block_m), jnp.float32))
   else:
     out_shape = jax.ShapeDtypeStruct((m_pad, n), out_dtype)
   call = kernel_call(body, out_shape, cfg=cfg, interpret=interpret, num_threads=cfg.num_compute_wgs + 1)
-  out = call(sched, xq, row_scales, *weights, *(s.astype(jnp.float32) for s in scales))
+  out = call(sched, xq, *row_scales, *weights, *(s.astype(jnp.float32) for s in scales))
   if quantize_out:
     return TileQuantizedRows(out[0][:m], out[1], cfg.block_m)
   return out[:m]
+
+
+def bf16_x_config(cfg: GroupedGemmConfig) -> GroupedGemmConfig:
+  """`cfg` for bf16 activations quantized in the kernel: each stage's activation tile doubles (bf16) and every
+  compute warpgroup keeps an e4m3 copy, so at most 3 stages fit the SMEM with the decode tile."""
+  return dataclasses.replace(cfg, max_concurrent_steps=min(cfg.max_concurrent_steps, 3))
 
 
 def choose_k_splits(n: int, k: int, num_sms: int, block_n: int, min_k_blocks: int = 2,
@@ -434,7 +487,7 @@ def choose_k_splits(n: int, k: int, num_sms: int, block_n: int, min_k_blocks: in
 
 
 def fp8_matmul_split_k(x, weight, scale, splits: int, *, config: GroupedGemmConfig | None = None,
-                       out_dtype=jnp.bfloat16, interpret: bool = False):
+                       out_dtype=jnp.bfloat16, interpret: bool = False, quantize_in_kernel: bool = False):
   """y = x @ dequant(weight).T for a few rows (decode), with K cut into `splits` slices that run as
   separate tiles (more CTAs stream the weight: a [N, K] weight has only N / block_n output tiles) and
   are summed in f32.
@@ -442,8 +495,9 @@ def fp8_matmul_split_k(x, weight, scale, splits: int, *, config: GroupedGemmConf
   x: [M, K] bf16/f32, quantized per token per 128 columns as `grouped_gemm_fp8` does; weight: [N, K]
   e4m3 (the checkpoint's [out, in]) with scale [N/128, K/128] f32; splits divides K/128. The slices are
   groups of the grouped GEMM: x's rows re-laid as [splits * M, K / splits] (slice-major), group g's tiles
-  read the weight's K columns from block g * K / (128 splits) on, in place. Returns [M, N] out_dtype,
-  equal to the one-group GEMM up to the f32 summation order of the slices."""
+  read the weight's K columns from block g * K / (128 splits) on, in place. quantize_in_kernel: x (bf16) is
+  re-laid and quantized by the kernel (`grouped_gemm_fp8`). Returns [M, N] out_dtype, equal to the one-group
+  GEMM up to the f32 summation order of the slices."""
   m, k = x.shape
   n = weight.shape[0]
   if weight.ndim != 2 or weight.shape[1] != k or weight.dtype != jnp.float8_e4m3fn:
@@ -454,14 +508,21 @@ def fp8_matmul_split_k(x, weight, scale, splits: int, *, config: GroupedGemmConf
     raise ValueError(f"splits={splits} must divide K/128={k // FP8_BLOCK}")
   kb = k // FP8_BLOCK // splits  # 128-wide blocks per slice
   cfg = config or default_config(m, 1, n, fp8=True)
+  if quantize_in_kernel and config is None:
+    cfg = bf16_x_config(cfg)
   if cfg.block_k != FP8_BLOCK or n % cfg.block_n or (cfg.fp8_overlap_promotion and kb % 2):
     raise ValueError(f"config {cfg} does not fit N={n} and slices of {kb} K blocks")
-  xq, xs = quantize_activations(x)
+  if quantize_in_kernel:
+    if x.dtype != jnp.bfloat16 or cfg.fp8_overlap_promotion:
+      raise ValueError("quantize_in_kernel takes bf16 activations and no fp8_overlap_promotion")
+    xq, xs = x, None
+  else:
+    xq, xs = quantize_activations(x)
+    xs = xs.reshape(m, splits, kb).transpose(1, 0, 2).reshape(splits * m, kb)
   xq = xq.reshape(m, splits, kb * FP8_BLOCK).transpose(1, 0, 2).reshape(splits * m, kb * FP8_BLOCK)
-  xs = xs.reshape(m, splits, kb).transpose(1, 0, 2).reshape(splits * m, kb)
   # numpy sizes: the tile schedule is a constant of the program (`tile_schedule`)
   group_sizes = np.full((splits,), m, np.int32)
   y = _fp8_call(xq, xs, group_sizes, np.zeros((splits, 2), np.int32), (weight[None],), (scale[None],), cfg=cfg,
                 k=kb * FP8_BLOCK, n=n, out_dtype=jnp.float32, interpret=interpret,
-                k_blocks=np.arange(splits, dtype=np.int32) * kb)
+                k_blocks=np.arange(splits, dtype=np.int32) * kb, quantize_x=quantize_in_kernel)
   return y.reshape(splits, m, n).sum(0).astype(out_dtype)

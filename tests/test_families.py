@@ -236,7 +236,8 @@ def test_padded_fp8_experts_keep_the_kernel_tiles_aligned(monkeypatch):
     w_down = np.asarray(experts.w_down, np.float32)
     assert not w_down[:, 192:].any() and not w_down[:, :, 96:].any() and w_down[:, :192, :96].any()
 
-    def aligned_reference(x, sizes, weights, scales, where, *, out_dtype, x_scale=None, config=None):
+    def aligned_reference(x, sizes, weights, scales, where, *, out_dtype, x_scale=None, config=None,
+                          quantize_in_kernel=False):
         assert x.shape[1] % 128 == 0 and all(w.shape[1] % 128 == 0 and w.shape[2] % 128 == 0 for w in weights)
         return gg.reference_fp8(x, sizes, weights, scales, where, out_dtype=out_dtype, x_scale=x_scale)
 

@@ -488,3 +488,54 @@ def test_fp8_swiglu_quantized_chain_lowers_for_gpu(cfg):
           spec((32, 56, 16), jnp.float32), spec((8, 56, 16), jnp.float32), spec((40, 2), jnp.int32))
   assert down.block_m == cfg.block_m
   assert jax.jit(chain).trace(*args).lower(lowering_platforms=("cuda",)).as_text().count("mosaic_gpu") >= 2
+
+
+QX_CONFIGS = ([gg.bf16_x_config(gg.FP8_DECODE_CONFIG)] if ON_GPU else
+              [gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=128, max_concurrent_steps=2),  # 2 wgs, "n"
+               gg.GroupedGemmConfig(block_m=128, block_n=128, block_k=128, max_concurrent_steps=2, wg_split="m")])
+
+
+@pytest.mark.parametrize("cfg", QX_CONFIGS, ids=fp8_id)
+def test_fp8_quantizes_bf16_activations_in_the_kernel(cfg):
+  """quantize_in_kernel: the compute warpgroups quantize each k stage's bf16 rows themselves; the result equals
+  the FP8 reference with `quantize_activations`' e4m3 values and scales (two buffers, an empty group, unequal
+  groups not tile multiples, rows past the sum)."""
+  m, k, n = (300, 1024, 512) if ON_GPU else (70, 512, 128)
+  sizes = [30, 0, 125, 3, 64] if ON_GPU else [30, 0, 25, 3, 9]
+  x, gs, w, s, es = make_inputs(21, m, k, n, sizes, (2, 3), fp8=True)
+  x = x * jnp.linspace(0.1, 30.0, m, dtype=jnp.float32)[:, None].astype(jnp.bfloat16)  # row scales differ
+  poison_device_memory((max(m, 256), n), jnp.float32)
+  out = gg.grouped_gemm_fp8(x, gs, w, s, es, config=cfg, out_dtype=jnp.float32, interpret=INTERPRET,
+                            quantize_in_kernel=True)
+  check_rows(out, reference_fp8(x, gs, w, s, es, out_dtype=jnp.float32), int(sum(sizes)))
+
+
+@pytest.mark.parametrize("m,splits", [(1, 4), (17, 2)])
+def test_fp8_split_k_quantizes_in_the_kernel(m, splits):
+  """Split-K with the activations quantized in the kernel equals split-K quantized by XLA (same e4m3 values)."""
+  k, n = (2048, 512) if ON_GPU else (512, 128)
+  x, _, w, s, _ = make_inputs(5 + m, m, k, n, [m], (1,), fp8=True)
+  cfg = gg.bf16_x_config(gg.FP8_DECODE_CONFIG) if ON_GPU else QX_CONFIGS[0]
+  got = gg.fp8_matmul_split_k(x, w[0][0], s[0][0], splits, config=cfg, out_dtype=jnp.float32, interpret=INTERPRET,
+                              quantize_in_kernel=True)
+  want = gg.fp8_matmul_split_k(x, w[0][0], s[0][0], splits, config=cfg, out_dtype=jnp.float32,
+                               interpret=INTERPRET)
+  assert rel_err(got, want) <= 1e-5
+  with pytest.raises(ValueError, match="bf16 activations"):
+    gg.fp8_matmul_split_k(x.astype(jnp.float32), w[0][0], s[0][0], splits, interpret=True, quantize_in_kernel=True)
+
+
+def test_fp8_in_kernel_quantization_lowers_for_gpu():
+  """The decode tile with in-kernel quantization lowers to Mosaic GPU at R1's o_proj (split-K, 8 slices) and the
+  experts' down projection (two buffers); the default stages fit the SMEM."""
+  spec = jax.ShapeDtypeStruct
+  cfg = dataclasses.replace(gg.bf16_x_config(gg.FP8_DECODE_CONFIG), num_sms=132)
+  f = jax.jit(lambda x, w, s: gg.fp8_matmul_split_k(x, w, s, 8, config=cfg, quantize_in_kernel=True))
+  args = (spec((1, 16384), jnp.bfloat16), spec((7168, 16384), jnp.float8_e4m3fn), spec((56, 128), jnp.float32))
+  assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  g = jax.jit(lambda x, sizes, w0, w1, s0, s1, where: gg.grouped_gemm_fp8(
+      x, sizes, (w0, w1), (s0, s1), where, config=cfg, quantize_in_kernel=True))
+  args = (spec((512, 2048), jnp.bfloat16), spec((40,), jnp.int32), spec((32, 7168, 2048), jnp.float8_e4m3fn),
+          spec((8, 7168, 2048), jnp.float8_e4m3fn), spec((32, 56, 16), jnp.float32), spec((8, 56, 16), jnp.float32),
+          spec((40, 2), jnp.int32))
+  assert "mosaic_gpu" in g.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
