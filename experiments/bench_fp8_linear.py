@@ -20,7 +20,6 @@ weight bytes: GB/s and the fraction of the HBM copy rate measured in the same ru
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -31,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import kernel_bench  # noqa: E402
 from experiments.bench_kernels import hbm_ceiling  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
 from pallas_kernels import _compat  # noqa: E402
@@ -85,16 +85,8 @@ def references(x, w, s):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--device_kind", default="cpu")
-  p.add_argument("--rows", default="1,64", help="comma list of row counts (decode batch sizes)")
-  p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-  p.add_argument("--tag", default="fp8-linear-decode")
-  p.add_argument("--smoke", action="store_true", help="CPU: interpret mode, tiny shapes")
-  a = p.parse_args(argv)
-  interpret = a.smoke or not _compat.on_gpu()
-  if interpret and not a.smoke:
-    raise SystemExit("no GPU: run with --smoke (interpret mode, tiny shapes)")
+  a, interpret = kernel_bench.parse_args(__doc__.split("\n")[0], "fp8-linear-decode",
+                                         ("--rows", "1,64", "comma list of row counts (decode batch sizes)"), argv)
   num_sms = 8 if interpret else _compat.num_sms()
   hbm, hbm_detail = hbm_ceiling(small=a.smoke)  # the kernel benchmarks' HBM ceiling (XLA and torch copies)
   print(f"HBM copy {hbm:.0f} GB/s {hbm_detail}, {num_sms} SMs")
@@ -114,14 +106,9 @@ def main(argv=None):
         row["rel_err"][variant] = err
         if interpret:
           continue
-        from pallas_kernels import profiling
-        calls = profiling.kernel_calls(f, x, w, s)
-        total = profiling.median_per_call(calls, lambda ks: sum(t for _, t in ks))
-        kern = profiling.median_per_call(calls, lambda ks: sum(t for kn, t in ks if profiling.is_mosaic(kn)))
-        row["time_s"][variant], row["kernel_s"][variant] = total, kern
-        # every kernel of the call with the median total: what the glue around the GEMM costs
-        median_call = min(calls, key=lambda ks: abs(sum(t for _, t in ks) - total))
-        row["kernels_us"][variant] = [(kn[:60], round(t * 1e6, 2)) for kn, t in median_call]
+        # kernels_us: every kernel of the call with the median total: what the glue around the GEMM costs
+        total, row["kernel_s"][variant], row["kernels_us"][variant] = kernel_bench.cupti_times(f, x, w, s)
+        row["time_s"][variant] = total
         row["gbps"][variant] = weight_bytes / total / 1e9
         row["frac_of_hbm"][variant] = row["gbps"][variant] / hbm
       bad = {v: e for v, e in row["rel_err"].items() if not e <= 1e-2}

@@ -22,7 +22,6 @@ on the CPU smoke shapes); each kernel's exactness is tests/test_grouped_gemm.py'
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -32,10 +31,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import kernel_bench  # noqa: E402
 from experiments.bench_kernels import hbm_ceiling  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
 from dwdp_jax.experts import ExpertWeights, pallas_sorted_ffn  # noqa: E402
-from pallas_kernels import _compat  # noqa: E402
 from pallas_kernels import grouped_gemm as gg  # noqa: E402
 from pallas_kernels.grouped_gemm import FP8_BLOCK  # noqa: E402
 
@@ -108,16 +107,9 @@ def variants(interpret: bool):
 
 
 def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--device_kind", default="cpu")
-  p.add_argument("--tokens", default="1,64,128,8192", help="comma list of token counts (rows = tokens x top_k)")
-  p.add_argument("--out_dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-  p.add_argument("--tag", default="moe-ffn-swiglu")
-  p.add_argument("--smoke", action="store_true", help="CPU: interpret mode, tiny shapes")
-  a = p.parse_args(argv)
-  interpret = a.smoke or not _compat.on_gpu()
-  if interpret and not a.smoke:
-    raise SystemExit("no GPU: run with --smoke (interpret mode, tiny shapes)")
+  a, interpret = kernel_bench.parse_args(__doc__.split("\n")[0], "moe-ffn-swiglu",
+                                         ("--tokens", "1,64,128,8192", "comma list of token counts (rows = tokens x "
+                                          "top_k)"), argv)
   shape = SMOKE if a.smoke else R1
   e, d, inter, top_k = shape["experts"], shape["hidden"], shape["inter"], shape["top_k"]
   hbm, hbm_detail = (0.0, {}) if interpret else hbm_ceiling(small=False)
@@ -140,14 +132,10 @@ def main(argv=None):
     if not all(e <= 3e-2 for e in row["rel_err_vs_separate"].values()):
       raise SystemExit(f"T={t}: the variants disagree: {row['rel_err_vs_separate']}")
     if not interpret:
-      from pallas_kernels import profiling
       for v, f in fns.items():
-        calls = profiling.kernel_calls(f, x, rows, sizes, wgu, sgu, wd, sd)
-        total = profiling.median_per_call(calls, lambda ks: sum(s for _, s in ks))
-        kern = profiling.median_per_call(calls, lambda ks: sum(s for kn, s in ks if profiling.is_mosaic(kn)))
-        median_call = min(calls, key=lambda ks: abs(sum(s for _, s in ks) - total))
-        row["time_s"][v], row["kernel_s"][v] = total, kern
-        row["kernels_us"][v] = [(kn[:60], round(s * 1e6, 2)) for kn, s in median_call]
+        total, row["kernel_s"][v], row["kernels_us"][v] = kernel_bench.cupti_times(f, x, rows, sizes, wgu, sgu, wd,
+                                                                                   sd)
+        row["time_s"][v] = total
         row["frac_of_hbm"][v] = row["weight_bytes"] / total / 1e9 / hbm
         row["tflops"][v] = row["flops"] / total / 1e12
       print(f"T={t:5d} experts={active:3d} | " + "  ".join(

@@ -58,3 +58,18 @@ def test_combine_is_deterministic_under_jit():
     w = jnp.asarray(rng.rand(64, K).astype(np.float32))
     f = jax.jit(lambda x: LocalExecutor()(x, ids, w, full))
     np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(f(x)))
+
+
+@pytest.mark.skipif(__import__("pallas_kernels._compat", fromlist=["on_gpu"]).on_gpu(),
+                    reason="checks the benchmark's loops in interpret mode on CPU; the GPU runs the benchmark itself")
+def test_bench_moe_ffn_smoke(tmp_path):
+    """experiments/bench_moe_ffn.py on CPU (interpret mode, tiny shapes): the variants agree."""
+    import json
+
+    from experiments import bench_moe_ffn
+
+    bench_moe_ffn.main(["--smoke", f"--out_dir={tmp_path}", "--tokens=6"])
+    (path,) = tmp_path.iterdir()
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["tokens"], r["rows"]) for r in rows] == [(6, 12)]
+    assert all(max(r["rel_err_vs_separate"].values()) <= 3e-2 for r in rows)

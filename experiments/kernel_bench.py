@@ -1,0 +1,39 @@
+"""What the kernel benchmarks with a CPU smoke mode share (`bench_fp8_linear.py`, `bench_moe_ffn.py`): their
+command line and the CUPTI timing of one jitted call."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pallas_kernels import _compat
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parse_args(description: str, tag: str, sizes: tuple[str, str, str], argv=None) -> tuple[argparse.Namespace, bool]:
+    """(arguments, interpret): --device_kind, --out_dir, --tag, --smoke and the benchmark's list of sizes, given
+    as (flag, default, help). interpret: no GPU (then --smoke is required: interpret mode, tiny shapes)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device_kind", default="cpu")
+    p.add_argument(sizes[0], default=sizes[1], help=sizes[2])
+    p.add_argument("--out_dir", default=RESULTS_DIR)
+    p.add_argument("--tag", default=tag)
+    p.add_argument("--smoke", action="store_true", help="CPU: interpret mode, tiny shapes")
+    a = p.parse_args(argv)
+    interpret = a.smoke or not _compat.on_gpu()
+    if interpret and not a.smoke:
+        raise SystemExit("no GPU: run with --smoke (interpret mode, tiny shapes)")
+    return a, interpret
+
+
+def cupti_times(f, *args) -> tuple[float, float, list]:
+    """(seconds of the whole call, of its Mosaic kernels, [(kernel, us)] of the call with the median total): CUPTI
+    kernel durations of the jitted `f(*args)` over a few calls (GPU only)."""
+    from pallas_kernels import profiling
+
+    calls = profiling.kernel_calls(f, *args)
+    total = profiling.median_per_call(calls, lambda ks: sum(t for _, t in ks))
+    kernels = profiling.median_per_call(calls, lambda ks: sum(t for kn, t in ks if profiling.is_mosaic(kn)))
+    median_call = min(calls, key=lambda ks: abs(sum(t for _, t in ks) - total))
+    return total, kernels, [(kn[:60], round(t * 1e6, 2)) for kn, t in median_call]
