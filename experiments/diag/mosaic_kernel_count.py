@@ -14,6 +14,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import export
 
@@ -37,6 +38,7 @@ def main():
 
     from dwdp_jax.config import preset
     from dwdp_jax.engine.runner import model_step_program
+    from dwdp_jax.engine.step_block import StepArrays
     from dwdp_jax.experts import LocalExecutor
     from dwdp_jax.model import init_model, set_fp8_matmul
     from dwdp_jax.paged_attention import PagedAttention
@@ -55,8 +57,9 @@ def main():
         program = model_step_program(graph, state_def, LocalExecutor(backend="pallas"), attention, absorbed)
         pages = [jax.ShapeDtypeStruct((n * pages_per_row + 1, 64, width), jnp.bfloat16)
                  for _ in range(cfg.num_layers)]
-        i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)
-        ids, rest = i32(n, length), i32(n * (length + 2 + pages_per_row))  # `StepArrays.pack`'s two arrays
+        zeros = lambda *s: np.zeros(s, np.int32)  # noqa: E731
+        ids, rest = (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in StepArrays(  # `StepArrays.pack`'s two arrays
+            zeros(n, length), zeros(n, length), zeros(n), zeros(n), zeros(n, pages_per_row)).pack())
         t = time.perf_counter()
         text = export.export(program, platforms=["cuda"])(leaves, pages, ids, rest).mlir_module()
         calls, distinct = count(text)
