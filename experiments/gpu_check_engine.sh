@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check of the engine (issue 17), in parts that each fit one device call (< 10 minutes):
-#   kernels  the FP8 linear tests on the GPU (split-K included), the engine with every FP8 kernel against its
-#            dequantized reference, and bench_fp8_linear.py (one-group GEMM vs split-K vs XLA
-#            dequantization on R1's linears at 1 and 64 rows)                                       ~6 min
+#   kernels  the FP8 grouped GEMM and linear tests on the GPU (split-K, SwiGLU, in-kernel quantization), the
+#            engine with every FP8 kernel against its dequantized reference (under the engine's command
+#            buffers), bench_fp8_linear.py (R1's linears at 1 and 64 rows) and bench_moe_ffn.py (one MoE
+#            layer's experts, SwiGLU epilogue vs separate pass)                                     ~7 min
 #   engine   bench_engine: prefill 4 x 2048 tokens (with its profile) and decode B=1 and B=128 at 4K, blocking
 #            and step ahead                                                                       ~9 min
 #   decode   bench_engine decode only, B=1, 64, 128 at 4K, blocking and step ahead, the engine's command
@@ -25,13 +26,13 @@ BENCH=(python3 experiments/bench_engine.py --device_kind="$KIND" --backend=palla
        --out="$OUTDIR")
 case "$PART" in
   kernels)
-    step engine tests 300 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_fp8_linear.py \
-      tests/test_grouped_gemm.py tests/test_engine_fp8_gpu.py -k "fp8 or split or decode_rows or engine"
-    # the same engine test with the engine's command buffers (Mosaic kernels inside CUDA graphs)
+    # the engine's FP8 test runs under the engine's command buffers (Mosaic kernels inside CUDA graphs)
     CB="$($PY -c "from dwdp_jax import xla_flags; print(' '.join(xla_flags.COMMAND_BUFFER_FLAGS['engine']))")"
-    XLA_FLAGS="$CB" step engine tests_command_buffers 200 python3 -m pytest -q -p no:cacheprovider --tb=short \
-      tests/test_engine_fp8_gpu.py
-    step engine bench_fp8_linear 200 python3 experiments/bench_fp8_linear.py --device_kind "$KIND" --out_dir "$OUTDIR"
+    XLA_FLAGS="$CB" step engine tests 300 python3 -m pytest -q -p no:cacheprovider --tb=short \
+      tests/test_fp8_linear.py tests/test_grouped_gemm.py tests/test_engine_fp8_gpu.py \
+      -k "fp8 or split or decode_rows or engine"
+    step engine bench_fp8_linear 150 python3 experiments/bench_fp8_linear.py --device_kind "$KIND" --out_dir "$OUTDIR"
+    step engine bench_moe_ffn 150 python3 experiments/bench_moe_ffn.py --device_kind "$KIND" --out_dir "$OUTDIR"
     ;;
   engine)
     step engine engine 560 "${BENCH[@]}" --prefill_requests=4 --decode_batch=1,128 --decode_context=4096 \
