@@ -135,13 +135,15 @@ def _gemm_config(num_sms, m: int, groups: int, n: int, fp8: bool, swiglu: bool =
     return dataclasses.replace(gg.bf16_x_config(cfg) if bf16_x else cfg, num_sms=num_sms)
 
 
-def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, rows=None, num_sms=None) -> jax.Array:
+def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, rows=None, num_sms=None,
+                      interpret: bool = False) -> jax.Array:
     """GPU path: SwiGLU FFN over rows sorted by group with the Mosaic GPU grouped GEMMs of
     `pallas_kernels.grouped_gemm`, which read every weight buffer in place. where: [groups, 2] (buffer, slot).
     rows: [M] int32, when given, x_sorted holds one row per token and row r of the sorted input is
     x_sorted[rows[r]] (FP8 experts then quantize each token once, before the top_k replication, and gather the
     e4m3 rows). num_sms: the GEMMs' persistent CTAs (None: one per SM; fewer leave SMs to a kernel running beside
-    them, e.g. the `pallas_async` fetch). Rows past sum(sizes) come out as zeros. Returns [M, hidden] bfloat16."""
+    them, e.g. the `pallas_async` fetch). interpret: the kernels in Mosaic GPU interpret mode (CPU tests). Rows past
+    sum(sizes) come out as zeros. Returns [M, hidden] bfloat16."""
     from pallas_kernels import grouped_gemm as gg
 
     d = x_sorted.shape[-1]
@@ -156,34 +158,35 @@ def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, 
         # at prefill (kernels-20261206-nvidia-h100-x1-moe-ffn-swiglu.json, WORKSPACE Finding 22)
         inter = buffers[0].w_gate_up.shape[1] // 2
         a = gg.grouped_gemm_fp8_swiglu(xq, sizes, [b.w_gate_up for b in buffers], [b.s_gate_up for b in buffers],
-                                       where, x_scale=xs,
+                                       where, x_scale=xs, interpret=interpret,
                                        config=_gemm_config(num_sms, m, groups, inter, True, swiglu=True))
         # decode (a few rows per expert): the down GEMM quantizes the SwiGLU rows itself, no XLA pass between
         decode = m <= 64 * groups
         return gg.grouped_gemm_fp8(a, sizes, [b.w_down for b in buffers], [b.s_down for b in buffers], where,
-                                   out_dtype=jnp.bfloat16, quantize_in_kernel=decode,
+                                   out_dtype=jnp.bfloat16, quantize_in_kernel=decode, interpret=interpret,
                                    config=_gemm_config(num_sms, m, groups, buffers[0].w_down.shape[1], True,
                                                        bf16_x=decode))[:, :d]
     if rows is not None:
         x_sorted = x_sorted[rows]
     h = gg.grouped_gemm(x_sorted, sizes, [b.w_gate_up.astype(jnp.bfloat16) for b in buffers], where,
-                        out_dtype=jnp.bfloat16,
+                        out_dtype=jnp.bfloat16, interpret=interpret,
                         config=_gemm_config(num_sms, m, groups, buffers[0].w_gate_up.shape[2], False))
     gate, up = jnp.split(h, 2, axis=-1)
     a = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(jnp.bfloat16)
     return gg.grouped_gemm(a, sizes, [b.w_down.astype(jnp.bfloat16) for b in buffers], where,
-                           out_dtype=jnp.bfloat16,
+                           out_dtype=jnp.bfloat16, interpret=interpret,
                            config=_gemm_config(num_sms, m, groups, buffers[0].w_down.shape[2], False))[:, :d]
 
 
-def _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot, num_sms=None) -> jax.Array:
+def _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot, num_sms=None,
+                interpret: bool = False) -> jax.Array:
     t, k = expert_ids_tk.shape
     flat_ids = expert_ids_tk.reshape(-1)
     order = jnp.argsort(flat_ids, stable=True)
     token_of_row = order // k
     sizes = jnp.zeros((expert_buffer.shape[0],), jnp.int32).at[flat_ids].add(1)
     where = jnp.stack([expert_buffer, expert_slot], axis=-1)
-    y = pallas_sorted_ffn(x_td, sizes, buffers, where, rows=token_of_row, num_sms=num_sms)
+    y = pallas_sorted_ffn(x_td, sizes, buffers, where, rows=token_of_row, num_sms=num_sms, interpret=interpret)
     return combine_sorted(y, order, weights_tk).astype(x_td.dtype)
 
 
@@ -202,13 +205,16 @@ def split_weight_ffn(
 
     expert_buffer, expert_slot: [n_routed_experts] int32: global expert e lives in buffers[expert_buffer[e]]
     at index expert_slot[e]. Every routed expert must be present in some buffer (DWDP guarantees this by
-    fetching misses on demand). gemm_sms: the Pallas backend's GEMM grid (`pallas_sorted_ffn`'s num_sms).
+    fetching misses on demand). backend: "jnp", "pallas" (the grouped GEMM kernels; GPU) or "pallas_interpret"
+    (the same kernels in interpret mode: CPU tests). gemm_sms: the Pallas backend's GEMM grid
+    (`pallas_sorted_ffn`'s num_sms).
     Returns y_td [tokens, hidden] in x's dtype.
     """
-    if backend == "pallas":
-        return _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot, gemm_sms)
+    if backend in ("pallas", "pallas_interpret"):
+        return _pallas_ffn(x_td, expert_ids_tk, weights_tk, buffers, expert_buffer, expert_slot, gemm_sms,
+                           interpret=backend == "pallas_interpret")
     if backend != "jnp":
-        raise ValueError(f"expert backend must be 'jnp' or 'pallas', got {backend!r}")
+        raise ValueError(f"expert backend must be 'jnp', 'pallas' or 'pallas_interpret', got {backend!r}")
     compute_dtype = compute_dtype or x_td.dtype
     t, k = expert_ids_tk.shape
     flat_ids = expert_ids_tk.reshape(-1)
