@@ -161,7 +161,7 @@ def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, 
                                        where, x_scale=xs, interpret=interpret,
                                        config=_gemm_config(num_sms, m, groups, inter, True, swiglu=True))
         # decode (a few rows per expert): the down GEMM quantizes the SwiGLU rows itself, no XLA pass between
-        decode = m <= 64 * groups
+        decode = not gg.is_prefill(m, groups)
         return gg.grouped_gemm_fp8(a, sizes, [b.w_down for b in buffers], [b.s_down for b in buffers], where,
                                    out_dtype=jnp.bfloat16, quantize_in_kernel=decode, interpret=interpret,
                                    config=_gemm_config(num_sms, m, groups, buffers[0].w_down.shape[1], True,

@@ -46,10 +46,9 @@ def expert_weights(experts: int, hidden: int, inter: int, seed: int):
   """Random FP8 gate/up [E, 2I, hidden] and down [E, hidden, I] with block scales (never zeros)."""
   keys = jax.random.split(jax.random.key(seed), 4)
 
-  def fp8(key, e, n, k):
-    w = jnp.concatenate([jax.random.normal(kk, (1, n, k), jnp.float32).astype(jnp.float8_e4m3fn)
-                         for kk in jax.random.split(key, e)])  # one expert at a time: no f32 copy of all
-    return w
+  def fp8(key, e, n, k):  # one expert at a time: no f32 copy of all
+    return jnp.concatenate([jax.random.normal(kk, (1, n, k), jnp.float32).astype(jnp.float8_e4m3fn)
+                            for kk in jax.random.split(key, e)])
 
   wgu, wd = fp8(keys[0], experts, 2 * inter, hidden), fp8(keys[1], experts, hidden, inter)
   sgu = jax.random.uniform(keys[2], (experts, 2 * inter // 128, hidden // 128), jnp.float32, 0.5, 2.0)

@@ -105,11 +105,17 @@ def epilogue_cols(wg_n, out_dtype):
   return wg_n if jnp.dtype(out_dtype).itemsize <= 2 else min(wg_n, 64)
 
 
+def wg_valid_rows(smem_off, n_valid, row0, wg_m):
+  """(first, count) of the tile's valid rows [smem_off, smem_off + n_valid) that fall in the warpgroup's rows
+  [row0, row0 + wg_m), as tile rows."""
+  lo = jnp.maximum(smem_off, row0)
+  return lo, jnp.maximum(jnp.minimum(smem_off + n_valid, row0 + wg_m) - lo, 0)
+
+
 def epilogue(acc, o_smem, out_ref, *, load_row, smem_off, n_valid, row0, col, cfg):
   """Stores the warpgroup's sub-tile (rows row0 + [0, wg_m) of the CTA tile) where valid, in
   column chunks of o_smem's width."""
-  lo = jnp.maximum(smem_off, row0)
-  cnt = jnp.maximum(jnp.minimum(smem_off + n_valid, row0 + cfg.wg_m) - lo, 0)
+  lo, cnt = wg_valid_rows(smem_off, n_valid, row0, cfg.wg_m)
   epi_n = o_smem.shape[-1]
   for c in range(acc.shape[1] // epi_n):
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # o_smem's last stores have read it

@@ -23,7 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _compat, _mosaic
 from pallas_kernels.grouped_gemm_common import (epilogue_cols, kernel_call, pad_rows, reference, store_rows,
-                                                validate_inputs, warp_specialized)
+                                                validate_inputs, warp_specialized, wg_valid_rows)
 from pallas_kernels.grouped_gemm_tiles import (FP8_BLOCK, GroupedGemmConfig, TileQuantizedRows, default_config,
                                                max_tiles, padded_rows, tile_schedule)
 
@@ -59,10 +59,22 @@ def quantize_activations(x):
   To emulate FP8 in jnp, dequantize x_q with `fp8_to_f32`, not `astype` (see there)."""
   m, k = x.shape
   xb = x.astype(jnp.float32).reshape(m, k // FP8_BLOCK, FP8_BLOCK)
-  amax = jnp.max(jnp.abs(xb), axis=-1)
-  scale = jnp.maximum(amax, 1e-12) / E4M3_MAX
+  scale = _e4m3_scale(jnp.max(jnp.abs(xb), axis=-1))
   xq = (xb / scale[..., None]).astype(jnp.float8_e4m3fn).reshape(m, k)
   return xq, scale
+
+
+def _e4m3_scale(amax):
+  """The scale that maps a block whose largest magnitude is amax onto e4m3's range (at least 1e-12 / 448)."""
+  return jnp.maximum(amax, 1e-12) / E4M3_MAX
+
+
+def _quantize_rows(a):
+  """`quantize_activations`' rule inside a kernel: a [rows, 128] f32 (one scale block per row) -> (e4m3 values,
+  row scales [rows] f32). Written with the ops the Mosaic GPU warpgroup lowering has (no abs, explicit
+  broadcast)."""
+  scale = _e4m3_scale(jnp.max(jnp.maximum(a, -a), axis=1))
+  return (a / lax.broadcast_in_dim(scale, a.shape, [0])).astype(jnp.float8_e4m3fn), scale
 
 
 def dequantize_weight(w, scale):
@@ -198,9 +210,7 @@ def _fp8_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n,
         """The warpgroup's bf16 rows a_tile [wg_m, 128] quantized into aq_tile (e4m3, SMEM); returns their
         scales [wg_m] f32 (`quantize_activations`: max |x| / 448 per row, at least 1e-12 / 448)."""
         a = a_tile[...] if interpret else plgpu.load(a_tile, (), layout=plgpu.Layout.WGMMA)
-        a = a.astype(jnp.float32)
-        row_scale = jnp.maximum(jnp.max(jnp.maximum(a, -a), axis=1), 1e-12) / E4M3_MAX
-        aq_tile[...] = (a / lax.broadcast_in_dim(row_scale, a.shape, [0])).astype(w_dtype)
+        aq_tile[...], row_scale = _quantize_rows(a.astype(jnp.float32))
         plgpu.commit_smem()  # the stores reach the async proxy (wgmma) and every thread of the warpgroup
         return row_scale
 
@@ -253,16 +263,13 @@ def _fp8_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n,
       """The warpgroup's [wg_m, 128] sub-tile quantized per row (`quantize_activations`' rule): its valid rows
       to out_ref, the row scales of all wg_m rows to ts_out[t, n block, row0:]."""
       *_, load_row, smem_off, n_valid, _, _ = fields
-      amax = jnp.max(jnp.maximum(acc, -acc), axis=1)
-      row_scale = jnp.maximum(amax, 1e-12) / E4M3_MAX
-      q = (acc / lax.broadcast_in_dim(row_scale, acc.shape, [0])).astype(out_dtype)
+      q, row_scale = _quantize_rows(acc)
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last stores have read o_smem and sc_smem
       o_smem.at[wg][...] = q
       sc_smem.at[wg][...] = row_scale
       plgpu.commit_smem()
       col = j * bn + col0
-      lo = jnp.maximum(smem_off, row0)
-      cnt = jnp.maximum(jnp.minimum(smem_off + n_valid, row0 + wg_m) - lo, 0)
+      lo, cnt = wg_valid_rows(smem_off, n_valid, row0, wg_m)
       store_rows(o_smem.at[wg], out_ref.at[:, pl.ds(col, wg_n)], row=load_row + lo, smem_off=lo - row0,
                  n_valid=cnt, block_m=wg_m)
       plgpu.copy_smem_to_gmem(sc_smem.at[wg], ts_out_ref.at[t, col // FP8_BLOCK, pl.ds(row0, wg_m)])

@@ -114,11 +114,17 @@ FP8_SWIGLU_DECODE_CONFIG = dataclasses.replace(FP8_DECODE_CONFIG, block_n=128, n
 FP8_SWIGLU_PREFILL_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, max_concurrent_steps=3)
 
 
+def is_prefill(m: int, num_groups: int) -> bool:
+  """The regime of M rows in `num_groups` groups: prefill (compute-bound) when groups average more than 64 rows,
+  else decode (a weight stream). Picks the tiles (`default_config`) and where the FP8 kernel quantizes."""
+  return m > 64 * num_groups
+
+
 def default_swiglu_config(m: int, num_groups: int, n_out: int) -> GroupedGemmConfig:
   """`grouped_gemm_fp8_swiglu`'s tiles for M rows in `num_groups` groups and n_out (= I) output columns,
   by the same decode/prefill rule as `default_config`."""
   del n_out  # every I of the DeepSeek-V3 family divides by 128
-  return FP8_SWIGLU_PREFILL_CONFIG if m > 64 * num_groups else FP8_SWIGLU_DECODE_CONFIG
+  return FP8_SWIGLU_PREFILL_CONFIG if is_prefill(m, num_groups) else FP8_SWIGLU_DECODE_CONFIG
 
 
 def default_config(m: int, num_groups: int, n: int | None = None,
@@ -129,7 +135,7 @@ def default_config(m: int, num_groups: int, n: int | None = None,
   Only configurations measured on an H200 are defaults (experiments/KERNELS.md). FP8 prefill: the
   128x128 m-split tile's kernel beat the 64x256 decode tile at 9 of 10 prefill shapes by 7-18%
   (kernels-20261123-nvidia-h200-prefill.json, CUPTI kernel times)."""
-  prefill = m > 64 * num_groups
+  prefill = is_prefill(m, num_groups)
   if fp8:
     cfg = FP8_PREFILL_CONFIG if prefill else FP8_DECODE_CONFIG
   else:
@@ -147,7 +153,8 @@ def default_config(m: int, num_groups: int, n: int | None = None,
 # ---------------------------------------------------------------------------------------------
 
 
-def _max_tiles(m, num_groups, block_m):
+def max_tiles(m: int, num_groups: int, block_m: int) -> int:
+  """T, the schedule's tile rows for M rows in `num_groups` groups (`tile_schedule` returns [T + 1, 8])."""
   # sum_g cdiv(size_g + 7, block_m) + cdiv(zero rows + 7, block_m) <= M / block_m + 2 (G + 1)
   return pl.cdiv(m, block_m) + 2 * num_groups + 2
 
@@ -177,7 +184,7 @@ def tile_schedule(group_sizes, expert_slot, *, m, m_pad, block_m, buffer_sizes, 
                                       block_m=block_m, buffer_sizes=buffer_sizes,
                                       k_blocks=None if k_blocks is None else jnp.asarray(k_blocks)))
   num_groups = group_sizes.shape[0]
-  t_max = _max_tiles(m, num_groups, block_m)
+  t_max = max_tiles(m, num_groups, block_m)
   sizes = jnp.maximum(group_sizes.astype(jnp.int32), 0)
   ends = jnp.minimum(jnp.cumsum(sizes), m)  # rows past m are dropped, like ragged_dot
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])
@@ -221,11 +228,6 @@ def tile_schedule(group_sizes, expert_slot, *, m, m_pad, block_m, buffer_sizes, 
 def padded_rows(m, block_m):
   # The last tile loads block_m rows from a multiple of 8: pad x when M < block_m or M % 8 != 0.
   return _round_up(max(m, block_m), 8)
-
-
-def max_tiles(m: int, num_groups: int, block_m: int) -> int:
-  """T, the schedule's tile rows for M rows in `num_groups` groups (`tile_schedule` returns [T + 1, 8])."""
-  return _max_tiles(m, num_groups, block_m)
 
 
 @jax.tree_util.register_dataclass
