@@ -123,16 +123,15 @@ def combine_sorted(y_sorted, order, weights_tk) -> jax.Array:
     return out
 
 
-def _gemm_config(num_sms, m: int, groups: int, n: int, fp8: bool, swiglu: bool = False, bf16_x: bool = False):
+def _gemm_config(num_sms, m: int, groups: int, n: int, fp8: bool, swiglu: bool = False):
     """The grouped GEMM's default tiles on a persistent grid of `num_sms` CTAs (None: the kernel's own choice, one
-    CTA per SM). swiglu: the FP8 gate/up GEMM with SwiGLU in its epilogue, n its output width; bf16_x: the FP8
-    GEMM quantizing its bf16 activations itself."""
+    CTA per SM). swiglu: the FP8 gate/up GEMM with SwiGLU in its epilogue, n its output width."""
     if num_sms is None:
         return None
     from pallas_kernels import grouped_gemm as gg
 
     cfg = gg.default_swiglu_config(m, groups, n) if swiglu else gg.default_config(m, groups, n, fp8=fp8)
-    return dataclasses.replace(gg.bf16_x_config(cfg) if bf16_x else cfg, num_sms=num_sms)
+    return dataclasses.replace(cfg, num_sms=num_sms)
 
 
 def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, rows=None, num_sms=None,
@@ -160,12 +159,11 @@ def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, 
         a = gg.grouped_gemm_fp8_swiglu(xq, sizes, [b.w_gate_up for b in buffers], [b.s_gate_up for b in buffers],
                                        where, x_scale=xs, interpret=interpret,
                                        config=_gemm_config(num_sms, m, groups, inter, True, swiglu=True))
-        # decode (a few rows per expert): the down GEMM quantizes the SwiGLU rows itself, no XLA pass between
-        decode = not gg.is_prefill(m, groups)
+        # the down GEMM's activations are quantized by XLA at decode too: quantizing inside the kernel measured
+        # slower on the H100, 166 against 158 us for one token (bench_moe_ffn, WORKSPACE Finding 24)
         return gg.grouped_gemm_fp8(a, sizes, [b.w_down for b in buffers], [b.s_down for b in buffers], where,
-                                   out_dtype=jnp.bfloat16, quantize_in_kernel=decode, interpret=interpret,
-                                   config=_gemm_config(num_sms, m, groups, buffers[0].w_down.shape[1], True,
-                                                       bf16_x=decode))[:, :d]
+                                   out_dtype=jnp.bfloat16, interpret=interpret,
+                                   config=_gemm_config(num_sms, m, groups, buffers[0].w_down.shape[1], True))[:, :d]
     if rows is not None:
         x_sorted = x_sorted[rows]
     h = gg.grouped_gemm(x_sorted, sizes, [b.w_gate_up.astype(jnp.bfloat16) for b in buffers], where,

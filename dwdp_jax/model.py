@@ -119,16 +119,17 @@ class Linear(nnx.Module):
         if decode:  # a few rows: N / block_n output tiles would leave most SMs idle
             splits = gg.choose_k_splits(d_out, d_in, INTERPRET_SMS if interpret else _compat.num_sms(),
                                         cfg.block_n)
-            # and the kernel quantizes them itself: no XLA passes around the call but the padding
-            cfg = gg.bf16_x_config(cfg)
+        # activations quantized by XLA, not inside the kernel (`quantize_in_kernel`): on the H100 the in-kernel
+        # quantization made every decode linear slower, 0.51 against 0.70 of HBM at one row
+        # (kernels-20261206-nvidia-h100-x1-fp8-linear-decode.json, run 2; WORKSPACE Finding 24)
         if splits > 1:
             y = gg.fp8_matmul_split_k(x2, self.kernel[...], self.scale[...], splits, config=cfg,
-                                      out_dtype=jnp.bfloat16, interpret=interpret, quantize_in_kernel=True)
+                                      out_dtype=jnp.bfloat16, interpret=interpret)
         else:
             # numpy group sizes: the tile schedule is a constant of the program
             y = gg.grouped_gemm_fp8(x2, np.full((1,), m, np.int32), (self.kernel[...][None],),
                                     (self.scale[...][None],), np.zeros((1, 2), np.int32), config=cfg,
-                                    out_dtype=jnp.bfloat16, interpret=interpret, quantize_in_kernel=decode)
+                                    out_dtype=jnp.bfloat16, interpret=interpret)
         return y.reshape(*x.shape[:-1], d_out).astype(x.dtype)
 
 
