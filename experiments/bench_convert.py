@@ -26,7 +26,10 @@ fsynced) in the same run, the ceiling for a conversion that reads and writes eve
 over the repeats) as `throughput_frac_of_copy_<policy>` with `cpu_s_<policy>` (the median child CPU time: the
 machine may be shared, CPU time is the steadier measure of our work), the lowest as
 `throughput_frac_of_copy_min`, and without importing the converter's module (timed inside the child) as
-`throughput_frac_of_copy_excl_startup_<policy>`. `restore_full_gbps` and `restore_rank0_gbps`: stored bytes
+`throughput_frac_of_copy_excl_startup_<policy>`. `io_frac_of_copy_<policy>`: bytes read + written per second
+over the copy's (2 x the source's): a policy whose output is larger than its source (bf16 from FP8: 1.6x) moves
+more bytes than the copy, so on a disk-bound machine its `throughput_frac_of_copy` is capped at
+2 source / (source + output) (0.76 for bf16) while this one can reach 1. `restore_full_gbps` and `restore_rank0_gbps`: stored bytes
 restored per second of restore call (imports and JAX start excluded), and `restore_full_frac_of_copy` /
 `restore_rank0_frac_of_copy`: that over the same disk copy's speed.
 """
@@ -362,6 +365,8 @@ def main(argv):
             # Without importing the converter's module (JAX, orbax and the model until 0275843, ~2 s here; since
             # then they load inside the run, beside the hashing).
             row["throughput_frac_of_copy_excl_startup"] = source_bytes / row["convert_s"] / 1e9 / copy_gbps
+            if "output_bytes" in row:  # a baseline checkout's rows may lack it
+                row["io_frac_of_copy"] = io_frac_of_copy(source_bytes, row["output_bytes"], row["wall_s"], copy_gbps)
             for kind in ("full", "rank0"):
                 if f"restore_{kind}_gbps" in row:
                     row[f"restore_{kind}_frac_of_copy"] = row[f"restore_{kind}_gbps"] / copy_gbps
@@ -391,8 +396,8 @@ def main(argv):
         for policy in FLAGS.policies:
             runs = [row for row in group if row["dtype_policy"] == policy]
             for k in ("throughput_gbps", "throughput_frac_of_copy", "throughput_frac_of_copy_excl_startup",
-                      "wall_s", "cpu_s", "others_cpu_s"):  # medians over the repeats
-                if runs:
+                      "io_frac_of_copy", "wall_s", "cpu_s", "others_cpu_s"):  # medians over the repeats
+                if runs and all(k in row for row in runs):
                     metrics[f"{prefix}{k}_{policy}"] = float(np.median([row[k] for row in runs]))
             for k in ("peak_rss_over_largest_tensor", "peak_rss_bytes"):  # the worst repeat
                 if runs:
@@ -408,13 +413,13 @@ def main(argv):
     rows += baseline_rows
     path = write_result(FLAGS.out_dir, "converter", "cpu", config, metrics, rows, tag=FLAGS.tag)
     print(f"\n{'policy':<10} {'source GB':>9} {'out GB':>7} {'wall s':>7} {'CPU s':>6} {'other':>6} {'GB/s':>6}"
-          f" {'of copy':>7}"
+          f" {'of copy':>7} {'I/O of copy':>11}"
           f" {'peak RSS GB':>11} {'largest GB':>10} {'RSS/largest':>11} {'verify GB/s':>11}")
     for r in rows:
         name = r["dtype_policy"] + (" (baseline)" if "code" in r else "")
         print(f"{name:<10} {source_bytes / 1e9:>9.2f} {r.get('output_bytes', float('nan')) / 1e9:>7.2f}"
               f" {r['wall_s']:>7.1f} {r['cpu_s']:>6.1f} {r['others_cpu_s']:>6.1f} {r['throughput_gbps']:>6.2f}"
-              f" {r['throughput_frac_of_copy']:>7.2f}"
+              f" {r['throughput_frac_of_copy']:>7.2f} {r.get('io_frac_of_copy', float('nan')):>11.2f}"
               f" {r['peak_rss_bytes'] / 1e9:>11.2f}"
               f" {largest_source / 1e9:>10.2f} {r['peak_rss_over_largest_tensor']:>11.2f}"
               f" {r.get('verify_gbps', float('nan')):>11.2f}")
@@ -427,6 +432,12 @@ def main(argv):
     print(f"copy baseline {copy_gbps:.2f} GB/s (the fastest copy); import-only RSS {baseline / 1e9:.2f} GB;"
           f" medians: " + ", ".join(f"{p} {metrics[f'throughput_frac_of_copy_{p}']:.2f}" for p in FLAGS.policies)
           + f" of the copy; wrote {path}")
+
+
+def io_frac_of_copy(source_bytes: int, output_bytes: int, wall_s: float, copy_gbps: float) -> float:
+    """Bytes a conversion read and wrote per second over a copy's (which reads and writes the source once):
+    (source + output) / wall_s against 2 x copy_gbps (GB/s of source copied)."""
+    return (source_bytes + output_bytes) / wall_s / 1e9 / (2 * copy_gbps)
 
 
 if __name__ == "__main__":
