@@ -360,52 +360,62 @@ def distinct_experts(runner, cfg, b: int) -> list[int]:
 
 def decode_at_context(model, cfg, executor, sweep: Sweep, batches, ctx: int, hbm_gbps: float, budget, t0, rng,
                       seed: int, profiling: Profiling | None = None) -> list[dict]:
-    """Steps of b requests at position ctx - 1 (ctx tokens attended) on a cache of max_len = ctx filled with
-    random latents, for each b in `batches`."""
-    bmax = max(batches)
-    # expert_counts: each step program also counts the tokens routed to each expert (a scatter-add per MoE
-    # layer, in the timed program), from which the bytes a step must read follow
-    runner = ModelRunner(model, bmax, ctx, executor=executor, buckets=Buckets(tuple(sorted(set(batches))), (ctx,)),
-                         expert_counts=True)
-    runner.pages = _randomized(runner.pages, jax.random.key(seed))
-    items = [DecodeItem(request_id=f"d{i}", slot=i, token=int(rng.randint(cfg.vocab_size)), position=ctx - 1)
-             for i in range(bmax)]
+    """Steps of b requests at position ctx - 1 (ctx tokens attended) for each b in `batches`, each on a cache of
+    its own (b slots of max_len = ctx, filled with random latents): a cache sized for the largest batch would
+    hold 256 x 16K tokens (19 GB at r1-layers-4) while B=1 is measured."""
+    tokens = rng.randint(cfg.vocab_size, size=max(batches))  # request i's token at every point
     rows = []
     for b in batches:
         point = f"decode B={b} L={ctx}"
         if not budget.allows(point):
             log(t0, f"{point}: skipped (time budget)")
             continue
-        row = dict(regime="decode", batch=b, context=ctx)
         try:
-            first, step_s = median_time(functools.partial(runner.decode, items[:b]), sweep.repeats, sweep.warmup)
-        except Exception as e:  # noqa: BLE001 (keep the other points)
-            row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-            rows.append(row)
-            log(t0, f"{point}: FAILED {row['error']}")
-            continue
-        distinct = distinct_experts(runner, cfg, b)  # of the timed steps (the same tokens every step)
-        need = roofline.decode_bytes(cfg, b, b * ctx, distinct, itemsize=2, cache_itemsize=2)
-        host_s = host_return_time(functools.partial(runner.decode, items[:b]), sweep.repeats)
-        ahead_s = step_ahead_time(runner, items[:b], 8, sweep.repeats)
-        # the chained steps feed sampled tokens: their routing is their own (the last step's, as a sample)
-        distinct_ahead = distinct_experts(runner, cfg, b)
-        need_ahead = roofline.decode_bytes(cfg, b, b * ctx, distinct_ahead, itemsize=2, cache_itemsize=2)
-        row.update(first_call_s=first, step_s=step_s, host_return_s=host_s, output_tokens_per_s=b / step_s,
-                   distinct_experts_per_moe_layer=distinct, bytes=need.as_dict(),
-                   achieved_gbps=need.total / step_s / 1e9, hbm_frac=need.total / step_s / 1e9 / hbm_gbps,
-                   step_ahead_s=ahead_s, output_tokens_per_s_step_ahead=b / ahead_s,
-                   distinct_experts_step_ahead=distinct_ahead, bytes_step_ahead=need_ahead.total,
-                   hbm_frac_step_ahead=need_ahead.total / ahead_s / 1e9 / hbm_gbps)
-        rows.append(row)
-        log(t0, f"{point}: step {step_s * 1e3:7.2f} ms, {row['output_tokens_per_s']:8.0f} tok/s, "
-                f"{need.total / 1e9:6.2f} GB needed ({sum(distinct)} experts hit) -> "
-                f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; host returns after "
-                f"{host_s * 1e3:.2f} ms; step ahead {ahead_s * 1e3:.2f} ms = {row['hbm_frac_step_ahead']:.3f} of "
-                f"HBM; compile+first {first:.1f} s")
-        if profiling is not None and (b, ctx) == sweep.typical:
-            profiling.point(point, runner, functools.partial(runner.decode, items[:b]), 1, row, budget, t0)
+            rows.append(decode_point(model, cfg, executor, sweep, b, ctx, tokens[:b], hbm_gbps, budget, t0, seed,
+                                     profiling))
+        finally:
+            gc.collect()  # the point's cache, before the next point's
     return rows
+
+
+def decode_point(model, cfg, executor, sweep: Sweep, b: int, ctx: int, tokens, hbm_gbps: float, budget, t0,
+                 seed: int, profiling: Profiling | None) -> dict:
+    """One decode row: b requests with `tokens` at position ctx - 1, on a cache of b slots x ctx tokens."""
+    point = f"decode B={b} L={ctx}"
+    # expert_counts: each step program also counts the tokens routed to each expert (a scatter-add per MoE
+    # layer, in the timed program), from which the bytes a step must read follow
+    items = [DecodeItem(request_id=f"d{i}", slot=i, token=int(t), position=ctx - 1) for i, t in enumerate(tokens)]
+    row = dict(regime="decode", batch=b, context=ctx)
+    try:  # the cache's allocation may fail too (out of memory): the point's error, not the run's
+        runner = ModelRunner(model, b, ctx, executor=executor, buckets=Buckets((b,), (ctx,)), expert_counts=True)
+        runner.pages = _randomized(runner.pages, jax.random.key(seed))
+        step = functools.partial(runner.decode, items)
+        first, step_s = median_time(step, sweep.repeats, sweep.warmup)
+    except Exception as e:  # noqa: BLE001 (keep the other points)
+        row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        log(t0, f"{point}: FAILED {row['error']}")
+        return row
+    distinct = distinct_experts(runner, cfg, b)  # of the timed steps (the same tokens every step)
+    need = roofline.decode_bytes(cfg, b, b * ctx, distinct, itemsize=2, cache_itemsize=2)
+    host_s = host_return_time(step, sweep.repeats)
+    ahead_s = step_ahead_time(runner, items, 8, sweep.repeats)
+    # the chained steps feed sampled tokens: their routing is their own (the last step's, as a sample)
+    distinct_ahead = distinct_experts(runner, cfg, b)
+    need_ahead = roofline.decode_bytes(cfg, b, b * ctx, distinct_ahead, itemsize=2, cache_itemsize=2)
+    row.update(first_call_s=first, step_s=step_s, host_return_s=host_s, output_tokens_per_s=b / step_s,
+               distinct_experts_per_moe_layer=distinct, bytes=need.as_dict(),
+               achieved_gbps=need.total / step_s / 1e9, hbm_frac=need.total / step_s / 1e9 / hbm_gbps,
+               step_ahead_s=ahead_s, output_tokens_per_s_step_ahead=b / ahead_s,
+               distinct_experts_step_ahead=distinct_ahead, bytes_step_ahead=need_ahead.total,
+               hbm_frac_step_ahead=need_ahead.total / ahead_s / 1e9 / hbm_gbps)
+    log(t0, f"{point}: step {step_s * 1e3:7.2f} ms, {row['output_tokens_per_s']:8.0f} tok/s, "
+            f"{need.total / 1e9:6.2f} GB needed ({sum(distinct)} experts hit) -> "
+            f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; host returns after "
+            f"{host_s * 1e3:.2f} ms; step ahead {ahead_s * 1e3:.2f} ms = {row['hbm_frac_step_ahead']:.3f} of "
+            f"HBM; compile+first {first:.1f} s")
+    if profiling is not None and (b, ctx) == sweep.typical:
+        profiling.point(point, runner, step, 1, row, budget, t0)
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@
 #            and step ahead                                                                       ~9 min
 #   decode   bench_engine decode only, B=1, 64, 128 at 4K, blocking and step ahead, the engine's command
 #            buffers (the engine part's profile turns them off)                                    ~4 min
-#   sweep    bench_engine decode only: B=8, 32, 256 at 1K and 16K context                          ~9 min
+#   sweep    bench_engine decode only, the points of issue 17's B x context grid that session 10 did not
+#            measure: B=8, 32, 256 at 4K, 64, 128, 256 at 16K, 64, 128 at 1K (a cache per point)      ~9 min
 #   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
 #   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
@@ -43,8 +44,15 @@ case "$PART" in
       --typical=1x4096 --peak_matmul_size=2048 --hbm_copy_mib=2048 --time_budget_s=400 --tag=decode-check
     ;;
   sweep)
-    step engine sweep 560 "${BENCH[@]}" --prefill_requests= --decode_batch=8,32,256 --decode_context=1024,16384 \
-      --typical=32x1024 --peak_matmul_size=4096 --time_budget_s=480 --tag=decode-sweep
+    # 256 x 16K tokens of cache (19 GB) beside 39 GB of weights: above XLA's default cap of 75% of the GPU
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    SWEEP=("${BENCH[@]}" --prefill_requests= --peak_matmul_size=2048 --hbm_copy_mib=1024 --time_budget_s=140)
+    step engine sweep_4k 200 "${SWEEP[@]}" --decode_batch=8,32,256 --decode_context=4096 --typical=8x4096 \
+      --tag=decode-sweep-4k
+    step engine sweep_16k 200 "${SWEEP[@]}" --decode_batch=64,128,256 --decode_context=16384 --typical=64x16384 \
+      --tag=decode-sweep-16k-large
+    step engine sweep_1k 150 "${SWEEP[@]}" --decode_batch=64,128 --decode_context=1024 --typical=64x1024 \
+      --tag=decode-sweep-1k-mid
     ;;
   cb)
     # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, XLA's
