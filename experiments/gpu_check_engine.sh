@@ -11,12 +11,14 @@
 #   sweep    bench_engine decode only, the points of issue 17's B x context grid that session 10 did not
 #            measure: B=8, 32, 256 at 4K, 64, 128, 256 at 16K, 64, 128 at 1K (a cache per point)      ~9 min
 #   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
+#   dispatch bench_dwdp_dispatch: decode B=1 and 64 at 4K through the single-program runner and through a DWDP
+#            rank (group of one: per-layer programs, no fetch): the host's cost per program      ~5 min
 #   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, sweep, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep, dispatch, cb or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -54,6 +56,10 @@ case "$PART" in
     step engine sweep_1k 150 "${SWEEP[@]}" --decode_batch=64,128 --decode_context=1024 --typical=64x1024 \
       --tag=decode-sweep-1k-mid
     ;;
+  dispatch)
+    step engine dispatch 420 python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" --backend=pallas \
+      --fp8_matmul=pallas --decode_batch=1,64 --decode_context=4096 --typical=1x4096 --out="$OUTDIR"
+    ;;
   cb)
     # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, XLA's
     # stable-address update mode, and the engine's setting (dwdp_jax.xla_flags); r1-layers-2 to compile fast
@@ -76,7 +82,7 @@ case "$PART" in
     step engine e2e_blocking 280 "${E2E[@]}" --nostep_ahead --tag=single-r1l4-blocking
     ;;
   *)
-    echo "unknown part $PART (kernels, engine, decode, sweep, cb, e2e)"; exit 2 ;;
+    echo "unknown part $PART (kernels, engine, decode, sweep, dispatch, cb, e2e)"; exit 2 ;;
 esac
 echo "== summary ($PART)"
 for k in "${ORDER[@]}"; do printf '%-18s %s\n' "$k" "${STATUS[$k]}"; done

@@ -129,3 +129,20 @@ def test_close_breaks_the_rank_cycle(model):
     assert all(rank.group == [] for rank in group.ranks)
     del group
     assert ref() is None  # no cycle left: the rank (and its weights, staging) is freed at once
+
+
+def test_whole_buffer_steps_feed_the_router_stats_without_waiting(model):
+    """Without a policy, each step's router histograms are copied to the host asynchronously and added by a later
+    step once ready (a step never blocks on the previous one); `flush_router_stats` adds whatever is left. The
+    statistics then hold every step's routed tokens, as the planned path's do."""
+    steps = _decode_like_batches(steps=3)
+    group, outs = _run(model, DwdpConfig(G), steps)
+    _check_logits(model, steps, outs)
+    rank = group.ranks[0]
+    stats = rank.flush_router_stats()
+    assert stats.step == len(steps) and not rank._pending_counts
+    tokens = steps[0][0].size  # per step on rank 0
+    # every step's histogram decayed once per step since: decay + decay^2 + ... as of the step after the last
+    expected = tokens * CFG.num_experts_per_tok * sum(stats.decay ** (j + 1) for j in range(len(steps)))
+    for layer in range(CFG.num_moe_layers):
+        assert stats.decayed_counts(layer).sum() == pytest.approx(expected, rel=1e-6)

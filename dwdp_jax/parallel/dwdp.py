@@ -274,7 +274,8 @@ class DwdpRank:
         self._carry = None  # staged fetches of the next step's first MoE layers
         self.router_stats = RouterStats(rank, max(cfg.num_moe_layers, 1), cfg.n_routed_experts,
                                         decay=dwdp.stats_decay)
-        self._pending_counts: list = []  # (moe index, device counts) not yet added to router_stats
+        # per dispatched step, [(moe index, device counts)] not yet added to router_stats
+        self._pending_counts: collections.deque[list] = collections.deque()
         self.counters: collections.Counter = collections.Counter()
         any_buffer = next(iter(self.expert_buffers.values()), None)
         self.expert_bytes = any_buffer.nbytes() // max(any_buffer.num_experts, 1) if any_buffer else 0  # with scales
@@ -382,13 +383,23 @@ class DwdpRank:
 
     # -- the step ------------------------------------------------------------------------------------------
 
-    def _flush_counts(self) -> None:
-        """Adds the previous step's router histograms (device arrays, long done) to the statistics."""
-        for moe_index, counts in self._pending_counts:
-            self.router_stats.update(moe_index, np.asarray(counts))
-        if self._pending_counts:
+    def _flush_counts(self, wait: bool = False) -> None:
+        """Adds earlier steps' router histograms to the statistics, oldest step first, as far as their device
+        work is done: each was copied to the host asynchronously when its layer was dispatched, so a step never
+        waits here for the previous one (which would undo step-ahead dispatch). wait: all of them, waiting."""
+        while self._pending_counts:
+            step_counts = self._pending_counts[0]
+            if not wait and not all(counts.is_ready() for _, counts in step_counts):
+                return
+            for moe_index, counts in step_counts:
+                self.router_stats.update(moe_index, np.asarray(counts))
             self.router_stats.next_step()
-        self._pending_counts = []
+            self._pending_counts.popleft()
+
+    def flush_router_stats(self) -> RouterStats:
+        """The router statistics with every dispatched step's histograms in them (waits for the device)."""
+        self._flush_counts(wait=True)
+        return self.router_stats
 
     def _wait(self, handles) -> list[ExpertWeights]:
         t0 = time.perf_counter()
@@ -428,7 +439,7 @@ class DwdpRank:
         pages_in, meta = paged if paged is not None else ([None] * cfg.num_layers, None)
         if meta is not None:
             meta = jax.device_put(meta, self.device)
-        new_pages = []
+        new_pages, step_counts = [], []
         for i in range(cfg.num_layers):
             leaves, programs = self._layer_leaves[i], self._programs[i]
             if not cfg.is_moe_layer(i):
@@ -453,7 +464,8 @@ class DwdpRank:
                 buffers = self._wait(handles)
                 x, layer_pages, counts = programs["layer", absorbed](leaves, buffers, self.slot_maps[i], x,
                                                                      positions, pages_in[i], meta)
-                self._pending_counts.append((self._moe_index(i), counts))
+                counts.copy_to_host_async()  # read by a later step's `_flush_counts`, without a wait
+                step_counts.append((self._moe_index(i), counts))
             for h in handles:
                 self.fetch.consumed(h, x)
             new_pages.append(layer_pages)
@@ -462,6 +474,8 @@ class DwdpRank:
             del buffers, handles, pending  # staging dies with its last reference (or returns to the ring)
         if dw.planned:
             self.router_stats.next_step()
+        elif step_counts:
+            self._pending_counts.append(step_counts)
         if last_at is not None:
             last_at = jax.device_put(last_at, self.device)
         logits = self._logits(self._head_leaves, x[:, -1:] if last_only and last_at is None else x, last_at)

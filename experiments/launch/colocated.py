@@ -61,7 +61,7 @@ def save_router_traces(f, engines: Engines) -> None:
     if f.save_router_trace:
         os.makedirs(f.save_router_trace, exist_ok=True)
         for rank in dwdp_ranks(engines):
-            rank.router_stats.save(os.path.join(f.save_router_trace, f"router-rank{rank.rank}.npz"))
+            rank.flush_router_stats().save(os.path.join(f.save_router_trace, f"router-rank{rank.rank}.npz"))
 
 
 def report(f, setup: Setup, argv: list[str], engines: Engines, points: list[dict], build_s: float,
