@@ -242,8 +242,13 @@ def decode_cases(smoke, quick):
   # The same batches with units of equal pages over the batch (DecodeConfig.balanced), beside the default.
   cases += [dict(c, name=c["name"] + "_bal", balanced=True) for c in cases
             if c["name"] in ("b1_4k", "b64_4k", "b128_4k", "b1_32k", "b64_mixed")]
+  # A unit's row tiles as one CTA cluster with each page multicast (DecodeConfig.cluster): the pages read from
+  # HBM once per unit, where two waves of CTAs (B=128) or B=1's drifting tiles read them twice.
+  cases += [dict(c, name=c["name"] + "_cl", cluster=True) for c in cases
+            if c["name"] in ("b1_32k", "b64_4k", "b128_4k", "b256_1k", "b64_4k_mtp2", "b64_mixed_bal")]
   if quick:
-    cases = [c for c in cases if c["name"].removesuffix("_bal") in ("b64_4k", "b1_32k", "b1_4k", "b64_mixed")]
+    cases = [c for c in cases if c["name"].removesuffix("_cl").removesuffix("_bal")
+             in ("b64_4k", "b1_32k", "b1_4k", "b64_mixed")]
   return cases
 
 
@@ -261,7 +266,11 @@ def einsum_decode(q, pages, table, lens):
 def run_decode(args, peak, hbm, interp):
   rows = []
   key = jax.random.key(2)
-  for case in decode_cases(args.smoke, args.quick):
+  wanted = {c for c in args.cases.split(",") if c}
+  cases = [c for c in decode_cases(args.smoke, args.quick) if not wanted or c["name"] in wanted]
+  if wanted - {c["name"] for c in cases}:
+    raise SystemExit(f"--cases: no decode case named {sorted(wanted - {c['name'] for c in cases})}")
+  for case in cases:
     b, s_q, h, lengths = case["batch"], case["s_q"], case["h"], case["lengths"]
     dl, dr = (32, 16) if args.smoke else (DL, DR)
     d = dl + dr
@@ -275,11 +284,13 @@ def run_decode(args, peak, hbm, interp):
     cache_bytes = sum(pages_per) * md.PAGE_SIZE * d * 2
     bytes_ = cache_bytes + b * s_q * h * (d + dl) * 2
     flops = 2 * h * s_q * sum(lengths) * (d + dl)
-    config = md.DecodeConfig(num_splits=case.get("num_splits"), balanced=case.get("balanced", False))
+    config = md.DecodeConfig(num_splits=case.get("num_splits"), balanced=case.get("balanced", False),
+                           cluster=case.get("cluster", False))
     f = jax.jit(functools.partial(md.mla_decode, kv_lora_rank=dl, softmax_scale=SCALE, config=config,
                                   interpret=interp))
     row = dict(part="decode", case=case["name"], batch=b, s_q=s_q, heads=h, context_tokens=sum(lengths),
-               bytes=bytes_, flops=flops, schedule="balanced" if config.balanced else "uniform", errors={})
+               bytes=bytes_, flops=flops, schedule="balanced" if config.balanced else "uniform",
+               cluster=config.cluster, errors={})
     try:
       row["call_s"] = wall(f, q, pages, table, lens, reps=1 if interp else 5)
       out, _ = f(q, pages, table, lens)
@@ -320,6 +331,8 @@ def main():
   p.add_argument("--part", default="both", choices=["both", "prefill", "decode"])
   p.add_argument("--quick", action="store_true", help="the headline cases only")
   p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
+  p.add_argument("--cases", default="", help="decode: only these cases (comma-separated names, e.g. "
+                 "b64_4k,b64_4k_cl); empty: all of the part")
   args = p.parse_args()
   interp = args.smoke
   peak, peak_detail = dense_peak_tflops(args.smoke)

@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
 # GPU check of the MLA attention kernels and the paged engine path: tests on the GPU backend, then the
 # benchmark; pass/fail table last.
-#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick] [device_kind]
+#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick | --cluster] [device_kind]
+# --cluster: only the decode kernel's clustered variant (DecodeConfig.cluster; never run on a GPU before
+# session 11): its R1-shape tests, then bench_mla's decode cases with and without it, each step under a short
+# timeout (a synchronization mistake would hang, not fail)                                           ~4 min
 # Logs and the results JSON go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=""
+CLUSTER=""
 if [[ "${1:-}" == "--quick" ]]; then QUICK="--quick"; shift; fi
+if [[ "${1:-}" == "--cluster" ]]; then CLUSTER=1; shift; fi
 KIND="${1:-nvidia-h200}"
 source experiments/gpu_env.sh
 declare -A STATUS
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit --format=csv,noheader
+
+if [[ -n "$CLUSTER" ]]; then
+  timeout 150 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_decode.py -k "r1_shapes and cluster" \
+    2>&1 | tee "$OUTDIR/test_mla_cluster.log" | tail -20
+  STATUS[tests]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
+  timeout 200 $PY experiments/bench_mla.py --device_kind "$KIND" --part decode --tag mla-decode-cluster \
+    --cases=b64_4k,b64_4k_cl,b128_4k,b128_4k_cl,b1_32k,b1_32k_cl,b256_1k,b256_1k_cl,b64_4k_mtp2,b64_4k_mtp2_cl \
+    2>&1 | tee "$OUTDIR/bench_mla_cluster.log" | grep -v '^\s*$'
+  STATUS[bench_mla]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
+  for k in "${!STATUS[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
+  exit 0
+fi
 
 timeout 300 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_decode.py tests/test_mla_prefill.py \
   tests/test_paged_attention.py 2>&1 | tee "$OUTDIR/test_mla.log" | tail -40

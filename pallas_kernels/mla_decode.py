@@ -46,6 +46,7 @@ from pallas_kernels import _compat, _mosaic, mla_schedule
 PAGE_SIZE = 64  # tokens per cache page: the S tile's width and the P V product's K
 BLOCK_ROWS = 64  # query rows per CTA (the wgmma M of one warpgroup)
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+MAX_CLUSTER = 8  # CTAs per cluster that every Hopper launch supports (the portable limit)
 _LOG2E = math.log2(math.e)
 
 
@@ -55,11 +56,17 @@ class DecodeConfig:
   pages each). `max_concurrent_steps`: pages in flight (SMEM: Q + this many pages must fit).
   `balanced`: share the pages of the whole batch in units of about equal size (`mla_schedule.
   balanced_schedule`: about one CTA per SM per row tile, or `num_splits` x B units when given) instead of the
-  same number of splits per request; for batches of unequal lengths."""
+  same number of splits per request; for batches of unequal lengths.
+  `cluster`: the row tiles of a work unit (2 for R1's 128 heads, 4 with two MTP queries) run as one CTA
+  cluster, and each page is TMA-multicast into all of them: read from HBM once per unit. Unclustered, each
+  row tile's CTA loads the page itself and only the L2 can share it, which fails when the tiles drift apart
+  (two waves of CTAs, KERNELS.md). GPU only: interpret mode runs the unclustered kernel (the Mosaic GPU
+  interpreter has no cluster barriers); the clustered one is checked by lowering it for CUDA."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
   balanced: bool = False
+  cluster: bool = False
 
   def __post_init__(self):
     if self.num_splits is not None and self.num_splits < 1:
@@ -156,7 +163,7 @@ def _bcast_rows(v, shape):
 
 
 def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, sched_ref, o_ref, lse_ref, *, s_q, heads, dl,
-                   scale_log2, steps_in_flight, interpret):
+                   scale_log2, steps_in_flight, interpret, cluster):
   tile, unit = lax.axis_index("tile"), lax.axis_index("unit")
   wg = lax.axis_index("wg")
   rows, page, d = BLOCK_ROWS, PAGE_SIZE, q_ref.shape[-1]
@@ -191,10 +198,13 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, sched_ref, o_ref, lse_
         def _():
           plgpu.barrier_wait(free.at[slot])
 
-        plgpu.copy_gmem_to_smem(pages_ref.at[table_ref[b, first + i]], k_smem.at[slot],
-                                full.at[slot])
+        # clustered: every row tile's CTA issues the same copy and each loads its share of the page, multicast
+        # to all of them; `free` is then a cluster barrier, so no CTA overwrites a slot a partner still reads
+        plgpu.copy_gmem_to_smem(pages_ref.at[table_ref[b, first + i]], k_smem.at[slot], full.at[slot],
+                                **({"collective_axes": "tile"} if cluster else {}))
 
-      # Observe the last releases too, so every barrier ends balanced (the interpreter checks it).
+      # Observe the last releases too, so every barrier ends balanced (the interpreter checks it); clustered,
+      # this also keeps each CTA alive until its partners' last arrivals on its barriers.
       for j in range(steps_in_flight):
         i = steps - steps_in_flight + j
 
@@ -324,7 +334,8 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, sched_ref, o_ref, lse_
       plgpu.SMEM((3, rows), jnp.float32),  # alpha, l, lse: one 1 KB allocation (each is 1 KB-aligned)
       plgpu.Barrier(num_arrivals=3),
       plgpu.Barrier(num_arrivals=1, num_barriers=steps_in_flight),
-      plgpu.Barrier(num_arrivals=2, num_barriers=steps_in_flight),
+      (plgpu.ClusterBarrier(collective_axes=("tile",), num_arrivals=2, num_barriers=steps_in_flight) if cluster
+       else plgpu.Barrier(num_arrivals=2, num_barriers=steps_in_flight)),
       plgpu.Barrier(num_arrivals=1),
       plgpu.Barrier(num_arrivals=1),
       plgpu.Barrier(num_arrivals=1),
@@ -418,14 +429,21 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
                                                  cfg.min_pages_per_split)
     sched, _ = mla_schedule.uniform_schedule(lengths, splits, PAGE_SIZE)
   units = sched.shape[0]
+  cluster = cfg.cluster and tiles > 1 and not interpret
+  if cluster and tiles > MAX_CLUSTER:
+    raise ValueError(f"cluster=True needs at most {MAX_CLUSTER} row tiles of {BLOCK_ROWS} (s_q x heads <= "
+                     f"{MAX_CLUSTER * BLOCK_ROWS}), got {tiles}")
   body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _LOG2E,
-                           steps_in_flight=cfg.max_concurrent_steps, interpret=interpret)
+                           steps_in_flight=cfg.max_concurrent_steps, interpret=interpret, cluster=cluster)
+  # Unclustered, the grid is (row tiles, units) with row tiles fastest: the CTAs reading the same pages are
+  # launched together. Clustered, a unit's row tiles are one cluster.
+  grid = dict(grid=(units,), grid_names=("unit",), cluster=(tiles,), cluster_names=("tile",)) if cluster else \
+      dict(grid=(tiles, units), grid_names=("tile", "unit"))
   o_parts, lse_parts = plgpu.kernel(
       body,
       out_type=(jax.ShapeDtypeStruct((units, r_pad, dl), q.dtype),
                 jax.ShapeDtypeStruct((units, r_pad), jnp.float32)),
-      grid=(tiles, units),
-      grid_names=("tile", "unit"),
+      **grid,
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True,

@@ -115,11 +115,48 @@ def test_combine_units_matches_combine():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="R1 shapes: GPU only")
-@pytest.mark.parametrize("s_q,balanced", [(1, False), (2, False), (1, True)])
-def test_r1_shapes(s_q, balanced):
+@pytest.mark.parametrize("s_q,balanced,cluster", [(1, False, False), (2, False, False), (1, True, False),
+                                                  (1, False, True), (2, False, True), (1, True, True)],
+                         ids=["sq1", "sq2", "sq1-balanced", "sq1-cluster", "sq2-cluster", "sq1-balanced-cluster"])
+def test_r1_shapes(s_q, balanced, cluster):
   rng = np.random.default_rng(s_q)
   lengths = rng.integers(s_q, 3000, 6).tolist() + [0, 4096]
-  check(2, 8, s_q, 128, 512, 64, lengths, 64, md.DecodeConfig(balanced=balanced), scale=192 ** -0.5)
+  check(2, 8, s_q, 128, 512, 64, lengths, 64, md.DecodeConfig(balanced=balanced, cluster=cluster),
+        scale=192 ** -0.5)
+
+
+def _lowered_for_cuda(config, s_q=1):
+  """The decode call at R1 shapes, lowered for CUDA (Mosaic GPU's lowering runs on this machine too; an H100's
+  132 SMs stand in for the device's count). Splits are given, so the SM count changes nothing here."""
+  from jax import export
+
+  b, h, d = 4, 128, 576
+  args = (jax.ShapeDtypeStruct((b, s_q, h, d), jnp.bfloat16), jax.ShapeDtypeStruct((b * 16, md.PAGE_SIZE, d),
+                                                                                   jnp.bfloat16),
+          jax.ShapeDtypeStruct((b, 16), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+  fn = jax.jit(lambda *a: md.mla_decode(*a, kv_lora_rank=512, softmax_scale=0.1, config=config))
+  return export.export(fn, platforms=["cuda"])(*args).mlir_module()
+
+
+@pytest.fixture
+def h100_sms(monkeypatch):
+  monkeypatch.setattr(_compat, "num_sms", lambda: 132)
+
+
+@pytest.mark.usefixtures("h100_sms")
+@pytest.mark.parametrize("s_q", [1, 2])
+def test_clustered_kernel_lowers_for_cuda(s_q):
+  """The clustered variant (a unit's row tiles as one CTA cluster, pages multicast) cannot run in the
+  interpreter: its lowering for CUDA must succeed and give a kernel other than the unclustered one."""
+  plain = _lowered_for_cuda(md.DecodeConfig(num_splits=2), s_q)
+  clustered = _lowered_for_cuda(md.DecodeConfig(num_splits=2, cluster=True), s_q)
+  assert "mosaic_gpu" in clustered and clustered != plain
+
+
+@pytest.mark.usefixtures("h100_sms")
+def test_cluster_size_is_checked():
+  with pytest.raises(ValueError, match="at most 8 row tiles"):
+    _lowered_for_cuda(md.DecodeConfig(num_splits=2, cluster=True), s_q=5)  # 640 rows: 10 tiles
 
 
 def test_combine_matches_one_split():
