@@ -160,7 +160,8 @@ def pallas_sorted_ffn(x_sorted, sizes, buffers: Sequence[ExpertWeights], where, 
                                        where, x_scale=xs, interpret=interpret,
                                        config=_gemm_config(num_sms, m, groups, inter, True, swiglu=True))
         # the down GEMM's activations are quantized by XLA at decode too: quantizing inside the kernel measured
-        # slower on the H100, 166 against 158 us for one token (bench_moe_ffn, WORKSPACE Finding 24)
+        # slower on the H100, 166 against 158 us for one token (kernels-20261206-nvidia-h100-x1-moe-ffn-swiglu-s10.json,
+        # WORKSPACE Finding 24)
         return gg.grouped_gemm_fp8(a, sizes, [b.w_down for b in buffers], [b.s_down for b in buffers], where,
                                    out_dtype=jnp.bfloat16, interpret=interpret,
                                    config=_gemm_config(num_sms, m, groups, buffers[0].w_down.shape[1], True))[:, :d]

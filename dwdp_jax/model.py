@@ -121,7 +121,7 @@ class Linear(nnx.Module):
                                         cfg.block_n)
         # activations quantized by XLA, not inside the kernel (`quantize_in_kernel`): on the H100 the in-kernel
         # quantization made every decode linear slower, 0.51 against 0.70 of HBM at one row
-        # (kernels-20261206-nvidia-h100-x1-fp8-linear-decode.json, run 2; WORKSPACE Finding 24)
+        # (kernels-20261206-nvidia-h100-x1-fp8-linear-decode-s10.json; WORKSPACE Finding 24)
         if splits > 1:
             y = gg.fp8_matmul_split_k(x2, self.kernel[...], self.scale[...], splits, config=cfg,
                                       out_dtype=jnp.bfloat16, interpret=interpret)
