@@ -30,8 +30,8 @@ machine may be shared, CPU time is the steadier measure of our work), the lowest
 over the copy's (2 x the source's): a policy whose output is larger than its source (bf16 from FP8: 1.6x) moves
 more bytes than the copy, so on a disk-bound machine its `throughput_frac_of_copy` is capped at
 2 source / (source + output) (0.76 for bf16) while this one can reach 1. `restore_full_gbps` and
-`restore_rank0_gbps`: stored bytes restored per second of restore call (imports and JAX start excluded), and `restore_full_frac_of_copy` /
-`restore_rank0_frac_of_copy`: that over the same disk copy's speed.
+`restore_rank0_gbps`: stored bytes restored per second of restore call (imports and JAX start excluded), and
+`restore_full_frac_of_copy` / `restore_rank0_frac_of_copy`: that over the same disk copy's speed.
 """
 
 from __future__ import annotations
