@@ -6,9 +6,8 @@ and most SMs idle; split-K (`grouped_gemm.fp8_matmul_split_k`) cuts K into slice
 sums them in f32. For every R1 linear and row count, CUPTI kernel times of one call:
   * `one_group`: `grouped_gemm_fp8` with one group (the engine's path before split-K),
   * `split_k`: `fp8_matmul_split_k` with `choose_k_splits`' slice count, the kernel quantizing the bf16 rows
-    itself (`quantize_in_kernel`: the engine's path now),
-  * `split_k_xla_quant`: the same with the activations quantized by XLA before the kernel (the path until
-    2026-12-06, session 9),
+    itself (`quantize_in_kernel`; the engine's path in session 9 only: slower, WORKSPACE Finding 24),
+  * `split_k_xla_quant`: the same with the activations quantized by XLA before the kernel (the engine's path),
   * `xla_dequant`: the weight dequantized to bf16 by XLA, then a dot (the CPU path; no FP8 tensor cores),
 each as the Mosaic kernel alone and as the whole call (activation quantization, the slices' sum), against the
 weight bytes: GB/s and the fraction of the HBM copy rate measured in the same run. Outputs are checked against

@@ -3,8 +3,9 @@
 One MoE layer's expert computation at DeepSeek-R1's shapes (256 FP8 experts, hidden 7168, I 2048, top-8,
 random routing), as `experts.pallas_sorted_ffn` runs it (activations quantized once per token, the rows gathered
 in expert order, gate/up, down):
-  * `engine`: `experts.pallas_sorted_ffn` as the engine calls it: the SwiGLU epilogue storing [M, I] bf16, which
-    the down GEMM quantizes itself at decode (`quantize_in_kernel`) and XLA quantizes at prefill;
+  * `engine`: `experts.pallas_sorted_ffn` as the engine calls it: the SwiGLU epilogue storing [M, I] bf16,
+    quantized by XLA for the down GEMM (session 9's in-kernel quantization at decode measured slower in
+    session 10 and was dropped; this variant then equals `swiglu_bf16` but for the call's wrapping);
   * `swiglu_quantized`: `grouped_gemm_fp8_swiglu(quantize_output=True)` stores silu(gate) * up as e4m3 [M, I]
     with per-tile row scales, which the down GEMM reads as they are;
   * `swiglu_bf16`: the SwiGLU epilogue storing [M, I] bf16, quantized by XLA for the down GEMM;

@@ -78,9 +78,8 @@ def test_bench_moe_ffn_smoke(tmp_path):
 @pytest.mark.parametrize("tokens", [5, 150])
 def test_pallas_path_in_interpret_mode(tokens):
     """The engine's FP8 expert path with its kernels in interpret mode (CPU): activations quantized once per token,
-    the gate/up kernel with SwiGLU in its epilogue, the down kernel (quantizing its bf16 input itself at decode,
-    5 tokens; XLA quantizing at prefill, 150 tokens x top-4 = 600 rows over 8 experts), over two weight buffers
-    (a DWDP split), against a gather reference that rounds the activations as the kernels do (each token's input
+    the gate/up kernel with SwiGLU in its epilogue, the down kernel on the SwiGLU rows quantized by XLA (decode,
+    5 tokens, and prefill, 150 tokens x top-4 = 600 rows over 8 experts), over two weight buffers (a DWDP split), against a gather reference that rounds the activations as the kernels do (each token's input
     and each row's bf16 SwiGLU output to e4m3 per 128 columns; 1e-2), and the unquantized one (~4.5% here)."""
     e, d, inter, k = 8, 256, 128, 4
     rng = np.random.RandomState(tokens)

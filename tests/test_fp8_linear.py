@@ -84,9 +84,8 @@ def test_bench_fp8_linear_smoke(tmp_path):
 
     from experiments import bench_fp8_linear
 
-    bench_fp8_linear.main(["--smoke", f"--out_dir={tmp_path}", "--rows=1,24"])
+    bench_fp8_linear.main(["--smoke", f"--out_dir={tmp_path}", "--rows=3"])  # one row count: interpret is slow
     (path,) = tmp_path.iterdir()
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["linear"], r["rows"], r["splits"]) for r in rows] == [
-        ("tiny_a", 1, 4), ("tiny_a", 24, 4), ("tiny_b", 1, 1), ("tiny_b", 24, 1)]
+    assert [(r["linear"], r["rows"], r["splits"]) for r in rows] == [("tiny_a", 3, 4), ("tiny_b", 3, 1)]
     assert all(max(r["rel_err"].values()) <= 1e-2 for r in rows)
