@@ -8,7 +8,8 @@ Per decode point (B requests at context L, each runner on a cache of its own):
     device runs on), each call then waited for;
   * `step_s`: median blocking step; `step_ahead_s`: steps dispatched before the previous step's tokens are read
     (as `run_engine(step_ahead=...)` serves), sampling included;
-  * `programs_per_step`: the rank's embedding + one program per layer + the head, against the runner's one.
+  * `programs_per_step`: the rank's embedding + one program per layer + the head, against the runner's one;
+  * `host_profile`: the step's host time under cProfile, costliest functions first (`--host_profile`).
 Metrics: `dwdp_dispatch_us_per_program` = (rank host_s - runner host_s) / (extra programs), at the typical
 point, and `dwdp_step_ahead_over_single` (1.0: the per-layer dispatch is hidden behind the device).
 
@@ -37,6 +38,7 @@ from dwdp_jax.experts import LocalExecutor
 from dwdp_jax.model import set_fp8_matmul
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup
 from experiments import bench_engine as be
+from experiments.host_profile import host_profile
 from experiments.results_io import write_result
 
 F = be.F
@@ -47,7 +49,8 @@ def time_decode(runner, items, repeats: int, warmup: int) -> dict:
     step = functools.partial(runner.decode, items)
     first, step_s = be.median_time(step, repeats, warmup)
     return dict(first_call_s=first, step_s=step_s, host_s=be.host_return_time(step, repeats),
-                step_ahead_s=be.step_ahead_time(runner, items, 8, repeats))
+                step_ahead_s=be.step_ahead_time(runner, items, 8, repeats),
+                host_profile=host_profile(step, repeats) if F.host_profile else None)
 
 
 def measure_point(model, cfg, b: int, ctx: int, seed: int) -> dict:

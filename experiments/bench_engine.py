@@ -60,6 +60,7 @@ from dwdp_jax.experts import LocalExecutor
 from dwdp_jax.model import init_model, set_fp8_matmul
 from experiments import engine_profile
 from experiments.device_peaks import hbm_copy_gbps, matmul_peaks
+from experiments.host_profile import host_profile
 from experiments.results_io import write_result
 
 flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
@@ -81,6 +82,8 @@ flags.DEFINE_integer("peak_matmul_size", 8192, "M = N = K of the dense matmul pe
 flags.DEFINE_integer("seed", 0, "weights and inputs")
 flags.DEFINE_bool("profile", False, "profile the headline prefill and decode points: a per-step breakdown "
                   "(GPU time per category, busy, dispatch/idle) in their rows (experiments/engine_profile.py)")
+flags.DEFINE_bool("host_profile", True, "decode points: the host's share of a step under cProfile (the costliest "
+                  "functions, in the row's `host_profile`; experiments/host_profile.py), after the timings")
 flags.DEFINE_integer("profile_steps", 4, "engine steps profiled per point (prefill: whole calls of "
                      "prompt_len / chunk steps, at least this many steps)")
 flags.DEFINE_string("profile_dir", "", "keep the profiles' traces under this directory (default: discarded)")
@@ -413,6 +416,10 @@ def decode_point(model, cfg, executor, sweep: Sweep, b: int, ctx: int, tokens, h
             f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; host returns after "
             f"{host_s * 1e3:.2f} ms; step ahead {ahead_s * 1e3:.2f} ms = {row['hbm_frac_step_ahead']:.3f} of "
             f"HBM; compile+first {first:.1f} s")
+    if F.host_profile:
+        hp = row["host_profile"] = host_profile(step, sweep.repeats)
+        log(t0, f"{point}: host under cProfile {hp['host_s_per_call'] * 1e3:.2f} ms a step; costliest: "
+                + ", ".join(f"{e['function']} {e['own_us_per_call']:.0f} us" for e in hp["top"][:4]))
     if profiling is not None and (b, ctx) == sweep.typical:
         profiling.point(point, runner, step, 1, row, budget, t0)
     return row

@@ -74,6 +74,9 @@ def test_decode_rows_follow_from_the_router_and_the_accounting(record):
         assert 0 < r["host_return_s"]  # the host's share of a step (no upper bound: CPU steps run on the host)
         ahead = roofline.decode_bytes(TINY, b, b * 32, r["distinct_experts_step_ahead"])
         assert r["hbm_frac_step_ahead"] == pytest.approx(ahead.total / r["step_ahead_s"] / 1e9 / hbm)
+        # the host's step under cProfile names the runner's own frames
+        functions = [e["function"] for e in r["host_profile"]["top"]]
+        assert r["host_profile"]["host_s_per_call"] > 0 and any("runner.py" in f for f in functions)
 
 
 def test_prefill_row_counts_the_chunked_prompts(record):
