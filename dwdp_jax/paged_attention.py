@@ -34,18 +34,22 @@ def default_backend(dtype) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
-    """How a runner's layers attend over their pages: the stored latent width and the backend (static)."""
+    """How a runner's layers attend over their pages: the stored latent width and the backend (static).
+    decode_cluster: the Pallas decode kernel's clustered form (`mla_decode.DecodeConfig.cluster`: a work unit's
+    row tiles as one CTA cluster, each page multicast; off until measured on a GPU)."""
 
     latent_width: int
     backend: str = "einsum"
     interpret: bool = False
+    decode_cluster: bool = False
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {self.backend!r}")
 
     def layer(self, pages, block_table, lengths, q_lens) -> PagedKV:
-        return PagedKV(pages, block_table, lengths, q_lens, self.latent_width, self.backend, self.interpret)
+        return PagedKV(pages, block_table, lengths, q_lens, self.latent_width, self.backend, self.interpret,
+                       self.decode_cluster)
 
 
 @jax.tree_util.register_dataclass
@@ -65,6 +69,7 @@ class PagedKV:
     latent_width: int = dataclasses.field(metadata=dict(static=True), default=0)
     backend: str = dataclasses.field(metadata=dict(static=True), default="einsum")
     interpret: bool = dataclasses.field(metadata=dict(static=True), default=False)
+    decode_cluster: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -135,7 +140,8 @@ class PagedKV:
         pad = lambda x, width: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
         q = jnp.concatenate([pad(q_lat, lw), pad(q_pe.astype(jnp.float32), rw)], -1).astype(self.pages.dtype)
         out_lat, _ = mla_decode.mla_decode(q, self.pages, self.block_table, self.lengths, kv_lora_rank=lw,
-                                           softmax_scale=cfg.softmax_scale, interpret=self.interpret)
+                                           softmax_scale=cfg.softmax_scale, interpret=self.interpret,
+                                           config=mla_decode.DecodeConfig(cluster=self.decode_cluster))
         out_lat = out_lat[..., : cfg.kv_lora_rank].astype(dt)
         with jax.named_scope("kv_b"):
             return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)

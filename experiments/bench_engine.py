@@ -82,6 +82,8 @@ flags.DEFINE_integer("peak_matmul_size", 8192, "M = N = K of the dense matmul pe
 flags.DEFINE_integer("seed", 0, "weights and inputs")
 flags.DEFINE_bool("profile", False, "profile the headline prefill and decode points: a per-step breakdown "
                   "(GPU time per category, busy, dispatch/idle) in their rows (experiments/engine_profile.py)")
+flags.DEFINE_bool("mla_decode_cluster", False, "decode points: the Pallas MLA decode kernel's clustered form "
+                  "(PagedAttention.decode_cluster; not the engine's default until measured)")
 flags.DEFINE_bool("host_profile", True, "decode points: the host's share of a step under cProfile (the costliest "
                   "functions, in the row's `host_profile`; experiments/host_profile.py), after the timings")
 flags.DEFINE_integer("profile_steps", 4, "engine steps profiled per point (prefill: whole calls of "
@@ -391,6 +393,8 @@ def decode_point(model, cfg, executor, sweep: Sweep, b: int, ctx: int, tokens, h
     row = dict(regime="decode", batch=b, context=ctx)
     try:  # the cache's allocation may fail too (out of memory): the point's error, not the run's
         runner = ModelRunner(model, b, ctx, executor=executor, buckets=Buckets((b,), (ctx,)), expert_counts=True)
+        if F.mla_decode_cluster:  # before the first call builds the step programs
+            runner.attention = dataclasses.replace(runner.attention, decode_cluster=True)
         runner.pages = _randomized(runner.pages, jax.random.key(seed))
         step = functools.partial(runner.decode, items)
         first, step_s = median_time(step, sweep.repeats, sweep.warmup)
@@ -556,7 +560,7 @@ def main(argv):
                   routed_flops_fp8=routed_fp8, linear_flops_fp8=linears_fp8, fp8_matmul=F.fp8_matmul, sweep=dataclasses.asdict(sweep), time_budget_s=F.time_budget_s,
                   hbm_copy_mib=F.hbm_copy_mib, peak_matmul_size=F.peak_matmul_size, seed=F.seed,
                   device=device.device_kind, profile=F.profile, profile_steps=F.profile_steps,
-                  command_buffers=command_buffers, xla_flags=xla_flags_used)
+                  command_buffers=command_buffers, xla_flags=xla_flags_used, mla_decode_cluster=F.mla_decode_cluster)
     print_table(prefill_rows, decode_rows)
     print_breakdowns(prefill_rows, decode_rows)
     print({k: v for k, v in metrics.items() if not isinstance(v, dict)}, flush=True)

@@ -13,7 +13,7 @@ from dwdp_jax.config import TINY
 from dwdp_jax.engine import paged_cache
 from dwdp_jax.engine.paged_cache import OutOfPages, PagedCacheSpec, PageTable
 from dwdp_jax.model import MLA
-from dwdp_jax.paged_attention import PagedKV
+from dwdp_jax.paged_attention import PagedAttention, PagedKV
 
 PAGE = paged_cache.PAGE_SIZE
 
@@ -103,3 +103,30 @@ def test_paged_mla_matches_causal_forward(backend, dtype, tol):
     for i, n in enumerate(total):
         err = np.abs(got[i, :n] - ref[i, :n]).max() / np.abs(ref[i, :n]).max()
         assert err <= tol, (backend, i, err)
+
+
+def test_decode_cluster_reaches_the_decode_kernel(monkeypatch):
+    """`PagedAttention(decode_cluster=True)` hands `DecodeConfig(cluster=True)` to the Pallas decode kernel (whose
+    clustered form runs on GPUs only; here the call is intercepted and answered by the reference)."""
+    from pallas_kernels import mla_decode
+
+    seen = []
+
+    def decode(q, pages, block_table, lengths, *, kv_lora_rank, softmax_scale, config=None, interpret=False):
+        seen.append(config)
+        return mla_decode.reference(q, pages, block_table, lengths, kv_lora_rank=kv_lora_rank,
+                                    softmax_scale=softmax_scale)
+
+    monkeypatch.setattr(mla_decode, "mla_decode", decode)
+    mla = _mla(jnp.bfloat16)
+    sp = spec(num_pages=4, max_len=64, dtype=jnp.bfloat16)
+    table = PageTable(sp)
+    pages = paged_cache.allocate(sp)[0]
+    table.ensure(0, 5)
+    x = jax.random.normal(jax.random.key(2), (1, 1, TINY.hidden_size), jnp.float32).astype(jnp.bfloat16)
+    for cluster in (False, True):
+        attention = PagedAttention(sp.latent_width, "pallas", interpret=True, decode_cluster=cluster)
+        kv = attention.layer(pages, jnp.asarray(table.block_table([0])), jnp.asarray([5], jnp.int32),
+                             jnp.asarray([1], jnp.int32))
+        mla(x, jnp.asarray([[4]], jnp.int32), kv, True)
+    assert [c.cluster for c in seen] == [False, True]
