@@ -28,6 +28,7 @@ import gc
 import time
 
 import jax
+import numpy as np
 from absl import app
 
 from dwdp_jax import xla_flags
@@ -37,6 +38,7 @@ from dwdp_jax.engine.scheduler import DecodeItem
 from dwdp_jax.experts import LocalExecutor
 from dwdp_jax.model import set_fp8_matmul
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup
+from dwdp_jax.planner import Placement
 from experiments import bench_engine as be
 from experiments.host_profile import host_profile
 from experiments.results_io import write_result
@@ -62,12 +64,19 @@ def measure_point(model, cfg, b: int, ctx: int, seed: int) -> dict:
     single = ModelRunner(model, b, ctx, executor=LocalExecutor(backend=F.backend), buckets=buckets)
     single.pages = be._randomized(single.pages, jax.random.key(seed))
     row["single"] = dict(time_decode(single, items, F.repeats, F.warmup), programs_per_step=1)
+    reference = np.asarray(single.decode(items), np.float32)  # the same step on the same cache values
     del single
     gc.collect()
-    group = DwdpGroup(model, [jax.devices()[0]], dwdp=DwdpConfig(group_size=1, expert_backend=F.backend))
+    # the model as rank 0's own weights (a group of one holds every expert): no copy of the experts, which
+    # `DwdpGroup(model, ...)` would gather (33 GB more at r1-layers-4)
+    group = DwdpGroup.from_rank_models([model], Placement.from_config(cfg, 1),
+                                       DwdpConfig(group_size=1, expert_backend=F.backend))
     rank = DwdpRankRunner(group.ranks[0], b, ctx, buckets=buckets)
     rank.pages = be._randomized(rank.pages, jax.random.key(seed))
     row["dwdp_rank"] = dict(time_decode(rank, items, F.repeats, F.warmup), programs_per_step=cfg.num_layers + 2)
+    # both runners compute the same step (per-layer programs fuse differently: not bit-equal in bf16)
+    logits = np.asarray(rank.decode(items), np.float32)
+    row["logits_rel_diff"] = float(np.abs(logits - reference).max() / np.abs(reference).max())
     del rank, group
     gc.collect()
     s, d = row["single"], row["dwdp_rank"]
@@ -104,7 +113,7 @@ def main(argv):
                        f"({row['dispatch_us_per_program']:.0f} us per extra program); step "
                        f"{s['step_s'] * 1e3:.2f} -> {d['step_s'] * 1e3:.2f} ms; step ahead "
                        f"{s['step_ahead_s'] * 1e3:.2f} -> {d['step_ahead_s'] * 1e3:.2f} ms "
-                       f"(x{row['step_ahead_over_single']:.2f})")
+                       f"(x{row['step_ahead_over_single']:.2f}); logits differ by {row['logits_rel_diff']:.1e}")
     typical = next((r for r in rows if (r["batch"], r["context"]) == sweep.typical), rows[0])
     metrics = dict(dwdp_dispatch_us_per_program=typical["dispatch_us_per_program"],
                    dwdp_step_over_single=typical["step_over_single"],

@@ -31,6 +31,7 @@ def test_bench_dwdp_dispatch_writes_both_runners(tmp_path):
             assert all(r[runner][k] > 0 for k in ("step_s", "host_s", "step_ahead_s"))
         assert r["single"]["programs_per_step"] == 1 and r["dwdp_rank"]["programs_per_step"] > 2
         assert any("dwdp.py" in e["function"] for e in r["dwdp_rank"]["host_profile"]["top"])
+        assert r["logits_rel_diff"] <= 1e-2  # the same step through both runners
     typical = rows[1]
     m = record["metrics"]
     assert m["typical_point"] == "2x32"
