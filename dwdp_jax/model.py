@@ -115,8 +115,8 @@ class Linear(nnx.Module):
         x2 = x.reshape(-1, d_in).astype(jnp.bfloat16)
         m = x2.shape[0]
         cfg = gg.default_config(m, 1, d_out, fp8=True)
-        splits, decode = 1, m <= DECODE_ROWS
-        if decode:  # a few rows: N / block_n output tiles would leave most SMs idle
+        splits = 1
+        if m <= DECODE_ROWS:  # a few rows: N / block_n output tiles would leave most SMs idle
             splits = gg.choose_k_splits(d_out, d_in, INTERPRET_SMS if interpret else _compat.num_sms(),
                                         cfg.block_n)
         # activations quantized by XLA, not inside the kernel (`quantize_in_kernel`): on the H100 the in-kernel

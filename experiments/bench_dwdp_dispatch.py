@@ -62,7 +62,7 @@ def measure_point(model, cfg, b: int, ctx: int, seed: int) -> dict:
     buckets = Buckets((b,), (ctx,))
     row = dict(batch=b, context=ctx)
     single = ModelRunner(model, b, ctx, executor=LocalExecutor(backend=F.backend), buckets=buckets)
-    single.pages = be._randomized(single.pages, jax.random.key(seed))
+    single.pages = be.randomized_pages(single.pages, jax.random.key(seed))
     row["single"] = dict(time_decode(single, items, F.repeats, F.warmup), programs_per_step=1)
     reference = np.asarray(single.decode(items), np.float32)  # the same step on the same cache values
     del single
@@ -72,7 +72,7 @@ def measure_point(model, cfg, b: int, ctx: int, seed: int) -> dict:
     group = DwdpGroup.from_rank_models([model], Placement.from_config(cfg, 1),
                                        DwdpConfig(group_size=1, expert_backend=F.backend))
     rank = DwdpRankRunner(group.ranks[0], b, ctx, buckets=buckets)
-    rank.pages = be._randomized(rank.pages, jax.random.key(seed))
+    rank.pages = be.randomized_pages(rank.pages, jax.random.key(seed))
     row["dwdp_rank"] = dict(time_decode(rank, items, F.repeats, F.warmup), programs_per_step=cfg.num_layers + 2)
     # both runners compute the same step (per-layer programs fuse differently: not bit-equal in bf16)
     logits = np.asarray(rank.decode(items), np.float32)

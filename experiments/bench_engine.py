@@ -180,7 +180,7 @@ def decoder_param_bytes(model) -> int:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _randomized(pages, key):
+def randomized_pages(pages, key):
     """The cache pages with N(0, 1) rows (a decode step's cost does not depend on the values; random ones give
     the router realistic inputs)."""
     return [jax.random.normal(jax.random.fold_in(key, i), p.shape, p.dtype) for i, p in enumerate(pages)]
@@ -387,15 +387,15 @@ def decode_point(model, cfg, executor, sweep: Sweep, b: int, ctx: int, tokens, h
                  seed: int, profiling: Profiling | None) -> dict:
     """One decode row: b requests with `tokens` at position ctx - 1, on a cache of b slots x ctx tokens."""
     point = f"decode B={b} L={ctx}"
-    # expert_counts: each step program also counts the tokens routed to each expert (a scatter-add per MoE
-    # layer, in the timed program), from which the bytes a step must read follow
     items = [DecodeItem(request_id=f"d{i}", slot=i, token=int(t), position=ctx - 1) for i, t in enumerate(tokens)]
     row = dict(regime="decode", batch=b, context=ctx)
     try:  # the cache's allocation may fail too (out of memory): the point's error, not the run's
+        # expert_counts: each step program also counts the tokens routed to each expert (a scatter-add per MoE
+        # layer, in the timed program), from which the bytes a step must read follow
         runner = ModelRunner(model, b, ctx, executor=executor, buckets=Buckets((b,), (ctx,)), expert_counts=True)
         if F.mla_decode_cluster:  # before the first call builds the step programs
             runner.attention = dataclasses.replace(runner.attention, decode_cluster=True)
-        runner.pages = _randomized(runner.pages, jax.random.key(seed))
+        runner.pages = randomized_pages(runner.pages, jax.random.key(seed))
         step = functools.partial(runner.decode, items)
         first, step_s = median_time(step, sweep.repeats, sweep.warmup)
     except Exception as e:  # noqa: BLE001 (keep the other points)
