@@ -425,7 +425,7 @@ def breakdown(events: list[OpEvent], programs: dict[str, list[dict[str, HloOp]]]
         # where a step's kernels are (a decode step of a few rows is bound by their number) and, per category,
         # its costliest instructions (what "other" holds)
         "kernels_per_step_by_category": {k: v / steps for k, v in kernels_by_category.items() if v},
-        "top_ops_by_category": {cat: [op_row(c, n, o, us) for (c, n, o), us in ranked if c == cat][:8]
+        "top_ops_by_category": {cat: [op_row(c, n, o, us) for (c, n, o), us in ranked if c == cat][:12]
                                 for cat in CATEGORIES if kernels_by_category[cat]},
         # where the GPU waits: between two kernels of one program (the host launching too slowly), between
         # programs (the host's work between calls: packing, transfers, dispatch, the blocking read), and before
