@@ -35,13 +35,15 @@ def default_backend(dtype) -> str:
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
     """How a runner's layers attend over their pages: the stored latent width and the backend (static).
-    decode_cluster: the Pallas decode kernel's clustered form (`mla_decode.DecodeConfig.cluster`: a work unit's
-    row tiles as one CTA cluster, each page multicast; off until measured on a GPU)."""
+    decode_cluster: the Pallas decode kernel's clustered form for one query per row (`mla_decode.DecodeConfig.cluster`:
+    a work unit's row tiles as one CTA cluster, each page multicast). Measured on an H100 (WORKSPACE Finding 26):
+    the engine's B=128 decode step at 4K 0.838 -> 0.884 of HBM step ahead, the kernel at B=128 0.54 -> 0.84;
+    with two queries per row (MTP) the clustered kernel was slower (0.43 -> 0.31), so those stay unclustered."""
 
     latent_width: int
     backend: str = "einsum"
     interpret: bool = False
-    decode_cluster: bool = False
+    decode_cluster: bool = True
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -69,7 +71,7 @@ class PagedKV:
     latent_width: int = dataclasses.field(metadata=dict(static=True), default=0)
     backend: str = dataclasses.field(metadata=dict(static=True), default="einsum")
     interpret: bool = dataclasses.field(metadata=dict(static=True), default=False)
-    decode_cluster: bool = dataclasses.field(metadata=dict(static=True), default=False)
+    decode_cluster: bool = dataclasses.field(metadata=dict(static=True), default=True)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -141,7 +143,7 @@ class PagedKV:
         q = jnp.concatenate([pad(q_lat, lw), pad(q_pe.astype(jnp.float32), rw)], -1).astype(self.pages.dtype)
         out_lat, _ = mla_decode.mla_decode(q, self.pages, self.block_table, self.lengths, kv_lora_rank=lw,
                                            softmax_scale=cfg.softmax_scale, interpret=self.interpret,
-                                           config=mla_decode.DecodeConfig(cluster=self.decode_cluster))
+                                           config=mla_decode.DecodeConfig(cluster=self.decode_cluster and q.shape[1] == 1))
         out_lat = out_lat[..., : cfg.kv_lora_rank].astype(dt)
         with jax.named_scope("kv_b"):
             return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)

@@ -82,8 +82,8 @@ flags.DEFINE_integer("peak_matmul_size", 8192, "M = N = K of the dense matmul pe
 flags.DEFINE_integer("seed", 0, "weights and inputs")
 flags.DEFINE_bool("profile", False, "profile the headline prefill and decode points: a per-step breakdown "
                   "(GPU time per category, busy, dispatch/idle) in their rows (experiments/engine_profile.py)")
-flags.DEFINE_bool("mla_decode_cluster", False, "decode points: the Pallas MLA decode kernel's clustered form "
-                  "(PagedAttention.decode_cluster; not the engine's default until measured)")
+flags.DEFINE_bool("mla_decode_cluster", True, "decode points: the Pallas MLA decode kernel's clustered form "
+                  "for one query per row (PagedAttention.decode_cluster, the engine's default)")
 flags.DEFINE_bool("host_profile", True, "decode points: the host's share of a step under cProfile (the costliest "
                   "functions, in the row's `host_profile`; experiments/host_profile.py), after the timings")
 flags.DEFINE_integer("profile_steps", 4, "engine steps profiled per point (prefill: whole calls of "
@@ -393,8 +393,8 @@ def decode_point(model, cfg, executor, sweep: Sweep, b: int, ctx: int, tokens, h
         # expert_counts: each step program also counts the tokens routed to each expert (a scatter-add per MoE
         # layer, in the timed program), from which the bytes a step must read follow
         runner = ModelRunner(model, b, ctx, executor=executor, buckets=Buckets((b,), (ctx,)), expert_counts=True)
-        if F.mla_decode_cluster:  # before the first call builds the step programs
-            runner.attention = dataclasses.replace(runner.attention, decode_cluster=True)
+        if not F.mla_decode_cluster:  # before the first call builds the step programs
+            runner.attention = dataclasses.replace(runner.attention, decode_cluster=False)
         runner.pages = randomized_pages(runner.pages, jax.random.key(seed))
         step = functools.partial(runner.decode, items)
         first, step_s = median_time(step, sweep.repeats, sweep.warmup)

@@ -60,6 +60,21 @@ def test_combine_is_deterministic_under_jit():
     np.testing.assert_array_equal(np.asarray(f(x)), np.asarray(f(x)))
 
 
+@pytest.mark.parametrize("dtype, width", [(jnp.float8_e4m3fn, 200), (jnp.bfloat16, 70), (jnp.bfloat16, 5),
+                                          (jnp.float32, 3)])
+def test_gather_rows_is_exact(dtype, width):
+    """The word-wise row gather returns x[rows] bit for bit: FP8 and bf16 rows as 32-bit words (widths that are
+    and are not whole words), f32 directly; repeated, unsorted rows."""
+    from dwdp_jax.experts import gather_rows
+
+    rng = np.random.RandomState(1)
+    x = jnp.asarray(rng.randn(13, width) * 3).astype(dtype)
+    rows = jnp.asarray(rng.randint(0, 13, 40).astype(np.int32))
+    got = jax.jit(gather_rows)(x, rows)
+    assert got.dtype == x.dtype and got.shape == (40, width)
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)), np.asarray(x[rows].astype(jnp.float32)))
+
+
 @pytest.mark.skipif(__import__("pallas_kernels._compat", fromlist=["on_gpu"]).on_gpu(),
                     reason="checks the benchmark's loops in interpret mode on CPU; the GPU runs the benchmark itself")
 def test_bench_moe_ffn_smoke(tmp_path):

@@ -106,8 +106,9 @@ def test_paged_mla_matches_causal_forward(backend, dtype, tol):
 
 
 def test_decode_cluster_reaches_the_decode_kernel(monkeypatch):
-    """`PagedAttention(decode_cluster=True)` hands `DecodeConfig(cluster=True)` to the Pallas decode kernel (whose
-    clustered form runs on GPUs only; here the call is intercepted and answered by the reference)."""
+    """`PagedAttention(decode_cluster=True)`, the default, hands `DecodeConfig(cluster=True)` to the Pallas decode
+    kernel for one query per row and the unclustered form for two (MTP; measured slower clustered). The clustered
+    form runs on GPUs only: here the call is intercepted and answered by the reference."""
     from pallas_kernels import mla_decode
 
     seen = []
@@ -122,11 +123,12 @@ def test_decode_cluster_reaches_the_decode_kernel(monkeypatch):
     sp = spec(num_pages=4, max_len=64, dtype=jnp.bfloat16)
     table = PageTable(sp)
     pages = paged_cache.allocate(sp)[0]
-    table.ensure(0, 5)
-    x = jax.random.normal(jax.random.key(2), (1, 1, TINY.hidden_size), jnp.float32).astype(jnp.bfloat16)
-    for cluster in (False, True):
+    table.ensure(0, 6)
+    x = jax.random.normal(jax.random.key(2), (1, 2, TINY.hidden_size), jnp.float32).astype(jnp.bfloat16)
+    assert PagedAttention(sp.latent_width).decode_cluster
+    for cluster, queries in ((False, 1), (True, 1), (True, 2)):
         attention = PagedAttention(sp.latent_width, "pallas", interpret=True, decode_cluster=cluster)
-        kv = attention.layer(pages, jnp.asarray(table.block_table([0])), jnp.asarray([5], jnp.int32),
-                             jnp.asarray([1], jnp.int32))
-        mla(x, jnp.asarray([[4]], jnp.int32), kv, True)
-    assert [c.cluster for c in seen] == [False, True]
+        kv = attention.layer(pages, jnp.asarray(table.block_table([0])), jnp.asarray([4 + queries], jnp.int32),
+                             jnp.asarray([queries], jnp.int32))
+        mla(x[:, :queries], jnp.asarray([[4, 5][:queries]], jnp.int32), kv, True)
+    assert [c.cluster for c in seen] == [False, True, False]
