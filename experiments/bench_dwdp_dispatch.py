@@ -86,6 +86,17 @@ def measure_point(model, cfg, b: int, ctx: int, seed: int) -> dict:
     return row
 
 
+def _metrics(rows: list[dict], typical_point: tuple[int, int]) -> dict:
+    """The results file's metrics: the typical point's row (else the first measured)."""
+    typical = next((r for r in rows if (r["batch"], r["context"]) == typical_point), rows[0])
+    return dict(dwdp_dispatch_us_per_program=typical["dispatch_us_per_program"],
+                dwdp_step_over_single=typical["step_over_single"],
+                dwdp_step_ahead_over_single=typical["step_ahead_over_single"],
+                dwdp_host_ms_per_step=typical["dwdp_rank"]["host_s"] * 1e3,
+                single_host_ms_per_step=typical["single"]["host_s"] * 1e3,
+                typical_point="{}x{}".format(typical["batch"], typical["context"]))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -103,6 +114,10 @@ def main(argv):
     model = set_fp8_matmul(be.build_model(cfg, F.seed), F.fp8_matmul)
     be.log(t0, f"{jax.devices()[0].device_kind}, jax {jax.__version__}, preset {F.preset}: {cfg.num_layers} "
                f"layers, so {cfg.num_layers + 2} programs a DWDP rank step")
+    config = dict(preset=F.preset, backend=F.backend, fp8_matmul=F.fp8_matmul, repeats=F.repeats,
+                  warmup=F.warmup, seed=F.seed, command_buffers=F.command_buffers, xla_flags=xla_flags_used,
+                  dwdp="group of one (every expert local, no fetch), prefetch depth 1",
+                  device=jax.devices()[0].device_kind)
     rows = []
     for ctx in sweep.decode_context:
         for b in sweep.decode_batch:
@@ -114,19 +129,13 @@ def main(argv):
                        f"{s['step_s'] * 1e3:.2f} -> {d['step_s'] * 1e3:.2f} ms; step ahead "
                        f"{s['step_ahead_s'] * 1e3:.2f} -> {d['step_ahead_s'] * 1e3:.2f} ms "
                        f"(x{row['step_ahead_over_single']:.2f}); logits differ by {row['logits_rel_diff']:.1e}")
-    typical = next((r for r in rows if (r["batch"], r["context"]) == sweep.typical), rows[0])
-    metrics = dict(dwdp_dispatch_us_per_program=typical["dispatch_us_per_program"],
-                   dwdp_step_over_single=typical["step_over_single"],
-                   dwdp_step_ahead_over_single=typical["step_ahead_over_single"],
-                   dwdp_host_ms_per_step=typical["dwdp_rank"]["host_s"] * 1e3,
-                   single_host_ms_per_step=typical["single"]["host_s"] * 1e3,
-                   typical_point="{}x{}".format(typical["batch"], typical["context"]))
-    config = dict(preset=F.preset, backend=F.backend, fp8_matmul=F.fp8_matmul, repeats=F.repeats,
-                  warmup=F.warmup, seed=F.seed, command_buffers=F.command_buffers, xla_flags=xla_flags_used,
-                  dwdp="group of one (every expert local, no fetch), prefetch depth 1",
-                  device=jax.devices()[0].device_kind)
-    print(metrics, flush=True)
-    path = write_result(F.out, "engine", F.device_kind, config, metrics, rows, F.tag or "dwdp-dispatch")
+            for name in ("single", "dwdp_rank"):
+                for fn in (row[name]["host_profile"] or {}).get("top", [])[:4]:
+                    be.log(t0, f"  host profile {name}: {fn}")
+            # written after every point: a run stopped by its time limit keeps the points it measured
+            path = write_result(F.out, "engine", F.device_kind, config, _metrics(rows, sweep.typical), rows,
+                                F.tag or "dwdp-dispatch")
+    print(_metrics(rows, sweep.typical), flush=True)
     be.log(t0, f"wrote {path}")
 
 

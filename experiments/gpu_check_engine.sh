@@ -15,12 +15,14 @@
 #            rank (group of one: per-layer programs, no fetch): the host's cost per program      ~5 min
 #   hlo      the prefill step at 8K tokens (4 x 2048) with its profile and XLA's optimized HLO: what the
 #            profile's costliest "other" fusions (gathers, adds, concatenates) hold (diag/hlo_fusions.py)  ~3 min
+#   glue     bench_moe_glue: the MoE layer's row replication and combine gathers at 8K and 16K tokens, element
+#            by element against 32-bit words and in-bounds gathers, then the hlo part's prefill step   ~5 min
 #   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, sweep, dispatch, hlo, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep, dispatch, hlo, glue, cb or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -57,6 +59,11 @@ case "$PART" in
       --tag=decode-sweep-16k-large
     step engine sweep_1k 150 "${SWEEP[@]}" --decode_batch=64,128 --decode_context=1024 --typical=64x1024 \
       --tag=decode-sweep-1k-mid
+    ;;
+  glue)
+    step engine bench_moe_glue 150 python3 experiments/bench_moe_glue.py --device_kind "$KIND" --out_dir "$OUTDIR"
+    step engine prefill 300 "${BENCH[@]}" --prefill_requests=4,8 --decode_batch= --decode_context= --profile \
+      --time_budget_s=250 --tag=prefill-glue
     ;;
   hlo)
     XLA_FLAGS="--xla_dump_to=/tmp/hlo_dump --xla_dump_hlo_module_re=jit_step_fn" step engine hlo 300 "${BENCH[@]}" \

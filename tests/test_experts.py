@@ -90,6 +90,21 @@ def test_bench_moe_ffn_smoke(tmp_path):
     assert all(max(r["rel_err_vs_separate"].values()) <= 3e-2 for r in rows)
 
 
+@pytest.mark.skipif(__import__("pallas_kernels._compat", fromlist=["on_gpu"]).on_gpu(),
+                    reason="checks the benchmark's variants on CPU; the GPU runs the benchmark itself")
+def test_bench_moe_glue_smoke(tmp_path):
+    """experiments/bench_moe_glue.py on CPU (tiny shapes): every gather variant equals the element gathers."""
+    import json
+
+    from experiments import bench_moe_glue
+
+    bench_moe_glue.main(["--smoke", f"--out_dir={tmp_path}", "--tokens=5,37"])
+    (path,) = tmp_path.iterdir()
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["op"], r["tokens"]) for r in rows] == [("replicate", 5), ("combine", 5), ("replicate", 37),
+                                                       ("combine", 37)]
+
+
 @pytest.mark.parametrize("tokens", [5, 150])
 def test_pallas_path_in_interpret_mode(tokens):
     """The engine's FP8 expert path with its kernels in interpret mode (CPU): activations quantized once per token,

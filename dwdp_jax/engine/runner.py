@@ -442,7 +442,7 @@ class DwdpRankRunner(_SlotRunner):
         meta = self.attention.layer(None, step.block_table, step.lengths, step.q_lens)
         logits, self.pages = self.rank.forward(step.ids, step.positions, paged=(self.pages, meta), absorbed=absorbed,
                                                last_at=np.maximum(step.q_lens - 1, 0))
-        return logits[:, 0]
+        return logits
 
 
 class DepRunner(_SlotRunner):

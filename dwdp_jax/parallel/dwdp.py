@@ -209,9 +209,10 @@ def _embed(state_graph, state, ids):
 
 
 def _logits(graph, state, hidden, last_at=None):
-    """Logits of `hidden` [b, s, d]; with last_at [b], of column last_at[b] of each row only: [b, 1, vocab]."""
+    """Logits of `hidden` [b, s, d]; with last_at [b], of column last_at[b] of each row only: [b, vocab] (the
+    runner's shape, so that no slicing program runs after the head)."""
     if last_at is not None:
-        hidden = hidden[jnp.arange(hidden.shape[0]), last_at][:, None]
+        return nnx.merge(graph, state).logits(hidden[jnp.arange(hidden.shape[0]), last_at][:, None])[:, 0]
     return nnx.merge(graph, state).logits(hidden)
 
 
@@ -409,7 +410,7 @@ class DwdpRank:
 
     def forward(self, token_ids, positions=None, paged=None, absorbed: bool = False, stats: list | None = None,
                 last_only: bool = False, last_at=None):
-        """Logits [b, s, vocab] ([b, 1, vocab] with last_only, or of column last_at[b] of each row) for this
+        """Logits [b, s, vocab] ([b, 1, vocab] with last_only; [b, vocab] of column last_at[b] of each row) for this
         rank's batch; with `paged` = (pages per layer, `PagedKV` without pages: the step's block table and
         lengths), the step's tokens are written into the pages (donated) and attend over them, and the updated
         pages are returned too: (logits, pages).
@@ -427,7 +428,9 @@ class DwdpRank:
         if positions is None:
             positions = np.broadcast_to(np.arange(token_ids.shape[1], dtype=np.int32), token_ids.shape)
         tokens, is_prefill = int(np.prod(token_ids.shape)), token_ids.shape[1] > 1
-        token_ids, positions = jax.device_put((token_ids, positions), self.device)
+        pages_in, meta = paged if paged is not None else ([None] * cfg.num_layers, None)
+        # one transfer call for every step input (each `device_put` call cost ~0.2 ms of host time on CPU)
+        token_ids, positions, meta, last_at = jax.device_put((token_ids, positions, meta, last_at), self.device)
         self._flush_counts()
         moe, depth = self.moe_layers, dw.prefetch_depth
         issue = ((lambda j: self.issue_planned(j, self.plan(j, tokens, is_prefill))) if dw.planned
@@ -436,9 +439,6 @@ class DwdpRank:
         staged = self._carry or collections.OrderedDict((j, issue(j)) for j in moe[:depth])
         self._carry = None
         x = self._embed(self._head_leaves, token_ids)
-        pages_in, meta = paged if paged is not None else ([None] * cfg.num_layers, None)
-        if meta is not None:
-            meta = jax.device_put(meta, self.device)
         new_pages, step_counts = [], []
         for i in range(cfg.num_layers):
             leaves, programs = self._layer_leaves[i], self._programs[i]
@@ -476,8 +476,6 @@ class DwdpRank:
             self.router_stats.next_step()
         elif step_counts:
             self._pending_counts.append(step_counts)
-        if last_at is not None:
-            last_at = jax.device_put(last_at, self.device)
         logits = self._logits(self._head_leaves, x[:, -1:] if last_only and last_at is None else x, last_at)
         if depth > 0 and not dw.planned:  # prefetch across steps: the next step's first MoE layers
             self._carry = collections.OrderedDict((j, issue(j)) for j in moe[:depth])
