@@ -8,7 +8,8 @@ Per decode point (B requests at context L, each runner on a cache of its own):
     device runs on), each call then waited for;
   * `step_s`: median blocking step; `step_ahead_s`: steps dispatched before the previous step's tokens are read
     (as `run_engine(step_ahead=...)` serves), sampling included;
-  * `programs_per_step`: the rank's embedding + one program per layer + the head, against the runner's one;
+  * `programs_per_step`: the rank's prologue (embedding + leading dense layers) + one program per MoE layer +
+    the head (`DwdpRank.programs_per_step`), against the runner's one;
   * `host_profile`: the step's host time under cProfile, costliest functions first (`--host_profile`).
 Metrics: `dwdp_dispatch_us_per_program` = (rank host_s - runner host_s) / (extra programs), at the typical
 point, and `dwdp_step_ahead_over_single` (1.0: the per-layer dispatch is hidden behind the device).
@@ -73,7 +74,8 @@ def measure_point(model, cfg, b: int, ctx: int, seed: int) -> dict:
                                        DwdpConfig(group_size=1, expert_backend=F.backend))
     rank = DwdpRankRunner(group.ranks[0], b, ctx, buckets=buckets)
     rank.pages = be.randomized_pages(rank.pages, jax.random.key(seed))
-    row["dwdp_rank"] = dict(time_decode(rank, items, F.repeats, F.warmup), programs_per_step=cfg.num_layers + 2)
+    row["dwdp_rank"] = dict(time_decode(rank, items, F.repeats, F.warmup),
+                            programs_per_step=group.ranks[0].programs_per_step)
     # both runners compute the same step (per-layer programs fuse differently: not bit-equal in bf16)
     logits = np.asarray(rank.decode(items), np.float32)
     row["logits_rel_diff"] = float(np.abs(logits - reference).max() / np.abs(reference).max())
@@ -113,7 +115,7 @@ def main(argv):
     cfg = preset(F.preset)
     model = set_fp8_matmul(be.build_model(cfg, F.seed), F.fp8_matmul)
     be.log(t0, f"{jax.devices()[0].device_kind}, jax {jax.__version__}, preset {F.preset}: {cfg.num_layers} "
-               f"layers, so {cfg.num_layers + 2} programs a DWDP rank step")
+               f"layers ({cfg.first_k_dense_replace} dense first)")
     config = dict(preset=F.preset, backend=F.backend, fp8_matmul=F.fp8_matmul, repeats=F.repeats,
                   warmup=F.warmup, seed=F.seed, command_buffers=F.command_buffers, xla_flags=xla_flags_used,
                   dwdp="group of one (every expert local, no fetch), prefetch depth 1",

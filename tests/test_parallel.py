@@ -108,6 +108,32 @@ def test_no_collective_on_the_dwdp_step_path(model):
     assert "all-to-all" in dep_text
 
 
+def test_dense_layers_run_in_the_prologue_program():
+    """The embedding and the dense layers before the first MoE layer run as one program (then one per MoE layer
+    and the head): the rank still matches the single-device model, and a step dispatches exactly
+    `programs_per_step` programs."""
+    cfg = TINY.replace(num_layers=4, first_k_dense_replace=2)
+    model = init_model(cfg, dtype=jnp.float32, seed=5)
+    group = DwdpGroup(model, jax.devices()[:2], None, DwdpConfig(2))
+    rank = group.ranks[0]
+    assert rank.prologue_layers == [0, 1] and rank.programs_per_step == 4
+    ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 6))
+    ref = np.asarray(model(jnp.asarray(ids)))
+    calls = []
+
+    def counted(f):
+        return lambda *a, **k: calls.append(1) or f(*a, **k)
+
+    rank._prologue = {k: counted(f) for k, f in rank._prologue.items()}
+    rank._logits = counted(rank._logits)
+    for programs in rank._programs:
+        for key in list(programs):
+            programs[key] = counted(programs[key])
+    out = np.asarray(rank.forward(jnp.asarray(ids)))
+    assert len(calls) == rank.programs_per_step
+    assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-5
+
+
 def test_source_order_is_a_permutation_per_step():
     for g in (2, 4, 8, 16):
         orders = [source_order(r, g) for r in range(g)]
