@@ -12,7 +12,9 @@
 #            measure: B=8, 32, 256 at 4K, 64, 128, 256 at 16K, 64, 128 at 1K (a cache per point)      ~9 min
 #   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
 #   dispatch bench_dwdp_dispatch: decode B=1 and 64 at 4K through the single-program runner and through a DWDP
-#            rank (group of one: per-layer programs, no fetch): the host's cost per program      ~5 min
+#            rank (group of one: per-layer programs, no fetch): the host's cost per program      ~7 min
+#            (session 11: the B=1 point alone took 200 s; its JSON is now written after every point)
+#   dispatch_cboff  the B=1 point again with XLA command buffers off                              ~4 min
 #   hlo      the prefill step at 8K tokens (4 x 2048) with its profile and XLA's optimized HLO: what the
 #            profile's costliest "other" fusions (gathers, adds, concatenates) hold (diag/hlo_fusions.py)  ~3 min
 #   glue     bench_moe_glue: the MoE layer's row replication and combine gathers at 8K and 16K tokens, element
@@ -22,7 +24,7 @@
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, sweep, dispatch, hlo, glue, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep, dispatch, dispatch_cboff, hlo, glue, cb or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -72,8 +74,14 @@ case "$PART" in
       --fusion='loop_add_fusion.*' --fusion='input_concatenate_fusion.*' --fusion='input_multiply_reduce_fusion.*'
     ;;
   dispatch)
-    step engine dispatch 420 python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" --backend=pallas \
+    step engine dispatch 540 python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" --backend=pallas \
       --fp8_matmul=pallas --decode_batch=1,64 --decode_context=4096 --typical=1x4096 --out="$OUTDIR"
+    ;;
+  dispatch_cboff)
+    # the same B=1 point with XLA command buffers off: is a program's host cost its CUDA graph's update/launch?
+    step engine dispatch_cboff 300 python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" \
+      --backend=pallas --fp8_matmul=pallas --decode_batch=1 --decode_context=4096 --typical=1x4096 \
+      --command_buffers=off --out="$OUTDIR" --tag=dwdp-dispatch-cboff
     ;;
   cb)
     # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, XLA's
