@@ -308,11 +308,13 @@ class MLA(nnx.Module):
         self.kv_b_absorbed = nnx.data(None)  # `with_absorbed_kv_b`: the FP8 kv_b dequantized once, for decode
 
     def _queries(self, x, cos, sin):
+        """(q [b, s, heads, nope + rope] as projected, its rope columns not rotated; q_nope, its first columns;
+        the rotated q_pe [b, s, heads, rope])."""
         cfg = self.cfg
         q = self.q_proj(x) if self.q_proj is not None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.reshape(*x.shape[:2], cfg.num_heads, cfg.qk_head_dim)
         q_nope, q_pe = q[..., : cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim :]
-        return q_nope, rope.apply_rope(q_pe, cos, sin)
+        return q, q_nope, rope.apply_rope(q_pe, cos, sin)
 
     def _latent(self, x, cos, sin):
         cfg = self.cfg
@@ -379,12 +381,12 @@ class MLA(nnx.Module):
         Returns (output [b, s, hidden], the updated cache or None).
         """
         cos, sin = rope.cos_sin(self.cfg, positions_bs)
-        q_nope, q_pe = self._queries(x_bsd, cos, sin)
+        q, q_nope, q_pe = self._queries(x_bsd, cos, sin)
         latent, k_pe = self._latent(x_bsd, cos, sin)
         if kv is not None and not isinstance(kv, LayerKV):  # a paged cache (`dwdp_jax.paged_attention`)
             kv = kv.write(latent, k_pe, positions_bs)
             with jax.named_scope("attend"):
-                out = kv.attend(self, q_nope, q_pe, positions_bs, absorbed).astype(x_bsd.dtype)
+                out = kv.attend(self, q_nope, q_pe, positions_bs, absorbed, q_projected=q).astype(x_bsd.dtype)
             return self.o_proj(out.reshape(*x_bsd.shape[:2], -1)), kv
         if kv is None:
             mask = positions_bs[:, None, :] <= positions_bs[:, :, None]

@@ -111,12 +111,14 @@ def reference(q, kv, k_pe, q_lens, kv_lens, *, softmax_scale):
 # ---------------------------------------------------------------------------------------------
 
 
-def _prefill_kernel(q_ref, kv_ref, kpe_ref, qlen_ref, kvlen_ref, out_ref, lse_ref, *, cfg, dn, dr,
-                    dv, scale_log2, interpret):
+def _prefill_kernel(qn_ref, qp_ref, kv_ref, kpe_ref, qlen_ref, kvlen_ref, out_ref, lse_ref, *, cfg, dn, dr,
+                    dv, qp_col, scale_log2, interpret):
+  """qn_ref's columns [0, dn) hold q_nope, qp_ref's [qp_col, qp_col + dr) the rotated q_pe (the same array
+  when q comes concatenated)."""
   h, qt, b = lax.axis_index("heads"), lax.axis_index("q_tile"), lax.axis_index("b")
   wg = lax.axis_index("wg")
   bq, bkv, stages = cfg.block_q, cfg.block_kv, cfg.max_concurrent_steps
-  dtype = q_ref.dtype
+  dtype = qn_ref.dtype
   q_len, kv_len = qlen_ref[b], kvlen_ref[b]
   offset = kv_len - q_len  # position of query 0
 
@@ -181,8 +183,8 @@ def _prefill_kernel(q_ref, kv_ref, kpe_ref, qlen_ref, kvlen_ref, out_ref, lse_re
       # Key tiles entirely at or below the first query's position need no mask.
       unmasked = jnp.clip(lax.div(offset + q0 + 1, bkv), 0, my_steps)
       rows = pl.ds(q0, bq)
-      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(0, dn)], qn_smem.at[wg], q_bar.at[wg])
-      plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h, pl.ds(dn, dr)], qp_smem.at[wg], q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(qn_ref.at[b, rows, h, pl.ds(0, dn)], qn_smem.at[wg], q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(qp_ref.at[b, rows, h, pl.ds(qp_col, dr)], qp_smem.at[wg], q_bar.at[wg])
       plgpu.barrier_wait(q_bar.at[wg])
 
       def layout(x, which):
@@ -301,7 +303,10 @@ def _prefill_kernel(q_ref, kv_ref, kpe_ref, qlen_ref, kvlen_ref, out_ref, lse_re
   )
 
 
-def _validate(q, kv, k_pe, q_lens, kv_lens):
+def _validate(q, kv, k_pe, q_lens, kv_lens, q_pe):
+  if q_pe is not None and (q_pe.shape != (*q.shape[:3], k_pe.shape[-1]) or q_pe.dtype != q.dtype):
+    raise ValueError(f"q_pe must be [B, Sq, H, Dr] = {(*q.shape[:3], k_pe.shape[-1])} of q's dtype, got "
+                     f"{q_pe.dtype}{q_pe.shape}")
   if q.ndim != 4 or kv.ndim != 4 or k_pe.ndim != 3:
     raise ValueError(f"q [B, Sq, H, Dn + Dr], kv [B, Sk, H, Dn + Dv] and k_pe [B, Sk, Dr] expected, got "
                      f"{q.shape}, {kv.shape}, {k_pe.shape}")
@@ -330,7 +335,7 @@ def _round_up(v, r):
   return -(-v // r) * r
 
 
-def mla_prefill(q, kv, k_pe, q_lens, kv_lens, *, softmax_scale: float,
+def mla_prefill(q, kv, k_pe, q_lens, kv_lens, *, softmax_scale: float, q_pe=None,
                 config: PrefillConfig | None = None, interpret: bool = False):
   """Causal MLA attention of each row's new tokens against its cached prefix and themselves.
 
@@ -341,20 +346,24 @@ def mla_prefill(q, kv, k_pe, q_lens, kv_lens, *, softmax_scale: float,
     q_lens, kv_lens: [B] int32, 0 <= q_lens <= kv_lens <= Sk, q_lens <= Sq. Keys in
       [kv_lens, round_up(kv_lens, block_kv)) are read with weight 0: they must be finite.
     softmax_scale: multiplies q . k.
+    q_pe: optional [B, Sq, H, Dr] bf16, the rotated rope part, read instead of q's last Dr columns: q can then
+      be the query projection's output as it is (its rope columns unrotated), with no concatenated copy.
   Returns:
     (out [B, Sq, H, Dv] bf16, rows past q_lens 0; lse [B, H, Sq] f32 natural-log normalizers, -inf
      past q_lens), for merging with attention over other key sets.
   Widths that are not multiples of 64 are zero-padded here (a copy: only small test models need it);
   Sq is padded to 2 x block_q and Sk to block_kv the same way, so bucket shapes to avoid copies.
   """
-  _validate(q, kv, k_pe, q_lens, kv_lens)
+  _validate(q, kv, k_pe, q_lens, kv_lens, q_pe)
   cfg = config or DEFAULT_CONFIG
   b, sq, h, dq = q.shape
   sk, dr = k_pe.shape[1], k_pe.shape[-1]
   dn, dv = dq - dr, kv.shape[-1] - (dq - dr)
   dn_p, dr_p, dv_p = _round_up(dn, 64), _round_up(dr, 64), _round_up(dv, 64)
-  if (dn_p, dr_p) != (dn, dr):
-    q = jnp.concatenate([_pad_axis(q[..., :dn], 3, dn_p), _pad_axis(q[..., dn:], 3, dr_p)], -1)
+  # q_nope from q's first columns; q_pe from q_pe if given, else from q's columns [dn, dn + dr)
+  q_n, q_p, qp_col = q, (q if q_pe is None else q_pe), (dn if q_pe is None else 0)
+  if (dn_p, dr_p) != (dn, dr):  # small test widths: padded copies of each part
+    q_n, q_p, qp_col = _pad_axis(q[..., :dn], 3, dn_p), _pad_axis(q_p[..., qp_col:qp_col + dr], 3, dr_p), 0
   if (dn_p, dv_p) != (dn, dv):
     kv = jnp.concatenate([_pad_axis(kv[..., :dn], 3, dn_p), _pad_axis(kv[..., dn:], 3, dv_p)], -1)
   k_pe = _pad_axis(k_pe, 2, dr_p)
@@ -362,12 +371,14 @@ def mla_prefill(q, kv, k_pe, q_lens, kv_lens, *, softmax_scale: float,
     raise ValueError(f"{cfg} needs {smem_bytes(cfg, dn_p, dr_p, dv_p)} bytes of SMEM for widths "
                      f"{dn_p}/{dr_p}/{dv_p} (> {SMEM_BYTES}): lower block_kv or max_concurrent_steps")
   sq_p, sk_p = _round_up(sq, 2 * cfg.block_q), _round_up(sk, cfg.block_kv)
-  q, kv, k_pe = _pad_axis(q, 1, sq_p), _pad_axis(kv, 1, sk_p), _pad_axis(k_pe, 1, sk_p)
-  body = lambda *refs: _prefill_kernel(*refs, cfg=cfg, dn=dn_p, dr=dr_p, dv=dv_p,
+  same = q_p is q_n
+  q_n, kv, k_pe = _pad_axis(q_n, 1, sq_p), _pad_axis(kv, 1, sk_p), _pad_axis(k_pe, 1, sk_p)
+  q_p = q_n if same else _pad_axis(q_p, 1, sq_p)
+  body = lambda *refs: _prefill_kernel(*refs, cfg=cfg, dn=dn_p, dr=dr_p, dv=dv_p, qp_col=qp_col,
                                         scale_log2=softmax_scale * _LOG2E, interpret=interpret)
   out, lse = plgpu.kernel(
       body,
-      out_type=(jax.ShapeDtypeStruct((b, sq_p, h, dv_p), q.dtype),
+      out_type=(jax.ShapeDtypeStruct((b, sq_p, h, dv_p), q_n.dtype),
                 jax.ShapeDtypeStruct((b, h, sq_p), jnp.float32)),
       grid=(h, sq_p // (2 * cfg.block_q), b),
       grid_names=("heads", "q_tile", "b"),
@@ -375,6 +386,6 @@ def mla_prefill(q, kv, k_pe, q_lens, kv_lens, *, softmax_scale: float,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_compat.InterpretGPUParams() if interpret else None,
-  )(q, kv, k_pe, q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32))
+  )(q_n, q_p, kv, k_pe, q_lens.astype(jnp.int32), kv_lens.astype(jnp.int32))
   q_ok = jnp.arange(sq)[None, None, :] < q_lens[:, None, None]
   return out[:, :sq, :, :dv], jnp.where(q_ok, lse[:, :, :sq], -jnp.inf)

@@ -35,9 +35,14 @@ def make_inputs(seed, b, sq, sk, h, dn, dr, dv, q_lens, kv_lens, block_kv):
   return bf(q), bf(kv), bf(k_pe), jnp.asarray(q_lens, jnp.int32), jnp.asarray(kv_lens, jnp.int32)
 
 
-def check(seed, b, sq, sk, h, dn, dr, dv, q_lens, kv_lens, config, scale=0.1):
+def check(seed, b, sq, sk, h, dn, dr, dv, q_lens, kv_lens, config, scale=0.1, separate_rope=False):
+  """separate_rope: the rope part passed as `q_pe`, and q's own rope columns NaN (they must not be read)."""
   q, kv, k_pe, ql, kl = make_inputs(seed, b, sq, sk, h, dn, dr, dv, q_lens, kv_lens, config.block_kv)
-  run = jax.jit(lambda *a: mp.mla_prefill(*a, softmax_scale=scale, config=config, interpret=INTERPRET))
+  if separate_rope:
+    run = jax.jit(lambda q, *a: mp.mla_prefill(q.at[..., dn:].set(jnp.nan), *a, softmax_scale=scale,
+                                               q_pe=q[..., dn:], config=config, interpret=INTERPRET))
+  else:
+    run = jax.jit(lambda *a: mp.mla_prefill(*a, softmax_scale=scale, config=config, interpret=INTERPRET))
   out, lse = run(q, kv, k_pe, ql, kl)
   q_clean = jnp.where(jnp.isnan(q), 0, q)
   ref, ref_lse = mp.reference(q_clean, kv, k_pe, ql, kl, softmax_scale=scale)
@@ -54,15 +59,18 @@ def check(seed, b, sq, sk, h, dn, dr, dv, q_lens, kv_lens, config, scale=0.1):
 SMALL = mp.PrefillConfig(block_kv=64)
 
 
-def test_tiny_widths_prefix_and_unequal_lengths():
+@pytest.mark.parametrize("separate_rope", [False, True])
+def test_tiny_widths_prefix_and_unequal_lengths(separate_rope):
   # The tiny model's widths (nope 16, rope 16, v 16: padded inside); row 0: 37 new tokens after a
   # 50-token prefix (query tiles straddle key tiles), row 1: a fresh prompt of 20, row 2 idle.
-  check(0, 3, 64, 128, 2, 16, 16, 16, [37, 20, 0], [87, 20, 0], SMALL)
+  check(0, 3, 64, 128, 2, 16, 16, 16, [37, 20, 0], [87, 20, 0], SMALL, separate_rope=separate_rope)
 
 
-def test_two_query_tiles_partner_drains():
-  # 130 queries: the second CTA's warpgroup 1 has no rows (it only releases key tiles), dn != dv.
-  check(1, 1, 160, 192, 1, 64, 64, 128, [130], [180], SMALL)
+@pytest.mark.parametrize("separate_rope", [False, True])
+def test_two_query_tiles_partner_drains(separate_rope):
+  # 130 queries: the second CTA's warpgroup 1 has no rows (it only releases key tiles), dn != dv; widths
+  # that need no padding, so with a separate q_pe the kernel reads q and q_pe where they lie.
+  check(1, 1, 160, 192, 1, 64, 64, 128, [130], [180], SMALL, separate_rope=separate_rope)
 
 
 def test_fewer_key_tiles_than_stages():
@@ -79,6 +87,12 @@ def test_r1_shapes(config):
         scale=192 ** -0.5)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="R1 shapes: GPU only")
+def test_r1_shapes_separate_rope():
+  check(2, 3, 1024, 3000, 128, 128, 64, 128, [1024, 700, 1], [3000, 700, 2500], mp.DEFAULT_CONFIG,
+        scale=192 ** -0.5, separate_rope=True)
+
+
 def test_bad_inputs_are_named():
   q, kv, k_pe, ql, kl = make_inputs(0, 1, 8, 8, 1, 16, 16, 16, [4], [4], 64)
   with pytest.raises(ValueError, match="bfloat16"):
@@ -87,6 +101,8 @@ def test_bad_inputs_are_named():
     mp.mla_prefill(q, kv, k_pe, ql, kl[None], softmax_scale=1.0, interpret=True)
   with pytest.raises(ValueError, match="disagree"):
     mp.mla_prefill(q, kv[:, :4], k_pe, ql, kl, softmax_scale=1.0, interpret=True)
+  with pytest.raises(ValueError, match="q_pe"):
+    mp.mla_prefill(q, kv, k_pe, ql, kl, softmax_scale=1.0, q_pe=q[..., :8], interpret=True)
   with pytest.raises(ValueError, match="block_q"):
     mp.PrefillConfig(block_q=128)
   with pytest.raises(ValueError, match="SMEM"):
