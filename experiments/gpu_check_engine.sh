@@ -17,8 +17,9 @@
 #   dispatch_cboff  the B=1 point again with XLA command buffers off                              ~4 min
 #   hlo      the prefill step at 8K tokens (4 x 2048) with its profile and XLA's optimized HLO: what the
 #            profile's costliest "other" fusions (gathers, adds, concatenates) hold (diag/hlo_fusions.py)  ~3 min
-#   glue     bench_moe_glue: the MoE layer's row replication and combine gathers at 8K and 16K tokens, element
-#            by element against 32-bit words and in-bounds gathers, then the hlo part's prefill step   ~5 min
+#   glue     the MLA prefill kernel's tests, bench_moe_glue (the MoE layer's row replication and combine
+#            gathers at 8K and 16K tokens, element by element against 32-bit words and in-bounds gathers),
+#            then prefill 8K and 16K with a profile                                                ~8 min
 #   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
@@ -63,6 +64,8 @@ case "$PART" in
       --tag=decode-sweep-1k-mid
     ;;
   glue)
+    # the prefill kernel reads q_pe apart since session 11 (first GPU run): its tests first
+    step engine mla_prefill_tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_prefill.py
     step engine bench_moe_glue 150 python3 experiments/bench_moe_glue.py --device_kind "$KIND" --out_dir "$OUTDIR"
     step engine prefill 300 "${BENCH[@]}" --prefill_requests=4,8 --decode_batch= --decode_context= --profile \
       --time_budget_s=250 --tag=prefill-glue
