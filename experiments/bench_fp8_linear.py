@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 
 from experiments import kernel_bench  # noqa: E402
 from experiments.bench_kernels import hbm_ceiling  # noqa: E402
-from experiments.results_io import write_result  # noqa: E402
 from pallas_kernels import _compat  # noqa: E402
 from pallas_kernels import grouped_gemm as gg  # noqa: E402
 
@@ -125,12 +124,9 @@ def main(argv=None):
       for v in ("one_group", "split_k", "split_k_xla_quant", "xla_dequant"):
         # all seven linears streamed once, as a decode step does per layer
         metrics[f"fp8_linear_frac_of_hbm_m{m}_{v}"] = nbytes / sum(r["time_s"][v] for r in rs) / 1e9 / hbm
-    metrics["hbm_copy_gbps"], metrics["hbm_copy_detail_gbps"] = hbm, hbm_detail
   config = dict(rows=a.rows, num_sms=num_sms, interpret=interpret, linears=[r[0] for r in
                 (SMOKE_LINEARS if a.smoke else R1_LINEARS)])
-  path = write_result(a.out_dir, "kernels", a.device_kind, config, metrics, rows_out, a.tag)
-  print(metrics)
-  print("wrote", path)
+  kernel_bench.write(a, config, metrics, rows_out, hbm, hbm_detail)
 
 
 if __name__ == "__main__":

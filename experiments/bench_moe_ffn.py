@@ -34,7 +34,6 @@ import numpy as np  # noqa: E402
 
 from experiments import kernel_bench  # noqa: E402
 from experiments.bench_kernels import hbm_ceiling  # noqa: E402
-from experiments.results_io import write_result  # noqa: E402
 from dwdp_jax.experts import ExpertWeights, pallas_sorted_ffn  # noqa: E402
 from pallas_kernels import grouped_gemm as gg  # noqa: E402
 from pallas_kernels.grouped_gemm import FP8_BLOCK  # noqa: E402
@@ -148,11 +147,7 @@ def main(argv=None):
     for r in rows_out:
       metrics[f"moe_ffn_engine_speedup_t{r['tokens']}"] = r["time_s"]["separate"] / r["time_s"]["engine"]
       metrics[f"moe_ffn_frac_of_hbm_t{r['tokens']}"] = r["frac_of_hbm"]["engine"]
-    metrics["hbm_copy_gbps"], metrics["hbm_copy_detail_gbps"] = hbm, hbm_detail
-  config = dict(shape=shape, tokens=a.tokens, interpret=interpret)
-  path = write_result(a.out_dir, "kernels", a.device_kind, config, metrics, rows_out, a.tag)
-  print(metrics)
-  print("wrote", path)
+  kernel_bench.write(a, dict(shape=shape, tokens=a.tokens, interpret=interpret), metrics, rows_out, hbm, hbm_detail)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import numpy as np  # noqa: E402
 from dwdp_jax.experts import combine_sorted, gather_rows  # noqa: E402
 from experiments import kernel_bench  # noqa: E402
 from experiments.bench_kernels import hbm_ceiling  # noqa: E402
-from experiments.results_io import write_result  # noqa: E402
 
 R1 = dict(hidden=7168, top_k=8, experts=256)
 SMOKE = dict(hidden=256, top_k=4, experts=16)
@@ -123,11 +122,7 @@ def main(argv=None):
         for r in rows_out:
             for v in r["time_s"]:
                 metrics[f"{r['op']}_{v}_frac_of_hbm_t{r['tokens']}"] = r["frac_of_hbm"][v]
-        metrics["hbm_copy_gbps"], metrics["hbm_copy_detail_gbps"] = hbm, hbm_detail
-    config = dict(shape=shape, tokens=a.tokens, interpret=interpret)
-    path = write_result(a.out_dir, "kernels", a.device_kind, config, metrics, rows_out, a.tag)
-    print(metrics)
-    print("wrote", path)
+    kernel_bench.write(a, dict(shape=shape, tokens=a.tokens, interpret=interpret), metrics, rows_out, hbm, hbm_detail)
 
 
 if __name__ == "__main__":

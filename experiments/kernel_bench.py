@@ -1,5 +1,5 @@
-"""What the kernel benchmarks with a CPU smoke mode share (`bench_fp8_linear.py`, `bench_moe_ffn.py`): their
-command line and the CUPTI timing of one jitted call."""
+"""What the kernel benchmarks with a CPU smoke mode share (`bench_fp8_linear.py`, `bench_moe_ffn.py`,
+`bench_moe_glue.py`): their command line, the CUPTI timing of one jitted call and the results file."""
 
 from __future__ import annotations
 
@@ -37,3 +37,16 @@ def cupti_times(f, *args) -> tuple[float, float, list]:
     kernels = profiling.median_per_call(calls, lambda ks: sum(t for kn, t in ks if profiling.is_mosaic(kn)))
     median_call = min(calls, key=lambda ks: abs(sum(t for _, t in ks) - total))
     return total, kernels, [(kn[:60], round(t * 1e6, 2)) for kn, t in median_call]
+
+
+def write(a: argparse.Namespace, config: dict, metrics: dict, rows: list, hbm: float, hbm_detail: dict) -> str:
+  """Writes the `kernels` results JSON (the HBM copy rate of the run added to the metrics when measured) and
+  prints where. Returns its path."""
+  from experiments.results_io import write_result
+
+  if hbm:
+    metrics = dict(metrics, hbm_copy_gbps=hbm, hbm_copy_detail_gbps=hbm_detail)
+  path = write_result(a.out_dir, "kernels", a.device_kind, config, metrics, rows, a.tag)
+  print(metrics)
+  print("wrote", path)
+  return path

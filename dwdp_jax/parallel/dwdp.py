@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import gc
 import itertools
 import time
@@ -278,11 +279,13 @@ class DwdpRank:
         self.prologue_layers = list(itertools.takewhile(lambda i: not cfg.is_moe_layer(i), range(cfg.num_layers)))
         graphs = [self.layers[i][0] for i in self.prologue_layers]
         defs = [state_defs[i] for i in self.prologue_layers]
-        self._prologue = {
-            absorbed: jax.jit(lambda head_leaves, leaves, ids, positions, pages, meta, absorbed=absorbed: _prologue_step(
-                head_graph, head_of(head_leaves), graphs, [jax.tree.unflatten(d, l) for d, l in zip(defs, leaves)],
-                ids, positions, pages, meta, absorbed, dwdp.expert_backend), donate_argnums=4)
-            for absorbed in (False, True)}
+        def prologue(head_leaves, leaves, ids, positions, pages, meta, absorbed):
+            states = [jax.tree.unflatten(d, layer_leaves) for d, layer_leaves in zip(defs, leaves)]
+            return _prologue_step(head_graph, head_of(head_leaves), graphs, states, ids, positions, pages, meta,
+                                  absorbed, dwdp.expert_backend)
+
+        self._prologue = {absorbed: jax.jit(functools.partial(prologue, absorbed=absorbed), donate_argnums=4)
+                          for absorbed in (False, True)}
         self.expert_buffers = {i: layer.mlp.experts.weights() for i, layer in enumerate(layers) if layer.is_moe}
         self.moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
         self.order = source_order(rank, dwdp.group_size, dwdp.staggered)
