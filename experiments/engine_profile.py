@@ -14,7 +14,9 @@ programs are matched to program ids in call order) and categorized by
     into such a pass counts with it);
   * else the innermost named scope of its op name (`jax.named_scope` in `dwdp_jax/model.py` and
     `paged_attention.py`; a fusion's name is the longest common prefix of its ops' names, as XLA's own kernel
-    annotation, or of its matmuls' names if it has any: a norm fused into the LM head's dot is the dot's): `kv_cache` (page writes and gathers) -> cache; `linear` (every `Linear`: q/kv/o projections,
+    annotation, or of its matmuls' names if it has any: a norm fused into the LM head's dot is the dot's; when
+    that prefix holds no known scope, its root's name: a gather with an index clamp fused in is the gather's):
+    `kv_cache` (page writes and gathers) -> cache; `linear` (every `Linear`: q/kv/o projections,
     dense and shared-expert MLPs, LM head; the FP8 GEMM kernel included) -> dense_gemm; `kv_b` (kv_b
     up-projection of the expanded form, query absorption and output projection of the absorbed form) ->
     attention_kv_b; `attend` (einsum attention, the MLA kernels and their split-KV combine) -> attention;
@@ -179,6 +181,7 @@ def parse_hlo(text: str) -> tuple[str, dict[str, HloOp]]:
     if module is None:
         raise ValueError("not an HLO module's text (no 'HloModule' header)")
     computations: dict[str, list[_Instr]] = {}
+    roots: dict[str, _Instr] = {}
     current = None
     for line in text.splitlines():
         if not line.strip():
@@ -193,6 +196,8 @@ def parse_hlo(text: str) -> tuple[str, dict[str, HloOp]]:
             instr = _parse_instr(line)
             if instr is not None:
                 computations[current].append(instr)
+                if line.lstrip().startswith("ROOT "):
+                    roots[current] = instr
     instrs = {i.name: i for body in computations.values() for i in body}
 
     def called(instr: _Instr, seen: set) -> list[_Instr]:
@@ -222,6 +227,12 @@ def parse_hlo(text: str) -> tuple[str, dict[str, HloOp]]:
         # a GEMM fusion is named by its matmuls (XLA fuses e.g. the final norm into the LM head's dot)
         named_mm = [i.op_name for i in matmuls if "/" in i.op_name]
         name = _common_prefix(named_mm or named)
+        if instr.opcode == "fusion" and scope_category(name, False) == "other":
+            # ops of several scopes share no known one (XLA fused e.g. an index clamp into the MoE row gather):
+            # the fused computation's root says what the fusion makes
+            root = next((roots[c] for c in instr.calls if c in roots), None)
+            if root is not None and scope_category(root.op_name, False) != "other":
+                name = root.op_name
         ops[instr.name] = HloOp(instr.name, instr.opcode, name, dtypes(instr.type), ins, bool(matmuls))
     return module.group(1), ops
 

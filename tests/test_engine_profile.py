@@ -62,6 +62,13 @@ FileNames
   ROOT %r = bf16[8,128]{1,0} convert(%e), metadata={op_name="jit(step_fn)/attend/convert_element_type"}
 }
 
+%fused_replicate (param_0.5: f8e4m3fn[8,128], param_1.5: s32[32]) -> f8e4m3fn[32,128] {
+  %param_0.5 = f8e4m3fn[8,128]{1,0} parameter(0)
+  %param_1.5 = s32[32]{0} parameter(1)
+  %c = s32[32]{0} clamp(%param_1.5, %param_1.5, %param_1.5), metadata={op_name="jit(step_fn)/select_n"}
+  ROOT %g = f8e4m3fn[32,128]{1,0} gather(%param_0.5, %c), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,128}, metadata={op_name="jit(step_fn)/routed_experts/gather"}
+}
+
 %fused_mixed (param_0.4: bf16[8,128]) -> bf16[8,128] {
   %param_0.4 = bf16[8,128]{1,0} parameter(0)
   %n = bf16[8,128]{1,0} negate(%param_0.4), metadata={op_name="jit(step_fn)/attend/kv_cache/neg"}
@@ -112,6 +119,7 @@ ENTRY %main.1 (p0: bf16[8,128], p1: f8e4m3fn[128,128]) -> bf16[8,128] {
   %f32 = f32[8,128]{1,0} convert(%p0), metadata={op_name="jit(step_fn)/attend/convert_element_type"}
   %softmax = bf16[8,128]{1,0} fusion(%f32), kind=kLoop, calls=%fused_softmax
   %mixed = bf16[8,128]{1,0} fusion(%p0), kind=kLoop, calls=%fused_mixed
+  %replicate = f8e4m3fn[32,128]{1,0} fusion(%xq, %ids), kind=kLoop, calls=%fused_replicate
   %pages = bf16[8,128]{1,0} scatter(%p0, %ids, %p0), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%region_add, metadata={op_name="jit(step_fn)/kv_cache/scatter"}
   %norm = bf16[8,128]{1,0} fusion(%p0), kind=kLoop, calls=%fused_norm
   %w_head = bf16[128,64]{1,0} constant({...})
@@ -126,7 +134,7 @@ EXPECTED = {
     "quant": "quantize", "dequant": "weight_dequant", "kvb": "attention_kv_b", "linear_gemm": "dense_gemm",
     "sort": "moe_glue", "rows": "moe_glue", "expert_gemm": "expert_gemm", "mla": "attention", "topk": "moe_glue",
     "f32": "attention", "softmax": "attention", "mixed": "attention", "pages": "cache", "norm": "other",
-    "loop_softmax": "attention", "out": "other", "head": "dense_gemm",
+    "loop_softmax": "attention", "out": "other", "head": "dense_gemm", "replicate": "moe_glue",
 }
 
 
@@ -144,6 +152,8 @@ def test_parse_hlo_features_and_categories():
     # a GEMM fusion (a norm fused into the LM head's dot): the name of its matmul
     assert ops["head"].op_name == "jit(step_fn)/linear/dot_general"
     assert ops["quant"].op_name == "jit(step_fn)/linear/jit(grouped_gemm_fp8)"
+    # a fusion whose ops share no known scope: its root's name (the MoE row replication, Finding 27)
+    assert ops["replicate"].op_name == "jit(step_fn)/routed_experts/gather"
     with pytest.raises(ValueError, match="HloModule"):
         ep.parse_hlo("ENTRY %main { }")
 
