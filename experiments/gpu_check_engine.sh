@@ -64,11 +64,14 @@ case "$PART" in
       --tag=decode-sweep-1k-mid
     ;;
   glue)
-    # the prefill kernel reads q_pe apart since session 11 (first GPU run): its tests first
-    step engine mla_prefill_tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_prefill.py
-    step engine bench_moe_glue 150 python3 experiments/bench_moe_glue.py --device_kind "$KIND" --out_dir "$OUTDIR"
-    step engine prefill 300 "${BENCH[@]}" --prefill_requests=4,8 --decode_batch= --decode_context= --profile \
-      --time_budget_s=250 --tag=prefill-glue
+    # since session 11 the prefill kernel reads q_pe apart and the engine decodes with the clustered kernel
+    # (first GPU runs in the engine): the kernel's tests and the engine's FP8 test first, under command buffers
+    CB="$($PY -c "from dwdp_jax import xla_flags; print(' '.join(xla_flags.COMMAND_BUFFER_FLAGS['engine']))")"
+    XLA_FLAGS="$CB" step engine engine_tests 180 python3 -m pytest -q -p no:cacheprovider --tb=short \
+      tests/test_mla_prefill.py tests/test_engine_fp8_gpu.py
+    step engine bench_moe_glue 120 python3 experiments/bench_moe_glue.py --device_kind "$KIND" --out_dir "$OUTDIR"
+    step engine prefill 280 "${BENCH[@]}" --prefill_requests=4,8 --decode_batch= --decode_context= --profile \
+      --time_budget_s=230 --tag=prefill-glue
     ;;
   hlo)
     XLA_FLAGS="--xla_dump_to=/tmp/hlo_dump --xla_dump_hlo_module_re=jit_step_fn" step engine hlo 300 "${BENCH[@]}" \
