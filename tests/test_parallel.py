@@ -109,14 +109,14 @@ def test_no_collective_on_the_dwdp_step_path(model):
 
 
 def test_dense_layers_run_in_the_prologue_program():
-    """The embedding and the dense layers before the first MoE layer run as one program (then one per MoE layer
-    and the head): the rank still matches the single-device model, and a step dispatches exactly
-    `programs_per_step` programs."""
+    """The embedding and the dense layers before the first MoE layer run as one program, then one per MoE layer,
+    the last with the LM head: the rank still matches the single-device model (all logits, the last column's,
+    given columns'), and a step dispatches exactly `programs_per_step` programs."""
     cfg = TINY.replace(num_layers=4, first_k_dense_replace=2)
     model = init_model(cfg, dtype=jnp.float32, seed=5)
     group = DwdpGroup(model, jax.devices()[:2], None, DwdpConfig(2))
     rank = group.ranks[0]
-    assert rank.prologue_layers == [0, 1] and rank.programs_per_step == 4
+    assert rank.prologue_layers == [0, 1] and rank.programs_per_step == 3
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 6))
     ref = np.asarray(model(jnp.asarray(ids)))
     calls = []
@@ -132,6 +132,11 @@ def test_dense_layers_run_in_the_prologue_program():
     out = np.asarray(rank.forward(jnp.asarray(ids)))
     assert len(calls) == rank.programs_per_step
     assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-5
+    last = np.asarray(rank.forward(jnp.asarray(ids), last_only=True))
+    np.testing.assert_allclose(last, out[:, -1:], rtol=1e-5, atol=1e-5)
+    at = np.asarray(rank.forward(jnp.asarray(ids), last_at=np.asarray([2, 5], np.int32)))
+    np.testing.assert_allclose(at, out[[0, 1], [2, 5]], rtol=1e-5, atol=1e-5)
+    assert len(calls) == 3 * rank.programs_per_step
 
 
 def test_source_order_is_a_permutation_per_step():

@@ -185,10 +185,13 @@ def _expert_step(graphdef, state, buffers, slots, x, ids, weights, backend, merg
     return layer.ffn_routed(x, ids, weights, _executor(buffers, slots, backend, merge_copy, gemm_sms))
 
 
-def _layer_programs(graphdef, state_def, backend: str, merge_copy: bool, gemm_sms: int | None = None) -> dict:
+def _layer_programs(graphdef, state_def, backend: str, merge_copy: bool, gemm_sms: int | None = None,
+                    head=None) -> dict:
     """Jitted programs of one layer with its graph and static options closed over: a call passes the state's
     leaves and hashes only arrays (a static GraphDef argument is hashed on every call, ~0.1 ms a layer).
-    Keys: ("layer", absorbed), ("route", absorbed), "expert"; the layer's pages (argument 5) are donated."""
+    Keys: ("layer", absorbed), ("route", absorbed), "expert"; with head = (head graph, leaves -> head state),
+    also ("layer_head", absorbed): the layer and the LM head in one program (the last layer's: one program less
+    a step). The layer's pages (argument 5) are donated."""
     state = lambda leaves: jax.tree.unflatten(state_def, leaves)
     programs = {}
     for absorbed in (False, True):
@@ -197,6 +200,17 @@ def _layer_programs(graphdef, state_def, backend: str, merge_copy: bool, gemm_sm
                 graphdef, state(leaves), buffers, slots, x, positions, pages, meta, absorbed, backend, merge_copy,
                 gemm_sms),
             donate_argnums=5)
+        if head is not None:
+            head_graph, head_of = head
+
+            def layer_head(leaves, buffers, slots, x, positions, pages, meta, head_leaves, last_at, last_only,
+                           absorbed):
+                x, pages, counts = _layer_step(graphdef, state(leaves), buffers, slots, x, positions, pages, meta,
+                                               absorbed, backend, merge_copy, gemm_sms)
+                return _head_logits(head_graph, head_of(head_leaves), x, last_at, last_only), pages, counts
+
+            programs["layer_head", absorbed] = jax.jit(functools.partial(layer_head, absorbed=absorbed),
+                                                       donate_argnums=5, static_argnames=("last_only",))
         programs["route", absorbed] = jax.jit(
             lambda leaves, x, positions, pages, meta, absorbed=absorbed: _route_step(
                 graphdef, state(leaves), x, positions, pages, meta, absorbed),
@@ -218,12 +232,13 @@ def _prologue_step(head_graph, head_state, layer_graphs, layer_states, ids, posi
     return x, out_pages
 
 
-def _logits(graph, state, hidden, last_at=None):
-    """Logits of `hidden` [b, s, d]; with last_at [b], of column last_at[b] of each row only: [b, vocab] (the
-    runner's shape, so that no slicing program runs after the head)."""
+def _head_logits(graph, state, hidden, last_at=None, last_only: bool = False):
+    """Logits of `hidden` [b, s, d]: [b, s, vocab]; last_only: of the last column, [b, 1, vocab]; with last_at [b],
+    of column last_at[b] of each row only: [b, vocab] (the runner's shape, so that no slicing program runs after
+    the head)."""
     if last_at is not None:
         return nnx.merge(graph, state).logits(hidden[jnp.arange(hidden.shape[0]), last_at][:, None])[:, 0]
-    return nnx.merge(graph, state).logits(hidden)
+    return nnx.merge(graph, state).logits(hidden[:, -1:] if last_only else hidden)
 
 
 
@@ -262,7 +277,8 @@ class DwdpRank:
         self._head_leaves, head_def = jax.tree.flatten(self.head_state)
         head_graph = self.head_graph  # closed over instead of self: no rank <-> program cycle
         head_of = lambda leaves: jax.tree.unflatten(head_def, leaves)
-        self._logits = jax.jit(lambda leaves, hidden, last_at: _logits(head_graph, head_of(leaves), hidden, last_at))
+        self._logits = jax.jit(lambda leaves, hidden, last_at, last_only: _head_logits(
+            head_graph, head_of(leaves), hidden, last_at, last_only), static_argnames=("last_only",))
         # decode reads kv_b dequantized once (not per step) where the checkpoint's kv_b is FP8
         dtype = head.embed_tokens[...].dtype
         self.layers = [nnx.split(with_absorbed_kv_b(layer, dtype)) for layer in layers]
@@ -272,8 +288,9 @@ class DwdpRank:
             self._layer_leaves.append(leaves)
             state_defs.append(state_def)
             moe = cfg.is_moe_layer(i)
+            head_here = (head_graph, head_of) if i == cfg.num_layers - 1 else None
             self._programs.append(_layer_programs(graph, state_def, dwdp.expert_backend, dwdp.merge_copy and moe,
-                                                  dwdp.gemm_sms))
+                                                  dwdp.gemm_sms, head=head_here))
         # the embedding and the dense layers before the first MoE layer run as one program (the "prologue"):
         # each program a step dispatches costs host time (bench_dwdp_dispatch.py), and no fetch lies among them
         self.prologue_layers = list(itertools.takewhile(lambda i: not cfg.is_moe_layer(i), range(cfg.num_layers)))
@@ -286,6 +303,9 @@ class DwdpRank:
 
         self._prologue = {absorbed: jax.jit(functools.partial(prologue, absorbed=absorbed), donate_argnums=4)
                           for absorbed in (False, True)}
+        # the LM head runs in the last layer's program when that layer is a MoE layer of one program
+        last = cfg.num_layers - 1
+        self._head_fused = cfg.is_moe_layer(last) and not dwdp.planned
         self.expert_buffers = {i: layer.mlp.experts.weights() for i, layer in enumerate(layers) if layer.is_moe}
         self.moe_layers = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
         self.order = source_order(rank, dwdp.group_size, dwdp.staggered)
@@ -308,9 +328,9 @@ class DwdpRank:
     @property
     def programs_per_step(self) -> int:
         """Programs one step dispatches: the prologue, one per later layer (two per MoE layer with planned
-        fetches: attention + router, then experts), and the head."""
+        fetches: attention + router, then experts), and the head unless the last layer's program holds it."""
         later = self.cfg.num_layers - len(self.prologue_layers)
-        return 2 + later + (len(self.moe_layers) if self.dwdp.planned else 0)
+        return 1 + later + (len(self.moe_layers) if self.dwdp.planned else 0) + (0 if self._head_fused else 1)
 
     def _moe_index(self, layer: int) -> int:
         return layer - self.cfg.first_k_dense_replace
@@ -471,7 +491,7 @@ class DwdpRank:
         first = len(self.prologue_layers)
         x, new_pages = self._prologue[absorbed](self._head_leaves, self._layer_leaves[:first], token_ids, positions,
                                                 pages_in[:first], meta)
-        step_counts = []
+        step_counts, logits = [], None
         for i in range(first, cfg.num_layers):
             leaves, programs = self._layer_leaves[i], self._programs[i]
             if not cfg.is_moe_layer(i):
@@ -494,8 +514,13 @@ class DwdpRank:
             else:
                 handles = pending
                 buffers = self._wait(handles)
-                x, layer_pages, counts = programs["layer", absorbed](leaves, buffers, self.slot_maps[i], x,
-                                                                     positions, pages_in[i], meta)
+                args = (leaves, buffers, self.slot_maps[i], x, positions, pages_in[i], meta)
+                if i == cfg.num_layers - 1 and self._head_fused:
+                    logits, layer_pages, counts = programs["layer_head", absorbed](
+                        *args, self._head_leaves, last_at, last_only=last_only)
+                    x = logits  # what the staged buffers' last reader made
+                else:
+                    x, layer_pages, counts = programs["layer", absorbed](*args)
                 counts.copy_to_host_async()  # read by a later step's `_flush_counts`, without a wait
                 step_counts.append((self._moe_index(i), counts))
             for h in handles:
@@ -508,7 +533,8 @@ class DwdpRank:
             self.router_stats.next_step()
         elif step_counts:
             self._pending_counts.append(step_counts)
-        logits = self._logits(self._head_leaves, x[:, -1:] if last_only and last_at is None else x, last_at)
+        if logits is None:
+            logits = self._logits(self._head_leaves, x, last_at, last_only=last_only)
         if depth > 0 and not dw.planned:  # prefetch across steps: the next step's first MoE layers
             self._carry = collections.OrderedDict((j, issue(j)) for j in moe[:depth])
         return (logits, new_pages) if paged is not None else logits
