@@ -296,6 +296,7 @@ class DwdpRank:
         self.prologue_layers = list(itertools.takewhile(lambda i: not cfg.is_moe_layer(i), range(cfg.num_layers)))
         graphs = [self.layers[i][0] for i in self.prologue_layers]
         defs = [state_defs[i] for i in self.prologue_layers]
+
         def prologue(head_leaves, leaves, ids, positions, pages, meta, absorbed):
             states = [jax.tree.unflatten(d, layer_leaves) for d, layer_leaves in zip(defs, leaves)]
             return _prologue_step(head_graph, head_of(head_leaves), graphs, states, ids, positions, pages, meta,
@@ -465,7 +466,8 @@ class DwdpRank:
         pages are returned too: (logits, pages).
 
         One program for the embedding and the dense layers before the first MoE layer, then a host loop over
-        the MoE layers: issue layer l+depth's fetch, then dispatch layer l. JAX dispatch is
+        the MoE layers (the last one's program also runs the LM head, except with planned fetches): issue layer
+        l+depth's fetch, then dispatch layer l. JAX dispatch is
         asynchronous, so the host runs ahead of the device and the copies overlap earlier layers' compute.
         Whole-buffer fetches (no policy): after the last layer, the next step's first `depth` MoE layers are
         fetched (fetch-all needs the same experts every step), so no step starts with an unhidden fetch.
