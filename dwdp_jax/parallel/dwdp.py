@@ -32,10 +32,10 @@ import numpy as np
 from flax import nnx
 
 from dwdp_jax.config import ModelConfig
-from dwdp_jax.experts import ExpertWeights, split_weight_ffn
-from dwdp_jax.routing import expert_histogram
+from dwdp_jax.experts import ExpertWeights
 from dwdp_jax.model import Block, DeepseekV3, with_absorbed_kv_b
 from dwdp_jax.parallel.fetch import DevicePutFetch, FetchBackend
+from dwdp_jax.parallel.rank_programs import Head, head_logits, layer_programs, prologue_step
 from dwdp_jax.parallel.threads import run_in_threads
 from dwdp_jax.planner.placement import Placement
 from dwdp_jax.planner.policies import FetchPlan, FetchPolicy, account, plan_fetch
@@ -130,134 +130,6 @@ def slot_map(placement: Placement, moe_layer: int, rank: int, peers: Sequence[in
     return SlotMap(jnp.asarray(buffer), jnp.asarray(slot)), used
 
 
-def _executor(buffers, slots: SlotMap, backend: str, merge_copy: bool, gemm_sms: int | None = None):
-    """The expert executor of a DWDP layer: local buffer (the layer's own) plus staged peer buffers."""
-
-    def executor(x_td, ids, weights, local: ExpertWeights):
-        parts = [local, *buffers]
-        if merge_copy:  # ablation: one merged buffer, as without split-weight management
-            offsets = jnp.asarray(np.cumsum([0] + [p.num_experts for p in parts[:-1]]), jnp.int32)
-            merged = jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
-            return split_weight_ffn(x_td, ids, weights, [merged], jnp.zeros_like(slots.buffer),
-                                    offsets[slots.buffer] + slots.slot, backend=backend, gemm_sms=gemm_sms)
-        return split_weight_ffn(x_td, ids, weights, parts, slots.buffer, slots.slot, backend=backend,
-                                gemm_sms=gemm_sms)
-
-    return executor
-
-
-def _attention(layer: Block, x, positions, pages, meta, absorbed):
-    """The layer's attention half; with a paged cache (`meta` a `PagedKV` without pages) over `pages`.
-    Returns (x, the updated pages or None)."""
-    if meta is None:
-        x, _ = layer.attention(x, positions, None, absorbed)
-        return x, None
-    x, kv = layer.attention(x, positions, meta.with_pages(pages), absorbed)
-    return x, kv.pages
-
-
-def _layer_step(graphdef, state, buffers, slots, x, positions, pages, meta, absorbed, backend, merge_copy=False,
-                gemm_sms=None):
-    """One decoder layer on one rank (jit-compiled per layer shape; the layer's pages donated).
-    Returns (x, pages, expert_counts)."""
-    layer: Block = nnx.merge(graphdef, state)
-    x, pages = _attention(layer, x, positions, pages, meta, absorbed)
-    stats = {}
-    if layer.is_moe:
-        x = layer.ffn(x, _executor(buffers, slots, backend, merge_copy, gemm_sms), stats)
-    else:
-        x = layer.ffn(x, None)
-    return x, pages, stats.get("expert_counts")
-
-
-def _route_step(graphdef, state, x, positions, pages, meta, absorbed):
-    """Planned fetches, first half of a MoE layer: attention and the router.
-    Returns (x [b, s, d], pages, expert_ids [b*s, k], weights [b*s, k], expert_counts [E])."""
-    layer: Block = nnx.merge(graphdef, state)
-    x, pages = _attention(layer, x, positions, pages, meta, absorbed)
-    ids, weights = layer.route(x)
-    return x, pages, ids, weights, expert_histogram(ids, layer.mlp.cfg.n_routed_experts)
-
-
-def _expert_step(graphdef, state, buffers, slots, x, ids, weights, backend, merge_copy, gemm_sms=None):
-    """Planned fetches, second half: routed experts (local + staged buffers) and shared experts."""
-    layer: Block = nnx.merge(graphdef, state)
-    return layer.ffn_routed(x, ids, weights, _executor(buffers, slots, backend, merge_copy, gemm_sms))
-
-
-def _layer_programs(graphdef, state_def, backend: str, merge_copy: bool, gemm_sms: int | None = None,
-                    head=None) -> dict:
-    """Jitted programs of one layer with its graph and static options closed over: a call passes the state's
-    leaves and hashes only arrays (a static GraphDef argument is hashed on every call, ~0.1 ms a layer).
-    Keys: ("layer", absorbed), ("route", absorbed), "expert"; with head = (head graph, leaves -> head state),
-    also ("layer_head", absorbed): the layer and the LM head in one program (the last layer's: one program less
-    a step). The layer's pages (argument 5) are donated."""
-    state = lambda leaves: jax.tree.unflatten(state_def, leaves)
-    programs = {}
-    for absorbed in (False, True):
-        programs["layer", absorbed] = jax.jit(
-            lambda leaves, buffers, slots, x, positions, pages, meta, absorbed=absorbed: _layer_step(
-                graphdef, state(leaves), buffers, slots, x, positions, pages, meta, absorbed, backend, merge_copy,
-                gemm_sms),
-            donate_argnums=5)
-        if head is not None:
-            head_graph, head_of = head
-
-            def layer_head(leaves, buffers, slots, x, positions, pages, meta, head_leaves, last_at, last_only,
-                           absorbed):
-                x, pages, counts = _layer_step(graphdef, state(leaves), buffers, slots, x, positions, pages, meta,
-                                               absorbed, backend, merge_copy, gemm_sms)
-                return _head_logits(head_graph, head_of(head_leaves), x, last_at, last_only), pages, counts
-
-            programs["layer_head", absorbed] = jax.jit(functools.partial(layer_head, absorbed=absorbed),
-                                                       donate_argnums=5, static_argnames=("last_only",))
-        programs["route", absorbed] = jax.jit(
-            lambda leaves, x, positions, pages, meta, absorbed=absorbed: _route_step(
-                graphdef, state(leaves), x, positions, pages, meta, absorbed),
-            donate_argnums=3)
-    programs["expert"] = jax.jit(lambda leaves, buffers, slots, x, ids, weights: _expert_step(
-        graphdef, state(leaves), buffers, slots, x, ids, weights, backend, merge_copy, gemm_sms))
-    return programs
-
-
-def _prologue_step(head_graph, head_state, layer_graphs, layer_states, ids, positions, pages, meta, absorbed,
-                   backend):
-    """The step up to the first MoE layer as one program: the embedding and the leading dense layers (no fetch
-    point lies between them). pages: one per dense layer (donated). Returns (x [b, s, d], [pages])."""
-    x = nnx.merge(head_graph, head_state).embed(ids)
-    out_pages = []
-    for graph, state, layer_pages in zip(layer_graphs, layer_states, pages):
-        x, layer_pages, _ = _layer_step(graph, state, [], None, x, positions, layer_pages, meta, absorbed, backend)
-        out_pages.append(layer_pages)
-    return x, out_pages
-
-
-def _head_logits(graph, state, hidden, last_at=None, last_only: bool = False):
-    """Logits of `hidden` [b, s, d]: [b, s, vocab]; last_only: of the last column, [b, 1, vocab]; with last_at [b],
-    of column last_at[b] of each row only: [b, vocab] (the runner's shape, so that no slicing program runs after
-    the head)."""
-    if last_at is not None:
-        return nnx.merge(graph, state).logits(hidden[jnp.arange(hidden.shape[0]), last_at][:, None])[:, 0]
-    return nnx.merge(graph, state).logits(hidden[:, -1:] if last_only else hidden)
-
-
-
-
-class _Head(nnx.Module):
-    """The replicated non-layer weights: embedding, final norm, LM head."""
-
-    def __init__(self, model: DeepseekV3):
-        self.embed_tokens = model.embed_tokens
-        self.norm = model.norm
-        self.lm_head = model.lm_head
-
-    def embed(self, ids):
-        return self.embed_tokens[...][ids]
-
-    def logits(self, hidden):
-        return self.lm_head(self.norm(hidden)).astype(jnp.float32)
-
-
 class DwdpRank:
     """One rank: its weights on its device, and a forward pass that prefetches remote experts.
 
@@ -269,7 +141,7 @@ class DwdpRank:
     `router_stats` holds this rank's decayed per-expert routing counts (the planner's input) and their trace.
     """
 
-    def __init__(self, cfg: ModelConfig, rank: int, device: jax.Device, head: _Head, layers: list[Block],
+    def __init__(self, cfg: ModelConfig, rank: int, device: jax.Device, head: Head, layers: list[Block],
                  placement: Placement, dwdp: DwdpConfig, fetch: FetchBackend):
         self.cfg, self.rank, self.device = cfg, rank, device
         self.placement, self.dwdp, self.fetch = placement, dwdp, fetch
@@ -277,7 +149,7 @@ class DwdpRank:
         self._head_leaves, head_def = jax.tree.flatten(self.head_state)
         head_graph = self.head_graph  # closed over instead of self: no rank <-> program cycle
         head_of = lambda leaves: jax.tree.unflatten(head_def, leaves)
-        self._logits = jax.jit(lambda leaves, hidden, last_at, last_only: _head_logits(
+        self._logits = jax.jit(lambda leaves, hidden, last_at, last_only: head_logits(
             head_graph, head_of(leaves), hidden, last_at, last_only), static_argnames=("last_only",))
         # decode reads kv_b dequantized once (not per step) where the checkpoint's kv_b is FP8
         dtype = head.embed_tokens[...].dtype
@@ -289,7 +161,7 @@ class DwdpRank:
             state_defs.append(state_def)
             moe = cfg.is_moe_layer(i)
             head_here = (head_graph, head_of) if i == cfg.num_layers - 1 else None
-            self._programs.append(_layer_programs(graph, state_def, dwdp.expert_backend, dwdp.merge_copy and moe,
+            self._programs.append(layer_programs(graph, state_def, dwdp.expert_backend, dwdp.merge_copy and moe,
                                                   dwdp.gemm_sms, head=head_here))
         # the embedding and the dense layers before the first MoE layer run as one program (the "prologue"):
         # each program a step dispatches costs host time (bench_dwdp_dispatch.py), and no fetch lies among them
@@ -299,7 +171,7 @@ class DwdpRank:
 
         def prologue(head_leaves, leaves, ids, positions, pages, meta, absorbed):
             states = [jax.tree.unflatten(d, layer_leaves) for d, layer_leaves in zip(defs, leaves)]
-            return _prologue_step(head_graph, head_of(head_leaves), graphs, states, ids, positions, pages, meta,
+            return prologue_step(head_graph, head_of(head_leaves), graphs, states, ids, positions, pages, meta,
                                   absorbed, dwdp.expert_backend)
 
         self._prologue = {absorbed: jax.jit(functools.partial(prologue, absorbed=absorbed), donate_argnums=4)
@@ -614,12 +486,12 @@ def rank_weights(model: DeepseekV3, placement: Placement, rank: int, device: jax
     routed experts `placement` gives the rank."""
     cfg = model.cfg
     layers = [_rank_layer(model.layers[i], cfg, placement, i, rank) for i in range(cfg.num_layers)]
-    return jax.device_put((_Head(model), layers), device)
+    return jax.device_put((Head(model), layers), device)
 
 
 def own_rank_weights(model: DeepseekV3) -> tuple:
     """(head, layers) of a per-rank model that already holds only its rank's experts, where it lives."""
-    return _Head(model), list(model.layers)
+    return Head(model), list(model.layers)
 
 
 def model_device(model: DeepseekV3) -> jax.Device:
