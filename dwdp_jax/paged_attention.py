@@ -35,8 +35,8 @@ def default_backend(dtype) -> str:
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
     """How a runner's layers attend over their pages: the stored latent width and the backend (static).
-    decode_cluster: the Pallas decode kernel's clustered form for one query per row (`mla_decode.DecodeConfig.cluster`:
-    a work unit's row tiles as one CTA cluster, each page multicast). Measured on an H100 (WORKSPACE Finding 26):
+    decode_cluster: the Pallas decode kernel's clustered form for one query per row
+    (`mla_decode.DecodeConfig.cluster`: a work unit's row tiles as one CTA cluster, each page multicast). Measured on an H100 (WORKSPACE Finding 26):
     the engine's B=128 decode step at 4K 0.838 -> 0.884 of HBM step ahead, the kernel at B=128 0.54 -> 0.84;
     with two queries per row (MTP) the clustered kernel was slower (0.43 -> 0.31), so those stay unclustered."""
 
@@ -105,16 +105,16 @@ class PagedKV:
         with jax.named_scope("kv_cache"):
             return self.pages[self.block_table].reshape(b, -1, self.pages.shape[-1])
 
-    def attend(self, mla, q_nope, q_pe, positions_bs, absorbed: bool, q_projected=None):
+    def attend(self, mla, q_nope, q_pe, positions_bs, absorbed: bool, q_projected):
         """Attention of the step's queries (q_nope [b, s, h, nope], rotated q_pe [b, s, h, rope]) over the
-        cache, which must already hold the step's own rows (`write`). q_projected: optionally the query
-        projection's output [b, s, h, nope + rope] whose first columns are q_nope: the prefill kernel then reads
-        q_nope there and q_pe apart, with no concatenated copy of the queries. Returns [b, s, h, v_head_dim]."""
+        cache, which must already hold the step's own rows (`write`). q_projected: the query projection's output
+        [b, s, h, nope + rope] whose first columns are q_nope: the prefill kernel reads q_nope there and q_pe
+        apart, with no concatenated copy of the queries. Returns [b, s, h, v_head_dim]."""
         if self.backend == "einsum":
             return self._attend_einsum(mla, q_nope, q_pe, positions_bs, absorbed)
         if absorbed:
             return self._attend_decode_kernel(mla, q_nope, q_pe)
-        return self._attend_prefill_kernel(mla, q_nope, q_pe, q_projected)
+        return self._attend_prefill_kernel(mla, q_pe, q_projected)
 
     # -- backends -------------------------------------------------------------------------------------------
 
@@ -151,7 +151,7 @@ class PagedKV:
         with jax.named_scope("kv_b"):
             return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)
 
-    def _attend_prefill_kernel(self, mla, q_nope, q_pe, q_projected=None):
+    def _attend_prefill_kernel(self, mla, q_pe, q_projected):
         cfg = mla.cfg
         dt = self.pages.dtype
         latent, k_pe = self._split(self.gather_rows(), cfg)
@@ -160,10 +160,8 @@ class PagedKV:
             # (activations quantized per token per 128 columns, as DeepSeek's inference does for wkv_b), else
             # the same product as the einsum reference's
             kv = mla.kv_b_proj(latent.astype(dt)).reshape(*latent.shape[:2], cfg.num_heads, -1)
-        if q_projected is None:
-            q, rotated = jnp.concatenate([q_nope, q_pe], -1).astype(dt), None
-        else:  # the concatenation was a [tokens, heads, 192] copy per layer (0.6 ms at 8K tokens, WORKSPACE A4)
-            q, rotated = q_projected.astype(dt), q_pe.astype(dt)
-        out, _ = mla_prefill.mla_prefill(q, kv, k_pe.astype(dt), self.q_lens, self.lengths, q_pe=rotated,
-                                         softmax_scale=cfg.softmax_scale, interpret=self.interpret)
+        # q_pe apart: concatenating [q_nope, q_pe] was a [tokens, heads, 192] copy per layer (0.6 ms at 8K tokens)
+        out, _ = mla_prefill.mla_prefill(q_projected.astype(dt), kv, k_pe.astype(dt), self.q_lens, self.lengths,
+                                         q_pe=q_pe.astype(dt), softmax_scale=cfg.softmax_scale,
+                                         interpret=self.interpret)
         return out

@@ -2,9 +2,9 @@
 # GPU check of the MLA attention kernels and the paged engine path: tests on the GPU backend, then the
 # benchmark; pass/fail table last.
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick | --cluster] [device_kind]
-# --cluster: only the decode kernel's clustered variant (DecodeConfig.cluster; never run on a GPU before
-# session 11): its R1-shape tests, then bench_mla's decode cases with and without it, each step under a short
-# timeout (a synchronization mistake would hang, not fail)                                           ~4 min
+# --cluster: only the decode kernel's clustered variant (DecodeConfig.cluster): its R1-shape tests, then
+# bench_mla's decode cases with and without it, each step under a short timeout (a synchronization mistake
+# would hang, not fail)                                                                              ~4 min
 # Logs and the results JSON go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
