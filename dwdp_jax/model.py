@@ -534,6 +534,17 @@ def _dequantized_kv_b(kernel, scale, block, cfg, dtype):
     return quant.dequantize(kernel, scale, block, dtype).T.reshape(cfg.kv_lora_rank, cfg.num_heads, -1)
 
 
-def init_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, n_local_experts=None) -> DeepseekV3:
-    """Random model for tests and benchmarks (FP8 weights with uniform block scales when the config asks)."""
-    return DeepseekV3(cfg, rngs=nnx.Rngs(seed), dtype=dtype, n_local_experts=n_local_experts)
+def init_model(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.bfloat16, n_local_experts=None,
+               jitted: bool = False) -> DeepseekV3:
+    """Random model for tests and benchmarks (FP8 weights with uniform block scales when the config asks).
+
+    jitted: build every weight in one compiled program (on `jax.default_device`). Eagerly, the bf16 normal
+    behind each FP8 expert tensor is materialized first: 7 GiB for one R1 MoE layer's [256, 2048, 7168] up
+    projection, which ran a GPU holding R1-sized layers out of memory."""
+    def build():
+        return DeepseekV3(cfg, rngs=nnx.Rngs(seed), dtype=dtype, n_local_experts=n_local_experts)
+
+    if not jitted:
+        return build()
+    graph, _ = nnx.split(nnx.eval_shape(build))
+    return nnx.merge(graph, jax.jit(lambda: nnx.split(build())[1])())

@@ -165,11 +165,8 @@ def median_time(fn, repeats: int, warmup: int, inner: int = 1) -> tuple[float, f
 
 
 def build_model(cfg, seed: int):
-    """`init_model` as one jitted program: each weight is generated in place on the device (eagerly, the bf16
-    normal behind every FP8 expert tensor would be materialized first)."""
-    graph, _ = nnx.split(nnx.eval_shape(lambda: init_model(cfg, seed=seed, dtype=jnp.bfloat16)))
-    state = jax.jit(lambda: nnx.split(init_model(cfg, seed=seed, dtype=jnp.bfloat16))[1])()
-    return nnx.merge(graph, state)
+    """`init_model` as one jitted program: each weight is generated in place on the device."""
+    return init_model(cfg, seed=seed, dtype=jnp.bfloat16, jitted=True)
 
 
 def decoder_param_bytes(model) -> int:

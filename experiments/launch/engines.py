@@ -55,7 +55,8 @@ def build_model(f, cfg, dtype, device, expert_ids=None, skew=None):
         return set_fp8_matmul(model, fp8_matmul_mode(f, device))
     with jax.default_device(device):
         n_local = None if expert_ids is None else len(expert_ids(cfg.first_k_dense_replace))
-        model = init_model(cfg.replace(num_mtp_layers=0), seed=f.seed, dtype=dtype, n_local_experts=n_local)
+        model = init_model(cfg.replace(num_mtp_layers=0), seed=f.seed, dtype=dtype, n_local_experts=n_local,
+                           jitted=device.platform == "gpu")
         if skew is not None:
             skew_lib.apply_skew(model, skew, logit_std=1.0)
         return set_fp8_matmul(model, fp8_matmul_mode(f, device))
