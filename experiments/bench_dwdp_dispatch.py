@@ -10,11 +10,14 @@ Per decode point (B requests at context L, each runner on a cache of its own):
     (as `run_engine(step_ahead=...)` serves), sampling included;
   * `programs_per_step`: the rank's prologue (embedding + leading dense layers) + one program per MoE layer +
     the head (`DwdpRank.programs_per_step`), against the runner's one;
-  * `host_profile`: the step's host time under cProfile, costliest functions first (`--host_profile`).
+  * `host_profile`: the step's host time under cProfile, costliest functions first (`--host_profile`);
+  * `host_trace`: JAX's and XLA's host events of a step (jit dispatch per program, PjRt execute phases, thunk and
+    command-buffer launches) summed by name, and the device kernels per program (`--host_trace`,
+    `experiments/host_trace.py`): what a program's host cost is made of.
 Metrics: `dwdp_dispatch_us_per_program` = (rank host_s - runner host_s) / (extra programs), at the typical
 point, and `dwdp_step_ahead_over_single` (1.0: the per-layer dispatch is hidden behind the device).
 
-Flags: bench_engine's (`--preset`, `--backend`, `--fp8_matmul`, `--decode_batch`, `--decode_context`,
+Flags: `--host_trace` (default on), and bench_engine's (`--preset`, `--backend`, `--fp8_matmul`, `--decode_batch`, `--decode_context`,
 `--typical`, `--repeats`, `--warmup`, `--command_buffers`, `--device_kind`, `--out`, `--tag`; its prefill and
 profile flags are ignored).
 GPU: python3 experiments/bench_dwdp_dispatch.py --device_kind=nvidia-h100-x1 --backend=pallas \
@@ -30,7 +33,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app
+from absl import app, flags
 
 from dwdp_jax import xla_flags
 from dwdp_jax.config import preset
@@ -42,9 +45,11 @@ from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup
 from dwdp_jax.planner import Placement
 from experiments import bench_engine as be
 from experiments.host_profile import host_profile
+from experiments.host_trace import host_trace
 from experiments.results_io import write_result
 
 F = be.F
+flags.DEFINE_bool("host_trace", True, "per point and runner: the host trace of a few steps (experiments/host_trace.py)")
 
 
 def time_decode(runner, items, repeats: int, warmup: int) -> dict:
@@ -53,7 +58,8 @@ def time_decode(runner, items, repeats: int, warmup: int) -> dict:
     first, step_s = be.median_time(step, repeats, warmup)
     return dict(first_call_s=first, step_s=step_s, host_s=be.host_return_time(step, repeats),
                 step_ahead_s=be.step_ahead_time(runner, items, 8, repeats),
-                host_profile=host_profile(step, repeats) if F.host_profile else None)
+                host_profile=host_profile(step, repeats) if F.host_profile else None,
+                host_trace=host_trace(step, repeats) if F.host_trace else None)
 
 
 def measure_point(model, cfg, b: int, ctx: int, seed: int) -> dict:
@@ -134,6 +140,13 @@ def main(argv):
             for name in ("single", "dwdp_rank"):
                 for fn in (row[name]["host_profile"] or {}).get("top", [])[:4]:
                     be.log(t0, f"  host profile {name}: {fn}")
+                trace = row[name]["host_trace"]
+                if trace:
+                    be.log(t0, f"  host trace {name}: kernels per step {trace['kernels_per_call']:.0f} "
+                               f"{trace['kernels_per_call_by_module']}")
+                    for event in trace["host_events"][:10]:
+                        be.log(t0, f"    {event['us_per_call']:8.1f} us  x{event['count_per_call']:.1f}  "
+                                   f"{event['name'][:90]}")
             # written after every point: a run stopped by its time limit keeps the points it measured
             path = write_result(F.out, "engine", F.device_kind, config, _metrics(rows, sweep.typical), rows,
                                 F.tag or "dwdp-dispatch")

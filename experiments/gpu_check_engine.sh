@@ -15,6 +15,8 @@
 #            rank (group of one: per-layer programs, no fetch): the host's cost per program      ~7 min
 #            (session 11: the B=1 point alone took 200 s; its JSON is now written after every point)
 #   dispatch_cboff  the B=1 point again with XLA command buffers off                              ~4 min
+#   dispatch_trace  the B=1 point with command buffers on, then off, each with its host trace (JAX/XLA host
+#            events per program, kernels per program: experiments/host_trace.py), no cProfile       ~8 min
 #   hlo      the prefill step at 8K tokens (4 x 2048) with its profile and XLA's optimized HLO: what the
 #            profile's costliest "other" fusions (gathers, adds, concatenates) hold (diag/hlo_fusions.py)  ~3 min
 #   glue     the MLA prefill kernel's tests, bench_moe_glue (the MoE layer's row replication and combine
@@ -25,7 +27,7 @@
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, sweep, dispatch, dispatch_cboff, hlo, glue, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep, dispatch, dispatch_cboff, dispatch_trace, hlo, glue, cb or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -88,6 +90,15 @@ case "$PART" in
     step engine dispatch_cboff 300 python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" \
       --backend=pallas --fp8_matmul=pallas --decode_batch=1 --decode_context=4096 --typical=1x4096 \
       --command_buffers=off --out="$OUTDIR" --tag=dwdp-dispatch-cboff
+    ;;
+  dispatch_trace)
+    # session 12: a rank's program costs ~700 us of host time either way (800 us a program with command buffers,
+    # 251 without): what inside JAX/XLA takes it, and how many kernels each program launches
+    for mode in engine off; do
+      step engine "dispatch_trace_$mode" 270 python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" \
+        --backend=pallas --fp8_matmul=pallas --decode_batch=1 --decode_context=4096 --typical=1x4096 \
+        --command_buffers=$mode --host_profile=false --out="$OUTDIR" --tag="dwdp-dispatch-trace-cb-$mode"
+    done
     ;;
   cb)
     # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, XLA's

@@ -31,6 +31,10 @@ def test_bench_dwdp_dispatch_writes_both_runners(tmp_path):
             assert all(r[runner][k] > 0 for k in ("step_s", "host_s", "step_ahead_s"))
         assert r["single"]["programs_per_step"] == 1 and r["dwdp_rank"]["programs_per_step"] > 2
         assert any("dwdp.py" in e["function"] for e in r["dwdp_rank"]["host_profile"]["top"])
+        # the rank's programs by name in the host trace, each launching kernels
+        trace = r["dwdp_rank"]["host_trace"]
+        assert any(e["name"] == "PjitFunction(prologue)" for e in trace["host_events"])
+        assert set(trace["kernels_per_call_by_module"]) >= {"jit_prologue", "jit_layer_head"}
         assert r["logits_rel_diff"] <= 1e-2  # the same step through both runners
     typical = rows[1]
     m = record["metrics"]

@@ -84,30 +84,30 @@ def layer_programs(graphdef, state_def, backend: str, merge_copy: bool, gemm_sms
     also ("layer_head", absorbed): the layer and the LM head in one program (the last layer's: one program less
     a step). The layer's pages (argument 5) are donated."""
     state = lambda leaves: jax.tree.unflatten(state_def, leaves)
-    programs = {}
+
+    # named functions, not lambdas: a program's name (`jit_layer`, `PjitFunction(layer)`) shows in traces
+    def layer(leaves, buffers, slots, x, positions, pages, meta, absorbed):
+        return layer_step(graphdef, state(leaves), buffers, slots, x, positions, pages, meta, absorbed, backend,
+                          merge_copy, gemm_sms)
+
+    def layer_head(leaves, buffers, slots, x, positions, pages, meta, head_leaves, last_at, last_only, absorbed):
+        x, pages, counts = layer(leaves, buffers, slots, x, positions, pages, meta, absorbed)
+        head_graph, head_of = head
+        return head_logits(head_graph, head_of(head_leaves), x, last_at, last_only), pages, counts
+
+    def route(leaves, x, positions, pages, meta, absorbed):
+        return route_step(graphdef, state(leaves), x, positions, pages, meta, absorbed)
+
+    def expert(leaves, buffers, slots, x, ids, weights):
+        return expert_step(graphdef, state(leaves), buffers, slots, x, ids, weights, backend, merge_copy, gemm_sms)
+
+    programs = {"expert": jax.jit(expert)}
     for absorbed in (False, True):
-        programs["layer", absorbed] = jax.jit(
-            lambda leaves, buffers, slots, x, positions, pages, meta, absorbed=absorbed: layer_step(
-                graphdef, state(leaves), buffers, slots, x, positions, pages, meta, absorbed, backend, merge_copy,
-                gemm_sms),
-            donate_argnums=5)
+        programs["layer", absorbed] = jax.jit(functools.partial(layer, absorbed=absorbed), donate_argnums=5)
         if head is not None:
-            head_graph, head_of = head
-
-            def layer_head(leaves, buffers, slots, x, positions, pages, meta, head_leaves, last_at, last_only,
-                           absorbed):
-                x, pages, counts = layer_step(graphdef, state(leaves), buffers, slots, x, positions, pages, meta,
-                                               absorbed, backend, merge_copy, gemm_sms)
-                return head_logits(head_graph, head_of(head_leaves), x, last_at, last_only), pages, counts
-
             programs["layer_head", absorbed] = jax.jit(functools.partial(layer_head, absorbed=absorbed),
                                                        donate_argnums=5, static_argnames=("last_only",))
-        programs["route", absorbed] = jax.jit(
-            lambda leaves, x, positions, pages, meta, absorbed=absorbed: route_step(
-                graphdef, state(leaves), x, positions, pages, meta, absorbed),
-            donate_argnums=3)
-    programs["expert"] = jax.jit(lambda leaves, buffers, slots, x, ids, weights: expert_step(
-        graphdef, state(leaves), buffers, slots, x, ids, weights, backend, merge_copy, gemm_sms))
+        programs["route", absorbed] = jax.jit(functools.partial(route, absorbed=absorbed), donate_argnums=3)
     return programs
 
 
