@@ -94,7 +94,9 @@ case "$PART" in
   dispatch_trace)
     # session 12: a rank's program costs ~700 us of host time either way (800 us a program with command buffers,
     # 251 without): what inside JAX/XLA takes it, and how many kernels each program launches
+    # XLA runs command buffers as plain thunks while a profiler session is active unless told otherwise
     for mode in engine off; do
+      XLA_FLAGS="--xla_enable_command_buffers_during_profiling=true" \
       step engine "dispatch_trace_$mode" 270 python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" \
         --backend=pallas --fp8_matmul=pallas --decode_batch=1 --decode_context=4096 --typical=1x4096 \
         --command_buffers=$mode --host_profile=false --out="$OUTDIR" --tag="dwdp-dispatch-trace-cb-$mode"

@@ -6,7 +6,10 @@ by event name per call, next to the kernels each program launched on the device.
 inside that time. Method: `jax.profiler.trace` with the host tracer at level 2 (TraceMe events of the runtime),
 no Python tracer; events on the host plane (`/host:CPU`) summed by name (nested events overlap, so the rows do
 not add up to the step), kernels counted from the device plane (`engine_profile.op_events`; on CPU the XLA thunk
-events) per HLO module.
+events) per HLO module. Tracing attaches the device tracer too (CUPTI on a GPU), which adds to every kernel
+launch's host cost: compare traces with traces, and take absolute host times from untraced timings. XLA runs its
+command buffers (CUDA graphs) as plain kernel launches while a profiler session is active unless XLA_FLAGS holds
+`--xla_enable_command_buffers_during_profiling=true`.
 """
 
 from __future__ import annotations
