@@ -125,10 +125,19 @@ def prefill_cases(smoke, quick):
   return cases[:2] if quick else cases
 
 
+def selected(cases, names: str, part: str):
+  """The cases named in `names` (comma-separated; empty: all), or SystemExit naming the unknown ones."""
+  wanted = {c for c in names.split(",") if c}
+  unknown = wanted - {c["name"] for c in cases}
+  if unknown:
+    raise SystemExit(f"--cases: no {part} case named {sorted(unknown)}")
+  return [c for c in cases if not wanted or c["name"] in wanted]
+
+
 def run_prefill(args, peak, interp):
   rows = []
   key = jax.random.key(1)
-  for case in prefill_cases(args.smoke, args.quick):
+  for case in selected(prefill_cases(args.smoke, args.quick), args.prefill_cases, "prefill"):
     b, h = len(case["q_lens"]), case["h"]
     dn, dr, dv = (16, 16, 16) if args.smoke else (DN, DR, DV)
     key, *ks = jax.random.split(key, 4)
@@ -275,11 +284,7 @@ def einsum_decode(q, pages, table, lens):
 def run_decode(args, peak, hbm, interp):
   rows = []
   key = jax.random.key(2)
-  wanted = {c for c in args.cases.split(",") if c}
-  cases = [c for c in decode_cases(args.smoke, args.quick) if not wanted or c["name"] in wanted]
-  if wanted - {c["name"] for c in cases}:
-    raise SystemExit(f"--cases: no decode case named {sorted(wanted - {c['name'] for c in cases})}")
-  for case in cases:
+  for case in selected(decode_cases(args.smoke, args.quick), args.cases, "decode"):
     b, s_q, h, lengths = case["batch"], case["s_q"], case["h"], case["lengths"]
     dl, dr = (32, 16) if args.smoke else (DL, DR)
     d = dl + dr
@@ -342,6 +347,7 @@ def main():
   p.add_argument("--smoke", action="store_true", help="CPU: tiny shapes in interpret mode")
   p.add_argument("--cases", default="", help="decode: only these cases (comma-separated names, e.g. "
                  "b64_4k,b64_4k_cl); empty: all of the part")
+  p.add_argument("--prefill_cases", default="", help="prefill: only these cases (e.g. 8k_causal,4x2048_causal)")
   args = p.parse_args()
   interp = args.smoke
   peak, peak_detail = dense_peak_tflops(args.smoke)
