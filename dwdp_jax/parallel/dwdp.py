@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dwdp_jax import host_inputs
 from dwdp_jax.config import ModelConfig
 from dwdp_jax.experts import ExpertWeights
 from dwdp_jax.model import Block, DeepseekV3, with_absorbed_kv_b
@@ -169,12 +170,17 @@ class DwdpRank:
         graphs = [self.layers[i][0] for i in self.prologue_layers]
         defs = [state_defs[i] for i in self.prologue_layers]
 
-        def prologue(head_leaves, leaves, ids, positions, pages, meta, absorbed):
+        def prologue(head_leaves, leaves, packed, apart, pages, layout, absorbed):
+            """Also unpacks the step's inputs (one transfer, `host_inputs`) and returns those the later
+            programs read: (x, pages, (positions, meta, last_at))."""
+            ids, positions, meta, last_at = host_inputs.unpack(packed, apart, layout)
             states = [jax.tree.unflatten(d, layer_leaves) for d, layer_leaves in zip(defs, leaves)]
-            return prologue_step(head_graph, head_of(head_leaves), graphs, states, ids, positions, pages, meta,
-                                  absorbed, dwdp.expert_backend)
+            x, out_pages = prologue_step(head_graph, head_of(head_leaves), graphs, states, ids, positions, pages,
+                                         meta, absorbed, dwdp.expert_backend)
+            return x, out_pages, (positions, meta, last_at)
 
-        self._prologue = {absorbed: jax.jit(functools.partial(prologue, absorbed=absorbed), donate_argnums=4)
+        self._prologue = {absorbed: jax.jit(functools.partial(prologue, absorbed=absorbed), donate_argnums=4,
+                                            static_argnames=("layout",))
                           for absorbed in (False, True)}
         # the LM head runs in the last layer's program when that layer is a MoE layer of one program
         last = cfg.num_layers - 1
@@ -353,8 +359,9 @@ class DwdpRank:
             positions = np.broadcast_to(np.arange(token_ids.shape[1], dtype=np.int32), token_ids.shape)
         tokens, is_prefill = int(np.prod(token_ids.shape)), token_ids.shape[1] > 1
         pages_in, meta = paged if paged is not None else ([None] * cfg.num_layers, None)
-        # one transfer call for every step input (each `device_put` call cost ~0.2 ms of host time on CPU)
-        token_ids, positions, meta, last_at = jax.device_put((token_ids, positions, meta, last_at), self.device)
+        # the host-made inputs in one transfer (`host_inputs`), unpacked by the prologue program
+        packed, apart, layout = host_inputs.pack((token_ids, positions, meta, last_at))
+        packed, apart = jax.device_put((packed, apart), self.device)
         self._flush_counts()
         moe, depth = self.moe_layers, dw.prefetch_depth
         issue = ((lambda j: self.issue_planned(j, self.plan(j, tokens, is_prefill))) if dw.planned
@@ -363,8 +370,8 @@ class DwdpRank:
         staged = self._carry or collections.OrderedDict((j, issue(j)) for j in moe[:depth])
         self._carry = None
         first = len(self.prologue_layers)
-        x, new_pages = self._prologue[absorbed](self._head_leaves, self._layer_leaves[:first], token_ids, positions,
-                                                pages_in[:first], meta)
+        x, new_pages, (positions, meta, last_at) = self._prologue[absorbed](
+            self._head_leaves, self._layer_leaves[:first], packed, apart, pages_in[:first], layout=layout)
         step_counts, logits = [], None
         for i in range(first, cfg.num_layers):
             leaves, programs = self._layer_leaves[i], self._programs[i]
