@@ -196,7 +196,7 @@ class DwdpRank:
         self._carry = None  # staged fetches of the next step's first MoE layers
         self.router_stats = RouterStats(rank, max(cfg.num_moe_layers, 1), cfg.n_routed_experts,
                                         decay=dwdp.stats_decay)
-        # per dispatched step, [(moe index, device counts)] not yet added to router_stats
+        # per dispatched step, [([moe indices], device counts [E] or [n, E])] not yet added to router_stats
         self._pending_counts: collections.deque[list] = collections.deque()
         self.counters: collections.Counter = collections.Counter()
         any_buffer = next(iter(self.expert_buffers.values()), None)
@@ -320,8 +320,10 @@ class DwdpRank:
             step_counts = self._pending_counts[0]
             if not wait and not all(counts.is_ready() for _, counts in step_counts):
                 return
-            for moe_index, counts in step_counts:
-                self.router_stats.update(moe_index, np.asarray(counts))
+            for moe_indices, counts in step_counts:  # counts [E] of one MoE layer or [n, E] of n
+                rows = np.asarray(counts).reshape(len(moe_indices), -1)
+                for moe_index, row in zip(moe_indices, rows):
+                    self.router_stats.update(moe_index, row)
             self.router_stats.next_step()
             self._pending_counts.popleft()
 
@@ -397,13 +399,15 @@ class DwdpRank:
                 buffers = self._wait(handles)
                 args = (leaves, buffers, self.slot_maps[i], x, positions, pages_in[i], meta)
                 if i == cfg.num_layers - 1 and self._head_fused:
-                    logits, layer_pages, counts = programs["layer_head", absorbed](
-                        *args, self._head_leaves, last_at, last_only=last_only)
+                    # the program also stacks the step's histograms: one copy to the host a step
+                    logits, layer_pages, stacked = programs["layer_head", absorbed](
+                        *args, self._head_leaves, last_at, [c for _, c in step_counts], last_only=last_only)
                     x = logits  # what the staged buffers' last reader made
+                    step_counts = [([j for js, _ in step_counts for j in js] + [self._moe_index(i)], stacked)]
+                    counts = stacked[-1] if stats is not None else None
                 else:
                     x, layer_pages, counts = programs["layer", absorbed](*args)
-                counts.copy_to_host_async()  # read by a later step's `_flush_counts`, without a wait
-                step_counts.append((self._moe_index(i), counts))
+                    step_counts.append(([self._moe_index(i)], counts))
             for h in handles:
                 self.fetch.consumed(h, x)
             new_pages.append(layer_pages)
@@ -413,6 +417,8 @@ class DwdpRank:
         if dw.planned:
             self.router_stats.next_step()
         elif step_counts:
+            for _, counts in step_counts:
+                counts.copy_to_host_async()  # read by a later step's `_flush_counts`, without a wait
             self._pending_counts.append(step_counts)
         if logits is None:
             logits = self._logits(self._head_leaves, x, last_at, last_only=last_only)

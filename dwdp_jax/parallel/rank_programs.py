@@ -82,7 +82,8 @@ def layer_programs(graphdef, state_def, backend: str, merge_copy: bool, gemm_sms
     leaves and hashes only arrays (a static GraphDef argument is hashed on every call, ~0.1 ms a layer).
     Keys: ("layer", absorbed), ("route", absorbed), "expert"; with head = (head graph, leaves -> head state),
     also ("layer_head", absorbed): the layer and the LM head in one program (the last layer's: one program less
-    a step). The layer's pages (argument 5) are donated."""
+    a step), which also stacks the step's router histograms (the earlier MoE layers' [E] arrays and its own) into
+    one [MoE layers, E] array: one device-to-host copy a step instead of one a layer. The layer's pages (argument 5) are donated."""
     state = lambda leaves: jax.tree.unflatten(state_def, leaves)
 
     # named functions, not lambdas: a program's name (`jit_layer`, `PjitFunction(layer)`) shows in traces
@@ -90,10 +91,12 @@ def layer_programs(graphdef, state_def, backend: str, merge_copy: bool, gemm_sms
         return layer_step(graphdef, state(leaves), buffers, slots, x, positions, pages, meta, absorbed, backend,
                           merge_copy, gemm_sms)
 
-    def layer_head(leaves, buffers, slots, x, positions, pages, meta, head_leaves, last_at, last_only, absorbed):
+    def layer_head(leaves, buffers, slots, x, positions, pages, meta, head_leaves, last_at, earlier_counts,
+                   last_only, absorbed):
         x, pages, counts = layer(leaves, buffers, slots, x, positions, pages, meta, absorbed)
         head_graph, head_of = head
-        return head_logits(head_graph, head_of(head_leaves), x, last_at, last_only), pages, counts
+        step_counts = jnp.stack([*earlier_counts, counts])
+        return head_logits(head_graph, head_of(head_leaves), x, last_at, last_only), pages, step_counts
 
     def route(leaves, x, positions, pages, meta, absorbed):
         return route_step(graphdef, state(leaves), x, positions, pages, meta, absorbed)
