@@ -17,7 +17,8 @@
 #   dispatch_cboff  the B=1 point again with XLA command buffers off                              ~4 min
 #   dispatch_trace  the B=1 point with command buffers on, then off, each with its host trace (JAX/XLA host
 #            events per program, kernels per program: experiments/host_trace.py), no cProfile       ~8 min
-#   dispatch_skip_temp  the B=1 point under XLA's SKIP_TEMP command-buffer update mode             ~4 min
+#   dispatch_update_mode  the B=1 point under XLA's NEVER_UPDATE and SKIP_TEMP command-buffer update modes
+#            (stable buffer addresses: no graph re-recording when an allocation moves)             ~7 min
 #   hlo      the prefill step at 8K tokens (4 x 2048) with its profile and XLA's optimized HLO: what the
 #            profile's costliest "other" fusions (gathers, adds, concatenates) hold (diag/hlo_fusions.py)  ~3 min
 #   glue     the MLA prefill kernel's tests, bench_moe_glue (the MoE layer's row replication and combine
@@ -28,7 +29,7 @@
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, sweep, dispatch, dispatch_cboff, dispatch_trace, dispatch_skip_temp, hlo, glue, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep, dispatch, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, cb or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -103,13 +104,17 @@ case "$PART" in
         --command_buffers=$mode --host_profile=false --out="$OUTDIR" --tag="dwdp-dispatch-trace-cb-$mode"
     done
     ;;
-  dispatch_skip_temp)
-    # the same B=1 point with the engine's command buffers in XLA's SKIP_TEMP update mode: if a rank's graphs are
-    # re-recorded because their temporary buffer moves between calls (Finding 28), this mode should cut its host time
-    XLA_FLAGS="--xla_gpu_command_buffer_update_mode=SKIP_TEMP" step engine dispatch_skip_temp 300 \
-      python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" --backend=pallas --fp8_matmul=pallas \
-      --decode_batch=1 --decode_context=4096 --typical=1x4096 --host_profile=false --host_trace=false \
-      --out="$OUTDIR" --tag=dwdp-dispatch-skip-temp
+  dispatch_update_mode)
+    # the B=1 point with the engine's command buffers under XLA's update modes that give buffers stable
+    # (VMM-remapped) addresses, so a graph need not be re-recorded when an allocation moves (Finding 28):
+    # NEVER_UPDATE (every allocation; newer XLA only: an unknown value fails at start-up in seconds), SKIP_TEMP
+    # (temporaries only)
+    for mode in NEVER_UPDATE SKIP_TEMP; do
+      XLA_FLAGS="--xla_gpu_command_buffer_update_mode=$mode" step engine "dispatch_$mode" 280 \
+        python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" --backend=pallas --fp8_matmul=pallas \
+        --decode_batch=1 --decode_context=4096 --typical=1x4096 --host_profile=false --host_trace=false \
+        --out="$OUTDIR" --tag="dwdp-dispatch-$(echo $mode | tr A-Z_ a-z-)"
+    done
     ;;
   cb)
     # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, XLA's
