@@ -24,12 +24,14 @@
 #   glue     the MLA prefill kernel's tests, bench_moe_glue (the MoE layer's row replication and combine
 #            gathers at 8K and 16K tokens, element by element against 32-bit words and in-bounds gathers),
 #            then prefill 8K and 16K with a profile                                                ~8 min
+#   fp8_prefill  bench_fp8_prefill: R1's FP8 linears at 8192 rows, our kernel against cuBLASLt's DeepSeek-style
+#            block-scaled FP8 GEMM (torch._scaled_mm, 1x128 / 128x128 scales)                     ~3 min
 #   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, sweep, dispatch, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep, dispatch, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -115,6 +117,10 @@ case "$PART" in
         --decode_batch=1 --decode_context=4096 --typical=1x4096 --host_profile=false --host_trace=false \
         --out="$OUTDIR" --tag="dwdp-dispatch-$(echo $mode | tr A-Z_ a-z-)"
     done
+    ;;
+  fp8_prefill)
+    # R1's FP8 linears at 8K rows: our kernel against cuBLASLt's block-scaled FP8 GEMM (torch._scaled_mm)
+    step engine fp8_prefill 300 python3 experiments/bench_fp8_prefill.py --device_kind "$KIND" --out_dir "$OUTDIR"
     ;;
   cb)
     # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, XLA's

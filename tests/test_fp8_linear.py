@@ -89,3 +89,18 @@ def test_bench_fp8_linear_smoke(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert [(r["linear"], r["rows"], r["splits"]) for r in rows] == [("tiny_a", 3, 4), ("tiny_b", 3, 1)]
     assert all(max(r["rel_err"].values()) <= 1e-2 for r in rows)
+
+
+@pytest.mark.skipif(_compat.on_gpu(), reason="checks the benchmark's loop in interpret mode on CPU")
+def test_bench_fp8_prefill_smoke(tmp_path):
+    """experiments/bench_fp8_prefill.py on CPU: our kernel's output checked against the f32 reference (the cuBLAS
+    comparison needs a GPU)."""
+    import json
+
+    from experiments import bench_fp8_prefill
+
+    bench_fp8_prefill.main(["--smoke", f"--out_dir={tmp_path}", "--rows=8"])
+    (path,) = tmp_path.iterdir()
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["linear"], r["rows"]) for r in rows] == [("tiny_b", 8)]
+    assert all(0 < r["rel_err"]["ours"] <= 1e-2 for r in rows)
