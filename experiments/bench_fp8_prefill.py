@@ -6,6 +6,8 @@ step), with the activations quantized per token per 128 columns and the weight i
 recipe), one run times
   * `ours`: the engine's `Linear` at prefill: XLA quantizes x, `grouped_gemm_fp8` with one group multiplies;
     the whole call and its Mosaic kernel alone (CUPTI);
+  * `ours_pingpong`: the same with its two compute warpgroups taking turns on the tensor cores
+    (`GroupedGemmConfig.fp8_pingpong`: one warpgroup's promotion beside the other's wgmma);
   * `cublas_blockwise`: `torch._scaled_mm` with 1x128 activation and 128x128 weight scales (cuBLASLt's
     block-scaled FP8 GEMM, CUDA >= 12.9 on Hopper) on the same quantized values: a GEMM only, the
     like-for-like of our kernel alone. Scale layouts are tried until one runs and matches the reference;
@@ -20,6 +22,7 @@ operands (relative error <= 1e-2).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 
@@ -42,9 +45,12 @@ R1_PREFILL_LINEARS = (("q_a", 1536, 7168, 1), ("q_b", 24576, 1536, 1), ("kv_b", 
                       ("shared_down", 7168, 2048, 1))
 
 
-def ours(m: int, n: int, interpret: bool):
-    """The engine's FP8 `Linear` at prefill rows (model.Linear._fp8_kernel with one K slice): f(x, w, s)."""
+def ours(m: int, n: int, interpret: bool, pingpong: bool = False):
+    """The engine's FP8 `Linear` at prefill rows (model.Linear._fp8_kernel with one K slice): f(x, w, s);
+    pingpong: its tile config with the two warpgroups taking turns on the tensor cores (`fp8_pingpong`)."""
     cfg = gg.default_config(m, 1, n, fp8=True)
+    if pingpong:
+        cfg = dataclasses.replace(cfg, fp8_pingpong=True)
     one, zero = np.full((1,), m, np.int32), np.zeros((1, 2), np.int32)
     return jax.jit(lambda x, w, s: gg.grouped_gemm_fp8(x, one, (w[None],), (s[None],), zero, config=cfg,
                                                        out_dtype=jnp.bfloat16, interpret=interpret))
@@ -112,17 +118,18 @@ def main(argv=None):
         m = int(a.rows)
         x, w, s = inputs(n, k, m, seed=n + k)
         want = reference(x, w, s)
-        f = ours(m, n, interpret)
-        out = f(x, w, s)
+        fns = {"ours": ours(m, n, interpret), "ours_pingpong": ours(m, n, interpret, pingpong=True)}
         flops = 2 * m * n * k
         row = dict(linear=name, n=n, k=k, rows=m, flops=flops, calls_per_layer=calls, rel_err={
-            "ours": float(jnp.linalg.norm(out.astype(jnp.float32) - want) / jnp.linalg.norm(want))})
+            v: float(jnp.linalg.norm(f(x, w, s).astype(jnp.float32) - want) / jnp.linalg.norm(want))
+            for v, f in fns.items()}, tflops={})
         if not interpret:
-            call_s, kernel_s, kernels = kernel_bench.cupti_times(f, x, w, s)
+            for v, f in fns.items():
+                call_s, kernel_s, kernels = kernel_bench.cupti_times(f, x, w, s)
+                row.update({f"{v}_call_s": call_s, f"{v}_kernel_s": kernel_s, f"{v}_kernels_us": kernels})
+                row["tflops"].update({f"{v}_call": flops / call_s / 1e12, f"{v}_kernel": flops / kernel_s / 1e12})
             t, err, layout = cublas_blockwise(x, w, s, want, repeats=5)
-            row.update(ours_call_s=call_s, ours_kernel_s=kernel_s, ours_kernels_us=kernels, cublas_s=t,
-                       cublas_layout=layout, tflops={"ours_call": flops / call_s / 1e12,
-                                                     "ours_kernel": flops / kernel_s / 1e12})
+            row.update(cublas_s=t, cublas_layout=layout)
             if t is not None:
                 row["rel_err"]["cublas_blockwise"] = err
                 row["tflops"]["cublas_blockwise"] = flops / t / 1e12
@@ -137,14 +144,15 @@ def main(argv=None):
     metrics = {}
     if not interpret:
         flops = sum(r["flops"] * r["calls_per_layer"] for r in rows_out)
-        for v in ("ours_call", "ours_kernel", "cublas_blockwise"):
+        for v in ("ours_call", "ours_kernel", "ours_pingpong_call", "ours_pingpong_kernel", "cublas_blockwise"):
             timed = [r for r in rows_out if v in r["tflops"]]
             if len(timed) == len(rows_out):  # every linear as often as a layer calls it, FLOP-weighted
                 seconds = sum(r["flops"] * r["calls_per_layer"] / r["tflops"][v] / 1e12 for r in timed)
                 metrics[f"fp8_prefill_{v}_frac_of_fp8_peak"] = flops / seconds / 1e12 / fp8_peak
         if "fp8_prefill_cublas_blockwise_frac_of_fp8_peak" in metrics:
-            metrics["fp8_prefill_ours_kernel_over_cublas"] = (metrics["fp8_prefill_ours_kernel_frac_of_fp8_peak"]
-                                                              / metrics["fp8_prefill_cublas_blockwise_frac_of_fp8_peak"])
+            for v in ("ours_kernel", "ours_pingpong_kernel"):
+                metrics[f"fp8_prefill_{v}_over_cublas"] = (metrics[f"fp8_prefill_{v}_frac_of_fp8_peak"]
+                                                           / metrics["fp8_prefill_cublas_blockwise_frac_of_fp8_peak"])
         metrics.update(fp8_peak_tflops=fp8_peak, matmul_peaks=peaks)
     config = dict(rows=a.rows, interpret=interpret, linears=[r["linear"] for r in rows_out])
     kernel_bench.write(a, config, metrics, rows_out, 0.0, {})

@@ -24,8 +24,9 @@
 #   glue     the MLA prefill kernel's tests, bench_moe_glue (the MoE layer's row replication and combine
 #            gathers at 8K and 16K tokens, element by element against 32-bit words and in-bounds gathers),
 #            then prefill 8K and 16K with a profile                                                ~8 min
-#   fp8_prefill  bench_fp8_prefill: R1's FP8 linears at 8192 rows, our kernel against cuBLASLt's DeepSeek-style
-#            block-scaled FP8 GEMM (torch._scaled_mm, 1x128 / 128x128 scales)                     ~3 min
+#   fp8_prefill  the FP8 ping-pong kernel's GPU tests, then bench_fp8_prefill: R1's FP8 linears at 8192 rows,
+#            our kernel with and without ping-pong against cuBLASLt's DeepSeek-style block-scaled FP8 GEMM
+#            (torch._scaled_mm, 1x128 / 128x128 scales)                                            ~5 min
 #   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
@@ -120,6 +121,9 @@ case "$PART" in
     ;;
   fp8_prefill)
     # R1's FP8 linears at 8K rows: our kernel against cuBLASLt's block-scaled FP8 GEMM (torch._scaled_mm)
+    # the ping-pong kernel's first GPU run: its tests before its timings
+    step engine pingpong_tests 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_grouped_gemm.py \
+      -k "pingpong"
     step engine fp8_prefill 300 python3 experiments/bench_fp8_prefill.py --device_kind "$KIND" --out_dir "$OUTDIR"
     ;;
   cb)
