@@ -26,7 +26,8 @@
 #            then prefill 8K and 16K with a profile                                                ~8 min
 #   fp8_prefill  the FP8 ping-pong kernel's GPU tests, then bench_fp8_prefill: R1's FP8 linears at 8192 rows,
 #            our kernel with and without ping-pong against cuBLASLt's DeepSeek-style block-scaled FP8 GEMM
-#            (torch._scaled_mm, 1x128 / 128x128 scales)                                            ~5 min
+#            (torch._scaled_mm, 1x128 / 128x128 scales); bench_moe_ffn at 8K tokens with the ping-pong
+#            variant                                                                                ~7 min
 #   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
@@ -122,9 +123,12 @@ case "$PART" in
   fp8_prefill)
     # R1's FP8 linears at 8K rows: our kernel against cuBLASLt's block-scaled FP8 GEMM (torch._scaled_mm)
     # the ping-pong kernel's first GPU run: its tests before its timings
-    step engine pingpong_tests 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_grouped_gemm.py \
-      -k "pingpong"
+    step engine pingpong_tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_grouped_gemm.py \
+      -k "pingpong or swiglu"
     step engine fp8_prefill 300 python3 experiments/bench_fp8_prefill.py --device_kind "$KIND" --out_dir "$OUTDIR"
+    # one MoE layer's experts at 8K tokens: the SwiGLU gate/up and the down GEMM with and without ping-pong
+    step engine moe_ffn_pingpong 200 python3 experiments/bench_moe_ffn.py --device_kind "$KIND" --tokens 8192 \
+      --out_dir "$OUTDIR" --tag moe-ffn-pingpong
     ;;
   cb)
     # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, XLA's

@@ -236,11 +236,13 @@ def _fp8_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n,
               x_row_scale = quantize_tile(a_tile, aq_tile)
           if quantize_x:
             a_tile = aq_tile
-          if pingpong:  # wait for the tensor cores' token (warpgroup 0 holds it before its first step)
+          if pingpong:  # wait for the tensor cores' token (warpgroup 0 holds it before its first wgmma)
             wg = lax.axis_index("wg")
-
-            @pl.when((wg == 1) | (carry + kk > 0))
-            def _():
+            if h == 0:
+              @pl.when((wg == 1) | (carry + kk > 0))
+              def _():
+                plgpu.barrier_wait(turn.at[wg])
+            else:  # SwiGLU's up half: a turn of its own
               plgpu.barrier_wait(turn.at[wg])
           if interpret:
             part = dot_interpret(a_tile, b_tile)
@@ -287,7 +289,7 @@ def _fp8_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n,
       plgpu.copy_smem_to_gmem(sc_smem.at[wg], ts_out_ref.at[t, col // FP8_BLOCK, pl.ds(row0, wg_m)])
 
     def take_last_token(total_steps):
-      """Warpgroup 0 receives one token more than it waits for (its first step needs none): takes it, so that
+      """Warpgroup 0 receives one token more than it waits for (its first wgmma needs none): takes it, so that
       both barriers end balanced."""
       @pl.when((lax.axis_index("wg") == 0) & (total_steps > 0))
       def _():
@@ -430,8 +432,8 @@ def grouped_fp8(x, group_sizes, weights, scales, expert_slot, *, config, out_dty
   if cfg.fp8_overlap_promotion and (k // FP8_BLOCK) % 2:
     raise ValueError(f"fp8_overlap_promotion alternates two partials per pair of k steps: K/128 "
                      f"must be even, got K={k}")
-  if cfg.fp8_pingpong and (swiglu or quantize_x):
-    raise ValueError("fp8_pingpong is for the plain FP8 GEMM (no SwiGLU, activations quantized before the kernel)")
+  if cfg.fp8_pingpong and quantize_x:
+    raise ValueError("fp8_pingpong takes activations quantized before the kernel (not quantize_in_kernel)")
   if quantize_out and cfg.wg_n != FP8_BLOCK:
     raise ValueError(f"a quantized output needs a warpgroup N of 128 (one scale block), got {cfg.wg_n}")
   tile_scales = None

@@ -127,6 +127,8 @@ FP8_PREFILL_PINGPONG_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, fp8_pingpo
 # with 3 stages (4 do not fit the SMEM).
 FP8_SWIGLU_DECODE_CONFIG = dataclasses.replace(FP8_DECODE_CONFIG, block_n=128, num_compute_wgs=1)
 FP8_SWIGLU_PREFILL_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, max_concurrent_steps=3)
+# with the warpgroups taking turns on the tensor cores, each half (gate, up) a turn (not measured yet)
+FP8_SWIGLU_PREFILL_PINGPONG_CONFIG = dataclasses.replace(FP8_SWIGLU_PREFILL_CONFIG, fp8_pingpong=True)
 
 
 def is_prefill(m: int, num_groups: int) -> bool:

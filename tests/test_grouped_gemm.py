@@ -393,10 +393,13 @@ def test_fp8_split_k_lowers_for_gpu():
   assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-SWIGLU_CONFIGS = ([gg.FP8_SWIGLU_DECODE_CONFIG, gg.FP8_SWIGLU_PREFILL_CONFIG] if ON_GPU else
-                  # the presets' warpgroup splits with 2 stages: 64 x 64 per warpgroup ("n"), 64 x 128 ("m")
+SWIGLU_CONFIGS = ([gg.FP8_SWIGLU_DECODE_CONFIG, gg.FP8_SWIGLU_PREFILL_CONFIG, gg.FP8_SWIGLU_PREFILL_PINGPONG_CONFIG]
+                  if ON_GPU else
+                  # the presets' warpgroup splits with 2 stages: 64 x 64 per warpgroup ("n"), 64 x 128 ("m"),
+                  # and the prefill one with the warpgroups taking turns (a turn per half)
                   [dataclasses.replace(gg.FP8_SWIGLU_DECODE_CONFIG, max_concurrent_steps=2),
-                   dataclasses.replace(gg.FP8_SWIGLU_PREFILL_CONFIG, max_concurrent_steps=2)])
+                   dataclasses.replace(gg.FP8_SWIGLU_PREFILL_CONFIG, max_concurrent_steps=2),
+                   dataclasses.replace(gg.FP8_SWIGLU_PREFILL_PINGPONG_CONFIG, max_concurrent_steps=2)])
 
 
 @pytest.mark.parametrize("cfg", SWIGLU_CONFIGS, ids=fp8_id)
@@ -416,7 +419,8 @@ def test_grouped_gemm_fp8_swiglu(cfg):
   assert rel_err(ref, gg.reference_fp8_swiglu(x, gs, swapped, s, es, out_dtype=jnp.float32)) > 0.5
 
 
-@pytest.mark.parametrize("cfg", [gg.FP8_SWIGLU_DECODE_CONFIG, gg.FP8_SWIGLU_PREFILL_CONFIG], ids=fp8_id)
+@pytest.mark.parametrize("cfg", [gg.FP8_SWIGLU_DECODE_CONFIG, gg.FP8_SWIGLU_PREFILL_CONFIG,
+                                 gg.FP8_SWIGLU_PREFILL_PINGPONG_CONFIG], ids=fp8_id)
 def test_fp8_swiglu_presets_lower_for_gpu(cfg):
   """Both SwiGLU presets lower to Mosaic GPU at R1's expert shape (hidden 7168, I 2048) with two weight
   buffers and activations quantized beforehand (the MoE path's call); SMEM is checked at lowering."""
