@@ -16,7 +16,7 @@ TFLOP/s (2 M N K) against the FP8 peak of the same run (the better of XLA's and 
 8192^3: no block scales, the ceiling). Every output is checked against the f32 product of the dequantized
 operands (relative error <= 1e-2).
 
-  python experiments/bench_fp8_prefill.py --device_kind nvidia-h100-x1 [--rows 8192]
+  python experiments/bench_fp8_prefill.py --device_kind nvidia-h100-x1 [--rows 8192] [--variants=ours,ours_pingpong]
   python experiments/bench_fp8_prefill.py --smoke   # CPU: interpret mode, tiny shapes, no cuBLAS
 """
 
@@ -107,8 +107,13 @@ def cublas_blockwise(x, w, s, want, repeats: int):
 
 
 def main(argv=None):
-    a, interpret = kernel_bench.parse_args(__doc__.split("\n")[0], "fp8-prefill",
-                                           ("--rows", "8192", "tokens per call (the engine's prefill step)"), argv)
+    a, interpret = kernel_bench.parse_args(
+        __doc__.split("\n")[0], "fp8-prefill", ("--rows", "8192", "tokens per call (the engine's prefill step)"),
+        argv, extra=(("--variants", "ours,ours_pingpong", "our kernel's forms to time (ours: where ping-pong's "
+                                                          "GPU tests failed)"),))
+    variants = tuple(v for v in a.variants.split(",") if v)
+    if not variants or not set(variants) <= {"ours", "ours_pingpong"}:
+        raise SystemExit(f"--variants: a comma list of ours, ours_pingpong; got {a.variants!r}")
     peaks = {} if interpret else device_peaks.matmul_peaks(8192)
     fp8_peak = max(peaks.get("xla_fp8_tflops", 0.0), peaks.get("torch_fp8_tflops", 0.0))
     print(f"FP8 peak {fp8_peak:.0f} TFLOP/s {peaks}")
@@ -118,7 +123,7 @@ def main(argv=None):
         m = int(a.rows)
         x, w, s = inputs(n, k, m, seed=n + k)
         want = reference(x, w, s)
-        fns = {"ours": ours(m, n, interpret), "ours_pingpong": ours(m, n, interpret, pingpong=True)}
+        fns = {v: ours(m, n, interpret, pingpong=v == "ours_pingpong") for v in variants}
         flops = 2 * m * n * k
         row = dict(linear=name, n=n, k=k, rows=m, flops=flops, calls_per_layer=calls, rel_err={
             v: float(jnp.linalg.norm(f(x, w, s).astype(jnp.float32) - want) / jnp.linalg.norm(want))

@@ -11,12 +11,15 @@ from pallas_kernels import _compat
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-def parse_args(description: str, tag: str, sizes: tuple[str, str, str], argv=None) -> tuple[argparse.Namespace, bool]:
-    """(arguments, interpret): --device_kind, --out_dir, --tag, --smoke and the benchmark's list of sizes, given
-    as (flag, default, help). interpret: no GPU (then --smoke is required: interpret mode, tiny shapes)."""
+def parse_args(description: str, tag: str, sizes: tuple[str, str, str], argv=None,
+               extra: tuple[tuple[str, str, str], ...] = ()) -> tuple[argparse.Namespace, bool]:
+    """(arguments, interpret): --device_kind, --out_dir, --tag, --smoke, the benchmark's list of sizes and any
+    `extra` string flags, each given as (flag, default, help). interpret: no GPU (then --smoke is required:
+    interpret mode, tiny shapes)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device_kind", default="cpu")
-    p.add_argument(sizes[0], default=sizes[1], help=sizes[2])
+    for flag, default, help_text in (sizes, *extra):
+        p.add_argument(flag, default=default, help=help_text)
     p.add_argument("--out_dir", default=RESULTS_DIR)
     p.add_argument("--tag", default=tag)
     p.add_argument("--smoke", action="store_true", help="CPU: interpret mode, tiny shapes")
