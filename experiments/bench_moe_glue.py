@@ -1,4 +1,5 @@
-"""The MoE layer's two row gathers in XLA at prefill, element by element against 32-bit words.
+"""The MoE layer's two row gathers in XLA at prefill, element by element against 32-bit words; and the FP8
+activation quantization before every FP8 GEMM, with and without a barrier before its scales' transpose.
 
 The 8K-token prefill profile (WORKSPACE Finding 27) spends ~1.2 ms a MoE layer in each of two XLA gathers that
 move rows of R1's hidden width (7168) at ~1/3 of HBM:
@@ -12,6 +13,11 @@ holds two bf16 and the products are taken on the pairs), `promise` (the element 
 `mode="promise_in_bounds"`, which drops the per-element index wrap and clamp). Every variant must equal
 `element` bit for bit. Per token count: CUPTI time of the call, its bytes (the gathered rows written or read
 once, plus the source / residual / output) over that time against the HBM copy rate of the same run.
+  * `quantize`: bf16 activations [T, 7168] -> e4m3 rows and their per-128-column scales transposed to [K/128, M]
+    (what `grouped_gemm_fp8` does before its kernel: the prefill profile's `loop_transpose_fusion`s, ~0.18 ms
+    each at 8K tokens, ~1/3 of HBM). `fused` as the kernel wrapper does it; `barrier`: an optimization barrier
+    on the scales before the transpose, so that XLA need not emit the whole quantization as one transpose
+    fusion (a guess from the fusion's name, to be measured). Bytes: x read, e4m3 written.
 
   python experiments/bench_moe_glue.py --device_kind nvidia-h100-x1 [--tokens 8192,16384]
   python experiments/bench_moe_glue.py --smoke   # CPU: tiny shapes (checks the variants agree)
@@ -29,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dwdp_jax.experts import combine_sorted, gather_rows  # noqa: E402
+from pallas_kernels.grouped_gemm import quantize_activations  # noqa: E402
 from experiments import kernel_bench  # noqa: E402
 from experiments.bench_kernels import hbm_ceiling  # noqa: E402
 
@@ -79,6 +86,21 @@ REPLICATE = {
 COMBINE = {"element": combine_sorted, "word": combine_words, "promise": combine_promise}
 
 
+def quantize_fused(x):
+    """`grouped_gemm_fp8`'s activation quantization: e4m3 rows and the row scales as [K/128, M]."""
+    xq, xs = quantize_activations(x)
+    return xq, xs.T
+
+
+def quantize_barrier(x):
+    """The same, with the scales materialized before their transpose."""
+    xq, xs = quantize_activations(x)
+    return xq, jax.lax.optimization_barrier(xs).T
+
+
+QUANTIZE = {"fused": quantize_fused, "barrier": quantize_barrier}
+
+
 def with_residual(combine):
     return lambda y, order, w, residual: (residual + combine(y, order, w).astype(residual.dtype))
 
@@ -98,15 +120,18 @@ def main(argv=None):
         y = jax.random.normal(ky, (t * k, d), jnp.float32).astype(jnp.bfloat16)
         residual = jax.random.normal(kr, (t, d), jnp.float32).astype(jnp.bfloat16)
         # bytes: the gathered rows once, the source (replicate) or the residual and the output (combine)
-        nbytes = dict(replicate=t * k * d + t * d, combine=t * k * d * 2 + 2 * t * d * 2)
+        nbytes = dict(replicate=t * k * d + t * d, combine=t * k * d * 2 + 2 * t * d * 2, quantize=3 * t * d)
         ops = dict(replicate={v: (jax.jit(f), (x, token_of_row)) for v, f in REPLICATE.items()},
-                   combine={v: (jax.jit(with_residual(f)), (y, order, weights, residual)) for v, f in COMBINE.items()})
+                   combine={v: (jax.jit(with_residual(f)), (y, order, weights, residual)) for v, f in COMBINE.items()},
+                   quantize={v: (jax.jit(f), (residual,)) for v, f in QUANTIZE.items()})
         for op, fns in ops.items():
             outs = {v: f(*args) for v, (f, args) in fns.items()}
-            want = np.asarray(outs["element"].astype(jnp.float32))
+            first = next(iter(outs))
+            want = [np.asarray(o.astype(jnp.float32)) for o in jax.tree.leaves(outs[first])]
             for v, out in outs.items():
-                if not np.array_equal(np.asarray(out.astype(jnp.float32)), want):
-                    raise SystemExit(f"{op} T={t}: {v} differs from element")
+                got = [np.asarray(o.astype(jnp.float32)) for o in jax.tree.leaves(out)]
+                if not all(np.array_equal(g, w) for g, w in zip(got, want, strict=True)):
+                    raise SystemExit(f"{op} T={t}: {v} differs from {first}")
             row = dict(op=op, tokens=t, bytes=nbytes[op], time_s={}, gbps={}, frac_of_hbm={})
             if not interpret:
                 for v, (f, args) in fns.items():

@@ -26,8 +26,8 @@
 #            then prefill 8K and 16K with a profile                                                ~8 min
 #   fp8_prefill  the FP8 ping-pong kernel's GPU tests, then bench_fp8_prefill: R1's FP8 linears at 8192 rows,
 #            our kernel with and without ping-pong against cuBLASLt's DeepSeek-style block-scaled FP8 GEMM
-#            (torch._scaled_mm, 1x128 / 128x128 scales); bench_moe_ffn at 8K tokens with the ping-pong
-#            variant                                                                                ~7 min
+#            (torch._scaled_mm, 1x128 / 128x128 scales); bench_moe_glue (the FP8 quantization's two forms);
+#            bench_moe_ffn at 8K tokens with the ping-pong variant                                  ~8 min
 #   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
@@ -129,6 +129,9 @@ case "$PART" in
     VARIANTS=$([[ ${STATUS[pingpong_tests]} == pass ]] && echo ours,ours_pingpong || echo ours)
     step engine fp8_prefill 300 python3 experiments/bench_fp8_prefill.py --device_kind "$KIND" --out_dir "$OUTDIR" \
       --variants=$VARIANTS
+    # the FP8 activation quantization with and without a barrier before its scales' transpose (and the gathers)
+    step engine moe_glue 120 python3 experiments/bench_moe_glue.py --device_kind "$KIND" --out_dir "$OUTDIR" \
+      --tag moe-glue-quantize
     [[ ${STATUS[pingpong_tests]} == pass ]] || { echo "ping-pong tests failed: no MoE-layer timing"; exit 1; }
     # one MoE layer's experts at 8K tokens: the SwiGLU gate/up and the down GEMM with and without ping-pong
     step engine moe_ffn_pingpong 200 python3 experiments/bench_moe_ffn.py --device_kind "$KIND" --tokens 8192 \

@@ -93,7 +93,8 @@ def test_bench_moe_ffn_smoke(tmp_path):
 @pytest.mark.skipif(__import__("pallas_kernels._compat", fromlist=["on_gpu"]).on_gpu(),
                     reason="checks the benchmark's variants on CPU; the GPU runs the benchmark itself")
 def test_bench_moe_glue_smoke(tmp_path):
-    """experiments/bench_moe_glue.py on CPU (tiny shapes): every gather variant equals the element gathers."""
+    """experiments/bench_moe_glue.py on CPU (tiny shapes): every gather variant equals the element gathers, and
+    the quantization with a barrier equals the fused one."""
     import json
 
     from experiments import bench_moe_glue
@@ -101,8 +102,8 @@ def test_bench_moe_glue_smoke(tmp_path):
     bench_moe_glue.main(["--smoke", f"--out_dir={tmp_path}", "--tokens=5,37"])
     (path,) = tmp_path.iterdir()
     rows = json.loads(path.read_text())["rows"]
-    assert [(r["op"], r["tokens"]) for r in rows] == [("replicate", 5), ("combine", 5), ("replicate", 37),
-                                                       ("combine", 37)]
+    assert [(r["op"], r["tokens"]) for r in rows] == [(op, t) for t in (5, 37)
+                                                       for op in ("replicate", "combine", "quantize")]
 
 
 @pytest.mark.parametrize("tokens", [5, 150])
