@@ -47,7 +47,8 @@ def pack(tree) -> tuple[np.ndarray, list, Layout]:
     vector = np.zeros((max(offset, 1),), np.int32)
     for leaf, slot in zip(leaves, slots):
         if slot[0] == "host":
-            if leaf.size and (leaf.min() < np.iinfo(np.int32).min or leaf.max() > np.iinfo(np.int32).max):
+            wide = not np.can_cast(leaf.dtype, np.int32)  # int32 and narrower leaves fit: no scan on the hot path
+            if wide and leaf.size and (leaf.min() < np.iinfo(np.int32).min or leaf.max() > np.iinfo(np.int32).max):
                 raise ValueError(f"a packed input leaf of shape {leaf.shape} does not fit int32")
             vector[slot[1]:slot[1] + leaf.size] = leaf.ravel()
     return vector, apart, Layout(treedef, tuple(slots))
