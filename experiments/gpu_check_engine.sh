@@ -132,10 +132,13 @@ case "$PART" in
     # the FP8 activation quantization with and without a barrier before its scales' transpose (and the gathers)
     step engine moe_glue 120 python3 experiments/bench_moe_glue.py --device_kind "$KIND" --out_dir "$OUTDIR" \
       --tag moe-glue-quantize
-    [[ ${STATUS[pingpong_tests]} == pass ]] || { echo "ping-pong tests failed: no MoE-layer timing"; exit 1; }
     # one MoE layer's experts at 8K tokens: the SwiGLU gate/up and the down GEMM with and without ping-pong
-    step engine moe_ffn_pingpong 200 python3 experiments/bench_moe_ffn.py --device_kind "$KIND" --tokens 8192 \
-      --out_dir "$OUTDIR" --tag moe-ffn-pingpong
+    if [[ ${STATUS[pingpong_tests]} == pass ]]; then
+      step engine moe_ffn_pingpong 200 python3 experiments/bench_moe_ffn.py --device_kind "$KIND" --tokens 8192 \
+        --out_dir "$OUTDIR" --tag moe-ffn-pingpong
+    else
+      echo "ping-pong tests did not pass: no MoE-layer timing with it"
+    fi
     ;;
   cb)
     # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, XLA's
