@@ -123,18 +123,18 @@ case "$PART" in
   fp8_prefill)
     # R1's FP8 linears at 8K rows: our kernel against cuBLASLt's block-scaled FP8 GEMM (torch._scaled_mm)
     # the ping-pong kernel's first GPU run: its tests before its timings
-    step engine pingpong_tests 200 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_grouped_gemm.py \
+    step engine pingpong_tests 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_grouped_gemm.py \
       -k "pingpong or swiglu"
     # without ping-pong where its tests did not pass (a hang would cost the other numbers)
     VARIANTS=$([[ ${STATUS[pingpong_tests]} == pass ]] && echo ours,ours_pingpong || echo ours)
-    step engine fp8_prefill 300 python3 experiments/bench_fp8_prefill.py --device_kind "$KIND" --out_dir "$OUTDIR" \
+    step engine fp8_prefill 240 python3 experiments/bench_fp8_prefill.py --device_kind "$KIND" --out_dir "$OUTDIR" \
       --variants=$VARIANTS
     # the FP8 activation quantization with and without a barrier before its scales' transpose (and the gathers)
-    step engine moe_glue 120 python3 experiments/bench_moe_glue.py --device_kind "$KIND" --out_dir "$OUTDIR" \
+    step engine moe_glue 90 python3 experiments/bench_moe_glue.py --device_kind "$KIND" --out_dir "$OUTDIR" \
       --tag moe-glue-quantize
     # one MoE layer's experts at 8K tokens: the SwiGLU gate/up and the down GEMM with and without ping-pong
     if [[ ${STATUS[pingpong_tests]} == pass ]]; then
-      step engine moe_ffn_pingpong 200 python3 experiments/bench_moe_ffn.py --device_kind "$KIND" --tokens 8192 \
+      step engine moe_ffn_pingpong 150 python3 experiments/bench_moe_ffn.py --device_kind "$KIND" --tokens 8192 \
         --out_dir "$OUTDIR" --tag moe-ffn-pingpong
     else
       echo "ping-pong tests did not pass: no MoE-layer timing with it"
