@@ -443,3 +443,27 @@ def test_summarize_statistics_and_cli(tmp_path, capsys):
     assert "entropy_bits" in out and "0(0.800)" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(js.read_text())["layers"][1]["hot"][0][0] == 0
+
+
+def test_stats_update_layers_equals_one_update_per_layer():
+    """A step's stacked histograms added at once give the statistics and trace of one update per layer."""
+    rng = np.random.default_rng(4)
+    one, many = (RouterStats(1, 3, 6, decay=0.7) for _ in range(2))
+    for step in range(3):
+        counts = rng.integers(0, 9, (2, 6))
+        layers = [2, 0] if step % 2 else [0, 1]
+        for layer, row in zip(layers, counts):
+            one.update(layer, row)
+        many.update_layers(layers, counts)
+        one.next_step()
+        many.next_step()
+    for layer in range(3):
+        np.testing.assert_allclose(many.decayed_counts(layer), one.decayed_counts(layer))
+    for field in ("step", "layer", "counts"):
+        np.testing.assert_array_equal(getattr(many.trace, field), getattr(one.trace, field))
+    with pytest.raises(ValueError, match="distinct"):
+        many.update_layers([1, 1], np.ones((2, 6)))
+    with pytest.raises(ValueError, match="layer 3"):
+        many.update_layers([3], np.ones((1, 6)))
+    with pytest.raises(ValueError, match="shape"):
+        many.update_layers([0, 1], np.ones((1, 6)))

@@ -321,9 +321,7 @@ class DwdpRank:
             if not wait and not all(counts.is_ready() for _, counts in step_counts):
                 return
             for moe_indices, counts in step_counts:  # counts [E] of one MoE layer or [n, E] of n
-                rows = np.asarray(counts).reshape(len(moe_indices), -1)
-                for moe_index, row in zip(moe_indices, rows):
-                    self.router_stats.update(moe_index, row)
+                self.router_stats.update_layers(moe_indices, np.asarray(counts).reshape(len(moe_indices), -1))
             self.router_stats.next_step()
             self._pending_counts.popleft()
 

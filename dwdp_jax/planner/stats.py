@@ -137,18 +137,31 @@ class RouterStats:
 
     def update(self, layer: int, counts: np.ndarray):
         """Adds one layer's histogram for the current step: counts [num_experts] >= 0 (host array)."""
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer {layer} not in [0, {self.num_layers})")
         counts = np.asarray(counts)
         if counts.shape != (self.num_experts,):
             raise ValueError(f"counts must have shape ({self.num_experts},), got {counts.shape}")
+        self.update_layers([layer], counts[None])
+
+    def update_layers(self, layers, counts: np.ndarray):
+        """Adds the current step's histograms of several distinct layers at once: layers [n], counts [n, num_experts]
+        >= 0 (a DWDP rank's step stacks every MoE layer's: one numpy pass instead of one per layer)."""
+        layers = np.asarray(layers, np.int64).reshape(-1)
+        counts = np.asarray(counts)
+        bad = layers[(layers < 0) | (layers >= self.num_layers)]
+        if bad.size:
+            raise ValueError(f"layer {int(bad[0])} not in [0, {self.num_layers})")
+        if len(np.unique(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct, got {layers.tolist()}")
+        if counts.shape != (len(layers), self.num_experts):
+            raise ValueError(f"counts must have shape ({len(layers)}, {self.num_experts}), got {counts.shape}")
         if (counts < 0).any():
             raise ValueError("counts must be >= 0")
-        elapsed = self.step - self.last_step_l[layer]
-        self.decayed_le[layer] = self.decay**elapsed * self.decayed_le[layer] + counts
-        self.last_step_l[layer] = self.step
+        elapsed = self.step - self.last_step_l[layers]
+        self.decayed_le[layers] = (self.decay**elapsed)[:, None] * self.decayed_le[layers] + counts
+        self.last_step_l[layers] = self.step
         if self.record_trace:
-            self._records.append((self.step, layer, counts.astype(np.int64, copy=True)))
+            copied = counts.astype(np.int64, copy=True)
+            self._records.extend((self.step, int(layer), row) for layer, row in zip(layers, copied))
 
     def next_step(self):
         """Ends the current step: later updates count one step newer."""
