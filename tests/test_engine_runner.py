@@ -99,6 +99,27 @@ def test_cache_spec_sizes_and_allocation():
     assert table.pages_of(1) == [0, 1] and pages_bucket(3, 8) == 4 and pages_bucket(9, 8) == 8
 
 
+def test_block_table_follows_ensure_and_release():
+    """The page table's block-table rows (kept as an array beside the held pages) after pages are taken,
+    released and taken again by other slots: each slot's pages in order, then the scratch page; padding rows
+    (-1) scratch only; narrower and wider tables than a slot's maximum."""
+    spec = PagedCacheSpec.for_model(CFG, num_pages=6, num_slots=3, max_len=192, dtype=jnp.bfloat16)
+    table = PageTable(spec)
+    s = spec.scratch_page
+    table.ensure(0, 130)  # 3 pages
+    table.ensure(2, 10)
+    table.release(0)
+    table.ensure(1, 70)  # reuses released pages, lowest first
+    table.ensure(2, 65)  # a second page for slot 2
+    want = {1: table.pages_of(1), 2: table.pages_of(2)}
+    assert len(want[1]) == 2 and len(want[2]) == 2 and table.pages_of(0) == []
+    np.testing.assert_array_equal(table.block_table([2, -1, 1, 0]),
+                                  [want[2] + [s], [s, s, s], want[1] + [s], [s, s, s]])
+    np.testing.assert_array_equal(table.block_table([1], num_pages=1), [want[1][:1]])
+    np.testing.assert_array_equal(table.block_table([2], num_pages=5), [want[2] + [s, s, s]])
+    assert table.block_table([]).shape == (0, spec.max_pages_per_slot)
+
+
 def test_step_arrays_pack_and_unpack():
     rng = np.random.RandomState(0)
     step = StepArrays(*(rng.randint(0, 99, shape).astype(np.int32) for shape in [(3, 5), (3, 5), (3,), (3,), (3, 4)]))

@@ -139,6 +139,8 @@ class PageTable:
         self.spec = spec
         self._free = list(range(spec.num_pages - 1, -1, -1))  # pop() hands out the lowest page first
         self._held: list[list[int]] = [[] for _ in range(spec.num_slots)]
+        # the held pages as block-table rows, scratch past each slot's own: `block_table` is one gather
+        self._rows = np.full((spec.num_slots, spec.max_pages_per_slot), spec.scratch_page, np.int32)
         self._reserved = [0] * spec.num_slots  # pages promised to each slot's request (`reserve`)
 
     @property
@@ -190,24 +192,27 @@ class PageTable:
         if need > self.num_available + own:
             raise OutOfPages(f"slot {slot} needs {need} more pages for {length} tokens; {self.num_available} of "
                              f"{self.spec.num_pages} are free and not reserved")
+        first = len(self._held[slot])
         self._held[slot] += [self._free.pop() for _ in range(need)]
+        self._rows[slot, first:first + need] = self._held[slot][first:]
 
     def release(self, slot: int) -> None:
         """Returns the slot's pages and promise to the pool (its request retired)."""
         self._check_slot(slot)
         self._free += reversed(self._held[slot])
         self._held[slot] = []
+        self._rows[slot] = self.spec.scratch_page
         self._reserved[slot] = 0
 
     def block_table(self, slots, num_pages: int | None = None) -> np.ndarray:
         """int32 [len(slots), num_pages] (default max_pages_per_slot): each slot's pages, then the scratch page.
         A slot of -1 (a padding row) gets only scratch entries."""
         n = num_pages or self.spec.max_pages_per_slot
-        table = np.full((len(slots), n), self.spec.scratch_page, np.int32)
-        for i, slot in enumerate(slots):
-            if slot >= 0:
-                pages = self._held[slot][:n]
-                table[i, : len(pages)] = pages
+        slots = np.asarray(slots, np.int64).reshape(-1)
+        table = self._rows[np.maximum(slots, 0), :n]  # a copy (fancy indexing)
+        table[slots < 0] = self.spec.scratch_page
+        if n > table.shape[1]:  # wider than any slot's pages: scratch columns
+            table = np.pad(table, ((0, 0), (0, n - table.shape[1])), constant_values=self.spec.scratch_page)
         return table
 
     def _check_slot(self, slot: int) -> None:
