@@ -70,16 +70,19 @@ def variants(n: int, k: int, m: int, num_sms: int, interpret: bool):
   return fns, splits
 
 
-def references(x, w, s):
-  """f32 products with the dequantized weight [N, K]: of the activations quantized as the kernels
-  quantize them (the FP8 kernels' reference), and of the activations as given (xla_dequant's). One
-  dense matmul each: the grouped reference's per-row weight gather needs M x N x K floats (28 GiB
-  for o_proj at 64 rows)."""
-  xd = gg.dequantized_activations(x)
+def fp8_reference(x, w, s):
+  """f32 product of the activations quantized as the FP8 kernels quantize them with the dequantized weight
+  [N, K]. One dense matmul: the grouped reference's per-row weight gather needs M x N x K floats (28 GiB for
+  o_proj at 64 rows)."""
   wd = gg.dequantize_weight(w[None], s[None])[0]
-  hi = jax.lax.Precision.HIGHEST
-  return (jnp.dot(xd, wd.T, precision=hi),
-          jnp.dot(x.astype(jnp.float32), wd.T, precision=hi))
+  return jnp.dot(gg.dequantized_activations(x), wd.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def references(x, w, s):
+  """(`fp8_reference`: the FP8 kernels' reference, the f32 product of the activations as given with the
+  dequantized weight: xla_dequant's)."""
+  wd = gg.dequantize_weight(w[None], s[None])[0]
+  return fp8_reference(x, w, s), jnp.dot(x.astype(jnp.float32), wd.T, precision=jax.lax.Precision.HIGHEST)
 
 
 def main(argv=None):

@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import device_peaks, kernel_bench  # noqa: E402
-from experiments.bench_fp8_linear import SMOKE_LINEARS, inputs  # noqa: E402
+from experiments.bench_fp8_linear import SMOKE_LINEARS, fp8_reference, inputs  # noqa: E402
 from pallas_kernels import grouped_gemm as gg  # noqa: E402
 
 # The engine's FP8 `Linear`s of one R1 layer as (name, N = out, K = in, calls per layer): the attention
@@ -54,13 +54,6 @@ def ours(m: int, n: int, interpret: bool, pingpong: bool = False):
     one, zero = np.full((1,), m, np.int32), np.zeros((1, 2), np.int32)
     return jax.jit(lambda x, w, s: gg.grouped_gemm_fp8(x, one, (w[None],), (s[None],), zero, config=cfg,
                                                        out_dtype=jnp.bfloat16, interpret=interpret))
-
-
-def reference(x, w, s):
-    """f32 product of the operands as the FP8 GEMMs see them (activations quantized as the kernels quantize)."""
-    xd = gg.dequantized_activations(x)
-    wd = gg.dequantize_weight(w[None], s[None])[0]
-    return jnp.dot(xd, wd.T, precision=jax.lax.Precision.HIGHEST)
 
 
 def _to_torch(torch, a):
@@ -122,7 +115,7 @@ def main(argv=None):
     for name, n, k, calls in linears:
         m = int(a.rows)
         x, w, s = inputs(n, k, m, seed=n + k)
-        want = reference(x, w, s)
+        want = fp8_reference(x, w, s)
         fns = {v: ours(m, n, interpret, pingpong=v == "ours_pingpong") for v in variants}
         flops = 2 * m * n * k
         row = dict(linear=name, n=n, k=k, rows=m, flops=flops, calls_per_layer=calls, rel_err={
