@@ -56,6 +56,15 @@ def kernel_s(f, *args, mosaic_only=True):
   return profiling.median_per_call(calls, lambda ks: sum(t for n, t in ks if pick(n)))
 
 
+def kernel_breakdown(f, *args):
+  """The kernels of one call (the call whose total is the median): [(name, microseconds)], in launch order;
+  what an op's time beside its Mosaic kernel is made of (combine, schedule, casts)."""
+  calls = profiling.kernel_calls(f, *args)
+  totals = [sum(t for _, t in call) for call in calls]
+  call = calls[totals.index(statistics.median_low(totals))]
+  return [(name[:80], round(t * 1e6, 2)) for name, t in call]
+
+
 def dense_peak_tflops(smoke):
   """Dense bf16 matmul ceiling: the better of XLA and torch (cuBLAS) on 8192^3 random data."""
   n = 256 if smoke else 8192
@@ -314,6 +323,7 @@ def run_decode(args, peak, hbm, interp):
       if not interp:
         row["kernel_s"] = kernel_s(f, q, pages, table, lens)
         row["op_s"] = kernel_s(f, q, pages, table, lens, mosaic_only=False)  # + combine
+        row["op_kernels_us"] = kernel_breakdown(f, q, pages, table, lens)
         t = row["kernel_s"]
         row["gbps_kernel"] = bytes_ / t / 1e9
         row["frac_of_hbm"] = row["gbps_kernel"] / hbm
