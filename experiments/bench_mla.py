@@ -266,6 +266,10 @@ def decode_cases(smoke, quick):
   # B=1 at 32K with fewer splits than the default 66 (each split's bf16 partial, 128 KB at 128 heads, is
   # written and read again by the combine: 17 MB of 55 at 66 splits), to find the best count.
   cases += [dict(name=f"b1_32k_s{n}", batch=1, s_q=1, lengths=[32768], h=H, num_splits=n) for n in (16, 33)]
+  # B=1 at 66 clustered splits (132 CTAs) and 2, 4, 16 pages a split (8K, 16K, 64K; 32K is b1_32k_cl): a CTA's
+  # time against its pages, to separate its fixed cost from its cost per page.
+  cases += [dict(name=f"b1_{n}k_s66_cl", batch=1, s_q=1, lengths=[n * 1024], h=H, num_splits=66, cluster=True)
+            for n in (8, 16, 64)]
   # The same batches with units of equal pages over the batch (DecodeConfig.balanced), beside the default.
   cases += [dict(c, name=c["name"] + "_bal", balanced=True) for c in cases
             if c["name"] in ("b1_4k", "b64_4k", "b128_4k", "b1_32k", "b64_mixed")]
