@@ -8,8 +8,9 @@
 #            and step ahead                                                                       ~9 min
 #   decode   bench_engine decode only, B=1, 64, 128 at 4K, blocking and step ahead, the engine's command
 #            buffers (the engine part's profile turns them off)                                    ~4 min
-#   sweep    bench_engine decode only, the points of issue 17's B x context grid that session 10 did not
-#            measure: B=8, 32, 256 at 4K, 64, 128, 256 at 16K, 64, 128 at 1K (a cache per point)      ~9 min
+#   sweep_a, sweep_b  bench_engine decode only, the points of issue 17's B x context grid still missing after
+#            session 13 (which measured B=8 at 4K, B=64 at 16K and 1K from logs): sweep_a B=32, 256 at 4K and
+#            B=128 at 16K; sweep_b B=256 at 16K and B=128 at 1K (a cache per point; ~100 s a point)   ~8 min each
 #   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
 #   dispatch bench_dwdp_dispatch: decode B=1 and 64 at 4K through the single-program runner and through a DWDP
 #            rank (group of one: per-layer programs, no fetch): the host's cost per program      ~7 min
@@ -33,7 +34,7 @@
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, sweep, dispatch, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep_a, sweep_b, dispatch, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -60,16 +61,23 @@ case "$PART" in
     step engine decode 480 "${BENCH[@]}" --prefill_requests= --decode_batch=1,64,128 --decode_context=4096 \
       --typical=1x4096 --peak_matmul_size=2048 --hbm_copy_mib=2048 --time_budget_s=400 --tag=decode-check
     ;;
-  sweep)
+  sweep_a|sweep_b)
+    # each decode point costs ~100 s (57 s compiling, session 13's sweep); a point starts only if the longest
+    # so far still fits the time budget, so every process writes its JSON before the step's time-out
     # 256 x 16K tokens of cache (19 GB) beside 39 GB of weights: above XLA's default cap of 75% of the GPU
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
-    SWEEP=("${BENCH[@]}" --prefill_requests= --peak_matmul_size=2048 --hbm_copy_mib=1024 --time_budget_s=140)
-    step engine sweep_4k 200 "${SWEEP[@]}" --decode_batch=8,32,256 --decode_context=4096 --typical=8x4096 \
-      --tag=decode-sweep-4k
-    step engine sweep_16k 200 "${SWEEP[@]}" --decode_batch=64,128,256 --decode_context=16384 --typical=64x16384 \
-      --tag=decode-sweep-16k-large
-    step engine sweep_1k 150 "${SWEEP[@]}" --decode_batch=64,128 --decode_context=1024 --typical=64x1024 \
-      --tag=decode-sweep-1k-mid
+    SWEEP=("${BENCH[@]}" --prefill_requests= --peak_matmul_size=2048 --hbm_copy_mib=1024)
+    if [[ $PART == sweep_a ]]; then
+      step engine sweep_4k 290 "${SWEEP[@]}" --time_budget_s=260 --decode_batch=32,256 --decode_context=4096 \
+        --typical=32x4096 --tag=decode-sweep-4k-b32-b256
+      step engine sweep_16k_128 200 "${SWEEP[@]}" --time_budget_s=170 --decode_batch=128 --decode_context=16384 \
+        --typical=128x16384 --tag=decode-sweep-16k-b128
+    else
+      step engine sweep_16k_256 230 "${SWEEP[@]}" --time_budget_s=200 --decode_batch=256 --decode_context=16384 \
+        --typical=256x16384 --tag=decode-sweep-16k-b256
+      step engine sweep_1k_128 200 "${SWEEP[@]}" --time_budget_s=170 --decode_batch=128 --decode_context=1024 \
+        --typical=128x1024 --tag=decode-sweep-1k-b128
+    fi
     ;;
   glue)
     # since session 11 the prefill kernel reads q_pe apart and the engine decodes with the clustered kernel

@@ -120,3 +120,20 @@ def test_time_budget_skips_points_but_writes_the_file(tmp_path):
 def test_an_empty_prefill_list_measures_decode_only(tmp_path):
     record = run_bench(tmp_path, "--prefill_requests=", "--time_budget_s=0")
     assert record["metrics"]["skipped_points"] == ["decode L=32"]
+
+
+def test_time_budget_refuses_a_point_the_longest_so_far_would_overrun():
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    from bench_engine import Budget
+
+    now = [100.0]
+    budget = Budget(t0=100.0, limit_s=140.0, clock=lambda: now[0])
+    assert budget.allows("first")  # nothing measured yet
+    now[0] += 100.0  # the first point (compile + measurement) took 100 s
+    budget.record(100.0)
+    assert not budget.allows("second")  # 100 s used + 100 s expected > 140
+    assert budget.skipped == ["second"]
+    now[0] = 120.0
+    budget = Budget(t0=100.0, limit_s=140.0, clock=lambda: now[0])
+    budget.record(30.0)
+    assert budget.allows("third")  # 20 s used + 30 s expected < 140
