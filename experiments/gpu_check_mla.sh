@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
 # GPU check of the MLA attention kernels and the paged engine path: tests on the GPU backend, then the
 # benchmark; pass/fail table last.
-#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick | --cluster] [device_kind]
+#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick | --cluster | --combine] [device_kind]
 # --cluster: only the decode kernel's clustered variant (DecodeConfig.cluster): its R1-shape tests, then
 # bench_mla's decode cases with and without it, each step under a short timeout (a synchronization mistake
 # would hang, not fail)                                                                              ~4 min
+# --combine: the split-KV merge kernel (`mla_combine`, default for uniform splits since session 13) and the
+# in-kernel uniform schedule: the decode and combine tests, then B=1 / 8 cases merged by the kernel and by
+# XLA's five-kernel combine in the same run                                                           ~3 min
 # Logs and the results JSON go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=""
 CLUSTER=""
+COMBINE=""
 if [[ "${1:-}" == "--quick" ]]; then QUICK="--quick"; shift; fi
 if [[ "${1:-}" == "--cluster" ]]; then CLUSTER=1; shift; fi
+if [[ "${1:-}" == "--combine" ]]; then COMBINE=1; shift; fi
 KIND="${1:-nvidia-h200}"
 source experiments/gpu_env.sh
 declare -A STATUS
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit --format=csv,noheader
+
+if [[ -n "$COMBINE" ]]; then
+  timeout 200 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_combine.py tests/test_mla_decode.py \
+    2>&1 | tee "$OUTDIR/test_mla_combine.log" | tail -20
+  STATUS[tests]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
+  timeout 200 $PY experiments/bench_mla.py --device_kind "$KIND" --part decode --tag mla-decode-combine \
+    --cases=b1_32k_cl,b1_32k_cl_xla,b1_8k_s66_cl,b1_8k_s66_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_xla,b1_4k,b1_4k_xla,b8_4k,b8_4k_xla,b64_4k_cl \
+    2>&1 | tee "$OUTDIR/bench_mla_combine.log" | grep -v '^\s*$'
+  STATUS[bench_mla]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
+  for k in "${!STATUS[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
+  exit 0
+fi
 
 if [[ -n "$CLUSTER" ]]; then
   timeout 150 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_decode.py -k "r1_shapes and cluster" \

@@ -22,9 +22,10 @@ Kernel design (FlashMLA's division of work, our code):
     registers. Compute warpgroup 1 accumulates O[:, kv_lora/2:] from P in SMEM. Each owns a [64, 256] f32
     accumulator: the whole [64, 512] would not fit one warpgroup's registers. While warpgroup 0 runs the
     softmax of page i + 1 on the CUDA cores, warpgroup 1's P V of page i keeps the tensor cores busy.
-  * Split-KV: each unit writes its normalized partial O (bf16) and its log-sum-exp; `combine` (or
-    `mla_schedule.combine_units`) merges a request's units in f32 (one split per request skips it). Empty
-    units (short requests) write lse = -inf.
+  * Split-KV: each unit writes its normalized partial O (bf16) and its log-sum-exp; `mla_combine` (one
+    kernel; `combine` is its jnp form) or `mla_schedule.combine_units` (balanced units) merges a request's
+    units in f32 (one split per request skips it). Empty units (short requests) write lse = -inf. Uniform
+    splits are computed in the kernel from the lengths; balanced units come as a schedule array.
 With 128 heads this is compute-bound on an H200 (2 x 128 x (576 + 512) FLOP per cached token against 1152
 bytes, ~240 FLOP/byte), so the speed to compare with is max(FLOPs / peak, bytes / HBM rate), not HBM alone.
 """
@@ -41,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _compat, _mosaic, mla_schedule
+from pallas_kernels import _compat, _mosaic, mla_combine, mla_schedule
 
 PAGE_SIZE = 64  # tokens per cache page: the S tile's width and the P V product's K
 BLOCK_ROWS = 64  # query rows per CTA (the wgmma M of one warpgroup)
@@ -61,14 +62,19 @@ class DecodeConfig:
   cluster, and each page is TMA-multicast into all of them: read from HBM once per unit. Unclustered, each
   row tile's CTA loads the page itself and only the L2 can share it, which fails when the tiles drift apart
   (two waves of CTAs, KERNELS.md). GPU only: interpret mode runs the unclustered kernel (the Mosaic GPU
-  interpreter has no cluster barriers); the clustered one is checked by lowering it for CUDA."""
+  interpreter has no cluster barriers); the clustered one is checked by lowering it for CUDA.
+  `combine`: how uniform splits are merged: "kernel" (`mla_combine`: one pass, one launch) or "xla"
+  (`combine`, five XLA kernels: the reference, kept for comparison)."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
   balanced: bool = False
   cluster: bool = False
+  combine: str = "kernel"
 
   def __post_init__(self):
+    if self.combine not in ("kernel", "xla"):
+      raise ValueError(f"combine must be 'kernel' or 'xla', got {self.combine!r}")
     if self.num_splits is not None and self.num_splits < 1:
       raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
     if self.min_pages_per_split < 1:
@@ -162,15 +168,29 @@ def _bcast_rows(v, shape):
   return lax.broadcast_in_dim(v, shape, [0])
 
 
-def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, sched_ref, o_ref, lse_ref, *, s_q, heads, dl,
-                   scale_log2, steps_in_flight, interpret, cluster):
+def _uniform_unit(lens_ref, unit, num_splits):
+  """(request, first page, pages) of `unit` in `mla_schedule.uniform_schedule`, computed in the kernel (the
+  schedule as an array cost its own small XLA kernels per call)."""
+  b, split = lax.div(unit, num_splits), lax.rem(unit, num_splits)
+  per = _mosaic.cdiv(_mosaic.cdiv(lens_ref[b], PAGE_SIZE), num_splits)
+  first = split * per
+  return b, first, jnp.clip(_mosaic.cdiv(lens_ref[b], PAGE_SIZE) - first, 0, per)
+
+
+def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl, scale_log2, steps_in_flight,
+                   interpret, cluster, num_splits):
   tile, unit = lax.axis_index("tile"), lax.axis_index("unit")
   wg = lax.axis_index("wg")
   rows, page, d = BLOCK_ROWS, PAGE_SIZE, q_ref.shape[-1]
   half = dl // 2
   dtype = q_ref.dtype
 
-  b, first, steps = sched_ref[unit, 0], sched_ref[unit, 1], sched_ref[unit, 2]  # `mla_schedule`
+  if num_splits is None:  # a schedule array (`mla_schedule.balanced_schedule`)
+    sched_ref, o_ref, lse_ref = refs
+    b, first, steps = sched_ref[unit, 0], sched_ref[unit, 1], sched_ref[unit, 2]
+  else:
+    o_ref, lse_ref = refs
+    b, first, steps = _uniform_unit(lens_ref, unit, num_splits)
   length = lens_ref[b]
   # Pages whose every key is visible to every row of the tile need no mask: keys <= the smallest
   # position in the tile, lengths[b] - s_q + (first row's query token).
@@ -424,17 +444,18 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   if cfg.balanced:
     target = cfg.num_splits * b if cfg.num_splits else max(1, num_sms // tiles)
     sched, unit_request = mla_schedule.balanced_schedule(lengths, target, cfg.min_pages_per_split, PAGE_SIZE)
-  else:
+    units, sched_args, splits = sched.shape[0], (sched,), None
+  else:  # the kernel computes `mla_schedule.uniform_schedule`'s units itself
     splits = cfg.num_splits or choose_num_splits(b, tiles, block_table.shape[1], num_sms,
                                                  cfg.min_pages_per_split)
-    sched, _ = mla_schedule.uniform_schedule(lengths, splits, PAGE_SIZE)
-  units = sched.shape[0]
+    units, sched_args = b * splits, ()
   cluster = cfg.cluster and tiles > 1 and not interpret
   if cluster and tiles > MAX_CLUSTER:
     raise ValueError(f"cluster=True needs at most {MAX_CLUSTER} row tiles of {BLOCK_ROWS} (s_q x heads <= "
                      f"{MAX_CLUSTER * BLOCK_ROWS}), got {tiles}")
   body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _LOG2E,
-                           steps_in_flight=cfg.max_concurrent_steps, interpret=interpret, cluster=cluster)
+                           steps_in_flight=cfg.max_concurrent_steps, interpret=interpret, cluster=cluster,
+                           num_splits=splits)
   # Unclustered, the grid is (row tiles, units) with row tiles fastest: the CTAs reading the same pages are
   # launched together. Clustered, a unit's row tiles are one cluster.
   grid = dict(grid=(units,), grid_names=("unit",), cluster=(tiles,), cluster_names=("tile",)) if cluster else \
@@ -449,9 +470,11 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
       compiler_params=plgpu.CompilerParams(approx_math=True,
                                            reduction_scratch_bytes=_REDUCTION_SCRATCH_BYTES),
       interpret=_compat.InterpretGPUParams() if interpret else None,
-  )(q_rows, pages_p, block_table.astype(jnp.int32), lengths, sched)
+  )(q_rows, pages_p, block_table.astype(jnp.int32), lengths, *sched_args)
   if cfg.balanced:
     out, lse = mla_schedule.combine_units(o_parts, lse_parts, unit_request, b)
+  elif splits > 1 and cfg.combine == "kernel":
+    out, lse = mla_combine.combine_splits(o_parts, lse_parts, num_splits=splits, interpret=interpret)
   else:
     out, lse = combine(o_parts.reshape(b, splits, r_pad, dl), lse_parts.reshape(b, splits, r_pad))
   out = out[:, :r, :kv_lora_rank].reshape(b, s_q, h, kv_lora_rank).astype(q.dtype)

@@ -1,0 +1,153 @@
+"""Split-KV merge of the MLA decode kernel's partials in one Mosaic GPU kernel (Hopper).
+
+The decode kernel splits a long request's pages over S CTAs; each writes its output normalized over its pages
+(bf16) and its log-sum-exp. Merged, row r of request b is
+
+  out[b, r] = sum_s w[s, r] o[b, s, r] / sum_s w[s, r],   w[s, r] = exp(lse[b, s, r] - max_s lse[b, s, r]),
+
+and its log-sum-exp log(sum_s w[s, r]) + max_s lse. `mla_decode.combine` says the same in jnp; XLA runs it as
+five kernels (max, exp + sum, the weighted sum, divide + cast, lse: 10.7 us at B=1, 32K tokens, 66 splits, of
+which the weighted sum over 8.6 MB of partials is 4.6 us; WORKSPACE Finding 30). Here it is one pass over the
+partials with a running maximum (the online softmax's rescaling, over splits instead of keys).
+
+Kernel design: a CTA owns 64 rows x `COLUMNS` columns of one request (grid: request, row tile, column tile).
+A memory warpgroup streams the request's S partial tiles [64, COLUMNS] and their [64] log-sum-exps through a
+ring of `STAGES` SMEM slots (TMA); the compute warpgroup keeps the f32 sum, running maximum and weight total
+in registers (one value per row, broadcast along the columns: wgmma's register layout, no matmul) and writes
+the bf16 tile, and the column tile 0 CTA the rows' log-sum-exp. At B=1 with R1's 128 heads and 512 latent
+columns that is 2 x 16 CTAs, each with up to STAGES x 4 KB of partials in flight.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _compat, _mosaic
+
+ROWS = 64  # rows per CTA: the wgmma register layout's M (one value per row broadcast over the columns)
+COLUMNS = 32  # columns per CTA: enough CTAs at B=1 (2 x 16 for R1) for the partials' bytes to stream
+STAGES = 16  # partial tiles in flight per CTA (16 x 4 KB + their log-sum-exps)
+
+
+def _rows_layout(x, interpret):
+  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+
+def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages, interpret):
+  b, rt, ct = lax.axis_index("b"), lax.axis_index("rt"), lax.axis_index("ct")
+  wg = lax.axis_index("wg")
+  rows, cols = ROWS, COLUMNS
+  dtype = o_ref.dtype
+
+  def scoped(o_smem, lse_smem, out_smem, lse_out_smem, full, free):
+    @pl.when(wg == 1)
+    def _memory():
+      @pl.loop(0, num_splits)
+      def _(s):
+        slot = lax.rem(s, stages)
+
+        @pl.when(s >= stages)
+        def _():
+          plgpu.barrier_wait(free.at[slot])
+
+        unit = b * num_splits + s
+        plgpu.copy_gmem_to_smem(o_ref.at[unit, pl.ds(rt * rows, rows), pl.ds(ct * cols, cols)], o_smem.at[slot],
+                                full.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[unit, pl.ds(rt * rows, rows)], lse_smem.at[slot], full.at[slot])
+
+      for j in range(min(stages, num_splits)):  # the last releases, so every barrier ends balanced
+        plgpu.barrier_wait(free.at[(num_splits - 1 - j) % stages])
+
+    @pl.when(wg == 0)
+    def _compute():
+      def load_tile(slot):
+        if interpret:
+          return o_smem[slot].astype(jnp.float32)
+        return plgpu.load(o_smem.at[slot], (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+
+      def load_rows(slot):
+        if interpret:
+          return lse_smem[slot]
+        return plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+      def step(s, carry):
+        acc, m, tot = carry
+        slot = lax.rem(s, stages)
+        plgpu.barrier_wait(full.at[slot])
+        lse = load_rows(slot)
+        o = load_tile(slot)
+        plgpu.barrier_arrive(free.at[slot])
+        m_new = jnp.maximum(m, lse)
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no split with keys yet: every weight 0
+        alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o * lax.broadcast_in_dim(w, o.shape, [0])
+        return acc, m_new, tot * alpha + w
+
+      acc = jnp.zeros((rows, cols), jnp.float32)
+      if not interpret:
+        acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
+      m = _rows_layout(jnp.full((rows,), -jnp.inf, jnp.float32), interpret)
+      tot = _rows_layout(jnp.zeros((rows,), jnp.float32), interpret)
+      acc, m, tot = lax.fori_loop(0, num_splits, step, (acc, m, tot))
+      live = tot > 0
+      tot_safe = jnp.where(live, tot, 1.0)
+      out_smem[...] = (acc / lax.broadcast_in_dim(tot_safe, acc.shape, [0])).astype(dtype)
+      lse_out_smem[...] = jnp.where(live, jnp.log(tot_safe) + m, -jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, pl.ds(rt * rows, rows), pl.ds(ct * cols, cols)])
+
+      @pl.when(ct == 0)
+      def _():
+        plgpu.copy_smem_to_gmem(lse_out_smem, lse_out_ref.at[b, pl.ds(rt * rows, rows)])
+
+      plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(
+      scoped,
+      plgpu.SMEM((stages, rows, cols), dtype, transforms=_mosaic.smem_transforms(cols, dtype)),
+      plgpu.SMEM((stages, rows), jnp.float32),
+      plgpu.SMEM((rows, cols), dtype, transforms=_mosaic.smem_transforms(cols, dtype)),
+      plgpu.SMEM((rows,), jnp.float32),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # the tile's and its log-sum-exps' copies
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),
+      collective_axes="wg",
+  )
+
+
+def combine_splits(o_parts, lse_parts, *, num_splits: int, interpret: bool = False):
+  """Merges each request's split partials.
+
+  Args:
+    o_parts: [B * num_splits, R, C] bf16, unit b * num_splits + s = split s of request b, normalized over its
+      keys; R a multiple of `ROWS`, C of `COLUMNS` (the decode kernel's padded rows and latent width).
+    lse_parts: [B * num_splits, R] f32, natural-log log-sum-exp of each partial row (-inf: an empty split).
+  Returns:
+    (out [B, R, C] in o_parts' dtype, lse [B, R] f32); a row whose splits are all empty gets 0 and -inf.
+  """
+  units, r, c = o_parts.shape
+  if units % num_splits or lse_parts.shape != (units, r):
+    raise ValueError(f"o_parts {o_parts.shape} and lse_parts {lse_parts.shape} must be [B * {num_splits}, R, C] "
+                     f"and [B * {num_splits}, R]")
+  if r % ROWS or c % COLUMNS:
+    raise ValueError(f"rows {r} and columns {c} must be multiples of {ROWS} and {COLUMNS}")
+  if lse_parts.dtype != jnp.float32:
+    raise ValueError(f"lse_parts must be float32, got {lse_parts.dtype}")
+  b = units // num_splits
+  body = functools.partial(_combine_kernel, num_splits=num_splits, stages=min(STAGES, num_splits),
+                           interpret=interpret)
+  return plgpu.kernel(
+      body,
+      out_type=(jax.ShapeDtypeStruct((b, r, c), o_parts.dtype), jax.ShapeDtypeStruct((b, r), jnp.float32)),
+      grid=(b, r // ROWS, c // COLUMNS),
+      grid_names=("b", "rt", "ct"),
+      num_threads=2,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_compat.InterpretGPUParams() if interpret else None,
+  )(o_parts, lse_parts)

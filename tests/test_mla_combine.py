@@ -1,0 +1,84 @@
+"""The split-KV merge kernel (`mla_combine`) vs its jnp form (`mla_decode.combine`): GPU interpret mode on CPU,
+natively on a GPU (the same tests, R1's B=1 shape added)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import _compat
+from pallas_kernels import mla_combine as mc
+from pallas_kernels import mla_decode as md
+
+ON_GPU = _compat.on_gpu()
+INTERPRET = not ON_GPU
+
+
+def partials(seed, b, splits, rows, cols):
+  """Random bf16 partials and log-sum-exps over a wide range (never zeros); request 0's split 1 empty, and
+  request b-1's first three rows empty in every split (their output must be 0, their lse -inf)."""
+  rng = np.random.default_rng(seed)
+  o = jnp.asarray(rng.normal(size=(b * splits, rows, cols)), jnp.bfloat16)
+  lse = jnp.asarray(rng.normal(size=(b * splits, rows)) * 4, jnp.float32).at[1].set(-jnp.inf)
+  lse = lse.at[(b - 1) * splits:, :3].set(-jnp.inf)
+  return o, lse
+
+
+def check(b, splits, rows, cols, seed=0):
+  o, lse = partials(seed, b, splits, rows, cols)
+  out, out_lse = jax.jit(lambda o, l: mc.combine_splits(o, l, num_splits=splits, interpret=INTERPRET))(o, lse)
+  ref, ref_lse = md.combine(o.reshape(b, splits, rows, cols), lse.reshape(b, splits, rows))
+  assert out.dtype == jnp.bfloat16 and out.shape == (b, rows, cols)
+  out = np.asarray(out, np.float32)
+  # f32 sums, one bf16 rounding of the result: within half a bf16 unit of the largest |value|
+  np.testing.assert_allclose(out, ref, rtol=2 ** -8, atol=2 ** -8)
+  np.testing.assert_allclose(out_lse, ref_lse, rtol=1e-5, atol=1e-5)
+  assert (out[b - 1, :3] == 0).all() and np.isneginf(np.asarray(out_lse)[b - 1, :3]).all()
+
+
+def test_two_requests_row_and_column_tiles():
+  check(b=2, splits=5, rows=2 * mc.ROWS, cols=2 * mc.COLUMNS)  # 8 CTAs, every split in its own ring slot
+
+
+def test_more_splits_than_ring_slots(monkeypatch):
+  monkeypatch.setattr(mc, "STAGES", 3)  # 7 splits through 3 slots: each slot refilled twice
+  check(b=1, splits=7, rows=mc.ROWS, cols=2 * mc.COLUMNS, seed=1)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="R1 shapes: GPU only")
+def test_r1_b1_32k_shape():
+  check(b=1, splits=66, rows=128, cols=512, seed=2)  # B=1 at 32K tokens: 66 splits of 128 heads x 512
+
+
+def test_lowers_for_cuda_at_r1_shape():
+  """The kernel's lowering for CUDA (Mosaic GPU's, which runs on this machine too) at B=1's 66 splits."""
+  from jax import export
+
+  args = (jax.ShapeDtypeStruct((66, 128, 512), jnp.bfloat16), jax.ShapeDtypeStruct((66, 128), jnp.float32))
+  fn = jax.jit(lambda o, l: mc.combine_splits(o, l, num_splits=66))
+  assert "mosaic_gpu" in export.export(fn, platforms=["cuda"])(*args).mlir_module()
+
+
+def test_bad_shapes_are_named():
+  o, lse = partials(0, 1, 2, mc.ROWS, mc.COLUMNS)
+  with pytest.raises(ValueError, match="must be \\[B \\* 3, R, C\\]"):
+    mc.combine_splits(o, lse, num_splits=3)
+  with pytest.raises(ValueError, match="multiples of 64 and 32"):
+    mc.combine_splits(o[:, :40], lse[:, :40], num_splits=2)
+  with pytest.raises(ValueError, match="float32"):
+    mc.combine_splits(o, lse.astype(jnp.bfloat16), num_splits=2)
+
+
+def test_decode_with_either_combine_agrees():
+  """mla_decode's uniform splits merged by the kernel and by XLA's combine: the same output to bf16 rounding."""
+  from tests.test_mla_decode import make_inputs
+
+  q, pages, table, lens = make_inputs(3, 1, 1, 16, 32, 16, [300], 5)
+  runs = {}
+  for combine in ("kernel", "xla"):
+    cfg = md.DecodeConfig(num_splits=3, min_pages_per_split=1, combine=combine)
+    runs[combine] = jax.jit(lambda *a, cfg=cfg: md.mla_decode(*a, kv_lora_rank=32, softmax_scale=0.1, config=cfg,
+                                                              interpret=INTERPRET))(q, pages, table, lens)
+  np.testing.assert_allclose(np.asarray(runs["kernel"][0], np.float32), np.asarray(runs["xla"][0], np.float32),
+                             rtol=2 ** -7, atol=2 ** -7)
+  np.testing.assert_allclose(runs["kernel"][1], runs["xla"][1], rtol=1e-5, atol=1e-5)
