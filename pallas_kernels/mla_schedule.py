@@ -6,8 +6,9 @@ and writes a partial output normalized over them, with its log-sum-exp. A schedu
 [units, 3] of (request, first page, pages) plus, per unit, the request it belongs to (`num_requests` for a
 unit with nothing to do). Two schedules:
   * `uniform_schedule`: every request in the same number of splits S, its pages divided evenly: B x S units in
-    request-major order, merged by `mla_decode.combine` over the split axis (nothing to merge at S = 1). Right
-    when lengths are about equal; with unequal lengths the longest request's CTAs set the time.
+    request-major order, merged by `mla_combine` over the split axis (nothing to merge at S = 1). Right when
+    lengths are about equal; with unequal lengths the longest request's CTAs set the time. The decode kernel
+    computes these units itself from the lengths (`mla_decode._uniform_unit`); this is their array form.
   * `balanced_schedule`: about `num_units` units of about equal pages over the whole batch: a request gets a
     number of units proportional to its pages (at least one), each of an equal share of them. Units of a
     request are merged by `combine_units`: a one-hot contraction over the units (deterministic, no scatter).
