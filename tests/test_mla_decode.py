@@ -92,6 +92,15 @@ def test_schedules_cover_every_page_once(lengths):
   assert sched[:, 2].max() <= max(1.5 * share, min(max(need_pages), 2 * share))  # no unit much above the share
 
 
+@pytest.mark.parametrize("splits", [1, 3, 66])
+def test_in_kernel_uniform_units_match_the_schedule(splits):
+  """The decode kernel's own unit arithmetic (`_uniform_unit`, on scalars) gives `uniform_schedule`'s rows."""
+  lens = jnp.asarray([256, 8192, 1, 0, 3000, 64, 65, 32768], jnp.int32)
+  want, _ = mla_schedule.uniform_schedule(lens, splits, md.PAGE_SIZE)
+  got = [md._uniform_unit(lens, jnp.int32(u), splits) for u in range(lens.shape[0] * splits)]
+  np.testing.assert_array_equal(np.asarray([[int(x) for x in row] for row in got]), np.asarray(want))
+
+
 def test_balanced_schedule_has_no_loop():
   # straight-line array ops: a binary-search loop would be a host-driven while on GPUs
   text = str(jax.make_jaxpr(lambda n: mla_schedule.balanced_schedule(n, 66, 4, md.PAGE_SIZE))(
