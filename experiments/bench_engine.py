@@ -62,6 +62,7 @@ from experiments import engine_profile
 from experiments.device_peaks import hbm_copy_gbps, matmul_peaks
 from experiments.host_profile import host_profile
 from experiments.results_io import write_result
+from experiments.timing import Budget
 
 flags.DEFINE_string("preset", "r1-layers-4", "model preset (random weights)")
 flags.DEFINE_enum("backend", "pallas", ["pallas", "jnp"], "routed-expert GEMMs (pallas: Mosaic GPU, GPU only)")
@@ -181,28 +182,6 @@ def randomized_pages(pages, key):
     """The cache pages with N(0, 1) rows (a decode step's cost does not depend on the values; random ones give
     the router realistic inputs)."""
     return [jax.random.normal(jax.random.fold_in(key, i), p.shape, p.dtype) for i, p in enumerate(pages)]
-
-
-class Budget:
-    """Wall-clock budget of the run; remembers the points it refused. A point starts only if the longest point
-    measured so far (`record`) would still end inside the budget: a decode point compiles for about a minute,
-    and one started just before the limit ran into the caller's time-out before the results were written
-    (session 13's sweep)."""
-
-    def __init__(self, t0: float, limit_s: float, clock=time.perf_counter):
-        self.t0, self.limit_s, self.clock = t0, limit_s, clock
-        self.longest_point_s = 0.0
-        self.skipped: list[str] = []
-
-    def record(self, point_s: float) -> None:
-        """A point took point_s seconds (compile and measurement)."""
-        self.longest_point_s = max(self.longest_point_s, point_s)
-
-    def allows(self, point: str) -> bool:
-        if self.clock() - self.t0 + self.longest_point_s < self.limit_s:
-            return True
-        self.skipped.append(point)
-        return False
 
 
 @dataclasses.dataclass(frozen=True)
