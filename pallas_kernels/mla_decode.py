@@ -64,16 +64,17 @@ class DecodeConfig:
   (two waves of CTAs, KERNELS.md). GPU only: interpret mode runs the unclustered kernel (the Mosaic GPU
   interpreter has no cluster barriers); the clustered one is checked by lowering it for CUDA.
   `combine`: how uniform splits are merged: "kernel" (`mla_combine`: one pass, one launch) or "xla"
-  (`combine`, five XLA kernels: the reference, kept for comparison)."""
+  (`combine`, five XLA kernels: the reference, kept for comparison); None: the kernel on a GPU, XLA's in
+  interpret mode (the interpreter runs the kernel slowly; `tests/test_mla_combine.py` checks it there)."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
   balanced: bool = False
   cluster: bool = False
-  combine: str = "kernel"
+  combine: str | None = None
 
   def __post_init__(self):
-    if self.combine not in ("kernel", "xla"):
+    if self.combine not in (None, "kernel", "xla"):
       raise ValueError(f"combine must be 'kernel' or 'xla', got {self.combine!r}")
     if self.num_splits is not None and self.num_splits < 1:
       raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
@@ -473,7 +474,7 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   )(q_rows, pages_p, block_table.astype(jnp.int32), lengths, *sched_args)
   if cfg.balanced:
     out, lse = mla_schedule.combine_units(o_parts, lse_parts, unit_request, b)
-  elif splits > 1 and cfg.combine == "kernel":
+  elif splits > 1 and (cfg.combine or ("xla" if interpret else "kernel")) == "kernel":
     out, lse = mla_combine.combine_splits(o_parts, lse_parts, num_splits=splits, interpret=interpret)
   else:
     out, lse = combine(o_parts.reshape(b, splits, r_pad, dl), lse_parts.reshape(b, splits, r_pad))
