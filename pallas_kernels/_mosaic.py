@@ -16,3 +16,25 @@ def smem_transforms(minor: int, dtype):
 def cdiv(a, b: int):
   """ceil(a / b) for a traced int32 scalar a and a static b."""
   return lax.div(a + (b - 1), b)
+
+
+def wgmma_rows(x, interpret: bool):
+  """A [64] value as one value per row of a wgmma accumulator (interpret mode: unchanged)."""
+  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
+
+
+def wgmma_tile(x, interpret: bool):
+  """A [64, n] value in a wgmma accumulator's register layout (interpret mode: unchanged)."""
+  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
+
+
+def load_wgmma_rows(ref, interpret: bool):
+  """A [64] SMEM vector as one value per accumulator row."""
+  if interpret:
+    return ref[...]
+  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))  # (ref, ()): 0.10.2 has no ref-only form
+
+
+def bcast_rows(v, shape):
+  """One value per row [rows] broadcast over a [rows, n] tile."""
+  return lax.broadcast_in_dim(v, shape, [0])

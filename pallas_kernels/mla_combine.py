@@ -35,10 +35,6 @@ COLUMNS = 32  # columns per CTA: enough CTAs at B=1 (2 x 16 for R1) for the part
 STAGES = 16  # partial tiles in flight per CTA (16 x 4 KB + their log-sum-exps)
 
 
-def _rows_layout(x, interpret):
-  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
-
-
 def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages, interpret):
   b, rt, ct = lax.axis_index("b"), lax.axis_index("rt"), lax.axis_index("ct")
   wg = lax.axis_index("wg")
@@ -71,33 +67,26 @@ def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages,
           return o_smem[slot].astype(jnp.float32)
         return plgpu.load(o_smem.at[slot], (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
 
-      def load_rows(slot):
-        if interpret:
-          return lse_smem[slot]
-        return plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(1))
-
       def step(s, carry):
         acc, m, tot = carry
         slot = lax.rem(s, stages)
         plgpu.barrier_wait(full.at[slot])
-        lse = load_rows(slot)
+        lse = _mosaic.load_wgmma_rows(lse_smem.at[slot], interpret)
         o = load_tile(slot)
         plgpu.barrier_arrive(free.at[slot])
         m_new = jnp.maximum(m, lse)
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no split with keys yet: every weight 0
         alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0]) + o * lax.broadcast_in_dim(w, o.shape, [0])
+        acc = acc * _mosaic.bcast_rows(alpha, acc.shape) + o * _mosaic.bcast_rows(w, o.shape)
         return acc, m_new, tot * alpha + w
 
-      acc = jnp.zeros((rows, cols), jnp.float32)
-      if not interpret:
-        acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)
-      m = _rows_layout(jnp.full((rows,), -jnp.inf, jnp.float32), interpret)
-      tot = _rows_layout(jnp.zeros((rows,), jnp.float32), interpret)
+      acc = _mosaic.wgmma_tile(jnp.zeros((rows, cols), jnp.float32), interpret)
+      m = _mosaic.wgmma_rows(jnp.full((rows,), -jnp.inf, jnp.float32), interpret)
+      tot = _mosaic.wgmma_rows(jnp.zeros((rows,), jnp.float32), interpret)
       acc, m, tot = lax.fori_loop(0, num_splits, step, (acc, m, tot))
       live = tot > 0
       tot_safe = jnp.where(live, tot, 1.0)
-      out_smem[...] = (acc / lax.broadcast_in_dim(tot_safe, acc.shape, [0])).astype(dtype)
+      out_smem[...] = (acc / _mosaic.bcast_rows(tot_safe, acc.shape)).astype(dtype)
       lse_out_smem[...] = jnp.where(live, jnp.log(tot_safe) + m, -jnp.inf)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem, out_ref.at[b, pl.ds(rt * rows, rows), pl.ds(ct * cols, cols)])

@@ -150,34 +150,6 @@ def combine(o_parts, lse_parts):
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_layout(x, interpret):
-  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA.reduce(1))
-
-
-def _tile_layout(x, interpret):
-  return x if interpret else plgpu.layout_cast(x, plgpu.Layout.WGMMA)
-
-
-def _load_rows(ref, interpret):
-  """A [64] f32 SMEM vector as one value per accumulator row."""
-  if interpret:
-    return ref[...]
-  return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))  # (ref, ()): 0.10.2 has no ref-only form
-
-
-def _bcast_rows(v, shape):
-  return lax.broadcast_in_dim(v, shape, [0])
-
-
-def _uniform_unit(lens_ref, unit, num_splits):
-  """(request, first page, pages) of `unit` in `mla_schedule.uniform_schedule`, computed in the kernel (the
-  schedule as an array cost its own small XLA kernels per call)."""
-  b, split = lax.div(unit, num_splits), lax.rem(unit, num_splits)
-  per = _mosaic.cdiv(_mosaic.cdiv(lens_ref[b], PAGE_SIZE), num_splits)
-  first = split * per
-  return b, first, jnp.clip(_mosaic.cdiv(lens_ref[b], PAGE_SIZE) - first, 0, per)
-
-
 def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl, scale_log2, steps_in_flight,
                    interpret, cluster, num_splits):
   tile, unit = lax.axis_index("tile"), lax.axis_index("unit")
@@ -191,7 +163,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
     b, first, steps = sched_ref[unit, 0], sched_ref[unit, 1], sched_ref[unit, 2]
   else:
     o_ref, lse_ref = refs
-    b, first, steps = _uniform_unit(lens_ref, unit, num_splits)
+    b, first, steps = mla_schedule.uniform_unit(lens_ref, unit, num_splits, page)
   length = lens_ref[b]
   # Pages whose every key is visible to every row of the tile need no mask: keys <= the smallest
   # position in the tile, lengths[b] - s_q + (first row's query token).
@@ -284,7 +256,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
         m_new = jnp.maximum(m, s.max(axis=1))
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing visible yet: p = 0
         alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s - _bcast_rows(m_use, s.shape))
+        p = jnp.exp2(s - _mosaic.bcast_rows(m_use, s.shape))
         l = l * alpha + p.sum(axis=1)
         p16 = p.astype(dtype)
 
@@ -296,14 +268,14 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
         alpha_smem[...] = alpha
         plgpu.commit_smem()
         plgpu.barrier_arrive(p_ready)
-        o = o * _bcast_rows(alpha, o.shape)
+        o = o * _mosaic.bcast_rows(alpha, o.shape)
         o = pv(o, p16, k_smem.at[slot, :, pl.ds(0, half)])
         plgpu.barrier_arrive(free.at[slot])
         return o, m_new, l
 
-      o = _tile_layout(jnp.zeros((rows, half), jnp.float32), interpret)
-      m = _row_layout(jnp.full((rows,), -jnp.inf, jnp.float32), interpret)
-      l = _row_layout(jnp.zeros((rows,), jnp.float32), interpret)
+      o = _mosaic.wgmma_tile(jnp.zeros((rows, half), jnp.float32), interpret)
+      m = _mosaic.wgmma_rows(jnp.full((rows,), -jnp.inf, jnp.float32), interpret)
+      l = _mosaic.wgmma_rows(jnp.zeros((rows,), jnp.float32), interpret)
       carry = lax.fori_loop(0, unmasked, functools.partial(step, mask=False), (o, m, l))
       o, m, l = lax.fori_loop(unmasked, steps, functools.partial(step, mask=True), carry)
 
@@ -314,7 +286,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       l_smem[...] = l
       plgpu.barrier_arrive(final)
       l_safe = jnp.where(l > 0, l, 1.0)
-      qa_smem[...] = (o / _bcast_rows(l_safe, o.shape)).astype(dtype)  # Q is no longer read
+      qa_smem[...] = (o / _mosaic.bcast_rows(l_safe, o.shape)).astype(dtype)  # Q is no longer read
       lse_smem[...] = jnp.where(l > 0, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qa_smem, o_ref.at[unit, pl.ds(tile * rows, rows), pl.ds(0, half)])
@@ -329,18 +301,18 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
         slot = lax.rem(i, steps_in_flight)
         plgpu.barrier_wait(full.at[slot])
         plgpu.barrier_wait(p_ready)
-        alpha = _load_rows(alpha_smem, interpret)
-        o = o * _bcast_rows(alpha, o.shape)
+        alpha = _mosaic.load_wgmma_rows(alpha_smem, interpret)
+        o = o * _mosaic.bcast_rows(alpha, o.shape)
         o = pv(o, p_smem, k_smem.at[slot, :, pl.ds(half, half)])
         plgpu.barrier_arrive(p_free)
         plgpu.barrier_arrive(free.at[slot])
         return o
 
-      o = lax.fori_loop(0, steps, step, _tile_layout(jnp.zeros((rows, half), jnp.float32), interpret))
+      o = lax.fori_loop(0, steps, step, _mosaic.wgmma_tile(jnp.zeros((rows, half), jnp.float32), interpret))
       plgpu.barrier_wait(final)  # warpgroup 0 is done with Q's SMEM and has written l
-      l = _load_rows(l_smem, interpret)
+      l = _mosaic.load_wgmma_rows(l_smem, interpret)
       l_safe = jnp.where(l > 0, l, 1.0)
-      qb_smem[...] = (o / _bcast_rows(l_safe, o.shape)).astype(dtype)
+      qb_smem[...] = (o / _mosaic.bcast_rows(l_safe, o.shape)).astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qb_smem, o_ref.at[unit, pl.ds(tile * rows, rows), pl.ds(half, half)])
       plgpu.wait_smem_to_gmem(0)

@@ -8,7 +8,7 @@ unit with nothing to do). Two schedules:
   * `uniform_schedule`: every request in the same number of splits S, its pages divided evenly: B x S units in
     request-major order, merged by `mla_combine` over the split axis (nothing to merge at S = 1). Right when
     lengths are about equal; with unequal lengths the longest request's CTAs set the time. The decode kernel
-    computes these units itself from the lengths (`mla_decode._uniform_unit`); this is their array form.
+    computes these units itself from the lengths (`uniform_unit`); this is their array form.
   * `balanced_schedule`: about `num_units` units of about equal pages over the whole batch: a request gets a
     number of units proportional to its pages (at least one), each of an equal share of them. Units of a
     request are merged by `combine_units`: a one-hot contraction over the units (deterministic, no scatter).
@@ -18,6 +18,7 @@ unit with nothing to do). Two schedules:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -26,15 +27,21 @@ def _pages(lengths, page_size: int):
   return (lengths.astype(jnp.int32) + page_size - 1) // page_size
 
 
+def uniform_unit(lengths, unit, num_splits: int, page_size: int):
+  """(request, first page, pages) of `unit` (request b's split s is unit b * num_splits + s) from scalars:
+  the decode kernel runs this on its lengths ref (integer ops Mosaic GPU lowers: no floor division)."""
+  b, split = lax.div(unit, num_splits), lax.rem(unit, num_splits)
+  pages = lax.div(lengths[b] + (page_size - 1), page_size)
+  per = lax.div(pages + (num_splits - 1), num_splits)
+  first = split * per
+  return b, first, jnp.clip(pages - first, 0, per)
+
+
 def uniform_schedule(lengths, num_splits: int, page_size: int):
-  """[B * num_splits, 3] units (request b, split s at row b * num_splits + s) and their requests [B * S]."""
-  n = _pages(lengths, page_size)  # [B]
-  per = (n + num_splits - 1) // num_splits
-  s = jnp.arange(num_splits, dtype=jnp.int32)
-  first = s[None, :] * per[:, None]  # [B, S]
-  steps = jnp.clip(n[:, None] - first, 0, per[:, None])
-  req = jnp.broadcast_to(jnp.arange(n.shape[0], dtype=jnp.int32)[:, None], first.shape)
-  return jnp.stack([req, first, steps], -1).reshape(-1, 3), req.reshape(-1)
+  """[B * num_splits, 3] units (`uniform_unit` of every unit, in order) and their requests [B * S]."""
+  units = jnp.arange(lengths.shape[0] * num_splits, dtype=jnp.int32)
+  req, first, steps = jax.vmap(lambda u: uniform_unit(lengths.astype(jnp.int32), u, num_splits, page_size))(units)
+  return jnp.stack([req, first, steps], -1), req
 
 
 def balanced_schedule(lengths, num_units: int, min_pages: int, page_size: int):

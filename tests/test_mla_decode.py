@@ -94,10 +94,10 @@ def test_schedules_cover_every_page_once(lengths):
 
 @pytest.mark.parametrize("splits", [1, 3, 66])
 def test_in_kernel_uniform_units_match_the_schedule(splits):
-  """The decode kernel's own unit arithmetic (`_uniform_unit`, on scalars) gives `uniform_schedule`'s rows."""
+  """The decode kernel's own unit arithmetic (`uniform_unit`, on scalars) gives `uniform_schedule`'s rows."""
   lens = jnp.asarray([256, 8192, 1, 0, 3000, 64, 65, 32768], jnp.int32)
   want, _ = mla_schedule.uniform_schedule(lens, splits, md.PAGE_SIZE)
-  got = [md._uniform_unit(lens, jnp.int32(u), splits) for u in range(lens.shape[0] * splits)]
+  got = [mla_schedule.uniform_unit(lens, jnp.int32(u), splits, md.PAGE_SIZE) for u in range(lens.shape[0] * splits)]
   np.testing.assert_array_equal(np.asarray([[int(x) for x in row] for row in got]), np.asarray(want))
 
 
