@@ -17,7 +17,9 @@ Per decode point (B requests at context L, each runner on a cache of its own):
 Metrics: `dwdp_dispatch_us_per_program` = (rank host_s - runner host_s) / (extra programs), at the typical
 point, and `dwdp_step_ahead_over_single` (1.0: the per-layer dispatch is hidden behind the device).
 
-Flags: `--host_trace` (default on), and bench_engine's (`--preset`, `--backend`, `--fp8_matmul`, `--decode_batch`, `--decode_context`,
+The rank's programs are compiled as `DwdpConfig.cuda_graphs` says (default: without command buffers, whatever
+`--command_buffers` gives the single program); `--rank_cuda_graphs=both` measures the rank both ways.
+Flags: `--host_trace` (default on), `--rank_cuda_graphs`, and bench_engine's (`--preset`, `--backend`, `--fp8_matmul`, `--decode_batch`, `--decode_context`,
 `--typical`, `--repeats`, `--warmup`, `--command_buffers`, `--device_kind`, `--out`, `--tag`; its prefill and
 profile flags are ignored).
 GPU: python3 experiments/bench_dwdp_dispatch.py --device_kind=nvidia-h100-x1 --backend=pallas \
@@ -50,6 +52,10 @@ from experiments.results_io import write_result
 
 F = be.F
 flags.DEFINE_bool("host_trace", True, "per point and runner: the host trace of a few steps (experiments/host_trace.py)")
+flags.DEFINE_enum("rank_cuda_graphs", "off", ["off", "on", "both"],
+                  "the rank's programs without / with the process's command buffers (`DwdpConfig.cuda_graphs`); "
+                  "both: the rank twice, the second as row key `dwdp_rank_cuda_graphs`")
+RANK_MODES = {"off": (False,), "on": (True,), "both": (False, True)}
 
 
 def time_decode(runner, items, repeats: int, warmup: int) -> dict:
@@ -74,19 +80,23 @@ def measure_point(model, cfg, b: int, ctx: int, seed: int) -> dict:
     reference = np.asarray(single.decode(items), np.float32)  # the same step on the same cache values
     del single
     gc.collect()
-    # the model as rank 0's own weights (a group of one holds every expert): no copy of the experts, which
-    # `DwdpGroup(model, ...)` would gather (33 GB more at r1-layers-4)
-    group = DwdpGroup.from_rank_models([model], Placement.from_config(cfg, 1),
-                                       DwdpConfig(group_size=1, expert_backend=F.backend))
-    rank = DwdpRankRunner(group.ranks[0], b, ctx, buckets=buckets)
-    rank.pages = be.randomized_pages(rank.pages, jax.random.key(seed))
-    row["dwdp_rank"] = dict(time_decode(rank, items, F.repeats, F.warmup),
-                            programs_per_step=group.ranks[0].programs_per_step)
-    # both runners compute the same step (per-layer programs fuse differently: not bit-equal in bf16)
-    logits = np.asarray(rank.decode(items), np.float32)
-    row["logits_rel_diff"] = float(np.abs(logits - reference).max() / np.abs(reference).max())
-    del rank, group
-    gc.collect()
+    for i, cuda_graphs in enumerate(RANK_MODES[F.rank_cuda_graphs]):
+        # the model as rank 0's own weights (a group of one holds every expert): no copy of the experts, which
+        # `DwdpGroup(model, ...)` would gather (33 GB more at r1-layers-4)
+        group = DwdpGroup.from_rank_models([model], Placement.from_config(cfg, 1),
+                                           DwdpConfig(group_size=1, expert_backend=F.backend, cuda_graphs=cuda_graphs))
+        rank = DwdpRankRunner(group.ranks[0], b, ctx, buckets=buckets)
+        rank.pages = be.randomized_pages(rank.pages, jax.random.key(seed))
+        name = "dwdp_rank" if i == 0 else "dwdp_rank_cuda_graphs"
+        row[name] = dict(time_decode(rank, items, F.repeats, F.warmup),
+                         programs_per_step=group.ranks[0].programs_per_step, cuda_graphs=cuda_graphs)
+        if i == 0:  # both runners compute the same step (per-layer programs fuse differently: not bit-equal)
+            logits = np.asarray(rank.decode(items), np.float32)
+            row["logits_rel_diff"] = float(np.abs(logits - reference).max() / np.abs(reference).max())
+        else:
+            row["step_ahead_over_single_cuda_graphs"] = row[name]["step_ahead_s"] / row["single"]["step_ahead_s"]
+        del rank, group
+        gc.collect()
     s, d = row["single"], row["dwdp_rank"]
     row["dispatch_us_per_program"] = (d["host_s"] - s["host_s"]) / (d["programs_per_step"] - 1) * 1e6
     row["step_over_single"] = d["step_s"] / s["step_s"]
@@ -124,6 +134,7 @@ def main(argv):
                f"layers ({cfg.first_k_dense_replace} dense first)")
     config = dict(preset=F.preset, backend=F.backend, fp8_matmul=F.fp8_matmul, repeats=F.repeats,
                   warmup=F.warmup, seed=F.seed, command_buffers=F.command_buffers, xla_flags=xla_flags_used,
+                  rank_cuda_graphs=F.rank_cuda_graphs,
                   dwdp="group of one (every expert local, no fetch), prefetch depth 1",
                   device=jax.devices()[0].device_kind)
     rows = []
@@ -137,6 +148,11 @@ def main(argv):
                        f"{s['step_s'] * 1e3:.2f} -> {d['step_s'] * 1e3:.2f} ms; step ahead "
                        f"{s['step_ahead_s'] * 1e3:.2f} -> {d['step_ahead_s'] * 1e3:.2f} ms "
                        f"(x{row['step_ahead_over_single']:.2f}); logits differ by {row['logits_rel_diff']:.1e}")
+            if "dwdp_rank_cuda_graphs" in row:
+                be.log(t0, f"  the rank with command buffers: step ahead "
+                           f"{row['dwdp_rank_cuda_graphs']['step_ahead_s'] * 1e3:.2f} ms "
+                           f"(x{row['step_ahead_over_single_cuda_graphs']:.2f}), host "
+                           f"{row['dwdp_rank_cuda_graphs']['host_s'] * 1e3:.2f} ms")
             for name in ("single", "dwdp_rank"):
                 for fn in (row[name]["host_profile"] or {}).get("top", [])[:4]:
                     be.log(t0, f"  host profile {name}: {fn}")

@@ -13,7 +13,8 @@
 #            B=128 at 16K; sweep_b B=256 at 16K and B=128 at 1K (a cache per point; ~100 s a point)   ~8 min each
 #   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
 #   dispatch bench_dwdp_dispatch: decode B=1 and 64 at 4K through the single-program runner and through a DWDP
-#            rank (group of one: per-layer programs, no fetch): the host's cost per program      ~7 min
+#            rank (group of one: per-layer programs, no fetch), the rank without and with command buffers
+#            (`--rank_cuda_graphs=both`; without is the default since session 14)                 ~8 min
 #            (session 11: the B=1 point alone took 200 s; its JSON is now written after every point)
 #   dispatch_cboff  the B=1 point again with XLA command buffers off                              ~4 min
 #   dispatch_trace  the B=1 point with command buffers on, then off, each with its host trace (JAX/XLA host
@@ -96,8 +97,11 @@ case "$PART" in
       --fusion='loop_add_fusion.*' --fusion='input_concatenate_fusion.*' --fusion='input_multiply_reduce_fusion.*'
     ;;
   dispatch)
+    # the single program with the engine's command buffers against the rank's programs without them (the
+    # default since session 14, DwdpConfig.cuda_graphs) and with them, at B=1 and 64
     step engine dispatch 540 python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" --backend=pallas \
-      --fp8_matmul=pallas --decode_batch=1,64 --decode_context=4096 --typical=1x4096 --out="$OUTDIR"
+      --fp8_matmul=pallas --decode_batch=1,64 --decode_context=4096 --typical=1x4096 --rank_cuda_graphs=both \
+      --host_profile=false --host_trace=false --out="$OUTDIR" --tag=dwdp-dispatch-rank-graphs
     ;;
   dispatch_cboff)
     # the same B=1 point with XLA command buffers off: is a program's host cost its CUDA graph's update/launch?

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from dwdp_jax import xla_flags
@@ -42,3 +43,12 @@ def test_configure_after_jax_started_changes_nothing(monkeypatch, caplog):
   assert "not applied" in caplog.text
   with pytest.raises(ValueError, match="command_buffers"):
     xla_flags.configure("graphs")
+
+
+def test_no_command_buffers_is_a_compile_option_this_xla_knows():
+  """A DWDP rank compiles its programs with these options (`DwdpConfig.cuda_graphs=False`): a name XLA renamed or
+  dropped fails here ("No such compile option"), not first on a GPU."""
+  f = jax.jit(lambda x: x * 2 + 1, compiler_options=xla_flags.NO_COMMAND_BUFFERS)
+  assert float(f(jnp.float32(3.0))) == 7.0
+  with pytest.raises(Exception, match="No such compile option"):
+    jax.jit(lambda x: x, compiler_options={"xla_gpu_enable_command_buffers_typo": ""})(jnp.float32(1.0))

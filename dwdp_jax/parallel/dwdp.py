@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dwdp_jax import host_inputs
+from dwdp_jax import host_inputs, xla_flags
 from dwdp_jax.config import ModelConfig
 from dwdp_jax.experts import ExpertWeights
 from dwdp_jax.model import Block, DeepseekV3, with_absorbed_kv_b
@@ -62,6 +62,10 @@ class DwdpConfig:
     stats_decay: per-step decay of the router statistics the planner reads.
     gemm_sms: Pallas expert GEMMs: persistent CTAs (None: one per SM). With the `pallas_async` fetch, the SM count
       minus the fetch kernel's CTAs, so that neither kernel waits for the other's SMs.
+    cuda_graphs: compile the rank's programs with the process's XLA command buffers (CUDA graphs); False (the
+      default) launches their kernels one by one. A rank runs one program per MoE layer, and with the engine's
+      command buffers each costs more host time than it saves (H100, B=1 at 4K: a step dispatched ahead 3.16 ms
+      without, 4.23 ms with; WORKSPACE Finding 28).
     """
 
     group_size: int
@@ -73,6 +77,7 @@ class DwdpConfig:
     merge_copy: bool = False
     stats_decay: float = 0.9
     gemm_sms: int | None = None
+    cuda_graphs: bool = False
 
     def __post_init__(self):
         if self.group_size < 1:
@@ -150,7 +155,8 @@ class DwdpRank:
         self._head_leaves, head_def = jax.tree.flatten(self.head_state)
         head_graph = self.head_graph  # closed over instead of self: no rank <-> program cycle
         head_of = lambda leaves: jax.tree.unflatten(head_def, leaves)
-        self._logits = jax.jit(lambda leaves, hidden, last_at, last_only: head_logits(
+        jit = functools.partial(jax.jit, compiler_options=None if dwdp.cuda_graphs else xla_flags.NO_COMMAND_BUFFERS)
+        self._logits = jit(lambda leaves, hidden, last_at, last_only: head_logits(
             head_graph, head_of(leaves), hidden, last_at, last_only), static_argnames=("last_only",))
         # decode reads kv_b dequantized once (not per step) where the checkpoint's kv_b is FP8
         dtype = head.embed_tokens[...].dtype
@@ -163,7 +169,7 @@ class DwdpRank:
             moe = cfg.is_moe_layer(i)
             head_here = (head_graph, head_of) if i == cfg.num_layers - 1 else None
             self._programs.append(layer_programs(graph, state_def, dwdp.expert_backend, dwdp.merge_copy and moe,
-                                                  dwdp.gemm_sms, head=head_here))
+                                                  dwdp.gemm_sms, head=head_here, jit=jit))
         # the embedding and the dense layers before the first MoE layer run as one program (the "prologue"):
         # each program a step dispatches costs host time (bench_dwdp_dispatch.py), and no fetch lies among them
         self.prologue_layers = list(itertools.takewhile(lambda i: not cfg.is_moe_layer(i), range(cfg.num_layers)))
@@ -179,8 +185,8 @@ class DwdpRank:
                                          meta, absorbed, dwdp.expert_backend)
             return x, out_pages, (positions, meta, last_at)
 
-        self._prologue = {absorbed: jax.jit(functools.partial(prologue, absorbed=absorbed), donate_argnums=4,
-                                            static_argnames=("layout",))
+        self._prologue = {absorbed: jit(functools.partial(prologue, absorbed=absorbed), donate_argnums=4,
+                                        static_argnames=("layout",))
                           for absorbed in (False, True)}
         # the LM head runs in the last layer's program when that layer is a MoE layer of one program
         last = cfg.num_layers - 1

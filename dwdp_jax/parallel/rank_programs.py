@@ -77,13 +77,14 @@ def expert_step(graphdef, state, buffers, slots, x, ids, weights, backend, merge
 
 
 def layer_programs(graphdef, state_def, backend: str, merge_copy: bool, gemm_sms: int | None = None,
-                    head=None) -> dict:
+                    head=None, jit=jax.jit) -> dict:
     """Jitted programs of one layer with its graph and static options closed over: a call passes the state's
     leaves and hashes only arrays (a static GraphDef argument is hashed on every call, ~0.1 ms a layer).
     Keys: ("layer", absorbed), ("route", absorbed), "expert"; with head = (head graph, leaves -> head state),
     also ("layer_head", absorbed): the layer and the LM head in one program (the last layer's: one program less
     a step), which also stacks the step's router histograms (the earlier MoE layers' [E] arrays and its own) into
-    one [MoE layers, E] array: one device-to-host copy a step instead of one a layer. The layer's pages (argument 5) are donated."""
+    one [MoE layers, E] array: one device-to-host copy a step instead of one a layer. The layer's pages (argument 5) are donated.
+    jit: `jax.jit` or a partial of it with the rank's compile options."""
     state = lambda leaves: jax.tree.unflatten(state_def, leaves)
 
     # named functions, not lambdas: a program's name (`jit_layer`, `PjitFunction(layer)`) shows in traces
@@ -104,13 +105,13 @@ def layer_programs(graphdef, state_def, backend: str, merge_copy: bool, gemm_sms
     def expert(leaves, buffers, slots, x, ids, weights):
         return expert_step(graphdef, state(leaves), buffers, slots, x, ids, weights, backend, merge_copy, gemm_sms)
 
-    programs = {"expert": jax.jit(expert)}
+    programs = {"expert": jit(expert)}
     for absorbed in (False, True):
-        programs["layer", absorbed] = jax.jit(functools.partial(layer, absorbed=absorbed), donate_argnums=5)
+        programs["layer", absorbed] = jit(functools.partial(layer, absorbed=absorbed), donate_argnums=5)
         if head is not None:
-            programs["layer_head", absorbed] = jax.jit(functools.partial(layer_head, absorbed=absorbed),
-                                                       donate_argnums=5, static_argnames=("last_only",))
-        programs["route", absorbed] = jax.jit(functools.partial(route, absorbed=absorbed), donate_argnums=3)
+            programs["layer_head", absorbed] = jit(functools.partial(layer_head, absorbed=absorbed),
+                                                   donate_argnums=5, static_argnames=("last_only",))
+        programs["route", absorbed] = jit(functools.partial(route, absorbed=absorbed), donate_argnums=3)
     return programs
 
 
