@@ -16,6 +16,13 @@ ring of `STAGES` SMEM slots (TMA); the compute warpgroup keeps the f32 sum, runn
 in registers (one value per row, broadcast along the columns: wgmma's register layout, no matmul) and writes
 the bf16 tile, and the column tile 0 CTA the rows' log-sum-exp. At B=1 with R1's 128 heads and 512 latent
 columns that is 2 x 16 CTAs, each with up to STAGES x 4 KB of partials in flight.
+
+What bounds it is the bytes in flight, not the HBM rate (H100, session 14): with 16 slots the merge of 66
+splits took 10.2 us (0.85 TB/s), of 16 splits 3.8 us, i.e. ~0.13 us a split beyond 16: each refill of the ring
+waits one memory latency, and 32 CTAs x 64 KB in flight at ~1.5 us a round trip is ~1.4 TB/s at best. So the
+ring is as deep as Mosaic GPU allows (`STAGES`: 32 slots, its most barriers in one group; 128 KB a CTA): up to
+32 splits load at once, and R1's 66 (B=1) take three rounds instead of five (prediction, not yet measured:
+~6 us).
 """
 
 from __future__ import annotations
@@ -32,7 +39,17 @@ from pallas_kernels import _compat, _mosaic
 
 ROWS = 64  # rows per CTA: the wgmma register layout's M (one value per row broadcast over the columns)
 COLUMNS = 32  # columns per CTA: enough CTAs at B=1 (2 x 16 for R1) for the partials' bytes to stream
-STAGES = 16  # partial tiles in flight per CTA (16 x 4 KB + their log-sum-exps)
+STAGES = 32  # partial tiles in flight per CTA (32 x 4 KB + their log-sum-exps: `smem_bytes`); a barrier a slot,
+# and Mosaic GPU allocates at most 32 barriers in one group
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
+
+
+def smem_bytes(stages: int, itemsize: int = 2) -> int:
+  """SMEM of one CTA as Mosaic GPU lays it out (every allocation 1 KB-aligned), barriers aside: the ring of
+  partial tiles and of their log-sum-exps, the output tile and its log-sum-exps."""
+  align = lambda n: -(-n // 1024) * 1024
+  return (align(stages * ROWS * COLUMNS * itemsize) + align(stages * ROWS * 4) + align(ROWS * COLUMNS * itemsize)
+          + align(ROWS * 4))
 
 
 def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages, interpret):

@@ -51,9 +51,11 @@ def test_r1_b1_32k_shape():
 
 
 def test_lowers_for_cuda_at_r1_shape():
-  """The kernel's lowering for CUDA (Mosaic GPU's, which runs on this machine too) at B=1's 66 splits."""
+  """The kernel's lowering for CUDA (Mosaic GPU's, which runs on this machine too) at B=1's 66 splits: more
+  splits than ring slots, so the deepest ring and its refills."""
   from jax import export
 
+  assert 66 > mc.STAGES
   args = (jax.ShapeDtypeStruct((66, 128, 512), jnp.bfloat16), jax.ShapeDtypeStruct((66, 128), jnp.float32))
   fn = jax.jit(lambda o, l: mc.combine_splits(o, l, num_splits=66))
   assert "mosaic_gpu" in export.export(fn, platforms=["cuda"])(*args).mlir_module()
@@ -76,3 +78,10 @@ def test_decode_merges_its_splits_with_the_kernel():
 
   check_decode(3, 1, 1, 16, 32, 16, [300], 5, md.DecodeConfig(num_splits=3, min_pages_per_split=1,
                                                               combine="kernel"))
+
+
+
+def test_the_deepest_ring_fits_a_ctas_shared_memory():
+  """STAGES slots of partial tiles and log-sum-exps, the output tile and the barriers fit one CTA's SMEM (that
+  the deepest ring lowers, with Mosaic GPU's at most 32 barriers a group: `test_lowers_for_cuda_at_r1_shape`)."""
+  assert mc.smem_bytes(mc.STAGES) + 1024 <= mc.SMEM_BYTES
