@@ -280,6 +280,10 @@ def decode_cases(smoke, quick):
   # Uniform splits merged by XLA's five-kernel combine (the form before `mla_combine`), beside the kernel.
   cases += [dict(c, name=c["name"] + "_xla", combine="xla") for c in cases
             if c["name"] in ("b1_4k", "b8_4k", "b1_32k_cl", "b1_8k_s66_cl", "b1_64k_s66_cl")]
+  # The next page's Q K^T issued before the softmax (DecodeConfig.overlap_qk), beside the same case without it:
+  # the compute-bound per-page rate (B=64 / 128 at 4K, B=1 at 32K; Finding 30).
+  cases += [dict(c, name=c["name"] + "_ov", overlap_qk=True) for c in cases
+            if c["name"] in ("b64_4k_cl", "b128_4k_cl", "b1_32k_cl", "b1_64k_s66_cl", "b64_4k_mtp2_cl")]
   if quick:
     cases = [c for c in cases if c["name"].removesuffix("_cl").removesuffix("_bal")
              in ("b64_4k", "b1_32k", "b1_4k", "b64_mixed")]
@@ -315,12 +319,13 @@ def run_decode(args, peak, hbm, interp):
     bytes_ = cache_bytes + b * s_q * h * (d + dl) * 2
     flops = 2 * h * s_q * sum(lengths) * (d + dl)
     config = md.DecodeConfig(num_splits=case.get("num_splits"), balanced=case.get("balanced", False),
-                           cluster=case.get("cluster", False), combine=case.get("combine", "kernel"))
+                           cluster=case.get("cluster", False), combine=case.get("combine", "kernel"),
+                           overlap_qk=case.get("overlap_qk", False))
     f = jax.jit(functools.partial(md.mla_decode, kv_lora_rank=dl, softmax_scale=SCALE, config=config,
                                   interpret=interp))
     row = dict(part="decode", case=case["name"], batch=b, s_q=s_q, heads=h, context_tokens=sum(lengths),
                bytes=bytes_, flops=flops, schedule="balanced" if config.balanced else "uniform",
-               cluster=config.cluster, combine=config.combine, errors={})
+               cluster=config.cluster, combine=config.combine, overlap_qk=config.overlap_qk, errors={})
     try:
       row["call_s"] = wall(f, q, pages, table, lens, reps=1 if interp else 5)
       out, _ = f(q, pages, table, lens)

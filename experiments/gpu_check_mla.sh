@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # GPU check of the MLA attention kernels and the paged engine path: tests on the GPU backend, then the
 # benchmark; pass/fail table last.
-#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick | --cluster | --combine] [device_kind]
+#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick | --cluster | --combine | --overlap] [device_kind]
 # --cluster: only the decode kernel's clustered variant (DecodeConfig.cluster): its R1-shape tests, then
 # bench_mla's decode cases with and without it, each step under a short timeout (a synchronization mistake
 # would hang, not fail)                                                                              ~4 min
 # --combine: the split-KV merge kernel (`mla_combine`, default for uniform splits since session 13) and the
 # in-kernel uniform schedule: the decode and combine tests, then B=1 / 8 cases merged by the kernel and by
 # XLA's five-kernel combine in the same run                                                           ~3 min
+# --overlap: the decode kernel with the next page's Q K^T in flight during the softmax (DecodeConfig.
+# overlap_qk) and the 32-slot combine ring: the decode and combine tests (R1 shapes with and without it),
+# then B=64 / 128 at 4K, B=1 at 32K / 64K and two MTP queries with and without it, and B=1 at 32K merged by
+# the kernel and by XLA, each step under a timeout (a synchronization mistake would hang)            ~4 min
 # Logs and the results JSON go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,10 +21,24 @@ COMBINE=""
 if [[ "${1:-}" == "--quick" ]]; then QUICK="--quick"; shift; fi
 if [[ "${1:-}" == "--cluster" ]]; then CLUSTER=1; shift; fi
 if [[ "${1:-}" == "--combine" ]]; then COMBINE=1; shift; fi
+OVERLAP=""
+if [[ "${1:-}" == "--overlap" ]]; then OVERLAP=1; shift; fi
 KIND="${1:-nvidia-h200}"
 source experiments/gpu_env.sh
 declare -A STATUS
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit --format=csv,noheader
+
+if [[ -n "$OVERLAP" ]]; then
+  timeout 240 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_combine.py tests/test_mla_decode.py \
+    2>&1 | tee "$OUTDIR/test_mla_overlap.log" | tail -20
+  STATUS[tests]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
+  timeout 240 $PY experiments/bench_mla.py --device_kind "$KIND" --part decode --tag mla-decode-overlap \
+    --cases=b64_4k_cl,b64_4k_cl_ov,b128_4k_cl,b128_4k_cl_ov,b1_32k_cl,b1_32k_cl_ov,b1_32k_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_ov,b64_4k_mtp2_cl,b64_4k_mtp2_cl_ov \
+    2>&1 | tee "$OUTDIR/bench_mla_overlap.log" | grep -v '^\s*$'
+  STATUS[bench_mla]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
+  for k in "${!STATUS[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
+  exit 0
+fi
 
 if [[ -n "$COMBINE" ]]; then
   timeout 200 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_combine.py tests/test_mla_decode.py \

@@ -65,13 +65,16 @@ class DecodeConfig:
   interpreter has no cluster barriers); the clustered one is checked by lowering it for CUDA.
   `combine`: how uniform splits are merged: "kernel" (`mla_combine`: one pass, one launch) or "xla"
   (`combine`, five XLA kernels: the reference, kept for comparison); None: the kernel on a GPU, XLA's in
-  interpret mode (the interpreter runs the kernel slowly; `tests/test_mla_combine.py` checks it there)."""
+  interpret mode (the interpreter runs the kernel slowly; `tests/test_mla_combine.py` checks it there).
+  `overlap_qk`: the softmax warpgroup issues page i + 1's Q K^T before page i's softmax, so the tensor cores
+  work while the CUDA cores do the exponentials (one more [64, 64] f32 accumulator in its registers)."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
   balanced: bool = False
   cluster: bool = False
   combine: str | None = None
+  overlap_qk: bool = False
 
   def __post_init__(self):
     if self.combine not in (None, "kernel", "xla"):
@@ -151,7 +154,7 @@ def combine(o_parts, lse_parts):
 
 
 def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl, scale_log2, steps_in_flight,
-                   interpret, cluster, num_splits):
+                   interpret, cluster, num_splits, overlap_qk):
   tile, unit = lax.axis_index("tile"), lax.axis_index("unit")
   wg = lax.axis_index("wg")
   rows, page, d = BLOCK_ROWS, PAGE_SIZE, q_ref.shape[-1]
@@ -241,43 +244,98 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
         plgpu.wgmma(acc_ref, p, v_ref)
       return pl.run_state(body)(plgpu.ACC.init(o))
 
+    def softmax(s, i, m, l, mask):
+      """The online softmax of page i's scores s [rows, page] (f32, unscaled): (p bf16, alpha, m, l)."""
+      s = s * scale_log2
+      if mask:
+        s = masked_scores(s, i)
+      m_new = jnp.maximum(m, s.max(axis=1))
+      m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing visible yet: p = 0
+      alpha = jnp.exp2(m - m_use)
+      p = jnp.exp2(s - _mosaic.bcast_rows(m_use, s.shape))
+      return p.astype(dtype), alpha, m_new, l * alpha + p.sum(axis=1)
+
+    def hand_over(i, p16, alpha):
+      """P and the rescale factors of page i into SMEM for the partner warpgroup."""
+      @pl.when(i > 0)
+      def _():
+        plgpu.barrier_wait(p_free)  # the partner has finished reading the last P
+
+      p_smem[...] = p16
+      alpha_smem[...] = alpha
+      plgpu.commit_smem()
+      plgpu.barrier_arrive(p_ready)
+
+    def step(i, carry, mask):
+      """Page i: S, softmax, P to the partner, O[:, :half] += P V (S waited for before the softmax)."""
+      o, m, l = carry
+      slot = lax.rem(i, steps_in_flight)
+      plgpu.barrier_wait(full.at[slot])
+      p16, alpha, m, l = softmax(scores(slot), i, m, l, mask)
+      hand_over(i, p16, alpha)
+      o = pv(o * _mosaic.bcast_rows(alpha, o.shape), p16, k_smem.at[slot, :, pl.ds(0, half)])
+      plgpu.barrier_arrive(free.at[slot])
+      return o, m, l
+
+    def next_scores(i):
+      """S of page i + 1 (zeros past the last page). On the GPU its wgmma is issued here and runs on the
+      tensor cores while page i's softmax runs on the CUDA cores (FlashAttention-3's intra-warpgroup overlap);
+      `overlapped_step` reads it after page i's P V. Interpret mode computes it at once."""
+      nxt = i + 1
+      slot = lax.rem(nxt, steps_in_flight)
+
+      @pl.when(nxt < steps)
+      def _():
+        plgpu.barrier_wait(full.at[slot])
+
+      if interpret:
+        return lax.cond(nxt < steps, lambda: scores(slot), lambda: jnp.zeros((rows, page), jnp.float32))
+      return slot
+
+    def overlapped_step(i, carry, mask):
+      """Page i with page i + 1's S = Q K^T in flight during the softmax: carry (o, m, l, S of page i)."""
+      o, m, l, s = carry
+      slot = lax.rem(i, steps_in_flight)
+      if interpret:
+        s_next = next_scores(i)
+        p16, alpha, m, l = softmax(s, i, m, l, mask)
+        hand_over(i, p16, alpha)
+        o = pv(o * _mosaic.bcast_rows(alpha, o.shape), p16, k_smem.at[slot, :, pl.ds(0, half)])
+      else:
+        def body(acc_ref):
+          next_slot = next_scores(i)
+
+          @pl.when(i + 1 < steps)
+          def _():
+            for q, k in ((smem, k_smem.at[next_slot, :, pl.ds(col, width)]) for smem, col, width in q_parts):
+              plgpu.wgmma(acc_ref, q, _compat.transpose_ref(k, (1, 0)))
+
+          p16, alpha, m_new, l_new = softmax(s, i, m, l, mask)
+          hand_over(i, p16, alpha)
+          o_new = pv(o * _mosaic.bcast_rows(alpha, o.shape), p16, k_smem.at[slot, :, pl.ds(0, half)])
+          return o_new, m_new, l_new, acc_ref[...]  # pv waited for every wgmma: S of page i + 1 is ready
+        o, m, l, s_next = pl.run_scoped(body, plgpu.ACC((rows, page), jnp.float32))
+      plgpu.barrier_arrive(free.at[slot])
+      return o, m, l, s_next
+
     @pl.when(wg == 0)
     def _softmax_wg():
       plgpu.set_max_registers(232, action="increase")
       plgpu.barrier_wait(q_bar)
-
-      def step(i, carry, mask):
-        o, m, l = carry
-        slot = lax.rem(i, steps_in_flight)
-        plgpu.barrier_wait(full.at[slot])
-        s = scores(slot) * scale_log2
-        if mask:
-          s = masked_scores(s, i)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # a row with nothing visible yet: p = 0
-        alpha = jnp.exp2(m - m_use)
-        p = jnp.exp2(s - _mosaic.bcast_rows(m_use, s.shape))
-        l = l * alpha + p.sum(axis=1)
-        p16 = p.astype(dtype)
-
-        @pl.when(i > 0)
-        def _():
-          plgpu.barrier_wait(p_free)  # the partner has finished reading the last P
-
-        p_smem[...] = p16
-        alpha_smem[...] = alpha
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(p_ready)
-        o = o * _mosaic.bcast_rows(alpha, o.shape)
-        o = pv(o, p16, k_smem.at[slot, :, pl.ds(0, half)])
-        plgpu.barrier_arrive(free.at[slot])
-        return o, m_new, l
-
       o = _mosaic.wgmma_tile(jnp.zeros((rows, half), jnp.float32), interpret)
       m = _mosaic.wgmma_rows(jnp.full((rows,), -jnp.inf, jnp.float32), interpret)
       l = _mosaic.wgmma_rows(jnp.zeros((rows,), jnp.float32), interpret)
-      carry = lax.fori_loop(0, unmasked, functools.partial(step, mask=False), (o, m, l))
-      o, m, l = lax.fori_loop(unmasked, steps, functools.partial(step, mask=True), carry)
+      if overlap_qk:
+        @pl.when(steps > 0)
+        def _():
+          plgpu.barrier_wait(full.at[0])
+
+        s0 = scores(0)  # page 0's S (unread SMEM when steps == 0: never used then)
+        carry = lax.fori_loop(0, unmasked, functools.partial(overlapped_step, mask=False), (o, m, l, s0))
+        o, m, l, _ = lax.fori_loop(unmasked, steps, functools.partial(overlapped_step, mask=True), carry)
+      else:
+        carry = lax.fori_loop(0, unmasked, functools.partial(step, mask=False), (o, m, l))
+        o, m, l = lax.fori_loop(unmasked, steps, functools.partial(step, mask=True), carry)
 
       @pl.when(steps > 0)
       def _():
@@ -428,7 +486,7 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
                      f"{MAX_CLUSTER * BLOCK_ROWS}), got {tiles}")
   body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _LOG2E,
                            steps_in_flight=cfg.max_concurrent_steps, interpret=interpret, cluster=cluster,
-                           num_splits=splits)
+                           num_splits=splits, overlap_qk=cfg.overlap_qk)
   # Unclustered, the grid is (row tiles, units) with row tiles fastest: the CTAs reading the same pages are
   # launched together. Clustered, a unit's row tiles are one cluster.
   grid = dict(grid=(units,), grid_names=("unit",), cluster=(tiles,), cluster_names=("tile",)) if cluster else \

@@ -202,3 +202,28 @@ def test_bad_inputs_are_named():
     md.mla_decode(q.astype(jnp.float32), pages, table, lens, **kw)
   with pytest.raises(ValueError, match="kv_lora_rank"):
     md.mla_decode(q, pages, table, lens, kv_lora_rank=48, softmax_scale=1.0, interpret=True)
+
+
+def test_overlapped_qk_unequal_lengths_mtp_idle_row():
+  # `overlap_qk`: page i + 1's S carried into page i's step. One interpret-mode call: a request of four pages
+  # (unmasked pages, then its masked last one), a one-page request (masked only), an idle row (no page: the
+  # carried S is never used), two new tokens a request.
+  check(3, 3, 2, 8, 32, 16, [200, 2, 0], 4, md.DecodeConfig(num_splits=1, overlap_qk=True))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="R1 shapes: GPU only")
+@pytest.mark.parametrize("s_q,cluster", [(1, False), (1, True), (2, True)], ids=["sq1", "sq1-cluster", "sq2-cluster"])
+def test_r1_shapes_overlapped_qk(s_q, cluster):
+  rng = np.random.default_rng(10 + s_q)
+  lengths = rng.integers(s_q, 3000, 6).tolist() + [0, 4096]
+  check(4, 8, s_q, 128, 512, 64, lengths, 64, md.DecodeConfig(cluster=cluster, overlap_qk=True), scale=192 ** -0.5)
+
+
+@pytest.mark.usefixtures("h100_sms")
+def test_overlapped_qk_lowers_for_cuda():
+  """The asynchronous wgmma of the next page's S (GPU only: interpret mode computes it at once) lowers for CUDA,
+  clustered or not, and gives another kernel than the plain one."""
+  plain = _lowered_for_cuda(md.DecodeConfig(num_splits=2))
+  overlapped = _lowered_for_cuda(md.DecodeConfig(num_splits=2, overlap_qk=True))
+  assert "mosaic_gpu" in overlapped and overlapped != plain
+  assert "mosaic_gpu" in _lowered_for_cuda(md.DecodeConfig(num_splits=2, cluster=True, overlap_qk=True))
