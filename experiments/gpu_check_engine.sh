@@ -16,6 +16,8 @@
 #            rank (group of one: per-layer programs, no fetch), the rank without and with command buffers
 #            (`--rank_cuda_graphs=both`; without is the default since session 14)                 ~8 min
 #            (session 11: the B=1 point alone took 200 s; its JSON is now written after every point)
+#   decode_memory  the decode step at B=256 / 128 and 16K compiled, not run: XLA's memory analysis and its
+#            largest buffers by HLO value (experiments/diag/decode_memory.py)                       ~3 min
 #   dispatch_cboff  the B=1 point again with XLA command buffers off                              ~4 min
 #   dispatch_trace  the B=1 point with command buffers on, then off, each with its host trace (JAX/XLA host
 #            events per program, kernels per program: experiments/host_trace.py), no cProfile       ~8 min
@@ -35,7 +37,7 @@
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, sweep_a, sweep_b, dispatch, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep_a, sweep_b, dispatch, decode_memory, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
 KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -102,6 +104,15 @@ case "$PART" in
     step engine dispatch 540 python3 experiments/bench_dwdp_dispatch.py --device_kind="$KIND" --backend=pallas \
       --fp8_matmul=pallas --decode_batch=1,64 --decode_context=4096 --typical=1x4096 --rank_cuda_graphs=both \
       --host_profile=false --host_trace=false --out="$OUTDIR" --tag=dwdp-dispatch-rank-graphs
+    ;;
+  decode_memory)
+    # B=256 at 16K ran out of memory allocating 4.5 GiB (one layer's pages) in the step program (session 14):
+    # which buffer that is, from the compiled step's buffer assignment (compiled, not run), at B=256 and 128
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    for b in 256 128; do
+      step engine "decode_memory_b$b" 150 python3 experiments/diag/decode_memory.py --device_kind="$KIND" \
+        --preset=r1-layers-4 --batch=$b --context=16384 --out="$OUTDIR" --tag="decode-memory-b$b-16k"
+    done
     ;;
   dispatch_cboff)
     # the same B=1 point with XLA command buffers off: is a program's host cost its CUDA graph's update/launch?
