@@ -15,54 +15,42 @@
 # Logs and the results JSON go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-QUICK=""
-CLUSTER=""
-COMBINE=""
-if [[ "${1:-}" == "--quick" ]]; then QUICK="--quick"; shift; fi
-if [[ "${1:-}" == "--cluster" ]]; then CLUSTER=1; shift; fi
-if [[ "${1:-}" == "--combine" ]]; then COMBINE=1; shift; fi
-OVERLAP=""
-if [[ "${1:-}" == "--overlap" ]]; then OVERLAP=1; shift; fi
+MODE=""
+case "${1:-}" in
+  --quick|--cluster|--combine|--overlap) MODE="${1#--}"; shift ;;
+esac
 KIND="${1:-nvidia-h200}"
 source experiments/gpu_env.sh
 declare -A STATUS
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,power.limit --format=csv,noheader
 
-if [[ -n "$OVERLAP" ]]; then
-  timeout 240 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_combine.py tests/test_mla_decode.py \
-    2>&1 | tee "$OUTDIR/test_mla_overlap.log" | tail -20
+# focused NAME TEST_TIMEOUT BENCH_TIMEOUT CASES PYTEST_ARGS...: the tests, then bench_mla's decode CASES, each
+# under its timeout (a synchronization mistake hangs rather than fails), a pass/fail table, and exit
+focused() {
+  local name=$1 test_timeout=$2 bench_timeout=$3 cases=$4
+  shift 4
+  timeout "$test_timeout" $PY -m pytest -q -p no:cacheprovider --tb=short "$@" 2>&1 \
+    | tee "$OUTDIR/test_mla_$name.log" | tail -20
   STATUS[tests]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
-  timeout 240 $PY experiments/bench_mla.py --device_kind "$KIND" --part decode --tag mla-decode-overlap \
-    --cases=b64_4k_cl,b64_4k_cl_ov,b128_4k_cl,b128_4k_cl_ov,b1_32k_cl,b1_32k_cl_ov,b1_32k_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_ov,b64_4k_mtp2_cl,b64_4k_mtp2_cl_ov \
-    2>&1 | tee "$OUTDIR/bench_mla_overlap.log" | grep -v '^\s*$'
+  timeout "$bench_timeout" $PY experiments/bench_mla.py --device_kind "$KIND" --part decode --tag "mla-decode-$name" \
+    --cases="$cases" 2>&1 | tee "$OUTDIR/bench_mla_$name.log" | grep -v '^\s*$'
   STATUS[bench_mla]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
   for k in "${!STATUS[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
   exit 0
-fi
+}
 
-if [[ -n "$COMBINE" ]]; then
-  timeout 200 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_combine.py tests/test_mla_decode.py \
-    2>&1 | tee "$OUTDIR/test_mla_combine.log" | tail -20
-  STATUS[tests]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
-  timeout 200 $PY experiments/bench_mla.py --device_kind "$KIND" --part decode --tag mla-decode-combine \
-    --cases=b1_32k_cl,b1_32k_cl_xla,b1_8k_s66_cl,b1_8k_s66_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_xla,b1_4k,b1_4k_xla,b8_4k,b8_4k_xla,b64_4k_cl \
-    2>&1 | tee "$OUTDIR/bench_mla_combine.log" | grep -v '^\s*$'
-  STATUS[bench_mla]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
-  for k in "${!STATUS[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
-  exit 0
-fi
-
-if [[ -n "$CLUSTER" ]]; then
-  timeout 150 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_decode.py -k "r1_shapes and cluster" \
-    2>&1 | tee "$OUTDIR/test_mla_cluster.log" | tail -20
-  STATUS[tests]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
-  timeout 200 $PY experiments/bench_mla.py --device_kind "$KIND" --part decode --tag mla-decode-cluster \
-    --cases=b64_4k,b64_4k_cl,b128_4k,b128_4k_cl,b1_32k,b1_32k_cl,b256_1k,b256_1k_cl,b64_4k_mtp2,b64_4k_mtp2_cl \
-    2>&1 | tee "$OUTDIR/bench_mla_cluster.log" | grep -v '^\s*$'
-  STATUS[bench_mla]=$([[ ${PIPESTATUS[0]} == 0 ]] && echo pass || echo "FAIL/TIMEOUT")
-  for k in "${!STATUS[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
-  exit 0
-fi
+case "$MODE" in
+  overlap) focused overlap 240 240 \
+    b64_4k_cl,b64_4k_cl_ov,b128_4k_cl,b128_4k_cl_ov,b1_32k_cl,b1_32k_cl_ov,b1_32k_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_ov,b64_4k_mtp2_cl,b64_4k_mtp2_cl_ov \
+    tests/test_mla_combine.py tests/test_mla_decode.py ;;
+  combine) focused combine 200 200 \
+    b1_32k_cl,b1_32k_cl_xla,b1_8k_s66_cl,b1_8k_s66_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_xla,b1_4k,b1_4k_xla,b8_4k,b8_4k_xla,b64_4k_cl \
+    tests/test_mla_combine.py tests/test_mla_decode.py ;;
+  cluster) focused cluster 150 200 \
+    b64_4k,b64_4k_cl,b128_4k,b128_4k_cl,b1_32k,b1_32k_cl,b256_1k,b256_1k_cl,b64_4k_mtp2,b64_4k_mtp2_cl \
+    tests/test_mla_decode.py -k "r1_shapes and cluster" ;;
+esac
+QUICK=$([[ "$MODE" == quick ]] && echo --quick || true)
 
 timeout 300 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_mla_decode.py tests/test_mla_prefill.py \
   tests/test_paged_attention.py 2>&1 | tee "$OUTDIR/test_mla.log" | tail -40

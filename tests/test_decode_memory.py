@@ -1,9 +1,7 @@
-"""experiments/diag/decode_memory.py: the largest buffers of an XLA buffer assignment, by HLO value."""
+"""experiments/diag/buffer_assignment.py (read by decode_memory.py): the largest buffers of an XLA buffer
+assignment, by HLO value."""
 
-import importlib.util
-import os
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments.diag.buffer_assignment import large_buffers
 
 ASSIGNMENT = """BufferAssignment:
 allocation 0: size 4831838208, parameter 3, shape |bf16[65537,64,576]| at ShapeIndex {}, maybe-live-out:
@@ -17,16 +15,7 @@ allocation 2: size 5000000000, preallocated-temp:
 """
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("decode_memory", os.path.join(ROOT, "experiments", "diag",
-                                                                                 "decode_memory.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_large_buffers_by_value_and_allocation_kind():
-    large_buffers = _module().large_buffers  # loaded once: the script defines absl flags
     rows = large_buffers(ASSIGNMENT, 2**30)
     assert [(r["value"], r["allocation_kind"]) for r in rows] == [
         ("pages_2_.1", "parameter 3"), ("scatter.7", "output"), ("gather_fusion.3", "preallocated-temp")]
