@@ -41,10 +41,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from dwdp_jax import xla_flags  # noqa: E402
 from dwdp_jax.experts import ExpertWeights, pallas_sorted_ffn  # noqa: E402
 from experiments.results_io import write_result  # noqa: E402
 from experiments.timing import median_wall_s  # noqa: E402
-from experiments.stream_timeline import profiled  # noqa: E402
+from experiments.stream_timeline import profiled, schedule_order  # noqa: E402
 
 flags.DEFINE_list("parts", ["overlap", "xla_stream", "subset"], "what to measure")
 flags.DEFINE_integer("tokens", 8192, "tokens per MoE layer (x top-8 rows)")
@@ -353,18 +354,23 @@ def part_xla_stream(dev, sms: int, trace_root: str):
 
     args = (x, local, src, src.w_gate_up, src.w_down, hdr, layer.sizes, layer.where)
     info, compiled = {}, {}
-    for name, stream in (("serial", False), ("stream", True)):
+    annotation = {"xla_gpu_experimental_stream_annotation": True}
+    # stream_nocb: without command buffers, which XLA's default puts custom calls (so the annotated call) into:
+    # an async start's nested thunks are inlined into the graph, serially (Finding 32)
+    for name, stream, options in (("serial", False, annotation), ("stream", True, annotation),
+                                  ("stream_nocb", True, {**annotation, **xla_flags.NO_COMMAND_BUFFERS})):
         try:
             lowered = jax.jit(program(stream)).lower(*args)
             try:
-                compiled[name] = lowered.compile({"xla_gpu_experimental_stream_annotation": True})
-                info[f"{name}_compile_option"] = "xla_gpu_experimental_stream_annotation=True"
+                compiled[name] = lowered.compile(options)
+                info[f"{name}_compile_options"] = options
             except Exception as exc:  # an unknown option in this XLA: compile with its defaults
                 info[f"{name}_compile_option_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 compiled[name] = lowered.compile()
             text = compiled[name].as_text()
             info[f"{name}_async_call"] = "call-start" in text
             info[f"{name}_stream_annotation_in_hlo"] = "_xla_stream_annotation" in text
+            info[f"{name}_schedule"] = schedule_order(text)
         except Exception as exc:
             info[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
             print(f"[xla_stream] {name} program failed: {info[f'{name}_error']}", flush=True)
@@ -397,6 +403,8 @@ def part_xla_stream(dev, sms: int, trace_root: str):
             row[f"{name}_exact"] = bool(jnp.array_equal(chain(fn)(), layer(x, local, src)))
         except Exception as exc:
             row[f"{name}_run_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+    if row.get("stream_nocb_exact") and "serial_ms" in row:
+        row["hidden_frac_nocb"] = (row["serial_ms"] - row["stream_nocb_ms"]) / min(t_compute, t_fetch)
     works = "stream_ms" in row and row.get("stream_exact", False)
     metrics = dict(xla_stream_compiles=info.get("stream_async_call") is not None,
                    xla_stream_async_call=info.get("stream_async_call", False), xla_stream_exact=works)
@@ -408,8 +416,16 @@ def part_xla_stream(dev, sms: int, trace_root: str):
             row["timeline"] = profiled(chain(compiled["stream"]), os.path.join(trace_root, "xla_stream"),
                                        lambda n: DMA_KERNEL in n)
             metrics["timeline_overlap_frac_xla_stream"] = row["timeline"].get("overlap_frac_of_fetch")
-    print(f"[xla_stream k={k}] {({k2: v for k2, v in row.items() if k2 != 'timeline'})}; timeline overlap="
-          f"{row.get('timeline', {}).get('overlap_frac_of_fetch')}", flush=True)
+    if "hidden_frac_nocb" in row:
+        metrics["xla_stream_hidden_frac_no_command_buffers"] = row["hidden_frac_nocb"]
+        if F.profile:
+            row["timeline_nocb"] = profiled(chain(compiled["stream_nocb"]),
+                                            os.path.join(trace_root, "xla_stream_nocb"), lambda n: DMA_KERNEL in n)
+            metrics["timeline_overlap_frac_xla_stream_no_command_buffers"] = row["timeline_nocb"].get(
+                "overlap_frac_of_fetch")
+    print(f"[xla_stream k={k}] {({k2: v for k2, v in row.items() if not k2.startswith('timeline')})}; timeline "
+          f"overlap={row.get('timeline', {}).get('overlap_frac_of_fetch')}, without command buffers "
+          f"{row.get('timeline_nocb', {}).get('overlap_frac_of_fetch')}", flush=True)
     return dict(tokens=F.tokens, layers=L, fetch_experts=e), metrics, [row]
 
 

@@ -2,7 +2,8 @@
 overlap between a fetch stream and the compute streams (experiments/bench_pallas_async.py). The analysis is pure
 Python (tests/test_stream_timeline.py). The trace is XLA's CUPTI trace; that it also records kernels and copies
 launched outside XLA on our own streams is what the GPU run checks (a summary without the fetch says so and lists
-what each stream held)."""
+what each stream held). `schedule_order`: where a compiled program's async call starts and ends among its Mosaic
+GPU kernels (XLA's stream-annotation route)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,21 @@ def profiled(run, trace_dir: str, is_fetch) -> dict:
     t0 = events[0]["start_us"] if events else 0.0
     excerpt = [dict(e, start_us=round(e["start_us"] - t0, 1), dur_us=round(e["dur_us"], 1)) for e in events[:80]]
     return dict(timeline_summary(events, is_fetch), trace=paths[-1], events=len(events), excerpt=excerpt)
+
+
+def schedule_order(hlo_text: str) -> list[str]:
+    """The entry computation's async calls and Mosaic GPU custom calls in schedule order, e.g. ['call-start',
+    'mosaic', 'mosaic', 'call-done']: the fetch can overlap the GEMM only if its start precedes the GEMM."""
+    order, in_entry = [], False
+    for line in hlo_text.splitlines():
+        if line.startswith("ENTRY"):
+            in_entry = True
+        elif in_entry and line.strip() == "}":
+            break
+        elif in_entry:
+            for token in ("call-start", "call-done"):
+                if f" {token}(" in line:
+                    order.append(token)
+            if "custom-call(" in line and "mosaic" in line:
+                order.append("mosaic")
+    return order

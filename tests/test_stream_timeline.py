@@ -35,3 +35,20 @@ def test_a_trace_without_the_fetch_says_what_it_holds(tmp_path):
     out = st.profiled(lambda: (jnp.ones(8) * 2).block_until_ready(), str(tmp_path), lambda n: "remote_dma" in n)
     assert not out["found_fetch"]
     assert out["events"] == 0 if jax.default_backend() == "cpu" else out["events"] > 0
+
+
+def test_schedule_order_reads_the_entry_computation():
+    hlo = """HloModule m
+%async_computation {
+  %g = f32[8]{0} custom-call(%p), custom_call_target="mosaic_gpu_v2"
+}
+ENTRY %main {
+  %a = f32[8]{0} custom-call(%x), custom_call_target="mosaic_gpu_v2"
+  %s = ((f32[8]), f32[8]) call-start(%y), async_execution_thread="explicit", to_apply=%async_computation
+  %b = f32[8]{0} custom-call(%a), custom_call_target="mosaic_gpu_v2"
+  %d = f32[8]{0} call-done(%s)
+  ROOT %t = (f32[8], f32[8]) tuple(%b, %d)
+}
+"""
+    # the fetch's start after the first GEMM call: only the second can overlap it
+    assert st.schedule_order(hlo) == ["mosaic", "call-start", "mosaic", "call-done"]
