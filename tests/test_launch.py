@@ -12,6 +12,9 @@ from absl import app
 
 from experiments import launch
 
+# The module's tests share one set of launcher runs: one xdist worker runs them all (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("launch")
+
 COMMON = ["--preset=tiny", "--num_requests=2", "--input_len=8", "--output_len=4", "--max_batch_size=1",
           "--warmup=none", "--progress=false"]
 
@@ -23,19 +26,23 @@ def launcher_flags():
     launch.undefine_flags()
 
 
+class LazyRecords:
+    """The launcher's record of each run in RUNS by name, the run made on first use (a test alone makes only the
+    runs it reads)."""
+
+    def __init__(self, out):
+        self.out, self._records = out, {}
+
+    def __getitem__(self, name):
+        if name not in self._records:
+            flags = [flag.format(out=self.out) for flag in RUNS[name]]
+            self._records[name] = launch.run_main(["launch", *flags, f"--out={self.out}", *COMMON])
+        return self._records[name]
+
+
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
-    out = tmp_path_factory.mktemp("results")
-    return {
-        name: launch.run_main(["launch", *extra, f"--out={out}", *COMMON])
-        for name, extra in [("single", ["--strategy=single"]), ("dwdp", ["--strategy=dwdp", "--num_devices=2"]),
-                            ("disagg", DISAGG), ("dwdp_ablations", ABLATIONS),
-                            ("single_skew", ["--strategy=single", "--routing_skew=1.0"]),
-                            ("dwdp_skew", ["--strategy=dwdp", "--num_devices=2", "--routing_skew=1.0",
-                                           "--planner_policy=top_k", "--planner_top_k=1",
-                                           f"--save_router_trace={out}/traces"]),
-                            ("disagg_planned", DISAGG_PLANNED)]
-    }
+    return LazyRecords(tmp_path_factory.mktemp("results"))
 
 
 # DWDP generation servers fetching by a planner policy from the router statistics they see
@@ -51,6 +58,13 @@ ABLATIONS = ["--strategy=dwdp", "--num_devices=4", "--planner_policy=coverage", 
 # one device per role, as the GPU smoke run (DEP over a single device still runs lockstep plans)
 DISAGG = ["--mode=disagg", "--num_devices=2", "--context_devices=1", "--context_strategy=dwdp",
           "--generation_strategy=dep", "--context_token_budget=4,8", "--verify_handoff"]
+
+# The runs the tests read, by name ("{out}": the results directory)
+RUNS = {"single": ["--strategy=single"], "dwdp": ["--strategy=dwdp", "--num_devices=2"], "disagg": DISAGG,
+        "dwdp_ablations": ABLATIONS, "single_skew": ["--strategy=single", "--routing_skew=1.0"],
+        "dwdp_skew": ["--strategy=dwdp", "--num_devices=2", "--routing_skew=1.0", "--planner_policy=top_k",
+                      "--planner_top_k=1", "--save_router_trace={out}/traces"],
+        "disagg_planned": DISAGG_PLANNED}
 
 
 def saved(record):
