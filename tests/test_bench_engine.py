@@ -14,6 +14,9 @@ import pytest
 from dwdp_jax.config import TINY
 from dwdp_jax.engine import roofline
 
+# The module's tests share one benchmark run: one xdist worker runs them (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("test_bench_engine")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--preset=tiny", "--backend=jnp", "--device_kind=cpu", "--prefill_requests=2", "--prefill_prompt_len=32",
          "--prefill_chunk=16", "--decode_batch=1,4", "--decode_context=32", "--typical=4x32", "--repeats=2",

@@ -2,7 +2,7 @@
 the whole script (three launcher subprocesses on the tiny preset, two simulated CPU devices).
 
 `tiny_sweep` runs once per test session, also under pytest-xdist (a file lock in the session's shared temp
-directory), and `tests/test_notebooks.py` reuses it.
+directory), and `tests/test_notebooks.py` reuses it; its two tests share an xdist group, so one worker runs both.
 """
 
 from __future__ import annotations
@@ -160,6 +160,7 @@ def tiny_sweep(tmp_path_factory) -> pathlib.Path:
     return out
 
 
+@pytest.mark.xdist_group("tiny_sweep")  # with the notebook test that reads it: no worker waits on the lock
 def test_sweep_on_tiny_cpu_writes_one_e2e_record(tiny_sweep):
     (path,) = tiny_sweep.glob("e2e-*-cpu-sweep.json")
     record = json.loads(path.read_text())

@@ -15,6 +15,9 @@ from jax import export
 
 from pallas_kernels import _compat
 
+# The module's tests share the lowered step programs: one xdist worker runs them (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("test_kernel_input_alignment")
+
 ALIGN = 256
 _ITEMSIZE = {"i32": 4, "f32": 4, "bf16": 2, "f8E4M3FN": 1, "i8": 1, "ui8": 1}
 

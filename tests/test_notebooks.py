@@ -41,6 +41,7 @@ def _figures(nb) -> int:
     return sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
 
 
+@pytest.mark.xdist_group("tiny_sweep")  # on the worker that makes the sweep (tests/test_e2e_sweep.py)
 def test_ablations_notebook_runs_on_a_tiny_sweep(tiny_sweep, monkeypatch):  # noqa: F811
     nb = _execute("ablations.ipynb", {"DWDP_RESULTS_DIR": str(tiny_sweep), "DWDP_DEVICE_KIND": "cpu"}, monkeypatch)
     text = _text(nb)

@@ -11,6 +11,9 @@ from dwdp_jax.model import init_model
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup
 from dwdp_jax.planner import FetchPolicy, Placement, skew
 
+# The module's tests share the skewed model and the fetch-all run: one xdist worker runs them (`--dist loadgroup`).
+pytestmark = pytest.mark.xdist_group("test_planner_dwdp")
+
 CFG = TINY.replace(num_layers=3, first_k_dense_replace=1)  # 2 MoE layers, 16 experts, 4 per token
 G = 4
 
