@@ -63,9 +63,10 @@ def test_unequal_lengths_mtp_splits_tiny_widths():
 
 
 def test_balanced_schedule_unequal_lengths():
-  # One interpret-mode call: units of equal pages over the batch (a long request in several units, a short one
-  # in one, an idle row in none), merged per request by combine_units.
-  check(1, 4, 1, 8, 32, 16, [70, 700, 0, 5], 11, md.DecodeConfig(balanced=True, num_splits=2, min_pages_per_split=1))
+  # One interpret-mode call: units of about equal pages over the batch (8 pages, a share of 2: the long request in
+  # three units, the last one shorter, the short ones in one each, the idle row in none, three units empty),
+  # merged per request by combine_units. Few units: the interpreter compiles each unit's grid cell.
+  check(1, 4, 1, 8, 32, 16, [70, 300, 0, 5], 5, md.DecodeConfig(balanced=True, num_splits=1, min_pages_per_split=1))
 
 
 def _covered(sched, lengths):
