@@ -3,6 +3,8 @@ model's causal forward (tiny model, CPU; the kernels in Mosaic GPU interpret mod
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,8 +46,8 @@ def test_page_table_grows_releases_and_refuses():
     assert s.total_bytes == TINY.num_layers * 7 * PAGE * 192 * 2
 
 
-def _mla(dtype, seed=0):
-    return MLA(TINY, rngs=nnx.Rngs(seed), dtype=dtype, block=None)
+def _mla(dtype, seed=0, cfg=TINY):
+    return MLA(cfg, rngs=nnx.Rngs(seed), dtype=dtype, block=None)
 
 
 def _paged_step(mla, pages, table: PageTable, slots, x, starts, q_lens, absorbed, backend):
@@ -60,8 +62,14 @@ def _paged_step(mla, pages, table: PageTable, slots, x, starts, q_lens, absorbed
     kv = PagedKV(pages, jnp.asarray(table.block_table(slots)), jnp.asarray(np.add(starts, q_lens), jnp.int32),
                  jnp.asarray(q_lens, jnp.int32), latent_width=table.spec.latent_width, backend=backend,
                  interpret=jax.devices()[0].platform != "gpu")
-    out, kv = mla(x, jnp.asarray(positions), kv, absorbed)
+    out, kv = _step(mla, x, jnp.asarray(positions), kv, absorbed)
     return out, kv.pages
+
+
+@nnx.jit(static_argnums=4)
+def _step(mla, x, positions, kv, absorbed):
+    """The layer's step under jit, as the engine runs it (one compile, not one per op of an eager call)."""
+    return mla(x, positions, kv, absorbed)
 
 
 # f32 on a GPU multiplies in TF32 by default (both paths, in different orders): a looser bound there.
@@ -73,15 +81,17 @@ def test_paged_mla_matches_causal_forward(backend, dtype, tol):
     """Prefill two rows of unequal length in two chunks (the second against a cached prefix that spans a
     page boundary), then decode one token each; every output equals the causal self-attention over the
     whole sequence. A padding row rides along. The Pallas backend (slow in interpret mode) runs the
-    second chunk and the decode step on pages the einsum path wrote in the first."""
-    mla = _mla(dtype)
+    second chunk and the decode step on pages the einsum path wrote in the first, with 2 heads (tiny's 4 doubled
+    the interpreted kernels' CTAs; 2 still checks each head's own columns)."""
+    mla = _mla(dtype, cfg=TINY if backend == "einsum" else dataclasses.replace(TINY, num_heads=2))
     sp = spec(num_pages=6, max_len=160, dtype=dtype)
     table = PageTable(sp)
     pages = paged_cache.allocate(sp)[0]
     lengths = [70, 9]
     total = [n + 1 for n in lengths]
     x = jax.random.normal(jax.random.key(1), (2, max(total), TINY.hidden_size), jnp.float32).astype(dtype)
-    ref, _ = mla(x, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]))  # causal over each whole row
+    ref, _ = nnx.jit(lambda m, x, p: m(x, p))(mla, x, jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2]))
+    # (causal over each whole row)
     first = [40, 5]
     got = np.zeros(ref.shape, np.float32)
 
@@ -130,5 +140,5 @@ def test_decode_cluster_reaches_the_decode_kernel(monkeypatch):
         attention = PagedAttention(sp.latent_width, "pallas", interpret=True, decode_cluster=cluster)
         kv = attention.layer(pages, jnp.asarray(table.block_table([0])), jnp.asarray([4 + queries], jnp.int32),
                              jnp.asarray([queries], jnp.int32))
-        mla(x[:, :queries], jnp.asarray([[4, 5][:queries]], jnp.int32), kv, True)
+        _step(mla, x[:, :queries], jnp.asarray([[4, 5][:queries]], jnp.int32), kv, True)  # each call traced anew
     assert [c.cluster for c in seen] == [False, True, False]
