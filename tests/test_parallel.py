@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from dwdp_jax.config import TINY
 from dwdp_jax.model import init_model
@@ -22,6 +23,19 @@ COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "coll
 @pytest.fixture(scope="module")
 def model():
     return init_model(CFG, dtype=jnp.float32, seed=3)
+
+
+def _jitted(model):
+    """The single-device model's forward under jit: the reference compiles once per shape (eagerly each of the
+    tests' ~30 reference forwards dispatched its ops one by one)."""
+    graph, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids: nnx.merge(graph, state)(ids))
+    return lambda ids: forward(state, ids)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return _jitted(model)
 
 
 def _batches(g, b=2, s=6, seed=0):
@@ -42,14 +56,14 @@ def _greedy(forward, ids, steps=3):
     return buf
 
 
-def _check_group(model, group, batches):
+def _check_group(reference, group, batches):
     outs = group.run_parallel(lambda rank, ids: _greedy(rank.forward, ids), batches)
     for ids, tokens in zip(batches, outs):
         padded = np.concatenate([ids, np.zeros((ids.shape[0], 3), ids.dtype)], axis=1)
         logits = np.asarray(group.ranks[0].forward(jnp.asarray(padded)))  # any rank serves any batch
-        ref = np.asarray(model(jnp.asarray(padded)))
+        ref = np.asarray(reference(jnp.asarray(padded)))
         assert np.abs(logits - ref).max() / np.abs(ref).max() <= 1e-5
-        np.testing.assert_array_equal(tokens, _greedy(model, ids))
+        np.testing.assert_array_equal(tokens, _greedy(reference, ids))
 
 
 def _permuted(g, seed):
@@ -74,27 +88,27 @@ def _with_replicas(g):
         (8, "contiguous", 1, True),
     ],
 )
-def test_dwdp_matches_single_device(model, g, placement, depth, staggered):
+def test_dwdp_matches_single_device(model, reference, g, placement, depth, staggered):
     placements = {"contiguous": None, "permuted": _permuted(g, 1), "replicas": _with_replicas(g)}
     group = DwdpGroup(model, jax.devices()[:g], placements[placement], DwdpConfig(g, depth, staggered))
-    _check_group(model, group, _batches(g))
+    _check_group(reference, group, _batches(g))
 
 
-def test_replicated_dp_matches_and_fetches_nothing(model):
+def test_replicated_dp_matches_and_fetches_nothing(model, reference):
     group = DwdpGroup(model, jax.devices()[:2], replicated_placement(CFG, 2), DwdpConfig(2))
     assert all(not peers for rank in group.ranks for peers in rank.fetch_peers.values())
-    _check_group(model, group, _batches(2))
+    _check_group(reference, group, _batches(2))
 
 
 @pytest.mark.parametrize("g", [2, 4])
-def test_dep_matches_single_device(model, g):
+def test_dep_matches_single_device(model, reference, g):
     dep = DepModel(model, jax.devices()[:g])
     ids = np.concatenate(_batches(g))
     padded = np.concatenate([ids, np.zeros((ids.shape[0], 3), ids.dtype)], axis=1)
-    ref = np.asarray(model(jnp.asarray(padded)))
+    ref = np.asarray(reference(jnp.asarray(padded)))
     out = np.asarray(dep.forward(jnp.asarray(padded)))
     assert np.abs(out - ref).max() / np.abs(ref).max() <= 1e-5
-    np.testing.assert_array_equal(_greedy(dep.forward, ids), _greedy(model, ids))
+    np.testing.assert_array_equal(_greedy(dep.forward, ids), _greedy(reference, ids))
 
 
 def test_no_collective_on_the_dwdp_step_path(model):
@@ -118,7 +132,7 @@ def test_dense_layers_run_in_the_prologue_program():
     rank = group.ranks[0]
     assert rank.prologue_layers == [0, 1] and rank.programs_per_step == 3
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 6))
-    ref = np.asarray(model(jnp.asarray(ids)))
+    ref = np.asarray(_jitted(model)(jnp.asarray(ids)))
     calls = []
 
     def counted(f):
