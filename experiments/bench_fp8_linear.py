@@ -15,6 +15,7 @@ weight bytes: GB/s and the fraction of the HBM copy rate measured in the same ru
 
   python experiments/bench_fp8_linear.py --device_kind nvidia-h100-x1 [--rows 1,64]
   python experiments/bench_fp8_linear.py --smoke   # CPU: interpret mode, tiny shapes (checks the loops)
+  python experiments/bench_fp8_linear.py --smoke --linears=tiny_a   # one linear (the tests' smoke run)
 """
 
 from __future__ import annotations
@@ -87,12 +88,20 @@ def references(x, w, s):
 
 def main(argv=None):
   a, interpret = kernel_bench.parse_args(__doc__.split("\n")[0], "fp8-linear-decode",
-                                         ("--rows", "1,64", "comma list of row counts (decode batch sizes)"), argv)
+                                         ("--rows", "1,64", "comma list of row counts (decode batch sizes)"), argv,
+                                         extra=(("--linears", "", "comma list of the linears to run (default: "
+                                                                  "all of the shape set)"),))
+  shapes = SMOKE_LINEARS if a.smoke else R1_LINEARS
+  if a.linears:
+    names = a.linears.split(",")
+    if not set(names) <= {name for name, _, _ in shapes}:
+      raise SystemExit(f"--linears: a comma list of {', '.join(name for name, _, _ in shapes)}; got {a.linears!r}")
+    shapes = tuple(lin for lin in shapes if lin[0] in names)
   num_sms = 8 if interpret else _compat.num_sms()
   hbm, hbm_detail = hbm_ceiling(small=a.smoke)  # the kernel benchmarks' HBM ceiling (XLA and torch copies)
   print(f"HBM copy {hbm:.0f} GB/s {hbm_detail}, {num_sms} SMs")
   rows_out = []
-  for name, n, k in (SMOKE_LINEARS if a.smoke else R1_LINEARS):
+  for name, n, k in shapes:
     for m in (int(r) for r in a.rows.split(",")):
       x, w, s = inputs(n, k, m, seed=n + k + m)
       want, want_unquantized = references(x, w, s)
@@ -127,8 +136,7 @@ def main(argv=None):
       for v in ("one_group", "split_k", "split_k_xla_quant", "xla_dequant"):
         # all seven linears streamed once, as a decode step does per layer
         metrics[f"fp8_linear_frac_of_hbm_m{m}_{v}"] = nbytes / sum(r["time_s"][v] for r in rs) / 1e9 / hbm
-  config = dict(rows=a.rows, num_sms=num_sms, interpret=interpret, linears=[r[0] for r in
-                (SMOKE_LINEARS if a.smoke else R1_LINEARS)])
+  config = dict(rows=a.rows, num_sms=num_sms, interpret=interpret, linears=[r[0] for r in shapes])
   kernel_bench.write(a, config, metrics, rows_out, hbm, hbm_detail)
 
 

@@ -79,16 +79,27 @@ def test_set_fp8_matmul_reaches_every_fp8_linear_only():
                     "the benchmark itself (interpret mode there took minutes)")
 def test_bench_fp8_linear_smoke(tmp_path):
     """experiments/bench_fp8_linear.py on CPU (interpret mode, tiny shapes): every variant checked against its
-    reference, one row per (linear, rows), the split count the engine would use."""
+    reference, one row per (linear, rows), the split count the engine would use. One row count and one linear
+    (interpret is slow: ~4 s a kernel call): tiny_a, the split-K one (4 slices); the one-slice kernel path is
+    test_fp8_gemm_path_matches_the_quantized_reference's, the --linears selection test_bench_fp8_linear_flags'."""
     import json
 
     from experiments import bench_fp8_linear
 
-    bench_fp8_linear.main(["--smoke", f"--out_dir={tmp_path}", "--rows=3"])  # one row count: interpret is slow
+    bench_fp8_linear.main(["--smoke", f"--out_dir={tmp_path}", "--rows=3", "--linears=tiny_a"])
     (path,) = tmp_path.iterdir()
-    rows = json.loads(path.read_text())["rows"]
-    assert [(r["linear"], r["rows"], r["splits"]) for r in rows] == [("tiny_a", 3, 4), ("tiny_b", 3, 1)]
+    result = json.loads(path.read_text())
+    assert result["config"]["linears"] == ["tiny_a"]
+    rows = result["rows"]
+    assert [(r["linear"], r["rows"], r["splits"]) for r in rows] == [("tiny_a", 3, 4)]
     assert all(max(r["rel_err"].values()) <= 1e-2 for r in rows)
+
+
+def test_bench_fp8_linear_flags():
+    from experiments import bench_fp8_linear
+
+    with pytest.raises(SystemExit, match="--linears: a comma list of tiny_a, tiny_b"):
+        bench_fp8_linear.main(["--smoke", "--linears=tiny_a,q_a"])
 
 
 @pytest.mark.skipif(_compat.on_gpu(), reason="checks the benchmark's loop in interpret mode on CPU")
