@@ -48,6 +48,28 @@ def cpu_compiles_cheaply():
         os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = old_env
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory, cpu_compiles_cheaply):
+    """Every compiled program kept on disk for the session (JAX's persistent compilation cache, each entry however
+    quick its compile): the tests compile the same programs many times over (the tiny model's layers per rank and
+    per group, the reference forwards, the same fetch backends twice), and a repeat is read back instead of
+    compiled again. This process only (not exported to the subprocesses the tests start, and one directory per
+    xdist worker: no two processes write one entry). JAX writes no entry for a program with host callbacks
+    (the interpret-mode kernels), so those always compile."""
+    from jax._src import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    old = {name: jax.config.values[name] for name in names}
+    for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, -1)):
+        jax.config.update(name, value)
+    cc.reset_cache()
+    yield
+    for name, value in old.items():
+        jax.config.update(name, value)
+    cc.reset_cache()
+
+
 @pytest.fixture
 def sync_dispatch():
     """CPU dispatch in program order (device-ordered fetch backends on CPU run their copies when the device
