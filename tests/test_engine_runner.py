@@ -381,8 +381,10 @@ def test_dwdp_rank_runners_match_single_device(model, single_tokens, step_ahead)
 
 def test_fp8_strategies_match_single_device():
     """An FP8 checkpoint (kv_b among its FP8 weights): DWDP rank runners (steps ahead) and the DEP runner, each
-    holding its own dequantized kv_b copy, give the single-device runner's greedy tokens."""
-    fp8 = init_model(dataclasses.replace(CFG, weight_block_size=(16, 16)), dtype=jnp.float32, seed=9)
+    holding its own dequantized kv_b copy, give the single-device runner's greedy tokens. Two layers (a dense one,
+    then a MoE one; the MTP layer besides): every kind of layer holding an FP8 kv_b, a third compiled for nothing."""
+    fp8 = init_model(dataclasses.replace(CFG, weight_block_size=(16, 16), num_layers=2), dtype=jnp.float32, seed=9,
+                     jitted=True)  # one compiled program, not the eager ops of each weight and its quantization
     single = runner(fp8)
     sched = Scheduler(sched_config(), page_table=single.page_table)
     run_engine(sched, single.step_fn, FakeClock(), requests=engine_requests())
