@@ -38,7 +38,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PART="${1:?part: kernels, engine, decode, sweep_a, sweep_b, dispatch, decode_memory, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
-KIND="${2:-$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo nvidia-h200 || echo nvidia-h100-x1)}"
+KIND="${2:-}"  # gpu_env.sh sets it from the GPUs this machine has
 source experiments/gpu_env.sh
 declare -A STATUS
 ORDER=()
