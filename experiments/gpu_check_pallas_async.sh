@@ -6,7 +6,8 @@
 # failing launch outside XLA aborts its process only); a pass/fail table and the headline numbers come last.
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_pallas_async.sh [--rest | --xla_stream] [device_kind]
 # --rest: only the parts not yet measured on 2026-12-06 (subsets, XLA's stream route, two processes), ~4.5 min
-# --xla_stream: XLA's stream route alone, with and without command buffers, with XLA's async-thunk logs, ~2 min
+# --xla_stream: XLA's stream route alone, with and without command buffers and under the latency-hiding
+#   scheduler, with XLA's async-thunk logs, ~2 min
 # Logs, results JSONs and profiler traces go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +29,8 @@ if [[ -n "$XLA_STREAM" ]]; then
     step pallas_async xla_stream 150 $PY experiments/bench_pallas_async.py --parts=xla_stream --device_kind="$KIND" \
     --out="$OUTDIR"
   for k in "${ORDER[@]}"; do printf '%-12s %s\n' "$k" "${STATUS[$k]}"; done
-  grep -h -i "additional compute streams\|stream borrower\|Execute async" "$OUTDIR"/pallas_async-xla_stream.log | head -20
+  grep -h -i "additional compute streams\|stream borrower\|Execute async" "$OUTDIR"/pallas_async-xla_stream.log \
+    | grep -v "Using 0 additional" | head -20
   exit 0
 fi
 
