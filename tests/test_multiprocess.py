@@ -128,7 +128,18 @@ def model():
     return init_model(CFG, dtype=jnp.float32, seed=5)
 
 
-def test_process_group_in_threads_matches_the_model(model):
+@pytest.fixture(scope="module")
+def reference(model):
+    """The single-device model's forward under jit (one compile for the tests' one shape; eagerly each reference
+    forward dispatched its ops one by one)."""
+    from flax import nnx
+
+    graph, state = nnx.split(model)
+    forward = jax.jit(lambda state, ids: nnx.merge(graph, state)(ids))
+    return lambda ids: forward(state, ids)
+
+
+def test_process_group_in_threads_matches_the_model(model, reference):
     """Two "processes" (threads on one store, shared memory between them) of two devices each: every rank reads
     one peer in its own process and two through the transport; each rank's logits are the model's."""
     placement, dwdp = Placement.from_config(CFG, 4), DwdpConfig(4)
@@ -144,7 +155,7 @@ def test_process_group_in_threads_matches_the_model(model):
     forward = lambda rank, x: np.asarray(rank.forward(x))
     got = run_in_threads([lambda p=p: groups[p].run_parallel(forward, ids[2 * p : 2 * p + 2]) for p in range(2)])
     for r, logits in enumerate(got[0] + got[1]):
-        ref = np.asarray(model(jnp.asarray(ids[r])))
+        ref = np.asarray(reference(jnp.asarray(ids[r])))
         assert np.abs(logits - ref).max() / np.abs(ref).max() <= 1e-5
     run_in_threads([g.close for g in groups])
 
@@ -167,7 +178,7 @@ class RelocatingTransport(SharedMemoryTransport):
         return out
 
 
-def test_ranks_compute_from_the_relocated_exported_memory(model):
+def test_ranks_compute_from_the_relocated_exported_memory(model, reference):
     """When the transport relocates the expert buffers (XLA's memory not exportable), each rank reads its own
     experts from the new memory in its programs and peers, and the logits stay the model's."""
     placement, dwdp = Placement.from_config(CFG, 2), DwdpConfig(2)
@@ -185,7 +196,7 @@ def test_ranks_compute_from_the_relocated_exported_memory(model):
     forward = lambda rank, x: np.asarray(rank.forward(x))
     got = run_in_threads([lambda p=p: groups[p].run_parallel(forward, ids[p : p + 1]) for p in range(2)])
     for r in range(2):
-        ref = np.asarray(model(jnp.asarray(ids[r])))
+        ref = np.asarray(reference(jnp.asarray(ids[r])))
         assert np.abs(got[r][0] - ref).max() / np.abs(ref).max() <= 1e-5
     run_in_threads([g.close for g in groups])
 
