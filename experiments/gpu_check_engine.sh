@@ -18,6 +18,10 @@
 #            (session 11: the B=1 point alone took 200 s; its JSON is now written after every point)
 #   decode_memory  the decode step at B=256 / 128 and 16K compiled, not run: XLA's memory analysis and its
 #            largest buffers by HLO value (experiments/diag/decode_memory.py)                       ~3 min
+#   b256_oom the B=256 / 16K decode point that ran out of memory on an H100 (session 14; its compiled step
+#            needs 0.05 GiB beside the pages: Finding 34), with XLA's INFO log on so the BFC allocator's summary
+#            of live chunks is printed at the failure, then once with the platform allocator (cudaMalloc per
+#            buffer: fragmentation or not)                                                         ~5 min
 #   dispatch_cboff  the B=1 point again with XLA command buffers off                              ~4 min
 #   dispatch_trace  the B=1 point with command buffers on, then off, each with its host trace (JAX/XLA host
 #            events per program, kernels per program: experiments/host_trace.py), no cProfile       ~8 min
@@ -37,7 +41,7 @@
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, sweep_a, sweep_b, dispatch, decode_memory, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep_a, sweep_b, dispatch, decode_memory, b256_oom, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
 KIND="${2:-}"  # gpu_env.sh sets it from the GPUs this machine has
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -113,6 +117,15 @@ case "$PART" in
       step engine "decode_memory_b$b" 150 python3 experiments/diag/decode_memory.py --device_kind="$KIND" \
         --preset=r1-layers-4 --batch=$b --context=16384 --out="$OUTDIR" --tag="decode-memory-b$b-16k"
     done
+    ;;
+  b256_oom)
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+    B256=("${BENCH[@]}" --prefill_requests= --peak_matmul_size=2048 --hbm_copy_mib=1024 --time_budget_s=150
+          --decode_batch=256 --decode_context=16384 --typical=256x16384)
+    TF_CPP_MIN_LOG_LEVEL=0 step engine b256_bfc 180 "${B256[@]}" --tag=decode-b256-16k-bfc
+    grep -h "ran out of memory\|InUse\|Sum Total\|Stats\|Limit:\|Chunks of size [0-9]\{9,\}\|Chunk at .* of size [0-9]\{9,\}" \
+      "$OUTDIR/engine-b256_bfc.log" | head -60
+    XLA_PYTHON_CLIENT_ALLOCATOR=platform step engine b256_platform 180 "${B256[@]}" --tag=decode-b256-16k-platform
     ;;
   dispatch_cboff)
     # the same B=1 point with XLA command buffers off: is a program's host cost its CUDA graph's update/launch?
