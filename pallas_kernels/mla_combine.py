@@ -17,12 +17,11 @@ in registers (one value per row, broadcast along the columns: wgmma's register l
 the bf16 tile, and the column tile 0 CTA the rows' log-sum-exp. At B=1 with R1's 128 heads and 512 latent
 columns that is 2 x 16 CTAs, each with up to STAGES x 4 KB of partials in flight.
 
-What bounds it is the bytes in flight, not the HBM rate (H100, session 14): with 16 slots the merge of 66
-splits took 10.2 us (0.85 TB/s), of 16 splits 3.8 us, i.e. ~0.13 us a split beyond 16: each refill of the ring
-waits one memory latency, and 32 CTAs x 64 KB in flight at ~1.5 us a round trip is ~1.4 TB/s at best. So the
-ring is as deep as Mosaic GPU allows (`STAGES`: 32 slots, its most barriers in one group; 128 KB a CTA): up to
-32 splits load at once, and R1's 66 (B=1) take three rounds instead of five (prediction, not yet measured:
-~6 us).
+Measured: not the HBM rate. With 16 slots the merge of 66 splits took 10.2 us (H100, session 14; 0.85 TB/s),
+of 16 splits 3.8 us, ~0.13 us a split. The ring is now as deep as Mosaic GPU allows (`STAGES`: 32 slots, its
+most barriers in one group; 128 KB a CTA), and 66 splits still take 10.6 us (H200, session 15; XLA's five
+kernels 10.3 us in the same run): the bytes in flight are not the bound either. The likely one is the compute
+warpgroup's serial chain per split (barrier, SMEM loads, new maximum, two exponentials, rescale, release).
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from pallas_kernels import _compat, _mosaic
 ROWS = 64  # rows per CTA: the wgmma register layout's M (one value per row broadcast over the columns)
 COLUMNS = 32  # columns per CTA: enough CTAs at B=1 (2 x 16 for R1) for the partials' bytes to stream
 STAGES = 32  # partial tiles in flight per CTA (32 x 4 KB + their log-sum-exps: `smem_bytes`); a barrier a slot,
-# and Mosaic GPU allocates at most 32 barriers in one group
+# and Mosaic GPU allocates at most 32 barriers in one group (measured no faster than 16, session 15)
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 
 
