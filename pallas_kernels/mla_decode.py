@@ -68,7 +68,9 @@ class DecodeConfig:
   interpret mode (the interpreter runs the kernel slowly; `tests/test_mla_combine.py` checks it there).
   `overlap_qk`: the softmax warpgroup issues page i + 1's Q K^T before page i's softmax, so the tensor cores
   work while the CUDA cores do the exponentials (one more [64, 64] f32 accumulator in its registers). Exact,
-  but measured 1.3-1.5x slower on an H200 (session 15; spills likely, not checked): off, kept for that check."""
+  but measured 1.3-1.5x slower on an H200 (session 15): with two page slots the next page's load starts only
+  when the previous page is released, and waiting for it before the softmax exposes HBM's latency every page
+  (KERNELS.md "What limits it" 5). Off."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
