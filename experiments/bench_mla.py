@@ -284,6 +284,12 @@ def decode_cases(smoke, quick):
   # the compute-bound per-page rate (B=64 / 128 at 4K, B=1 at 32K; Finding 30).
   cases += [dict(c, name=c["name"] + "_ov", overlap_qk=True) for c in cases
             if c["name"] in ("b64_4k_cl", "b128_4k_cl", "b1_32k_cl", "b1_64k_s66_cl", "b64_4k_mtp2_cl")]
+  # 32-token key tiles, four in flight (DecodeConfig.deep_ring): each load has three tiles' time to land, and
+  # with overlap_qk the next tile's load was issued two tiles before (Finding 33: two page slots expose HBM's
+  # latency when the next page's S is started early).
+  deep = [dict(c, name=c["name"] + "_t32", key_tile=32, max_concurrent_steps=4) for c in cases
+          if c["name"] in ("b64_4k_cl", "b128_4k_cl", "b1_32k_cl", "b64_4k_mtp2_cl")]
+  cases += deep + [dict(c, name=c["name"] + "_ov", overlap_qk=True) for c in deep]
   if quick:
     cases = [c for c in cases if c["name"].removesuffix("_cl").removesuffix("_bal")
              in ("b64_4k", "b1_32k", "b1_4k", "b64_mixed")]
@@ -320,12 +326,14 @@ def run_decode(args, peak, hbm, interp):
     flops = 2 * h * s_q * sum(lengths) * (d + dl)
     config = md.DecodeConfig(num_splits=case.get("num_splits"), balanced=case.get("balanced", False),
                            cluster=case.get("cluster", False), combine=case.get("combine", "kernel"),
-                           overlap_qk=case.get("overlap_qk", False))
+                           overlap_qk=case.get("overlap_qk", False), key_tile=case.get("key_tile", md.PAGE_SIZE),
+                           max_concurrent_steps=case.get("max_concurrent_steps", 2))
     f = jax.jit(functools.partial(md.mla_decode, kv_lora_rank=dl, softmax_scale=SCALE, config=config,
                                   interpret=interp))
     row = dict(part="decode", case=case["name"], batch=b, s_q=s_q, heads=h, context_tokens=sum(lengths),
                bytes=bytes_, flops=flops, schedule="balanced" if config.balanced else "uniform",
-               cluster=config.cluster, combine=config.combine, overlap_qk=config.overlap_qk, errors={})
+               cluster=config.cluster, combine=config.combine, overlap_qk=config.overlap_qk,
+               key_tile=config.key_tile, tiles_in_flight=config.max_concurrent_steps, errors={})
     try:
       row["call_s"] = wall(f, q, pages, table, lens, reps=1 if interp else 5)
       out, _ = f(q, pages, table, lens)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the MLA attention kernels and the paged engine path: tests on the GPU backend, then the
 # benchmark; pass/fail table last.
-#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick | --cluster | --combine | --overlap] [device_kind]
+#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick | --cluster | --combine | --overlap | --deep] [device_kind]
 # --cluster: only the decode kernel's clustered variant (DecodeConfig.cluster): its R1-shape tests, then
 # bench_mla's decode cases with and without it, each step under a short timeout (a synchronization mistake
 # would hang, not fail)                                                                              ~4 min
@@ -12,12 +12,15 @@
 # overlap_qk) and the 32-slot combine ring: the decode and combine tests (R1 shapes with and without it),
 # then B=64 / 128 at 4K, B=1 at 32K / 64K and two MTP queries with and without it, and B=1 at 32K merged by
 # the kernel and by XLA, each step under a timeout (a synchronization mistake would hang)            ~4 min
+# --deep: 32-token key tiles, four in flight (DecodeConfig.deep_ring), with and without overlap_qk, beside the
+# two-page ring: the decode tests with half-page tiles (R1 shapes) first, then B=64 / 128 at 4K, B=1 at 32K and
+# two MTP queries, each step under a timeout                                                        ~4 min
 # Logs and the results JSON go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=""
 case "${1:-}" in
-  --quick|--cluster|--combine|--overlap) MODE="${1#--}"; shift ;;
+  --quick|--cluster|--combine|--overlap|--deep) MODE="${1#--}"; shift ;;
 esac
 KIND="${1:-nvidia-h200}"
 source experiments/gpu_env.sh
@@ -40,6 +43,9 @@ focused() {
 }
 
 case "$MODE" in
+  deep) focused deep 240 240 \
+    b64_4k_cl,b64_4k_cl_t32,b64_4k_cl_t32_ov,b128_4k_cl,b128_4k_cl_t32,b128_4k_cl_t32_ov,b1_32k_cl,b1_32k_cl_t32,b1_32k_cl_t32_ov,b64_4k_mtp2_cl,b64_4k_mtp2_cl_t32 \
+    tests/test_mla_decode.py -k "half_page or key_tile or (r1_shapes and not overlapped)" ;;
   overlap) focused overlap 240 240 \
     b64_4k_cl,b64_4k_cl_ov,b128_4k_cl,b128_4k_cl_ov,b1_32k_cl,b1_32k_cl_ov,b1_32k_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_ov,b64_4k_mtp2_cl,b64_4k_mtp2_cl_ov \
     tests/test_mla_combine.py tests/test_mla_decode.py ;;

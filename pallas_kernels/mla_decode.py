@@ -70,7 +70,11 @@ class DecodeConfig:
   work while the CUDA cores do the exponentials (one more [64, 64] f32 accumulator in its registers). Exact,
   but measured 1.3-1.5x slower on an H200 (session 15): with two page slots the next page's load starts only
   when the previous page is released, and waiting for it before the softmax exposes HBM's latency every page
-  (KERNELS.md "What limits it" 5). Off."""
+  (KERNELS.md "What limits it" 5). Off.
+  `key_tile`: keys a step (a page of 64, or 32: half a page), and `max_concurrent_steps` counts these tiles.
+  With 32-token tiles four fit in the SMEM of two pages (Q 72 KB + 4 x 36 KB for R1), so a tile's load has
+  three tiles' time to land instead of one page's, and `overlap_qk` waits for a load issued two tiles before;
+  the price is twice the steps (barriers, O rescales). `DecodeConfig.deep_ring()` gives that setting."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
@@ -78,8 +82,12 @@ class DecodeConfig:
   cluster: bool = False
   combine: str | None = None
   overlap_qk: bool = False
+  key_tile: int = PAGE_SIZE
 
   def __post_init__(self):
+    if self.key_tile not in (32, PAGE_SIZE):
+      raise ValueError(f"key_tile must be 32 or {PAGE_SIZE} (tokens a step, a page or half of one), got "
+                       f"{self.key_tile}")
     if self.combine not in (None, "kernel", "xla"):
       raise ValueError(f"combine must be 'kernel' or 'xla', got {self.combine!r}")
     if self.num_splits is not None and self.num_splits < 1:
@@ -88,6 +96,11 @@ class DecodeConfig:
       raise ValueError(f"min_pages_per_split must be >= 1, got {self.min_pages_per_split}")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
+
+  @classmethod
+  def deep_ring(cls, **kw) -> "DecodeConfig":
+    """32-token key tiles, four in flight (R1's widths: 222 KB of SMEM)."""
+    return cls(key_tile=32, max_concurrent_steps=4, **kw)
 
 
 def padded_widths(kv_lora_rank: int, rope_dim: int) -> tuple[int, int]:
@@ -157,10 +170,11 @@ def combine(o_parts, lse_parts):
 
 
 def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl, scale_log2, steps_in_flight,
-                   interpret, cluster, num_splits, overlap_qk):
+                   interpret, cluster, num_splits, overlap_qk, key_tile):
   tile, unit = lax.axis_index("tile"), lax.axis_index("unit")
   wg = lax.axis_index("wg")
   rows, page, d = BLOCK_ROWS, PAGE_SIZE, q_ref.shape[-1]
+  kt, per_page = key_tile, PAGE_SIZE // key_tile  # a step's keys: a page, or a page in `per_page` pieces
   half = dl // 2
   dtype = q_ref.dtype
 
@@ -171,10 +185,13 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
     o_ref, lse_ref = refs
     b, first, steps = mla_schedule.uniform_unit(lens_ref, unit, num_splits, page)
   length = lens_ref[b]
-  # Pages whose every key is visible to every row of the tile need no mask: keys <= the smallest
+  # The unit's pages as key tiles, none wholly past the request's length (steps counts tiles from here).
+  first = first * per_page
+  steps = jnp.clip(_mosaic.cdiv(length - first * kt, kt), 0, steps * per_page)
+  # Tiles whose every key is visible to every row of the tile need no mask: keys <= the smallest
   # position in the tile, lengths[b] - s_q + (first row's query token).
   min_pos = length - s_q + lax.div(tile * rows, heads)
-  unmasked = jnp.clip(lax.div(min_pos + 1, page) - first, 0, steps)
+  unmasked = jnp.clip(lax.div(min_pos + 1, kt) - first, 0, steps)
 
   def scoped(qa_smem, qb_smem, qr_smem, k_smem, p_smem, stats_smem, q_bar, full, free, p_ready, p_free,
              final):
@@ -197,9 +214,13 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
         def _():
           plgpu.barrier_wait(free.at[slot])
 
-        # clustered: every row tile's CTA issues the same copy and each loads its share of the page, multicast
+        # clustered: every row tile's CTA issues the same copy and each loads its share of the tile, multicast
         # to all of them; `free` is then a cluster barrier, so no CTA overwrites a slot a partner still reads
-        plgpu.copy_gmem_to_smem(pages_ref.at[table_ref[b, first + i]], k_smem.at[slot], full.at[slot],
+        t = first + i
+        src = pages_ref.at[table_ref[b, lax.div(t, per_page)]]
+        if per_page > 1:
+          src = src.at[pl.ds(lax.rem(t, per_page) * kt, kt)]
+        plgpu.copy_gmem_to_smem(src, k_smem.at[slot], full.at[slot],
                                 **({"collective_axes": "tile"} if cluster else {}))
 
       # Observe the last releases too, so every barrier ends balanced (the interpreter checks it); clustered,
@@ -212,8 +233,8 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
           plgpu.barrier_wait(free.at[lax.rem(i, steps_in_flight)])
 
     def masked_scores(s, i):
-      """Keys past a row's position (and past the cache) -> -inf. s [rows, page]."""
-      key0 = (first + i) * page
+      """Keys past a row's position (and past the cache) -> -inf. s [rows, kt]."""
+      key0 = (first + i) * kt
       if interpret:
         r = lax.broadcasted_iota(jnp.int32, s.shape, 0)
         k = lax.broadcasted_iota(jnp.int32, s.shape, 1)
@@ -225,7 +246,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       return jnp.where(k + key0 <= limit, s, -jnp.inf)
 
     def scores(slot):
-      """S = Q K^T over the three column ranges of Q: [rows, page] f32."""
+      """S = Q K^T over the three column ranges of Q: [rows, kt] f32."""
       parts = [(smem, k_smem.at[slot, :, pl.ds(col, width)]) for smem, col, width in q_parts]
       if interpret:
         f = lambda r: r[...].astype(jnp.float32)
@@ -235,10 +256,10 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
         for q, k in parts:
           plgpu.wgmma(acc_ref, q, _compat.transpose_ref(k, (1, 0)))
         return acc_ref[...]
-      return pl.run_scoped(qk, plgpu.ACC((rows, page), jnp.float32))
+      return pl.run_scoped(qk, plgpu.ACC((rows, kt), jnp.float32))
 
     def pv(o, p, v_ref):
-      """o + p @ v; p a [rows, page] bf16 value (registers) or SMEM ref."""
+      """o + p @ v; p a [rows, kt] bf16 value (registers) or SMEM ref."""
       if interpret:
         p_val = p if p is not p_smem else p_smem[...]
         return o + jnp.dot(p_val.astype(jnp.float32), v_ref[...].astype(jnp.float32))
@@ -248,7 +269,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       return pl.run_state(body)(plgpu.ACC.init(o))
 
     def softmax(s, i, m, l, mask):
-      """The online softmax of page i's scores s [rows, page] (f32, unscaled): (p bf16, alpha, m, l)."""
+      """The online softmax of tile i's scores s [rows, kt] (f32, unscaled): (p bf16, alpha, m, l)."""
       s = s * scale_log2
       if mask:
         s = masked_scores(s, i)
@@ -292,7 +313,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
         plgpu.barrier_wait(full.at[slot])
 
       if interpret:
-        return lax.cond(nxt < steps, lambda: scores(slot), lambda: jnp.zeros((rows, page), jnp.float32))
+        return lax.cond(nxt < steps, lambda: scores(slot), lambda: jnp.zeros((rows, kt), jnp.float32))
       return slot
 
     def overlapped_step(i, carry, mask):
@@ -317,7 +338,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
           hand_over(i, p16, alpha)
           o_new = pv(o * _mosaic.bcast_rows(alpha, o.shape), p16, k_smem.at[slot, :, pl.ds(0, half)])
           return o_new, m_new, l_new, acc_ref[...]  # pv waited for every wgmma: S of page i + 1 is ready
-        o, m, l, s_next = pl.run_scoped(body, plgpu.ACC((rows, page), jnp.float32))
+        o, m, l, s_next = pl.run_scoped(body, plgpu.ACC((rows, kt), jnp.float32))
       plgpu.barrier_arrive(free.at[slot])
       return o, m, l, s_next
 
@@ -378,13 +399,16 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       plgpu.copy_smem_to_gmem(qb_smem, o_ref.at[unit, pl.ds(tile * rows, rows), pl.ds(half, half)])
       plgpu.wait_smem_to_gmem(0)
 
+  # A 32-token tile as P V's K needs the 64-byte swizzle (wgmma's K groups are one swizzle wide), and wgmma
+  # wants Q (S's left operand) swizzled as K: every tile of the step's products then uses it.
+  swizzled = functools.partial(_mosaic.smem_transforms, min(kt, 64), dtype)
   pl.run_scoped(
       scoped,
-      plgpu.SMEM((rows, half), dtype, transforms=_mosaic.smem_transforms(64, dtype)),
-      plgpu.SMEM((rows, half), dtype, transforms=_mosaic.smem_transforms(64, dtype)),
-      plgpu.SMEM((rows, d - dl), dtype, transforms=_mosaic.smem_transforms(64, dtype)),
-      plgpu.SMEM((steps_in_flight, page, d), dtype, transforms=_mosaic.smem_transforms(64, dtype)),
-      plgpu.SMEM((rows, page), dtype, transforms=_mosaic.smem_transforms(page, dtype)),
+      plgpu.SMEM((rows, half), dtype, transforms=swizzled()),
+      plgpu.SMEM((rows, half), dtype, transforms=swizzled()),
+      plgpu.SMEM((rows, d - dl), dtype, transforms=swizzled()),
+      plgpu.SMEM((steps_in_flight, kt, d), dtype, transforms=swizzled()),
+      plgpu.SMEM((rows, kt), dtype, transforms=_mosaic.smem_transforms(kt, dtype)),
       plgpu.SMEM((3, rows), jnp.float32),  # alpha, l, lse: one 1 KB allocation (each is 1 KB-aligned)
       plgpu.Barrier(num_arrivals=3),
       plgpu.Barrier(num_arrivals=1, num_barriers=steps_in_flight),
@@ -400,11 +424,11 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
 _REDUCTION_SCRATCH_BYTES = 1024  # Mosaic's cross-warp reduction scratch (its default, 2 KB, would not fit)
 
 
-def _smem_bytes(d, steps_in_flight, itemsize=2):
+def _smem_bytes(d, steps_in_flight, key_tile=PAGE_SIZE, itemsize=2):
   """SMEM of one CTA as Mosaic GPU lays it out (every allocation 1 KB-aligned), barriers aside."""
   align = lambda n: -(-n // 1024) * 1024
   q = BLOCK_ROWS * d * itemsize
-  return (q + align(steps_in_flight * PAGE_SIZE * d * itemsize) + align(BLOCK_ROWS * PAGE_SIZE * itemsize)
+  return (q + align(steps_in_flight * key_tile * d * itemsize) + align(BLOCK_ROWS * key_tile * itemsize)
           + align(3 * BLOCK_ROWS * 4) + _REDUCTION_SCRATCH_BYTES)
 
 
@@ -464,9 +488,10 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   parts = ((kv_lora_rank, dl), (d - kv_lora_rank, dr))
   q_p, pages_p = _pad_last(q, parts), _pad_last(pages, parts)
   dp = dl + dr
-  if _smem_bytes(dp, cfg.max_concurrent_steps) > SMEM_BYTES:
-    raise ValueError(f"width {dp} with {cfg.max_concurrent_steps} pages in flight needs "
-                     f"{_smem_bytes(dp, cfg.max_concurrent_steps)} bytes of SMEM (> {SMEM_BYTES})")
+  smem = _smem_bytes(dp, cfg.max_concurrent_steps, cfg.key_tile)
+  if smem > SMEM_BYTES:
+    raise ValueError(f"width {dp} with {cfg.max_concurrent_steps} key tiles of {cfg.key_tile} in flight needs "
+                     f"{smem} bytes of SMEM (> {SMEM_BYTES})")
   r = s_q * h
   r_pad = -(-r // BLOCK_ROWS) * BLOCK_ROWS
   q_rows = q_p.reshape(b, r, dp)
@@ -489,7 +514,7 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
                      f"{MAX_CLUSTER * BLOCK_ROWS}), got {tiles}")
   body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _LOG2E,
                            steps_in_flight=cfg.max_concurrent_steps, interpret=interpret, cluster=cluster,
-                           num_splits=splits, overlap_qk=cfg.overlap_qk)
+                           num_splits=splits, overlap_qk=cfg.overlap_qk, key_tile=cfg.key_tile)
   # Unclustered, the grid is (row tiles, units) with row tiles fastest: the CTAs reading the same pages are
   # launched together. Clustered, a unit's row tiles are one cluster.
   grid = dict(grid=(units,), grid_names=("unit",), cluster=(tiles,), cluster_names=("tile",)) if cluster else \
