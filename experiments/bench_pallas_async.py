@@ -407,7 +407,9 @@ def part_xla_stream(dev, sms: int, trace_root: str):
             row[f"{name}_exact"] = bool(jnp.array_equal(chain(fn)(), layer(x, local, src)))
         except Exception as exc:
             row[f"{name}_run_error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
-    for name, suffix in (("stream_nocb", "nocb"), ("stream_lhs", "lhs")):
+    # the variants beside the plain annotated program: (program, row suffix, metric suffix)
+    variants = (("stream_nocb", "nocb", "no_command_buffers"), ("stream_lhs", "lhs", "latency_hiding_scheduler"))
+    for name, suffix, _ in variants:
         if row.get(f"{name}_exact") and "serial_ms" in row:
             row[f"hidden_frac_{suffix}"] = (row["serial_ms"] - row[f"{name}_ms"]) / min(t_compute, t_fetch)
     works = "stream_ms" in row and row.get("stream_exact", False)
@@ -421,19 +423,14 @@ def part_xla_stream(dev, sms: int, trace_root: str):
             row["timeline"] = profiled(chain(compiled["stream"]), os.path.join(trace_root, "xla_stream"),
                                        lambda n: DMA_KERNEL in n)
             metrics["timeline_overlap_frac_xla_stream"] = row["timeline"].get("overlap_frac_of_fetch")
-    if "hidden_frac_nocb" in row:
-        metrics["xla_stream_hidden_frac_no_command_buffers"] = row["hidden_frac_nocb"]
+    for name, suffix, metric in variants:
+        if f"hidden_frac_{suffix}" not in row:
+            continue
+        metrics[f"xla_stream_hidden_frac_{metric}"] = row[f"hidden_frac_{suffix}"]
         if F.profile:
-            row["timeline_nocb"] = profiled(chain(compiled["stream_nocb"]),
-                                            os.path.join(trace_root, "xla_stream_nocb"), lambda n: DMA_KERNEL in n)
-            metrics["timeline_overlap_frac_xla_stream_no_command_buffers"] = row["timeline_nocb"].get(
-                "overlap_frac_of_fetch")
-    if "hidden_frac_lhs" in row:
-        metrics["xla_stream_hidden_frac_latency_hiding_scheduler"] = row["hidden_frac_lhs"]
-        if F.profile:
-            row["timeline_lhs"] = profiled(chain(compiled["stream_lhs"]),
-                                           os.path.join(trace_root, "xla_stream_lhs"), lambda n: DMA_KERNEL in n)
-            metrics["timeline_overlap_frac_xla_stream_latency_hiding_scheduler"] = row["timeline_lhs"].get(
+            row[f"timeline_{suffix}"] = profiled(chain(compiled[name]), os.path.join(trace_root, f"xla_{name}"),
+                                                 lambda n: DMA_KERNEL in n)
+            metrics[f"timeline_overlap_frac_xla_stream_{metric}"] = row[f"timeline_{suffix}"].get(
                 "overlap_frac_of_fetch")
     print(f"[xla_stream k={k}] {({k2: v for k2, v in row.items() if not k2.startswith('timeline')})}; timeline "
           f"overlap={row.get('timeline', {}).get('overlap_frac_of_fetch')}, without command buffers "
