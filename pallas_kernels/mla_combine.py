@@ -8,20 +8,24 @@ The decode kernel splits a long request's pages over S CTAs; each writes its out
 and its log-sum-exp log(sum_s w[s, r]) + max_s lse. `mla_decode.combine` says the same in jnp; XLA runs it as
 five kernels (max, exp + sum, the weighted sum, divide + cast, lse: 10.7 us at B=1, 32K tokens, 66 splits, of
 which the weighted sum over 8.6 MB of partials is 4.6 us; WORKSPACE Finding 30). Here it is one pass over the
-partials with a running maximum (the online softmax's rescaling, over splits instead of keys).
+partials, the maximum over the splits taken first from their log-sum-exps.
 
 Kernel design: a CTA owns 64 rows x `COLUMNS` columns of one request (grid: request, row tile, column tile).
-A memory warpgroup streams the request's S partial tiles [64, COLUMNS] and their [64] log-sum-exps through a
-ring of `STAGES` SMEM slots (TMA); the compute warpgroup keeps the f32 sum, running maximum and weight total
-in registers (one value per row, broadcast along the columns: wgmma's register layout, no matmul) and writes
-the bf16 tile, and the column tile 0 CTA the rows' log-sum-exp. At B=1 with R1's 128 heads and 512 latent
-columns that is 2 x 16 CTAs, each with up to STAGES x 4 KB of partials in flight.
+A memory warpgroup first copies every split's log-sum-exps of the row tile ([S, 64] f32, one TMA), then
+streams the request's S partial tiles [64, COLUMNS] through a ring of `STAGES` SMEM slots. The compute
+warpgroup takes the rows' maximum over the splits first, so each split's weight exp(lse - max) is known when
+its tile lands and the merge is one FMA a value with no rescale of the running sum (FlashMLA's combine does
+the same); two splits an iteration. Values are f32 throughout (one value per row in wgmma's register layout,
+broadcast over the columns, no matmul) and the bf16 tile is written once; column tile 0's CTA writes the rows'
+log-sum-exp. At B=1 with R1's 128 heads and 512 latent columns that is 2 x 16 CTAs.
 
-Measured: not the HBM rate. With 16 slots the merge of 66 splits took 10.2 us (H100, session 14; 0.85 TB/s),
-of 16 splits 3.8 us, ~0.13 us a split. The ring is now as deep as Mosaic GPU allows (`STAGES`: 32 slots, its
-most barriers in one group; 128 KB a CTA), and 66 splits still take 10.6 us (H200, session 15; XLA's five
-kernels 10.3 us in the same run): the bytes in flight are not the bound either. The likely one is the compute
-warpgroup's serial chain per split (barrier, SMEM loads, new maximum, two exponentials, rescale, release).
+Measured (the online form before session 15, which rescaled the sum at every split and copied each split's
+log-sum-exps beside its tile): not the HBM rate. With 16 slots the merge of 66 splits took 10.2 us (H100,
+session 14; 0.85 TB/s), of 16 splits 3.8 us, ~0.13 us a split; with 32 slots 10.6 us (H200, session 15; XLA's
+five kernels 10.3 us in the same run): not the bytes in flight either. What is left that grows with the
+splits is the compute warpgroup's chain per split (barrier, SMEM loads, new maximum, two exponentials,
+rescale, release) and the two copies a split: this form has one copy, one exponential and no rescale a split.
+Prediction (not yet measured): 66 splits in ~5 us.
 """
 
 from __future__ import annotations
@@ -40,15 +44,16 @@ ROWS = 64  # rows per CTA: the wgmma register layout's M (one value per row broa
 COLUMNS = 32  # columns per CTA: enough CTAs at B=1 (2 x 16 for R1) for the partials' bytes to stream
 STAGES = 32  # partial tiles in flight per CTA (32 x 4 KB + their log-sum-exps: `smem_bytes`); a barrier a slot,
 # and Mosaic GPU allocates at most 32 barriers in one group (measured no faster than 16, session 15)
+MAX_SPLITS = 256  # a row tile's log-sum-exps of every split are one TMA box ([splits, 64] f32, <= 256 a side)
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 
 
-def smem_bytes(stages: int, itemsize: int = 2) -> int:
+def smem_bytes(stages: int, num_splits: int, itemsize: int = 2) -> int:
   """SMEM of one CTA as Mosaic GPU lays it out (every allocation 1 KB-aligned), barriers aside: the ring of
-  partial tiles and of their log-sum-exps, the output tile and its log-sum-exps."""
+  partial tiles, every split's log-sum-exps of the row tile, the output tile and its log-sum-exps."""
   align = lambda n: -(-n // 1024) * 1024
-  return (align(stages * ROWS * COLUMNS * itemsize) + align(stages * ROWS * 4) + align(ROWS * COLUMNS * itemsize)
-          + align(ROWS * 4))
+  return (align(stages * ROWS * COLUMNS * itemsize) + align(num_splits * ROWS * 4)
+          + align(ROWS * COLUMNS * itemsize) + align(ROWS * 4))
 
 
 def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages, interpret):
@@ -57,9 +62,13 @@ def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages,
   rows, cols = ROWS, COLUMNS
   dtype = o_ref.dtype
 
-  def scoped(o_smem, lse_smem, out_smem, lse_out_smem, full, free):
+  def scoped(o_smem, lse_smem, out_smem, lse_out_smem, lse_bar, full, free):
     @pl.when(wg == 1)
     def _memory():
+      # every split's log-sum-exps of this row tile at once ([splits, 64] f32: one copy), then the tiles
+      plgpu.copy_gmem_to_smem(lse_ref.at[pl.ds(b * num_splits, num_splits), pl.ds(rt * rows, rows)], lse_smem,
+                              lse_bar)
+
       @pl.loop(0, num_splits)
       def _(s):
         slot = lax.rem(s, stages)
@@ -68,38 +77,49 @@ def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages,
         def _():
           plgpu.barrier_wait(free.at[slot])
 
-        unit = b * num_splits + s
-        plgpu.copy_gmem_to_smem(o_ref.at[unit, pl.ds(rt * rows, rows), pl.ds(ct * cols, cols)], o_smem.at[slot],
-                                full.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[unit, pl.ds(rt * rows, rows)], lse_smem.at[slot], full.at[slot])
+        plgpu.copy_gmem_to_smem(o_ref.at[b * num_splits + s, pl.ds(rt * rows, rows), pl.ds(ct * cols, cols)],
+                                o_smem.at[slot], full.at[slot])
 
       for j in range(min(stages, num_splits)):  # the last releases, so every barrier ends balanced
         plgpu.barrier_wait(free.at[(num_splits - 1 - j) % stages])
 
     @pl.when(wg == 0)
     def _compute():
+      def split_lse(s):
+        return _mosaic.load_wgmma_rows(lse_smem.at[s], interpret)
+
       def load_tile(slot):
         if interpret:
           return o_smem[slot].astype(jnp.float32)
         return plgpu.load(o_smem.at[slot], (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
 
-      def step(s, carry):
-        acc, m, tot = carry
+      # The weights first: the maximum over the splits (four running maxima, so the SMEM loads overlap), then
+      # exp(lse - max) per split as its tile comes. No rescale of the sum inside the loop: each split is one
+      # FMA a value, and two splits an iteration keep two tiles' loads in flight.
+      plgpu.barrier_wait(lse_bar)
+      maxima = [_mosaic.wgmma_rows(jnp.full((rows,), -jnp.inf, jnp.float32), interpret) for _ in range(4)]
+      for s in range(num_splits):
+        maxima[s % 4] = jnp.maximum(maxima[s % 4], split_lse(s))
+      m = functools.reduce(jnp.maximum, maxima)
+      m_use = jnp.where(m == -jnp.inf, 0.0, m)  # no split with keys: every weight 0
+
+      def add_split(s, acc, tot):
         slot = lax.rem(s, stages)
         plgpu.barrier_wait(full.at[slot])
-        lse = _mosaic.load_wgmma_rows(lse_smem.at[slot], interpret)
         o = load_tile(slot)
         plgpu.barrier_arrive(free.at[slot])
-        m_new = jnp.maximum(m, lse)
-        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no split with keys yet: every weight 0
-        alpha, w = jnp.exp(m - m_use), jnp.exp(lse - m_use)
-        acc = acc * _mosaic.bcast_rows(alpha, acc.shape) + o * _mosaic.bcast_rows(w, o.shape)
-        return acc, m_new, tot * alpha + w
+        w = jnp.exp(split_lse(s) - m_use)
+        return acc + o * _mosaic.bcast_rows(w, o.shape), tot + w
+
+      def pair(j, carry):
+        acc, tot = add_split(2 * j, *carry)
+        return add_split(2 * j + 1, acc, tot)
 
       acc = _mosaic.wgmma_tile(jnp.zeros((rows, cols), jnp.float32), interpret)
-      m = _mosaic.wgmma_rows(jnp.full((rows,), -jnp.inf, jnp.float32), interpret)
       tot = _mosaic.wgmma_rows(jnp.zeros((rows,), jnp.float32), interpret)
-      acc, m, tot = lax.fori_loop(0, num_splits, step, (acc, m, tot))
+      acc, tot = lax.fori_loop(0, num_splits // 2, pair, (acc, tot))
+      if num_splits % 2:
+        acc, tot = add_split(num_splits - 1, acc, tot)
       live = tot > 0
       tot_safe = jnp.where(live, tot, 1.0)
       out_smem[...] = (acc / _mosaic.bcast_rows(tot_safe, acc.shape)).astype(dtype)
@@ -116,10 +136,11 @@ def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages,
   pl.run_scoped(
       scoped,
       plgpu.SMEM((stages, rows, cols), dtype, transforms=_mosaic.smem_transforms(cols, dtype)),
-      plgpu.SMEM((stages, rows), jnp.float32),
+      plgpu.SMEM((num_splits, rows), jnp.float32),
       plgpu.SMEM((rows, cols), dtype, transforms=_mosaic.smem_transforms(cols, dtype)),
       plgpu.SMEM((rows,), jnp.float32),
-      plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # the tile's and its log-sum-exps' copies
+      plgpu.Barrier(num_arrivals=1),  # every split's log-sum-exps
+      plgpu.Barrier(num_arrivals=1, num_barriers=stages),  # a partial tile's copy
       plgpu.Barrier(num_arrivals=1, num_barriers=stages),
       collective_axes="wg",
   )
@@ -143,6 +164,8 @@ def combine_splits(o_parts, lse_parts, *, num_splits: int, interpret: bool = Fal
     raise ValueError(f"rows {r} and columns {c} must be multiples of {ROWS} and {COLUMNS}")
   if lse_parts.dtype != jnp.float32:
     raise ValueError(f"lse_parts must be float32, got {lse_parts.dtype}")
+  if num_splits > MAX_SPLITS:
+    raise ValueError(f"num_splits {num_splits} > {MAX_SPLITS} (a row tile's log-sum-exps are one TMA box)")
   b = units // num_splits
   body = functools.partial(_combine_kernel, num_splits=num_splits, stages=min(STAGES, num_splits),
                            interpret=interpret)

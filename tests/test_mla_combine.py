@@ -82,6 +82,13 @@ def test_decode_merges_its_splits_with_the_kernel():
 
 
 def test_the_deepest_ring_fits_a_ctas_shared_memory():
-  """STAGES slots of partial tiles and log-sum-exps, the output tile and the barriers fit one CTA's SMEM (that
-  the deepest ring lowers, with Mosaic GPU's at most 32 barriers a group: `test_lowers_for_cuda_at_r1_shape`)."""
-  assert mc.smem_bytes(mc.STAGES) + 1024 <= mc.SMEM_BYTES
+  """STAGES slots of partial tiles, the most splits' log-sum-exps, the output tile and the barriers fit one CTA's
+  SMEM (that the deepest ring lowers, with Mosaic GPU's at most 32 barriers a group:
+  `test_lowers_for_cuda_at_r1_shape`)."""
+  assert mc.smem_bytes(mc.STAGES, mc.MAX_SPLITS) + 1024 <= mc.SMEM_BYTES
+
+
+def test_too_many_splits_are_refused():
+  o, lse = partials(0, 1, mc.MAX_SPLITS + 1, mc.ROWS, mc.COLUMNS)
+  with pytest.raises(ValueError, match="num_splits 257 > 256"):
+    mc.combine_splits(o, lse, num_splits=mc.MAX_SPLITS + 1)
