@@ -177,6 +177,14 @@ def decoder_param_bytes(model) -> int:
                for leaf in jax.tree.leaves(sub))
 
 
+def device_memory_gib(device) -> dict | None:
+    """The allocator's live and peak bytes (GiB) on `device`; None where the backend keeps no statistics (CPU)."""
+    stats = (device or jax.devices()[0]).memory_stats()
+    if not stats:
+        return None
+    return {k: round(stats[k] / 2**30, 2) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def randomized_pages(pages, key):
     """The cache pages with N(0, 1) rows (a decode step's cost does not depend on the values; random ones give
@@ -385,12 +393,18 @@ def decode_point(model, cfg, executor, sweep: Sweep, b: int, ctx: int, tokens, h
         if not F.mla_decode_cluster:  # before the first call builds the step programs
             runner.attention = dataclasses.replace(runner.attention, decode_cluster=False)
         runner.pages = randomized_pages(runner.pages, jax.random.key(seed))
+        jax.block_until_ready(runner.pages)
+        row["memory_gib_before"] = device_memory_gib(runner.device)
         step = functools.partial(runner.decode, items)
         first, step_s = median_time(step, sweep.repeats, sweep.warmup)
     except Exception as e:  # noqa: BLE001 (keep the other points)
         row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
-        log(t0, f"{point}: FAILED {row['error']}")
+        row["memory_gib_at_error"] = device_memory_gib(runner.device if "runner" in locals() else None)
+        log(t0, f"{point}: FAILED {row['error']}; device memory {row['memory_gib_at_error']}")
         return row
+    # the step's own high-water mark: its donated pages are written in place, so the peak should not rise
+    # above the live bytes before it by more than the step's temporaries (WORKSPACE Finding 34)
+    row["memory_gib_after"] = device_memory_gib(runner.device)
     distinct = distinct_experts(runner, cfg, b)  # of the timed steps (the same tokens every step)
     need = roofline.decode_bytes(cfg, b, b * ctx, distinct, itemsize=2, cache_itemsize=2)
     host_s = host_return_time(step, sweep.repeats)
@@ -408,7 +422,8 @@ def decode_point(model, cfg, executor, sweep: Sweep, b: int, ctx: int, tokens, h
             f"{need.total / 1e9:6.2f} GB needed ({sum(distinct)} experts hit) -> "
             f"{row['achieved_gbps']:6.0f} GB/s = {row['hbm_frac']:.3f} of HBM; host returns after "
             f"{host_s * 1e3:.2f} ms; step ahead {ahead_s * 1e3:.2f} ms = {row['hbm_frac_step_ahead']:.3f} of "
-            f"HBM; compile+first {first:.1f} s")
+            f"HBM; compile+first {first:.1f} s; device memory (GiB) before {row['memory_gib_before']}, after "
+            f"{row['memory_gib_after']}")
     if F.host_profile:
         hp = row["host_profile"] = host_profile(step, sweep.repeats)
         log(t0, f"{point}: host under cProfile {hp['host_s_per_call'] * 1e3:.2f} ms a step; costliest: "
