@@ -11,6 +11,8 @@
 #   sweep_a, sweep_b  bench_engine decode only, the points of issue 17's B x context grid still missing after
 #            session 13 (which measured B=8 at 4K, B=64 at 16K and 1K from logs): sweep_a B=32, 256 at 4K and
 #            B=128 at 16K; sweep_b B=256 at 16K and B=128 at 1K (a cache per point; ~100 s a point)   ~8 min each
+#   sweep_c  the grid's three points that exist only in session 13's logs (no JSON): B=8 at 4K, B=64 at 1K and
+#            at 16K (~100 s a point)                                                               ~6 min
 #   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
 #   dispatch bench_dwdp_dispatch: decode B=1 and 64 at 4K through the single-program runner and through a DWDP
 #            rank (group of one: per-layer programs, no fetch), the rank without and with command buffers
@@ -41,7 +43,7 @@
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, sweep_a, sweep_b, dispatch, decode_memory, b256_oom, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep_a, sweep_b, sweep_c, dispatch, decode_memory, b256_oom, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
 KIND="${2:-}"  # gpu_env.sh sets it from the GPUs this machine has
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -85,6 +87,15 @@ case "$PART" in
       step engine sweep_1k_128 200 "${SWEEP[@]}" --time_budget_s=170 --decode_batch=128 --decode_context=1024 \
         --typical=128x1024 --tag=decode-sweep-1k-b128
     fi
+    ;;
+  sweep_c)
+    SWEEP=("${BENCH[@]}" --prefill_requests= --peak_matmul_size=2048 --hbm_copy_mib=1024 --time_budget_s=140)
+    step engine sweep_4k_8 165 "${SWEEP[@]}" --decode_batch=8 --decode_context=4096 --typical=8x4096 \
+      --tag=decode-sweep-4k-b8
+    step engine sweep_1k_64 165 "${SWEEP[@]}" --decode_batch=64 --decode_context=1024 --typical=64x1024 \
+      --tag=decode-sweep-1k-b64
+    step engine sweep_16k_64 175 "${SWEEP[@]}" --decode_batch=64 --decode_context=16384 --typical=64x16384 \
+      --tag=decode-sweep-16k-b64
     ;;
   glue)
     # since session 11 the prefill kernel reads q_pe apart and the engine decodes with the clustered kernel
