@@ -231,6 +231,12 @@ def test_half_page_key_tiles_overlapped_qk():
   check(6, 3, 1, 8, 32, 16, [200, 2, 0], 4, md.DecodeConfig.deep_ring(num_splits=1, overlap_qk=True))
 
 
+def test_half_page_key_tiles_balanced_units():
+  # the balanced schedule's units (pages of one request) run as half-page tiles: a unit starting mid-request
+  check(8, 3, 1, 8, 32, 16, [300, 40, 0], 5, md.DecodeConfig.deep_ring(balanced=True, num_splits=2,
+                                                                      min_pages_per_split=1))
+
+
 def test_key_tile_is_checked():
   with pytest.raises(ValueError, match="key_tile"):
     md.DecodeConfig(key_tile=16)
