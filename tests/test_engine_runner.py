@@ -29,6 +29,7 @@ from dwdp_jax.engine.workload import Request, RequestError, split_by_rank
 from dwdp_jax.model import init_model
 from dwdp_jax.parallel.dep import DepModel
 from dwdp_jax.parallel.dwdp import DwdpGroup
+from tests.forward_util import jitted_forward
 
 CFG = TINY
 SLOTS, MAX_LEN = 4, 32
@@ -45,8 +46,7 @@ def model():
 @pytest.fixture(scope="module")
 def full_logits(model):
     """seqs (token lists, each <= REF_LEN) -> per sequence [len, vocab] logits of one causal full forward."""
-    graph, state = nnx.split(model)
-    forward = jax.jit(lambda state, ids: nnx.merge(graph, state)(ids))
+    forward = jitted_forward(model)
 
     def run(seqs):
         out = []
@@ -55,7 +55,7 @@ def full_logits(model):
             buf = np.zeros((REF_ROWS, REF_LEN), np.int32)  # end padding: causal, so it changes nothing before it
             for r, s in enumerate(group):
                 buf[r, : len(s)] = s
-            logits = np.asarray(forward(state, buf))
+            logits = np.asarray(forward(buf))
             out += [logits[r, : len(s)] for r, s in enumerate(group)]
         return out
 

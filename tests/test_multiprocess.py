@@ -28,6 +28,7 @@ from dwdp_jax.parallel.multiprocess import DwdpProcessGroup, RemoteRank
 from dwdp_jax.parallel.peer_memory import FabricTransport, FabricUnavailable, PeerArray, SharedMemoryTransport
 from dwdp_jax.parallel.threads import run_in_threads
 from dwdp_jax.planner.placement import Placement
+from tests.forward_util import jitted_forward
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SPEC = ProcessGroupSpec(startup_timeout_s=20, control_timeout_s=20)
@@ -130,13 +131,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def reference(model):
-    """The single-device model's forward under jit (one compile for the tests' one shape; eagerly each reference
-    forward dispatched its ops one by one)."""
-    from flax import nnx
-
-    graph, state = nnx.split(model)
-    forward = jax.jit(lambda state, ids: nnx.merge(graph, state)(ids))
-    return lambda ids: forward(state, ids)
+    return jitted_forward(model)
 
 
 def test_process_group_in_threads_matches_the_model(model, reference):
@@ -283,16 +278,12 @@ def launcher_flags():
 
 def greedy_tokens(prompts: list[np.ndarray], new: int) -> list[list[int]]:
     """The tiny preset's greedy continuations by full re-forwards (the weights every launcher run builds)."""
-    from flax import nnx
-
-    model = init_model(TINY.replace(num_mtp_layers=0), seed=0, dtype=jnp.float32)
-    graph, state = nnx.split(model)
-    forward = jax.jit(lambda state, ids: nnx.merge(graph, state)(ids))
+    forward = jitted_forward(init_model(TINY.replace(num_mtp_layers=0), seed=0, dtype=jnp.float32))
     s = len(prompts[0])
     buf = np.zeros((len(prompts), s + new), np.int32)
     buf[:, :s] = prompts
     for j in range(new):
-        buf[:, s + j] = np.asarray(forward(state, buf))[:, s + j - 1].argmax(-1)
+        buf[:, s + j] = np.asarray(forward(buf))[:, s + j - 1].argmax(-1)
     return buf[:, s:].tolist()
 
 

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dwdp_jax.config import TINY
 from dwdp_jax.experts import ExpertWeights
@@ -24,6 +23,7 @@ from dwdp_jax.planner import FetchPolicy
 from pallas_kernels import _compat
 from pallas_kernels import remote_dma as rd
 from pallas_kernels import stream_launch as sl
+from tests.forward_util import jitted_forward
 
 ON_GPU = _compat.on_gpu()
 CFG = TINY.replace(num_layers=3, first_k_dense_replace=1)
@@ -84,8 +84,7 @@ def test_dwdp_equals_the_copy_engine_backend(sync_dispatch, model, policy):
             assert sum(rank.counters["miss_experts"] for rank in group.ranks) > 0
         group.close()
     np.testing.assert_array_equal(np.asarray(logits["pallas_async"]), np.asarray(logits["copy_engine_stream"]))
-    graph, state = nnx.split(model)  # the reference under jit: one compile, not the eager forward's op by op
-    ref = np.asarray(jax.jit(lambda state, ids: nnx.merge(graph, state)(ids))(state, jnp.asarray(batches[0][0])))
+    ref = np.asarray(jitted_forward(model)(jnp.asarray(batches[0][0])))
     assert np.abs(logits["pallas_async"][0][0] - ref).max() / np.abs(ref).max() <= 1e-5
 
 

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dwdp_jax.config import TINY
 from dwdp_jax.model import init_model
@@ -15,6 +14,7 @@ from dwdp_jax.parallel.dep import DepModel
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup, replicated_placement, source_order
 from dwdp_jax.parallel.memory import memory_per_device
 from dwdp_jax.planner.placement import Placement
+from tests.forward_util import jitted_forward
 
 CFG = TINY.replace(num_layers=3, first_k_dense_replace=1)
 COLLECTIVES = ("all-to-all", "all-gather", "all-reduce", "reduce-scatter", "collective-permute")
@@ -25,17 +25,9 @@ def model():
     return init_model(CFG, dtype=jnp.float32, seed=3)
 
 
-def _jitted(model):
-    """The single-device model's forward under jit: the reference compiles once per shape (eagerly each of the
-    tests' ~30 reference forwards dispatched its ops one by one)."""
-    graph, state = nnx.split(model)
-    forward = jax.jit(lambda state, ids: nnx.merge(graph, state)(ids))
-    return lambda ids: forward(state, ids)
-
-
 @pytest.fixture(scope="module")
 def reference(model):
-    return _jitted(model)
+    return jitted_forward(model)
 
 
 def _batches(g, b=2, s=6, seed=0):
@@ -132,7 +124,7 @@ def test_dense_layers_run_in_the_prologue_program():
     rank = group.ranks[0]
     assert rank.prologue_layers == [0, 1] and rank.programs_per_step == 3
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 6))
-    ref = np.asarray(_jitted(model)(jnp.asarray(ids)))
+    ref = np.asarray(jitted_forward(model)(jnp.asarray(ids)))
     calls = []
 
     def counted(f):

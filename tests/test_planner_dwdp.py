@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from dwdp_jax.config import TINY
 from dwdp_jax.model import init_model
 from dwdp_jax.parallel.dwdp import DwdpConfig, DwdpGroup
 from dwdp_jax.planner import FetchPolicy, Placement, skew
+from tests.forward_util import jitted_forward
 
 # The module's tests share the skewed model and the fetch-all run: one xdist worker runs them (`--dist loadgroup`).
 pytestmark = pytest.mark.xdist_group("test_planner_dwdp")
@@ -47,9 +47,7 @@ def _reference(model):
     """The single-device model's forward under jit, made once per model: one compile per shape, where eagerly
     each of the file's ~60 reference forwards dispatched its ops one by one."""
     if id(model) not in _FORWARDS:
-        graph, state = nnx.split(model)
-        forward = jax.jit(lambda state, ids: nnx.merge(graph, state)(ids))
-        _FORWARDS[id(model)] = (model, lambda ids: forward(state, ids))
+        _FORWARDS[id(model)] = (model, jitted_forward(model))
     return _FORWARDS[id(model)][1]
 
 
