@@ -15,7 +15,8 @@
 # --deep: 32-token key tiles, four in flight (DecodeConfig.deep_ring), with and without overlap_qk, beside the
 # two-page ring, and the split combine with the weights first (session 15) beside XLA's: the decode tests with
 # half-page tiles and the combine tests (R1 shapes) first, then B=64 / 128 at 4K, B=1 at 32K / 64K / 4K and two
-# MTP queries, each step under a timeout                                                            ~5 min
+# MTP queries, each step under a timeout; and the seesaw order of the compute warpgroups on the same ring
+# (DecodeConfig.seesaw: `_ss` cases, tests/test_mla_decode_seesaw.py)                               ~6 min
 # Logs and the results JSON go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,8 +46,9 @@ focused() {
 
 case "$MODE" in
   deep) focused deep 240 240 \
-    b64_4k_cl,b64_4k_cl_t32,b64_4k_cl_t32_ov,b128_4k_cl,b128_4k_cl_t32,b128_4k_cl_t32_ov,b1_32k_cl,b1_32k_cl_t32,b1_32k_cl_t32_ov,b64_4k_mtp2_cl,b64_4k_mtp2_cl_t32,b1_32k_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_xla,b1_4k,b1_4k_xla \
-    tests/test_mla_combine.py tests/test_mla_decode.py -k "half_page or key_tile or (r1_shapes and not overlapped) or combine or splits or r1_b1" ;;
+    b64_4k_cl,b64_4k_cl_t32,b64_4k_cl_t32_ov,b64_4k_cl_t32_ss,b128_4k_cl,b128_4k_cl_t32,b128_4k_cl_t32_ov,b128_4k_cl_t32_ss,b1_32k_cl,b1_32k_cl_t32,b1_32k_cl_t32_ov,b1_32k_cl_t32_ss,b64_4k_mtp2_cl,b64_4k_mtp2_cl_t32,b64_4k_mtp2_cl_t32_ss,b1_32k_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_xla,b1_4k,b1_4k_xla \
+    tests/test_mla_combine.py tests/test_mla_decode.py tests/test_mla_decode_seesaw.py \
+    -k "half_page or key_tile or seesaw or (r1_shapes and not overlapped) or combine or splits or r1_b1" ;;
   overlap) focused overlap 240 240 \
     b64_4k_cl,b64_4k_cl_ov,b128_4k_cl,b128_4k_cl_ov,b1_32k_cl,b1_32k_cl_ov,b1_32k_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_ov,b64_4k_mtp2_cl,b64_4k_mtp2_cl_ov \
     tests/test_mla_combine.py tests/test_mla_decode.py ;;

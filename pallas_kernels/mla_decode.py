@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _compat, _mosaic, mla_combine, mla_schedule
+from pallas_kernels import _compat, _mosaic, mla_combine, mla_decode_seesaw, mla_schedule
 
 PAGE_SIZE = 64  # tokens per cache page: the S tile's width and the P V product's K
 BLOCK_ROWS = 64  # query rows per CTA (the wgmma M of one warpgroup)
@@ -74,7 +74,11 @@ class DecodeConfig:
   `key_tile`: keys a step (a page of 64, or 32: half a page), and `max_concurrent_steps` counts these tiles.
   With 32-token tiles four fit in the SMEM of two pages (Q 72 KB + 4 x 36 KB for R1), so a tile's load has
   three tiles' time to land instead of one page's, and `overlap_qk` waits for a load issued two tiles before;
-  the price is twice the steps (barriers, O rescales). `DecodeConfig.deep_ring()` gives that setting."""
+  the price is twice the steps (barriers, O rescales). `DecodeConfig.deep_ring()` gives that setting.
+  `seesaw`: FlashMLA's order of the compute warpgroups (`mla_decode_seesaw`): key tiles in pairs, each
+  warpgroup computes S of one tile of the pair and both do their half of P V for both, so one's softmax runs
+  while the other's S keeps the tensor cores busy. Two tiles are in compute at once: it needs at least four
+  in flight (`deep_ring(seesaw=True)`)."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
@@ -83,6 +87,7 @@ class DecodeConfig:
   combine: str | None = None
   overlap_qk: bool = False
   key_tile: int = PAGE_SIZE
+  seesaw: bool = False
 
   def __post_init__(self):
     if self.key_tile not in (32, PAGE_SIZE):
@@ -96,6 +101,9 @@ class DecodeConfig:
       raise ValueError(f"min_pages_per_split must be >= 1, got {self.min_pages_per_split}")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
+    if self.seesaw and (self.max_concurrent_steps < 4 or self.overlap_qk):
+      raise ValueError("seesaw=True needs max_concurrent_steps >= 4 (a pair of tiles in compute, the next pair "
+                       f"loading) and overlap_qk=False, got {self.max_concurrent_steps} and {self.overlap_qk}")
 
   @classmethod
   def deep_ring(cls, **kw) -> "DecodeConfig":
@@ -170,7 +178,7 @@ def combine(o_parts, lse_parts):
 
 
 def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl, scale_log2, steps_in_flight,
-                   interpret, cluster, num_splits, overlap_qk, key_tile):
+                   interpret, cluster, num_splits, overlap_qk, key_tile, seesaw):
   tile, unit = lax.axis_index("tile"), lax.axis_index("unit")
   wg = lax.axis_index("wg")
   rows, page, d = BLOCK_ROWS, PAGE_SIZE, q_ref.shape[-1]
@@ -193,11 +201,11 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
   min_pos = length - s_q + lax.div(tile * rows, heads)
   unmasked = jnp.clip(lax.div(min_pos + 1, kt) - first, 0, steps)
 
-  def scoped(qa_smem, qb_smem, qr_smem, k_smem, p_smem, stats_smem, q_bar, full, free, p_ready, p_free,
-             final):
+  def scoped(qa_smem, qb_smem, qr_smem, k_smem, p_smem, stats_smem, q_bar, full, free, sync):
     # Q in three buffers (latent halves, rope) so that each compute warpgroup can stage its output half in
     # a whole, contiguous buffer (a TMA store needs one) once Q is no longer read.
     alpha_smem, l_smem, lse_smem = stats_smem.at[0], stats_smem.at[1], stats_smem.at[2]
+    p_ready, p_free, final = (None, None, sync.at[5]) if seesaw else (sync.at[0], sync.at[1], sync.at[2])
     q_parts = ((qa_smem, 0, half), (qb_smem, half, half), (qr_smem, dl, d - dl))
 
     @pl.when(wg == 2)
@@ -342,6 +350,33 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       plgpu.barrier_arrive(free.at[slot])
       return o, m, l, s_next
 
+    def store(which, o, l, m):
+      """Output half `which` of the unit's partial (o / l, bf16, staged in Q's SMEM: Q must no longer be read)
+      and, with m given, the rows' log-sum-exp (natural log; m, l in the log2 domain)."""
+      buf = (qa_smem, qb_smem)[which]
+      l_safe = jnp.where(l > 0, l, 1.0)
+      buf[...] = (o / _mosaic.bcast_rows(l_safe, o.shape)).astype(dtype)
+      if m is not None:
+        lse_smem[...] = jnp.where(l > 0, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(buf, o_ref.at[unit, pl.ds(tile * rows, rows), pl.ds(which * half, half)])
+      if m is not None:
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[unit, pl.ds(tile * rows, rows)])
+      plgpu.wait_smem_to_gmem(0)
+
+    if seesaw:
+      unit_kit = mla_decode_seesaw.SeesawUnit(
+          interpret=interpret, steps=steps, unmasked=unmasked, half=half, scale_log2=scale_log2, k_smem=k_smem,
+          p_smem=p_smem, stats_smem=stats_smem, full=full, free=free, bars=tuple(sync.at[i] for i in range(6)),
+          scores=scores, mask=masked_scores, pv=pv, store=store)
+      for w, run in enumerate((mla_decode_seesaw.warpgroup0, mla_decode_seesaw.warpgroup1)):
+        @pl.when(wg == w)
+        def _():
+          plgpu.set_max_registers(232, action="increase")
+          plgpu.barrier_wait(q_bar)  # both warpgroups compute S
+          run(unit_kit, rows)
+      return
+
     @pl.when(wg == 0)
     def _softmax_wg():
       plgpu.set_max_registers(232, action="increase")
@@ -367,13 +402,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
 
       l_smem[...] = l
       plgpu.barrier_arrive(final)
-      l_safe = jnp.where(l > 0, l, 1.0)
-      qa_smem[...] = (o / _mosaic.bcast_rows(l_safe, o.shape)).astype(dtype)  # Q is no longer read
-      lse_smem[...] = jnp.where(l > 0, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qa_smem, o_ref.at[unit, pl.ds(tile * rows, rows), pl.ds(0, half)])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[unit, pl.ds(tile * rows, rows)])
-      plgpu.wait_smem_to_gmem(0)
+      store(0, o, l, m)  # warpgroup 1 does not read Q
 
     @pl.when(wg == 1)
     def _partner_wg():
@@ -392,12 +421,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
 
       o = lax.fori_loop(0, steps, step, _mosaic.wgmma_tile(jnp.zeros((rows, half), jnp.float32), interpret))
       plgpu.barrier_wait(final)  # warpgroup 0 is done with Q's SMEM and has written l
-      l = _mosaic.load_wgmma_rows(l_smem, interpret)
-      l_safe = jnp.where(l > 0, l, 1.0)
-      qb_smem[...] = (o / _mosaic.bcast_rows(l_safe, o.shape)).astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qb_smem, o_ref.at[unit, pl.ds(tile * rows, rows), pl.ds(half, half)])
-      plgpu.wait_smem_to_gmem(0)
+      store(1, o, _mosaic.load_wgmma_rows(l_smem, interpret), None)
 
   # A 32-token tile as P V's K needs the 64-byte swizzle (wgmma's K groups are one swizzle wide), and wgmma
   # wants Q (S's left operand) swizzled as K: every tile of the step's products then uses it.
@@ -408,15 +432,16 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       plgpu.SMEM((rows, half), dtype, transforms=swizzled()),
       plgpu.SMEM((rows, d - dl), dtype, transforms=swizzled()),
       plgpu.SMEM((steps_in_flight, kt, d), dtype, transforms=swizzled()),
-      plgpu.SMEM((rows, kt), dtype, transforms=_mosaic.smem_transforms(kt, dtype)),
-      plgpu.SMEM((3, rows), jnp.float32),  # alpha, l, lse: one 1 KB allocation (each is 1 KB-aligned)
+      # P: one buffer (warpgroup 0's P for its partner), or the seesaw's two (P_a, P_b)
+      plgpu.SMEM(((2,) if seesaw else ()) + (rows, kt), dtype, transforms=_mosaic.smem_transforms(kt, dtype)),
+      # alpha, l, lse (seesaw: m_a, m_b, lse): one 1 KB allocation (each is 1 KB-aligned)
+      plgpu.SMEM((3, rows), jnp.float32),
       plgpu.Barrier(num_arrivals=3),
       plgpu.Barrier(num_arrivals=1, num_barriers=steps_in_flight),
       (plgpu.ClusterBarrier(collective_axes=("tile",), num_arrivals=2, num_barriers=steps_in_flight) if cluster
        else plgpu.Barrier(num_arrivals=2, num_barriers=steps_in_flight)),
-      plgpu.Barrier(num_arrivals=1),
-      plgpu.Barrier(num_arrivals=1),
-      plgpu.Barrier(num_arrivals=1),
+      # the compute warpgroups' hand-overs: p_ready, p_free, final (seesaw: mla_decode_seesaw's six)
+      plgpu.Barrier(num_arrivals=1, num_barriers=6 if seesaw else 3),
       collective_axes="wg",
   )
 
@@ -424,11 +449,11 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
 _REDUCTION_SCRATCH_BYTES = 1024  # Mosaic's cross-warp reduction scratch (its default, 2 KB, would not fit)
 
 
-def _smem_bytes(d, steps_in_flight, key_tile=PAGE_SIZE, itemsize=2):
+def _smem_bytes(d, steps_in_flight, key_tile=PAGE_SIZE, itemsize=2, p_buffers=1):
   """SMEM of one CTA as Mosaic GPU lays it out (every allocation 1 KB-aligned), barriers aside."""
   align = lambda n: -(-n // 1024) * 1024
   q = BLOCK_ROWS * d * itemsize
-  return (q + align(steps_in_flight * key_tile * d * itemsize) + align(BLOCK_ROWS * key_tile * itemsize)
+  return (q + align(steps_in_flight * key_tile * d * itemsize) + align(p_buffers * BLOCK_ROWS * key_tile * itemsize)
           + align(3 * BLOCK_ROWS * 4) + _REDUCTION_SCRATCH_BYTES)
 
 
@@ -488,7 +513,7 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   parts = ((kv_lora_rank, dl), (d - kv_lora_rank, dr))
   q_p, pages_p = _pad_last(q, parts), _pad_last(pages, parts)
   dp = dl + dr
-  smem = _smem_bytes(dp, cfg.max_concurrent_steps, cfg.key_tile)
+  smem = _smem_bytes(dp, cfg.max_concurrent_steps, cfg.key_tile, p_buffers=2 if cfg.seesaw else 1)
   if smem > SMEM_BYTES:
     raise ValueError(f"width {dp} with {cfg.max_concurrent_steps} key tiles of {cfg.key_tile} in flight needs "
                      f"{smem} bytes of SMEM (> {SMEM_BYTES})")
@@ -514,7 +539,8 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
                      f"{MAX_CLUSTER * BLOCK_ROWS}), got {tiles}")
   body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _LOG2E,
                            steps_in_flight=cfg.max_concurrent_steps, interpret=interpret, cluster=cluster,
-                           num_splits=splits, overlap_qk=cfg.overlap_qk, key_tile=cfg.key_tile)
+                           num_splits=splits, overlap_qk=cfg.overlap_qk, key_tile=cfg.key_tile,
+                           seesaw=cfg.seesaw)
   # Unclustered, the grid is (row tiles, units) with row tiles fastest: the CTAs reading the same pages are
   # launched together. Clustered, a unit's row tiles are one cluster.
   grid = dict(grid=(units,), grid_names=("unit",), cluster=(tiles,), cluster_names=("tile",)) if cluster else \

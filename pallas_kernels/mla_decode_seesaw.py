@@ -1,0 +1,208 @@
+"""The MLA decode kernel's compute warpgroups in FlashMLA's "seesaw" order (`DecodeConfig(seesaw=True)`).
+
+In the plain order (`mla_decode`), compute warpgroup 0 carries every key tile's critical path: S = Q K^T over
+576 columns, the softmax, then its half of P V, while warpgroup 1 only does the other half of P V; the tensor
+cores idle through each softmax. In the seesaw, the key tiles go in pairs (a = even, b = odd) and each
+warpgroup computes S of one of them, so one warpgroup's S runs on the tensor cores while the other one's
+softmax runs on the CUDA cores:
+
+  warpgroup 0 (O[:, :half])                      warpgroup 1 (O[:, half:])
+  S_a = Q K_a^T                                   S_b = Q K_b^T
+  m_a = max(m, rowmax S_a), P_a  --m_a, P_a-->    m_b = max(m_a, rowmax S_b), P_b
+  O = O * 2^(m - m_a) + P_a V_a[:, :half]         O = O * 2^(m - m_a) + P_a V_a[:, half:]
+                                 <--m_b, P_b--    O = O * 2^(m_a - m_b) + P_b V_b[:, half:]
+  O = O * 2^(m_a - m_b) + P_b V_b[:, :half]
+
+Each warpgroup derives the other's rescale factor from the published maxima (the same ops on the same values:
+bitwise equal), keeps the row sums of its own P (both relative to the running maximum m_b), and the two sums
+are added at the end. A unit with an odd number of tiles ends on a pair without b. SMEM: the ring's tiles,
+two P buffers [64, kt] (P_a, P_b) and three row vectors (m_a, m_b; at the end the partner's row sum, the total
+and the log-sum-exp). With two tiles in compute, the ring needs four slots so that the next pair loads during
+this one (`DecodeConfig.deep_ring(seesaw=True)`: 32-token tiles).
+
+Barriers (one arrival each): a_ready (P_a and m_a published), b_ready (P_b and m_b published), a_free /
+b_free (the reader is done with that P buffer), l_ready (warpgroup 1's row sum written, its last read of Q
+done), final (the total row sum written, warpgroup 0 done with Q).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _mosaic
+
+
+@dataclasses.dataclass(frozen=True)
+class SeesawUnit:
+  """One work unit as the decode kernel sets it up: its tile counts, SMEM refs, barriers and the kernel's
+  product helpers (closures over the unit).
+    steps / unmasked: key tiles of the unit, and how many leading ones need no mask (traced int32);
+    k_smem [slots, kt, d] ring; p_smem [2, rows, kt] bf16 (P_a, P_b); stats_smem [3, rows] f32;
+    full / free: the ring's barriers; bars: (a_ready, b_ready, a_free, b_free, l_ready, final);
+    scores(slot) -> S [rows, kt] f32 unscaled; mask(s, i) -> s with invisible keys -inf (tile i of the unit);
+    pv(o, p, v_ref) -> o + p @ v; store(wg, o, l, m): writes the warpgroup's output half (o / l), and
+    warpgroup 0 the rows' log-sum-exp (m, l in the log2 domain)."""
+  interpret: bool
+  steps: Any
+  unmasked: Any
+  half: int
+  scale_log2: float
+  k_smem: Any
+  p_smem: Any
+  stats_smem: Any
+  full: Any
+  free: Any
+  bars: tuple
+  scores: Callable
+  mask: Callable
+  pv: Callable
+  store: Callable
+
+
+def rescaled(s, m_old, m_new):
+  """(2^(s - m_new) per row, 2^(m_old - m_new)): P and the old terms' factor; a row with nothing visible yet
+  (m_new = -inf) gets P = 0. s [rows, kt] scaled scores, m_* [rows] (log2 domain)."""
+  m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  alpha = jnp.exp2(m_old - m_use)
+  if s is None:
+    return None, alpha
+  return jnp.exp2(s - _mosaic.bcast_rows(m_use, s.shape)), alpha
+
+
+def _scaled_scores(u: SeesawUnit, tile, mask):
+  slot = lax.rem(tile, u.k_smem.shape[0])
+  plgpu.barrier_wait(u.full.at[slot])
+  s = u.scores(slot) * u.scale_log2
+  return u.mask(s, tile) if mask else s
+
+
+def _publish(u: SeesawUnit, which, pair, p16, m_new):
+  """P and the new maxima into SMEM buffer `which` (0: a, 1: b) once its reader is done with the last pair's."""
+  ready, free = u.bars[which], u.bars[2 + which]
+
+  @pl.when(pair > 0)
+  def _():
+    plgpu.barrier_wait(free)
+
+  u.p_smem.at[which][...] = p16
+  u.stats_smem.at[which][...] = m_new
+  plgpu.commit_smem()
+  plgpu.barrier_arrive(ready)
+
+
+def _partner_p(u: SeesawUnit, which):
+  """The partner's P in SMEM as wgmma's left operand (interpret mode: its value)."""
+  return u.p_smem[which] if u.interpret else u.p_smem.at[which]
+
+
+def _v_half(u: SeesawUnit, tile, wg):
+  slot = lax.rem(tile, u.k_smem.shape[0])
+  return slot, u.k_smem.at[slot, :, pl.ds(wg * u.half, u.half)]
+
+
+def _pair_wg0(pair, carry, *, u: SeesawUnit, mask, has_b):
+  """Warpgroup 0's part of pair `pair` (tiles 2 pair, 2 pair + 1): carry (O[:, :half], m, its row sum)."""
+  o, m, l = carry
+  a = 2 * pair
+  s = _scaled_scores(u, a, mask)
+  m_a = jnp.maximum(m, s.max(axis=1))
+  p, alpha_a = rescaled(s, m, m_a)
+  p16 = p.astype(u.p_smem.dtype)
+  _publish(u, 0, pair, p16, m_a)
+  slot_a, v = _v_half(u, a, 0)
+  o = u.pv(o * _mosaic.bcast_rows(alpha_a, o.shape), p16, v)
+  plgpu.barrier_arrive(u.free.at[slot_a])
+  l = l * alpha_a + p.sum(axis=1)
+  if not has_b:
+    return o, m_a, l
+  plgpu.barrier_wait(u.bars[1])  # b_ready
+  m_b = _mosaic.load_wgmma_rows(u.stats_smem.at[1], u.interpret)
+  _, alpha_b = rescaled(None, m_a, m_b)
+  slot_b, v = _v_half(u, a + 1, 0)
+  plgpu.barrier_wait(u.full.at[slot_b])
+  o = u.pv(o * _mosaic.bcast_rows(alpha_b, o.shape), _partner_p(u, 1), v)
+  plgpu.barrier_arrive(u.bars[3])  # b_free
+  plgpu.barrier_arrive(u.free.at[slot_b])
+  return o, m_b, l * alpha_b
+
+
+def _pair_wg1(pair, carry, *, u: SeesawUnit, mask, has_b):
+  """Warpgroup 1's part of pair `pair`: carry (O[:, half:], m, its row sum)."""
+  o, m, l = carry
+  a = 2 * pair
+  if has_b:
+    s = _scaled_scores(u, a + 1, mask)
+  plgpu.barrier_wait(u.bars[0])  # a_ready
+  m_a = _mosaic.load_wgmma_rows(u.stats_smem.at[0], u.interpret)
+  _, alpha_a = rescaled(None, m, m_a)
+  if has_b:  # the softmax first: warpgroup 0 waits for it
+    m_b = jnp.maximum(m_a, s.max(axis=1))
+    p, alpha_b = rescaled(s, m_a, m_b)
+    p16 = p.astype(u.p_smem.dtype)
+    _publish(u, 1, pair, p16, m_b)
+  slot_a, v = _v_half(u, a, 1)
+  plgpu.barrier_wait(u.full.at[slot_a])
+  o = u.pv(o * _mosaic.bcast_rows(alpha_a, o.shape), _partner_p(u, 0), v)
+  plgpu.barrier_arrive(u.bars[2])  # a_free
+  plgpu.barrier_arrive(u.free.at[slot_a])
+  l = l * alpha_a
+  if not has_b:
+    return o, m_a, l
+  slot_b, v = _v_half(u, a + 1, 1)
+  o = u.pv(o * _mosaic.bcast_rows(alpha_b, o.shape), p16, v)
+  plgpu.barrier_arrive(u.free.at[slot_b])
+  return o, m_b, l * alpha_b + p.sum(axis=1)
+
+
+def _pairs(u: SeesawUnit, pair_fn, carry):
+  """Runs pair_fn over the unit's pairs: unmasked full pairs, masked full pairs, then a last tile alone."""
+  pairs = lax.div(u.steps, 2)
+  clean = jnp.minimum(lax.div(u.unmasked, 2), pairs)
+  carry = lax.fori_loop(0, clean, functools.partial(pair_fn, u=u, mask=False, has_b=True), carry)
+  carry = lax.fori_loop(clean, pairs, functools.partial(pair_fn, u=u, mask=True, has_b=True), carry)
+  return lax.fori_loop(pairs, pairs + lax.rem(u.steps, 2),
+                       functools.partial(pair_fn, u=u, mask=True, has_b=False), carry)
+
+
+def _start(u: SeesawUnit, rows):
+  zeros = _mosaic.wgmma_tile(jnp.zeros((rows, u.half), jnp.float32), u.interpret)
+  m = _mosaic.wgmma_rows(jnp.full((rows,), -jnp.inf, jnp.float32), u.interpret)
+  return zeros, m, _mosaic.wgmma_rows(jnp.zeros((rows,), jnp.float32), u.interpret)
+
+
+def warpgroup0(u: SeesawUnit, rows: int):
+  o, m, l = _pairs(u, _pair_wg0, _start(u, rows))
+  a_free, l_ready, final = u.bars[2], u.bars[4], u.bars[5]
+
+  @pl.when(u.steps > 0)
+  def _():
+    plgpu.barrier_wait(a_free)  # balances a_free's phases (one per pair)
+
+  plgpu.barrier_wait(l_ready)
+  l = l + _mosaic.load_wgmma_rows(u.stats_smem.at[0], u.interpret)
+  u.stats_smem.at[1][...] = l
+  plgpu.commit_smem()
+  plgpu.barrier_arrive(final)
+  u.store(0, o, l, m)
+
+
+def warpgroup1(u: SeesawUnit, rows: int):
+  o, _, l = _pairs(u, _pair_wg1, _start(u, rows))
+  b_free, l_ready, final = u.bars[3], u.bars[4], u.bars[5]
+
+  @pl.when(u.steps > 1)
+  def _():
+    plgpu.barrier_wait(b_free)  # balances b_free's phases (one per full pair)
+
+  u.stats_smem.at[0][...] = l  # m_a's slot: warpgroup 0 writes it no more
+  plgpu.commit_smem()
+  plgpu.barrier_arrive(l_ready)
+  plgpu.barrier_wait(final)
+  u.store(1, o, _mosaic.load_wgmma_rows(u.stats_smem.at[1], u.interpret), None)
