@@ -426,14 +426,16 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
   # A 32-token tile as P V's K needs the 64-byte swizzle (wgmma's K groups are one swizzle wide), and wgmma
   # wants Q (S's left operand) swizzled as K: every tile of the step's products then uses it.
   swizzled = functools.partial(_mosaic.smem_transforms, min(kt, 64), dtype)
+  p_buffer = lambda: plgpu.SMEM((rows, kt), dtype, transforms=_mosaic.smem_transforms(kt, dtype))
   pl.run_scoped(
       scoped,
       plgpu.SMEM((rows, half), dtype, transforms=swizzled()),
       plgpu.SMEM((rows, half), dtype, transforms=swizzled()),
       plgpu.SMEM((rows, d - dl), dtype, transforms=swizzled()),
       plgpu.SMEM((steps_in_flight, kt, d), dtype, transforms=swizzled()),
-      # P: one buffer (warpgroup 0's P for its partner), or the seesaw's two (P_a, P_b)
-      plgpu.SMEM(((2,) if seesaw else ()) + (rows, kt), dtype, transforms=_mosaic.smem_transforms(kt, dtype)),
+      # P: one buffer (warpgroup 0's P for its partner), or the seesaw's two (P_a, P_b; two allocations: a
+      # wgmma operand indexed out of a stacked buffer by a static index fails Mosaic GPU's lowering, jax 0.11.2)
+      (tuple(p_buffer() for _ in range(2)) if seesaw else p_buffer()),
       # alpha, l, lse (seesaw: m_a, m_b, lse): one 1 KB allocation (each is 1 KB-aligned)
       plgpu.SMEM((3, rows), jnp.float32),
       plgpu.Barrier(num_arrivals=3),

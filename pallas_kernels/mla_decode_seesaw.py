@@ -44,7 +44,7 @@ class SeesawUnit:
   """One work unit as the decode kernel sets it up: its tile counts, SMEM refs, barriers and the kernel's
   product helpers (closures over the unit).
     steps / unmasked: key tiles of the unit, and how many leading ones need no mask (traced int32);
-    k_smem [slots, kt, d] ring; p_smem [2, rows, kt] bf16 (P_a, P_b); stats_smem [3, rows] f32;
+    k_smem [slots, kt, d] ring; p_smem (P_a, P_b): two [rows, kt] bf16 buffers; stats_smem [3, rows] f32;
     full / free: the ring's barriers; bars: (a_ready, b_ready, a_free, b_free, l_ready, final);
     scores(slot) -> S [rows, kt] f32 unscaled; mask(s, i) -> s with invisible keys -inf (tile i of the unit);
     pv(o, p, v_ref) -> o + p @ v; store(wg, o, l, m): writes the warpgroup's output half (o / l), and
@@ -91,7 +91,7 @@ def _publish(u: SeesawUnit, which, pair, p16, m_new):
   def _():
     plgpu.barrier_wait(free)
 
-  u.p_smem.at[which][...] = p16
+  u.p_smem[which][...] = p16
   u.stats_smem.at[which][...] = m_new
   plgpu.commit_smem()
   plgpu.barrier_arrive(ready)
@@ -99,7 +99,7 @@ def _publish(u: SeesawUnit, which, pair, p16, m_new):
 
 def _partner_p(u: SeesawUnit, which):
   """The partner's P in SMEM as wgmma's left operand (interpret mode: its value)."""
-  return u.p_smem[which] if u.interpret else u.p_smem.at[which]
+  return u.p_smem[which][...] if u.interpret else u.p_smem[which]
 
 
 def _v_half(u: SeesawUnit, tile, wg):
@@ -114,7 +114,7 @@ def _pair_wg0(pair, carry, *, u: SeesawUnit, mask, has_b):
   s = _scaled_scores(u, a, mask)
   m_a = jnp.maximum(m, s.max(axis=1))
   p, alpha_a = rescaled(s, m, m_a)
-  p16 = p.astype(u.p_smem.dtype)
+  p16 = p.astype(u.p_smem[0].dtype)
   _publish(u, 0, pair, p16, m_a)
   slot_a, v = _v_half(u, a, 0)
   o = u.pv(o * _mosaic.bcast_rows(alpha_a, o.shape), p16, v)
@@ -145,7 +145,7 @@ def _pair_wg1(pair, carry, *, u: SeesawUnit, mask, has_b):
   if has_b:  # the softmax first: warpgroup 0 waits for it
     m_b = jnp.maximum(m_a, s.max(axis=1))
     p, alpha_b = rescaled(s, m_a, m_b)
-    p16 = p.astype(u.p_smem.dtype)
+    p16 = p.astype(u.p_smem[0].dtype)
     _publish(u, 1, pair, p16, m_b)
   slot_a, v = _v_half(u, a, 1)
   plgpu.barrier_wait(u.full.at[slot_a])
