@@ -74,11 +74,13 @@ class DecodeConfig:
   `key_tile`: keys a step (a page of 64, or 32: half a page), and `max_concurrent_steps` counts these tiles.
   With 32-token tiles four fit in the SMEM of two pages (Q 72 KB + 4 x 36 KB for R1), so a tile's load has
   three tiles' time to land instead of one page's, and `overlap_qk` waits for a load issued two tiles before;
-  the price is twice the steps (barriers, O rescales). `DecodeConfig.deep_ring()` gives that setting.
+  the price is twice the steps (barriers, O rescales). `DecodeConfig.deep_ring()` gives that setting. Measured
+  1.3x slower (session 16): with 32 keys S = Q K^T is bound by SMEM reads of Q (KERNELS.md item 7). Off.
   `seesaw`: FlashMLA's order of the compute warpgroups (`mla_decode_seesaw`): key tiles in pairs, each
   warpgroup computes S of one tile of the pair and both do their half of P V for both, so one's softmax runs
   while the other's S keeps the tensor cores busy. Two tiles are in compute at once: it needs at least four
-  in flight (`deep_ring(seesaw=True)`)."""
+  in flight (`deep_ring(seesaw=True)`). Exact; on half-page tiles 6% faster than their plain order, still 1.25x
+  slower than whole pages (session 16, KERNELS.md item 8). Off."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
