@@ -367,10 +367,24 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       plgpu.wait_smem_to_gmem(0)
 
     if seesaw:
+      def ring_scores(i):
+        slot = lax.rem(i, steps_in_flight)
+        plgpu.barrier_wait(full.at[slot])
+        return scores(slot)
+
+      def ring_pv(o, p, i, which, waited):
+        slot = lax.rem(i, steps_in_flight)
+        if not waited:
+          plgpu.barrier_wait(full.at[slot])
+        o = pv(o, p, k_smem.at[slot, :, pl.ds(which * half, half)])
+        plgpu.barrier_arrive(free.at[slot])
+        return o
+
       unit_kit = mla_decode_seesaw.SeesawUnit(
-          interpret=interpret, steps=steps, unmasked=unmasked, half=half, scale_log2=scale_log2, k_smem=k_smem,
-          p_smem=p_smem, stats_smem=stats_smem, full=full, free=free, bars=tuple(sync.at[i] for i in range(6)),
-          scores=scores, mask=masked_scores, pv=pv, store=store)
+          interpret=interpret, steps=steps, unmasked=unmasked, scale_log2=scale_log2, p_smem=p_smem,
+          stats_smem=stats_smem, bars=tuple(sync.at[i] for i in range(6)), scores=ring_scores,
+          mask=masked_scores, pv=ring_pv, store=store,
+          zeros=lambda: _mosaic.wgmma_tile(jnp.zeros((rows, half), jnp.float32), interpret))
       for w, run in enumerate((mla_decode_seesaw.warpgroup0, mla_decode_seesaw.warpgroup1)):
         @pl.when(wg == w)
         def _():

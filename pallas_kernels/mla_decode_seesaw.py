@@ -31,6 +31,7 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -41,28 +42,30 @@ from pallas_kernels import _mosaic
 
 @dataclasses.dataclass(frozen=True)
 class SeesawUnit:
-  """One work unit as the decode kernel sets it up: its tile counts, SMEM refs, barriers and the kernel's
-  product helpers (closures over the unit).
+  """One work unit as a decode kernel sets it up: its tile counts, the hand-over SMEM and barriers, and the
+  kernel's access to its key tiles (closures over the unit; the ring's layout stays the kernel's business).
     steps / unmasked: key tiles of the unit, and how many leading ones need no mask (traced int32);
-    k_smem [slots, kt, d] ring; p_smem (P_a, P_b): two [rows, kt] bf16 buffers; stats_smem [3, rows] f32;
-    full / free: the ring's barriers; bars: (a_ready, b_ready, a_free, b_free, l_ready, final);
-    scores(slot) -> S [rows, kt] f32 unscaled; mask(s, i) -> s with invisible keys -inf (tile i of the unit);
-    pv(o, p, v_ref) -> o + p @ v; store(wg, o, l, m): writes the warpgroup's output half (o / l), and
-    warpgroup 0 the rows' log-sum-exp (m, l in the log2 domain)."""
+    p_smem (P_a, P_b): two [rows, kt] bf16 SMEM buffers; stats_smem [3, rows] f32;
+    bars: (a_ready, b_ready, a_free, b_free, l_ready, final), one arrival each;
+    scores(i) -> S [rows, kt] f32 (unscaled) of the unit's tile i, waiting for the tile's keys itself;
+    mask(s, i) -> s with the keys invisible to each row at -inf;
+    pv(o, p, i, wg, waited) -> o + p @ V_wg(tile i) (wg's output columns; p a value or, on the GPU, an SMEM
+      ref), waiting for the tile's values unless this warpgroup already did (`waited`: it computed S of tile
+      i), then releasing what it read of the tile;
+    zeros() -> a warpgroup's O, all 0 (an array or a tuple of them);
+    store(wg, o, l, m): writes the warpgroup's output columns (o / l) and, with m given, the rows'
+      log-sum-exp (m, l in the log2 domain)."""
   interpret: bool
   steps: Any
   unmasked: Any
-  half: int
   scale_log2: float
-  k_smem: Any
-  p_smem: Any
+  p_smem: tuple
   stats_smem: Any
-  full: Any
-  free: Any
   bars: tuple
   scores: Callable
   mask: Callable
   pv: Callable
+  zeros: Callable
   store: Callable
 
 
@@ -76,10 +79,13 @@ def rescaled(s, m_old, m_new):
   return jnp.exp2(s - _mosaic.bcast_rows(m_use, s.shape)), alpha
 
 
+def scale_rows(o, alpha):
+  """Each row of O (an array or a tuple of column tiles) times its factor."""
+  return jax.tree.map(lambda x: x * _mosaic.bcast_rows(alpha, x.shape), o)
+
+
 def _scaled_scores(u: SeesawUnit, tile, mask):
-  slot = lax.rem(tile, u.k_smem.shape[0])
-  plgpu.barrier_wait(u.full.at[slot])
-  s = u.scores(slot) * u.scale_log2
+  s = u.scores(tile) * u.scale_log2
   return u.mask(s, tile) if mask else s
 
 
@@ -102,13 +108,8 @@ def _partner_p(u: SeesawUnit, which):
   return u.p_smem[which][...] if u.interpret else u.p_smem[which]
 
 
-def _v_half(u: SeesawUnit, tile, wg):
-  slot = lax.rem(tile, u.k_smem.shape[0])
-  return slot, u.k_smem.at[slot, :, pl.ds(wg * u.half, u.half)]
-
-
 def _pair_wg0(pair, carry, *, u: SeesawUnit, mask, has_b):
-  """Warpgroup 0's part of pair `pair` (tiles 2 pair, 2 pair + 1): carry (O[:, :half], m, its row sum)."""
+  """Warpgroup 0's part of pair `pair` (tiles 2 pair, 2 pair + 1): carry (its O columns, m, its row sum)."""
   o, m, l = carry
   a = 2 * pair
   s = _scaled_scores(u, a, mask)
@@ -116,25 +117,20 @@ def _pair_wg0(pair, carry, *, u: SeesawUnit, mask, has_b):
   p, alpha_a = rescaled(s, m, m_a)
   p16 = p.astype(u.p_smem[0].dtype)
   _publish(u, 0, pair, p16, m_a)
-  slot_a, v = _v_half(u, a, 0)
-  o = u.pv(o * _mosaic.bcast_rows(alpha_a, o.shape), p16, v)
-  plgpu.barrier_arrive(u.free.at[slot_a])
+  o = u.pv(scale_rows(o, alpha_a), p16, a, 0, True)
   l = l * alpha_a + p.sum(axis=1)
   if not has_b:
     return o, m_a, l
   plgpu.barrier_wait(u.bars[1])  # b_ready
   m_b = _mosaic.load_wgmma_rows(u.stats_smem.at[1], u.interpret)
   _, alpha_b = rescaled(None, m_a, m_b)
-  slot_b, v = _v_half(u, a + 1, 0)
-  plgpu.barrier_wait(u.full.at[slot_b])
-  o = u.pv(o * _mosaic.bcast_rows(alpha_b, o.shape), _partner_p(u, 1), v)
+  o = u.pv(scale_rows(o, alpha_b), _partner_p(u, 1), a + 1, 0, False)
   plgpu.barrier_arrive(u.bars[3])  # b_free
-  plgpu.barrier_arrive(u.free.at[slot_b])
   return o, m_b, l * alpha_b
 
 
 def _pair_wg1(pair, carry, *, u: SeesawUnit, mask, has_b):
-  """Warpgroup 1's part of pair `pair`: carry (O[:, half:], m, its row sum)."""
+  """Warpgroup 1's part of pair `pair`: carry (its O columns, m, its row sum)."""
   o, m, l = carry
   a = 2 * pair
   if has_b:
@@ -145,19 +141,14 @@ def _pair_wg1(pair, carry, *, u: SeesawUnit, mask, has_b):
   if has_b:  # the softmax first: warpgroup 0 waits for it
     m_b = jnp.maximum(m_a, s.max(axis=1))
     p, alpha_b = rescaled(s, m_a, m_b)
-    p16 = p.astype(u.p_smem[0].dtype)
+    p16 = p.astype(u.p_smem[1].dtype)
     _publish(u, 1, pair, p16, m_b)
-  slot_a, v = _v_half(u, a, 1)
-  plgpu.barrier_wait(u.full.at[slot_a])
-  o = u.pv(o * _mosaic.bcast_rows(alpha_a, o.shape), _partner_p(u, 0), v)
+  o = u.pv(scale_rows(o, alpha_a), _partner_p(u, 0), a, 1, False)
   plgpu.barrier_arrive(u.bars[2])  # a_free
-  plgpu.barrier_arrive(u.free.at[slot_a])
   l = l * alpha_a
   if not has_b:
     return o, m_a, l
-  slot_b, v = _v_half(u, a + 1, 1)
-  o = u.pv(o * _mosaic.bcast_rows(alpha_b, o.shape), p16, v)
-  plgpu.barrier_arrive(u.free.at[slot_b])
+  o = u.pv(scale_rows(o, alpha_b), p16, a + 1, 1, True)
   return o, m_b, l * alpha_b + p.sum(axis=1)
 
 
@@ -172,9 +163,8 @@ def _pairs(u: SeesawUnit, pair_fn, carry):
 
 
 def _start(u: SeesawUnit, rows):
-  zeros = _mosaic.wgmma_tile(jnp.zeros((rows, u.half), jnp.float32), u.interpret)
   m = _mosaic.wgmma_rows(jnp.full((rows,), -jnp.inf, jnp.float32), u.interpret)
-  return zeros, m, _mosaic.wgmma_rows(jnp.zeros((rows,), jnp.float32), u.interpret)
+  return u.zeros(), m, _mosaic.wgmma_rows(jnp.zeros((rows,), jnp.float32), u.interpret)
 
 
 def warpgroup0(u: SeesawUnit, rows: int):
