@@ -292,6 +292,9 @@ def decode_cases(smoke, quick):
   cases += deep + [dict(c, name=c["name"] + "_ov", overlap_qk=True) for c in deep]
   # the seesaw order of the compute warpgroups on the same ring (DecodeConfig.seesaw, mla_decode_seesaw)
   cases += [dict(c, name=c["name"] + "_ss", seesaw=True) for c in deep]
+  # FlashMLA's layout: whole pages as 64-column tiles, a barrier each, in the seesaw order (DecodeConfig.tiled_pages)
+  cases += [dict(c, name=c["name"] + "_tp", tiled_pages=True) for c in cases
+            if c["name"] in ("b64_4k_cl", "b128_4k_cl", "b1_32k_cl", "b64_4k_mtp2_cl", "b1_64k_s66_cl")]
   if quick:
     cases = [c for c in cases if c["name"].removesuffix("_cl").removesuffix("_bal")
              in ("b64_4k", "b1_32k", "b1_4k", "b64_mixed")]
@@ -330,13 +333,14 @@ def run_decode(args, peak, hbm, interp):
                            cluster=case.get("cluster", False), combine=case.get("combine", "kernel"),
                            overlap_qk=case.get("overlap_qk", False), key_tile=case.get("key_tile", md.PAGE_SIZE),
                            max_concurrent_steps=case.get("max_concurrent_steps", 2),
-                           seesaw=case.get("seesaw", False))
+                           seesaw=case.get("seesaw", False), tiled_pages=case.get("tiled_pages", False))
     f = jax.jit(functools.partial(md.mla_decode, kv_lora_rank=dl, softmax_scale=SCALE, config=config,
                                   interpret=interp))
     row = dict(part="decode", case=case["name"], batch=b, s_q=s_q, heads=h, context_tokens=sum(lengths),
                bytes=bytes_, flops=flops, schedule="balanced" if config.balanced else "uniform",
                cluster=config.cluster, combine=config.combine, overlap_qk=config.overlap_qk,
                key_tile=config.key_tile, tiles_in_flight=config.max_concurrent_steps, seesaw=config.seesaw,
+               tiled_pages=config.tiled_pages,
                errors={})
     try:
       row["call_s"] = wall(f, q, pages, table, lens, reps=1 if interp else 5)

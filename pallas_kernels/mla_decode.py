@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _compat, _mosaic, mla_combine, mla_decode_seesaw, mla_schedule
+from pallas_kernels import _compat, _mosaic, mla_combine, mla_decode_seesaw, mla_decode_tiled, mla_schedule
 
 PAGE_SIZE = 64  # tokens per cache page: the S tile's width and the P V product's K
 BLOCK_ROWS = 64  # query rows per CTA (the wgmma M of one warpgroup)
@@ -80,7 +80,10 @@ class DecodeConfig:
   warpgroup computes S of one tile of the pair and both do their half of P V for both, so one's softmax runs
   while the other's S keeps the tensor cores busy. Two tiles are in compute at once: it needs at least four
   in flight (`deep_ring(seesaw=True)`). Exact; on half-page tiles 6% faster than their plain order, still 1.25x
-  slower than whole pages (session 16, KERNELS.md item 8). Off."""
+  slower than whole pages (session 16, KERNELS.md item 8). Off.
+  `tiled_pages`: FlashMLA's layout (`mla_decode_tiled`): whole pages as nine 64-column tiles with a barrier each
+  in two page slots, refilled tile by tile as their last reader finishes, the compute warpgroups in the seesaw
+  order, Q's rope part in registers. `key_tile`, `max_concurrent_steps`, `seesaw` and `overlap_qk` do not apply."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
@@ -90,6 +93,7 @@ class DecodeConfig:
   overlap_qk: bool = False
   key_tile: int = PAGE_SIZE
   seesaw: bool = False
+  tiled_pages: bool = False
 
   def __post_init__(self):
     if self.key_tile not in (32, PAGE_SIZE):
@@ -103,6 +107,9 @@ class DecodeConfig:
       raise ValueError(f"min_pages_per_split must be >= 1, got {self.min_pages_per_split}")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
+    if self.tiled_pages and (self.key_tile != PAGE_SIZE or self.overlap_qk or self.seesaw):
+      raise ValueError("tiled_pages=True has its own ring and order: key_tile, overlap_qk and seesaw must stay at "
+                       f"their defaults, got {self.key_tile}, {self.overlap_qk}, {self.seesaw}")
     if self.seesaw and (self.max_concurrent_steps < 4 or self.overlap_qk):
       raise ValueError("seesaw=True needs max_concurrent_steps >= 4 (a pair of tiles in compute, the next pair "
                        f"loading) and overlap_qk=False, got {self.max_concurrent_steps} and {self.overlap_qk}")
@@ -180,7 +187,7 @@ def combine(o_parts, lse_parts):
 
 
 def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl, scale_log2, steps_in_flight,
-                   interpret, cluster, num_splits, overlap_qk, key_tile, seesaw):
+                   interpret, cluster, num_splits, overlap_qk, key_tile, seesaw, tiled_pages):
   tile, unit = lax.axis_index("tile"), lax.axis_index("unit")
   wg = lax.axis_index("wg")
   rows, page, d = BLOCK_ROWS, PAGE_SIZE, q_ref.shape[-1]
@@ -202,6 +209,25 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
   # position in the tile, lengths[b] - s_q + (first row's query token).
   min_pos = length - s_q + lax.div(tile * rows, heads)
   unmasked = jnp.clip(lax.div(min_pos + 1, kt) - first, 0, steps)
+
+  def masked_scores(s, i):
+    """Keys past a row's position (and past the cache) -> -inf. s [rows, kt]."""
+    key0 = (first + i) * kt
+    if interpret:
+      r = lax.broadcasted_iota(jnp.int32, s.shape, 0)
+      k = lax.broadcasted_iota(jnp.int32, s.shape, 1)
+    else:
+      r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+      k = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+    pos = length - s_q + lax.div(r + tile * rows, heads)
+    limit = jnp.minimum(pos, length - 1)
+    return jnp.where(k + key0 <= limit, s, -jnp.inf)
+
+  if tiled_pages:
+    mla_decode_tiled.run_unit(q_ref, pages_ref, table_ref, o_ref, lse_ref, b=b, first=first, steps=steps,
+                              unmasked=unmasked, mask=masked_scores, tile=tile, unit=unit, wg=wg, dl=dl,
+                              scale_log2=scale_log2, interpret=interpret, cluster=cluster)
+    return
 
   def scoped(qa_smem, qb_smem, qr_smem, k_smem, p_smem, stats_smem, q_bar, full, free, sync):
     # Q in three buffers (latent halves, rope) so that each compute warpgroup can stage its output half in
@@ -241,19 +267,6 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
         @pl.when(i >= 0)
         def _():
           plgpu.barrier_wait(free.at[lax.rem(i, steps_in_flight)])
-
-    def masked_scores(s, i):
-      """Keys past a row's position (and past the cache) -> -inf. s [rows, kt]."""
-      key0 = (first + i) * kt
-      if interpret:
-        r = lax.broadcasted_iota(jnp.int32, s.shape, 0)
-        k = lax.broadcasted_iota(jnp.int32, s.shape, 1)
-      else:
-        r = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
-        k = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
-      pos = length - s_q + lax.div(r + tile * rows, heads)
-      limit = jnp.minimum(pos, length - 1)
-      return jnp.where(k + key0 <= limit, s, -jnp.inf)
 
     def scores(slot):
       """S = Q K^T over the three column ranges of Q: [rows, kt] f32."""
@@ -367,12 +380,12 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       plgpu.wait_smem_to_gmem(0)
 
     if seesaw:
-      def ring_scores(i):
+      def ring_scores(i, parity):
         slot = lax.rem(i, steps_in_flight)
         plgpu.barrier_wait(full.at[slot])
         return scores(slot)
 
-      def ring_pv(o, p, i, which, waited):
+      def ring_pv(o, p, i, parity, which, waited):
         slot = lax.rem(i, steps_in_flight)
         if not waited:
           plgpu.barrier_wait(full.at[slot])
@@ -531,7 +544,8 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   parts = ((kv_lora_rank, dl), (d - kv_lora_rank, dr))
   q_p, pages_p = _pad_last(q, parts), _pad_last(pages, parts)
   dp = dl + dr
-  smem = _smem_bytes(dp, cfg.max_concurrent_steps, cfg.key_tile, p_buffers=2 if cfg.seesaw else 1)
+  smem = (mla_decode_tiled.smem_bytes(dp) + _REDUCTION_SCRATCH_BYTES if cfg.tiled_pages else
+          _smem_bytes(dp, cfg.max_concurrent_steps, cfg.key_tile, p_buffers=2 if cfg.seesaw else 1))
   if smem > SMEM_BYTES:
     raise ValueError(f"width {dp} with {cfg.max_concurrent_steps} key tiles of {cfg.key_tile} in flight needs "
                      f"{smem} bytes of SMEM (> {SMEM_BYTES})")
@@ -558,7 +572,7 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _LOG2E,
                            steps_in_flight=cfg.max_concurrent_steps, interpret=interpret, cluster=cluster,
                            num_splits=splits, overlap_qk=cfg.overlap_qk, key_tile=cfg.key_tile,
-                           seesaw=cfg.seesaw)
+                           seesaw=cfg.seesaw, tiled_pages=cfg.tiled_pages)
   # Unclustered, the grid is (row tiles, units) with row tiles fastest: the CTAs reading the same pages are
   # launched together. Clustered, a unit's row tiles are one cluster.
   grid = dict(grid=(units,), grid_names=("unit",), cluster=(tiles,), cluster_names=("tile",)) if cluster else \

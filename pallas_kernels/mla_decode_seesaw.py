@@ -47,11 +47,12 @@ class SeesawUnit:
     steps / unmasked: key tiles of the unit, and how many leading ones need no mask (traced int32);
     p_smem (P_a, P_b): two [rows, kt] bf16 SMEM buffers; stats_smem [3, rows] f32;
     bars: (a_ready, b_ready, a_free, b_free, l_ready, final), one arrival each;
-    scores(i) -> S [rows, kt] f32 (unscaled) of the unit's tile i, waiting for the tile's keys itself;
+    scores(i, parity) -> S [rows, kt] f32 (unscaled) of the unit's tile i, waiting for the tile's keys itself
+      (parity: i % 2, static: the pair's a or b);
     mask(s, i) -> s with the keys invisible to each row at -inf;
-    pv(o, p, i, wg, waited) -> o + p @ V_wg(tile i) (wg's output columns; p a value or, on the GPU, an SMEM
-      ref), waiting for the tile's values unless this warpgroup already did (`waited`: it computed S of tile
-      i), then releasing what it read of the tile;
+    pv(o, p, i, parity, wg, waited) -> o + p @ V_wg(tile i) (wg's output columns), waiting for the tile's
+      values unless this warpgroup already did (`waited`: it computed S of tile i, and p is its own P, a value;
+      otherwise p is the partner's, its SMEM ref on the GPU), then releasing what it read of the tile;
     zeros() -> a warpgroup's O, all 0 (an array or a tuple of them);
     store(wg, o, l, m): writes the warpgroup's output columns (o / l) and, with m given, the rows'
       log-sum-exp (m, l in the log2 domain)."""
@@ -84,8 +85,8 @@ def scale_rows(o, alpha):
   return jax.tree.map(lambda x: x * _mosaic.bcast_rows(alpha, x.shape), o)
 
 
-def _scaled_scores(u: SeesawUnit, tile, mask):
-  s = u.scores(tile) * u.scale_log2
+def _scaled_scores(u: SeesawUnit, tile, parity, mask):
+  s = u.scores(tile, parity) * u.scale_log2
   return u.mask(s, tile) if mask else s
 
 
@@ -112,19 +113,19 @@ def _pair_wg0(pair, carry, *, u: SeesawUnit, mask, has_b):
   """Warpgroup 0's part of pair `pair` (tiles 2 pair, 2 pair + 1): carry (its O columns, m, its row sum)."""
   o, m, l = carry
   a = 2 * pair
-  s = _scaled_scores(u, a, mask)
+  s = _scaled_scores(u, a, 0, mask)
   m_a = jnp.maximum(m, s.max(axis=1))
   p, alpha_a = rescaled(s, m, m_a)
   p16 = p.astype(u.p_smem[0].dtype)
   _publish(u, 0, pair, p16, m_a)
-  o = u.pv(scale_rows(o, alpha_a), p16, a, 0, True)
+  o = u.pv(scale_rows(o, alpha_a), p16, a, 0, 0, True)
   l = l * alpha_a + p.sum(axis=1)
   if not has_b:
     return o, m_a, l
   plgpu.barrier_wait(u.bars[1])  # b_ready
   m_b = _mosaic.load_wgmma_rows(u.stats_smem.at[1], u.interpret)
   _, alpha_b = rescaled(None, m_a, m_b)
-  o = u.pv(scale_rows(o, alpha_b), _partner_p(u, 1), a + 1, 0, False)
+  o = u.pv(scale_rows(o, alpha_b), _partner_p(u, 1), a + 1, 1, 0, False)
   plgpu.barrier_arrive(u.bars[3])  # b_free
   return o, m_b, l * alpha_b
 
@@ -134,7 +135,7 @@ def _pair_wg1(pair, carry, *, u: SeesawUnit, mask, has_b):
   o, m, l = carry
   a = 2 * pair
   if has_b:
-    s = _scaled_scores(u, a + 1, mask)
+    s = _scaled_scores(u, a + 1, 1, mask)
   plgpu.barrier_wait(u.bars[0])  # a_ready
   m_a = _mosaic.load_wgmma_rows(u.stats_smem.at[0], u.interpret)
   _, alpha_a = rescaled(None, m, m_a)
@@ -143,12 +144,12 @@ def _pair_wg1(pair, carry, *, u: SeesawUnit, mask, has_b):
     p, alpha_b = rescaled(s, m_a, m_b)
     p16 = p.astype(u.p_smem[1].dtype)
     _publish(u, 1, pair, p16, m_b)
-  o = u.pv(scale_rows(o, alpha_a), _partner_p(u, 0), a, 1, False)
+  o = u.pv(scale_rows(o, alpha_a), _partner_p(u, 0), a, 0, 1, False)
   plgpu.barrier_arrive(u.bars[2])  # a_free
   l = l * alpha_a
   if not has_b:
     return o, m_a, l
-  o = u.pv(scale_rows(o, alpha_b), p16, a + 1, 1, True)
+  o = u.pv(scale_rows(o, alpha_b), p16, a + 1, 1, 1, True)
   return o, m_b, l * alpha_b + p.sum(axis=1)
 
 
