@@ -38,25 +38,20 @@ class PagedAttention:
     decode_cluster: the Pallas decode kernel's clustered form for one query per row
     (`mla_decode.DecodeConfig.cluster`: a work unit's row tiles as one CTA cluster, each page multicast). Measured on an H100 (WORKSPACE Finding 26):
     the engine's B=128 decode step at 4K 0.838 -> 0.884 of HBM step ahead, the kernel at B=128 0.54 -> 0.84;
-    with two queries per row (MTP) the clustered kernel was slower (0.43 -> 0.31), so those stay unclustered.
-    decode_key_tile: keys a step of the decode kernel (`mla_decode.DecodeConfig.key_tile`): 64, a page, two in
-    flight; or 32, half a page, four in flight (`DecodeConfig.deep_ring`, not yet measured in the engine)."""
+    with two queries per row (MTP) the clustered kernel was slower (0.43 -> 0.31), so those stay unclustered."""
 
     latent_width: int
     backend: str = "einsum"
     interpret: bool = False
     decode_cluster: bool = True
-    decode_key_tile: int = 64
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.decode_key_tile not in (32, 64):
-            raise ValueError(f"decode_key_tile must be 32 or 64, got {self.decode_key_tile}")
 
     def layer(self, pages, block_table, lengths, q_lens) -> PagedKV:
         return PagedKV(pages, block_table, lengths, q_lens, self.latent_width, self.backend, self.interpret,
-                       self.decode_cluster, self.decode_key_tile)
+                       self.decode_cluster)
 
 
 @jax.tree_util.register_dataclass
@@ -77,7 +72,6 @@ class PagedKV:
     backend: str = dataclasses.field(metadata=dict(static=True), default="einsum")
     interpret: bool = dataclasses.field(metadata=dict(static=True), default=False)
     decode_cluster: bool = dataclasses.field(metadata=dict(static=True), default=True)
-    decode_key_tile: int = dataclasses.field(metadata=dict(static=True), default=64)
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -150,11 +144,9 @@ class PagedKV:
         pad = lambda x, width: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
         q = jnp.concatenate([pad(q_lat, lw), pad(q_pe.astype(jnp.float32), rw)], -1).astype(self.pages.dtype)
         cluster = self.decode_cluster and q.shape[1] == 1  # two MTP queries measured slower clustered
-        config = (mla_decode.DecodeConfig.deep_ring(cluster=cluster) if self.decode_key_tile == 32
-                  else mla_decode.DecodeConfig(cluster=cluster))
         out_lat, _ = mla_decode.mla_decode(q, self.pages, self.block_table, self.lengths, kv_lora_rank=lw,
                                            softmax_scale=cfg.softmax_scale, interpret=self.interpret,
-                                           config=config)
+                                           config=mla_decode.DecodeConfig(cluster=cluster))
         out_lat = out_lat[..., : cfg.kv_lora_rank].astype(dt)
         with jax.named_scope("kv_b"):
             return jnp.einsum("bqhc,chv->bqhv", out_lat, w_v, preferred_element_type=jnp.float32)

@@ -85,8 +85,6 @@ flags.DEFINE_bool("profile", False, "profile the headline prefill and decode poi
                   "(GPU time per category, busy, dispatch/idle) in their rows (experiments/engine_profile.py)")
 flags.DEFINE_bool("mla_decode_cluster", True, "decode points: the Pallas MLA decode kernel's clustered form "
                   "for one query per row (PagedAttention.decode_cluster, the engine's default)")
-flags.DEFINE_enum("mla_decode_key_tile", "64", ["64", "32"], "decode points: keys a step of the Pallas MLA decode "
-                  "kernel (PagedAttention.decode_key_tile; 32: half pages, four in flight)")
 flags.DEFINE_bool("host_profile", True, "decode points: the host's share of a step under cProfile (the costliest "
                   "functions, in the row's `host_profile`; experiments/host_profile.py), after the timings")
 flags.DEFINE_integer("profile_steps", 4, "engine steps profiled per point (prefill: whole calls of "
@@ -392,9 +390,8 @@ def decode_point(model, cfg, executor, sweep: Sweep, b: int, ctx: int, tokens, h
         # expert_counts: each step program also counts the tokens routed to each expert (a scatter-add per MoE
         # layer, in the timed program), from which the bytes a step must read follow
         runner = ModelRunner(model, b, ctx, executor=executor, buckets=Buckets((b,), (ctx,)), expert_counts=True)
-        # before the first call builds the step programs
-        runner.attention = dataclasses.replace(runner.attention, decode_cluster=F.mla_decode_cluster,
-                                               decode_key_tile=int(F.mla_decode_key_tile))
+        if not F.mla_decode_cluster:  # before the first call builds the step programs
+            runner.attention = dataclasses.replace(runner.attention, decode_cluster=False)
         runner.pages = randomized_pages(runner.pages, jax.random.key(seed))
         jax.block_until_ready(runner.pages)
         row["memory_gib_before"] = device_memory_gib(runner.device)
@@ -567,8 +564,7 @@ def main(argv):
                   routed_flops_fp8=routed_fp8, linear_flops_fp8=linears_fp8, fp8_matmul=F.fp8_matmul, sweep=dataclasses.asdict(sweep), time_budget_s=F.time_budget_s,
                   hbm_copy_mib=F.hbm_copy_mib, peak_matmul_size=F.peak_matmul_size, seed=F.seed,
                   device=device.device_kind, profile=F.profile, profile_steps=F.profile_steps,
-                  command_buffers=command_buffers, xla_flags=xla_flags_used, mla_decode_cluster=F.mla_decode_cluster,
-                  mla_decode_key_tile=int(F.mla_decode_key_tile))
+                  command_buffers=command_buffers, xla_flags=xla_flags_used, mla_decode_cluster=F.mla_decode_cluster)
     print_table(prefill_rows, decode_rows)
     print_breakdowns(prefill_rows, decode_rows)
     print({k: v for k, v in metrics.items() if not isinstance(v, dict)}, flush=True)

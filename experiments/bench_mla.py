@@ -280,18 +280,6 @@ def decode_cases(smoke, quick):
   # Uniform splits merged by XLA's five-kernel combine (the form before `mla_combine`), beside the kernel.
   cases += [dict(c, name=c["name"] + "_xla", combine="xla") for c in cases
             if c["name"] in ("b1_4k", "b8_4k", "b1_32k_cl", "b1_8k_s66_cl", "b1_64k_s66_cl")]
-  # The next page's Q K^T issued before the softmax (DecodeConfig.overlap_qk), beside the same case without it:
-  # the compute-bound per-page rate (B=64 / 128 at 4K, B=1 at 32K; Finding 30).
-  cases += [dict(c, name=c["name"] + "_ov", overlap_qk=True) for c in cases
-            if c["name"] in ("b64_4k_cl", "b128_4k_cl", "b1_32k_cl", "b1_64k_s66_cl", "b64_4k_mtp2_cl")]
-  # 32-token key tiles, four in flight (DecodeConfig.deep_ring): each load has three tiles' time to land, and
-  # with overlap_qk the next tile's load was issued two tiles before (Finding 33: two page slots expose HBM's
-  # latency when the next page's S is started early).
-  deep = [dict(c, name=c["name"] + "_t32", key_tile=32, max_concurrent_steps=4) for c in cases
-          if c["name"] in ("b64_4k_cl", "b128_4k_cl", "b1_32k_cl", "b64_4k_mtp2_cl")]
-  cases += deep + [dict(c, name=c["name"] + "_ov", overlap_qk=True) for c in deep]
-  # the seesaw order of the compute warpgroups on the same ring (DecodeConfig.seesaw, mla_decode_seesaw)
-  cases += [dict(c, name=c["name"] + "_ss", seesaw=True) for c in deep]
   # FlashMLA's layout: whole pages as 64-column tiles, a barrier each, in the seesaw order (DecodeConfig.tiled_pages)
   cases += [dict(c, name=c["name"] + "_tp", tiled_pages=True) for c in cases
             if c["name"] in ("b64_4k_cl", "b128_4k_cl", "b1_32k_cl", "b64_4k_mtp2_cl", "b1_64k_s66_cl")]
@@ -331,16 +319,12 @@ def run_decode(args, peak, hbm, interp):
     flops = 2 * h * s_q * sum(lengths) * (d + dl)
     config = md.DecodeConfig(num_splits=case.get("num_splits"), balanced=case.get("balanced", False),
                            cluster=case.get("cluster", False), combine=case.get("combine", "kernel"),
-                           overlap_qk=case.get("overlap_qk", False), key_tile=case.get("key_tile", md.PAGE_SIZE),
-                           max_concurrent_steps=case.get("max_concurrent_steps", 2),
-                           seesaw=case.get("seesaw", False), tiled_pages=case.get("tiled_pages", False))
+                           tiled_pages=case.get("tiled_pages", False))
     f = jax.jit(functools.partial(md.mla_decode, kv_lora_rank=dl, softmax_scale=SCALE, config=config,
                                   interpret=interp))
     row = dict(part="decode", case=case["name"], batch=b, s_q=s_q, heads=h, context_tokens=sum(lengths),
                bytes=bytes_, flops=flops, schedule="balanced" if config.balanced else "uniform",
-               cluster=config.cluster, combine=config.combine, overlap_qk=config.overlap_qk,
-               key_tile=config.key_tile, tiles_in_flight=config.max_concurrent_steps, seesaw=config.seesaw,
-               tiled_pages=config.tiled_pages,
+               cluster=config.cluster, combine=config.combine, tiled_pages=config.tiled_pages,
                errors={})
     try:
       row["call_s"] = wall(f, q, pages, table, lens, reps=1 if interp else 5)

@@ -11,8 +11,6 @@
 #   sweep_a, sweep_b  bench_engine decode only, the points of issue 17's B x context grid still missing after
 #            session 13 (which measured B=8 at 4K, B=64 at 16K and 1K from logs): sweep_a B=32, 256 at 4K and
 #            B=128 at 16K; sweep_b B=256 at 16K and B=128 at 1K (a cache per point; ~100 s a point)   ~8 min each
-#   decode_deep  decode B=64 and 128 at 4K, step ahead and blocking, with the MLA decode kernel's two-page ring
-#            and with its deep ring (32-token key tiles, four in flight), two processes in one call   ~7 min
 #   sweep_c  the grid's three points that exist only in session 13's logs (no JSON): B=8 at 4K, B=64 at 1K and
 #            at 16K (~100 s a point)                                                               ~6 min
 #   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
@@ -45,7 +43,7 @@
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PART="${1:?part: kernels, engine, decode, decode_deep, sweep_a, sweep_b, sweep_c, dispatch, decode_memory, b256_oom, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
+PART="${1:?part: kernels, engine, decode, sweep_a, sweep_b, sweep_c, dispatch, decode_memory, b256_oom, dispatch_cboff, dispatch_trace, dispatch_update_mode, hlo, glue, fp8_prefill, cb or e2e}"
 KIND="${2:-}"  # gpu_env.sh sets it from the GPUs this machine has
 source experiments/gpu_env.sh
 declare -A STATUS
@@ -89,13 +87,6 @@ case "$PART" in
       step engine sweep_1k_128 200 "${SWEEP[@]}" --time_budget_s=170 --decode_batch=128 --decode_context=1024 \
         --typical=128x1024 --tag=decode-sweep-1k-b128
     fi
-    ;;
-  decode_deep)
-    for kt in 64 32; do
-      step engine "decode_kt$kt" 240 "${BENCH[@]}" --prefill_requests= --decode_batch=64,128 --decode_context=4096 \
-        --typical=64x4096 --peak_matmul_size=2048 --hbm_copy_mib=1024 --time_budget_s=200 --host_profile=false \
-        --mla_decode_key_tile=$kt --tag=decode-kt$kt
-    done
     ;;
   sweep_c)
     SWEEP=("${BENCH[@]}" --prefill_requests= --peak_matmul_size=2048 --hbm_copy_mib=1024 --time_budget_s=140)

@@ -42,7 +42,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _compat, _mosaic, mla_combine, mla_decode_seesaw, mla_decode_tiled, mla_schedule
+from pallas_kernels import _compat, _mosaic, mla_combine, mla_decode_tiled, mla_schedule
 
 PAGE_SIZE = 64  # tokens per cache page: the S tile's width and the P V product's K
 BLOCK_ROWS = 64  # query rows per CTA (the wgmma M of one warpgroup)
@@ -66,39 +66,22 @@ class DecodeConfig:
   `combine`: how uniform splits are merged: "kernel" (`mla_combine`: one pass, one launch) or "xla"
   (`combine`, five XLA kernels: the reference, kept for comparison); None: the kernel on a GPU, XLA's in
   interpret mode (the interpreter runs the kernel slowly; `tests/test_mla_combine.py` checks it there).
-  `overlap_qk`: the softmax warpgroup issues page i + 1's Q K^T before page i's softmax, so the tensor cores
-  work while the CUDA cores do the exponentials (one more [64, 64] f32 accumulator in its registers). Exact,
-  but measured 1.3-1.5x slower on an H200 (session 15): with two page slots the next page's load starts only
-  when the previous page is released, and waiting for it before the softmax exposes HBM's latency every page
-  (KERNELS.md "What limits it" 5). Off.
-  `key_tile`: keys a step (a page of 64, or 32: half a page), and `max_concurrent_steps` counts these tiles.
-  With 32-token tiles four fit in the SMEM of two pages (Q 72 KB + 4 x 36 KB for R1), so a tile's load has
-  three tiles' time to land instead of one page's, and `overlap_qk` waits for a load issued two tiles before;
-  the price is twice the steps (barriers, O rescales). `DecodeConfig.deep_ring()` gives that setting. Measured
-  1.3x slower (session 16): with 32 keys S = Q K^T is bound by SMEM reads of Q (KERNELS.md item 7). Off.
-  `seesaw`: FlashMLA's order of the compute warpgroups (`mla_decode_seesaw`): key tiles in pairs, each
-  warpgroup computes S of one tile of the pair and both do their half of P V for both, so one's softmax runs
-  while the other's S keeps the tensor cores busy. Two tiles are in compute at once: it needs at least four
-  in flight (`deep_ring(seesaw=True)`). Exact; on half-page tiles 6% faster than their plain order, still 1.25x
-  slower than whole pages (session 16, KERNELS.md item 8). Off.
   `tiled_pages`: FlashMLA's layout (`mla_decode_tiled`): whole pages as nine 64-column tiles with a barrier each
   in two page slots, refilled tile by tile as their last reader finishes, the compute warpgroups in the seesaw
-  order, Q's rope part in registers. `key_tile`, `max_concurrent_steps`, `seesaw` and `overlap_qk` do not apply."""
+  order, Q's rope part in registers; `max_concurrent_steps` does not apply. Exact, but measured 2.85x slower
+  (session 16, KERNELS.md item 9). Off.
+  Measured and removed (session 16; the code is in git at fc7f8d1, KERNELS.md items 5, 7, 8): the next page's
+  Q K^T issued before this page's softmax (1.3-1.5x slower), half-page key tiles four in flight (1.3x slower:
+  S bound by SMEM reads of Q), the seesaw order on half-page tiles (1.25x slower than whole pages)."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
   balanced: bool = False
   cluster: bool = False
   combine: str | None = None
-  overlap_qk: bool = False
-  key_tile: int = PAGE_SIZE
-  seesaw: bool = False
   tiled_pages: bool = False
 
   def __post_init__(self):
-    if self.key_tile not in (32, PAGE_SIZE):
-      raise ValueError(f"key_tile must be 32 or {PAGE_SIZE} (tokens a step, a page or half of one), got "
-                       f"{self.key_tile}")
     if self.combine not in (None, "kernel", "xla"):
       raise ValueError(f"combine must be 'kernel' or 'xla', got {self.combine!r}")
     if self.num_splits is not None and self.num_splits < 1:
@@ -107,19 +90,6 @@ class DecodeConfig:
       raise ValueError(f"min_pages_per_split must be >= 1, got {self.min_pages_per_split}")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
-    if self.tiled_pages and (self.key_tile != PAGE_SIZE or self.overlap_qk or self.seesaw):
-      raise ValueError("tiled_pages=True has its own ring and order: key_tile, overlap_qk and seesaw must stay at "
-                       f"their defaults, got {self.key_tile}, {self.overlap_qk}, {self.seesaw}")
-    if self.seesaw and (self.max_concurrent_steps < 4 or self.overlap_qk):
-      raise ValueError("seesaw=True needs max_concurrent_steps >= 4 (a pair of tiles in compute, the next pair "
-                       f"loading) and overlap_qk=False, got {self.max_concurrent_steps} and {self.overlap_qk}")
-
-  @classmethod
-  def deep_ring(cls, **kw) -> "DecodeConfig":
-    """32-token key tiles, four in flight (R1's widths: 222 KB of SMEM)."""
-    return cls(key_tile=32, max_concurrent_steps=4, **kw)
-
-
 def padded_widths(kv_lora_rank: int, rope_dim: int) -> tuple[int, int]:
   """(latent, rope) widths the kernel works in: the latent a multiple of 128 (each compute warpgroup owns
   half of it, on 64-column SMEM tiles), the rope part a multiple of 64. R1's 512 + 64 need no padding; a
@@ -187,11 +157,10 @@ def combine(o_parts, lse_parts):
 
 
 def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl, scale_log2, steps_in_flight,
-                   interpret, cluster, num_splits, overlap_qk, key_tile, seesaw, tiled_pages):
+                   interpret, cluster, num_splits, tiled_pages):
   tile, unit = lax.axis_index("tile"), lax.axis_index("unit")
   wg = lax.axis_index("wg")
   rows, page, d = BLOCK_ROWS, PAGE_SIZE, q_ref.shape[-1]
-  kt, per_page = key_tile, PAGE_SIZE // key_tile  # a step's keys: a page, or a page in `per_page` pieces
   half = dl // 2
   dtype = q_ref.dtype
 
@@ -202,17 +171,16 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
     o_ref, lse_ref = refs
     b, first, steps = mla_schedule.uniform_unit(lens_ref, unit, num_splits, page)
   length = lens_ref[b]
-  # The unit's pages as key tiles, none wholly past the request's length (steps counts tiles from here).
-  first = first * per_page
-  steps = jnp.clip(_mosaic.cdiv(length - first * kt, kt), 0, steps * per_page)
-  # Tiles whose every key is visible to every row of the tile need no mask: keys <= the smallest
+  # The unit's pages, none wholly past the request's length (a step is a page).
+  steps = jnp.clip(_mosaic.cdiv(length - first * page, page), 0, steps)
+  # Pages whose every key is visible to every row of the tile need no mask: keys <= the smallest
   # position in the tile, lengths[b] - s_q + (first row's query token).
   min_pos = length - s_q + lax.div(tile * rows, heads)
-  unmasked = jnp.clip(lax.div(min_pos + 1, kt) - first, 0, steps)
+  unmasked = jnp.clip(lax.div(min_pos + 1, page) - first, 0, steps)
 
   def masked_scores(s, i):
-    """Keys past a row's position (and past the cache) -> -inf. s [rows, kt]."""
-    key0 = (first + i) * kt
+    """Keys past a row's position (and past the cache) -> -inf. s [rows, page]."""
+    key0 = (first + i) * page
     if interpret:
       r = lax.broadcasted_iota(jnp.int32, s.shape, 0)
       k = lax.broadcasted_iota(jnp.int32, s.shape, 1)
@@ -233,7 +201,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
     # Q in three buffers (latent halves, rope) so that each compute warpgroup can stage its output half in
     # a whole, contiguous buffer (a TMA store needs one) once Q is no longer read.
     alpha_smem, l_smem, lse_smem = stats_smem.at[0], stats_smem.at[1], stats_smem.at[2]
-    p_ready, p_free, final = (None, None, sync.at[5]) if seesaw else (sync.at[0], sync.at[1], sync.at[2])
+    p_ready, p_free, final = sync.at[0], sync.at[1], sync.at[2]
     q_parts = ((qa_smem, 0, half), (qb_smem, half, half), (qr_smem, dl, d - dl))
 
     @pl.when(wg == 2)
@@ -252,11 +220,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
 
         # clustered: every row tile's CTA issues the same copy and each loads its share of the tile, multicast
         # to all of them; `free` is then a cluster barrier, so no CTA overwrites a slot a partner still reads
-        t = first + i
-        src = pages_ref.at[table_ref[b, lax.div(t, per_page)]]
-        if per_page > 1:
-          src = src.at[pl.ds(lax.rem(t, per_page) * kt, kt)]
-        plgpu.copy_gmem_to_smem(src, k_smem.at[slot], full.at[slot],
+        plgpu.copy_gmem_to_smem(pages_ref.at[table_ref[b, first + i]], k_smem.at[slot], full.at[slot],
                                 **({"collective_axes": "tile"} if cluster else {}))
 
       # Observe the last releases too, so every barrier ends balanced (the interpreter checks it); clustered,
@@ -269,7 +233,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
           plgpu.barrier_wait(free.at[lax.rem(i, steps_in_flight)])
 
     def scores(slot):
-      """S = Q K^T over the three column ranges of Q: [rows, kt] f32."""
+      """S = Q K^T over the three column ranges of Q: [rows, page] f32."""
       parts = [(smem, k_smem.at[slot, :, pl.ds(col, width)]) for smem, col, width in q_parts]
       if interpret:
         f = lambda r: r[...].astype(jnp.float32)
@@ -279,10 +243,10 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
         for q, k in parts:
           plgpu.wgmma(acc_ref, q, _compat.transpose_ref(k, (1, 0)))
         return acc_ref[...]
-      return pl.run_scoped(qk, plgpu.ACC((rows, kt), jnp.float32))
+      return pl.run_scoped(qk, plgpu.ACC((rows, page), jnp.float32))
 
     def pv(o, p, v_ref):
-      """o + p @ v; p a [rows, kt] bf16 value (registers) or SMEM ref."""
+      """o + p @ v; p a [rows, page] bf16 value (registers) or SMEM ref."""
       if interpret:
         p_val = p if p is not p_smem else p_smem[...]
         return o + jnp.dot(p_val.astype(jnp.float32), v_ref[...].astype(jnp.float32))
@@ -292,7 +256,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       return pl.run_state(body)(plgpu.ACC.init(o))
 
     def softmax(s, i, m, l, mask):
-      """The online softmax of tile i's scores s [rows, kt] (f32, unscaled): (p bf16, alpha, m, l)."""
+      """The online softmax of page i's scores s [rows, page] (f32, unscaled): (p bf16, alpha, m, l)."""
       s = s * scale_log2
       if mask:
         s = masked_scores(s, i)
@@ -324,47 +288,6 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       plgpu.barrier_arrive(free.at[slot])
       return o, m, l
 
-    def next_scores(i):
-      """S of page i + 1 (zeros past the last page). On the GPU its wgmma is issued here and runs on the
-      tensor cores while page i's softmax runs on the CUDA cores (FlashAttention-3's intra-warpgroup overlap);
-      `overlapped_step` reads it after page i's P V. Interpret mode computes it at once."""
-      nxt = i + 1
-      slot = lax.rem(nxt, steps_in_flight)
-
-      @pl.when(nxt < steps)
-      def _():
-        plgpu.barrier_wait(full.at[slot])
-
-      if interpret:
-        return lax.cond(nxt < steps, lambda: scores(slot), lambda: jnp.zeros((rows, kt), jnp.float32))
-      return slot
-
-    def overlapped_step(i, carry, mask):
-      """Page i with page i + 1's S = Q K^T in flight during the softmax: carry (o, m, l, S of page i)."""
-      o, m, l, s = carry
-      slot = lax.rem(i, steps_in_flight)
-      if interpret:
-        s_next = next_scores(i)
-        p16, alpha, m, l = softmax(s, i, m, l, mask)
-        hand_over(i, p16, alpha)
-        o = pv(o * _mosaic.bcast_rows(alpha, o.shape), p16, k_smem.at[slot, :, pl.ds(0, half)])
-      else:
-        def body(acc_ref):
-          next_slot = next_scores(i)
-
-          @pl.when(i + 1 < steps)
-          def _():
-            for q, k in ((smem, k_smem.at[next_slot, :, pl.ds(col, width)]) for smem, col, width in q_parts):
-              plgpu.wgmma(acc_ref, q, _compat.transpose_ref(k, (1, 0)))
-
-          p16, alpha, m_new, l_new = softmax(s, i, m, l, mask)
-          hand_over(i, p16, alpha)
-          o_new = pv(o * _mosaic.bcast_rows(alpha, o.shape), p16, k_smem.at[slot, :, pl.ds(0, half)])
-          return o_new, m_new, l_new, acc_ref[...]  # pv waited for every wgmma: S of page i + 1 is ready
-        o, m, l, s_next = pl.run_scoped(body, plgpu.ACC((rows, kt), jnp.float32))
-      plgpu.barrier_arrive(free.at[slot])
-      return o, m, l, s_next
-
     def store(which, o, l, m):
       """Output half `which` of the unit's partial (o / l, bf16, staged in Q's SMEM: Q must no longer be read)
       and, with m given, the rows' log-sum-exp (natural log; m, l in the log2 domain)."""
@@ -379,33 +302,6 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
         plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[unit, pl.ds(tile * rows, rows)])
       plgpu.wait_smem_to_gmem(0)
 
-    if seesaw:
-      def ring_scores(i, parity):
-        slot = lax.rem(i, steps_in_flight)
-        plgpu.barrier_wait(full.at[slot])
-        return scores(slot)
-
-      def ring_pv(o, p, i, parity, which, waited):
-        slot = lax.rem(i, steps_in_flight)
-        if not waited:
-          plgpu.barrier_wait(full.at[slot])
-        o = pv(o, p, k_smem.at[slot, :, pl.ds(which * half, half)])
-        plgpu.barrier_arrive(free.at[slot])
-        return o
-
-      unit_kit = mla_decode_seesaw.SeesawUnit(
-          interpret=interpret, steps=steps, unmasked=unmasked, scale_log2=scale_log2, p_smem=p_smem,
-          stats_smem=stats_smem, bars=tuple(sync.at[i] for i in range(6)), scores=ring_scores,
-          mask=masked_scores, pv=ring_pv, store=store,
-          zeros=lambda: _mosaic.wgmma_tile(jnp.zeros((rows, half), jnp.float32), interpret))
-      for w, run in enumerate((mla_decode_seesaw.warpgroup0, mla_decode_seesaw.warpgroup1)):
-        @pl.when(wg == w)
-        def _():
-          plgpu.set_max_registers(232, action="increase")
-          plgpu.barrier_wait(q_bar)  # both warpgroups compute S
-          run(unit_kit, rows)
-      return
-
     @pl.when(wg == 0)
     def _softmax_wg():
       plgpu.set_max_registers(232, action="increase")
@@ -413,17 +309,8 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       o = _mosaic.wgmma_tile(jnp.zeros((rows, half), jnp.float32), interpret)
       m = _mosaic.wgmma_rows(jnp.full((rows,), -jnp.inf, jnp.float32), interpret)
       l = _mosaic.wgmma_rows(jnp.zeros((rows,), jnp.float32), interpret)
-      if overlap_qk:
-        @pl.when(steps > 0)
-        def _():
-          plgpu.barrier_wait(full.at[0])
-
-        s0 = scores(0)  # page 0's S (unread SMEM when steps == 0: never used then)
-        carry = lax.fori_loop(0, unmasked, functools.partial(overlapped_step, mask=False), (o, m, l, s0))
-        o, m, l, _ = lax.fori_loop(unmasked, steps, functools.partial(overlapped_step, mask=True), carry)
-      else:
-        carry = lax.fori_loop(0, unmasked, functools.partial(step, mask=False), (o, m, l))
-        o, m, l = lax.fori_loop(unmasked, steps, functools.partial(step, mask=True), carry)
+      carry = lax.fori_loop(0, unmasked, functools.partial(step, mask=False), (o, m, l))
+      o, m, l = lax.fori_loop(unmasked, steps, functools.partial(step, mask=True), carry)
 
       @pl.when(steps > 0)
       def _():
@@ -452,27 +339,20 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       plgpu.barrier_wait(final)  # warpgroup 0 is done with Q's SMEM and has written l
       store(1, o, _mosaic.load_wgmma_rows(l_smem, interpret), None)
 
-  # A 32-token tile as P V's K needs the 64-byte swizzle (wgmma's K groups are one swizzle wide), and wgmma
-  # wants Q (S's left operand) swizzled as K: every tile of the step's products then uses it.
-  swizzled = functools.partial(_mosaic.smem_transforms, min(kt, 64), dtype)
-  p_buffer = lambda: plgpu.SMEM((rows, kt), dtype, transforms=_mosaic.smem_transforms(kt, dtype))
+  swizzled = functools.partial(_mosaic.smem_transforms, page, dtype)
   pl.run_scoped(
       scoped,
       plgpu.SMEM((rows, half), dtype, transforms=swizzled()),
       plgpu.SMEM((rows, half), dtype, transforms=swizzled()),
       plgpu.SMEM((rows, d - dl), dtype, transforms=swizzled()),
-      plgpu.SMEM((steps_in_flight, kt, d), dtype, transforms=swizzled()),
-      # P: one buffer (warpgroup 0's P for its partner), or the seesaw's two (P_a, P_b; two allocations: a
-      # wgmma operand indexed out of a stacked buffer by a static index fails Mosaic GPU's lowering, jax 0.11.2)
-      (tuple(p_buffer() for _ in range(2)) if seesaw else p_buffer()),
-      # alpha, l, lse (seesaw: m_a, m_b, lse): one 1 KB allocation (each is 1 KB-aligned)
-      plgpu.SMEM((3, rows), jnp.float32),
+      plgpu.SMEM((steps_in_flight, page, d), dtype, transforms=swizzled()),
+      plgpu.SMEM((rows, page), dtype, transforms=swizzled()),  # P, warpgroup 0's for its partner
+      plgpu.SMEM((3, rows), jnp.float32),  # alpha, l, lse: one 1 KB allocation (each is 1 KB-aligned)
       plgpu.Barrier(num_arrivals=3),
       plgpu.Barrier(num_arrivals=1, num_barriers=steps_in_flight),
       (plgpu.ClusterBarrier(collective_axes=("tile",), num_arrivals=2, num_barriers=steps_in_flight) if cluster
        else plgpu.Barrier(num_arrivals=2, num_barriers=steps_in_flight)),
-      # the compute warpgroups' hand-overs: p_ready, p_free, final (seesaw: mla_decode_seesaw's six)
-      plgpu.Barrier(num_arrivals=1, num_barriers=6 if seesaw else 3),
+      plgpu.Barrier(num_arrivals=1, num_barriers=3),  # p_ready, p_free, final
       collective_axes="wg",
   )
 
@@ -480,11 +360,11 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
 _REDUCTION_SCRATCH_BYTES = 1024  # Mosaic's cross-warp reduction scratch (its default, 2 KB, would not fit)
 
 
-def _smem_bytes(d, steps_in_flight, key_tile=PAGE_SIZE, itemsize=2, p_buffers=1):
+def _smem_bytes(d, steps_in_flight, itemsize=2):
   """SMEM of one CTA as Mosaic GPU lays it out (every allocation 1 KB-aligned), barriers aside."""
   align = lambda n: -(-n // 1024) * 1024
   q = BLOCK_ROWS * d * itemsize
-  return (q + align(steps_in_flight * key_tile * d * itemsize) + align(p_buffers * BLOCK_ROWS * key_tile * itemsize)
+  return (q + align(steps_in_flight * PAGE_SIZE * d * itemsize) + align(BLOCK_ROWS * PAGE_SIZE * itemsize)
           + align(3 * BLOCK_ROWS * 4) + _REDUCTION_SCRATCH_BYTES)
 
 
@@ -545,10 +425,10 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   q_p, pages_p = _pad_last(q, parts), _pad_last(pages, parts)
   dp = dl + dr
   smem = (mla_decode_tiled.smem_bytes(dp) + _REDUCTION_SCRATCH_BYTES if cfg.tiled_pages else
-          _smem_bytes(dp, cfg.max_concurrent_steps, cfg.key_tile, p_buffers=2 if cfg.seesaw else 1))
+          _smem_bytes(dp, cfg.max_concurrent_steps))
   if smem > SMEM_BYTES:
-    raise ValueError(f"width {dp} with {cfg.max_concurrent_steps} key tiles of {cfg.key_tile} in flight needs "
-                     f"{smem} bytes of SMEM (> {SMEM_BYTES})")
+    raise ValueError(f"width {dp} with {cfg.max_concurrent_steps} pages in flight needs {smem} bytes of SMEM "
+                     f"(> {SMEM_BYTES})")
   r = s_q * h
   r_pad = -(-r // BLOCK_ROWS) * BLOCK_ROWS
   q_rows = q_p.reshape(b, r, dp)
@@ -571,8 +451,7 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
                      f"{MAX_CLUSTER * BLOCK_ROWS}), got {tiles}")
   body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _LOG2E,
                            steps_in_flight=cfg.max_concurrent_steps, interpret=interpret, cluster=cluster,
-                           num_splits=splits, overlap_qk=cfg.overlap_qk, key_tile=cfg.key_tile,
-                           seesaw=cfg.seesaw, tiled_pages=cfg.tiled_pages)
+                           num_splits=splits, tiled_pages=cfg.tiled_pages)
   # Unclustered, the grid is (row tiles, units) with row tiles fastest: the CTAs reading the same pages are
   # launched together. Clustered, a unit's row tiles are one cluster.
   grid = dict(grid=(units,), grid_names=("unit",), cluster=(tiles,), cluster_names=("tile",)) if cluster else \

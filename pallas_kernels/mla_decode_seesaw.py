@@ -1,4 +1,5 @@
-"""The MLA decode kernel's compute warpgroups in FlashMLA's "seesaw" order (`DecodeConfig(seesaw=True)`).
+"""The seesaw order of the MLA decode kernel's two compute warpgroups (FlashMLA's), as a protocol over key tiles
+whose layout the caller owns (`mla_decode_tiled`, `DecodeConfig(tiled_pages=True)`).
 
 In the plain order (`mla_decode`), compute warpgroup 0 carries every key tile's critical path: S = Q K^T over
 576 columns, the softmax, then its half of P V, while warpgroup 1 only does the other half of P V; the tensor
@@ -6,19 +7,20 @@ cores idle through each softmax. In the seesaw, the key tiles go in pairs (a = e
 warpgroup computes S of one of them, so one warpgroup's S runs on the tensor cores while the other one's
 softmax runs on the CUDA cores:
 
-  warpgroup 0 (O[:, :half])                      warpgroup 1 (O[:, half:])
+  warpgroup 0 (its output columns)                warpgroup 1 (the other columns)
   S_a = Q K_a^T                                   S_b = Q K_b^T
   m_a = max(m, rowmax S_a), P_a  --m_a, P_a-->    m_b = max(m_a, rowmax S_b), P_b
-  O = O * 2^(m - m_a) + P_a V_a[:, :half]         O = O * 2^(m - m_a) + P_a V_a[:, half:]
-                                 <--m_b, P_b--    O = O * 2^(m_a - m_b) + P_b V_b[:, half:]
-  O = O * 2^(m_a - m_b) + P_b V_b[:, :half]
+  O = O * 2^(m - m_a) + P_a V_a                   O = O * 2^(m - m_a) + P_a V_a
+                                 <--m_b, P_b--    O = O * 2^(m_a - m_b) + P_b V_b
+  O = O * 2^(m_a - m_b) + P_b V_b
 
 Each warpgroup derives the other's rescale factor from the published maxima (the same ops on the same values:
 bitwise equal), keeps the row sums of its own P (both relative to the running maximum m_b), and the two sums
-are added at the end. A unit with an odd number of tiles ends on a pair without b. SMEM: the ring's tiles,
-two P buffers [64, kt] (P_a, P_b) and three row vectors (m_a, m_b; at the end the partner's row sum, the total
-and the log-sum-exp). With two tiles in compute, the ring needs four slots so that the next pair loads during
-this one (`DecodeConfig.deep_ring(seesaw=True)`: 32-token tiles).
+are added at the end. A unit with an odd number of tiles ends on a pair without b. SMEM here: two P buffers
+(P_a, P_b) and three row vectors (m_a, m_b; at the end the partner's row sum, the total and the log-sum-exp).
+Two tiles are in compute at once, so the caller's ring must let the next pair load during this one. (On a ring
+of half-page tiles, four in flight, this order measured 1.25x slower than the plain kernel on whole pages:
+WORKSPACE Finding 35; that ring was removed.)
 
 Barriers (one arrival each): a_ready (P_a and m_a published), b_ready (P_b and m_b published), a_free /
 b_free (the reader is done with that P buffer), l_ready (warpgroup 1's row sum written, its last read of Q

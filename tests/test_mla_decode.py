@@ -205,75 +205,8 @@ def test_bad_inputs_are_named():
     md.mla_decode(q, pages, table, lens, kv_lora_rank=48, softmax_scale=1.0, interpret=True)
 
 
-def test_overlapped_qk_unequal_lengths_mtp_idle_row():
-  # `overlap_qk`: page i + 1's S carried into page i's step. One interpret-mode call: a request of four pages
-  # (unmasked pages, then its masked last one), a one-page request (masked only), an idle row (no page: the
-  # carried S is never used), two new tokens a request.
-  check(3, 3, 2, 8, 32, 16, [200, 2, 0], 4, md.DecodeConfig(num_splits=1, overlap_qk=True))
-
-
-@pytest.mark.skipif(not ON_GPU, reason="R1 shapes: GPU only")
-@pytest.mark.parametrize("s_q,cluster", [(1, False), (1, True), (2, True)], ids=["sq1", "sq1-cluster", "sq2-cluster"])
-def test_r1_shapes_overlapped_qk(s_q, cluster):
-  rng = np.random.default_rng(10 + s_q)
-  lengths = rng.integers(s_q, 3000, 6).tolist() + [0, 4096]
-  check(4, 8, s_q, 128, 512, 64, lengths, 64, md.DecodeConfig(cluster=cluster, overlap_qk=True), scale=192 ** -0.5)
-
-
-def test_half_page_key_tiles_unequal_lengths_splits_mtp():
-  # `key_tile=32`, four in flight: a page is two steps. Lengths ending mid-tile (200: 6.25 tiles), a request of
-  # one page whose second half is past its length (33), an idle row, two splits a request (a split's first
-  # tile at a page boundary), two new tokens a request.
-  check(5, 4, 2, 8, 32, 16, [200, 33, 0, 70], 4, md.DecodeConfig.deep_ring(num_splits=2))
-
-
-def test_half_page_key_tiles_overlapped_qk():
-  check(6, 3, 1, 8, 32, 16, [200, 2, 0], 4, md.DecodeConfig.deep_ring(num_splits=1, overlap_qk=True))
-
-
-def test_half_page_key_tiles_balanced_units():
-  # the balanced schedule's units (pages of one request) run as half-page tiles: a unit starting mid-request
-  check(8, 3, 1, 8, 32, 16, [300, 40, 0], 5, md.DecodeConfig.deep_ring(balanced=True, num_splits=2,
-                                                                      min_pages_per_split=1))
-
-
-def test_key_tile_is_checked():
-  with pytest.raises(ValueError, match="key_tile"):
-    md.DecodeConfig(key_tile=16)
-  q, pages, table, lens = make_inputs(0, 2, 1, 4, 32, 16, [3, 5], 1)
-  with pytest.raises(ValueError, match="SMEM"):  # five 32-token tiles and Q do not fit at R1's width
+def test_smem_is_checked():
+  with pytest.raises(ValueError, match="SMEM"):  # Q and three whole pages do not fit at R1's width
     md.mla_decode(jnp.zeros((1, 1, 64, 576), jnp.bfloat16), jnp.zeros((2, 64, 576), jnp.bfloat16),
                   jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32), kv_lora_rank=512, softmax_scale=1.0,
-                  config=md.DecodeConfig(key_tile=32, max_concurrent_steps=5), interpret=True)
-
-
-@pytest.mark.skipif(not ON_GPU, reason="R1 shapes: GPU only")
-@pytest.mark.parametrize("s_q,cluster,overlap", [(1, False, False), (1, True, False), (2, True, False),
-                                                 (1, True, True)],
-                         ids=["sq1", "sq1-cluster", "sq2-cluster", "sq1-cluster-overlapped"])
-def test_r1_shapes_half_page_key_tiles(s_q, cluster, overlap):
-  rng = np.random.default_rng(20 + s_q)
-  lengths = rng.integers(s_q, 3000, 6).tolist() + [0, 4096]
-  check(7, 8, s_q, 128, 512, 64, lengths, 64, md.DecodeConfig.deep_ring(cluster=cluster, overlap_qk=overlap),
-        scale=192 ** -0.5)
-
-
-@pytest.mark.usefixtures("h100_sms")
-def test_half_page_key_tiles_lower_for_cuda():
-  """32-token key tiles (a page's half by TMA, wgmma N = 32 for S and K = 32 for P V) lower for CUDA, clustered
-  (each half multicast) and overlapped too."""
-  plain = _lowered_for_cuda(md.DecodeConfig(num_splits=2))
-  for cfg in (md.DecodeConfig.deep_ring(num_splits=2), md.DecodeConfig.deep_ring(num_splits=2, cluster=True),
-              md.DecodeConfig.deep_ring(num_splits=2, cluster=True, overlap_qk=True)):
-    lowered = _lowered_for_cuda(cfg)
-    assert "mosaic_gpu" in lowered and lowered != plain
-
-
-@pytest.mark.usefixtures("h100_sms")
-def test_overlapped_qk_lowers_for_cuda():
-  """The asynchronous wgmma of the next page's S (GPU only: interpret mode computes it at once) lowers for CUDA,
-  clustered or not, and gives another kernel than the plain one."""
-  plain = _lowered_for_cuda(md.DecodeConfig(num_splits=2))
-  overlapped = _lowered_for_cuda(md.DecodeConfig(num_splits=2, overlap_qk=True))
-  assert "mosaic_gpu" in overlapped and overlapped != plain
-  assert "mosaic_gpu" in _lowered_for_cuda(md.DecodeConfig(num_splits=2, cluster=True, overlap_qk=True))
+                  config=md.DecodeConfig(max_concurrent_steps=3), interpret=True)

@@ -117,9 +117,8 @@ def test_paged_mla_matches_causal_forward(backend, dtype, tol):
 
 def test_decode_cluster_reaches_the_decode_kernel(monkeypatch):
     """`PagedAttention(decode_cluster=True)`, the default, hands `DecodeConfig(cluster=True)` to the Pallas decode
-    kernel for one query per row and the unclustered form for two (MTP; measured slower clustered), and
-    `decode_key_tile` its key tile. The clustered form runs on GPUs only: here the call is intercepted and answered
-    by the reference."""
+    kernel for one query per row and the unclustered form for two (MTP; measured slower clustered). The clustered
+    form runs on GPUs only: here the call is intercepted and answered by the reference."""
     from pallas_kernels import mla_decode
 
     seen = []
@@ -137,14 +136,9 @@ def test_decode_cluster_reaches_the_decode_kernel(monkeypatch):
     table.ensure(0, 6)
     x = jax.random.normal(jax.random.key(2), (1, 2, TINY.hidden_size), jnp.float32).astype(jnp.bfloat16)
     assert PagedAttention(sp.latent_width).decode_cluster
-    for cluster, queries, key_tile in ((False, 1, 64), (True, 1, 64), (True, 2, 64), (True, 1, 32)):
-        attention = PagedAttention(sp.latent_width, "pallas", interpret=True, decode_cluster=cluster,
-                                   decode_key_tile=key_tile)
+    for cluster, queries in ((False, 1), (True, 1), (True, 2)):
+        attention = PagedAttention(sp.latent_width, "pallas", interpret=True, decode_cluster=cluster)
         kv = attention.layer(pages, jnp.asarray(table.block_table([0])), jnp.asarray([4 + queries], jnp.int32),
                              jnp.asarray([queries], jnp.int32))
         _step(mla, x[:, :queries], jnp.asarray([[4, 5][:queries]], jnp.int32), kv, True)  # each call traced anew
-    assert [c.cluster for c in seen] == [False, True, False, True]
-    # `decode_key_tile=32`: the deep ring (half-page tiles, four in flight); the default stays a page, two
-    assert [(c.key_tile, c.max_concurrent_steps) for c in seen] == [(64, 2)] * 3 + [(32, 4)]
-    with pytest.raises(ValueError, match="decode_key_tile"):
-        PagedAttention(sp.latent_width, decode_key_tile=16)
+    assert [c.cluster for c in seen] == [False, True, False]

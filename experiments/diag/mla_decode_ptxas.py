@@ -15,7 +15,6 @@ from pallas_kernels import mla_decode as md
 
 VARIANTS = {
     "plain": md.DecodeConfig(cluster=True),
-    "seesaw": md.DecodeConfig.deep_ring(cluster=True, seesaw=True),
     "tiled": md.DecodeConfig(cluster=True, tiled_pages=True),
 }
 _VARIANTS = flags.DEFINE_list("variants", ["plain", "tiled"], f"layouts to compile: {sorted(VARIANTS)}")
