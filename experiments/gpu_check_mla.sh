@@ -10,7 +10,8 @@
 # XLA's five-kernel combine in the same run                                                           ~3 min
 # --tiled: the decode kernel in FlashMLA's layout (DecodeConfig.tiled_pages: whole pages as 64-column tiles, a
 # barrier each, the seesaw order; tests/test_mla_decode_tiled.py) beside the current kernel: B=64 / 128 at 4K,
-# B=1 at 32K / 64K and two MTP queries, each step under a timeout (a synchronization mistake would hang) ~4 min
+# B=1 at 32K / 64K and two MTP queries, each step under a timeout (a synchronization mistake would hang); first
+# ptxas's register and spill report of both kernels (experiments/diag/mla_decode_ptxas.py)           ~6 min
 # (--overlap and --deep ran the variants removed in session 16: KERNELS.md items 5, 7, 8.)
 # Logs and the results JSON go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
@@ -40,7 +41,11 @@ focused() {
 }
 
 case "$MODE" in
-  tiled) focused tiled 200 200 \
+  tiled)
+    # ptxas's register and spill report for the current kernel and the tiled one (Finding 36's first question)
+    MOSAIC_GPU_DUMP_PTXAS=1 timeout 120 $PY experiments/diag/mla_decode_ptxas.py --variants=plain,tiled 2>&1 \
+      | grep -iE "variant|registers|spill|stack frame" | tee "$OUTDIR/ptxas_mla_decode.log"
+    focused tiled 200 200 \
     b64_4k_cl,b64_4k_cl_tp,b128_4k_cl,b128_4k_cl_tp,b1_32k_cl,b1_32k_cl_tp,b1_64k_s66_cl,b1_64k_s66_cl_tp,b64_4k_mtp2,b64_4k_mtp2_cl_tp \
     tests/test_mla_decode_tiled.py ;;
   combine) focused combine 200 200 \
