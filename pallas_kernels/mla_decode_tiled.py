@@ -6,20 +6,22 @@ leave no SMEM for a third page, and narrower key tiles are no way out (32 keys m
 WORKSPACE Finding 35). So, as FlashMLA does, a page [64, 576] arrives as nine [64, 64] column tiles, each with
 its own barrier, into two page slots: even pages in slot 0 (their S computed by warpgroup 0), odd pages in slot 1
 (warpgroup 1). A tile is refilled for page i + 2 as soon as its last reader is done:
-  * the rope tile (Q's and K's last 64 columns; not part of V) after S;
   * latent tiles 0-3 (V's columns 0-255) after warpgroup 0's P V, tiles 4-7 after warpgroup 1's;
-and S of a page runs tile by tile in the order the tiles are loaded (rope first), each wgmma waiting only for its
-own tile, so the next page's S starts while its other tiles land.
+  * the rope tile (Q's and K's last 64 columns; not part of V) once the partner has read the P it holds (below);
+and S of a page runs tile by tile in the order the tiles are loaded (0-3, rope, 4-7: about the order they are
+freed), each wgmma waiting only for its own tile, so the next page's S starts while its other tiles land.
 
-Q's rope tile is copied into both compute warpgroups' registers at the start (S's rope part takes it as wgmma's
-left operand from registers), so its SMEM becomes the buffer of P_b. Each warpgroup's O is four [64, 64] f32
-accumulators (one per V tile: a V half is four separate SMEM tiles, not one [64, 256] operand), and the partner's
-P is loaded into registers before P V. Every SMEM tile is its own allocation, indexed statically (slot = the
-page's parity): a wgmma operand taken out of a stacked buffer by a static index fails Mosaic GPU's lowering
-(jax 0.11.2).
+A page's rope tile, once its S is done, holds that page's P for the partner warpgroup: P_a in slot 0's rope
+tile, P_b in slot 1's (same shape and swizzle), released by the partner after it has read P instead of after S.
+So neither a P buffer nor Q's rope part in registers is needed (the first form of this kernel, measured 2.85x
+slower, held Q's rope in 16 more registers a thread and P_a in 8 KB of its own: Finding 36). Each warpgroup's O
+is four [64, 64] f32 accumulators (one per V tile: a V half is four separate SMEM tiles, not one [64, 256]
+operand), and the partner's P is loaded into registers before its four wgmmas. Every SMEM tile is its own
+allocation, indexed statically (slot = the page's parity): a wgmma operand taken out of a stacked buffer by a
+static index fails Mosaic GPU's lowering (jax 0.11.2).
 
-SMEM (R1's 512 + 64): Q's latent 8 x 8 KB, Q's rope / P_b 8 KB, P_a 8 KB, two pages of 9 x 8 KB, the seesaw's
-row vectors 1 KB: 225 KB beside Mosaic's reduction scratch.
+SMEM (R1's 512 + 64): Q 9 x 8 KB, two pages of 9 x 8 KB, the seesaw's row vectors 1 KB: 217 KB beside Mosaic's
+reduction scratch.
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ _LOG2E = 1.4426950408889634
 def smem_bytes(d: int, itemsize: int = 2) -> int:
   """SMEM of one CTA (1 KB-aligned allocations; barriers and Mosaic's reduction scratch aside) for width d."""
   tiles = d // TILE
-  return (tiles + 1 + 2 * tiles) * TILE * TILE * itemsize + 1024  # Q's tiles, P_a, two pages, row vectors
+  return 3 * tiles * TILE * TILE * itemsize + 1024  # Q's tiles, two pages, the row vectors
 
 
 def _load_order(num_latent: int, num_rope: int):
-  """Tiles in the order they are loaded and multiplied: the rope tiles first (freed first, right after S)."""
-  return tuple(range(num_latent, num_latent + num_rope)) + tuple(range(num_latent))
+  """Tiles in the order they are loaded and multiplied, about the order their last readers free them: warpgroup
+  0's latent half, the rope tiles, warpgroup 1's half."""
+  half = num_latent // 2
+  return tuple(range(half)) + tuple(range(num_latent, num_latent + num_rope)) + tuple(range(half, num_latent))
 
 
 def run_unit(q_ref, pages_ref, table_ref, o_ref, lse_ref, *, b, first, steps, unmasked, mask, tile, unit, wg,
@@ -57,7 +61,7 @@ def run_unit(q_ref, pages_ref, table_ref, o_ref, lse_ref, *, b, first, steps, un
   order = _load_order(nl, nr)
   multicast = {"collective_axes": "tile"} if cluster else {}
 
-  def scoped(q_tiles, pa_smem, k_tiles, stats_smem, q_bar, full, free, sync):
+  def scoped(q_tiles, k_tiles, stats_smem, q_bar, full, free, sync):
     # q_tiles: nt [64, 64] tiles of Q (latent, then rope); k_tiles[slot][c]: tile c of the page in `slot`
     barrier = lambda bars, slot, c: bars.at[slot * nt + c]
 
@@ -94,22 +98,22 @@ def run_unit(q_ref, pages_ref, table_ref, o_ref, lse_ref, *, b, first, steps, un
             plgpu.barrier_wait(barrier(free, slot, c))
 
     def scores(i, slot):
-      """S of page i (in `slot`) tile by tile, each wgmma after its tile's barrier; releases the rope tiles."""
+      """S of page i (in `slot`) tile by tile, each wgmma after its tile's barrier. Releases the rope tiles but
+      the first, which next holds the page's P until the partner has read it."""
       if interpret:
         s = 0.0
         for c in order:
           plgpu.barrier_wait(barrier(full, slot, c))
-          q = q_rope[c - nl] if c >= nl else q_tiles[c][...]
+          q = q_tiles[c][...]
           s = s + jnp.dot(q.astype(jnp.float32), k_tiles[slot][c][...].astype(jnp.float32).T)
       else:
         def qk(acc_ref):
           for c in order:
             plgpu.barrier_wait(barrier(full, slot, c))
-            q = q_rope[c - nl] if c >= nl else q_tiles[c]
-            plgpu.wgmma(acc_ref, q, _compat.transpose_ref(k_tiles[slot][c], (1, 0)))
+            plgpu.wgmma(acc_ref, q_tiles[c], _compat.transpose_ref(k_tiles[slot][c], (1, 0)))
           return acc_ref[...]
         s = pl.run_scoped(qk, plgpu.ACC((rows, TILE), jnp.float32))
-      for c in range(nl, nt):
+      for c in range(nl + 1, nt):
         plgpu.barrier_arrive(barrier(free, slot, c))
       return s
 
@@ -119,8 +123,10 @@ def run_unit(q_ref, pages_ref, table_ref, o_ref, lse_ref, *, b, first, steps, un
       if not waited:
         for c in tiles:
           plgpu.barrier_wait(barrier(full, slot, c))
-      if not waited and not interpret:  # the partner's P, in SMEM: into registers once for the four wgmmas
-        p = plgpu.load(p, (), layout=plgpu.Layout.WGMMA)
+      if not waited:  # the partner's P, in the page's rope tile: into registers once for the four wgmmas
+        if not interpret:
+          p = plgpu.load(p, (), layout=plgpu.Layout.WGMMA)
+        plgpu.barrier_arrive(barrier(free, slot, nl))  # read: the tile may be refilled
       if interpret:
         o = tuple(acc + jnp.dot(p.astype(jnp.float32), k_tiles[slot][c][...].astype(jnp.float32))
                   for acc, c in zip(o, tiles))
@@ -152,26 +158,19 @@ def run_unit(q_ref, pages_ref, table_ref, o_ref, lse_ref, *, b, first, steps, un
     zeros = lambda: tuple(_mosaic.wgmma_tile(jnp.zeros((rows, TILE), jnp.float32), interpret) for _ in range(half))
     unit_kit = mla_decode_seesaw.SeesawUnit(
         interpret=interpret, steps=steps, unmasked=unmasked, scale_log2=scale_log2,
-        p_smem=(pa_smem, q_tiles[nl]), stats_smem=stats_smem, bars=tuple(sync.at[i] for i in range(6)),
+        p_smem=(k_tiles[0][nl], k_tiles[1][nl]), stats_smem=stats_smem, bars=tuple(sync.at[i] for i in range(6)),
         scores=lambda i, parity: scores(i, parity), mask=mask, pv=pv, zeros=zeros, store=store)
-    q_rope = None
     for w, run in enumerate((mla_decode_seesaw.warpgroup0, mla_decode_seesaw.warpgroup1)):
       @pl.when(wg == w)
       def _():
-        nonlocal q_rope
         plgpu.set_max_registers(232, action="increase")
         plgpu.barrier_wait(q_bar)
-        # Q's rope tiles into registers (S's left operand); the first one's SMEM then holds P_b. Warpgroup 1
-        # writes P_b only after warpgroup 0's first S (a_ready), so both have read it by then.
-        q_rope = [q_tiles[c][...] if interpret else plgpu.load(q_tiles[c], (), layout=plgpu.Layout.WGMMA)
-                  for c in range(nl, nt)]
         run(unit_kit, rows)
 
   tile_smem = lambda: plgpu.SMEM((TILE, TILE), dtype, transforms=_mosaic.smem_transforms(TILE, dtype))
   pl.run_scoped(
       scoped,
       tuple(tile_smem() for _ in range(nt)),
-      tile_smem(),
       tuple(tuple(tile_smem() for _ in range(nt)) for _ in range(2)),
       plgpu.SMEM((3, rows), jnp.float32),  # m_a, m_b (then the partner's row sum, the total) and lse
       plgpu.Barrier(num_arrivals=nt),

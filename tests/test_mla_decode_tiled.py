@@ -35,7 +35,7 @@ def test_tiled_pages_balanced_units_tiny_widths():
 
 
 def test_tiled_pages_smem_is_checked():
-  # R1's 512 + 64 fit (28 tiles of 8 KB and the row vectors); a rope of 128 would need 31 tiles
+  # R1's 512 + 64 fit (27 tiles of 8 KB and the row vectors); a rope of 128 would need 30 (240 KB)
   assert mla_decode_tiled.smem_bytes(576) + 1024 <= md.SMEM_BYTES
   with pytest.raises(ValueError, match="SMEM"):
     md.mla_decode(jnp.zeros((1, 1, 64, 640), jnp.bfloat16), jnp.zeros((2, 64, 640), jnp.bfloat16),
