@@ -1,8 +1,11 @@
-"""Compiles the MLA decode kernel at R1 shapes in each given layout and runs it once, for ptxas's register and
-spill report (run under MOSAIC_GPU_DUMP_PTXAS=1; its lines go to stderr). GPU only.
+"""Compiles the MLA decode kernel at R1 shapes (clustered, one query a row) in each given layout and runs it once:
+for ptxas's register and spill report (under MOSAIC_GPU_DUMP_PTXAS=1; its lines go to stderr), or as the target
+of an ncu profile (one launch per layout, no split combine at B=64). GPU only.
 
   MOSAIC_GPU_DUMP_PTXAS=1 python3 experiments/diag/mla_decode_ptxas.py --variants=plain,tiled 2>&1 \
     | grep -E "variant|registers|spill"
+  ncu --kernel-name regex:mosaic --metrics launch__registers_per_thread,... \
+    python3 experiments/diag/mla_decode_ptxas.py --variants=plain,tiled --batch=64 --pages=64
 """
 
 import sys
@@ -18,10 +21,12 @@ VARIANTS = {
     "tiled": md.DecodeConfig(cluster=True, tiled_pages=True),
 }
 _VARIANTS = flags.DEFINE_list("variants", ["plain", "tiled"], f"layouts to compile: {sorted(VARIANTS)}")
+_BATCH = flags.DEFINE_integer("batch", 8, "requests")
+_PAGES = flags.DEFINE_integer("pages", 4, "pages (64 tokens) a request")
 
 
 def main(_):
-  b, pages_each, d = 8, 4, 576
+  b, pages_each, d = _BATCH.value, _PAGES.value, 576
   k1, k2 = jax.random.split(jax.random.key(0))
   q = jax.random.normal(k1, (b, 1, 128, d), jnp.bfloat16)
   pages = jax.random.normal(k2, (b * pages_each, md.PAGE_SIZE, d), jnp.bfloat16)
