@@ -25,7 +25,8 @@ session 14; 0.85 TB/s), of 16 splits 3.8 us, ~0.13 us a split; with 32 slots 10.
 five kernels 10.3 us in the same run): not the bytes in flight either. What is left that grows with the
 splits is the compute warpgroup's chain per split (barrier, SMEM loads, new maximum, two exponentials,
 rescale, release) and the two copies a split: this form has one copy, one exponential and no rescale a split.
-Prediction (not yet measured): 66 splits in ~5 us.
+Measured (session 16, H100): 8.58 us at 66 splits, 3.52 at 16, against XLA's five kernels 11.07 / 4.64 us in the
+same run; the ~5 us predicted was not reached (still ~0.1 us a split beyond a ~2 us base).
 """
 
 from __future__ import annotations
