@@ -407,7 +407,8 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
     block_table: [B, max_pages] int32, request -> its pages in order (entries past a request's length
       are never read).
     lengths: [B] int32, tokens cached per request including the s_q new ones (>= s_q), or 0 for an idle
-      batch row (its output is 0).
+      batch row (its output is 0); at most max_pages * 64 (traced, so not checked here: a longer length reads
+      block-table entries past the row, which hangs the interpreter and reads stray pages on a GPU).
     kv_lora_rank: the latent width; the value of a token is the first kv_lora_rank entries of its row.
     softmax_scale: multiplies q . k before the softmax.
     config: `DecodeConfig`; None picks the splits from B and the device's SM count.
