@@ -17,8 +17,9 @@ So neither a P buffer nor Q's rope part in registers is needed (the first form o
 slower, held Q's rope in 16 more registers a thread and P_a in 8 KB of its own: Finding 36). Each warpgroup's O
 is four [64, 64] f32 accumulators (one per V tile: a V half is four separate SMEM tiles, not one [64, 256]
 operand), and the partner's P is loaded into registers before its four wgmmas. Every SMEM tile is its own
-allocation, indexed statically (slot = the page's parity): a wgmma operand taken out of a stacked buffer by a
-static index fails Mosaic GPU's lowering (jax 0.11.2).
+allocation, indexed statically (slot = the page's parity): a TMA cannot write a 64-column slice of a [64, 576]
+tiled buffer (Mosaic GPU: "async_copy needs the SMEM reference to be contiguous"), and a wgmma operand taken
+out of a stacked buffer by a static index fails Mosaic GPU's lowering (jax 0.11.2).
 
 SMEM (R1's 512 + 64): Q 9 x 8 KB, two pages of 9 x 8 KB, the seesaw's row vectors 1 KB: 217 KB beside Mosaic's
 reduction scratch.
