@@ -118,10 +118,11 @@ def _pair_wg0(pair, carry, *, u: SeesawUnit, mask, has_b):
   s = _scaled_scores(u, a, 0, mask)
   m_a = jnp.maximum(m, s.max(axis=1))
   p, alpha_a = rescaled(s, m, m_a)
+  # P's row sums now, so that its f32 values are dead before the P V products (registers: O holds 128 a thread)
+  l = l * alpha_a + p.sum(axis=1)
   p16 = p.astype(u.p_smem[0].dtype)
   _publish(u, 0, pair, p16, m_a)
   o = u.pv(scale_rows(o, alpha_a), p16, a, 0, 0, True)
-  l = l * alpha_a + p.sum(axis=1)
   if not has_b:
     return o, m_a, l
   plgpu.barrier_wait(u.bars[1])  # b_ready
@@ -144,6 +145,7 @@ def _pair_wg1(pair, carry, *, u: SeesawUnit, mask, has_b):
   if has_b:  # the softmax first: warpgroup 0 waits for it
     m_b = jnp.maximum(m_a, s.max(axis=1))
     p, alpha_b = rescaled(s, m_a, m_b)
+    p_sum = p.sum(axis=1)  # now: P's f32 values are dead before the P V products
     p16 = p.astype(u.p_smem[1].dtype)
     _publish(u, 1, pair, p16, m_b)
   o = u.pv(scale_rows(o, alpha_a), _partner_p(u, 0), a, 0, 1, False)
@@ -152,7 +154,7 @@ def _pair_wg1(pair, carry, *, u: SeesawUnit, mask, has_b):
   if not has_b:
     return o, m_a, l
   o = u.pv(scale_rows(o, alpha_b), p16, a + 1, 1, 1, True)
-  return o, m_b, l * alpha_b + p.sum(axis=1)
+  return o, m_b, l * alpha_b + p_sum
 
 
 def _pairs(u: SeesawUnit, pair_fn, carry):
