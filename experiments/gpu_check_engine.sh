@@ -11,8 +11,8 @@
 #   sweep_a, sweep_b  bench_engine decode only, the points of issue 17's B x context grid still missing after
 #            session 13 (which measured B=8 at 4K, B=64 at 16K and 1K from logs): sweep_a B=32, 256 at 4K and
 #            B=128 at 16K; sweep_b B=256 at 16K and B=128 at 1K (a cache per point; ~100 s a point)   ~8 min each
-#   sweep_c  the grid's three points that exist only in session 13's logs (no JSON): B=8 at 4K, B=64 at 1K and
-#            at 16K (~100 s a point)                                                               ~6 min
+#   sweep_c  the grid's three points that had only session 13's logs (JSONs since session 16): B=8 at 4K, B=64
+#            at 1K and at 16K (~100 s a point)                                                               ~6 min
 #   e2e      the single-GPU serving demo (launcher, r1-layers-4), step ahead and blocking        ~9 min
 #   dispatch bench_dwdp_dispatch: decode B=1 and 64 at 4K through the single-program runner and through a DWDP
 #            rank (group of one: per-layer programs, no fetch), the rank without and with command buffers

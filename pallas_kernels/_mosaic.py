@@ -4,6 +4,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+LOG2E = 1.4426950408889634  # log2(e): softmax exponents in base 2
+
 
 def smem_transforms(minor: int, dtype):
   """Tiling + swizzle for an SMEM tile whose minor dimension is `minor` elements of `dtype` (the widest
@@ -33,6 +35,12 @@ def load_wgmma_rows(ref, interpret: bool):
   if interpret:
     return ref[...]
   return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))  # (ref, ()): 0.10.2 has no ref-only form
+
+
+def natural_lse(m, l):
+  """Rows' log-sum-exp (natural log) from an online softmax kept in the log2 domain: running maximum m and
+  sum l of 2^(s - m), [rows] f32; -inf for a row that saw no key (l = 0)."""
+  return jnp.where(l > 0, (m + jnp.log2(jnp.where(l > 0, l, 1.0))) / LOG2E, -jnp.inf)
 
 
 def bcast_rows(v, shape):

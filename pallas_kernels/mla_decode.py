@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -48,7 +47,6 @@ PAGE_SIZE = 64  # tokens per cache page: the S tile's width and the P V product'
 BLOCK_ROWS = 64  # query rows per CTA (the wgmma M of one warpgroup)
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 MAX_CLUSTER = 8  # CTAs per cluster that every Hopper launch supports (the portable limit)
-_LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +66,7 @@ class DecodeConfig:
   interpret mode (the interpreter runs the kernel slowly; `tests/test_mla_combine.py` checks it there).
   `tiled_pages`: FlashMLA's layout (`mla_decode_tiled`): whole pages as nine 64-column tiles with a barrier each
   in two page slots, refilled tile by tile as their last reader finishes, the compute warpgroups in the seesaw
-  order, Q's rope part in registers; `max_concurrent_steps` does not apply. Exact, but measured 2.85x slower
+  order, each page's P in its rope tile; `max_concurrent_steps` does not apply. Exact, but measured 2.85x slower
   (session 16, KERNELS.md item 9). Off.
   Measured and removed (session 16; the code is in git at fc7f8d1, KERNELS.md items 5, 7, 8): the next page's
   Q K^T issued before this page's softmax (1.3-1.5x slower), half-page key tiles four in flight (1.3x slower:
@@ -90,6 +88,8 @@ class DecodeConfig:
       raise ValueError(f"min_pages_per_split must be >= 1, got {self.min_pages_per_split}")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
+
+
 def padded_widths(kv_lora_rank: int, rope_dim: int) -> tuple[int, int]:
   """(latent, rope) widths the kernel works in: the latent a multiple of 128 (each compute warpgroup owns
   half of it, on 64-column SMEM tiles), the rope part a multiple of 64. R1's 512 + 64 need no padding; a
@@ -295,7 +295,7 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
       l_safe = jnp.where(l > 0, l, 1.0)
       buf[...] = (o / _mosaic.bcast_rows(l_safe, o.shape)).astype(dtype)
       if m is not None:
-        lse_smem[...] = jnp.where(l > 0, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+        lse_smem[...] = _mosaic.natural_lse(m, l)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(buf, o_ref.at[unit, pl.ds(tile * rows, rows), pl.ds(which * half, half)])
       if m is not None:
@@ -428,8 +428,7 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   smem = (mla_decode_tiled.smem_bytes(dp) + _REDUCTION_SCRATCH_BYTES if cfg.tiled_pages else
           _smem_bytes(dp, cfg.max_concurrent_steps))
   if smem > SMEM_BYTES:
-    raise ValueError(f"width {dp} with {cfg.max_concurrent_steps} pages in flight needs {smem} bytes of SMEM "
-                     f"(> {SMEM_BYTES})")
+    raise ValueError(f"width {dp} with {cfg} needs {smem} bytes of SMEM (> {SMEM_BYTES})")
   r = s_q * h
   r_pad = -(-r // BLOCK_ROWS) * BLOCK_ROWS
   q_rows = q_p.reshape(b, r, dp)
@@ -450,7 +449,7 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   if cluster and tiles > MAX_CLUSTER:
     raise ValueError(f"cluster=True needs at most {MAX_CLUSTER} row tiles of {BLOCK_ROWS} (s_q x heads <= "
                      f"{MAX_CLUSTER * BLOCK_ROWS}), got {tiles}")
-  body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _LOG2E,
+  body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _mosaic.LOG2E,
                            steps_in_flight=cfg.max_concurrent_steps, interpret=interpret, cluster=cluster,
                            num_splits=splits, tiled_pages=cfg.tiled_pages)
   # Unclustered, the grid is (row tiles, units) with row tiles fastest: the CTAs reading the same pages are

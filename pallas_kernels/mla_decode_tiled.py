@@ -35,7 +35,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels import _compat, _mosaic, mla_decode_seesaw
 
 TILE = 64  # columns of a tile; also the keys of a page and the query rows of a CTA
-_LOG2E = 1.4426950408889634
 
 
 def smem_bytes(d: int, itemsize: int = 2) -> int:
@@ -148,7 +147,7 @@ def run_unit(q_ref, pages_ref, table_ref, o_ref, lse_ref, *, b, first, steps, un
       for acc, c in zip(o, tiles):
         q_tiles[c][...] = (acc / _mosaic.bcast_rows(l_safe, acc.shape)).astype(dtype)
       if m is not None:
-        stats_smem.at[2][...] = jnp.where(l > 0, (m + jnp.log2(l_safe)) / _LOG2E, -jnp.inf)
+        stats_smem.at[2][...] = _mosaic.natural_lse(m, l)
       plgpu.commit_smem()
       for c in tiles:
         plgpu.copy_smem_to_gmem(q_tiles[c], o_ref.at[unit, pl.ds(tile * rows, rows), pl.ds(c * TILE, TILE)])
