@@ -280,9 +280,6 @@ def decode_cases(smoke, quick):
   # Uniform splits merged by XLA's five-kernel combine (the form before `mla_combine`), beside the kernel.
   cases += [dict(c, name=c["name"] + "_xla", combine="xla") for c in cases
             if c["name"] in ("b1_4k", "b8_4k", "b1_32k_cl", "b1_8k_s66_cl", "b1_64k_s66_cl")]
-  # FlashMLA's layout: whole pages as 64-column tiles, a barrier each, in the seesaw order (DecodeConfig.tiled_pages)
-  cases += [dict(c, name=c["name"] + "_tp", tiled_pages=True) for c in cases
-            if c["name"] in ("b64_4k_cl", "b128_4k_cl", "b1_32k_cl", "b64_4k_mtp2_cl", "b1_64k_s66_cl")]
   if quick:
     cases = [c for c in cases if c["name"].removesuffix("_cl").removesuffix("_bal")
              in ("b64_4k", "b1_32k", "b1_4k", "b64_mixed")]
@@ -318,13 +315,12 @@ def run_decode(args, peak, hbm, interp):
     bytes_ = cache_bytes + b * s_q * h * (d + dl) * 2
     flops = 2 * h * s_q * sum(lengths) * (d + dl)
     config = md.DecodeConfig(num_splits=case.get("num_splits"), balanced=case.get("balanced", False),
-                           cluster=case.get("cluster", False), combine=case.get("combine", "kernel"),
-                           tiled_pages=case.get("tiled_pages", False))
+                           cluster=case.get("cluster", False), combine=case.get("combine", "kernel"))
     f = jax.jit(functools.partial(md.mla_decode, kv_lora_rank=dl, softmax_scale=SCALE, config=config,
                                   interpret=interp))
     row = dict(part="decode", case=case["name"], batch=b, s_q=s_q, heads=h, context_tokens=sum(lengths),
                bytes=bytes_, flops=flops, schedule="balanced" if config.balanced else "uniform",
-               cluster=config.cluster, combine=config.combine, tiled_pages=config.tiled_pages,
+               cluster=config.cluster, combine=config.combine,
                errors={})
     try:
       row["call_s"] = wall(f, q, pages, table, lens, reps=1 if interp else 5)

@@ -1,25 +1,23 @@
 #!/usr/bin/env bash
 # GPU check of the MLA attention kernels and the paged engine path: tests on the GPU backend, then the
 # benchmark; pass/fail table last.
-#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick | --cluster | --combine | --tiled] [device_kind]
+#   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_mla.sh [--quick | --cluster | --combine | --profile] [device_kind]
 # --cluster: only the decode kernel's clustered variant (DecodeConfig.cluster): its R1-shape tests, then
 # bench_mla's decode cases with and without it, each step under a short timeout (a synchronization mistake
 # would hang, not fail)                                                                              ~4 min
 # --combine: the split-KV merge kernel (`mla_combine`, default for uniform splits since session 13) and the
 # in-kernel uniform schedule: the decode and combine tests, then B=1 / 8 cases merged by the kernel and by
 # XLA's five-kernel combine in the same run                                                           ~3 min
-# --tiled: the decode kernel in FlashMLA's layout (DecodeConfig.tiled_pages: whole pages as 64-column tiles, a
-# barrier each, the seesaw order; tests/test_mla_decode_tiled.py) beside the current kernel: B=64 / 128 at 4K,
-# B=1 at 32K / 64K and two MTP queries, each step under a timeout (a synchronization mistake would hang); first
-# ptxas's register and spill report of both kernels (experiments/diag/mla_decode_ptxas.py) and an ncu
-# profile of one launch each at B=64 / 4K (tensor pipe, stalls, local memory)                        ~8 min
-# (--overlap and --deep ran the variants removed in session 16: KERNELS.md items 5, 7, 8.)
+# --profile: ptxas's register and spill report of the decode kernel clustered and not
+# (experiments/diag/mla_decode_ptxas.py) and an ncu profile of one launch each at B=64 / 4K (tensor pipe,
+# stalls, local memory)                                                                              ~2 min
+# (--overlap, --deep and --tiled ran the variants removed in sessions 16-17: KERNELS.md items 5, 7, 8, 9.)
 # Logs and the results JSON go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=""
 case "${1:-}" in
-  --quick|--cluster|--combine|--tiled) MODE="${1#--}"; shift ;;
+  --quick|--cluster|--combine|--profile) MODE="${1#--}"; shift ;;
 esac
 KIND="${1:-nvidia-h200}"
 source experiments/gpu_env.sh
@@ -42,20 +40,17 @@ focused() {
 }
 
 case "$MODE" in
-  tiled)
-    # ptxas's register and spill report for the current kernel and the tiled one (Finding 36's first question)
-    MOSAIC_GPU_DUMP_PTXAS=1 timeout 120 $PY experiments/diag/mla_decode_ptxas.py --variants=plain,tiled 2>&1 \
+  profile)
+    MOSAIC_GPU_DUMP_PTXAS=1 timeout 120 $PY experiments/diag/mla_decode_ptxas.py --variants=plain,unclustered 2>&1 \
       | grep -iE "variant|registers|spill|stack frame" | tee "$OUTDIR/ptxas_mla_decode.log"
-    # where each kernel's time goes at B=64 / 4K (one launch each): tensor-pipe activity, stalls, local memory
     timeout 150 ncu --kernel-name regex:mosaic --metrics launch__registers_per_thread,\
 l1tex__data_pipe_lsu_wavefronts_mem_lmem.sum,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,\
 smsp__warp_issue_stalled_barrier_per_warp_active.pct,smsp__warp_issue_stalled_long_scoreboard_per_warp_active.pct,\
 smsp__warp_issue_stalled_mio_throttle_per_warp_active.pct,gpu__time_duration.sum \
-      $PY experiments/diag/mla_decode_ptxas.py --variants=plain,tiled --batch=64 --pages=64 > "$OUTDIR/ncu_mla_decode.log" 2>&1
+      $PY experiments/diag/mla_decode_ptxas.py --variants=plain,unclustered --batch=64 --pages=64 \
+      > "$OUTDIR/ncu_mla_decode.log" 2>&1
     grep -E "mosaic|registers|lmem|hmma|stalled|duration" "$OUTDIR/ncu_mla_decode.log" | head -40
-    focused tiled 200 200 \
-    b64_4k_cl,b64_4k_cl_tp,b128_4k_cl,b128_4k_cl_tp,b1_32k_cl,b1_32k_cl_tp,b1_64k_s66_cl,b1_64k_s66_cl_tp,b64_4k_mtp2,b64_4k_mtp2_cl_tp \
-    tests/test_mla_decode_tiled.py ;;
+    exit 0 ;;
   combine) focused combine 200 200 \
     b1_32k_cl,b1_32k_cl_xla,b1_8k_s66_cl,b1_8k_s66_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_xla,b1_4k,b1_4k_xla,b8_4k,b8_4k_xla,b64_4k_cl \
     tests/test_mla_combine.py tests/test_mla_decode.py ;;

@@ -15,7 +15,7 @@ A memory warpgroup first copies every split's log-sum-exps of the row tile ([S, 
 streams the request's S partial tiles [64, COLUMNS] through a ring of `STAGES` SMEM slots. The compute
 warpgroup takes the rows' maximum over the splits first, so each split's weight exp(lse - max) is known when
 its tile lands and the merge is one FMA a value with no rescale of the running sum (FlashMLA's combine does
-the same); `SPLITS_PER_STEP` splits a loop step, their tiles' loads issued together. Values are f32 throughout (one value per row in wgmma's register layout,
+the same); two splits an iteration. Values are f32 throughout (one value per row in wgmma's register layout,
 broadcast over the columns, no matmul) and the bf16 tile is written once; column tile 0's CTA writes the rows'
 log-sum-exp. At B=1 with R1's 128 heads and 512 latent columns that is 2 x 16 CTAs.
 
@@ -26,7 +26,9 @@ five kernels 10.3 us in the same run): not the bytes in flight either. What is l
 splits is the compute warpgroup's chain per split (barrier, SMEM loads, new maximum, two exponentials,
 rescale, release) and the two copies a split: this form has one copy, one exponential and no rescale a split.
 Measured (session 16, H100): 8.58 us at 66 splits, 3.52 at 16, against XLA's five kernels 11.07 / 4.64 us in the
-same run; the ~5 us predicted was not reached (still ~0.1 us a split beyond a ~2 us base).
+same run; the ~5 us predicted was not reached (still ~0.1 us a split beyond a ~2 us base). Session 17 (H100): four
+splits a loop step with their four tiles' barriers waited and loads issued before any FMA: 8.83 us at 66 splits,
+no gain, so the per-split chain is not what limits it either (reverted; a profile of this kernel is next).
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ ROWS = 64  # rows per CTA: the wgmma register layout's M (one value per row broa
 COLUMNS = 32  # columns per CTA: enough CTAs at B=1 (2 x 16 for R1) for the partials' bytes to stream
 STAGES = 32  # partial tiles in flight per CTA (32 x 4 KB + their log-sum-exps: `smem_bytes`); a barrier a slot,
 # and Mosaic GPU allocates at most 32 barriers in one group (measured no faster than 16, session 15)
-SPLITS_PER_STEP = 4  # splits merged per loop step, their tiles' loads in flight together (`add_splits`)
 MAX_SPLITS = 256  # a row tile's log-sum-exps of every split are one TMA box ([splits, 64] f32, <= 256 a side)
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 
@@ -97,7 +98,7 @@ def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages,
 
       # The weights first: the maximum over the splits (four running maxima, so the SMEM loads overlap), then
       # exp(lse - max) per split as its tile comes. No rescale of the sum inside the loop: each split is one
-      # FMA a value.
+      # FMA a value, and two splits an iteration keep two tiles' loads in flight.
       plgpu.barrier_wait(lse_bar)
       maxima = [_mosaic.wgmma_rows(jnp.full((rows,), -jnp.inf, jnp.float32), interpret) for _ in range(4)]
       for s in range(num_splits):
@@ -105,28 +106,23 @@ def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages,
       m = functools.reduce(jnp.maximum, maxima)
       m_use = jnp.where(m == -jnp.inf, 0.0, m)  # no split with keys: every weight 0
 
-      def add_splits(first, count, acc, tot):
-        """Splits first .. first + count - 1: every tile's barrier waited and its load issued before any is
-        used, so `count` SMEM loads are in flight at once instead of one chain a split."""
-        tiles = []
-        for j in range(count):
-          slot = lax.rem(first + j, stages)
-          plgpu.barrier_wait(full.at[slot])
-          tiles.append(load_tile(slot))
-        for j in range(count):
-          plgpu.barrier_arrive(free.at[lax.rem(first + j, stages)])
-        for j, o in enumerate(tiles):
-          w = jnp.exp(split_lse(first + j) - m_use)
-          acc, tot = acc + o * _mosaic.bcast_rows(w, o.shape), tot + w
-        return acc, tot
+      def add_split(s, acc, tot):
+        slot = lax.rem(s, stages)
+        plgpu.barrier_wait(full.at[slot])
+        o = load_tile(slot)
+        plgpu.barrier_arrive(free.at[slot])
+        w = jnp.exp(split_lse(s) - m_use)
+        return acc + o * _mosaic.bcast_rows(w, o.shape), tot + w
+
+      def pair(j, carry):
+        acc, tot = add_split(2 * j, *carry)
+        return add_split(2 * j + 1, acc, tot)
 
       acc = _mosaic.wgmma_tile(jnp.zeros((rows, cols), jnp.float32), interpret)
       tot = _mosaic.wgmma_rows(jnp.zeros((rows,), jnp.float32), interpret)
-      group = min(SPLITS_PER_STEP, stages)
-      acc, tot = lax.fori_loop(0, num_splits // group,
-                               lambda i, carry: add_splits(i * group, group, *carry), (acc, tot))
-      if num_splits % group:
-        acc, tot = add_splits(num_splits - num_splits % group, num_splits % group, acc, tot)
+      acc, tot = lax.fori_loop(0, num_splits // 2, pair, (acc, tot))
+      if num_splits % 2:
+        acc, tot = add_split(num_splits - 1, acc, tot)
       live = tot > 0
       tot_safe = jnp.where(live, tot, 1.0)
       out_smem[...] = (acc / _mosaic.bcast_rows(tot_safe, acc.shape)).astype(dtype)

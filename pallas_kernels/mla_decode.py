@@ -41,7 +41,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import _compat, _mosaic, mla_combine, mla_decode_tiled, mla_schedule
+from pallas_kernels import _compat, _mosaic, mla_combine, mla_schedule
 
 PAGE_SIZE = 64  # tokens per cache page: the S tile's width and the P V product's K
 BLOCK_ROWS = 64  # query rows per CTA (the wgmma M of one warpgroup)
@@ -64,20 +64,17 @@ class DecodeConfig:
   `combine`: how uniform splits are merged: "kernel" (`mla_combine`: one pass, one launch) or "xla"
   (`combine`, five XLA kernels: the reference, kept for comparison); None: the kernel on a GPU, XLA's in
   interpret mode (the interpreter runs the kernel slowly; `tests/test_mla_combine.py` checks it there).
-  `tiled_pages`: FlashMLA's layout (`mla_decode_tiled`): whole pages as nine 64-column tiles with a barrier each
-  in two page slots, refilled tile by tile as their last reader finishes, the compute warpgroups in the seesaw
-  order, each page's P in its rope tile; `max_concurrent_steps` does not apply. Exact, but measured 2.85x slower
-  (session 16, KERNELS.md item 9). Off.
-  Measured and removed (session 16; the code is in git at fc7f8d1, KERNELS.md items 5, 7, 8): the next page's
-  Q K^T issued before this page's softmax (1.3-1.5x slower), half-page key tiles four in flight (1.3x slower:
-  S bound by SMEM reads of Q), the seesaw order on half-page tiles (1.25x slower than whole pages)."""
+  Measured and removed (sessions 16-17; KERNELS.md items 5, 7, 8, 9; git fc7f8d1 and 8993d36 hold them): the
+  next page's Q K^T issued before this page's softmax (1.3-1.5x slower), half-page key tiles four in flight (1.3x
+  slower: S bound by SMEM reads of Q), the seesaw order on half-page tiles (1.25x slower than whole pages),
+  FlashMLA's layout of whole pages as 64-column tiles in the seesaw order (2.2-2.85x slower; ptxas spills 2.6 KB
+  a thread)."""
   num_splits: int | None = None
   min_pages_per_split: int = 4
   max_concurrent_steps: int = 2
   balanced: bool = False
   cluster: bool = False
   combine: str | None = None
-  tiled_pages: bool = False
 
   def __post_init__(self):
     if self.combine not in (None, "kernel", "xla"):
@@ -157,7 +154,7 @@ def combine(o_parts, lse_parts):
 
 
 def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl, scale_log2, steps_in_flight,
-                   interpret, cluster, num_splits, tiled_pages):
+                   interpret, cluster, num_splits):
   tile, unit = lax.axis_index("tile"), lax.axis_index("unit")
   wg = lax.axis_index("wg")
   rows, page, d = BLOCK_ROWS, PAGE_SIZE, q_ref.shape[-1]
@@ -190,12 +187,6 @@ def _decode_kernel(q_ref, pages_ref, table_ref, lens_ref, *refs, s_q, heads, dl,
     pos = length - s_q + lax.div(r + tile * rows, heads)
     limit = jnp.minimum(pos, length - 1)
     return jnp.where(k + key0 <= limit, s, -jnp.inf)
-
-  if tiled_pages:
-    mla_decode_tiled.run_unit(q_ref, pages_ref, table_ref, o_ref, lse_ref, b=b, first=first, steps=steps,
-                              unmasked=unmasked, mask=masked_scores, tile=tile, unit=unit, wg=wg, dl=dl,
-                              scale_log2=scale_log2, interpret=interpret, cluster=cluster)
-    return
 
   def scoped(qa_smem, qb_smem, qr_smem, k_smem, p_smem, stats_smem, q_bar, full, free, sync):
     # Q in three buffers (latent halves, rope) so that each compute warpgroup can stage its output half in
@@ -425,8 +416,7 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   parts = ((kv_lora_rank, dl), (d - kv_lora_rank, dr))
   q_p, pages_p = _pad_last(q, parts), _pad_last(pages, parts)
   dp = dl + dr
-  smem = (mla_decode_tiled.smem_bytes(dp) + _REDUCTION_SCRATCH_BYTES if cfg.tiled_pages else
-          _smem_bytes(dp, cfg.max_concurrent_steps))
+  smem = _smem_bytes(dp, cfg.max_concurrent_steps)
   if smem > SMEM_BYTES:
     raise ValueError(f"width {dp} with {cfg} needs {smem} bytes of SMEM (> {SMEM_BYTES})")
   r = s_q * h
@@ -451,7 +441,7 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
                      f"{MAX_CLUSTER * BLOCK_ROWS}), got {tiles}")
   body = functools.partial(_decode_kernel, s_q=s_q, heads=h, dl=dl, scale_log2=softmax_scale * _mosaic.LOG2E,
                            steps_in_flight=cfg.max_concurrent_steps, interpret=interpret, cluster=cluster,
-                           num_splits=splits, tiled_pages=cfg.tiled_pages)
+                           num_splits=splits)
   # Unclustered, the grid is (row tiles, units) with row tiles fastest: the CTAs reading the same pages are
   # launched together. Clustered, a unit's row tiles are one cluster.
   grid = dict(grid=(units,), grid_names=("unit",), cluster=(tiles,), cluster_names=("tile",)) if cluster else \

@@ -1,11 +1,12 @@
-"""Compiles the MLA decode kernel at R1 shapes (clustered, one query a row) in each given layout and runs it once:
+"""Compiles the MLA decode kernel at R1 shapes (one query a row) in each given variant (plain: the engine's
+clustered kernel; unclustered) and runs it once:
 for ptxas's register and spill report (under MOSAIC_GPU_DUMP_PTXAS=1; its lines go to stderr), or as the target
-of an ncu profile (one launch per layout, no split combine at B=64). GPU only.
+of an ncu profile (one launch per variant, no split combine at B=64). GPU only.
 
-  MOSAIC_GPU_DUMP_PTXAS=1 python3 experiments/diag/mla_decode_ptxas.py --variants=plain,tiled 2>&1 \
+  MOSAIC_GPU_DUMP_PTXAS=1 python3 experiments/diag/mla_decode_ptxas.py --variants=plain,unclustered 2>&1 \
     | grep -E "variant|registers|spill"
   ncu --kernel-name regex:mosaic --metrics launch__registers_per_thread,... \
-    python3 experiments/diag/mla_decode_ptxas.py --variants=plain,tiled --batch=64 --pages=64
+    python3 experiments/diag/mla_decode_ptxas.py --variants=plain,unclustered --batch=64 --pages=64
 """
 
 import sys
@@ -18,9 +19,9 @@ from pallas_kernels import mla_decode as md
 
 VARIANTS = {
     "plain": md.DecodeConfig(cluster=True),
-    "tiled": md.DecodeConfig(cluster=True, tiled_pages=True),
+    "unclustered": md.DecodeConfig(),
 }
-_VARIANTS = flags.DEFINE_list("variants", ["plain", "tiled"], f"layouts to compile: {sorted(VARIANTS)}")
+_VARIANTS = flags.DEFINE_list("variants", ["plain"], f"variants to compile: {sorted(VARIANTS)}")
 _BATCH = flags.DEFINE_integer("batch", 8, "requests")
 _PAGES = flags.DEFINE_integer("pages", 4, "pages (64 tokens) a request")
 
