@@ -9,8 +9,8 @@
 # in-kernel uniform schedule: the decode and combine tests, then B=1 / 8 cases merged by the kernel and by
 # XLA's five-kernel combine in the same run                                                           ~3 min
 # --profile: ptxas's register and spill report of the decode kernel clustered and not
-# (experiments/diag/mla_decode_ptxas.py) and an ncu profile of one launch each at B=64 / 4K (tensor pipe,
-# stalls, local memory)                                                                              ~2 min
+# (experiments/diag/mla_decode_ptxas.py), an ncu profile of one launch each at B=64 / 4K (tensor pipe,
+# stalls, local memory), and ncu's sections for the split combine at B=1 / 32K                       ~3 min
 # (--overlap, --deep and --tiled ran the variants removed in sessions 16-17: KERNELS.md items 5, 7, 8, 9.)
 # Logs and the results JSON go to $OUT (device tool) or experiments/results/.
 set -uo pipefail
@@ -50,6 +50,12 @@ smsp__warp_issue_stalled_mio_throttle_per_warp_active.pct,gpu__time_duration.sum
       $PY experiments/diag/mla_decode_ptxas.py --variants=plain,unclustered --batch=64 --pages=64 \
       > "$OUTDIR/ncu_mla_decode.log" 2>&1
     grep -E "mosaic|registers|lmem|hmma|stalled|duration" "$OUTDIR/ncu_mla_decode.log" | head -40
+    # the split combine at B=1 / 32K (66 splits): the second Mosaic launch of a call; what limits its 8.6 us
+    timeout 150 ncu --kernel-name regex:mosaic --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section LaunchStats --section Occupancy \
+      $PY experiments/diag/mla_decode_ptxas.py --variants=plain --batch=1 --pages=512 > "$OUTDIR/ncu_mla_combine.log" 2>&1
+    grep -E "Duration|Throughput|Stall|Warp Cycles|Registers|Achieved|Grid Size|Block Size|L2 Hit" \
+      "$OUTDIR/ncu_mla_combine.log" | head -40
     exit 0 ;;
   combine) focused combine 200 200 \
     b1_32k_cl,b1_32k_cl_xla,b1_8k_s66_cl,b1_8k_s66_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_xla,b1_4k,b1_4k_xla,b8_4k,b8_4k_xla,b64_4k_cl \
