@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import results_io  # noqa: E402
 from experiments.bench_kernels import bench, hbm_ceiling  # noqa: E402
+from pallas_kernels import mla_combine  # noqa: E402
 from pallas_kernels import mla_decode as md  # noqa: E402
 from pallas_kernels import mla_prefill as mp  # noqa: E402
 from pallas_kernels import profiling  # noqa: E402
@@ -280,6 +281,10 @@ def decode_cases(smoke, quick):
   # Uniform splits merged by XLA's five-kernel combine (the form before `mla_combine`), beside the kernel.
   cases += [dict(c, name=c["name"] + "_xla", combine="xla") for c in cases
             if c["name"] in ("b1_4k", "b8_4k", "b1_32k_cl", "b1_8k_s66_cl", "b1_64k_s66_cl")]
+  # The merge kernel's CTAs own 16 or 64 columns instead of 32 (`combine_columns`): 64 or 16 CTAs at B=1, TMA
+  # rows of 32 or 128 bytes; which of bytes, rows or CTAs limits its 8.6 us (KERNELS.md, split combine).
+  cases += [dict(c, name=c["name"] + f"_c{n}", combine_columns=n) for c in cases for n in (16, 64)
+            if c["name"] in ("b1_32k_cl", "b1_64k_s66_cl")]
   if quick:
     cases = [c for c in cases if c["name"].removesuffix("_cl").removesuffix("_bal")
              in ("b64_4k", "b1_32k", "b1_4k", "b64_mixed")]
@@ -315,12 +320,13 @@ def run_decode(args, peak, hbm, interp):
     bytes_ = cache_bytes + b * s_q * h * (d + dl) * 2
     flops = 2 * h * s_q * sum(lengths) * (d + dl)
     config = md.DecodeConfig(num_splits=case.get("num_splits"), balanced=case.get("balanced", False),
-                           cluster=case.get("cluster", False), combine=case.get("combine", "kernel"))
+                           cluster=case.get("cluster", False), combine=case.get("combine", "kernel"),
+                           combine_columns=case.get("combine_columns", mla_combine.COLUMNS))
     f = jax.jit(functools.partial(md.mla_decode, kv_lora_rank=dl, softmax_scale=SCALE, config=config,
                                   interpret=interp))
     row = dict(part="decode", case=case["name"], batch=b, s_q=s_q, heads=h, context_tokens=sum(lengths),
                bytes=bytes_, flops=flops, schedule="balanced" if config.balanced else "uniform",
-               cluster=config.cluster, combine=config.combine,
+               cluster=config.cluster, combine=config.combine, combine_columns=config.combine_columns,
                errors={})
     try:
       row["call_s"] = wall(f, q, pages, table, lens, reps=1 if interp else 5)

@@ -6,8 +6,8 @@
 # bench_mla's decode cases with and without it, each step under a short timeout (a synchronization mistake
 # would hang, not fail)                                                                              ~4 min
 # --combine: the split-KV merge kernel (`mla_combine`, default for uniform splits since session 13) and the
-# in-kernel uniform schedule: the decode and combine tests, then B=1 / 8 cases merged by the kernel and by
-# XLA's five-kernel combine in the same run                                                           ~3 min
+# in-kernel uniform schedule: the decode and combine tests, then B=1 / 8 cases merged by the kernel (its CTAs
+# owning 32, 16 or 64 columns) and by XLA's five-kernel combine in the same run                       ~3 min
 # --profile: ptxas's register and spill report of the decode kernel clustered and not
 # (experiments/diag/mla_decode_ptxas.py), an ncu profile of one launch each at B=64 / 4K (tensor pipe,
 # stalls, local memory), and ncu's sections for the split combine at B=1 / 32K                       ~3 min
@@ -58,7 +58,7 @@ smsp__warp_issue_stalled_mio_throttle_per_warp_active.pct,gpu__time_duration.sum
       "$OUTDIR/ncu_mla_combine.log" | head -40
     exit 0 ;;
   combine) focused combine 200 200 \
-    b1_32k_cl,b1_32k_cl_xla,b1_8k_s66_cl,b1_8k_s66_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_xla,b1_4k,b1_4k_xla,b8_4k,b8_4k_xla,b64_4k_cl \
+    b1_32k_cl,b1_32k_cl_c16,b1_32k_cl_c64,b1_32k_cl_xla,b1_8k_s66_cl,b1_8k_s66_cl_xla,b1_64k_s66_cl,b1_64k_s66_cl_c16,b1_64k_s66_cl_c64,b1_64k_s66_cl_xla,b1_4k,b8_4k,b64_4k_cl \
     tests/test_mla_combine.py tests/test_mla_decode.py ;;
   cluster) focused cluster 150 200 \
     b64_4k,b64_4k_cl,b128_4k,b128_4k_cl,b1_32k,b1_32k_cl,b256_1k,b256_1k_cl,b64_4k_mtp2,b64_4k_mtp2_cl \

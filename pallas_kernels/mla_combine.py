@@ -51,18 +51,24 @@ MAX_SPLITS = 256  # a row tile's log-sum-exps of every split are one TMA box ([s
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 
 
-def smem_bytes(stages: int, num_splits: int, itemsize: int = 2) -> int:
+def ring_stages(num_splits: int, columns: int, itemsize: int = 2) -> int:
+  """Partial tiles in flight: `STAGES`, fewer for wide tiles (the ring holds at most STAGES tiles of `COLUMNS`)
+  or few splits."""
+  return max(1, min(STAGES, num_splits, STAGES * COLUMNS // columns))
+
+
+def smem_bytes(stages: int, num_splits: int, columns: int = COLUMNS, itemsize: int = 2) -> int:
   """SMEM of one CTA as Mosaic GPU lays it out (every allocation 1 KB-aligned), barriers aside: the ring of
   partial tiles, every split's log-sum-exps of the row tile, the output tile and its log-sum-exps."""
   align = lambda n: -(-n // 1024) * 1024
-  return (align(stages * ROWS * COLUMNS * itemsize) + align(num_splits * ROWS * 4)
-          + align(ROWS * COLUMNS * itemsize) + align(ROWS * 4))
+  return (align(stages * ROWS * columns * itemsize) + align(num_splits * ROWS * 4)
+          + align(ROWS * columns * itemsize) + align(ROWS * 4))
 
 
-def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages, interpret):
+def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages, cols, interpret):
   b, rt, ct = lax.axis_index("b"), lax.axis_index("rt"), lax.axis_index("ct")
   wg = lax.axis_index("wg")
-  rows, cols = ROWS, COLUMNS
+  rows = ROWS
   dtype = o_ref.dtype
 
   def scoped(o_smem, lse_smem, out_smem, lse_out_smem, lse_bar, full, free):
@@ -149,12 +155,13 @@ def _combine_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits, stages,
   )
 
 
-def combine_splits(o_parts, lse_parts, *, num_splits: int, interpret: bool = False):
-  """Merges each request's split partials.
+def combine_splits(o_parts, lse_parts, *, num_splits: int, columns: int = COLUMNS, interpret: bool = False):
+  """Merges each request's split partials; a CTA merges `columns` columns of 64 rows (a multiple of 16: its
+  tiles' rows are columns x 2 bytes in HBM, one TMA row each).
 
   Args:
     o_parts: [B * num_splits, R, C] bf16, unit b * num_splits + s = split s of request b, normalized over its
-      keys; R a multiple of `ROWS`, C of `COLUMNS` (the decode kernel's padded rows and latent width).
+      keys; R a multiple of `ROWS`, C of `columns` (the decode kernel's padded rows and latent width).
     lse_parts: [B * num_splits, R] f32, natural-log log-sum-exp of each partial row (-inf: an empty split).
   Returns:
     (out [B, R, C] in o_parts' dtype, lse [B, R] f32); a row whose splits are all empty gets 0 and -inf.
@@ -163,19 +170,21 @@ def combine_splits(o_parts, lse_parts, *, num_splits: int, interpret: bool = Fal
   if units % num_splits or lse_parts.shape != (units, r):
     raise ValueError(f"o_parts {o_parts.shape} and lse_parts {lse_parts.shape} must be [B * {num_splits}, R, C] "
                      f"and [B * {num_splits}, R]")
-  if r % ROWS or c % COLUMNS:
-    raise ValueError(f"rows {r} and columns {c} must be multiples of {ROWS} and {COLUMNS}")
+  if columns % 16 or columns < 16:
+    raise ValueError(f"columns must be a positive multiple of 16, got {columns}")
+  if r % ROWS or c % columns:
+    raise ValueError(f"rows {r} and columns {c} must be multiples of {ROWS} and {columns}")
   if lse_parts.dtype != jnp.float32:
     raise ValueError(f"lse_parts must be float32, got {lse_parts.dtype}")
   if num_splits > MAX_SPLITS:
     raise ValueError(f"num_splits {num_splits} > {MAX_SPLITS} (a row tile's log-sum-exps are one TMA box)")
   b = units // num_splits
-  body = functools.partial(_combine_kernel, num_splits=num_splits, stages=min(STAGES, num_splits),
+  body = functools.partial(_combine_kernel, num_splits=num_splits, stages=ring_stages(num_splits, columns), cols=columns,
                            interpret=interpret)
   return plgpu.kernel(
       body,
       out_type=(jax.ShapeDtypeStruct((b, r, c), o_parts.dtype), jax.ShapeDtypeStruct((b, r), jnp.float32)),
-      grid=(b, r // ROWS, c // COLUMNS),
+      grid=(b, r // ROWS, c // columns),
       grid_names=("b", "rt", "ct"),
       num_threads=2,
       thread_name="wg",

@@ -64,6 +64,7 @@ class DecodeConfig:
   `combine`: how uniform splits are merged: "kernel" (`mla_combine`: one pass, one launch) or "xla"
   (`combine`, five XLA kernels: the reference, kept for comparison); None: the kernel on a GPU, XLA's in
   interpret mode (the interpreter runs the kernel slowly; `tests/test_mla_combine.py` checks it there).
+  `combine_columns`: columns a CTA of the merge kernel owns (`mla_combine.combine_splits`' `columns`).
   Measured and removed (sessions 16-17; KERNELS.md items 5, 7, 8, 9; git fc7f8d1 and 8993d36 hold them): the
   next page's Q K^T issued before this page's softmax (1.3-1.5x slower), half-page key tiles four in flight (1.3x
   slower: S bound by SMEM reads of Q), the seesaw order on half-page tiles (1.25x slower than whole pages),
@@ -75,6 +76,7 @@ class DecodeConfig:
   balanced: bool = False
   cluster: bool = False
   combine: str | None = None
+  combine_columns: int = mla_combine.COLUMNS
 
   def __post_init__(self):
     if self.combine not in (None, "kernel", "xla"):
@@ -83,6 +85,8 @@ class DecodeConfig:
       raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
     if self.min_pages_per_split < 1:
       raise ValueError(f"min_pages_per_split must be >= 1, got {self.min_pages_per_split}")
+    if self.combine_columns < 16 or self.combine_columns % 16:
+      raise ValueError(f"combine_columns must be a positive multiple of 16, got {self.combine_columns}")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
 
@@ -460,7 +464,8 @@ def mla_decode(q, pages, block_table, lengths, *, kv_lora_rank: int, softmax_sca
   if cfg.balanced:
     out, lse = mla_schedule.combine_units(o_parts, lse_parts, unit_request, b)
   elif splits > 1 and (cfg.combine or ("xla" if interpret else "kernel")) == "kernel":
-    out, lse = mla_combine.combine_splits(o_parts, lse_parts, num_splits=splits, interpret=interpret)
+    out, lse = mla_combine.combine_splits(o_parts, lse_parts, num_splits=splits, columns=cfg.combine_columns,
+                                          interpret=interpret)
   else:
     out, lse = combine(o_parts.reshape(b, splits, r_pad, dl), lse_parts.reshape(b, splits, r_pad))
   out = out[:, :r, :kv_lora_rank].reshape(b, s_q, h, kv_lora_rank).astype(q.dtype)

@@ -24,9 +24,10 @@ def partials(seed, b, splits, rows, cols):
   return o, lse
 
 
-def check(b, splits, rows, cols, seed=0):
+def check(b, splits, rows, cols, seed=0, columns=mc.COLUMNS):
   o, lse = partials(seed, b, splits, rows, cols)
-  out, out_lse = jax.jit(lambda o, l: mc.combine_splits(o, l, num_splits=splits, interpret=INTERPRET))(o, lse)
+  out, out_lse = jax.jit(lambda o, l: mc.combine_splits(o, l, num_splits=splits, columns=columns,
+                                                        interpret=INTERPRET))(o, lse)
   ref, ref_lse = md.combine(o.reshape(b, splits, rows, cols), lse.reshape(b, splits, rows))
   assert out.dtype == jnp.bfloat16 and out.shape == (b, rows, cols)
   out = np.asarray(out, np.float32)
@@ -45,19 +46,31 @@ def test_more_splits_than_ring_slots(monkeypatch):
   check(b=1, splits=7, rows=mc.ROWS, cols=2 * mc.COLUMNS, seed=1)
 
 
+def test_narrow_column_tiles():
+  check(b=1, splits=7, rows=mc.ROWS, cols=3 * 16, seed=4, columns=16)  # three 16-column tiles (32-byte TMA rows)
+
+
+def test_wide_column_tiles_take_fewer_ring_slots(monkeypatch):
+  monkeypatch.setattr(mc, "STAGES", 4)  # 64 columns: the ring holds 4 x 32 / 64 = 2 tiles, refilled thrice
+  assert mc.ring_stages(7, 64) == 2
+  check(b=1, splits=7, rows=mc.ROWS, cols=64, seed=5, columns=64)
+
+
 @pytest.mark.skipif(not ON_GPU, reason="R1 shapes: GPU only")
-def test_r1_b1_32k_shape():
-  check(b=1, splits=66, rows=128, cols=512, seed=2)  # B=1 at 32K tokens: 66 splits of 128 heads x 512
+@pytest.mark.parametrize("columns", [16, 32, 64])
+def test_r1_b1_32k_shape(columns):
+  check(b=1, splits=66, rows=128, cols=512, seed=2, columns=columns)  # B=1 at 32K: 66 splits of 128 x 512
 
 
-def test_lowers_for_cuda_at_r1_shape():
+@pytest.mark.parametrize("columns", [16, 32, 64])
+def test_lowers_for_cuda_at_r1_shape(columns):
   """The kernel's lowering for CUDA (Mosaic GPU's, which runs on this machine too) at B=1's 66 splits: more
   splits than ring slots, so the deepest ring and its refills."""
   from jax import export
 
-  assert 66 > mc.STAGES
+  assert 66 > mc.ring_stages(66, columns)
   args = (jax.ShapeDtypeStruct((66, 128, 512), jnp.bfloat16), jax.ShapeDtypeStruct((66, 128), jnp.float32))
-  fn = jax.jit(lambda o, l: mc.combine_splits(o, l, num_splits=66))
+  fn = jax.jit(lambda o, l: mc.combine_splits(o, l, num_splits=66, columns=columns))
   assert "mosaic_gpu" in export.export(fn, platforms=["cuda"])(*args).mlir_module()
 
 
@@ -69,6 +82,8 @@ def test_bad_shapes_are_named():
     mc.combine_splits(o[:, :40], lse[:, :40], num_splits=2)
   with pytest.raises(ValueError, match="float32"):
     mc.combine_splits(o, lse.astype(jnp.bfloat16), num_splits=2)
+  with pytest.raises(ValueError, match="columns must be a positive multiple of 16, got 24"):
+    mc.combine_splits(o, lse, num_splits=2, columns=24)
 
 
 def test_decode_merges_its_splits_with_the_kernel():
@@ -85,7 +100,9 @@ def test_the_deepest_ring_fits_a_ctas_shared_memory():
   """STAGES slots of partial tiles, the most splits' log-sum-exps, the output tile and the barriers fit one CTA's
   SMEM (that the deepest ring lowers, with Mosaic GPU's at most 32 barriers a group:
   `test_lowers_for_cuda_at_r1_shape`)."""
-  assert mc.smem_bytes(mc.STAGES, mc.MAX_SPLITS) + 1024 <= mc.SMEM_BYTES
+  for columns in (16, 32, 64, 128):
+    stages = mc.ring_stages(mc.MAX_SPLITS, columns)
+    assert mc.smem_bytes(stages, mc.MAX_SPLITS, columns) + 1024 <= mc.SMEM_BYTES, columns
 
 
 def test_too_many_splits_are_refused():

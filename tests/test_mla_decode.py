@@ -220,3 +220,15 @@ def test_smem_is_checked():
     md.mla_decode(jnp.zeros((1, 1, 64, 576), jnp.bfloat16), jnp.zeros((2, 64, 576), jnp.bfloat16),
                   jnp.zeros((1, 1), jnp.int32), jnp.ones((1,), jnp.int32), kv_lora_rank=512, softmax_scale=1.0,
                   config=md.DecodeConfig(max_concurrent_steps=3), interpret=True)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(combine="cuda"), "combine must be 'kernel' or 'xla'"),
+    (dict(num_splits=0), "num_splits must be >= 1"),
+    (dict(min_pages_per_split=0), "min_pages_per_split must be >= 1"),
+    (dict(max_concurrent_steps=1), "max_concurrent_steps must be >= 2"),
+    (dict(combine_columns=24), "combine_columns must be a positive multiple of 16, got 24"),
+])
+def test_bad_configs_are_named(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    md.DecodeConfig(**kwargs)
