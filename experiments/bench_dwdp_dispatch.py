@@ -48,6 +48,7 @@ from dwdp_jax.planner import Placement
 from experiments import bench_engine as be
 from experiments.host_profile import host_profile
 from experiments.host_trace import host_trace
+from experiments.random_cache import randomized_pages
 from experiments.results_io import write_result
 
 F = be.F
@@ -75,7 +76,7 @@ def measure_point(model, cfg, b: int, ctx: int, seed: int) -> dict:
     buckets = Buckets((b,), (ctx,))
     row = dict(batch=b, context=ctx)
     single = ModelRunner(model, b, ctx, executor=LocalExecutor(backend=F.backend), buckets=buckets)
-    single.pages = be.randomized_pages(single.pages, jax.random.key(seed))
+    single.pages = randomized_pages(single.pages, jax.random.key(seed))
     row["single"] = dict(time_decode(single, items, F.repeats, F.warmup), programs_per_step=1)
     reference = np.asarray(single.decode(items), np.float32)  # the same step on the same cache values
     del single
@@ -86,7 +87,7 @@ def measure_point(model, cfg, b: int, ctx: int, seed: int) -> dict:
         group = DwdpGroup.from_rank_models([model], Placement.from_config(cfg, 1),
                                            DwdpConfig(group_size=1, expert_backend=F.backend, cuda_graphs=cuda_graphs))
         rank = DwdpRankRunner(group.ranks[0], b, ctx, buckets=buckets)
-        rank.pages = be.randomized_pages(rank.pages, jax.random.key(seed))
+        rank.pages = randomized_pages(rank.pages, jax.random.key(seed))
         name = "dwdp_rank" if i == 0 else "dwdp_rank_cuda_graphs"
         row[name] = dict(time_decode(rank, items, F.repeats, F.warmup),
                          programs_per_step=group.ranks[0].programs_per_step, cuda_graphs=cuda_graphs)

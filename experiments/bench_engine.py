@@ -61,6 +61,7 @@ from dwdp_jax.model import init_model, set_fp8_matmul
 from experiments import engine_profile
 from experiments.device_peaks import hbm_copy_gbps, matmul_peaks
 from experiments.host_profile import host_profile
+from experiments.random_cache import randomized_pages
 from experiments.results_io import write_result
 from experiments.timing import Budget
 
@@ -183,32 +184,6 @@ def device_memory_gib(device) -> dict | None:
     if not stats:
         return None
     return {k: round(stats[k] / 2**30, 2) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
-
-
-PAGES_PER_FILL = 1024  # cache pages drawn per loop step of `randomized_pages` (72 MiB of R1 cache)
-
-
-@functools.partial(jax.jit, donate_argnums=0)
-def randomized_pages(pages, key):
-    """The cache pages with N(0, 1) rows (a decode step's cost does not depend on the values; random ones give
-    the router realistic inputs). Filled in place, `PAGES_PER_FILL` pages a step: drawing a whole layer at
-    once (4.5 GiB at B=256 / 16K) needed that much again beside a nearly full HBM and ran out of memory under
-    the BFC allocator on an H100 (session 17, Finding 34); compiled for CPU, a 4.5 GiB layer's temporaries are
-    36 GiB drawn at once and 0.84 GiB this way."""
-    return [_filled_normal(p, jax.random.fold_in(key, i)) for i, p in enumerate(pages)]
-
-
-def _filled_normal(p, key):
-    """p [num_pages, ...] overwritten with N(0, 1) values chunk by chunk (the last chunk overlaps the one
-    before when PAGES_PER_FILL does not divide num_pages)."""
-    chunk = min(PAGES_PER_FILL, p.shape[0])
-
-    def fill(i, p):
-        start = jnp.minimum(i * chunk, p.shape[0] - chunk)
-        rows = jax.random.normal(jax.random.fold_in(key, i), (chunk, *p.shape[1:]), p.dtype)
-        return jax.lax.dynamic_update_slice_in_dim(p, rows, start, 0)
-
-    return jax.lax.fori_loop(0, -(-p.shape[0] // chunk), fill, p)
 
 
 @dataclasses.dataclass(frozen=True)
