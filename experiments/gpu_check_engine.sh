@@ -34,10 +34,9 @@
 #   glue     the MLA prefill kernel's tests, bench_moe_glue (the MoE layer's row replication and combine
 #            gathers at 8K and 16K tokens, element by element against 32-bit words and in-bounds gathers),
 #            then prefill 8K and 16K with a profile                                                ~8 min
-#   fp8_prefill  the FP8 ping-pong kernel's GPU tests, then bench_fp8_prefill: R1's FP8 linears at 8192 rows,
-#            our kernel with and without ping-pong against cuBLASLt's DeepSeek-style block-scaled FP8 GEMM
-#            (torch._scaled_mm, 1x128 / 128x128 scales); bench_moe_glue (the FP8 quantization's two forms);
-#            bench_moe_ffn at 8K tokens with the ping-pong variant                                  ~8 min
+#   fp8_prefill  bench_fp8_prefill: R1's FP8 linears at 8192 rows, our kernel against cuBLASLt's DeepSeek-style
+#            block-scaled FP8 GEMM (torch._scaled_mm, 1x128 / 128x128 scales); bench_moe_glue (the FP8
+#            quantization's two forms); bench_moe_ffn at 8K tokens                                   ~6 min
 #   cb       decode B=1 (r1-layers-2) under four XLA command-buffer settings: the host's share     ~8 min
 #   GIT_COMMIT=$(git rev-parse HEAD) bash experiments/gpu_check_engine.sh PART [device_kind]
 # Logs and results JSONs go to $OUT (device tool) or experiments/results/; a pass/fail table comes last.
@@ -171,23 +170,13 @@ case "$PART" in
     ;;
   fp8_prefill)
     # R1's FP8 linears at 8K rows: our kernel against cuBLASLt's block-scaled FP8 GEMM (torch._scaled_mm)
-    # the ping-pong kernel's first GPU run: its tests before its timings
-    step engine pingpong_tests 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_grouped_gemm.py \
-      -k "pingpong or swiglu"
-    # without ping-pong where its tests did not pass (a hang would cost the other numbers)
-    VARIANTS=$([[ ${STATUS[pingpong_tests]} == pass ]] && echo ours,ours_pingpong || echo ours)
-    step engine fp8_prefill 240 python3 experiments/bench_fp8_prefill.py --device_kind "$KIND" --out_dir "$OUTDIR" \
-      --variants=$VARIANTS
+    step engine fp8_prefill 240 python3 experiments/bench_fp8_prefill.py --device_kind "$KIND" --out_dir "$OUTDIR"
     # the FP8 activation quantization with and without a barrier before its scales' transpose (and the gathers)
     step engine moe_glue 90 python3 experiments/bench_moe_glue.py --device_kind "$KIND" --out_dir "$OUTDIR" \
       --tag moe-glue-quantize
-    # one MoE layer's experts at 8K tokens: the SwiGLU gate/up and the down GEMM with and without ping-pong
-    if [[ ${STATUS[pingpong_tests]} == pass ]]; then
-      step engine moe_ffn_pingpong 150 python3 experiments/bench_moe_ffn.py --device_kind "$KIND" --tokens 8192 \
-        --out_dir "$OUTDIR" --tag moe-ffn-pingpong
-    else
-      echo "ping-pong tests did not pass: no MoE-layer timing with it"
-    fi
+    # one MoE layer's experts at 8K tokens: the SwiGLU gate/up epilogue's forms and the separate pass
+    step engine moe_ffn 150 python3 experiments/bench_moe_ffn.py --device_kind "$KIND" --tokens 8192 \
+      --out_dir "$OUTDIR" --tag moe-ffn-8k
     ;;
   cb)
     # the host's share of a B=1 decode step under XLA command buffers (CUDA graphs): off, XLA's default, XLA's

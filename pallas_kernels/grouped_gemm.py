@@ -48,16 +48,14 @@ from pallas_kernels.grouped_gemm_fp8 import (bf16_x_config, choose_k_splits, deq
 from pallas_kernels.grouped_gemm_swiglu import grouped_gemm_fp8_swiglu, reference_fp8_swiglu
 from pallas_kernels.grouped_gemm_tiles import (DECODE_CONFIG, FP8_BLOCK, FP8_DECODE_CONFIG,
                                                FP8_PREFILL_CONFIG, FP8_PREFILL_OVERLAP_CONFIG,
-                                               FP8_PREFILL_PINGPONG_CONFIG, FP8_SWIGLU_DECODE_CONFIG,
-                                               FP8_SWIGLU_PREFILL_CONFIG, FP8_SWIGLU_PREFILL_PINGPONG_CONFIG,
+                                               FP8_SWIGLU_DECODE_CONFIG, FP8_SWIGLU_PREFILL_CONFIG,
                                                PREFILL_CONFIG, PREFILL_M_SPLIT_CONFIG, GroupedGemmConfig,
                                                TileQuantizedRows, default_config, default_swiglu_config,
                                                is_prefill, max_tiles, padded_rows, tile_schedule)
 
 __all__ = [
     "DECODE_CONFIG", "FP8_BLOCK", "FP8_DECODE_CONFIG", "FP8_PREFILL_CONFIG", "FP8_PREFILL_OVERLAP_CONFIG",
-    "FP8_PREFILL_PINGPONG_CONFIG", "FP8_SWIGLU_DECODE_CONFIG", "FP8_SWIGLU_PREFILL_CONFIG",
-    "FP8_SWIGLU_PREFILL_PINGPONG_CONFIG", "PREFILL_CONFIG", "PREFILL_M_SPLIT_CONFIG",
+    "FP8_SWIGLU_DECODE_CONFIG", "FP8_SWIGLU_PREFILL_CONFIG", "PREFILL_CONFIG", "PREFILL_M_SPLIT_CONFIG",
     "GroupedGemmConfig", "TileQuantizedRows", "bf16_x_config", "choose_k_splits", "default_config", "default_swiglu_config", "dequantize_weight",
     "dequantized_activations", "fp8_matmul_split_k", "fp8_to_f32", "grouped_gemm", "grouped_gemm_fp8",
     "grouped_gemm_fp8_swiglu", "is_prefill", "max_tiles", "quantize_activations", "reference", "reference_fp8", "reference_fp8_swiglu",
@@ -179,8 +177,8 @@ def grouped_gemm(x, group_sizes, weights: Sequence[jax.Array], expert_slot, *,
     raise ValueError(f"x and weights must be bfloat16, got {x.dtype} and {weights[0].dtype}")
   m = x.shape[0]
   cfg = config or default_config(m, group_sizes.shape[0], n)
-  if cfg.fp8_overlap_promotion or cfg.fp8_pingpong:
-    raise ValueError("fp8_overlap_promotion and fp8_pingpong are for grouped_gemm_fp8, not the bf16 kernel")
+  if cfg.fp8_overlap_promotion:
+    raise ValueError("fp8_overlap_promotion is for grouped_gemm_fp8, not the bf16 kernel")
   if k % cfg.block_k or n % cfg.block_n:
     raise ValueError(f"K={k} must divide by block_k={cfg.block_k} and N={n} by block_n={cfg.block_n}")
   out_dtype = jnp.dtype(out_dtype or x.dtype)

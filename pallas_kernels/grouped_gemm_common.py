@@ -160,13 +160,13 @@ def memory_loop(sched_ref, num_tiles, n_blocks, num_k, steps, issue_copies, free
 
 
 def warp_specialized(sched_ref, out_ref, o_smem, *, cfg, t_max, n_blocks, num_k, issue, free,
-                     accumulate, store=None, finish=None):
+                     accumulate, store=None):
   """The roles of a warp-specialized kernel. Warpgroup `num_compute_wgs` is the memory warpgroup
   (`memory_loop` with `issue`); each compute warpgroup wg loops over the (tile, n block) work items,
   computes its [wg_m, wg_n] f32 accumulator with `accumulate(fields, j, nk, carry, row0, col0)` (fields:
   the tile's schedule row, nk: its k steps, carry: k steps consumed so far, (row0, col0): the
   warpgroup's sub-tile origin) and stores it through its o_smem[wg] (`epilogue`), or with
-  `store(acc, t, j, fields, row0, col0, wg)` when given; then `finish(total k steps)` when given."""
+  `store(acc, t, j, fields, row0, col0, wg)` when given."""
   nwg = cfg.num_compute_wgs
   wg = lax.axis_index("wg")
   num_tiles = sched_ref[t_max, 0]
@@ -195,8 +195,6 @@ def warp_specialized(sched_ref, out_ref, o_smem, *, cfg, t_max, n_blocks, num_k,
                  n_valid=n_valid, row0=row0, col=j * cfg.block_n + col0, cfg=cfg)
       return carry + nk
 
-    if finish is not None:
-      finish(_loop)  # the loop's result: the k steps this warpgroup ran
     plgpu.wait_smem_to_gmem(0)
 
 

@@ -136,10 +136,6 @@ def _fp8_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n,
     extra["aq_smem"] = plgpu.SMEM((nwg, wg_m, bk), w_dtype, transforms=_mosaic.smem_transforms(bk, w_dtype))
   else:
     extra["s_smem"] = plgpu.SMEM((steps, bm), jnp.float32)
-  pingpong = cfg.fp8_pingpong
-  if pingpong:
-    # the tensor-core token: warpgroup w waits on turn[w] and passes the token with an arrival on turn[1 - w]
-    extra["turn"] = plgpu.Barrier(num_arrivals=1, num_barriers=2)
 
   @functools.partial(
       pl.run_scoped,
@@ -151,7 +147,7 @@ def _fp8_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n,
       collective_axes="wg",
       **extra,
   )
-  def _scope(a_smem, b_smem, o_smem, full, free, s_smem=None, sc_smem=None, aq_smem=None, turn=None):
+  def _scope(a_smem, b_smem, o_smem, full, free, s_smem=None, sc_smem=None, aq_smem=None):
     def issue(t, fields, j, kk, slot):
       _, buf, wslot, load_row, *_, k_block = fields
       plgpu.copy_gmem_to_smem(x_ref.at[pl.ds(load_row, bm), pl.ds(kk * bk, bk)],
@@ -236,14 +232,6 @@ def _fp8_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n,
               x_row_scale = quantize_tile(a_tile, aq_tile)
           if quantize_x:
             a_tile = aq_tile
-          if pingpong:  # wait for the tensor cores' token (warpgroup 0 holds it before its first wgmma)
-            wg = lax.axis_index("wg")
-            if h == 0:
-              @pl.when((wg == 1) | (carry + kk > 0))
-              def _():
-                plgpu.barrier_wait(turn.at[wg])
-            else:  # SwiGLU's up half: a turn of its own
-              plgpu.barrier_wait(turn.at[wg])
           if interpret:
             part = dot_interpret(a_tile, b_tile)
           else:
@@ -251,8 +239,6 @@ def _fp8_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n,
               plgpu.wgmma(tmp_ref, a_tile, _compat.transpose_ref(b_tile, (1, 0)))
               return tmp_ref[...]  # waits for the wgmma
             part = pl.run_scoped(mm, plgpu.ACC((wg_m, wg_n), jnp.float32))
-          if pingpong:  # the product is in registers: the partner may multiply while this one promotes
-            plgpu.barrier_arrive(turn.at[1 - lax.axis_index("wg")])
           row_scale = scale(s_tile, kk, h=h, x_row_scale=x_row_scale)
           if h == halves - 1:
             plgpu.barrier_arrive(free.at[slot])
@@ -288,17 +274,9 @@ def _fp8_ws_body(sched_ref, x_ref, *refs, cfg, num_buffers, t_max, k, n,
                  n_valid=cnt, block_m=wg_m)
       plgpu.copy_smem_to_gmem(sc_smem.at[wg], ts_out_ref.at[t, col // FP8_BLOCK, pl.ds(row0, wg_m)])
 
-    def take_last_token(total_steps):
-      """Warpgroup 0 receives one token more than it waits for (its first wgmma needs none): takes it, so that
-      both barriers end balanced."""
-      @pl.when((lax.axis_index("wg") == 0) & (total_steps > 0))
-      def _():
-        plgpu.barrier_wait(turn.at[0])
-
     warp_specialized(sched_ref, out_ref, o_smem, cfg=cfg, t_max=t_max, n_blocks=n_blocks, num_k=num_k,
                      issue=issue, free=free, accumulate=accumulate,
-                     store=store_quantized if quantize_out else None,
-                     finish=take_last_token if pingpong else None)
+                     store=store_quantized if quantize_out else None)
 
 
 def _fp8_overlap_pipeline(nk, acc0, *, stage, scale, promote, dot_interpret, full, free,
@@ -390,9 +368,7 @@ def grouped_gemm_fp8(x, group_sizes, weights: Sequence[jax.Array], scales: Seque
     scales: tuple of [E_i, N/128, K/128] f32 block scales (the checkpoint's `weight_scale_inv`):
       dequantized weight = w * scale per 128x128 block.
     config: None picks FP8_DECODE_CONFIG; FP8_PREFILL_OVERLAP_CONFIG (fp8_overlap_promotion)
-      overlaps each k step's promotion with the next step's wgmma and needs K/128 even;
-      FP8_PREFILL_PINGPONG_CONFIG (fp8_pingpong) has the two compute warpgroups take turns on the tensor
-      cores, one's promotion beside the other's wgmma.
+      overlaps each k step's promotion with the next step's wgmma and needs K/128 even.
     quantize_in_kernel: x is bf16 and the kernel quantizes it, per k stage in the compute warpgroups
       (`quantize_activations`' rule, the same e4m3 values): no XLA passes before the kernel. For few rows
       per group (decode): the rows are re-quantized for every n block, cheap beside the weight stream there.
@@ -432,8 +408,6 @@ def grouped_fp8(x, group_sizes, weights, scales, expert_slot, *, config, out_dty
   if cfg.fp8_overlap_promotion and (k // FP8_BLOCK) % 2:
     raise ValueError(f"fp8_overlap_promotion alternates two partials per pair of k steps: K/128 "
                      f"must be even, got K={k}")
-  if cfg.fp8_pingpong and quantize_x:
-    raise ValueError("fp8_pingpong takes activations quantized before the kernel (not quantize_in_kernel)")
   if quantize_out and cfg.wg_n != FP8_BLOCK:
     raise ValueError(f"a quantized output needs a warpgroup N of 128 (one scale block), got {cfg.wg_n}")
   tile_scales = None

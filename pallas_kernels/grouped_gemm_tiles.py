@@ -33,9 +33,8 @@ class GroupedGemmConfig:
   both partials, 3 x wg_m x wg_n / 128 f32 registers per thread, must fit in the compute
   warpgroup's 232: at most 64 x 128 per warpgroup (192 registers).
 
-  `fp8_pingpong` (FP8 only, two compute warpgroups): the warpgroups take turns on the tensor cores, each k
-  step's wgmma of one while the other promotes its partial on the CUDA cores (a token passed through two
-  barriers), instead of both multiplying at once and then both promoting while the tensor cores idle.
+  (`fp8_pingpong`, the two warpgroups taking turns on the tensor cores, measured 5-11% slower at every prefill
+  shape on an H100 and was removed in session 17: KERNELS.md, git a214c4a has it.)
   """
   block_m: int = 128
   block_n: int = 256
@@ -46,7 +45,6 @@ class GroupedGemmConfig:
   wg_split: str = "n"
   num_sms: int | None = None  # persistent CTAs; None: the device's SM count (2 in interpret mode)
   fp8_overlap_promotion: bool = False
-  fp8_pingpong: bool = False
 
   def __post_init__(self):
     if self.block_m % 64 or not 64 <= self.block_m <= 256:
@@ -75,13 +73,6 @@ class GroupedGemmConfig:
             f"fp8_overlap_promotion keeps 3 f32 tiles of {self.wg_m}x{self.wg_n} per warpgroup "
             f"({3 * self.wg_m * self.wg_n // 128} registers per thread, at most "
             f"{_OVERLAP_MAX_ACC_REGISTERS} of 232): use at most 64x128 per warpgroup")
-
-    if self.fp8_pingpong:
-      if self.block_k != FP8_BLOCK or not self.warp_specialized or self.num_compute_wgs != 2:
-        raise ValueError("fp8_pingpong is for the FP8 kernel with two compute warpgroups: block_k must be 128, "
-                         "warp_specialized True and num_compute_wgs 2")
-      if self.fp8_overlap_promotion:
-        raise ValueError("fp8_pingpong and fp8_overlap_promotion are two answers to the same stall: pick one")
 
   @property
   def wg_m(self) -> int:
@@ -114,9 +105,6 @@ FP8_PREFILL_CONFIG = GroupedGemmConfig(block_m=128, block_n=128, block_k=128,
 # FP8_PREFILL_CONFIG with the promotion of k step i overlapping the wgmma of step i + 1 (two
 # partial accumulators per warpgroup: 64 + 2 x 64 registers per thread). Needs K / 128 even.
 FP8_PREFILL_OVERLAP_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, fp8_overlap_promotion=True)
-# FP8_PREFILL_CONFIG with the two warpgroups taking turns on the tensor cores (not measured yet: WORKSPACE
-# Finding 29).
-FP8_PREFILL_PINGPONG_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, fp8_pingpong=True)
 
 
 # FP8 gate/up with SwiGLU in the epilogue (`grouped_gemm_fp8_swiglu`): a tile reads gate and up rows, so
@@ -127,8 +115,6 @@ FP8_PREFILL_PINGPONG_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, fp8_pingpo
 # with 3 stages (4 do not fit the SMEM).
 FP8_SWIGLU_DECODE_CONFIG = dataclasses.replace(FP8_DECODE_CONFIG, block_n=128, num_compute_wgs=1)
 FP8_SWIGLU_PREFILL_CONFIG = dataclasses.replace(FP8_PREFILL_CONFIG, max_concurrent_steps=3)
-# with the warpgroups taking turns on the tensor cores, each half (gate, up) a turn (not measured yet)
-FP8_SWIGLU_PREFILL_PINGPONG_CONFIG = dataclasses.replace(FP8_SWIGLU_PREFILL_CONFIG, fp8_pingpong=True)
 
 
 def is_prefill(m: int, num_groups: int) -> bool:

@@ -114,4 +114,4 @@ def test_bench_fp8_prefill_smoke(tmp_path):
     (path,) = tmp_path.iterdir()
     rows = json.loads(path.read_text())["rows"]
     assert [(r["linear"], r["rows"]) for r in rows] == [("tiny_b", 8)]
-    assert all(0 < r["rel_err"][v] <= 1e-2 for r in rows for v in ("ours", "ours_pingpong"))
+    assert all(0 < r["rel_err"]["ours"] <= 1e-2 for r in rows)

@@ -20,8 +20,7 @@ BACKEND = "gpu" if ON_GPU else "interpret"
 if ON_GPU:
   WS_N, WS_M = gg.PREFILL_CONFIG, gg.PREFILL_M_SPLIT_CONFIG
   WS_ONE_WG = dataclasses.replace(gg.DECODE_CONFIG, block_n=128, num_compute_wgs=1)
-  FP8_CONFIGS = [gg.FP8_DECODE_CONFIG, gg.FP8_PREFILL_CONFIG, gg.FP8_PREFILL_OVERLAP_CONFIG,
-                 gg.FP8_PREFILL_PINGPONG_CONFIG]
+  FP8_CONFIGS = [gg.FP8_DECODE_CONFIG, gg.FP8_PREFILL_CONFIG, gg.FP8_PREFILL_OVERLAP_CONFIG]
 else:
   WS_N = gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2)
   WS_M = gg.GroupedGemmConfig(block_m=128, block_n=64, block_k=64, max_concurrent_steps=2,
@@ -35,10 +34,7 @@ else:
                  # FP8_PREFILL_OVERLAP_CONFIG's shape (64x128 per warpgroup), 2 stages.
                  gg.GroupedGemmConfig(block_m=128, block_n=128, block_k=128,
                                       max_concurrent_steps=2, wg_split="m",
-                                      fp8_overlap_promotion=True),
-                 # FP8_PREFILL_PINGPONG_CONFIG's shape: the warpgroups pass the tensor-core token
-                 gg.GroupedGemmConfig(block_m=128, block_n=128, block_k=128,
-                                      max_concurrent_steps=2, wg_split="m", fp8_pingpong=True)]
+                                      fp8_overlap_promotion=True)]
 SIMPLE = gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=64, max_concurrent_steps=2,
                               num_compute_wgs=1, warp_specialized=False)
 
@@ -112,8 +108,7 @@ def test_grouped_gemm_bf16(name, cfg, m, sizes, bufs):
 
 
 def fp8_id(c):
-  return (f"{c.block_m}x{c.block_n}_{c.wg_split}" + ("_overlap" if c.fp8_overlap_promotion else "")
-          + ("_pingpong" if c.fp8_pingpong else ""))
+  return f"{c.block_m}x{c.block_n}_{c.wg_split}" + ("_overlap" if c.fp8_overlap_promotion else "")
 
 
 @pytest.mark.parametrize("cfg", FP8_CONFIGS, ids=fp8_id)
@@ -142,7 +137,6 @@ PRESETS = {
     "prefill_msplit": (gg.PREFILL_M_SPLIT_CONFIG, False), "fp8_decode": (gg.FP8_DECODE_CONFIG, True),
     "fp8_prefill": (gg.FP8_PREFILL_CONFIG, True),
     "fp8_prefill_overlap": (gg.FP8_PREFILL_OVERLAP_CONFIG, True),
-    "fp8_prefill_pingpong": (gg.FP8_PREFILL_PINGPONG_CONFIG, True),
 }
 
 
@@ -259,21 +253,6 @@ def test_validation_errors():
     gg.GroupedGemmConfig(block_n=96)
 
 
-def test_pingpong_validation():
-  ok = gg.FP8_PREFILL_PINGPONG_CONFIG
-  assert ok.fp8_pingpong and ok.num_compute_wgs == 2 and not gg.FP8_PREFILL_CONFIG.fp8_pingpong
-  with pytest.raises(ValueError, match="fp8_pingpong"):
-    gg.GroupedGemmConfig(block_k=128, num_compute_wgs=1, fp8_pingpong=True)
-  with pytest.raises(ValueError, match="pick one"):
-    dataclasses.replace(gg.FP8_PREFILL_OVERLAP_CONFIG, fp8_pingpong=True)
-  x, gs, w, s, es = make_inputs(3, 64, 256, 128, [64], (1,), fp8=True)
-  with pytest.raises(ValueError, match="fp8_pingpong"):
-    gg.grouped_gemm(x, gs, tuple(jnp.swapaxes(v, 1, 2).astype(jnp.bfloat16) for v in w), es, config=ok,
-                    interpret=True)  # the bf16 kernel's weights are [E, K, N]
-  with pytest.raises(ValueError, match="fp8_pingpong"):
-    gg.grouped_gemm_fp8(x, gs, w, s, es, config=ok, interpret=True, quantize_in_kernel=True)
-
-
 def test_overlap_promotion_validation():
   ok = gg.FP8_PREFILL_OVERLAP_CONFIG
   assert ok.fp8_overlap_promotion and (ok.wg_m, ok.wg_n) == (64, 128)
@@ -368,8 +347,7 @@ def test_choose_k_splits():
   assert gg.choose_k_splits(256, 256, 132, 256) == 1  # two K blocks cannot be cut into slices of two
 
 
-@pytest.mark.parametrize("cfg", [gg.FP8_PREFILL_CONFIG, gg.FP8_DECODE_CONFIG, gg.FP8_PREFILL_OVERLAP_CONFIG,
-                                 gg.FP8_PREFILL_PINGPONG_CONFIG])
+@pytest.mark.parametrize("cfg", [gg.FP8_PREFILL_CONFIG, gg.FP8_DECODE_CONFIG, gg.FP8_PREFILL_OVERLAP_CONFIG])
 def test_fp8_two_buffers_lower_for_gpu(cfg):
   """Split weights (DWDP: local and fetched buffers of different sizes): each tile's weight scales are read
   from its own buffer by (buffer, slot) inside the kernel; lowers to Mosaic GPU on the CPU machine."""
@@ -393,13 +371,10 @@ def test_fp8_split_k_lowers_for_gpu():
   assert "mosaic_gpu" in f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-SWIGLU_CONFIGS = ([gg.FP8_SWIGLU_DECODE_CONFIG, gg.FP8_SWIGLU_PREFILL_CONFIG, gg.FP8_SWIGLU_PREFILL_PINGPONG_CONFIG]
-                  if ON_GPU else
-                  # the presets' warpgroup splits with 2 stages: 64 x 64 per warpgroup ("n"), 64 x 128 ("m"),
-                  # and the prefill one with the warpgroups taking turns (a turn per half)
+SWIGLU_CONFIGS = ([gg.FP8_SWIGLU_DECODE_CONFIG, gg.FP8_SWIGLU_PREFILL_CONFIG] if ON_GPU else
+                  # the presets' warpgroup splits with 2 stages: 64 x 64 per warpgroup ("n"), 64 x 128 ("m")
                   [dataclasses.replace(gg.FP8_SWIGLU_DECODE_CONFIG, max_concurrent_steps=2),
-                   dataclasses.replace(gg.FP8_SWIGLU_PREFILL_CONFIG, max_concurrent_steps=2),
-                   dataclasses.replace(gg.FP8_SWIGLU_PREFILL_PINGPONG_CONFIG, max_concurrent_steps=2)])
+                   dataclasses.replace(gg.FP8_SWIGLU_PREFILL_CONFIG, max_concurrent_steps=2)])
 
 
 @pytest.mark.parametrize("cfg", SWIGLU_CONFIGS, ids=fp8_id)
@@ -419,8 +394,7 @@ def test_grouped_gemm_fp8_swiglu(cfg):
   assert rel_err(ref, gg.reference_fp8_swiglu(x, gs, swapped, s, es, out_dtype=jnp.float32)) > 0.5
 
 
-@pytest.mark.parametrize("cfg", [gg.FP8_SWIGLU_DECODE_CONFIG, gg.FP8_SWIGLU_PREFILL_CONFIG,
-                                 gg.FP8_SWIGLU_PREFILL_PINGPONG_CONFIG], ids=fp8_id)
+@pytest.mark.parametrize("cfg", [gg.FP8_SWIGLU_DECODE_CONFIG, gg.FP8_SWIGLU_PREFILL_CONFIG], ids=fp8_id)
 def test_fp8_swiglu_presets_lower_for_gpu(cfg):
   """Both SwiGLU presets lower to Mosaic GPU at R1's expert shape (hidden 7168, I 2048) with two weight
   buffers and activations quantized beforehand (the MoE path's call); SMEM is checked at lowering."""
