@@ -287,7 +287,7 @@ def test_fp8_takes_activations_quantized_once_per_token():
     gg.grouped_gemm_fp8(x, sizes, weights, scales, where, config=cfg, interpret=True, x_scale=xs)
 
 
-@pytest.mark.parametrize("m, splits", [(5, 2), (17, 4)])
+@pytest.mark.parametrize("m, splits", [(5, 2), (17, 4)] if ON_GPU else [(17, 4)])  # interpret mode is slow
 def test_fp8_split_k_matches_the_one_group_gemm(m, splits):
   """Split-K for a few rows: K cut into slices that run as groups, each reading its slice of the weight in
   place (the schedule's k_block), partials summed in f32. Against the one-group kernel and the FP8
@@ -417,8 +417,9 @@ def test_fp8_swiglu_validation():
     gg.grouped_gemm_fp8_swiglu(x, gs, w, s, es, config=gg.FP8_PREFILL_OVERLAP_CONFIG, interpret=True)
 
 
+# The quantized output is not the engine's path (measured slower): on CPU only the two-warpgroup tile (each
+# warpgroup quantizes its own rows), on the GPU both presets.
 QUANT_SWIGLU_CONFIGS = SWIGLU_CONFIGS if ON_GPU else [
-    dataclasses.replace(gg.FP8_SWIGLU_DECODE_CONFIG, max_concurrent_steps=2),  # one warpgroup, 64 x 128
     dataclasses.replace(gg.FP8_SWIGLU_PREFILL_CONFIG, max_concurrent_steps=2)]  # two, 64 x 128 each ("m")
 
 
@@ -490,9 +491,9 @@ def test_fp8_swiglu_quantized_chain_lowers_for_gpu(cfg):
   assert jax.jit(chain).trace(*args).lower(lowering_platforms=("cuda",)).as_text().count("mosaic_gpu") >= 2
 
 
+# In-kernel quantization is not the engine's path (measured slower): one tile on CPU (two warpgroups, "n").
 QX_CONFIGS = ([gg.bf16_x_config(gg.FP8_DECODE_CONFIG)] if ON_GPU else
-              [gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=128, max_concurrent_steps=2),  # 2 wgs, "n"
-               gg.GroupedGemmConfig(block_m=128, block_n=128, block_k=128, max_concurrent_steps=2, wg_split="m")])
+              [gg.GroupedGemmConfig(block_m=64, block_n=128, block_k=128, max_concurrent_steps=2)])
 
 
 @pytest.mark.parametrize("cfg", QX_CONFIGS, ids=fp8_id)
@@ -510,7 +511,7 @@ def test_fp8_quantizes_bf16_activations_in_the_kernel(cfg):
   check_rows(out, reference_fp8(x, gs, w, s, es, out_dtype=jnp.float32), int(sum(sizes)))
 
 
-@pytest.mark.parametrize("m,splits", [(1, 4), (17, 2)])
+@pytest.mark.parametrize("m,splits", [(1, 4), (17, 2)] if ON_GPU else [(1, 4)])  # not the engine's path
 def test_fp8_split_k_quantizes_in_the_kernel(m, splits):
   """Split-K with the activations quantized in the kernel equals split-K quantized by XLA (same e4m3 values)."""
   k, n = (2048, 512) if ON_GPU else (512, 128)
