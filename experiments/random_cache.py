@@ -11,8 +11,7 @@ PAGES_PER_FILL = 1024  # cache pages drawn per loop step of `randomized_pages` (
 
 @functools.partial(jax.jit, donate_argnums=0)
 def randomized_pages(pages, key):
-    """The cache pages with N(0, 1) rows (a decode step's cost does not depend on the values; random ones give
-    the router realistic inputs). Filled in place, `PAGES_PER_FILL` pages a step: drawing a whole layer at
+    """The cache pages with N(0, 1) rows, filled in place, `PAGES_PER_FILL` pages a step: drawing a whole layer at
     once (4.5 GiB at B=256 / 16K) needed that much again beside a nearly full HBM and ran out of memory under
     the BFC allocator on an H100 (session 17, Finding 34); compiled for CPU, a 4.5 GiB layer's temporaries are
     36 GiB drawn at once and 0.84 GiB this way."""

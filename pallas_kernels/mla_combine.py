@@ -51,7 +51,13 @@ MAX_SPLITS = 256  # a row tile's log-sum-exps of every split are one TMA box ([s
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA
 
 
-def ring_stages(num_splits: int, columns: int, itemsize: int = 2) -> int:
+def check_columns(columns: int, name: str = "columns") -> None:
+  """Columns a CTA may own: a positive multiple of 16 (bf16 TMA rows of >= 32 bytes, the WGMMA layout's 8)."""
+  if columns < 16 or columns % 16:
+    raise ValueError(f"{name} must be a positive multiple of 16, got {columns}")
+
+
+def ring_stages(num_splits: int, columns: int) -> int:
   """Partial tiles in flight: `STAGES`, fewer for wide tiles (the ring holds at most STAGES tiles of `COLUMNS`)
   or few splits."""
   return max(1, min(STAGES, num_splits, STAGES * COLUMNS // columns))
@@ -170,8 +176,7 @@ def combine_splits(o_parts, lse_parts, *, num_splits: int, columns: int = COLUMN
   if units % num_splits or lse_parts.shape != (units, r):
     raise ValueError(f"o_parts {o_parts.shape} and lse_parts {lse_parts.shape} must be [B * {num_splits}, R, C] "
                      f"and [B * {num_splits}, R]")
-  if columns % 16 or columns < 16:
-    raise ValueError(f"columns must be a positive multiple of 16, got {columns}")
+  check_columns(columns)
   if r % ROWS or c % columns:
     raise ValueError(f"rows {r} and columns {c} must be multiples of {ROWS} and {columns}")
   if lse_parts.dtype != jnp.float32:
@@ -179,8 +184,8 @@ def combine_splits(o_parts, lse_parts, *, num_splits: int, columns: int = COLUMN
   if num_splits > MAX_SPLITS:
     raise ValueError(f"num_splits {num_splits} > {MAX_SPLITS} (a row tile's log-sum-exps are one TMA box)")
   b = units // num_splits
-  body = functools.partial(_combine_kernel, num_splits=num_splits, stages=ring_stages(num_splits, columns), cols=columns,
-                           interpret=interpret)
+  body = functools.partial(_combine_kernel, num_splits=num_splits, stages=ring_stages(num_splits, columns),
+                           cols=columns, interpret=interpret)
   return plgpu.kernel(
       body,
       out_type=(jax.ShapeDtypeStruct((b, r, c), o_parts.dtype), jax.ShapeDtypeStruct((b, r), jnp.float32)),

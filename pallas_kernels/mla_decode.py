@@ -85,8 +85,7 @@ class DecodeConfig:
       raise ValueError(f"num_splits must be >= 1, got {self.num_splits}")
     if self.min_pages_per_split < 1:
       raise ValueError(f"min_pages_per_split must be >= 1, got {self.min_pages_per_split}")
-    if self.combine_columns < 16 or self.combine_columns % 16:
-      raise ValueError(f"combine_columns must be a positive multiple of 16, got {self.combine_columns}")
+    mla_combine.check_columns(self.combine_columns, "combine_columns")
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps must be >= 2, got {self.max_concurrent_steps}")
 
